@@ -1,0 +1,174 @@
+"""One resolved training configuration, saved beside every run (``config.json``).
+
+A config comes from defaults, then a YAML/TOML/JSON file (``--config``), then explicit CLI flags; the
+resolved result reproduces the run (``sparsekit train --config runs/x/config.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sparsekit.errors import InputError, close_matches
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+DEVICES = ("auto", "cpu", "cuda")
+NAN_POLICIES = ("stop", "skip-batch")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run. Method-specific knobs live in ``method_options``."""
+
+    model: str = "mlp"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data: str = "digits"
+    val_fraction: float = 0.2
+    label_column: int | str | None = None
+    image_size: int | None = None
+    channels: int | None = None
+    method: str = "rigl"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    sparsity: float = 0.9
+    distribution: str = "erk"
+    dense_first_layer: bool = True
+    erk_power_scale: float = 1.0
+    layer_density: dict[str, float] = field(default_factory=dict)
+    epochs: int = 60
+    train_multiplier: float = 1.0
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    clip_grad: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 0  # steps; 0 = at the end of every epoch only
+    nan_policy: str = "stop"
+    eval_batch_size: int = 1024
+    init_from: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> TrainConfig:
+        def bad(what: str, flag: str, fix: str) -> InputError:
+            return InputError(what, where=flag, fix=fix)
+
+        def number(name: str, value: Any) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(float(value)):
+                raise bad(f"{name} must be a number, got {value!r}", f"--{name.replace('_', '-')}",
+                          "give a number")
+            return float(value)
+
+        if not 0.0 <= number("sparsity", self.sparsity) < 1.0:
+            raise bad(f"sparsity {self.sparsity} is outside [0, 1)", "--sparsity",
+                      "give the fraction of prunable weights removed, e.g. 0.9")
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
+            raise bad(f"epochs must be a positive integer, got {self.epochs!r}", "--epochs", "e.g. --epochs 30")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise bad(f"batch size must be a positive integer, got {self.batch_size!r}", "--batch-size",
+                      "e.g. --batch-size 128")
+        if number("lr", self.lr) <= 0:
+            raise bad(f"learning rate must be > 0, got {self.lr}", "--lr", "e.g. --lr 0.1")
+        if number("momentum", self.momentum) < 0 or self.momentum >= 1:
+            raise bad(f"momentum {self.momentum} is outside [0, 1)", "--momentum", "e.g. --momentum 0.9")
+        if number("weight_decay", self.weight_decay) < 0:
+            raise bad(f"weight decay must be >= 0, got {self.weight_decay}", "--weight-decay", "e.g. 5e-4")
+        if number("train_multiplier", self.train_multiplier) <= 0:
+            raise bad(f"train multiplier must be > 0, got {self.train_multiplier}", "--train-multiplier",
+                      "e.g. 1, 2 or 5")
+        if number("warmup_epochs", self.warmup_epochs) < 0 or self.warmup_epochs >= self.epochs * self.train_multiplier:
+            raise bad(f"warm-up of {self.warmup_epochs} epochs does not fit in the run", "--warmup-epochs",
+                      "give fewer warm-up epochs than training epochs")
+        if not 0.0 < number("val_fraction", self.val_fraction) < 1.0:
+            raise bad(f"validation fraction {self.val_fraction} is outside (0, 1)", "--val-fraction", "e.g. 0.2")
+        if self.clip_grad is not None and number("clip_grad", self.clip_grad) <= 0:
+            raise bad(f"gradient clipping norm must be > 0, got {self.clip_grad}", "--clip-grad", "e.g. 10")
+        if number("erk_power_scale", self.erk_power_scale) < 0:
+            raise bad("ERK power scale must be >= 0", "--erk-power-scale", "e.g. 1.0")
+        for name, choices in (("optimizer", OPTIMIZERS), ("device", DEVICES), ("nan_policy", NAN_POLICIES)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise bad(f"unknown {name.replace('_', ' ')} {value!r}", f"--{name.replace('_', '-')}",
+                          close_matches(str(value), choices))
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise bad("checkpoint interval must be a non-negative integer", "--checkpoint-every", "e.g. 500")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise bad(f"seed must be a non-negative integer, got {self.seed!r}", "--seed", "e.g. --seed 0")
+        return self
+
+
+_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML, TOML or JSON config into a dict (keys may use dashes or underscores)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"config file {p} does not exist", where="--config", fix="give the path of a YAML/TOML/JSON file")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    try:
+        if p.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # yaml/toml/json raise different types
+        raise InputError(f"cannot parse config file {p}: {str(exc).splitlines()[0]}", where="--config",
+                         fix="fix the syntax (YAML, TOML or JSON by file extension)") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(f"config file {p} must hold a mapping of option names to values", where="--config",
+                         fix="write e.g. 'method: rigl' lines")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def merge_config(base: dict[str, Any], overrides: dict[str, Any], *, source: str) -> dict[str, Any]:
+    """Overlay ``overrides`` on ``base``; unknown keys are an error naming the source."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if key in ("run_dir", "schema_version", "sparsekit_version"):
+            continue  # written into saved configs for information
+        if key not in _FIELDS:
+            raise InputError(f"unknown option {key!r}", where=source, fix=close_matches(key, sorted(_FIELDS)))
+        if key == "method_options" and isinstance(value, dict):
+            out[key] = {**out.get(key, {}), **value}
+        else:
+            out[key] = value
+    return out
+
+
+def build_config(file_path: str | Path | None, cli: dict[str, Any], cli_method_options: dict[str, Any]) -> TrainConfig:
+    """Defaults < config file < CLI flags. Method options from a file that the chosen method does not
+    take are dropped (so a saved RigL config can be rerun with ``--method static``); options given on the
+    command line must be accepted by the method."""
+    from sparsekit.methods import get_method_class
+
+    data = TrainConfig().to_dict()
+    file_opts: dict[str, Any] = {}
+    if file_path is not None:
+        file_data = read_config_file(file_path)
+        file_opts = dict(file_data.pop("method_options", {}) or {})
+        data = merge_config(data, file_data, source=f"--config {file_path}")
+    data = merge_config(data, {k: v for k, v in cli.items() if v is not None}, source="command line")
+    cls = get_method_class(str(data["method"]))
+    opts = {k: v for k, v in file_opts.items() if k in cls.defaults}
+    opts.update(cli_method_options)
+    cls(**opts)  # validates names and values
+    data["method_options"] = {**cls.defaults, **opts}
+    return TrainConfig(**data).validate()

@@ -1,0 +1,119 @@
+"""Masks: which weights are prunable, one boolean mask per prunable weight, and keeping masked
+weights, their gradients and their optimizer state at exactly zero.
+
+Masks are the truth: a weight can be 0 and still be active. Masking is done in place on the dense
+tensors (no mask multiply in the forward pass), so the gradient autograd computes for a masked
+entry is the true dense gradient that RigL grows by, and squashing for export is a no-op.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sparsekit.distributions import LayerPlan
+from sparsekit.selection import stream_seed
+
+# Module types whose weight matrices are prunable, and the parameter names inside them.
+_RNN_TYPES = (nn.RNN, nn.GRU, nn.LSTM)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The underlying module of a DistributedDataParallel/DataParallel/compiled wrapper."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def prunable_weights(model: nn.Module, *, exclude: tuple[str, ...] = ()) -> dict[str, nn.Parameter]:
+    """Candidate weights in model order, keyed by fully qualified parameter name.
+
+    Linear and Conv weights; the input and recurrent matrices of RNN/GRU/LSTM (each stacked gate
+    matrix is one prunable weight); the packed in-projection of MultiheadAttention (its out_proj is a
+    Linear). Biases, embeddings and normalisation layers stay dense. ``exclude`` holds fnmatch patterns.
+    """
+    model = unwrap_model(model)
+    found: dict[str, nn.Parameter] = {}
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        names: list[str] = []
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            names = ["weight"]
+        elif isinstance(module, _RNN_TYPES):
+            names = [n for n, _ in module.named_parameters(recurse=False) if n.startswith("weight_")]
+        elif isinstance(module, nn.MultiheadAttention):
+            names = [n for n in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+                     if getattr(module, n, None) is not None]
+        for n in names:
+            full = prefix + n
+            param = getattr(module, n)
+            if any(fnmatch.fnmatchcase(full, p) for p in exclude):
+                continue
+            if isinstance(param, nn.Parameter) and param.requires_grad:
+                found[full] = param
+    return found
+
+
+@dataclass
+class SparseLayer:
+    """One prunable weight under a mask."""
+
+    index: int  # position in the prunable list: part of the tie-break key
+    name: str
+    param: nn.Parameter
+    mask: torch.Tensor  # bool, same shape and device as param
+    plan: LayerPlan
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+    @property
+    def active(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def density(self) -> float:
+        return self.active / self.numel
+
+
+def random_mask(shape: tuple[int, ...], active: int, *, seed: int, layer: int,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """A mask with exactly ``active`` entries on, uniformly at random from (seed, layer)."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    gen = torch.Generator().manual_seed(stream_seed(seed, 0, layer, "init-mask"))
+    idx = torch.randperm(numel, generator=gen)[:active]
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[idx] = True
+    return mask.view(shape).to(device)
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) -> list[torch.Tensor]:
+    """Per-element optimizer state of ``param`` (momentum buffer, Adam moments, ...)."""
+    if optimizer is None:
+        return []
+    state = optimizer.state.get(param, {})
+    return [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == param.shape]
+
+
+@torch.no_grad()
+def commit_mask(layer: SparseLayer, new_mask: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> int:
+    """Replace a layer's mask. Dropped and new connections get weight 0 (``--grow-init zero``) and
+    optimizer state 0; a connection dropped and regrown in the same update is left as it was.
+    Returns the number of new connections."""
+    old = layer.mask
+    keep = old & new_mask
+    layer.param.mul_(keep)
+    for state in optimizer_state_tensors(optimizer, layer.param):
+        state.mul_(keep)
+    layer.mask = new_mask
+    return int((new_mask & ~old).sum())

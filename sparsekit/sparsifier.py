@@ -1,0 +1,287 @@
+"""The sparsifier: the public engine every training loop (ours and users') drives.
+
+    sp = sparsekit.sparsify(model, optimizer, method="rigl", sparsity=0.9, total_steps=...)
+    for x, y in loader:
+        loss_fn(model(x), y).backward()
+        sp.step()                 # mask update when due, then optimizer.step() (or skipped)
+        optimizer.zero_grad()
+
+Frameworks that call ``optimizer.step()`` themselves use ``pre_step()`` (returns whether to take the
+optimizer step) and ``post_step()`` around it. The engine keeps masked weights, their gradients and
+optimizer state at exactly zero, does the reproducible top-k of every update, and records compact
+connectivity snapshots for plots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsekit.distributions import LayerPlan, plan_layers
+from sparsekit.errors import InputError
+from sparsekit.masks import SparseLayer, commit_mask, prunable_weights, random_mask, unwrap_model
+from sparsekit.methods import Method, make_method
+from sparsekit.selection import select_top
+
+# Optimizers for which zero gradient + zero state provably keeps a zero weight at exactly zero
+# (also with weight decay): for these the weights need no re-masking after each step.
+_ZERO_PRESERVING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+class Sparsifier:
+    """Masks, method and step counter for one model/optimizer pair."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        method: Method,
+        *,
+        sparsity: float,
+        total_steps: int,
+        distribution: str = "erk",
+        seed: int = 0,
+        dense_first_layer: bool = True,
+        erk_power_scale: float = 1.0,
+        layer_density: dict[str, float] | None = None,
+        exclude: tuple[str, ...] = (),
+        init_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        if not isinstance(total_steps, int) or total_steps < 1:
+            raise InputError(f"total_steps={total_steps!r} must be a positive integer", where="sparsify()",
+                             fix="pass the number of optimizer steps of the whole run (len(loader) * epochs)")
+        self.model = unwrap_model(model)
+        self.optimizer = optimizer
+        self.method = method
+        self.total_steps = total_steps
+        self.seed = int(seed)
+        self.target_sparsity = float(sparsity)
+        self.distribution = distribution
+        self.init_batches = init_batches
+        self.loss_fn = loss_fn
+        self.step_count = 0  # optimizer iterations done (t of the last completed step)
+        self.update_log: list[dict[str, Any]] = []  # drained by the trainer (connectivity snapshots)
+        self.on_update: list[Callable[[Sparsifier, int], None]] = []
+        candidates = prunable_weights(self.model, exclude=exclude)
+        shapes = {n: tuple(p.shape) for n, p in candidates.items()}
+        if method.sparse:
+            self.plans: list[LayerPlan] = plan_layers(
+                shapes, sparsity, distribution, dense_first_layer=dense_first_layer,
+                erk_power_scale=erk_power_scale, overrides=layer_density)
+        else:
+            self.plans = [LayerPlan(n, s, False, 1.0, int(torch.Size(s).numel())) for n, s in shapes.items()]
+        self.layers: list[SparseLayer] = []
+        for plan in self.plans:
+            if plan.prunable:
+                param = candidates[plan.name]
+                full = torch.ones(plan.shape, dtype=torch.bool, device=param.device)
+                self.layers.append(SparseLayer(len(self.layers), plan.name, param, full, plan))
+        self._remask_weights = optimizer is not None and type(optimizer) not in _ZERO_PRESERVING
+        method.attach(self)
+        masks = method.initial_masks(self)
+        if masks is None:
+            masks = {ly.name: random_mask(ly.plan.shape, ly.plan.active, seed=self.seed, layer=ly.index,
+                                          device=ly.param.device) for ly in self.layers}
+        masks = self._broadcast(masks)
+        for ly in self.layers:
+            ly.mask = masks[ly.name].to(device=ly.param.device, dtype=torch.bool)
+        self._refresh_float_masks()
+        self.apply_masks()
+        self._record_update(0, fraction=None)
+
+    # -- masks ------------------------------------------------------------------------------------
+    def _refresh_float_masks(self) -> None:
+        self._fmasks = [ly.mask.to(ly.param.dtype) for ly in self.layers]
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero inactive weights and optimizer state (idempotent)."""
+        if not self.layers:
+            return
+        torch._foreach_mul_([ly.param.data for ly in self.layers], self._fmasks)
+        if self.optimizer is not None:
+            for ly, fm in zip(self.layers, self._fmasks, strict=True):
+                for name, state in self.optimizer.state.get(ly.param, {}).items():
+                    if isinstance(state, torch.Tensor) and state.shape == ly.param.shape and name != "step":
+                        state.mul_(fm)
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        grads, masks = [], []
+        for ly, fm in zip(self.layers, self._fmasks, strict=True):
+            if ly.param.grad is not None:
+                grads.append(ly.param.grad)
+                masks.append(fm)
+        if grads:
+            torch._foreach_mul_(grads, masks)
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {ly.name: ly.mask for ly in self.layers}
+
+    def drop_and_grow(self, layer: SparseLayer, step: int, *, k_drop: int, k_grow: int,
+                      drop_scores: torch.Tensor, grow_scores: torch.Tensor) -> torch.Tensor:
+        """The new mask of one layer: drop the ``k_drop`` active connections with the lowest drop score,
+        then grow the ``k_grow`` highest-scoring connections among all inactive after the drop (a
+        just-dropped connection may come back). Ties broken by (seed, step, layer, element) keys."""
+        flat = layer.mask.flatten()
+        new = flat.clone()
+        if k_drop > 0:
+            new[select_top(drop_scores, flat, k_drop, largest=False, seed=self.seed, step=step,
+                           layer=layer.index)] = False
+        if k_grow > 0:
+            new[select_top(grow_scores, ~new, k_grow, largest=True, seed=self.seed, step=step,
+                           layer=layer.index)] = True
+        return new.view_as(layer.mask)
+
+    def commit_masks(self, new_masks: dict[str, torch.Tensor], step: int, *, fraction: float | None = None) -> None:
+        """Install new masks: reset weights/optimizer state of new and dropped connections, log."""
+        for ly in self.layers:
+            if ly.name in new_masks:
+                commit_mask(ly, new_masks[ly.name].to(torch.bool), self.optimizer)
+        self._refresh_float_masks()
+        self._record_update(step, fraction=fraction)
+        for cb in self.on_update:
+            cb(self, step)
+
+    def _record_update(self, step: int, fraction: float | None) -> None:
+        entry: dict[str, Any] = {"step": step, "active": {ly.name: ly.active for ly in self.layers}}
+        if self.layers:
+            first = self.layers[0]
+            # Outgoing connection count of every input feature of the first sparse layer.
+            dims = tuple(range(first.mask.dim()))
+            reduce = tuple(d for d in dims if d != 1) if first.mask.dim() > 1 else ()
+            if reduce:
+                entry["first_layer"] = first.name
+                entry["input_fanout"] = first.mask.sum(dim=reduce).cpu().tolist()
+        self.update_log.append(entry)
+
+    def _broadcast(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Under torch.distributed, every rank takes rank 0's masks."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return masks
+        out = {}
+        for name, m in masks.items():
+            t = m.to(torch.uint8).to(self._comm_device())
+            dist.broadcast(t, src=0)
+            out[name] = t.to(torch.bool)
+        return out
+
+    @staticmethod
+    def _comm_device() -> torch.device:
+        import torch.distributed as dist
+
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+            else torch.device("cpu")
+
+    # -- the step ---------------------------------------------------------------------------------
+    def pre_step(self) -> bool:
+        """Call after ``backward()`` and before ``optimizer.step()``; returns whether to take that step.
+        Reads dense gradients for the method, then zeroes gradients of inactive weights (clip after this)."""
+        t = self.step_count + 1
+        self.method.before_optimizer_step(self, t)
+        self.mask_gradients()
+        return not self.method.skip_optimizer_step(self, t)
+
+    def post_step(self) -> None:
+        """Call after ``optimizer.step()`` (or after skipping it): re-applies masks, updates them when due."""
+        self.step_count += 1
+        if self._remask_weights:
+            self.apply_masks()
+        self.method.after_optimizer_step(self, self.step_count)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> bool:
+        """``pre_step()``, ``optimizer.step()`` unless the method skips it, ``post_step()``.
+        Returns whether the optimizer step was taken."""
+        take = self.pre_step()
+        if take and self.optimizer is not None:
+            self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        self.post_step()
+        return take
+
+    def is_update_step(self, step: int | None = None) -> bool:
+        return self.method.is_update_step(self.step_count + 1 if step is None else step)
+
+    # -- reporting ------------------------------------------------------------------------------
+    def layer_summary(self) -> list[dict[str, Any]]:
+        by_name = {ly.name: ly for ly in self.layers}
+        out = []
+        for plan in self.plans:
+            ly = by_name.get(plan.name)
+            active = ly.active if ly is not None else plan.active
+            numel = int(torch.Size(plan.shape).numel())
+            out.append({"name": plan.name, "shape": list(plan.shape), "prunable": plan.prunable,
+                        "planned_density": plan.density, "planned_active": plan.active,
+                        "density": active / numel, "active": active, "numel": numel})
+        return out
+
+    def realized_sparsity(self) -> float:
+        """1 - active / size over the prunable set, from the masks (a weight can be 0 and active)."""
+        size = sum(ly.numel for ly in self.layers)
+        return 0.0 if size == 0 else 1.0 - sum(ly.active for ly in self.layers) / size
+
+    # -- checkpointing --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step_count": self.step_count,
+            "masks": {ly.name: ly.mask.clone() for ly in self.layers},
+            "method": self.method.state_dict(),
+            "method_extra": self.method.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        names = {ly.name for ly in self.layers}
+        if set(state["masks"]) != names:
+            raise InputError("checkpoint masks do not match this model's prunable layers",
+                             where="checkpoint", fix="resume with the same model, method and distribution")
+        for ly in self.layers:
+            m = state["masks"][ly.name]
+            if tuple(m.shape) != tuple(ly.mask.shape):
+                raise InputError(f"checkpoint mask {ly.name} has shape {tuple(m.shape)}, model has "
+                                 f"{tuple(ly.mask.shape)}", where="checkpoint",
+                                 fix="resume with the same model")
+            ly.mask = m.to(device=ly.param.device, dtype=torch.bool)
+        self.step_count = int(state["step_count"])
+        self.method.load_state_dict(state.get("method", {}))
+        self.method.load_extra_state(state.get("method_extra", {}))
+        self._refresh_float_masks()
+        self.update_log.clear()
+
+
+def sparsify(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    method: str | Method = "rigl",
+    *,
+    sparsity: float = 0.9,
+    total_steps: int,
+    distribution: str = "erk",
+    seed: int = 0,
+    dense_first_layer: bool = True,
+    erk_power_scale: float = 1.0,
+    layer_density: dict[str, float] | None = None,
+    exclude: tuple[str, ...] | list[str] = (),
+    init_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    **method_options: Any,
+) -> Sparsifier:
+    """Put ``model`` under a sparse-training ``method`` with a fixed parameter budget from step 0.
+
+    ``method_options`` are the method's own knobs (e.g. ``update_interval=100, drop_fraction=0.3`` for
+    RigL; see ``sparsekit methods NAME``). Call ``.step()`` in place of ``optimizer.step()``, or
+    ``.pre_step()``/``.post_step()`` around it. ``layer_density`` maps fnmatch patterns of parameter
+    names to fixed densities; ``exclude`` patterns keep weights dense.
+    """
+    m = make_method(method, **method_options) if isinstance(method, str) else method
+    if method_options and not isinstance(method, str):
+        raise InputError("method options were given together with a Method instance", where="sparsify()",
+                         fix="pass options to the Method constructor or pass the method by name")
+    return Sparsifier(model, optimizer, m, sparsity=sparsity, total_steps=total_steps,
+                      distribution=distribution, seed=seed, dense_first_layer=dense_first_layer,
+                      erk_power_scale=erk_power_scale, layer_density=layer_density, exclude=tuple(exclude),
+                      init_batches=init_batches, loss_fn=loss_fn)
