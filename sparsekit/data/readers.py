@@ -1,0 +1,401 @@
+"""Readers for user data files (``npz:``, ``csv:``, ``folder:``) and the built-in sources.
+
+Readers return raw arrays; :func:`sparsekit.data.arrays.make_dataset` does the checking, splitting and
+normalisation. Every failure to read a file becomes an :class:`InputError` naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparsekit.errors import InputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def existing_path(path: str, *, kind: str, directory: bool = False) -> Path:
+    if not path:
+        raise InputError(
+            f"{kind}: spec has no path", where=f"--data {kind}:", fix=f"write --data {kind}:PATH"
+        )
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(
+            f"data {'folder' if directory else 'file'} not found: {p}",
+            where=f"--data {kind}:{path}",
+            fix="check the path (relative paths are from the current directory)",
+        )
+    if directory and not p.is_dir():
+        raise InputError(
+            f"{p} is not a folder",
+            where=f"--data {kind}:{path}",
+            fix="folder: expects a directory with one subfolder per class",
+        )
+    if not directory and p.is_dir():
+        raise InputError(
+            f"{p} is a folder, not a file",
+            where=f"--data {kind}:{path}",
+            fix="use folder:PATH for class-per-subfolder images",
+        )
+    if not directory and p.stat().st_size == 0:
+        raise InputError(
+            f"data file is empty: {p}",
+            where=f"--data {kind}:{path}",
+            fix="regenerate or re-download the file",
+        )
+    return p
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+    """Arrays of an .npz with keys ``x, y`` or ``x_train, y_train, x_test, y_test`` (no pickles)."""
+    p = existing_path(path, kind="npz")
+    where = str(p)
+    try:
+        with open(p, "rb") as fh:
+            magic = fh.read(6)
+    except OSError as exc:
+        raise InputError(
+            f"cannot read {p}: {exc.strerror or exc}", where=where, fix="check permissions"
+        ) from exc
+    if magic.startswith(b"\x93NUMPY"):
+        raise InputError(
+            f"{p} is a single .npy array, not an .npz archive",
+            where=where,
+            fix="save with numpy.savez(path, x=..., y=...) or x_train/y_train/x_test/y_test",
+        )
+    if not magic.startswith(b"PK"):
+        raise InputError(
+            f"cannot read {p}: not an .npz (zip) archive",
+            where=where,
+            fix="save the arrays with numpy.savez or numpy.savez_compressed",
+        )
+    try:
+        with np.load(p, allow_pickle=False) as archive:
+            if not hasattr(archive, "files"):
+                raise InputError(
+                    f"{p} is a single .npy array, not an .npz archive",
+                    where=where,
+                    fix="save with numpy.savez(path, x=..., y=...) or x_train/y_train/x_test/y_test",
+                )
+            keys = set(archive.files)
+            full, pair = {"x_train", "y_train", "x_test", "y_test"}, {"x", "y"}
+            if full <= keys and pair & keys:
+                raise InputError(
+                    f"{p} has both x/y and x_train/.../y_test keys (ambiguous)",
+                    where=where,
+                    fix="keep either x,y (split for you) or x_train,y_train,x_test,y_test",
+                )
+            if full <= keys:
+                wanted = ["x_train", "y_train", "x_test", "y_test"]
+            elif pair <= keys:
+                wanted = ["x", "y"]
+            else:
+                raise InputError(
+                    f"{p} has keys {sorted(keys)}; expected x,y or x_train,y_train,x_test,y_test",
+                    where=where,
+                    fix="re-save the arrays under the expected key names",
+                )
+            return {k: archive[k] for k in wanted}
+    except InputError:
+        raise
+    except ValueError as exc:
+        text = str(exc)
+        if "object arrays" in text.lower():
+            raise InputError(
+                f"{p} contains object arrays, which are refused (they need pickle)",
+                where=where,
+                fix="save numeric arrays only (e.g. x.astype('float32'), y.astype('int64'))",
+            ) from exc
+        raise InputError(
+            f"cannot read {p} as .npz: {text}",
+            where=where,
+            fix="the file is corrupt or not an .npz; regenerate it with numpy.savez",
+        ) from exc
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, RuntimeError) as exc:
+        raise InputError(
+            f"cannot read {p} as .npz ({type(exc).__name__}: {exc})",
+            where=where,
+            fix="the file is truncated, corrupt or not an .npz; regenerate it with numpy.savez",
+        ) from exc
+
+
+def _parse_float(cell: str) -> float | None:
+    try:
+        return float(cell)
+    except ValueError:
+        return None
+
+
+def read_csv(path: str, label_column: int | str | None) -> dict[str, np.ndarray]:
+    """Numeric table with an optional header row (detected: any non-numeric cell in the first row)."""
+    p = existing_path(path, kind="csv")
+    where = str(p)
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as fh:
+            rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(
+            f"cannot read {p} as CSV ({type(exc).__name__}: {exc})",
+            where=where,
+            fix="save the table as UTF-8 comma-separated text",
+        ) from exc
+    if not rows:
+        raise InputError(f"CSV file has no rows: {p}", where=where, fix="provide a table with data rows")
+    header: list[str] | None = None
+    if any(_parse_float(c.strip()) is None for c in rows[0]):
+        header, rows = [c.strip() for c in rows[0]], rows[1:]
+    if not rows:
+        raise InputError(
+            f"CSV file has a header but no data rows: {p}", where=where, fix="provide a table with data rows"
+        )
+    ncol = len(header) if header is not None else len(rows[0])
+    if ncol < 2:
+        raise InputError(
+            f"CSV has {ncol} column(s); need features and a label",
+            where=where,
+            fix="use at least one feature column and one label column",
+        )
+    label_index = _label_index(label_column, header, ncol, where)
+    values = np.empty((len(rows), ncol), dtype=np.float64)
+    first_line = 2 if header is not None else 1
+    for i, row in enumerate(rows):
+        if len(row) != ncol:
+            raise InputError(
+                f"row {i + first_line} has {len(row)} columns, expected {ncol}",
+                where=where,
+                fix="give every row the same number of comma-separated values",
+            )
+        for j, cell in enumerate(row):
+            v = _parse_float(cell.strip())
+            if v is None:
+                raise InputError(
+                    f"non-numeric value {cell.strip()!r} at row {i + first_line}, column {j + 1}",
+                    where=where,
+                    fix="features and labels must be numbers (encode categories first)",
+                )
+            values[i, j] = v
+    features = np.delete(values, label_index, axis=1)
+    return {"x": features, "y": values[:, label_index]}
+
+
+def _label_index(label_column: int | str | None, header: list[str] | None, ncol: int, where: str) -> int:
+    if label_column is None:
+        return ncol - 1
+    if isinstance(label_column, str):
+        if header is not None and label_column in header:
+            return header.index(label_column)
+        try:
+            label_column = int(label_column)
+        except ValueError:
+            choices = f"columns: {', '.join(header)}" if header else "the CSV has no header row; use an index"
+            raise InputError(
+                f"label column {label_column!r} not found", where=f"--label-column ({where})", fix=choices
+            ) from None
+    if (
+        isinstance(label_column, bool)
+        or not isinstance(label_column, int)
+        or not -ncol <= label_column < ncol
+    ):
+        raise InputError(
+            f"label column {label_column!r} out of range for {ncol} columns",
+            where=f"--label-column ({where})",
+            fix=f"use an index 0..{ncol - 1} or -1 (last)",
+        )
+    return label_column % ncol
+
+
+def read_folder(path: str, *, image_size: int | None, channels: int | None) -> dict[str, Any]:
+    """Class-per-subfolder images (sorted class names), resized to image_size × image_size, as uint8."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = existing_path(path, kind="folder", directory=True)
+    where = str(root)
+    size = 32 if image_size is None else image_size
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 4096:
+        raise InputError(
+            f"image size {image_size!r} is invalid",
+            where="--image-size",
+            fix="use a positive integer, e.g. 32",
+        )
+    if channels is not None and channels not in (1, 3):
+        raise InputError(
+            f"channels {channels!r} is invalid", where="--channels", fix="use 1 (grayscale) or 3 (RGB)"
+        )
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(classes) < 2:
+        raise InputError(
+            f"{root} has {len(classes)} class subfolder(s); need at least 2",
+            where=where,
+            fix="put each class's images in its own subfolder, e.g. images/cat/1.png",
+        )
+    files: list[tuple[Path, int]] = []
+    for label, name in enumerate(classes):
+        found = sorted(
+            f
+            for f in (root / name).iterdir()
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+        )
+        if not found:
+            raise InputError(
+                f"class folder {root / name} has no images",
+                where=where,
+                fix=f"add images ({', '.join(IMAGE_SUFFIXES)}) or remove the folder",
+            )
+        files += [(f, label) for f in found]
+    images: list[Image.Image] = []
+    any_colour = False
+    for f, _ in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                if im.mode in GRAY_MODES:
+                    img = im.convert("L")
+                else:
+                    img = im.convert("RGB")
+                    arr = np.asarray(img)
+                    if not (
+                        np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2])
+                    ):
+                        any_colour = True
+        except (
+            UnidentifiedImageError,
+            OSError,
+            ValueError,
+            SyntaxError,
+            Image.DecompressionBombError,
+        ) as exc:
+            raise InputError(
+                f"cannot read image {f} ({type(exc).__name__}: {exc})",
+                where=str(f),
+                fix="remove or replace the corrupt/truncated image",
+            ) from exc
+        images.append(img)
+    c = channels if channels is not None else (3 if any_colour else 1)
+    mode = "RGB" if c == 3 else "L"
+    x = np.empty((len(images), size, size, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        resized = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+        x[i] = np.asarray(resized).reshape(size, size, c)
+    y = np.array([label for _, label in files], dtype=np.int64)
+    return {"x": x, "y": y, "classes": classes, "channels": c}
+
+
+def read_digits() -> dict[str, np.ndarray]:
+    """scikit-learn's bundled 8×8 digits (1,797 real scans, no download), pixel values 0..16 → [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / np.float32(16.0))[:, None, :, :]
+    return {"x": x, "y": bunch.target.astype(np.int64)}
+
+
+SYNTHETIC_DEFAULTS = {"n": 512, "test": 128, "features": 20, "classes": 4, "seed": 0}
+SYNTHETIC_IMAGE_DEFAULTS = {"n": 512, "test": 128, "size": 8, "channels": 1, "classes": 4, "seed": 0}
+
+
+def parse_spec_params(text: str, defaults: dict[str, int], *, spec: str) -> dict[str, int]:
+    """``n=…,features=…`` → ints, only keys from ``defaults``; each positive (seed ≥ 0)."""
+    out = dict(defaults)
+    if not text:
+        return out
+    seen: set[str] = set()
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in defaults:
+            raise InputError(
+                f"bad parameter {part!r} in data spec",
+                where=f"--data {spec}",
+                fix=f"use key=value pairs with keys {', '.join(defaults)}",
+            )
+        if key in seen:
+            raise InputError(
+                f"parameter {key!r} given twice", where=f"--data {spec}", fix="give each key once"
+            )
+        seen.add(key)
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise InputError(
+                f"parameter {key}={value!r} is not an integer",
+                where=f"--data {spec}",
+                fix=f"e.g. {key}={defaults[key]}",
+            ) from None
+        if number < (0 if key == "seed" else 1):
+            raise InputError(
+                f"parameter {key}={number} must be positive",
+                where=f"--data {spec}",
+                fix=f"e.g. {key}={defaults[key]}",
+            )
+        out[key] = number
+    if out["classes"] < 2:
+        raise InputError("synthetic data needs classes ≥ 2", where=f"--data {spec}", fix="e.g. classes=4")
+    if out["n"] < out["classes"]:
+        raise InputError(
+            f"n={out['n']} is smaller than classes={out['classes']}",
+            where=f"--data {spec}",
+            fix="use n ≥ classes so every class has a training sample",
+        )
+    return out
+
+
+def _balanced_labels(rng: np.random.Generator, n: int, classes: int) -> np.ndarray:
+    """Labels with every class present (n ≥ classes), in random order."""
+    y = np.arange(n) % classes
+    return rng.permutation(y).astype(np.int64)
+
+
+def make_synthetic(params: dict[str, int]) -> dict[str, np.ndarray]:
+    """Gaussian blobs: class centres ~ N(0, 1.5²) per feature, unit noise; learnable but not trivial.
+
+    The data depend only on the spec's ``seed`` (default 0), not on the training seed, so runs with
+    different seeds see the same data.
+    """
+    rng = np.random.default_rng(params["seed"])
+    centres = rng.normal(
+        0.0, 1.5 / math.sqrt(max(1.0, params["features"] / 20)), size=(params["classes"], params["features"])
+    )
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = _balanced_labels(rng, n, params["classes"])
+        x = centres[y] + rng.normal(0.0, 1.0, size=(n, params["features"]))
+        return x.astype(np.float32), y
+
+    x_train, y_train = draw(params["n"])
+    x_test, y_test = draw(params["test"])
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+
+def make_synthetic_image(params: dict[str, int]) -> dict[str, np.ndarray]:
+    """Image-shaped blobs (N×C×S×S): one smooth random template per class plus pixel noise."""
+    rng = np.random.default_rng(params["seed"])
+    c, s, k = params["channels"], params["size"], params["classes"]
+    if c not in (1, 3):
+        raise InputError(
+            f"channels={c} is invalid", where="--data synthetic-image", fix="use channels=1 or 3"
+        )
+    if s < 4:
+        raise InputError(
+            f"size={s} is too small", where="--data synthetic-image", fix="use size ≥ 4, e.g. size=8"
+        )
+    coarse = rng.normal(0.0, 1.0, size=(k, c, max(2, s // 2), max(2, s // 2)))
+    # Upsample the coarse pattern (nearest) so templates have spatial structure, like strokes.
+    reps = math.ceil(s / coarse.shape[-1])
+    templates = np.repeat(np.repeat(coarse, reps, axis=2), reps, axis=3)[:, :, :s, :s]
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = _balanced_labels(rng, n, k)
+        x = templates[y] + rng.normal(0.0, 1.0, size=(n, c, s, s))
+        return x.astype(np.float32), y
+
+    x_train, y_train = draw(params["n"])
+    x_test, y_test = draw(params["test"])
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
