@@ -223,11 +223,13 @@ def parse_mlp_chain(model: onnx.ModelProto) -> tuple[tuple[int, ...], list[Dense
 def build_mlp_chain(input_shape: tuple[int, ...], layers: list[DenseLayer], *,
                     input_indices: np.ndarray | None = None, input_name: str = "input",
                     output_name: str = "logits", opset: int = 18,
-                    graph_name: str = "sparsekit_mlp") -> onnx.ModelProto:
+                    graph_name: str = "sparsekit_mlp", matmul: bool = False) -> onnx.ModelProto:
     """Write ``layers`` as an ONNX graph taking ``[batch, *input_shape]``.
 
     With ``input_indices`` only those flattened input features are used (``Gather`` on axis 1, inside
-    the graph), so the model keeps its input signature after inputs were removed.
+    the graph), so the model keeps its input signature after inputs were removed. ``matmul=True``
+    writes ``MatMul`` (weight stored ``(in, out)``) + ``Add`` instead of ``Gemm``: ONNX Runtime's dynamic
+    quantization only rewrites ``MatMul``.
     """
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -243,15 +245,25 @@ def build_mlp_chain(input_shape: tuple[int, ...], layers: list[DenseLayer], *,
     for i, layer in enumerate(layers):
         last = i == len(layers) - 1
         out = output_name if last and layer.activation is None else f"gemm_{i}"
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(layer.weight, dtype=np.float32),
-                                             layer.weight_name))
-        ins = [cur, layer.weight_name]
-        if layer.bias is not None:
-            bname = layer.bias_name or f"{layer.weight_name}.bias"
-            inits.append(numpy_helper.from_array(np.ascontiguousarray(layer.bias, dtype=np.float32),
-                                                 bname))
-            ins.append(bname)
-        nodes.append(helper.make_node("Gemm", ins, [out], transB=1, name=f"gemm_{i}"))
+        bname = layer.bias_name or f"{layer.weight_name}.bias"
+        if matmul:
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(layer.weight.T, dtype=np.float32),
+                                                 layer.weight_name))
+            mm_out = f"matmul_{i}" if layer.bias is not None else out
+            nodes.append(helper.make_node("MatMul", [cur, layer.weight_name], [mm_out], name=f"matmul_{i}"))
+            if layer.bias is not None:
+                inits.append(numpy_helper.from_array(np.ascontiguousarray(layer.bias, dtype=np.float32),
+                                                     bname))
+                nodes.append(helper.make_node("Add", [mm_out, bname], [out], name=f"add_{i}"))
+        else:
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(layer.weight, dtype=np.float32),
+                                                 layer.weight_name))
+            ins = [cur, layer.weight_name]
+            if layer.bias is not None:
+                inits.append(numpy_helper.from_array(np.ascontiguousarray(layer.bias, dtype=np.float32),
+                                                     bname))
+                ins.append(bname)
+            nodes.append(helper.make_node("Gemm", ins, [out], transB=1, name=f"gemm_{i}"))
         cur = out
         if layer.activation == "relu":
             out = output_name if last else f"relu_{i}"

@@ -1,0 +1,126 @@
+"""``compact-onnx``: the network with every input and unit that lost its connections removed, exactly.
+
+DESIGN.md §5: a hidden unit whose incoming weights are all zero still outputs act(bias), so
+act(b_j) · W_next[:, j] is folded into the next layer's bias before the unit goes; a unit whose outgoing
+weights are all zero simply goes; an input feature with no outgoing weights goes too, and the model keeps
+its input signature by selecting the kept features inside the graph (``Gather``). Removing one unit can
+leave another without connections, so this repeats until nothing changes.
+
+MLP chains only, for now: conv nets (where a channel followed by BatchNorm outputs a constant that zero
+padding prevents folding exactly) and residual graphs are refused with a message, and nothing is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sparsekit.exporters.context import (
+    ExportContext,
+    ExportOptions,
+    metadata_for,
+    save_onnx_atomic,
+    set_metadata,
+)
+from sparsekit.exporters.graph import DenseLayer, UnsupportedGraphError, build_mlp_chain, parse_mlp_chain
+from sparsekit.exporters.registry import register_format
+
+
+def _act(x: np.ndarray, activation: str | None) -> np.ndarray:
+    return np.maximum(x, 0) if activation == "relu" else x
+
+
+def compact_layers(n_inputs: int, layers: list[DenseLayer]
+                   ) -> tuple[np.ndarray, list[DenseLayer], dict[str, Any]]:
+    """Shrink ``layers`` (weights ``(out, in)``); returns kept input indices, new layers and counts.
+
+    The output layer's units are never removed; every layer keeps at least one unit (and the model at
+    least one input) so the graph stays valid even when everything was folded into constants.
+    """
+    ws = [np.array(layer.weight, dtype=np.float32) for layer in layers]
+    bs = [np.zeros(w.shape[0], np.float64) if layer.bias is None else layer.bias.astype(np.float64)
+          for w, layer in zip(ws, layers, strict=True)]
+    kept_in = np.arange(n_inputs)
+    folded = 0
+    changed = True
+    while changed:
+        changed = False
+        # inputs with no outgoing weights
+        alive = np.any(ws[0] != 0, axis=0)
+        if not alive.all() and alive.any():
+            ws[0], kept_in = ws[0][:, alive], kept_in[alive]
+            changed = True
+        for i in range(len(ws) - 1):  # hidden layers only
+            w, w_next = ws[i], ws[i + 1]
+            no_in = ~np.any(w != 0, axis=1)
+            no_out = ~np.any(w_next != 0, axis=0)
+            # fold the constant output act(b_j) of input-less units into the next bias
+            fold = no_in & ~no_out
+            if fold.any():
+                const = _act(bs[i][fold], layers[i].activation)
+                bs[i + 1] = bs[i + 1] + w_next[:, fold].astype(np.float64) @ const
+                folded += int(fold.sum())
+            drop = no_in | no_out
+            if drop.all():  # keep one unit, made inert, so that the layer is never empty
+                w, w_next = w.copy(), w_next.copy()
+                w[0], w_next[:, 0] = 0, 0
+                bs[i][0] = 0.0
+                drop[0] = False
+            if drop.any():
+                keep = ~drop
+                ws[i], bs[i] = w[keep], bs[i][keep]
+                ws[i + 1] = w_next[:, keep]
+                changed = True
+            else:
+                ws[i], ws[i + 1] = w, w_next
+    new_layers = []
+    for layer, w, b in zip(layers, ws, bs, strict=True):
+        keep_bias = layer.bias is not None or np.any(b != 0)
+        new_layers.append(DenseLayer(np.ascontiguousarray(w, np.float32),
+                                     b.astype(np.float32) if keep_bias else None, layer.activation,
+                                     layer.weight_name, layer.bias_name))
+    counts = {
+        "inputs": {"before": n_inputs, "after": len(kept_in)},
+        "units": [{"layer": layer.weight_name, "before": int(layer.weight.shape[0]), "after": int(w.shape[0])}
+                  for layer, w in zip(layers, ws, strict=True)],
+        "folded_units": folded,
+        "weights": {"before": int(sum(layer.weight.size for layer in layers)),
+                    "after": int(sum(w.size for w in ws))},
+    }
+    return kept_in, new_layers, counts
+
+
+def _refusal(exc: UnsupportedGraphError) -> UnsupportedGraphError:
+    return UnsupportedGraphError(
+        f"compact-onnx cannot shrink this graph exactly ({exc.what}); nothing was written",
+        where=exc.where,
+        fix="compact-onnx handles MLP chains for now (conv nets and residual graphs are refused); "
+            "use --format onnx,sparse-onnx,compressed")
+
+
+def compact_model(ctx: ExportContext, options: ExportOptions, *, matmul: bool = False):
+    """The compacted ONNX model (without metadata) and its counts; raises UnsupportedGraphError."""
+    try:
+        shape, layers = parse_mlp_chain(ctx.model)
+    except UnsupportedGraphError as exc:
+        raise _refusal(exc) from exc
+    n_in = int(np.prod(shape))
+    kept_in, new_layers, counts = compact_layers(n_in, layers)
+    inputs = [i for i in ctx.model.graph.input if i.name not in {t.name for t in ctx.model.graph.initializer}]
+    model = build_mlp_chain(shape, new_layers,
+                            input_indices=None if len(kept_in) == n_in else kept_in,
+                            input_name=inputs[0].name, output_name=ctx.model.graph.output[0].name,
+                            opset=options.opset, matmul=matmul)
+    return model, counts
+
+
+@register_format("compact-onnx", "structurally shrunk ONNX: dead inputs and units removed exactly "
+                 "(MLP chains; others refused)", ".compact.onnx")
+def write_compact_onnx(ctx: ExportContext, out_path: Path, options: ExportOptions) -> dict[str, Any]:
+    model, counts = compact_model(ctx, options)
+    set_metadata(model, metadata_for(ctx, "compact-onnx", opset=options.opset,
+                                     extra={"compaction": counts,
+                                            "exporter": "sparsekit.exporters.compact"}))
+    save_onnx_atomic(model, out_path)
+    return {"precision": "fp32", "notes": [], "compaction": counts}

@@ -1,0 +1,173 @@
+"""What every writer gets: the source run, loaded from its files alone (no user code, no model rebuild).
+
+A source is a run dir (the trainer's contract: summary.json, model.onnx with masked weights exactly 0,
+masks.safetensors, samples.npz) or a compressed archive (``exporters.compressed``), which restores the
+same reference model. Writers are registered with ``@register_format(name, description, suffix)`` and
+called as ``write(ctx, out_path, options) -> dict`` (notes for the report); the pipeline validates what
+they wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+import sparsekit
+from sparsekit.errors import InputError
+
+RUN_FILES = ("summary.json", "model.onnx")
+
+
+@dataclass
+class Samples:
+    """Real inputs from the run's dataset and the torch model's outputs on them (the reference)."""
+
+    x: np.ndarray                 # float32 [n, ...]
+    y: np.ndarray | None          # int64 [n] labels, when the task has them
+    logits: np.ndarray            # float32 [n, classes], torch reference outputs for x
+
+    @property
+    def reference_accuracy(self) -> float | None:
+        if self.y is None or self.logits.ndim != 2:
+            return None
+        return float((self.logits.argmax(1) == self.y).mean())
+
+
+@dataclass
+class ExportOptions:
+    opset: int = 18
+    precisions: tuple[str, ...] = ("fp32",)
+    warn_only: bool = False
+
+
+@dataclass
+class ExportContext:
+    source: Path                          # the run dir or archive it came from
+    source_kind: str                      # "run" or "archive"
+    model: onnx.ModelProto                # dense fp32 reference, masked weights exactly 0
+    masks: dict[str, np.ndarray]          # bool, keyed by initializer (= torch parameter) name
+    summary: dict[str, Any]
+    samples: Samples | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def source_run(self) -> str:
+        return str(self.summary.get("run_dir") or self.source)
+
+    def model_bytes(self) -> bytes:
+        return self.model.SerializeToString()
+
+
+def load_samples(path: Path) -> Samples | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            x = np.asarray(data["x"], dtype=np.float32)
+            logits = np.asarray(data["logits"], dtype=np.float32)
+            y = np.asarray(data["y"]).astype(np.int64) if "y" in data.files else None
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"cannot read samples: {exc}", where=str(path),
+                         fix="samples.npz needs arrays x (float32) and logits; re-run training") from exc
+    if len(x) != len(logits) or (y is not None and len(y) != len(x)):
+        raise InputError("samples.npz arrays x, y, logits have different lengths", where=str(path),
+                         fix="re-run training to rewrite the run dir")
+    return Samples(x, y, logits)
+
+
+def load_masks(path: Path) -> dict[str, np.ndarray]:
+    if not path.exists():
+        return {}
+    from safetensors.numpy import load_file
+
+    try:
+        return {k: np.asarray(v).astype(bool) for k, v in load_file(str(path)).items()}
+    except Exception as exc:  # safetensors raises its own error types
+        raise InputError(f"cannot read masks: {exc}", where=str(path),
+                         fix="re-run training to rewrite the run dir") from exc
+
+
+def load_run_dir(run_dir: str | Path) -> ExportContext:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"run dir {run_dir} does not exist", where="RUN_DIR",
+                         fix="pass the directory that 'sparsekit train' printed, or an archive")
+    missing = [f for f in RUN_FILES if not (run_dir / f).exists()]
+    if missing:
+        raise InputError(f"{run_dir} is not a run dir: missing {', '.join(missing)}", where=str(run_dir),
+                         fix="pass a directory written by 'sparsekit train' or sparsekit.train()")
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read summary.json: {exc}", where=str(run_dir / "summary.json"),
+                         fix="re-run training to rewrite the run dir") from exc
+    try:
+        model = onnx.load(str(run_dir / "model.onnx"))
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise InputError(f"cannot read model.onnx: {exc}", where=str(run_dir / "model.onnx"),
+                         fix="re-run training to rewrite the run dir") from exc
+    summary.setdefault("run_dir", str(run_dir))
+    return ExportContext(source=run_dir, source_kind="run", model=model,
+                         masks=load_masks(run_dir / "masks.safetensors"), summary=summary,
+                         samples=load_samples(run_dir / "samples.npz"))
+
+
+def metadata_for(ctx: ExportContext, fmt: str, *, opset: int, precision: str = "fp32",
+                 extra: dict[str, Any] | None = None) -> dict[str, str]:
+    """The metadata_props every exported ONNX file carries (values are strings; JSON for structures)."""
+    s = ctx.summary
+    base = {p.key: p.value for p in ctx.model.metadata_props}
+    layers = [{"name": layer.get("name"), "target_density": layer.get("planned_density"),
+               "realized_density": layer.get("density")} for layer in s.get("layers", [])]
+    meta: dict[str, Any] = {
+        "exporter": base.get("exporter", "unknown"),
+        "torch_version": base.get("torch_version", ""),
+        "opset": opset,
+        "sparsekit_version": sparsekit.__version__,
+        "sparsekit_format": fmt,
+        "precision": precision,
+        "method": s.get("method", "unknown"),
+        "distribution": s.get("distribution", "unknown"),
+        "target_sparsity": s.get("target_sparsity"),
+        "realized_sparsity": s.get("realized_sparsity"),
+        "layer_sparsity": layers,
+        "source_run": ctx.source_run,
+        "test_accuracy": s.get("test_accuracy"),
+        **(extra or {}),
+    }
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+
+
+def set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> onnx.ModelProto:
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    return model
+
+
+def save_onnx_atomic(model: onnx.ModelProto, path: Path) -> int:
+    """Write ``model`` atomically (temp file, then rename); returns the file size in bytes."""
+    from sparsekit.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        onnx.save_model(model, str(tmp))
+    return path.stat().st_size
+
+
+def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if current == opset:
+        return model
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as exc:  # the converter raises plain RuntimeErrors
+        raise InputError(f"cannot convert the model from opset {current} to {opset}: {exc}",
+                         where="--opset", fix=f"use --opset {current} (the run's own opset)") from exc
