@@ -12,8 +12,8 @@ import json
 import os
 import sys
 
-import click
 import typer
+from typer.exceptions import Abort, Exit, TyperException
 
 from sparsekit.errors import EXIT_INTERNAL, EXIT_USAGE, SparsekitError
 
@@ -64,18 +64,18 @@ def main(argv: list[str] | None = None) -> None:
     except SparsekitError as exc:
         _emit_error(exc.message, exc.to_json(), json_mode)
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
+    except Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except Abort:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    except click.ClickException as exc:
+    except TyperException as exc:  # usage errors from the command-line parser
         msg = exc.format_message().replace("\n", " ")
         ctx = getattr(exc, "ctx", None)
         hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
         payload = {"error": {"type": "usage", "message": msg + hint}, "exit_code": EXIT_USAGE}
         _emit_error(msg + hint, payload, json_mode)
-        sys.exit(EXIT_USAGE if exc.exit_code == 2 else exc.exit_code)
+        sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

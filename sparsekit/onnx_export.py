@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -32,11 +33,15 @@ def export_dense_onnx(model: nn.Module, example_input: torch.Tensor, path: str |
     model = model.eval()
     example_input = example_input[:2].detach().cpu().float()
     batch = torch.export.Dim("batch", min=1)
+    onnx_logger = logging.getLogger("torch.onnx")
+    old_level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)  # silence "torchvision is not installed" notices
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model.cpu(), (example_input,), dynamo=True, opset_version=opset,
                                     input_names=["input"], output_names=["logits"],
                                     dynamic_shapes=({0: batch},), verbose=False, optimize=True)
+    onnx_logger.setLevel(old_level)
     proto = program.model_proto
     info = {"exporter": EXPORTER, "opset": opset, "torch_version": torch.__version__}
     meta = {**info, **(metadata or {})}

@@ -96,6 +96,7 @@ class Sparsifier:
     # -- masks ------------------------------------------------------------------------------------
     def _refresh_float_masks(self) -> None:
         self._fmasks = [ly.mask.to(ly.param.dtype) for ly in self.layers]
+        self._active_total = sum(ly.active for ly in self.layers)
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -223,7 +224,7 @@ class Sparsifier:
     def realized_sparsity(self) -> float:
         """1 - active / size over the prunable set, from the masks (a weight can be 0 and active)."""
         size = sum(ly.numel for ly in self.layers)
-        return 0.0 if size == 0 else 1.0 - sum(ly.active for ly in self.layers) / size
+        return 0.0 if size == 0 else 1.0 - self._active_total / size
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,153 @@
+"""``sparsekit train``: parse flags into a TrainConfig, call ``sparsekit.training.train``, render."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from sparsekit.cli.main import app
+from sparsekit.cli.render import print_json, stderr_console
+from sparsekit.errors import InputError
+
+METHOD_FLAGS = {  # flag value name -> method option name
+    "update_interval": "update_interval",
+    "update_end": "update_end",
+    "drop_fraction": "drop_fraction",
+    "drop_schedule": "drop_schedule",
+    "skip_step_on_update": "skip_step_on_update",
+    "grow_init": "grow_init",
+    "snip_batches": "snip_batches",
+    "snip_scope": "snip_scope",
+    "redistribute": "redistribute",
+    "prune_begin": "prune_begin",
+    "prune_end": "prune_end",
+    "prune_interval": "prune_interval",
+}
+
+
+def parse_pairs(pairs: list[str], flag: str) -> dict[str, Any]:
+    """``key=value`` pairs for --method-option / --layer-density (values parsed as JSON scalars)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair or not pair.split("=", 1)[0].strip():
+            raise InputError(f"malformed {flag} {pair!r}", where=flag, fix="write key=value, one pair per use")
+        key, value = (s.strip() for s in pair.split("=", 1))
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  sparsekit train --method rigl\n\n"
+        "  sparsekit train --model lenet300 --data npz:mnist.npz --method rigl --sparsity 0.98 "
+        "--epochs 30 --out runs/lenet --json\n\n"
+        "  sparsekit train --model mlp --model-kwargs hidden=512,256 --data csv:table.csv --method static"
+    )
+)
+def train(
+    model: str = typer.Option(None, "--model", help="Model: registry name (see `sparsekit models`) or "
+                              "py:package.module:function / py:path/file.py:function (runs your code). [default: mlp]"),
+    model_kwargs: list[str] = typer.Option(None, "--model-kwargs", help="key=value for the model, one pair per "
+                                           "use; lists as comma lists (hidden=512,256); width=0.5 scales widths."),
+    data: str = typer.Option(None, "--data", help="Dataset: digits | synthetic | npz:PATH | csv:PATH | folder:PATH "
+                             "(see `sparsekit datasets`). [default: digits]"),
+    method: str = typer.Option(None, "--method", help="Sparse-training method (see `sparsekit methods`). [default: rigl]"),
+    sparsity: float = typer.Option(None, "--sparsity", help="Fraction of prunable weights removed. [default: 0.9]"),
+    distribution: str = typer.Option(None, "--distribution", help="Per-layer density: uniform | er | erk. [default: erk]"),
+    dense_first_layer: bool = typer.Option(None, "--dense-first-layer/--sparse-first-layer",
+                                           help="With uniform: keep the first layer dense (paper). [default: dense]"),
+    erk_power_scale: float = typer.Option(None, "--erk-power-scale", help="Exponent on ERK/ER raw densities. [default: 1.0]"),
+    layer_density: list[str] = typer.Option(None, "--layer-density", help="PATTERN=DENSITY fixed per-layer density "
+                                            "(fnmatch on parameter names, e.g. 'net.1.weight=0.5'); repeatable."),
+    epochs: int = typer.Option(None, "--epochs", help="Training epochs (before --train-multiplier). [default: 60]"),
+    train_multiplier: float = typer.Option(None, "--train-multiplier", help="Scale training length, LR schedule and "
+                                           "update window (paper's 1x/2x/5x). [default: 1]"),
+    batch_size: int = typer.Option(None, "--batch-size", help="Mini-batch size. [default: 64]"),
+    optimizer: str = typer.Option(None, "--optimizer", help="sgd | adam | adamw. [default: sgd]"),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate. [default: 0.1]"),
+    momentum: float = typer.Option(None, "--momentum", help="SGD momentum. [default: 0.9]"),
+    nesterov: bool = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum (SGD). [default: off]"),
+    weight_decay: float = typer.Option(None, "--weight-decay", help="L2 weight decay. [default: 5e-4]"),
+    lr_schedule: str = typer.Option(None, "--lr-schedule", help="cosine | step (x0.2 at 30/60/90%) | constant. [default: cosine]"),
+    warmup_epochs: float = typer.Option(None, "--warmup-epochs", help="Linear LR warm-up epochs. [default: 0]"),
+    clip_grad: float = typer.Option(None, "--clip-grad", help="Clip the gradient norm (after masking). [default: off]"),
+    seed: int = typer.Option(None, "--seed", help="Seed for init, masks, shuffling and tie-breaks. [default: 0]"),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda. [default: auto]"),
+    val_fraction: float = typer.Option(None, "--val-fraction", help="Held-out fraction when the data has no test split. [default: 0.2]"),
+    label_column: str = typer.Option(None, "--label-column", help="csv: label column index or header name. [default: last]"),
+    image_size: int = typer.Option(None, "--image-size", help="folder: resize images to SIZE x SIZE. [default: 32]"),
+    channels: int = typer.Option(None, "--channels", help="folder: 1 (grayscale) or 3 (RGB). [default: from images]"),
+    update_interval: int = typer.Option(None, "--update-interval", help="RigL/SET/SNFS: steps between mask updates (ΔT). [default: 100]"),
+    update_end: float = typer.Option(None, "--update-end", help="RigL/SET/SNFS: fraction of training with mask updates. [default: 0.75]"),
+    drop_fraction: float = typer.Option(None, "--drop-fraction", help="RigL/SET/SNFS: initial drop fraction α. [default: 0.3]"),
+    drop_schedule: str = typer.Option(None, "--drop-schedule", help="cosine | constant | linear. [default: cosine]"),
+    skip_step_on_update: bool = typer.Option(None, "--skip-step-on-update/--no-skip-step-on-update",
+                                             help="RigL: skip the optimizer step at mask updates (paper). [default: skip]"),
+    grow_init: str = typer.Option(None, "--grow-init", help="Value of new connections: zero. [default: zero]"),
+    snip_batches: int = typer.Option(None, "--snip-batches", help="SNIP: mini-batches scored at init. [default: 1]"),
+    snip_scope: str = typer.Option(None, "--snip-scope", help="SNIP: layer (by distribution) | global. [default: layer]"),
+    redistribute: bool = typer.Option(None, "--redistribute/--no-redistribute", help="SNFS: momentum redistribution across layers."),
+    prune_begin: float = typer.Option(None, "--prune-begin", help="Pruning: start, fraction of training."),
+    prune_end: float = typer.Option(None, "--prune-end", help="Pruning: end, fraction of training."),
+    prune_interval: int = typer.Option(None, "--prune-interval", help="Pruning: steps between pruning steps."),
+    method_option: list[str] = typer.Option(None, "--method-option", help="Any other method option as key=value; repeatable."),
+    init_from: str = typer.Option(None, "--init-from", help="Start from another run's final weights and mask."),
+    checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N steps (0: each epoch). [default: 0]"),
+    nan_policy: str = typer.Option(None, "--nan-policy", help="On a non-finite loss: stop | skip-batch. [default: stop]"),
+    out: Path = typer.Option(None, "--out", help="Run directory. [default: runs/<method>-<sparsity>-s<seed>]"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out if there is one (else start)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    config: Path = typer.Option(None, "--config", help="YAML/TOML/JSON config; flags given here override it."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
+    json_out: bool = typer.Option(False, "--json", help="Print summary.json on stdout (errors as JSON too)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Train a model sparse from scratch and write a run directory (config, metrics, checkpoint, summary)."""
+    from sparsekit.config import build_config
+    from sparsekit.models import parse_model_kwargs
+
+    local = dict(locals())
+    cli: dict[str, Any] = {
+        "model": model, "data": data, "method": method, "sparsity": sparsity, "distribution": distribution,
+        "dense_first_layer": dense_first_layer, "erk_power_scale": erk_power_scale, "epochs": epochs,
+        "train_multiplier": train_multiplier, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
+        "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay, "lr_schedule": lr_schedule,
+        "warmup_epochs": warmup_epochs, "clip_grad": clip_grad, "seed": seed, "device": device,
+        "val_fraction": val_fraction, "image_size": image_size, "channels": channels,
+        "checkpoint_every": checkpoint_every, "nan_policy": nan_policy, "init_from": init_from,
+    }
+    if label_column is not None:
+        cli["label_column"] = int(label_column) if label_column.lstrip("-").isdigit() else label_column
+    if model_kwargs:
+        cli["model_kwargs"] = parse_model_kwargs(model_kwargs)
+    if layer_density:
+        cli["layer_density"] = parse_pairs(layer_density, "--layer-density")
+    method_opts = {opt: local[flag] for flag, opt in METHOD_FLAGS.items() if local[flag] is not None}
+    method_opts.update(parse_pairs(method_option or [], "--method-option"))
+    cfg = build_config(config, cli, method_opts)
+    if print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return
+    run_dir = out or Path("runs") / f"{cfg.method}-{cfg.sparsity:g}-s{cfg.seed}"
+
+    from sparsekit.cli.render import TrainProgress
+    from sparsekit.training import train as run_training
+
+    progress = TrainProgress(enabled=not quiet)
+    with progress:
+        summary = run_training(cfg, run_dir, resume=resume, overwrite=overwrite, callbacks=progress.callbacks())
+    if json_out:
+        print_json(summary)
+    elif not quiet:
+        from sparsekit.cli.render import summary_table
+
+        stderr_console().print(summary_table(summary))
+        print(f"run directory: {run_dir}", file=sys.stderr)

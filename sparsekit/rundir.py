@@ -1,0 +1,330 @@
+"""The run directory: what a training run leaves behind, for export, report, viz and resume.
+
+    config.json          resolved config (reproduces the run)
+    metrics.jsonl        one line per epoch
+    updates.jsonl        one line per mask update: active counts per layer, first-layer input fan-out
+    checkpoint.safetensors  weights, masks, optimizer/method/RNG state + JSON state (resume)
+    weights.safetensors  final weights (masked entries exactly 0)
+    masks.safetensors    final masks (uint8), keyed by parameter name
+    model.onnx           dense fp32 reference graph (what export starts from; no user code needed)
+    samples.npz          x, y, logits: test samples and the torch model's outputs on them
+    summary.json         versioned, schema-checked summary (sparsekit/schemas/summary.schema.json)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import sparsekit
+from sparsekit.config import TrainConfig
+from sparsekit.errors import InputError
+from sparsekit.fileio import atomic_path, atomic_write_json, atomic_write_text
+
+SCHEMA_VERSION = "1.0"
+CHECKPOINT = "checkpoint.safetensors"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+UPDATES = "updates.jsonl"
+SUMMARY = "summary.json"
+N_SAMPLES = 512
+# Settings that may differ between an interrupted command and its --resume without changing the result.
+_RESUME_FREE = {"device", "checkpoint_every", "eval_batch_size"}
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / CONFIG).is_file()
+
+
+def prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwrite: bool) -> Path | None:
+    """Create or check ``run_dir``. Returns the checkpoint to resume from, if any.
+
+    Never overwrites without ``overwrite``; with ``resume`` a compatible checkpoint continues the run and
+    a missing one starts fresh (so torchrun's restarts can rerun the same command).
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"output path {run_dir} exists and is not a directory", where="--out",
+                         fix="choose another --out")
+    existing = run_dir.is_dir() and any(run_dir.iterdir())
+    if existing and resume and (run_dir / CHECKPOINT).is_file():
+        saved = json.loads((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).is_file() else {}
+        mine = config.to_dict()
+        diff = sorted(k for k in mine if k not in _RESUME_FREE and saved.get(k) != mine[k])
+        if diff:
+            raise InputError(f"the checkpoint in {run_dir} was made with different settings "
+                             f"({', '.join(diff)})", where="--resume",
+                             fix="rerun the original command, or pass --overwrite to start again")
+        return run_dir / CHECKPOINT
+    if existing and not (overwrite or resume):
+        raise InputError(f"run directory {run_dir} already exists", where="--out",
+                         fix="pass --resume to continue it, --overwrite to replace it, or choose another --out")
+    if existing and overwrite:
+        if not _is_run_dir(run_dir):
+            raise InputError(f"{run_dir} is not empty and is not a sparsekit run directory", where="--out",
+                             fix="choose an empty or new --out; sparsekit only replaces its own run directories")
+        shutil.rmtree(run_dir)
+    if existing and resume and not overwrite:  # a run dir without checkpoint: start it again cleanly
+        if not _is_run_dir(run_dir):
+            raise InputError(f"{run_dir} is not empty and is not a sparsekit run directory", where="--out",
+                             fix="choose an empty or new --out")
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"cannot write to {run_dir}: {exc.strerror or exc}", where="--out",
+                         fix="choose a writable output directory") from exc
+    atomic_write_json(run_dir / CONFIG, {**config.to_dict(), "sparsekit_version": sparsekit.__version__})
+    return None
+
+
+def build_run_model(config: TrainConfig, data: Any, method: Any) -> tuple[nn.Module, dict[str, Any] | None]:
+    """Seed, then build the model (methods that change the width, like small-dense, pick it here)."""
+    from sparsekit.models import build_model
+
+    choose_width = getattr(method, "choose_model_kwargs", None)
+    width_info = None
+    kwargs = dict(config.model_kwargs)
+    if choose_width is not None:
+        kwargs, width_info = choose_width(config, data)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, kwargs, input_shape=tuple(data.input_shape), num_classes=data.num_classes)
+    return model, width_info
+
+
+def init_from_run(path: str, model: nn.Module, sp: Any) -> None:
+    """Start from another run's final weights and masks (any method); the mask is kept as the start."""
+    from safetensors.torch import load_file
+
+    src = Path(path)
+    weights, masks = src / "weights.safetensors", src / "masks.safetensors"
+    if not weights.is_file():
+        raise InputError(f"{src} has no weights.safetensors", where="--init-from",
+                         fix="give a finished sparsekit run directory")
+    sd = load_file(str(weights))
+    own = model.state_dict()
+    if set(sd) != set(own) or any(tuple(own[k].shape) != tuple(v.shape) for k, v in sd.items()):
+        raise InputError(f"the weights in {src} are from a different model", where="--init-from",
+                         fix="use the same --model and --model-kwargs as that run")
+    model.load_state_dict(sd)
+    if masks.is_file() and sp.layers:
+        mk = load_file(str(masks))
+        new = {}
+        for ly in sp.layers:
+            if ly.name in mk:
+                new[ly.name] = mk[ly.name].to(torch.bool).to(ly.param.device)
+        for ly in sp.layers:
+            if ly.name in new:
+                ly.mask = new[ly.name]
+        sp._refresh_float_masks()
+    sp.apply_masks()
+    sp.update_log.clear()
+    sp._record_update(0, fraction=None)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a crash
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def truncate_logs(run_dir: Path, *, step: int) -> None:
+    """After a resume: drop log lines written after the checkpoint's step (they will be redone)."""
+    for name in (METRICS, UPDATES):
+        rows = _read_jsonl(run_dir / name)
+        _write_jsonl(run_dir / name, [r for r in rows if r.get("step", 0) <= step])
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    with open(run_dir / METRICS, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def write_updates(run_dir: Path, entries: list[dict[str, Any]]) -> None:
+    if entries:
+        with open(run_dir / UPDATES, "a", encoding="utf-8") as fh:
+            for e in entries:
+                fh.write(json.dumps(e) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    return _read_jsonl(Path(run_dir) / METRICS)
+
+
+def read_updates(run_dir: str | Path) -> list[dict[str, Any]]:
+    return _read_jsonl(Path(run_dir) / UPDATES)
+
+
+def parameter_counts(model: nn.Module, layers: list[dict[str, Any]]) -> dict[str, int]:
+    """total = every parameter; prunable = size of the prunable set; nonzero = active prunable + dense."""
+    total = sum(p.numel() for p in model.parameters())
+    prunable = sum(ly["numel"] for ly in layers if ly["prunable"])
+    active = sum(ly["active"] for ly in layers if ly["prunable"])
+    return {"total": int(total), "prunable": int(prunable), "nonzero": int(total - prunable + active)}
+
+
+def overall_sparsity(layers: list[dict[str, Any]]) -> float:
+    """Sparsity over all weight matrices (prunable or dense), from the masks."""
+    size = sum(ly["numel"] for ly in layers)
+    active = sum(ly["active"] for ly in layers)
+    return 0.0 if size == 0 else 1.0 - active / size
+
+
+@torch.no_grad()
+def write_artifacts(run_dir: Path, model: nn.Module, masks: dict[str, torch.Tensor], x: torch.Tensor,
+                    y: torch.Tensor | None, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Final weights, masks, the dense ONNX reference and reference samples (what export needs)."""
+    from safetensors.torch import save_file
+
+    from sparsekit.onnx_export import export_dense_onnx
+
+    model_cpu = model.eval()
+    state = {k: v.detach().cpu().contiguous() for k, v in model_cpu.state_dict().items()}
+    with atomic_path(run_dir / "weights.safetensors") as tmp:
+        save_file(state, str(tmp))
+    with atomic_path(run_dir / "masks.safetensors") as tmp:
+        save_file({k: v.detach().cpu().to(torch.uint8).contiguous() for k, v in masks.items()}, str(tmp))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    xs = x[:N_SAMPLES].to(device)
+    logits = model(xs).detach().cpu()
+    with atomic_path(run_dir / "samples.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, x=xs.cpu().numpy().astype(np.float32),
+                     y=(y[:N_SAMPLES].cpu().numpy().astype(np.int64) if y is not None
+                        else np.zeros(0, dtype=np.int64)),
+                     logits=logits.numpy().astype(np.float32))
+    info = export_dense_onnx(model.cpu(), xs.cpu(), run_dir / "model.onnx", metadata=metadata)
+    model.to(device)
+    return info
+
+
+def build_summary(*, run_dir: Path, model: nn.Module, sparsifier: Any, method: str, config: dict[str, Any],
+                  test_loss: float | None, test_accuracy: float | None, train_seconds: float,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    layers = sparsifier.layer_summary()
+    summary: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "sparsekit_version": sparsekit.__version__,
+        "task": "classification",
+        "method": method,
+        "distribution": sparsifier.distribution if sparsifier.method.sparse else None,
+        "target_sparsity": sparsifier.target_sparsity if sparsifier.method.sparse else 0.0,
+        "realized_sparsity": sparsifier.realized_sparsity(),
+        "overall_sparsity": overall_sparsity(layers),
+        "layers": layers,
+        "params": parameter_counts(model, layers),
+        "test_accuracy": test_accuracy,
+        "test_loss": test_loss,
+        "train_seconds": train_seconds,
+        "steps": sparsifier.step_count,
+        "run_dir": str(run_dir),
+        "config": config,
+        "method_summary": sparsifier.method.summary(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    summary.update(extra or {})
+    return summary
+
+
+def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifier: Any, data: Any,
+               test_loss: float, test_accuracy: float, train_seconds: float, total_steps: int,
+               width_info: dict[str, Any] | None, wall_seconds: float, device: torch.device) -> dict[str, Any]:
+    from sparsekit import flops as flops_mod
+
+    extra: dict[str, Any] = {
+        "model": config.model,
+        "data": data.info(),
+        "seed": config.seed,
+        "epochs": config.epochs,
+        "total_steps": total_steps,
+        "device": str(device),
+        "wall_seconds": wall_seconds,
+        "best_test_accuracy": max((m["test_accuracy"] for m in read_metrics(run_dir)), default=test_accuracy),
+    }
+    if width_info is not None:
+        extra["small_dense"] = width_info
+    extra["flops"] = flops_mod.run_flops(model, sparsifier, input_shape=tuple(data.input_shape), config=config)
+    summary = build_summary(run_dir=run_dir, model=model, sparsifier=sparsifier, method=config.method,
+                            config=config.to_dict(), test_loss=test_loss, test_accuracy=test_accuracy,
+                            train_seconds=train_seconds, extra=extra)
+    meta = {"sparsekit_version": sparsekit.__version__, "method": config.method,
+            "target_sparsity": summary["target_sparsity"], "realized_sparsity": summary["realized_sparsity"],
+            "layer_density": {ly["name"]: ly["density"] for ly in summary["layers"]},
+            "source_run": str(run_dir), "test_accuracy": test_accuracy}
+    summary["onnx"] = write_artifacts(run_dir, model, sparsifier.masks(), data.x_test, data.y_test, meta)
+    validate_summary(summary)
+    atomic_write_json(run_dir / SUMMARY, summary)
+    return summary
+
+
+def save(model: nn.Module, sparsifier: Any, run_dir: str | Path, *, example_input: torch.Tensor,
+         labels: torch.Tensor | None = None, test_accuracy: float | None = None, test_loss: float | None = None,
+         config: dict[str, Any] | None = None, overwrite: bool = True) -> dict[str, Any]:
+    """Write a run directory from your own training loop, in the CLI's layout, so that
+    ``sparsekit export`` and ``sparsekit report`` accept it. ``example_input`` is a batch of real
+    inputs (up to 512 are kept as validation samples; pass test data with ``labels`` for accuracy)."""
+    path = Path(run_dir)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise InputError(f"run directory {path} already exists", where="save()", fix="pass overwrite=True")
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {"method": sparsifier.method.name, "method_options": dict(sparsifier.method.options),
+           "sparsity": sparsifier.target_sparsity, "distribution": sparsifier.distribution,
+           "seed": sparsifier.seed, **(config or {})}
+    atomic_write_json(path / CONFIG, {**cfg, "sparsekit_version": sparsekit.__version__})
+    if not (path / UPDATES).exists():
+        write_updates(path, sparsifier.update_log)
+    summary = build_summary(run_dir=path, model=model, sparsifier=sparsifier, method=sparsifier.method.name,
+                            config=cfg, test_loss=test_loss, test_accuracy=test_accuracy, train_seconds=0.0,
+                            extra={"model": type(model).__name__, "input_shape": list(example_input.shape[1:])})
+    meta = {"sparsekit_version": sparsekit.__version__, "method": sparsifier.method.name,
+            "target_sparsity": summary["target_sparsity"], "realized_sparsity": summary["realized_sparsity"],
+            "layer_density": {ly["name"]: ly["density"] for ly in summary["layers"]}, "source_run": str(path)}
+    summary["onnx"] = write_artifacts(path, model, sparsifier.masks(), example_input, labels, meta)
+    validate_summary(summary)
+    atomic_write_json(path / SUMMARY, summary)
+    return summary
+
+
+def load_summary(run_dir: str | Path) -> dict[str, Any]:
+    p = Path(run_dir) / SUMMARY
+    if not p.is_file():
+        raise InputError(f"{run_dir} has no summary.json", where=str(run_dir),
+                         fix="give a finished sparsekit run directory (train it first)")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{p} is not valid JSON", where=str(p), fix="retrain or restore the file") from exc
+
+
+def validate_summary(summary: dict[str, Any]) -> None:
+    """Check a summary against the committed JSON Schema (a bug here is an internal error)."""
+    import jsonschema
+
+    schema = json.loads((Path(__file__).parent / "schemas" / "summary.schema.json").read_text())
+    jsonschema.validate(_jsonable(summary), schema)
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
