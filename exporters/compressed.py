@@ -13,7 +13,8 @@ Layout (a zip file; every member is stored, each blob compressed by us):
   byte-shuffled (all first bytes, then all second bytes, …) so the exponent bytes compress.
 - Each blob uses whichever of none / zlib / lzma (stdlib) is smallest.
 
-Only large weights are quantized by ``--precision``; biases and other small tensors stay fp32.
+Only large weights are quantized to int8; biases and other small tensors stay fp32 in an fp32 archive
+and become fp16 in an fp16 or int8 archive.
 The reader refuses unsafe member names, unknown versions, and corrupt or truncated data with
 ``InputError`` (exit 2), and never decodes more bytes than the manifest's shapes allow.
 """
@@ -135,7 +136,9 @@ def _tensor_entry(i: int, name: str, arr: np.ndarray, mask: np.ndarray | None, p
     entry: dict[str, Any] = {"name": name, "shape": list(arr.shape), "dtype": "float32",
                              "sha256_fp32": digest}
     flat = arr.reshape(-1)
-    prec = precision if (arr.ndim >= 2 and arr.size >= QUANTIZE_MIN_ELEMENTS) else "fp32"
+    large = arr.ndim >= 2 and arr.size >= QUANTIZE_MIN_ELEMENTS
+    # small tensors (biases) never go to int8; in a lossy archive they are fp16
+    prec = precision if large else ("fp32" if precision == "fp32" else "fp16")
     if prec == "int8":
         q, scale = quantize_int8(arr)
         codec, blob = _compress(scale.astype("<f4").tobytes())

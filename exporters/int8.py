@@ -31,15 +31,22 @@ from sparsekit.exporters.registry import register_format
 def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    model_copy = onnx.ModelProto()
+    model_copy.CopyFrom(model)
+    del model_copy.graph.value_info[:]  # stale exporter shapes trip the quantizer's shape inference
     with tempfile.TemporaryDirectory(prefix="sparsekit-int8-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        onnx.save_model(model, str(src))
+        onnx.save_model(model_copy, str(src))
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.ERROR)  # the quantizer logs a pre-processing hint on the root logger
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+        except Exception as exc:  # the quantizer raises assorted errors on graphs it cannot handle
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UnsupportedGraphError(f"ONNX Runtime dynamic quantization failed: {msg}",
+                                        where="int8-onnx", fix="use the fp32 or compressed formats") from exc
         finally:
             root.setLevel(level)
         return onnx.load(str(dst))
