@@ -392,3 +392,31 @@ def test_zip_error_types_are_all_caught(tmp_path):
     data[start] ^= 0xFF  # flip one byte inside the array data (uncompressed savez)
     p.write_bytes(bytes(data))
     assert_input_error("crc.npz", load_dataset, f"npz:{p}")
+
+
+# ---------------------------------------------------------------- bench/make_digits28.py
+
+
+def test_make_digits28_script_writes_loadable_mnist_shaped_npz(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "make_digits28.py"
+    spec = importlib.util.spec_from_file_location("make_digits28", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    train_idx, test_idx = module.split_originals(1797, seed=0, test_fraction=0.2)
+    assert len(test_idx) == 359 and not set(train_idx) & set(test_idx)  # originals split first
+    out = tmp_path / "d28.npz"
+    assert module.main(["--out", str(out), "--seed", "0", "--train", "200", "--test", "50"]) == 0
+    with np.load(out, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    assert arrays["x_train"].shape == (200, 28, 28) and arrays["x_train"].dtype == np.uint8
+    assert arrays["x_test"].shape == (50, 28, 28) and arrays["y_test"].dtype == np.int64
+    # Digits sit in the middle like MNIST's: the outer 2-pixel frame is nearly empty.
+    x = arrays["x_train"].astype(np.float64)
+    assert x[:, :2, :].mean() < 0.05 * x[:, 8:20, 8:20].mean()
+    again = module.make_digits28(seed=0, n_train=200, n_test=50)
+    assert all(np.array_equal(again[k], arrays[k]) for k in arrays)  # deterministic for a seed
+    ds = load_dataset(f"npz:{out}")
+    assert ds.input_shape == (1, 28, 28) and ds.num_classes == 10 and ds.split == "given"

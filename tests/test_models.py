@@ -262,3 +262,38 @@ def test_py_spec_errors(user_file, tmp_path):
     bad = tmp_path / "syntax.py"
     bad.write_text("def f(:\n")
     err(f"py:{bad}:f", "importing")
+
+
+# ---------------------------------------------------------------- ONNX export of every registry model
+
+EXPORT_CASES = [
+    ("mlp", (1, 8, 8), {}),
+    ("lenet300", (1, 28, 28), {}),
+    ("lenet5", (1, 28, 28), {}),
+    ("resnet20", (3, 32, 32), {"width": 0.5}),
+    ("wrn-22-2", (3, 16, 16), {"width": 0.25}),
+    ("mobilenet-v1", (3, 16, 16), {"width": 0.25}),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, shape, kwargs", EXPORT_CASES, ids=[c[0] for c in EXPORT_CASES])
+def test_registry_model_exports_to_onnx_and_matches_torch(tmp_path, name, shape, kwargs):
+    import numpy as np
+    import onnxruntime as ort
+
+    from sparsekit.onnx_export import export_dense_onnx
+
+    torch.manual_seed(0)
+    model = build_model(name, kwargs, input_shape=shape, num_classes=10).eval()
+    x = torch.randn(4, *shape)
+    path = tmp_path / f"{name}.onnx"
+    export_dense_onnx(model, x, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert list(inp.shape[1:]) == list(shape)  # image models (and the MLP) keep the image input shape
+    got = session.run(None, {inp.name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert got.shape == (4, 10)
+    assert np.abs(got - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sparsekit.data import readers
@@ -125,17 +124,17 @@ def load_dataset(
         def build() -> dict[str, Any]:
             return readers.make_synthetic_image(params)
     elif kind == "npz":
-        where = str(Path(rest).expanduser()) if rest else where
+        where = str(readers.user_path(rest)) if rest else where
 
         def build() -> dict[str, Any]:
             return readers.read_npz(rest)
     elif kind == "csv":
-        where = str(Path(rest).expanduser()) if rest else where
+        where = str(readers.user_path(rest)) if rest else where
 
         def build() -> dict[str, Any]:
             return readers.read_csv(rest, label_column)
     else:  # folder
-        where = str(Path(rest).expanduser()) if rest else where
+        where = str(readers.user_path(rest)) if rest else where
 
         def build() -> dict[str, Any]:
             return readers.read_folder(rest, image_size=image_size, channels=channels)
@@ -174,7 +173,7 @@ def _fix_hint() -> str:
 
 def _unknown(spec: str) -> InputError:
     """Unknown name, or a bare path: refuse with a hint rather than guess the format."""
-    p = Path(spec).expanduser()
+    p = readers.user_path(spec)
     suffix = p.suffix.lower()
     guess = {".npz": "npz", ".csv": "csv"}.get(suffix) or ("folder" if p.is_dir() else None)
     if guess or p.exists() or "/" in spec or "\\" in spec:

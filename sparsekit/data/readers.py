@@ -21,12 +21,20 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
+def user_path(path: str) -> Path:
+    """``Path(path)`` with ``~`` expanded where possible (an unknown ``~user`` stays literal)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
+
+
 def existing_path(path: str, *, kind: str, directory: bool = False) -> Path:
     if not path:
         raise InputError(
             f"{kind}: spec has no path", where=f"--data {kind}:", fix=f"write --data {kind}:PATH"
         )
-    p = Path(path).expanduser()
+    p = user_path(path)
     if not p.exists():
         raise InputError(
             f"data {'folder' if directory else 'file'} not found: {p}",
@@ -298,6 +306,7 @@ def read_digits() -> dict[str, np.ndarray]:
 
 
 SYNTHETIC_DEFAULTS = {"n": 512, "test": 128, "features": 20, "classes": 4, "seed": 0}
+SYNTHETIC_LIMITS = {"n": 1_000_000, "test": 1_000_000, "features": 10_000, "classes": 10_000, "size": 256}
 SYNTHETIC_IMAGE_DEFAULTS = {"n": 512, "test": 128, "size": 8, "channels": 1, "classes": 4, "seed": 0}
 
 
@@ -334,6 +343,12 @@ def parse_spec_params(text: str, defaults: dict[str, int], *, spec: str) -> dict
                 f"parameter {key}={number} must be positive",
                 where=f"--data {spec}",
                 fix=f"e.g. {key}={defaults[key]}",
+            )
+        if number > SYNTHETIC_LIMITS.get(key, number):
+            raise InputError(
+                f"parameter {key}={number} is too large",
+                where=f"--data {spec}",
+                fix=f"use at most {key}={SYNTHETIC_LIMITS[key]} (synthetic data is for tests)",
             )
         out[key] = number
     if out["classes"] < 2:

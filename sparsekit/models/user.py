@@ -52,7 +52,10 @@ def split_user_spec(spec: str) -> tuple[str, str, bool]:
 def _load_module(target: str, is_file: bool, spec: str) -> Any:
     where = f"--model {spec}"
     if is_file:
-        path = Path(target).expanduser()
+        try:
+            path = Path(target).expanduser()
+        except RuntimeError:
+            path = Path(target)
         if not path.is_file():
             raise InputError(
                 f"model file not found: {path}",
