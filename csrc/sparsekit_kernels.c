@@ -1,0 +1,633 @@
+/*
+ * sparsekit._kernels: sparse x dense kernels for the `fast` export format.
+ *
+ * A layer is y = act(W x + b) with W (n_out, n_in) stored as CSR: float32 values, uint16 or int32
+ * column indices, int64 row pointers. Two kernels, chosen per layer and batch size by the runtime:
+ *
+ *   rows   x row-major (B, n_in) -> y (B, n_out). One output row at a time, dot product of the row's
+ *          nonzeros with gathered x values (vector gathers). Batch 1 is memory bound, so what
+ *          matters is bytes per nonzero: 4 (value) + 2 (uint16 index).
+ *   panel  activations in "panel" layout: the batch is cut into panels of PANEL (64) samples, each
+ *          panel stored [n][PANEL] (batch-minor). For every nonzero of a weight row the value is
+ *          broadcast and multiplied into a contiguous 64-wide row of the input panel; the 64 outputs
+ *          stay in registers (register-blocked SpMM). Bias and ReLU are fused into the store.
+ *
+ * Code paths: AVX-512F, AVX2+FMA (GCC/Clang target attributes, chosen at run time with
+ * __builtin_cpu_supports) and portable C; the build never needs a CPU with AVX2. Threads: OpenMP
+ * when the compiler has it (`threads` argument), else one thread.
+ *
+ * Safety contract (checked by the Python wrapper at load, sizes re-checked here): rowptr is
+ * non-decreasing from 0, indices < n_in, and the index and value arrays have PAD_SLACK spare
+ * elements after the last nonzero (the vector tails read, but never use, up to 31 of them).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define SK_X86 1
+#include <immintrin.h>
+#define SK_AVX2 __attribute__((target("avx2,fma")))
+#define SK_AVX512 __attribute__((target("avx512f,avx2,fma")))
+#else
+#define SK_X86 0
+#endif
+
+#define PANEL 64
+#define PAD_SLACK 32
+
+enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+static int g_isa = ISA_GENERIC;     /* active code path */
+static int g_isa_max = ISA_GENERIC; /* best the CPU supports */
+
+typedef struct {
+    const float *val;
+    const void *idx;
+    int idx16;
+    const int64_t *rowptr;
+    const float *bias; /* may be NULL */
+    int64_t n_in, n_out;
+    int relu;
+} csr_t;
+
+static inline int64_t idx_at(const csr_t *w, int64_t k) {
+    return w->idx16 ? (int64_t)((const uint16_t *)w->idx)[k] : (int64_t)((const int32_t *)w->idx)[k];
+}
+
+static inline float finish(float acc, const csr_t *w, int64_t o) {
+    if (w->bias) acc += w->bias[o];
+    if (w->relu && acc < 0.0f) acc = 0.0f;
+    return acc;
+}
+
+/* ------------------------------------------------------------------ portable C */
+
+static void rows_generic(const csr_t *w, const float *x, float *y, int64_t B, int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; o++) {
+        int64_t s = w->rowptr[o], e = w->rowptr[o + 1];
+        for (int64_t b = 0; b < B; b++) {
+            const float *xb = x + b * w->n_in;
+            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+            int64_t k = s;
+            for (; k + 4 <= e; k += 4) {
+                a0 += w->val[k] * xb[idx_at(w, k)];
+                a1 += w->val[k + 1] * xb[idx_at(w, k + 1)];
+                a2 += w->val[k + 2] * xb[idx_at(w, k + 2)];
+                a3 += w->val[k + 3] * xb[idx_at(w, k + 3)];
+            }
+            for (; k < e; k++) a0 += w->val[k] * xb[idx_at(w, k)];
+            y[b * w->n_out + o] = finish((a0 + a1) + (a2 + a3), w, o);
+        }
+    }
+}
+
+static void panel_generic(const csr_t *w, const float *xp, float *yp, int64_t o0, int64_t o1, int first, int last) {
+    float acc[PANEL];
+    for (int64_t o = o0; o < o1; o++) {
+        float *out = yp + o * PANEL;
+        if (!first && !last && w->rowptr[o] == w->rowptr[o + 1]) continue;
+        for (int t = 0; t < PANEL; t++) acc[t] = first ? 0.f : out[t];
+        for (int64_t k = w->rowptr[o]; k < w->rowptr[o + 1]; k++) {
+            const float v = w->val[k];
+            const float *p = xp + idx_at(w, k) * PANEL;
+            for (int t = 0; t < PANEL; t++) acc[t] += v * p[t];
+        }
+        if (!last) {
+            for (int t = 0; t < PANEL; t++) out[t] = acc[t];
+            continue;
+        }
+        const float bb = w->bias ? w->bias[o] : 0.f;
+        for (int t = 0; t < PANEL; t++) {
+            float r = acc[t] + bb;
+            out[t] = (w->relu && r < 0.f) ? 0.f : r;
+        }
+    }
+}
+
+#if SK_X86
+/* ------------------------------------------------------------------ AVX2 + FMA */
+
+SK_AVX2 static inline __m256i load_idx8(const csr_t *w, int64_t k) {
+    if (w->idx16) return _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w->idx + k)));
+    return _mm256_loadu_si256((const __m256i *)((const int32_t *)w->idx + k));
+}
+
+SK_AVX2 static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+SK_AVX2 static void rows_avx2(const csr_t *w, const float *x, float *y, int64_t B, int64_t o0, int64_t o1) {
+    static const int32_t lanes[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+    const __m256i lane = _mm256_loadu_si256((const __m256i *)lanes);
+    for (int64_t o = o0; o < o1; o++) {
+        const int64_t s = w->rowptr[o], e = w->rowptr[o + 1];
+        for (int64_t b = 0; b < B; b++) {
+            const float *xb = x + b * w->n_in;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            int64_t k = s;
+            for (; k + 16 <= e; k += 16) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w->val + k),
+                                     _mm256_i32gather_ps(xb, load_idx8(w, k), 4), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w->val + k + 8),
+                                     _mm256_i32gather_ps(xb, load_idx8(w, k + 8), 4), a1);
+            }
+            for (; k < e; k += 8) {
+                const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(e - k)), lane);
+                const __m256 v = _mm256_maskload_ps(w->val + k, m);
+                const __m256 g = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), xb, load_idx8(w, k),
+                                                          _mm256_castsi256_ps(m), 4);
+                a0 = _mm256_fmadd_ps(v, g, a0);
+            }
+            y[b * w->n_out + o] = finish(hsum256(_mm256_add_ps(a0, a1)), w, o);
+        }
+    }
+}
+
+SK_AVX2 static void panel_avx2(const csr_t *w, const float *xp, float *yp, int64_t o0, int64_t o1, int first, int last) {
+    for (int64_t o = o0; o < o1; o++) {
+        float *out = yp + o * PANEL;
+        if (!first && !last && w->rowptr[o] == w->rowptr[o + 1]) continue;
+        __m256 a0, a1, a2, a3, a4, a5, a6, a7;
+        if (first) {
+            a0 = _mm256_setzero_ps(); a1 = a0; a2 = a0; a3 = a0; a4 = a0; a5 = a0; a6 = a0; a7 = a0;
+        } else {
+            a0 = _mm256_loadu_ps(out); a1 = _mm256_loadu_ps(out + 8); a2 = _mm256_loadu_ps(out + 16);
+            a3 = _mm256_loadu_ps(out + 24); a4 = _mm256_loadu_ps(out + 32); a5 = _mm256_loadu_ps(out + 40);
+            a6 = _mm256_loadu_ps(out + 48); a7 = _mm256_loadu_ps(out + 56);
+        }
+        for (int64_t k = w->rowptr[o]; k < w->rowptr[o + 1]; k++) {
+            const __m256 v = _mm256_broadcast_ss(w->val + k);
+            const float *p = xp + idx_at(w, k) * PANEL;
+            a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(p), a0);
+            a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(p + 8), a1);
+            a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(p + 16), a2);
+            a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(p + 24), a3);
+            a4 = _mm256_fmadd_ps(v, _mm256_loadu_ps(p + 32), a4);
+            a5 = _mm256_fmadd_ps(v, _mm256_loadu_ps(p + 40), a5);
+            a6 = _mm256_fmadd_ps(v, _mm256_loadu_ps(p + 48), a6);
+            a7 = _mm256_fmadd_ps(v, _mm256_loadu_ps(p + 56), a7);
+        }
+        const __m256 bb = _mm256_set1_ps((last && w->bias) ? w->bias[o] : 0.f);
+        __m256 r[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+        for (int j = 0; j < 8; j++) {
+            __m256 t = last ? _mm256_add_ps(r[j], bb) : r[j];
+            if (last && w->relu) t = _mm256_max_ps(t, _mm256_setzero_ps());
+            _mm256_storeu_ps(out + 8 * j, t);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ AVX-512F */
+
+SK_AVX512 static inline __m512i load_idx16(const csr_t *w, int64_t k) {
+    if (w->idx16)
+        return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w->idx + k)));
+    return _mm512_loadu_si512((const void *)((const int32_t *)w->idx + k));
+}
+
+SK_AVX512 static void rows_avx512(const csr_t *w, const float *x, float *y, int64_t B, int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; o++) {
+        const int64_t s = w->rowptr[o], e = w->rowptr[o + 1];
+        for (int64_t b = 0; b < B; b++) {
+            const float *xb = x + b * w->n_in;
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            int64_t k = s;
+            for (; k + 32 <= e; k += 32) {
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w->val + k),
+                                     _mm512_i32gather_ps(load_idx16(w, k), xb, 4), a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w->val + k + 16),
+                                     _mm512_i32gather_ps(load_idx16(w, k + 16), xb, 4), a1);
+            }
+            for (; k < e; k += 16) {
+                const int64_t r = e - k;
+                const __mmask16 m = r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << r) - 1u);
+                const __m512 v = _mm512_maskz_loadu_ps(m, w->val + k);
+                const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, load_idx16(w, k), xb, 4);
+                a0 = _mm512_fmadd_ps(v, g, a0);
+            }
+            y[b * w->n_out + o] = finish(_mm512_reduce_add_ps(_mm512_add_ps(a0, a1)), w, o);
+        }
+    }
+}
+
+SK_AVX512 static void panel_avx512(const csr_t *w, const float *xp, float *yp, int64_t o0, int64_t o1, int first, int last) {
+    for (int64_t o = o0; o < o1; o++) {
+        float *out = yp + o * PANEL;
+        if (!first && !last && w->rowptr[o] == w->rowptr[o + 1]) continue;
+        __m512 a0, a1, a2, a3, c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+        if (first) {
+            a0 = c0; a1 = c0; a2 = c0; a3 = c0;
+        } else {
+            a0 = _mm512_loadu_ps(out); a1 = _mm512_loadu_ps(out + 16);
+            a2 = _mm512_loadu_ps(out + 32); a3 = _mm512_loadu_ps(out + 48);
+        }
+        int64_t k = w->rowptr[o];
+        const int64_t e = w->rowptr[o + 1];
+        for (; k + 2 <= e; k += 2) {
+            const __m512 v = _mm512_set1_ps(w->val[k]);
+            const __m512 u = _mm512_set1_ps(w->val[k + 1]);
+            const float *p = xp + idx_at(w, k) * PANEL;
+            const float *q = xp + idx_at(w, k + 1) * PANEL;
+            a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p), a0);
+            a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 16), a1);
+            a2 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 32), a2);
+            a3 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 48), a3);
+            c0 = _mm512_fmadd_ps(u, _mm512_loadu_ps(q), c0);
+            c1 = _mm512_fmadd_ps(u, _mm512_loadu_ps(q + 16), c1);
+            c2 = _mm512_fmadd_ps(u, _mm512_loadu_ps(q + 32), c2);
+            c3 = _mm512_fmadd_ps(u, _mm512_loadu_ps(q + 48), c3);
+        }
+        if (k < e) {
+            const __m512 v = _mm512_set1_ps(w->val[k]);
+            const float *p = xp + idx_at(w, k) * PANEL;
+            a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p), a0);
+            a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 16), a1);
+            a2 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 32), a2);
+            a3 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 48), a3);
+        }
+        const __m512 bb = _mm512_set1_ps((last && w->bias) ? w->bias[o] : 0.f);
+        __m512 r0 = _mm512_add_ps(_mm512_add_ps(a0, c0), bb), r1 = _mm512_add_ps(_mm512_add_ps(a1, c1), bb);
+        __m512 r2 = _mm512_add_ps(_mm512_add_ps(a2, c2), bb), r3 = _mm512_add_ps(_mm512_add_ps(a3, c3), bb);
+        if (last && w->relu) {
+            const __m512 z = _mm512_setzero_ps();
+            r0 = _mm512_max_ps(r0, z); r1 = _mm512_max_ps(r1, z);
+            r2 = _mm512_max_ps(r2, z); r3 = _mm512_max_ps(r3, z);
+        }
+        _mm512_storeu_ps(out, r0);
+        _mm512_storeu_ps(out + 16, r1);
+        _mm512_storeu_ps(out + 32, r2);
+        _mm512_storeu_ps(out + 48, r3);
+    }
+}
+#endif /* SK_X86 */
+
+/* ------------------------------------------------------------------ dispatch */
+
+typedef void (*rows_fn)(const csr_t *, const float *, float *, int64_t, int64_t, int64_t);
+typedef void (*panel_fn)(const csr_t *, const float *, float *, int64_t, int64_t, int, int);
+
+static rows_fn pick_rows(void) {
+#if SK_X86
+    if (g_isa == ISA_AVX512) return rows_avx512;
+    if (g_isa == ISA_AVX2) return rows_avx2;
+#endif
+    return rows_generic;
+}
+
+static panel_fn pick_panel(void) {
+#if SK_X86
+    if (g_isa == ISA_AVX512) return panel_avx512;
+    if (g_isa == ISA_AVX2) return panel_avx2;
+#endif
+    return panel_generic;
+}
+
+/* Split [0, n) into `parts` contiguous ranges balanced by nonzeros (rows differ in length). */
+static void split_rows(const int64_t *rowptr, int64_t n, int part, int parts, int64_t *o0, int64_t *o1) {
+    if (parts <= 1) { *o0 = 0; *o1 = n; return; }
+    const int64_t nnz = rowptr[n];
+    /* weight each row by nnz + 8 so empty rows still cost something */
+    const int64_t total = nnz + 8 * n;
+    int64_t lo = 0, hi = n;
+    /* first row whose prefix cost >= total*part/parts, by binary search */
+    const int64_t t0 = total * part / parts, t1 = total * (part + 1) / parts;
+    int64_t a = 0, b = n;
+    while (a < b) { int64_t m = (a + b) / 2; if (rowptr[m] + 8 * m < t0) a = m + 1; else b = m; }
+    lo = a;
+    a = 0; b = n;
+    while (a < b) { int64_t m = (a + b) / 2; if (rowptr[m] + 8 * m < t1) a = m + 1; else b = m; }
+    hi = (part == parts - 1) ? n : a;
+    *o0 = lo; *o1 = hi;
+}
+
+static int clamp_threads(int t) {
+#ifdef _OPENMP
+    return t < 1 ? 1 : t;
+#else
+    (void)t;
+    return 1;
+#endif
+}
+
+/* ------------------------------------------------------------------ Python glue */
+
+static int check_len(const Py_buffer *b, int64_t need, const char *what) {
+    if ((int64_t)b->len < need) {
+        PyErr_Format(PyExc_ValueError, "%s buffer too small: %zd bytes, need %lld", what, b->len,
+                     (long long)need);
+        return -1;
+    }
+    return 0;
+}
+
+static int make_csr(csr_t *w, Py_buffer *val, Py_buffer *idx, Py_buffer *rowptr, PyObject *bias_obj,
+                    Py_buffer *bias, int idx_bytes, int64_t n_in, int64_t n_out, int relu) {
+    if (idx_bytes != 2 && idx_bytes != 4) { PyErr_SetString(PyExc_ValueError, "idx_bytes must be 2 or 4"); return -1; }
+    if (n_in < 0 || n_out < 0) { PyErr_SetString(PyExc_ValueError, "negative shape"); return -1; }
+    if (check_len(rowptr, (n_out + 1) * 8, "rowptr")) return -1;
+    const int64_t *rp = (const int64_t *)rowptr->buf;
+    const int64_t nnz = rp[n_out];
+    if (rp[0] != 0 || nnz < 0) { PyErr_SetString(PyExc_ValueError, "bad rowptr"); return -1; }
+    if (check_len(val, (nnz + PAD_SLACK) * 4, "values")) return -1;
+    if (check_len(idx, (nnz + PAD_SLACK) * idx_bytes, "indices")) return -1;
+    w->val = (const float *)val->buf;
+    w->idx = idx->buf;
+    w->idx16 = idx_bytes == 2;
+    w->rowptr = rp;
+    w->bias = NULL;
+    if (bias_obj != Py_None) {
+        if (check_len(bias, n_out * 4, "bias")) return -1;
+        w->bias = (const float *)bias->buf;
+    }
+    w->n_in = n_in;
+    w->n_out = n_out;
+    w->relu = relu != 0;
+    return 0;
+}
+
+static PyObject *py_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer val, idx, rowptr, x, y, bias = {0};
+    PyObject *bias_obj;
+    int idx_bytes, relu, threads;
+    long long n_in, n_out, B;
+    if (!PyArg_ParseTuple(args, "y*y*y*Oy*w*iLLLii", &val, &idx, &rowptr, &bias_obj, &x, &y, &idx_bytes,
+                          &n_in, &n_out, &B, &relu, &threads))
+        return NULL;
+    int have_bias = 0;
+    PyObject *ret = NULL;
+    csr_t w;
+    if (bias_obj != Py_None) {
+        if (PyObject_GetBuffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS) < 0) goto done;
+        have_bias = 1;
+    }
+    if (make_csr(&w, &val, &idx, &rowptr, bias_obj, &bias, idx_bytes, n_in, n_out, relu)) goto done;
+    if (B < 0 || check_len(&x, B * n_in * 4, "x") || check_len(&y, B * n_out * 4, "y")) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "negative batch");
+        goto done;
+    }
+    {
+        const rows_fn fn = pick_rows();
+        const float *xp = (const float *)x.buf;
+        float *yp = (float *)y.buf;
+        const int nt = clamp_threads(threads);
+        Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1)
+#endif
+        {
+            int part = 0, parts = 1;
+#ifdef _OPENMP
+            part = omp_get_thread_num();
+            parts = omp_get_num_threads();
+#endif
+            int64_t o0, o1;
+            split_rows(w.rowptr, w.n_out, part, parts, &o0, &o1);
+            if (o1 > o0) fn(&w, xp, yp, B, o0, o1);
+        }
+        Py_END_ALLOW_THREADS
+        (void)nt;
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    if (have_bias) PyBuffer_Release(&bias);
+    PyBuffer_Release(&val); PyBuffer_Release(&idx); PyBuffer_Release(&rowptr);
+    PyBuffer_Release(&x); PyBuffer_Release(&y);
+    return ret;
+}
+
+static PyObject *py_panel(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer val, idx, bptr, x, y, bias = {0};
+    PyObject *bias_obj;
+    int idx_bytes, relu, threads;
+    long long n_in, n_out, P, nb;
+    if (!PyArg_ParseTuple(args, "y*y*y*Oy*w*iLLLLii", &val, &idx, &bptr, &bias_obj, &x, &y, &idx_bytes,
+                          &n_in, &n_out, &P, &nb, &relu, &threads))
+        return NULL;
+    int have_bias = 0;
+    PyObject *ret = NULL;
+    csr_t w;
+    if (bias_obj != Py_None) {
+        if (PyObject_GetBuffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS) < 0) goto done;
+        have_bias = 1;
+    }
+    if (nb < 1 || n_out < 0 || P < 0) { PyErr_SetString(PyExc_ValueError, "bad block/panel count"); goto done; }
+    if (check_len(&bptr, (nb * n_out + 1) * 8, "block pointers")) goto done;
+    {
+        /* validate the total through make_csr on a view that treats all blocks as one long CSR */
+        const int64_t *bp = (const int64_t *)bptr.buf;
+        if (make_csr(&w, &val, &idx, &bptr, Py_None, &bias, idx_bytes, n_in, nb * n_out, relu)) goto done;
+        w.n_out = n_out;
+        if (have_bias) {
+            if (check_len(&bias, n_out * 4, "bias")) goto done;
+            w.bias = (const float *)bias.buf;
+        }
+        (void)bp;
+    }
+    if (check_len(&x, P * n_in * PANEL * 4, "x") || check_len(&y, P * n_out * PANEL * 4, "y")) goto done;
+    {
+        const panel_fn fn = pick_panel();
+        const float *xp = (const float *)x.buf;
+        float *yp = (float *)y.buf;
+        const int64_t *bp = w.rowptr;
+        const int nt = clamp_threads(threads);
+        Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1)
+#endif
+        {
+            int part = 0, parts = 1;
+#ifdef _OPENMP
+            part = omp_get_thread_num();
+            parts = omp_get_num_threads();
+#endif
+            int64_t o0, o1;
+            if (nb == 1) split_rows(bp, w.n_out, part, parts, &o0, &o1);
+            else { o0 = w.n_out * part / parts; o1 = w.n_out * (part + 1) / parts; }
+            if (o1 > o0) {
+                csr_t wc = w;
+                for (int64_t p = 0; p < P; p++)
+                    for (int64_t c = 0; c < nb; c++) {
+                        wc.rowptr = bp + c * w.n_out;
+                        fn(&wc, xp + p * w.n_in * PANEL, yp + p * w.n_out * PANEL, o0, o1, c == 0, c == nb - 1);
+                    }
+            }
+        }
+        Py_END_ALLOW_THREADS
+        (void)nt;
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    if (have_bias) PyBuffer_Release(&bias);
+    PyBuffer_Release(&val); PyBuffer_Release(&idx); PyBuffer_Release(&bptr);
+    PyBuffer_Release(&x); PyBuffer_Release(&y);
+    return ret;
+}
+
+/* x (B, n) row-major -> panels (P, n, PANEL), samples beyond B zero. Blocked by 16 features. */
+static void to_panels_range(const float *x, float *xp, int64_t B, int64_t n, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p++) {
+        float *dst = xp + p * n * PANEL;
+        const int64_t b0 = p * PANEL;
+        const int64_t tb = (B - b0) < PANEL ? (B - b0) : PANEL;
+        for (int64_t i0 = 0; i0 < n; i0 += 16) {
+            const int64_t i1 = i0 + 16 < n ? i0 + 16 : n;
+            for (int64_t t = 0; t < tb; t++) {
+                const float *src = x + (b0 + t) * n;
+                for (int64_t i = i0; i < i1; i++) dst[i * PANEL + t] = src[i];
+            }
+            for (int64_t t = tb; t < PANEL; t++)
+                for (int64_t i = i0; i < i1; i++) dst[i * PANEL + t] = 0.f;
+        }
+    }
+}
+
+static void from_panels_range(const float *yp, float *y, int64_t B, int64_t n, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p++) {
+        const float *src = yp + p * n * PANEL;
+        const int64_t b0 = p * PANEL;
+        const int64_t tb = (B - b0) < PANEL ? (B - b0) : PANEL;
+        for (int64_t i0 = 0; i0 < n; i0 += 16) {
+            const int64_t i1 = i0 + 16 < n ? i0 + 16 : n;
+            for (int64_t t = 0; t < tb; t++) {
+                float *dst = y + (b0 + t) * n;
+                for (int64_t i = i0; i < i1; i++) dst[i] = src[i * PANEL + t];
+            }
+        }
+    }
+}
+
+static PyObject *py_transpose(PyObject *args, int to) {
+    Py_buffer a, b;
+    long long B, n;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*w*LLi", &a, &b, &B, &n, &threads)) return NULL;
+    PyObject *ret = NULL;
+    const int64_t P = (B + PANEL - 1) / PANEL;
+    if (B < 0 || n < 0) { PyErr_SetString(PyExc_ValueError, "negative shape"); goto done; }
+    if (to ? (check_len(&a, B * n * 4, "x") || check_len(&b, P * n * PANEL * 4, "panels"))
+           : (check_len(&a, P * n * PANEL * 4, "panels") || check_len(&b, B * n * 4, "y")))
+        goto done;
+    {
+        const float *src = (const float *)a.buf;
+        float *dst = (float *)b.buf;
+        const int nt = clamp_threads(threads) > P ? (int)(P > 0 ? P : 1) : clamp_threads(threads);
+        Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1)
+#endif
+        {
+            int part = 0, parts = 1;
+#ifdef _OPENMP
+            part = omp_get_thread_num();
+            parts = omp_get_num_threads();
+#endif
+            const int64_t p0 = P * part / parts, p1 = P * (part + 1) / parts;
+            if (to) to_panels_range(src, dst, B, n, p0, p1);
+            else from_panels_range(src, dst, B, n, p0, p1);
+        }
+        Py_END_ALLOW_THREADS
+        (void)nt;
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    return ret;
+}
+
+static PyObject *py_to_panels(PyObject *self, PyObject *args) { (void)self; return py_transpose(args, 1); }
+static PyObject *py_from_panels(PyObject *self, PyObject *args) { (void)self; return py_transpose(args, 0); }
+
+static const char *isa_name(int isa) {
+    return isa == ISA_AVX512 ? "avx512" : isa == ISA_AVX2 ? "avx2" : "generic";
+}
+
+static PyObject *py_isa(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+    return PyUnicode_FromString(isa_name(g_isa));
+}
+
+static PyObject *py_available_isas(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+    PyObject *l = PyList_New(0);
+    if (!l) return NULL;
+    for (int i = ISA_GENERIC; i <= g_isa_max; i++) {
+        PyObject *s = PyUnicode_FromString(isa_name(i));
+        if (!s || PyList_Append(l, s) < 0) { Py_XDECREF(s); Py_DECREF(l); return NULL; }
+        Py_DECREF(s);
+    }
+    return l;
+}
+
+static PyObject *py_set_isa(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    int want = !strcmp(name, "avx512") ? ISA_AVX512 : !strcmp(name, "avx2") ? ISA_AVX2
+             : !strcmp(name, "generic") ? ISA_GENERIC : !strcmp(name, "best") ? g_isa_max : -1;
+    if (want < 0) { PyErr_Format(PyExc_ValueError, "unknown isa %s", name); return NULL; }
+    if (want > g_isa_max) {
+        PyErr_Format(PyExc_ValueError, "this CPU does not support %s (best: %s)", name, isa_name(g_isa_max));
+        return NULL;
+    }
+    g_isa = want;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_max_threads(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+#ifdef _OPENMP
+    return PyLong_FromLong(omp_get_num_procs());
+#else
+    return PyLong_FromLong(1);
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"rows", py_rows, METH_VARARGS,
+     "rows(values, indices, rowptr, bias|None, x, y, idx_bytes, n_in, n_out, batch, relu, threads)"},
+    {"panel", py_panel, METH_VARARGS,
+     "panel(values, indices, blockptr, bias|None, xp, yp, idx_bytes, n_in, n_out, npanels, nblocks, relu, threads)"},
+    {"to_panels", py_to_panels, METH_VARARGS, "to_panels(x, xp, batch, n, threads)"},
+    {"from_panels", py_from_panels, METH_VARARGS, "from_panels(yp, y, batch, n, threads)"},
+    {"isa", py_isa, METH_NOARGS, "active code path: avx512, avx2 or generic"},
+    {"available_isas", py_available_isas, METH_NOARGS, "code paths this CPU can run"},
+    {"set_isa", py_set_isa, METH_VARARGS, "set_isa(name): force a code path (tests); 'best' restores"},
+    {"max_threads", py_max_threads, METH_NOARGS, "processors OpenMP sees (1 without OpenMP)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "sparsekit sparse kernels", -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__kernels(void) {
+#if SK_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) g_isa_max = ISA_AVX2;
+    if (g_isa_max == ISA_AVX2 && __builtin_cpu_supports("avx512f")) g_isa_max = ISA_AVX512;
+#endif
+    g_isa = g_isa_max;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    PyModule_AddIntConstant(m, "PANEL", PANEL);
+    PyModule_AddIntConstant(m, "PAD_SLACK", PAD_SLACK);
+#ifdef _OPENMP
+    PyModule_AddIntConstant(m, "OPENMP", 1);
+#else
+    PyModule_AddIntConstant(m, "OPENMP", 0);
+#endif
+    return m;
+}

@@ -1,0 +1,144 @@
+"""The ``fast`` export format: a sparse MLP chain packed for sparsekit's own CPU kernels.
+
+``write_fast`` reads the dense reference ONNX model (an MLP chain), removes dead hidden units exactly,
+packs every layer as CSR into ``com.sparsekit::SparseLinear`` nodes (see
+``sparsekit.runtime.artifact``), optionally measures the kernels per layer on this machine
+(``tune=True``), checks the result against the dense model under ONNX Runtime and writes the file
+atomically. Load it with ``sparsekit.runtime.load`` or run it with ``sparsekit run``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from sparsekit.errors import InputError, ValidationError
+from sparsekit.exporters.registry import register_format
+
+DESCRIPTION = "sparse MLP for sparsekit's CPU kernels (ONNX with com.sparsekit nodes; sparsekit run)"
+SUFFIX = ".fast.onnx"
+TOLERANCE = 1e-5
+VALIDATION_BATCHES = (1, 3, 64)
+
+
+def _dense_reference(proto: onnx.ModelProto, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def validate_against_dense(model, dense: onnx.ModelProto, *, batches=VALIDATION_BATCHES, seed: int = 0,
+                           inputs: np.ndarray | None = None) -> dict[str, float]:
+    """max |fast - dense ORT| and the allowed bound ``1e-5 * max(1, max |dense|)`` over random inputs."""
+    sess = _dense_reference(dense, 1)
+    name = sess.get_inputs()[0].name
+    rng = np.random.default_rng(seed)
+    worst, bound = 0.0, 0.0
+    samples = [inputs] if inputs is not None else [
+        rng.standard_normal((b, *model.input_shape)).astype(np.float32) for b in batches]
+    for x in samples:
+        ref = sess.run(None, {name: np.asarray(x, np.float32)})[0]
+        got = model.run(x)
+        worst = max(worst, float(np.max(np.abs(got - ref))) if ref.size else 0.0)
+        bound = max(bound, TOLERANCE * max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0))
+    return {"max_abs_diff": worst, "bound": bound}
+
+
+def build_fast_model(dense: onnx.ModelProto, *, compact: bool = True, threads: int = 1):
+    """Parse the dense chain, compact it, and return ``(FastModel, compaction stats)`` (no plan)."""
+    from sparsekit import __version__
+    from sparsekit.exporters.graph import parse_mlp_chain
+    from sparsekit.runtime.compact import ChainLayer, compact_chain
+    from sparsekit.runtime.layers import SparseLayer
+    from sparsekit.runtime.model import FastModel
+
+    shape, dense_layers = parse_mlp_chain(dense)
+    chain = [ChainLayer(dl.weight, dl.bias, dl.activation == "relu", dl.weight_name) for dl in dense_layers]
+    for dl in dense_layers:
+        if dl.activation not in (None, "relu"):
+            raise InputError(f"activation {dl.activation!r} is not supported by the fast format",
+                             where=dl.weight_name, fix="use ReLU or no activation")
+    stats = {"units_removed": 0, "units_folded": 0}
+    if compact and len(chain) > 1:
+        chain, stats = compact_chain(chain)
+    layers = [SparseLayer.from_dense(c.weight, c.bias, c.relu, name=c.name or f"layer{i}")
+              for i, c in enumerate(chain)]
+    src_meta = {p.key: p.value for p in dense.metadata_props}
+    meta = {f"source.{k}": v for k, v in src_meta.items()}
+    meta.update({
+        "sparsekit_version": __version__,
+        "exporter": "sparsekit.exporters.fast",
+        "opset": "18",
+        "sparsity_per_layer": json.dumps({l.name: round(1 - l.density, 6) for l in layers}),
+        "compaction": json.dumps(stats),
+    })
+    inputs = [i for i in dense.graph.input if i.name not in {t.name for t in dense.graph.initializer}]
+    model = FastModel(layers, shape, threads=threads, input_name=inputs[0].name,
+                      output_name=dense.graph.output[0].name, metadata=meta)
+    return model, stats
+
+
+@register_format("fast", DESCRIPTION, SUFFIX)
+def write_fast(dense_onnx_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *,
+               tune: bool = False, batch_size: int = 1, threads: int = 1, compact: bool = True,
+               tune_budget_s: float = 0.3, **_: Any) -> dict[str, Any]:
+    """Write the ``fast`` artifact of the dense MLP at ``dense_onnx_path`` to ``out_path``.
+
+    ``tune`` measures every layer's kernels at batch sizes 1, 8, 64, 256 and ``batch_size`` with
+    ``threads`` threads and stores the fastest per batch size (dense GEMM included, so a tuned layer
+    is never slower than dense there); otherwise a density/batch heuristic decides at run time.
+    Raises ``ValidationError`` when the outputs differ from the dense model by more than
+    ``1e-5 * max(1, max |dense|)``.
+    """
+    from sparsekit.runtime.artifact import save, to_onnx
+    from sparsekit.runtime.layers import kernel_isa
+    from sparsekit.runtime.tune import DEFAULT_BATCHES, tune_layers
+
+    src = Path(dense_onnx_path)
+    if not src.is_file():
+        raise InputError(f"dense model {src} not found", where=str(src),
+                         fix="export the dense ONNX model first (format onnx)")
+    if int(batch_size) < 1 or int(threads) < 1:
+        raise InputError("batch_size and threads must be positive", where="--batch-size/--threads")
+    try:
+        dense = onnx.load(str(src))
+    except Exception as exc:
+        raise InputError(f"cannot read {src} as ONNX: {type(exc).__name__}", where=str(src)) from exc
+    model, stats = build_fast_model(dense, compact=compact, threads=threads)
+    timings = None
+    if tune:
+        batches = sorted({*DEFAULT_BATCHES, int(batch_size)})
+        timings = tune_layers(model.layers, batches=batches, threads=threads, budget_s=tune_budget_s)
+    model.metadata.update({"tuned": str(bool(tune)).lower(), "tune_threads": str(threads),
+                           "tune_batch_size": str(batch_size), "tuned_isa": kernel_isa() if tune else ""})
+    check = validate_against_dense(model, dense)
+    if not check["max_abs_diff"] <= check["bound"]:
+        raise ValidationError(f"fast model differs from the dense model by {check['max_abs_diff']:.3g} "
+                              f"(allowed {check['bound']:.3g})", where=str(out_path),
+                              fix="please report this with the model attached")
+    model.metadata["validation_max_abs_diff"] = f"{check['max_abs_diff']:.3g}"
+    onnx.checker.check_model(to_onnx(model), full_check=True)
+    save(model, out_path)
+    dense_bytes = sum(l.n_in * l.n_out * 4 for l in model.layers)
+    return {
+        "format": "fast",
+        "path": str(out_path),
+        "bytes": Path(out_path).stat().st_size,
+        "dense_weight_bytes": dense_bytes,
+        "layers": model.info()["layers"],
+        "compaction": stats,
+        "tuned": bool(tune),
+        "tune_timings_s": timings,
+        "validation": check,
+        "isa": kernel_isa(),
+        "kernels_batch1": model.kernels_for(1),
+        f"kernels_batch{int(batch_size)}": model.kernels_for(int(batch_size)),
+    }

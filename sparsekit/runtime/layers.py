@@ -1,0 +1,237 @@
+"""Sparse layers and their kernels: CSR packing, the C kernels' calling convention, dense fallback.
+
+A ``SparseLayer`` holds ``y = act(W x + b)`` with ``W`` in CSR (float32 values, uint16/int32 column
+indices, int64 row pointers). Kernels (see ``csrc/sparsekit_kernels.c``):
+
+- ``rows``: row-major activations, gathered dot product per output row (batch 1 and small batches);
+- ``panel`` (optionally ``panel:<block>``): batch-minor "panel" activations, register-blocked
+  broadcast-FMA over 64 samples; with a block width the weight is split into column blocks so the
+  input rows a block touches stay in cache;
+- ``dense``: the layer densified and run by ONNX Runtime's GEMM (never slower than dense when a
+  layer is not sparse enough to win).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sparsekit.errors import InputError
+
+try:  # the compiled kernels; a pure-numpy path keeps the package usable (slowly) without them
+    from sparsekit.runtime import _kernels as _K
+except ImportError:  # pragma: no cover - exercised only on broken installs
+    _K = None
+
+PANEL = int(_K.PANEL) if _K is not None else 64
+PAD_SLACK = int(_K.PAD_SLACK) if _K is not None else 32
+KERNELS = ("rows", "panel", "dense")
+
+
+def have_kernels() -> bool:
+    return _K is not None
+
+
+def kernel_isa() -> str:
+    return _K.isa() if _K is not None else "numpy"
+
+
+def aligned_empty(n: int, align: int = 64) -> np.ndarray:
+    """A 1-D float32 array of ``n`` elements whose data starts on an ``align``-byte boundary.
+
+    The panel kernel loads 64-float rows; a row split across cache lines costs about 2x.
+    """
+    buf = np.empty(n + align // 4, dtype=np.float32)
+    off = (-buf.ctypes.data % align) // 4
+    return buf[off:off + n]
+
+
+def parse_kernel(spec: str) -> tuple[str, int]:
+    """``"panel:256"`` -> ``("panel", 256)``; ``"rows"`` -> ``("rows", 0)``."""
+    name, _, arg = spec.partition(":")
+    if name not in KERNELS:
+        raise InputError(f"unknown kernel {spec!r}", where="plan", fix=f"use one of {', '.join(KERNELS)}")
+    try:
+        block = int(arg) if arg else 0
+    except ValueError as exc:
+        raise InputError(f"bad kernel block width in {spec!r}", where="plan") from exc
+    if block < 0 or (block and name != "panel"):
+        raise InputError(f"bad kernel spec {spec!r}", where="plan", fix="only panel takes a block width")
+    return name, block
+
+
+@dataclass
+class SparseLayer:
+    """One layer in CSR. Arrays are validated and padded with ``PAD_SLACK`` spare elements."""
+
+    n_in: int
+    n_out: int
+    values: np.ndarray        # float32 (nnz + slack,)
+    indices: np.ndarray       # uint16 or int32 (nnz + slack,)
+    rowptr: np.ndarray        # int64 (n_out + 1,)
+    bias: np.ndarray | None   # float32 (n_out,)
+    relu: bool
+    plan: dict[int, str] = field(default_factory=dict)   # batch size -> kernel spec
+    name: str = ""
+    _blocked: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = field(default_factory=dict,
+                                                                                repr=False)
+    _dense: np.ndarray | None = field(default=None, repr=False)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_dense(cls, weight: np.ndarray, bias: np.ndarray | None, relu: bool, *, name: str = "",
+                   plan: dict[int, str] | None = None) -> SparseLayer:
+        w = np.asarray(weight, dtype=np.float32)
+        if w.ndim != 2:
+            raise InputError(f"layer weight has rank {w.ndim}, expected 2", where=name or "layer")
+        n_out, n_in = w.shape
+        mask = w != 0
+        rowptr = np.zeros(n_out + 1, dtype=np.int64)
+        np.cumsum(mask.sum(axis=1), out=rowptr[1:])
+        rows, cols = np.nonzero(mask)  # row-major order: rows ascending, columns ascending within
+        return cls.from_csr(n_in, n_out, w[rows, cols], cols, rowptr, bias, relu, name=name, plan=plan)
+
+    @classmethod
+    def from_csr(cls, n_in: int, n_out: int, values: np.ndarray, indices: np.ndarray, rowptr: np.ndarray,
+                 bias: np.ndarray | None, relu: bool, *, name: str = "",
+                 plan: dict[int, str] | None = None) -> SparseLayer:
+        where = name or "layer"
+        n_in, n_out = int(n_in), int(n_out)
+        if n_in < 0 or n_out < 0:
+            raise InputError(f"negative layer shape {n_out}x{n_in}", where=where)
+        rowptr = np.ascontiguousarray(rowptr, dtype=np.int64).reshape(-1)
+        if rowptr.shape != (n_out + 1,) or rowptr[0] != 0 or np.any(np.diff(rowptr) < 0):
+            raise InputError("malformed row pointers (need n_out+1 non-decreasing values from 0)", where=where)
+        nnz = int(rowptr[-1])
+        values = np.asarray(values, dtype=np.float32).reshape(-1)
+        indices = np.asarray(indices).reshape(-1)
+        if values.size < nnz or indices.size < nnz:
+            raise InputError(f"CSR arrays hold {min(values.size, indices.size)} entries, rowptr says {nnz}",
+                             where=where)
+        values, indices = values[:nnz], indices[:nnz].astype(np.int64)
+        if nnz and (indices.min() < 0 or indices.max() >= n_in):
+            raise InputError(f"column index out of range [0, {n_in})", where=where)
+        if not np.all(np.isfinite(values)):
+            raise InputError("non-finite weight values", where=where)
+        idx_dtype = np.uint16 if n_in <= 65536 else np.int32
+        pad_v = np.zeros(nnz + PAD_SLACK, dtype=np.float32)
+        pad_v[:nnz] = values
+        pad_i = np.zeros(nnz + PAD_SLACK, dtype=idx_dtype)
+        pad_i[:nnz] = indices
+        if bias is not None:
+            bias = np.ascontiguousarray(np.asarray(bias, dtype=np.float32).reshape(-1))
+            if bias.shape != (n_out,):
+                raise InputError(f"bias has {bias.size} values, expected {n_out}", where=where)
+        return cls(n_in, n_out, pad_v, pad_i, rowptr, bias, bool(relu), dict(plan or {}), name)
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def nnz(self) -> int:
+        return int(self.rowptr[-1])
+
+    @property
+    def density(self) -> float:
+        size = self.n_in * self.n_out
+        return self.nnz / size if size else 0.0
+
+    @property
+    def idx_bytes(self) -> int:
+        return int(self.indices.dtype.itemsize)
+
+    def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Unpadded (values, indices, rowptr)."""
+        n = self.nnz
+        return self.values[:n], self.indices[:n], self.rowptr
+
+    def dense_weight(self) -> np.ndarray:
+        if self._dense is None:
+            w = np.zeros((self.n_out, self.n_in), dtype=np.float32)
+            rows = np.repeat(np.arange(self.n_out), np.diff(self.rowptr))
+            v, i, _ = self.csr()
+            w[rows, i.astype(np.int64)] = v
+            self._dense = w
+        return self._dense
+
+    def blocked(self, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """(values, indices, block pointers, number of blocks) for column blocks of width ``block``.
+
+        Nonzeros are ordered by (column block, row); block pointer ``c*n_out + o`` starts the segment
+        of row ``o`` in block ``c``.
+        """
+        if block <= 0 or block >= self.n_in:
+            return self.values, self.indices, self.rowptr, 1
+        if block not in self._blocked:
+            v, i, rp = self.csr()
+            nb = -(-self.n_in // block)
+            rows = np.repeat(np.arange(self.n_out, dtype=np.int64), np.diff(rp))
+            key = (i.astype(np.int64) // block) * self.n_out + rows
+            order = np.argsort(key, kind="stable")
+            bptr = np.zeros(nb * self.n_out + 1, dtype=np.int64)
+            np.cumsum(np.bincount(key, minlength=nb * self.n_out), out=bptr[1:])
+            bv = np.zeros_like(self.values)
+            bv[: self.nnz] = v[order]
+            bi = np.zeros_like(self.indices)
+            bi[: self.nnz] = i[order]
+            self._blocked[block] = (bv, bi, bptr, nb)
+        return self._blocked[block]
+
+    # ---------------------------------------------------------------- kernels
+    def run_rows(self, x: np.ndarray, y: np.ndarray, threads: int) -> None:
+        """x (B, n_in) C-contiguous float32 -> y (B, n_out)."""
+        batch = x.shape[0]
+        if _K is None:
+            y[...] = self._numpy(x)
+            return
+        _K.rows(self.values, self.indices, self.rowptr, self.bias, x, y, self.idx_bytes, self.n_in,
+                self.n_out, batch, int(self.relu), int(threads))
+
+    def run_panel(self, xp: np.ndarray, yp: np.ndarray, npanels: int, block: int, threads: int) -> None:
+        """Panels (P, n_in, PANEL) -> (P, n_out, PANEL)."""
+        if _K is None:
+            x = xp.reshape(npanels, self.n_in, PANEL).transpose(0, 2, 1).reshape(-1, self.n_in)
+            y = self._numpy(x)
+            yp.reshape(npanels, self.n_out, PANEL)[...] = y.reshape(npanels, PANEL, self.n_out).transpose(0, 2, 1)
+            return
+        v, i, bptr, nb = self.blocked(block)
+        _K.panel(v, i, bptr, self.bias, xp, yp, self.idx_bytes, self.n_in, self.n_out, npanels, nb,
+                 int(self.relu), int(threads))
+
+    def _numpy(self, x: np.ndarray) -> np.ndarray:
+        y = x @ self.dense_weight().T
+        if self.bias is not None:
+            y += self.bias
+        if self.relu:
+            np.maximum(y, 0, out=y)
+        return y.astype(np.float32, copy=False)
+
+    def reference(self, x: np.ndarray) -> np.ndarray:
+        """Dense float64 reference output (tests)."""
+        y = np.asarray(x, dtype=np.float64) @ self.dense_weight().astype(np.float64).T
+        if self.bias is not None:
+            y += self.bias
+        return np.maximum(y, 0) if self.relu else y
+
+
+def to_panels(x: np.ndarray, n: int, threads: int = 1) -> tuple[np.ndarray, int]:
+    """(B, n) row-major -> (aligned flat panels, number of panels); padding samples are zero."""
+    batch = x.shape[0]
+    npanels = -(-batch // PANEL)
+    xp = aligned_empty(npanels * n * PANEL)
+    if _K is None:
+        tmp = np.zeros((npanels * PANEL, n), dtype=np.float32)
+        tmp[:batch] = x
+        xp[...] = tmp.reshape(npanels, PANEL, n).transpose(0, 2, 1).reshape(-1)
+    else:
+        _K.to_panels(x, xp, batch, n, int(threads))
+    return xp, npanels
+
+
+def from_panels(yp: np.ndarray, batch: int, n: int, threads: int = 1) -> np.ndarray:
+    y = np.empty((batch, n), dtype=np.float32)
+    if _K is None:
+        npanels = -(-batch // PANEL)
+        y[...] = yp.reshape(npanels, n, PANEL).transpose(0, 2, 1).reshape(-1, n)[:batch]
+    else:
+        _K.from_panels(yp, y, batch, n, int(threads))
+    return y

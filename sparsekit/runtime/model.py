@@ -1,0 +1,225 @@
+"""``FastModel``: an MLP chain of sparse layers run by sparsekit's kernels, layer by layer.
+
+Each layer carries a *plan*: for a few batch sizes, the kernel measured (``--tune``) or guessed
+(``default_kernel``) to be fastest there. ``run`` picks, per layer, the plan entry nearest to the
+actual batch size (log scale), keeps activations in the layout the next kernel wants (row-major or
+64-sample panels) and runs runs of consecutive ``dense`` layers as one ONNX Runtime session.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sparsekit.errors import InputError
+from sparsekit.runtime.layers import (
+    PANEL,
+    SparseLayer,
+    aligned_empty,
+    from_panels,
+    kernel_isa,
+    parse_kernel,
+    to_panels,
+)
+
+# batch size below which the gathered-row kernel is the default; above it the panel kernel
+ROWS_MAX_BATCH = 8
+# densities above which the dense GEMM is the default (no tuning): measured break-even points
+ROWS_MAX_DENSITY = 0.4
+PANEL_MAX_DENSITY = 0.3
+
+
+def default_kernel(layer: SparseLayer, batch: int) -> str:
+    """The untuned choice: sparse kernels where they clearly win, dense GEMM otherwise."""
+    if layer.n_in == 0 or layer.n_out == 0:
+        return "rows"
+    d = layer.density
+    if batch < ROWS_MAX_BATCH:
+        return "rows" if d <= ROWS_MAX_DENSITY else "dense"
+    if d > PANEL_MAX_DENSITY:
+        return "dense"
+    return "panel:256" if layer.n_in > 512 and d >= 0.05 else "panel"
+
+
+def pick_kernel(layer: SparseLayer, batch: int) -> str:
+    """The layer's plan entry nearest to ``batch`` (log scale), else ``default_kernel``."""
+    if not layer.plan:
+        return default_kernel(layer, batch)
+    lb = math.log2(max(batch, 1))
+    best = min(layer.plan, key=lambda b: (abs(math.log2(max(b, 1)) - lb), b))
+    spec = layer.plan[best]
+    if spec == "dense" and (layer.n_in == 0 or layer.n_out == 0):
+        return "rows"
+    return spec
+
+
+def _dense_session(layers: Sequence[SparseLayer], threads: int):
+    """An ONNX Runtime session computing ``layers`` densely (Gemm transB=1 + Relu)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], []
+    cur = "x"
+    for i, layer in enumerate(layers):
+        ins = [cur, f"w{i}"]
+        inits.append(numpy_helper.from_array(layer.dense_weight(), f"w{i}"))
+        if layer.bias is not None:
+            inits.append(numpy_helper.from_array(layer.bias, f"b{i}"))
+            ins.append(f"b{i}")
+        nodes.append(helper.make_node("Gemm", ins, [f"g{i}"], transB=1))
+        cur = f"g{i}"
+        if layer.relu:
+            nodes.append(helper.make_node("Relu", [cur], [f"r{i}"]))
+            cur = f"r{i}"
+    nodes.append(helper.make_node("Identity", [cur], ["y"]))
+    graph = helper.make_graph(
+        nodes, "sparsekit_dense_segment",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", layers[0].n_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", layers[-1].n_out])],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+class FastModel:
+    """A loaded ``fast`` artifact. ``run(x)`` is safe to call from several Python threads (serialised)."""
+
+    def __init__(self, layers: list[SparseLayer], input_shape: tuple[int, ...], *, threads: int = 1,
+                 input_name: str = "input", output_name: str = "output",
+                 metadata: dict[str, str] | None = None) -> None:
+        if not layers:
+            raise InputError("a fast model needs at least one layer", where="model")
+        prev = int(np.prod(input_shape)) if input_shape else 1
+        for layer in layers:
+            if layer.n_in != prev:
+                raise InputError(f"layer {layer.name!r} takes {layer.n_in} inputs, gets {prev}",
+                                 where=layer.name or "model")
+            prev = layer.n_out
+        self.layers = layers
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.input_name = input_name
+        self.output_name = output_name
+        self.metadata = dict(metadata or {})
+        self.threads = self._check_threads(threads)
+        self._sessions: dict[tuple[int, int, int], Any] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _check_threads(threads: int) -> int:
+        if not isinstance(threads, (int, np.integer)) or threads < 1:
+            raise InputError(f"threads must be a positive integer, got {threads!r}", where="threads")
+        return int(threads)
+
+    @property
+    def n_features(self) -> int:
+        return self.layers[0].n_in
+
+    @property
+    def n_outputs(self) -> int:
+        return self.layers[-1].n_out
+
+    def kernels_for(self, batch: int) -> list[str]:
+        return [pick_kernel(layer, batch) for layer in self.layers]
+
+    def _prepare_input(self, x: Any) -> np.ndarray:
+        try:
+            arr = np.asarray(x)
+        except Exception as exc:  # pragma: no cover - odd objects
+            raise InputError(f"input is not an array: {exc}", where="input") from exc
+        if arr.dtype.kind not in "fiub":
+            raise InputError(f"input dtype {arr.dtype} is not numeric", where="input",
+                             fix="pass a float32 array")
+        shape = self.input_shape
+        if arr.ndim == len(shape) + 1 and tuple(arr.shape[1:]) == shape:
+            pass
+        elif arr.ndim == 2 and arr.shape[1] == self.n_features:
+            pass
+        else:
+            want = ", ".join(str(d) for d in shape)
+            raise InputError(f"input has shape {tuple(arr.shape)}, expected (batch, {want})", where="input",
+                             fix=f"reshape the input to (batch, {want})")
+        return np.ascontiguousarray(arr.reshape(arr.shape[0], -1), dtype=np.float32)
+
+    def run(self, x: Any, *, threads: int | None = None, kernels: Sequence[str] | None = None) -> np.ndarray:
+        """Outputs ``(batch, n_outputs)`` float32 for inputs ``(batch, *input_shape)``.
+
+        ``kernels`` forces one kernel spec per layer (benchmarks, tests); by default the plan decides.
+        """
+        nt = self.threads if threads is None else self._check_threads(threads)
+        xf = self._prepare_input(x)
+        batch = xf.shape[0]
+        specs = list(kernels) if kernels is not None else self.kernels_for(batch)
+        if len(specs) != len(self.layers):
+            raise InputError(f"{len(specs)} kernel specs for {len(self.layers)} layers", where="kernels")
+        parsed = [parse_kernel(s) for s in specs]
+        if batch == 0:
+            return np.zeros((0, self.n_outputs), dtype=np.float32)
+        with self._lock:
+            return self._run(xf, parsed, nt)
+
+    def _run(self, x: np.ndarray, parsed: list[tuple[str, int]], nt: int) -> np.ndarray:
+        batch = x.shape[0]
+        cur: np.ndarray = x
+        panels = 0  # > 0 while ``cur`` holds that many panels
+        i = 0
+        n = len(self.layers)
+        while i < n:
+            name, block = parsed[i]
+            layer = self.layers[i]
+            if name == "dense":
+                j = i
+                while j < n and parsed[j][0] == "dense":
+                    j += 1
+                if panels:
+                    cur, panels = from_panels(cur, batch, layer.n_in, nt), 0
+                sess = self._session(i, j, nt)
+                cur = sess.run(None, {"x": cur})[0]
+                i = j
+                continue
+            if name == "rows":
+                if panels:
+                    cur, panels = from_panels(cur, batch, layer.n_in, nt), 0
+                y = np.empty((batch, layer.n_out), dtype=np.float32)
+                layer.run_rows(cur, y, nt)
+                cur = y
+            else:  # panel
+                if not panels:
+                    cur, panels = to_panels(cur, layer.n_in, nt)
+                yp = aligned_empty(panels * layer.n_out * PANEL)
+                layer.run_panel(cur, yp, panels, block, nt)
+                cur = yp
+            i += 1
+        if panels:
+            cur = from_panels(cur, batch, self.n_outputs, nt)
+        return cur
+
+    def _session(self, start: int, end: int, threads: int):
+        key = (start, end, threads)
+        if key not in self._sessions:
+            self._sessions[key] = _dense_session(self.layers[start:end], threads)
+        return self._sessions[key]
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-able summary: layers, sparsity, plans, code path."""
+        return {
+            "input_shape": list(self.input_shape),
+            "n_outputs": self.n_outputs,
+            "isa": kernel_isa(),
+            "threads": self.threads,
+            "layers": [
+                {"name": layer.name, "shape": [layer.n_out, layer.n_in], "nnz": layer.nnz,
+                 "sparsity": round(1.0 - layer.density, 6), "relu": layer.relu,
+                 "plan": {str(k): v for k, v in sorted(layer.plan.items())}}
+                for layer in self.layers
+            ],
+            "metadata": dict(self.metadata),
+        }
