@@ -364,6 +364,17 @@ def test_folder_colour_detected_default_size_and_channels_override(tmp_path):
     assert load_dataset(f"folder:{tmp_path}", channels=1, image_size=8).input_shape == (1, 8, 8)
 
 
+def test_folder_mixed_gray_and_colour_gives_rgb(tmp_path):
+    from PIL import Image
+
+    make_image_folder(tmp_path, {"a": (10, 10, 10), "b": (200, 200, 200)})
+    Image.new("L", (7, 7), 128).save(tmp_path / "a" / "gray.png")
+    assert load_dataset(f"folder:{tmp_path}", image_size=4).input_shape == (1, 4, 4)
+    Image.new("RGB", (7, 7), (0, 255, 0)).save(tmp_path / "b" / "green.png")
+    ds = load_dataset(f"folder:{tmp_path}", image_size=4, val_fraction=0.1)
+    assert ds.input_shape == (3, 4, 4) and ds.x_train.shape[0] + ds.x_test.shape[0] == 10
+
+
 def test_folder_errors(tmp_path):
     make_image_folder(tmp_path / "ok", {"a": (0, 0, 0), "b": (9, 9, 9)})
     (tmp_path / "ok" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")

@@ -258,21 +258,16 @@ def read_folder(path: str, *, image_size: int | None, channels: int | None) -> d
                 fix=f"add images ({', '.join(IMAGE_SUFFIXES)}) or remove the folder",
             )
         files += [(f, label) for f in found]
-    images: list[Image.Image] = []
+    # Resize as we read (memory stays ~ N × size² × 3 bytes); gray sources stay 1-channel until we
+    # know whether any image is colour.
+    resized: list[np.ndarray] = []
     any_colour = False
     for f, _ in files:
         try:
             with Image.open(f) as im:
                 im.load()
-                if im.mode in GRAY_MODES:
-                    img = im.convert("L")
-                else:
-                    img = im.convert("RGB")
-                    arr = np.asarray(img)
-                    if not (
-                        np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2])
-                    ):
-                        any_colour = True
+                img = im.convert("L" if im.mode in GRAY_MODES else "RGB")
+                small = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR))
         except (
             UnidentifiedImageError,
             OSError,
@@ -285,13 +280,18 @@ def read_folder(path: str, *, image_size: int | None, channels: int | None) -> d
                 where=str(f),
                 fix="remove or replace the corrupt/truncated image",
             ) from exc
-        images.append(img)
+        if small.ndim == 3 and not (
+            np.array_equal(small[..., 0], small[..., 1]) and np.array_equal(small[..., 1], small[..., 2])
+        ):
+            any_colour = True
+        resized.append(small)
     c = channels if channels is not None else (3 if any_colour else 1)
-    mode = "RGB" if c == 3 else "L"
-    x = np.empty((len(images), size, size, c), dtype=np.uint8)
-    for i, img in enumerate(images):
-        resized = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
-        x[i] = np.asarray(resized).reshape(size, size, c)
+    x = np.empty((len(resized), size, size, c), dtype=np.uint8)
+    for i, small in enumerate(resized):
+        if c == 3:
+            x[i] = small if small.ndim == 3 else np.repeat(small[..., None], 3, axis=2)
+        else:
+            x[i, ..., 0] = small if small.ndim == 2 else np.asarray(Image.fromarray(small).convert("L"))
     y = np.array([label for _, label in files], dtype=np.int64)
     return {"x": x, "y": y, "classes": classes, "channels": c}
 
