@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import typer
 from rich.table import Table
-
 from sparsekit.cli.main import app
 from sparsekit.cli.render import print_json, stdout_console
 

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-
 from sparsekit.cli.main import app
 from sparsekit.cli.render import print_json, stderr_console
+
 from sparsekit.errors import InputError
 
 METHOD_FLAGS = {  # flag value name -> method option name
@@ -139,6 +139,7 @@ def train(
     run_dir = out or Path("runs") / f"{cfg.method}-{cfg.sparsity:g}-s{cfg.seed}"
 
     from sparsekit.cli.render import TrainProgress
+
     from sparsekit.training import train as run_training
 
     progress = TrainProgress(enabled=not quiet)

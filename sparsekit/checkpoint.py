@@ -83,7 +83,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     try:
         with safe_open(str(p), framework="pt") as fh:
             meta_raw = (fh.metadata() or {}).get("sparsekit")
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no iterator)
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as exc:
         raise InputError(f"checkpoint {p} is corrupt or not a safetensors file ({str(exc).splitlines()[0]})",
                          where=str(p), fix="delete it and train again, or pass --overwrite") from exc

@@ -95,7 +95,11 @@ class TrainConfig:
             raise bad(f"gradient clipping norm must be > 0, got {self.clip_grad}", "--clip-grad", "e.g. 10")
         if number("erk_power_scale", self.erk_power_scale) < 0:
             raise bad("ERK power scale must be >= 0", "--erk-power-scale", "e.g. 1.0")
-        for name, choices in (("optimizer", OPTIMIZERS), ("device", DEVICES), ("nan_policy", NAN_POLICIES)):
+        from sparsekit.distributions import DISTRIBUTIONS
+        from sparsekit.schedules import LR_SCHEDULES
+
+        for name, choices in (("optimizer", OPTIMIZERS), ("device", DEVICES), ("nan_policy", NAN_POLICIES),
+                              ("distribution", DISTRIBUTIONS), ("lr_schedule", LR_SCHEDULES)):
             value = getattr(self, name)
             if value not in choices:
                 raise bad(f"unknown {name.replace('_', ' ')} {value!r}", f"--{name.replace('_', '-')}",
@@ -114,7 +118,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML, TOML or JSON config into a dict (keys may use dashes or underscores)."""
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"config file {p} does not exist", where="--config", fix="give the path of a YAML/TOML/JSON file")
+        raise InputError(f"config file {p} does not exist", where="--config",
+                         fix="give the path of a YAML/TOML/JSON file")
     text = p.read_text(encoding="utf-8", errors="replace")
     try:
         if p.suffix.lower() == ".toml":

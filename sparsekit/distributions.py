@@ -49,7 +49,7 @@ def largest_remainder(ideal: Sequence[float], total: int, caps: Sequence[int]) -
 
     Ties in the remainder go to the earlier index, so the result is reproducible.
     """
-    floors = [min(int(math.floor(v + 1e-9)), c) for v, c in zip(ideal, caps, strict=True)]
+    floors = [min(math.floor(v + 1e-9), c) for v, c in zip(ideal, caps, strict=True)]
     short = total - sum(floors)
     order = sorted(range(len(ideal)), key=lambda i: (-(ideal[i] - math.floor(ideal[i] + 1e-9)), i))
     i = 0

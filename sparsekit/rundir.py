@@ -44,15 +44,23 @@ def _is_run_dir(path: Path) -> bool:
     return (path / CONFIG).is_file()
 
 
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an existing run directory without --resume/--overwrite (nothing is written)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"output path {run_dir} exists and is not a directory", where="--out",
+                         fix="choose another --out")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (resume or overwrite):
+        raise InputError(f"run directory {run_dir} already exists", where="--out",
+                         fix="pass --resume to continue it, --overwrite to replace it, or choose another --out")
+
+
 def prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwrite: bool) -> Path | None:
     """Create or check ``run_dir``. Returns the checkpoint to resume from, if any.
 
     Never overwrites without ``overwrite``; with ``resume`` a compatible checkpoint continues the run and
     a missing one starts fresh (so torchrun's restarts can rerun the same command).
     """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(f"output path {run_dir} exists and is not a directory", where="--out",
-                         fix="choose another --out")
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     existing = run_dir.is_dir() and any(run_dir.iterdir())
     if existing and resume and (run_dir / CHECKPOINT).is_file():
         saved = json.loads((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).is_file() else {}
@@ -63,9 +71,6 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwri
                              f"({', '.join(diff)})", where="--resume",
                              fix="rerun the original command, or pass --overwrite to start again")
         return run_dir / CHECKPOINT
-    if existing and not (overwrite or resume):
-        raise InputError(f"run directory {run_dir} already exists", where="--out",
-                         fix="pass --resume to continue it, --overwrite to replace it, or choose another --out")
     if existing and overwrite:
         if not _is_run_dir(run_dir):
             raise InputError(f"{run_dir} is not empty and is not a sparsekit run directory", where="--out",

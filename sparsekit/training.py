@@ -121,7 +121,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, ove
     cb = callbacks or Callbacks()
     config.validate()
     run_dir = Path(run_dir)
-    checkpoint = rd.prepare_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
+    rd.check_run_dir(run_dir, resume=resume, overwrite=overwrite)  # fail fast, before loading data
     device = resolve_device(config.device)
     t_start = time.perf_counter()
 
@@ -144,6 +144,8 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, ove
                   init_batches=init_batches, loss_fn=F.cross_entropy)
     if config.init_from:
         rd.init_from_run(config.init_from, model, sp)
+    # Everything the command asked for is valid: only now is the run directory created or replaced.
+    checkpoint = rd.prepare_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
 
     state: dict[str, Any] = {"epoch_loss_sum": 0.0, "epoch_correct": 0, "epoch_seen": 0, "train_seconds": 0.0,
                              "skipped_batches": 0}

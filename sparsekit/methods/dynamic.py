@@ -14,6 +14,7 @@ import torch
 from sparsekit.errors import InputError
 from sparsekit.methods.base import Method, register_method
 from sparsekit.schedules import DROP_SCHEDULES, UpdateSchedule
+from sparsekit.selection import tie_keys
 
 if TYPE_CHECKING:
     from sparsekit.masks import SparseLayer
@@ -114,3 +115,147 @@ class RigL(DynamicSparseMethod):
 
     def grow_scores(self, sp: Sparsifier, layer: SparseLayer, step: int) -> torch.Tensor:
         return self._grow.pop(layer.name)
+
+
+@register_method
+class SET(DynamicSparseMethod):
+    """SET (Mocanu et al. 2018): magnitude drop, random regrowth. The random grow score comes from the
+    reproducible key stream, so every process of a data-parallel job grows the same connections."""
+
+    name = "set"
+    description = "SET: drop smallest |w|, regrow at random, cosine-decayed fraction (Mocanu et al. 2018)"
+    reference = "Mocanu et al., Scalable training of artificial neural networks ..., Nat. Commun. 2018"
+    paper_recipe: ClassVar[dict[str, Any]] = {
+        "update_interval": 100, "update_end": 0.75, "drop_fraction": 0.3, "drop_schedule": "cosine",
+        "distribution": "erk", "optimizer": "sgd", "momentum": 0.9,
+    }
+
+    def grow_scores(self, sp: Sparsifier, layer: SparseLayer, step: int) -> torch.Tensor:
+        keys = tie_keys(sp.seed, step, layer.index, layer.numel, purpose="set-grow")
+        return keys.to(layer.param.device)
+
+
+@register_method
+class SNFS(DynamicSparseMethod):
+    """Sparse momentum (Dettmers & Zettlemoyer 2019): grow where the EMA of the dense gradient is largest.
+
+    The EMA m ← β m + (1 − β) g of every entry (active or not) is updated on every step, so SNFS needs
+    dense gradients every step (its training cost is 2 f_S + f_D per step). With ``redistribute`` the
+    regrowth is shared between layers in proportion to each layer's mean |m| over its active weights;
+    then only the global active count is invariant, and no layer falls below one connection per
+    output unit (count floor ``shape[0]``).
+    """
+
+    name = "snfs"
+    description = ("SNFS (sparse momentum): drop smallest |w|, regrow largest |EMA of dense grad| (β 0.9); "
+                   "optional momentum redistribution across layers (Dettmers & Zettlemoyer 2019)")
+    reference = ("Dettmers & Zettlemoyer, Sparse Networks from Scratch: Faster Training without Losing "
+                 "Performance, 2019")
+    defaults: ClassVar[dict[str, Any]] = {**DYNAMIC_DEFAULTS, "momentum_beta": 0.9, "redistribute": False}
+    paper_recipe: ClassVar[dict[str, Any]] = {
+        "update_interval": 100, "update_end": 0.75, "drop_fraction": 0.3, "drop_schedule": "cosine",
+        "momentum_beta": 0.9, "redistribute": False, "distribution": "erk", "optimizer": "sgd",
+        "momentum": 0.9,
+    }
+    needs_dense_grad = True
+
+    def validate(self) -> None:
+        super().validate()
+        beta = self.options["momentum_beta"]
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise InputError(f"momentum beta {beta!r} is outside [0, 1)",
+                             where="--method-option momentum_beta",
+                             fix="give the EMA coefficient, e.g. 0.9")
+        if not isinstance(self.options["redistribute"], bool):
+            raise InputError(f"redistribute must be true or false, got {self.options['redistribute']!r}",
+                             where="--redistribute", fix="use --redistribute or --no-redistribute")
+        self.ema: dict[str, torch.Tensor] = {}
+
+    def before_optimizer_step(self, sp: Sparsifier, step: int) -> None:
+        beta = float(self.options["momentum_beta"])
+        for layer in sp.layers:
+            grad = layer.param.grad
+            ema = self.ema.get(layer.name)
+            if ema is None or ema.shape != layer.param.shape or ema.device != layer.param.device:
+                ema = torch.zeros_like(layer.param, memory_format=torch.contiguous_format)
+                self.ema[layer.name] = ema
+            if grad is None:
+                ema.mul_(beta)
+            else:
+                ema.mul_(beta).add_(grad.detach(), alpha=1.0 - beta)
+
+    def grow_scores(self, sp: Sparsifier, layer: SparseLayer, step: int) -> torch.Tensor:
+        ema = self.ema.get(layer.name)
+        if ema is None:
+            return torch.zeros(layer.numel, device=layer.param.device)
+        return ema.abs().flatten()
+
+    @staticmethod
+    def floor(layer: SparseLayer) -> int:
+        """The fewest connections a layer may keep under redistribution: one per output unit (or its
+        planned count, if the plan itself gives it fewer)."""
+        return min(layer.numel, int(layer.param.shape[0]), layer.plan.active)
+
+    def grow_counts(self, sp: Sparsifier, kept: dict[str, int], total_grow: int) -> dict[str, int]:
+        """Regrowth per layer under redistribution: first lift every layer to its floor (one connection
+        per output unit), then share the rest by mean |EMA| over active weights, capped by free room."""
+        from sparsekit.distributions import largest_remainder
+
+        names = [ly.name for ly in sp.layers]
+        room = {ly.name: ly.numel - kept[ly.name] for ly in sp.layers}
+        grow = dict.fromkeys(names, 0)
+        left = total_grow
+        for ly in sp.layers:  # only after --init-from with a thinner mask can a layer be below its floor
+            lift = min(max(0, self.floor(ly) - kept[ly.name]), left)
+            grow[ly.name] += lift
+            left -= lift
+        weights = {}
+        for ly in sp.layers:
+            ema = self.ema.get(ly.name)
+            weights[ly.name] = float(ema[ly.mask].abs().mean()) if ema is not None and ly.active else 0.0
+        while left > 0:
+            open_ = [n for n in names if room[n] - grow[n] > 0]
+            if not open_:
+                break
+            total_w = sum(weights[n] for n in open_)
+            share = [(weights[n] / total_w if total_w > 0 else 1.0 / len(open_)) * left for n in open_]
+            caps = [room[n] - grow[n] for n in open_]
+            ideal = [min(s, c) for s, c in zip(share, caps, strict=True)]
+            give = largest_remainder(ideal, min(left, round(sum(ideal))), caps)
+            if sum(give) == 0:  # all shares rounded to 0: hand out one at a time by weight
+                give = [0] * len(open_)
+                give[max(range(len(open_)), key=lambda i: (weights[open_[i]], -i))] = 1
+            for n, g in zip(open_, give, strict=True):
+                grow[n] += g
+            left -= sum(give)
+        return grow
+
+    def after_optimizer_step(self, sp: Sparsifier, step: int) -> None:
+        if not self.options["redistribute"]:
+            super().after_optimizer_step(sp, step)
+            return
+        if not self.is_update_step(step):
+            return
+        assert self.schedule is not None
+        fraction = self.schedule.fraction(step)
+        drops = {}
+        for layer in sp.layers:
+            # Dropping is per layer (magnitude); never below the floor of one connection per output unit.
+            room = max(0, layer.active - self.floor(layer))
+            drops[layer.name] = min(math.floor(fraction * layer.active), room)
+        kept = {ly.name: ly.active - drops[ly.name] for ly in sp.layers}
+        grows = self.grow_counts(sp, kept, sum(drops.values()))
+        new_masks = {}
+        for layer in sp.layers:
+            new_masks[layer.name] = sp.drop_and_grow(
+                layer, step, k_drop=drops[layer.name], k_grow=grows[layer.name],
+                drop_scores=self.drop_scores(sp, layer, step),
+                grow_scores=self.grow_scores(sp, layer, step),
+            )
+        sp.commit_masks(new_masks, step, fraction=fraction)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"ema/{name}": t for name, t in self.ema.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.ema = {k[len("ema/"):]: v.clone() for k, v in state.items() if k.startswith("ema/")}

@@ -1,0 +1,203 @@
+"""The RigL update step of DESIGN.md §3, on hand-written examples and as invariants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sparsekit.schedules import UpdateSchedule
+from sparsekit.selection import select_top, tie_keys
+from sparsekit.sparsifier import sparsify
+
+# Layer (2, 3) flat indices: 0 1 2 / 3 4 5. Start mask: 0, 1, 3 active.
+START = torch.tensor([[True, True, False], [True, False, False]])
+WEIGHTS = torch.tensor([[0.5, -0.1, 0.0], [0.3, 0.0, 0.0]])
+# |grad|: idx 1 and 4 tie at 0.9 (idx 1 is the connection that gets dropped).
+GRADS = torch.tensor([[0.0, 0.9, 0.4], [0.0, 0.9, 0.1]])
+
+
+def _tiny(seed: int, optimizer_cls=torch.optim.SGD, **opt_kw):
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2, bias=False)
+    opt = optimizer_cls(layer.parameters(), lr=0.1, **opt_kw)
+    # update_interval=1, update_end=1 over 2 steps: step 1 updates with f(1) = 0.7/2 (1 + cos(pi/2)) = 0.35,
+    # k = floor(0.35 * 3 active) = 1.
+    sp = sparsify(layer, opt, "rigl", sparsity=0.5, distribution="uniform", dense_first_layer=False,
+                  total_steps=2, seed=seed, update_interval=1, update_end=1.0, drop_fraction=0.7)
+    sp.commit_masks({"weight": START.clone()}, step=0)
+    with torch.no_grad():
+        layer.weight.copy_(WEIGHTS)
+    return layer, opt, sp
+
+
+def _seed_where(first_wins: bool) -> int:
+    for seed in range(100):
+        keys = tie_keys(seed, 1, 0, 6)
+        if (keys[1] < keys[4]) == first_wins:
+            return seed
+    raise AssertionError("no seed found")
+
+
+def test_tie_resolved_in_favour_of_dropped_connection_keeps_it_as_it_was():
+    seed = _seed_where(first_wins=True)
+    layer, _, sp = _tiny(seed, momentum=0.9)
+    layer.weight.grad = GRADS.clone()
+    took = sp.step()
+    assert took is False  # RigL skips the optimizer step on update steps
+    # idx 1 (lowest |w| among active) is dropped, then regrown (tie with idx 4 won by its key)
+    assert sp.layers[0].mask.tolist() == START.tolist()
+    assert torch.equal(layer.weight.detach(), WEIGHTS)  # left as it was, not reset
+
+
+def test_tie_resolved_for_other_connection_grows_new_one_at_zero():
+    seed = _seed_where(first_wins=False)
+    layer, opt, sp = _tiny(seed, momentum=0.9)
+    # Give every entry a momentum buffer so the reset is visible.
+    layer.weight.grad = torch.ones(2, 3)
+    sp.pre_step()
+    opt.step()  # take a normal step first to create momentum state (not an update step in this call)
+    with torch.no_grad():
+        layer.weight.copy_(WEIGHTS)
+    sp.step_count = 0
+    layer.weight.grad = GRADS.clone()
+    sp.step()
+    expected = torch.tensor([[True, False, False], [True, True, False]])
+    assert sp.layers[0].mask.tolist() == expected.tolist()
+    buf = opt.state[layer.weight]["momentum_buffer"]
+    assert layer.weight[1, 1].item() == 0.0 and buf[1, 1].item() == 0.0  # new: weight 0, momentum 0
+    assert layer.weight[0, 1].item() == 0.0 and buf[0, 1].item() == 0.0  # dropped: zeroed
+    assert buf[0, 0].item() != 0.0  # kept connections keep their state
+
+
+def test_select_top_breaks_ties_by_key_not_by_index():
+    scores = torch.zeros(10)
+    cand = torch.ones(10, dtype=torch.bool)
+    keys = tie_keys(3, 7, 2, 10)
+    chosen = select_top(scores, cand, 3, largest=True, seed=3, step=7, layer=2)
+    assert sorted(chosen.tolist()) == sorted(torch.argsort(keys)[:3].tolist())
+
+
+def test_select_top_prefers_scores_over_keys():
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.9, 0.2])
+    cand = torch.tensor([True, True, True, False, True])
+    assert sorted(select_top(scores, cand, 2, largest=True, seed=0, step=1, layer=0).tolist()) == [1, 2]
+    assert sorted(select_top(scores, cand, 2, largest=False, seed=0, step=1, layer=0).tolist()) == [0, 4]
+
+
+def test_cosine_drop_fraction_and_update_window():
+    sched = UpdateSchedule(total_steps=1000, interval=100, update_end=0.75, drop_fraction=0.3)
+    assert sched.end_step == 750
+    assert sched.update_steps() == [100, 200, 300, 400, 500, 600, 700]
+    assert sched.fraction(375) == pytest.approx(0.15)  # halfway: alpha/2
+    assert sched.fraction(100) == pytest.approx(0.15 * (1 + math.cos(math.pi * 100 / 750)))
+    assert not sched.is_update_step(800) and sched.is_update_step(700)
+    lin = UpdateSchedule(total_steps=1000, interval=100, drop_schedule="linear")
+    assert lin.fraction(375) == pytest.approx(0.15)
+
+
+class _Net(nn.Module):
+    def __init__(self, shapes: list[tuple[int, int]]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(i, o) for o, i in shapes)
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+@pytest.mark.parametrize("shapes", [[(16, 8), (4, 16)], [(32, 12), (32, 32), (5, 32)]])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.98])
+@pytest.mark.parametrize("opt_name", ["sgd", "adam", "adamw"])
+def test_rigl_keeps_layer_nnz_constant_and_masked_state_zero(shapes, sparsity, opt_name):
+    torch.manual_seed(1)
+    net = _Net(shapes)
+    opt = {"sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True),
+           "adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3),
+           "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-2)}[opt_name](net.parameters())
+    sp = sparsify(net, opt, "rigl", sparsity=sparsity, total_steps=60, update_interval=3, seed=2)
+    planned = {ly.name: ly.plan.active for ly in sp.layers}
+    x = torch.randn(64, shapes[0][1])
+    y = torch.randint(0, shapes[-1][0], (64,))
+    updates = 0
+    for _ in range(60):
+        updates += sp.is_update_step()
+        nn.functional.cross_entropy(net(x), y).backward()
+        sp.step()
+        opt.zero_grad()
+        for ly in sp.layers:
+            assert ly.active == planned[ly.name]
+    assert updates == 15  # steps 3, 6, ..., 45 (T_end = 45)
+    for ly in sp.layers:
+        off = ~ly.mask
+        assert torch.count_nonzero(ly.param[off]) == 0
+        for state in opt.state[ly.param].values():
+            if isinstance(state, torch.Tensor) and state.shape == ly.param.shape:
+                assert torch.count_nonzero(state[off]) == 0
+    assert sp.realized_sparsity() == pytest.approx(
+        1 - sum(planned.values()) / sum(ly.numel for ly in sp.layers))
+
+
+def test_masks_actually_change_and_new_connections_start_at_zero():
+    torch.manual_seed(0)
+    net = _Net([(32, 16), (4, 32)])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    sp = sparsify(net, opt, "rigl", sparsity=0.8, total_steps=40, update_interval=5, seed=0)
+    before = {ly.name: ly.mask.clone() for ly in sp.layers}
+    x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
+    for _ in range(5):
+        nn.functional.cross_entropy(net(x), y).backward()
+        snapshot = {ly.name: ly.param.detach().clone() for ly in sp.layers}
+        took = sp.step()
+        opt.zero_grad()
+    assert sp.step_count == 5 and took is False
+    changed = sum(int((before[ly.name] != ly.mask).sum()) for ly in sp.layers)
+    assert changed > 0
+    for ly in sp.layers:
+        new = ly.mask & ~before[ly.name]
+        assert torch.all(ly.param[new] == 0)
+        kept = ly.mask & before[ly.name]
+        assert torch.equal(ly.param[kept], snapshot[ly.name][kept])  # skipped step: no change
+
+
+def test_no_skip_step_on_update_takes_the_optimizer_step():
+    torch.manual_seed(0)
+    net = _Net([(8, 4), (2, 8)])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = sparsify(net, opt, "rigl", sparsity=0.5, total_steps=10, update_interval=1,
+                  skip_step_on_update=False)
+    nn.functional.cross_entropy(net(torch.randn(4, 4)), torch.tensor([0, 1, 0, 1])).backward()
+    assert sp.step() is True
+
+
+def test_dense_method_has_no_masks_and_steps_normally():
+    net = _Net([(8, 4), (2, 8)])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = sparsify(net, opt, "dense", total_steps=5)
+    assert sp.layers == [] and sp.realized_sparsity() == 0.0
+    assert all(not row["prunable"] for row in sp.layer_summary())
+
+
+def test_static_mask_never_changes():
+    torch.manual_seed(0)
+    net = _Net([(16, 8), (4, 16)])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    sp = sparsify(net, opt, "static", sparsity=0.7, total_steps=30, seed=4)
+    masks = {ly.name: ly.mask.clone() for ly in sp.layers}
+    for _ in range(30):
+        nn.functional.cross_entropy(net(torch.randn(8, 8)), torch.randint(0, 4, (8,))).backward()
+        sp.step()
+        opt.zero_grad()
+    assert all(torch.equal(masks[ly.name], ly.mask) for ly in sp.layers)
+
+
+def test_unknown_method_option_is_an_error():
+    from sparsekit.errors import InputError
+
+    with pytest.raises(InputError, match="does not take option"):
+        sparsify(nn.Linear(4, 4), None, "static", sparsity=0.5, total_steps=5, update_interval=3)
