@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 import onnx
+from sparsekit.exporters.registry import register_format
 
 from sparsekit.errors import InputError, ValidationError
-from sparsekit.exporters.registry import register_format
 
 DESCRIPTION = "sparse MLP for sparsekit's CPU kernels (ONNX with com.sparsekit nodes; sparsekit run)"
 SUFFIX = ".fast.onnx"
@@ -54,8 +54,9 @@ def validate_against_dense(model, dense: onnx.ModelProto, *, batches=VALIDATION_
 
 def build_fast_model(dense: onnx.ModelProto, *, compact: bool = True, threads: int = 1):
     """Parse the dense chain, compact it, and return ``(FastModel, compaction stats)`` (no plan)."""
-    from sparsekit import __version__
     from sparsekit.exporters.graph import parse_mlp_chain
+
+    from sparsekit import __version__
     from sparsekit.runtime.compact import ChainLayer, compact_chain
     from sparsekit.runtime.layers import SparseLayer
     from sparsekit.runtime.model import FastModel
@@ -77,7 +78,7 @@ def build_fast_model(dense: onnx.ModelProto, *, compact: bool = True, threads: i
         "sparsekit_version": __version__,
         "exporter": "sparsekit.exporters.fast",
         "opset": "18",
-        "sparsity_per_layer": json.dumps({l.name: round(1 - l.density, 6) for l in layers}),
+        "sparsity_per_layer": json.dumps({ly.name: round(1 - ly.density, 6) for ly in layers}),
         "compaction": json.dumps(stats),
     })
     inputs = [i for i in dense.graph.input if i.name not in {t.name for t in dense.graph.initializer}]
@@ -86,36 +87,25 @@ def build_fast_model(dense: onnx.ModelProto, *, compact: bool = True, threads: i
     return model, stats
 
 
-@register_format("fast", DESCRIPTION, SUFFIX)
-def write_fast(dense_onnx_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *,
-               tune: bool = False, batch_size: int = 1, threads: int = 1, compact: bool = True,
-               tune_budget_s: float = 0.3, **_: Any) -> dict[str, Any]:
-    """Write the ``fast`` artifact of the dense MLP at ``dense_onnx_path`` to ``out_path``.
-
-    ``tune`` measures every layer's kernels at batch sizes 1, 8, 64, 256 and ``batch_size`` with
-    ``threads`` threads and stores the fastest per batch size (dense GEMM included, so a tuned layer
-    is never slower than dense there); otherwise a density/batch heuristic decides at run time.
-    Raises ``ValidationError`` when the outputs differ from the dense model by more than
-    ``1e-5 * max(1, max |dense|)``.
-    """
+def write_model(dense: onnx.ModelProto, out_path: str | os.PathLike[str], *, tune: bool = False,
+                batch_size: int = 1, threads: int = 1, compact: bool = True, tune_budget_s: float = 0.3,
+                opset: int = 18, metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Pack, (tune,) check against ``dense`` under ONNX Runtime and write the artifact; returns a report."""
     from sparsekit.runtime.artifact import save, to_onnx
     from sparsekit.runtime.layers import kernel_isa
     from sparsekit.runtime.tune import DEFAULT_BATCHES, tune_layers
 
-    src = Path(dense_onnx_path)
-    if not src.is_file():
-        raise InputError(f"dense model {src} not found", where=str(src),
-                         fix="export the dense ONNX model first (format onnx)")
-    if int(batch_size) < 1 or int(threads) < 1:
-        raise InputError("batch_size and threads must be positive", where="--batch-size/--threads")
-    try:
-        dense = onnx.load(str(src))
-    except Exception as exc:
-        raise InputError(f"cannot read {src} as ONNX: {type(exc).__name__}", where=str(src)) from exc
+    batch_size, threads = int(batch_size), int(threads)
+    if batch_size < 1 or threads < 1:
+        raise InputError("batch size and threads must be positive", where="--batch-size/--threads")
     model, stats = build_fast_model(dense, compact=compact, threads=threads)
+    if metadata:
+        model.metadata.update(metadata)
+    model.metadata.update({"sparsekit_format": "fast", "exporter": "sparsekit.exporters.fast",
+                           "opset": str(opset), "compaction": json.dumps(stats)})
     timings = None
     if tune:
-        batches = sorted({*DEFAULT_BATCHES, int(batch_size)})
+        batches = sorted({*DEFAULT_BATCHES, batch_size})
         timings = tune_layers(model.layers, batches=batches, threads=threads, budget_s=tune_budget_s)
     model.metadata.update({"tuned": str(bool(tune)).lower(), "tune_threads": str(threads),
                            "tune_batch_size": str(batch_size), "tuned_isa": kernel_isa() if tune else ""})
@@ -124,12 +114,14 @@ def write_fast(dense_onnx_path: str | os.PathLike[str], out_path: str | os.PathL
         raise ValidationError(f"fast model differs from the dense model by {check['max_abs_diff']:.3g} "
                               f"(allowed {check['bound']:.3g})", where=str(out_path),
                               fix="please report this with the model attached")
-    model.metadata["validation_max_abs_diff"] = f"{check['max_abs_diff']:.3g}"
-    onnx.checker.check_model(to_onnx(model), full_check=True)
-    save(model, out_path)
-    dense_bytes = sum(l.n_in * l.n_out * 4 for l in model.layers)
+    proto = to_onnx(model, opset=opset)
+    onnx.checker.check_model(proto, full_check=True)
+    save(model, out_path, opset=opset)
+    dense_bytes = sum(layer.n_in * layer.n_out * 4 for layer in model.layers)
+    kernels = {str(b): model.kernels_for(b) for b in sorted({1, batch_size, 256})}
     return {
         "format": "fast",
+        "precision": "fp32",
         "path": str(out_path),
         "bytes": Path(out_path).stat().st_size,
         "dense_weight_bytes": dense_bytes,
@@ -137,8 +129,80 @@ def write_fast(dense_onnx_path: str | os.PathLike[str], out_path: str | os.PathL
         "compaction": stats,
         "tuned": bool(tune),
         "tune_timings_s": timings,
-        "validation": check,
+        "dense_check": check,
         "isa": kernel_isa(),
-        "kernels_batch1": model.kernels_for(1),
-        f"kernels_batch{int(batch_size)}": model.kernels_for(int(batch_size)),
+        "kernels": kernels,
+        "notes": [f"kernels per layer by batch size: {json.dumps(kernels)}"
+                  + ("" if tune else " (heuristic; export with tuning to measure them on this machine)")],
     }
+
+
+def write_fast(dense_onnx_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *,
+               tune: bool = False, batch_size: int = 1, threads: int = 1, compact: bool = True,
+               tune_budget_s: float = 0.3) -> dict[str, Any]:
+    """Write the ``fast`` artifact of the dense MLP at ``dense_onnx_path`` to ``out_path``.
+
+    ``tune`` measures every layer's kernels at batch sizes 1, 8, 64, 256 and ``batch_size`` with
+    ``threads`` threads and stores the fastest per batch size (dense GEMM included, so a tuned layer
+    is never slower than dense there); otherwise a density/batch heuristic decides at run time.
+    Raises ``ValidationError`` when the outputs differ from the dense model by more than
+    ``1e-5 * max(1, max |dense|)``.
+    """
+    src = Path(dense_onnx_path)
+    if not src.is_file():
+        raise InputError(f"dense model {src} not found", where=str(src),
+                         fix="export the dense ONNX model first (format onnx)")
+    try:
+        dense = onnx.load(str(src))
+    except Exception as exc:
+        raise InputError(f"cannot read {src} as ONNX: {type(exc).__name__}", where=str(src)) from exc
+    return write_model(dense, out_path, tune=tune, batch_size=batch_size, threads=threads, compact=compact,
+                       tune_budget_s=tune_budget_s, metadata={"source_model": str(src)})
+
+
+@register_format("fast", DESCRIPTION, SUFFIX)
+def write_fast_format(ctx, out_path: Path, options) -> dict[str, Any]:
+    """Registry entry (``write(ctx, out_path, options)``). Tuning options are read from ``options``
+    when the export command provides them (``tune``, ``batch_size``, ``threads``), else from the
+    environment (``SPARSEKIT_FAST_TUNE=1``, ``SPARSEKIT_FAST_BATCH``, ``SPARSEKIT_FAST_THREADS``)."""
+    from sparsekit.exporters.context import metadata_for
+    from sparsekit.exporters.graph import UnsupportedGraphError
+
+    env = os.environ
+    tune = bool(getattr(options, "tune", False)) or env.get("SPARSEKIT_FAST_TUNE") == "1"
+    batch = int(getattr(options, "batch_size", 0) or env.get("SPARSEKIT_FAST_BATCH", 1))
+    threads = int(getattr(options, "threads", 0) or env.get("SPARSEKIT_FAST_THREADS", 1))
+    opset = int(getattr(options, "opset", 18))
+    try:
+        meta = metadata_for(ctx, "fast", opset=opset, extra={"exporter": "sparsekit.exporters.fast"})
+    except Exception:  # metadata is best effort; the artifact itself does not depend on it
+        meta = {}
+    try:
+        return write_model(ctx.model, out_path, tune=tune, batch_size=batch, threads=threads, opset=opset,
+                           metadata=meta)
+    except UnsupportedGraphError as exc:
+        raise UnsupportedGraphError(f"fast cannot pack this graph ({exc.what}); nothing was written",
+                                    where=exc.where, fix="the fast format handles MLP chains "
+                                    "(Flatten, Gemm/MatMul+Add, Relu); use --format onnx,compressed") from exc
+
+
+def _register_runner() -> None:
+    try:
+        from sparsekit.exporters.validate import register_runner
+    except ImportError:  # pragma: no cover - validate module not present
+        return
+
+    @register_runner("fast")
+    def fast_runner(path: Path, threads: int = 1):
+        from sparsekit.runtime import load
+
+        model = load(path, threads=threads)
+
+        def run(x: np.ndarray) -> np.ndarray:
+            return model.run(x)
+
+        run.model = model  # type: ignore[attr-defined]
+        return run
+
+
+_register_runner()

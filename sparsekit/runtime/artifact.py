@@ -29,7 +29,7 @@ OP = "SparseLinear"
 FORMAT_VERSION = "1"
 
 
-def to_onnx(model: FastModel) -> onnx.ModelProto:
+def to_onnx(model: FastModel, *, opset: int = 18) -> onnx.ModelProto:
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     cur = model.input_name
@@ -58,7 +58,7 @@ def to_onnx(model: FastModel) -> onnx.ModelProto:
         [helper.make_tensor_value_info(model.input_name, TensorProto.FLOAT, ["batch", *model.input_shape])],
         [helper.make_tensor_value_info(model.output_name, TensorProto.FLOAT, ["batch", model.n_outputs])],
         initializer=inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", int(opset)),
                                                     helper.make_opsetid(DOMAIN, 1)],
                               producer_name="sparsekit")
     proto.ir_version = 10
@@ -67,8 +67,8 @@ def to_onnx(model: FastModel) -> onnx.ModelProto:
     return proto
 
 
-def save(model: FastModel, path: str | os.PathLike[str]) -> Path:
-    proto = to_onnx(model)
+def save(model: FastModel, path: str | os.PathLike[str], *, opset: int = 18) -> Path:
+    proto = to_onnx(model, opset=opset)
     with atomic_path(path) as tmp:
         tmp.write_bytes(proto.SerializeToString())
     return Path(path)

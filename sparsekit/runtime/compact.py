@@ -27,8 +27,8 @@ def _act(b: np.ndarray, relu: bool) -> np.ndarray:
 
 def compact_chain(layers: list[ChainLayer]) -> tuple[list[ChainLayer], dict[str, int]]:
     """Return the compacted layers and ``{"units_removed": ..., "units_folded": ...}``."""
-    layers = [ChainLayer(np.asarray(l.weight, np.float32), None if l.bias is None else
-                         np.asarray(l.bias, np.float32), l.relu, l.name) for l in layers]
+    layers = [ChainLayer(np.asarray(c.weight, np.float32), None if c.bias is None else
+                         np.asarray(c.bias, np.float32), c.relu, c.name) for c in layers]
     removed = folded = 0
     changed = True
     while changed:

@@ -1,0 +1,242 @@
+"""The fast runtime: every kernel and code path against a dense float64 reference, the artifact round
+trip, the exporter against ONNX Runtime and torch, and ``sparsekit run`` errors. No timing asserts."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import sparsekit.runtime as rt
+from sparsekit.errors import InputError
+from sparsekit.runtime import layers as L
+from sparsekit.runtime.compact import ChainLayer, compact_chain
+
+K = L._K
+ISAS = K.available_isas() if K is not None else ["numpy"]
+KERNEL_SPECS = ["rows", "panel", "panel:16", "panel:7", "dense"]
+
+
+def close(got: np.ndarray, ref: np.ndarray) -> None:
+    """DESIGN.md §5 fp32 rule: max |Δ| ≤ 1e-5 · max(1, max |ref|)."""
+    assert got.shape == ref.shape
+    if ref.size:
+        bound = 1e-5 * max(1.0, float(np.max(np.abs(ref))))
+        assert float(np.max(np.abs(got.astype(np.float64) - ref))) <= bound
+
+
+def sparse_matrix(rng, n_out, n_in, density, *, zero_rows=(), zero_cols=()) -> np.ndarray:
+    w = (rng.standard_normal((n_out, n_in)) * (rng.random((n_out, n_in)) < density)).astype(np.float32)
+    w[list(zero_rows)] = 0
+    w[:, list(zero_cols)] = 0
+    return w
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    if K is not None:
+        K.set_isa(request.param)
+    yield request.param
+    if K is not None:
+        K.set_isa("best")
+
+
+@pytest.mark.parametrize("spec", KERNEL_SPECS)
+@pytest.mark.parametrize("batch", [1, 3, 64, 130])
+def test_kernels_match_dense_reference(isa, spec, batch):
+    rng = np.random.default_rng(batch)
+    # odd shapes, all-zero rows (output = bias) and columns, relu and a row longer than the vector width
+    w = sparse_matrix(rng, 37, 53, 0.3, zero_rows=(0, 5, 36), zero_cols=(1, 2, 52))
+    w[7] = rng.standard_normal(53)
+    layer = rt.SparseLayer.from_dense(w, rng.standard_normal(37), relu=True)
+    model = rt.FastModel([layer], (53,))
+    x = rng.standard_normal((batch, 53)).astype(np.float32)
+    for threads in (1, 2):
+        close(model.run(x, kernels=[spec], threads=threads), layer.reference(x))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chains_switch_layouts_between_kernels(isa, threads):
+    rng = np.random.default_rng(1)
+    ws = [sparse_matrix(rng, 70, 45, 0.2), sparse_matrix(rng, 33, 70, 0.1), sparse_matrix(rng, 9, 33, 0.5)]
+    layers = [rt.SparseLayer.from_dense(w, rng.standard_normal(w.shape[0]), relu=i < 2)
+              for i, w in enumerate(ws)]
+    layers[1].bias = None
+    model = rt.FastModel(layers, (5, 9), threads=threads)
+    x = rng.standard_normal((67, 5, 9)).astype(np.float32)
+    ref = x.reshape(67, -1)
+    for layer in layers:
+        ref = layer.reference(ref)
+    for specs in (["rows", "panel", "dense"], ["panel:8", "dense", "panel"], ["dense", "dense", "rows"],
+                  ["panel", "panel:32", "panel"]):
+        close(model.run(x, kernels=specs), ref)
+    close(model.run(x), ref)  # default plan
+    close(model.run(x[:1]), ref[:1])
+
+
+def test_empty_layers_and_wide_inputs_use_int32_indices():
+    rng = np.random.default_rng(2)
+    n_in = 70_000  # > 65536 columns: int32 indices
+    w = np.zeros((4, n_in), np.float32)
+    w[1, [0, 65_535, 65_536, 69_999]] = [1.0, 2.0, 3.0, 4.0]
+    layer = rt.SparseLayer.from_dense(w, np.arange(4, dtype=np.float32), relu=False)
+    assert layer.indices.dtype == np.int32
+    model = rt.FastModel([layer], (n_in,))
+    x = rng.standard_normal((3, n_in)).astype(np.float32)
+    for spec in ("rows", "panel", "panel:1000"):
+        close(model.run(x, kernels=[spec]), layer.reference(x))
+    empty = rt.SparseLayer.from_dense(np.zeros((5, 6), np.float32), np.ones(5, np.float32), relu=False)
+    y = rt.FastModel([empty], (6,)).run(np.ones((2, 6), np.float32))
+    assert np.array_equal(y, np.ones((2, 5), np.float32))
+
+
+def test_malformed_csr_is_refused():
+    with pytest.raises(InputError, match="out of range"):
+        rt.SparseLayer.from_csr(4, 2, np.ones(2), np.array([0, 9]), np.array([0, 1, 2]), None, False)
+    with pytest.raises(InputError, match="row pointers"):
+        rt.SparseLayer.from_csr(4, 2, np.ones(2), np.array([0, 1]), np.array([0, 2, 1]), None, False)
+    if K is not None:  # the C side re-checks buffer sizes
+        layer = rt.SparseLayer.from_dense(np.eye(4, dtype=np.float32), None, False)
+        with pytest.raises(ValueError):
+            K.rows(layer.values, layer.indices, layer.rowptr, None, np.zeros(3, np.float32),
+                   np.zeros(4, np.float32), 2, 4, 4, 1, 0, 1)
+
+
+def test_compaction_is_exact_and_folds_bias_of_input_less_units():
+    rng = np.random.default_rng(3)
+    w1 = sparse_matrix(rng, 12, 8, 0.5)
+    w2 = sparse_matrix(rng, 6, 12, 0.6)
+    w3 = sparse_matrix(rng, 3, 6, 0.8)
+    w1[2] = 0           # no inputs, relu(bias) > 0 must be folded
+    w2[:, 2] = 1.0
+    w2[:, 4] = 0        # no outputs
+    w1[4] = 1.0
+    b1 = rng.standard_normal(12).astype(np.float32)
+    b1[2] = 0.8
+    chain = [ChainLayer(w1, b1, True), ChainLayer(w2, None, True), ChainLayer(w3, np.zeros(3, np.float32), False)]
+    compacted, stats = compact_chain(chain)
+    assert stats["units_removed"] >= 2 and stats["units_folded"] >= 1
+    assert compacted[0].weight.shape[0] < 12
+    layers = [rt.SparseLayer.from_dense(c.weight, c.bias, c.relu) for c in compacted]
+    full = [rt.SparseLayer.from_dense(c.weight, c.bias, c.relu) for c in chain]
+    x = rng.standard_normal((5, 8))
+    ref, got = x, x
+    for a in full:
+        ref = a.reference(ref)
+    for b in layers:
+        got = b.reference(got)
+    close(got.astype(np.float32), ref)
+
+
+def _dense_mlp(rng, sizes, density):
+    from sparsekit.exporters.graph import DenseLayer, build_mlp_chain
+
+    layers = []
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
+        layers.append(DenseLayer(sparse_matrix(rng, n_out, n_in, density), rng.standard_normal(n_out).astype(
+            np.float32), "relu" if i < len(sizes) - 2 else None, f"fc{i}.weight", f"fc{i}.bias"))
+    return build_mlp_chain((1, 8, 8), layers, output_name="logits")
+
+
+def test_write_fast_round_trip_matches_onnxruntime(tmp_path):
+    import onnxruntime as ort
+    from sparsekit.exporters.fast import write_fast
+
+    rng = np.random.default_rng(4)
+    dense = _dense_mlp(rng, [64, 48, 32, 10], 0.15)
+    dense_path = tmp_path / "dense.onnx"
+    onnx.save(dense, str(dense_path))
+    out = tmp_path / "m.fast.onnx"
+    info = write_fast(dense_path, out, tune=True, batch_size=16, tune_budget_s=0.01)
+    assert out.exists() and info["tuned"] and info["dense_check"]["max_abs_diff"] <= info["dense_check"]["bound"]
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    assert {n.op_type for n in proto.graph.node} <= {"Flatten", "SparseLinear"}
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["sparsekit_format"] == "fast" and "sparsity_per_layer" in meta
+    model = rt.load(out)
+    assert all(layer.plan for layer in model.layers)  # tuned plans survive the round trip
+    sess = ort.InferenceSession(dense.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (1, 3, 64):
+        x = rng.standard_normal((batch, 1, 8, 8)).astype(np.float32)
+        ref = sess.run(None, {"input": x})[0]
+        for threads in (1, 2):
+            close(model.run(x, threads=threads), ref.astype(np.float64))
+
+
+def test_fast_matches_the_torch_model(tmp_path):
+    torch = pytest.importorskip("torch")
+    from export_fixtures import MLP, random_masks
+    from sparsekit.exporters.fast import write_fast
+
+    from sparsekit.onnx_export import export_dense_onnx
+
+    torch.manual_seed(0)
+    net = MLP(64, (40, 24), 10).eval()
+    with torch.no_grad():
+        for name, m in random_masks(net, 0.1).items():
+            dict(net.named_parameters())[name].mul_(m)
+    x = torch.randn(33, 64)
+    export_dense_onnx(net, x[:2], tmp_path / "model.onnx")
+    write_fast(tmp_path / "model.onnx", tmp_path / "m.fast.onnx")
+    with torch.no_grad():
+        ref = net(x).double().numpy()
+    close(rt.load(tmp_path / "m.fast.onnx").run(x.numpy()), ref)
+
+
+def test_export_pipeline_validates_fast_on_samples(tmp_path):
+    torch = pytest.importorskip("torch")
+    from export_fixtures import dead_unit_mlp, make_run_dir
+    from sparsekit.exporters.pipeline import export
+
+    model, masks = dead_unit_mlp()
+    run = make_run_dir(tmp_path / "run", model, masks, torch.randn(40, 64))
+    report = export(run, "fast", tmp_path / "out")
+    (art,) = report["artifacts"]
+    assert art["status"] == "ok", art
+    assert art["validation"]["passed"]
+
+
+def test_run_rejects_bad_inputs(tmp_path, cli):
+    rng = np.random.default_rng(5)
+    layer = rt.SparseLayer.from_dense(sparse_matrix(rng, 4, 6, 0.5), None, relu=False)
+    art = tmp_path / "m.fast.onnx"
+    rt.save(rt.FastModel([layer], (2, 3)), art)
+    good = tmp_path / "x.npy"
+    np.save(good, rng.standard_normal((3, 2, 3)).astype(np.float32))
+    res = cli(["run", str(art), "--input", str(good), "--output", str(tmp_path / "y.npy"), "--json"])
+    assert res.exit_code == 0, res.stderr
+    assert res.json()["output_shape"] == [3, 4]
+    close(np.load(tmp_path / "y.npy"), layer.reference(np.load(good).reshape(3, -1)))
+
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((3, 5), np.float32))
+    text = tmp_path / "text.npy"
+    text.write_text("not an array")
+    cases = [
+        ["run", str(art), "--input", str(wrong)],
+        ["run", str(art), "--input", str(tmp_path / "missing.npy")],
+        ["run", str(tmp_path / "missing.fast.onnx"), "--input", str(good)],
+        ["run", str(art), "--input", str(text)],
+        ["run", str(art), "--input", str(good), "--threads", "0"],
+    ]
+    for args in cases:
+        res = cli(args)
+        assert res.exit_code == 2, (args, res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    res = cli(["run", str(art), "--input", str(wrong), "--json"])
+    assert res.exit_code == 2 and json.loads(res.stdout)["exit_code"] == 2
+
+
+def test_loader_refuses_plain_onnx_and_garbage(tmp_path):
+    rng = np.random.default_rng(6)
+    dense = _dense_mlp(rng, [64, 10], 0.5)
+    onnx.save(dense, str(tmp_path / "dense.onnx"))
+    (tmp_path / "junk.onnx").write_bytes(b"\x00junk")
+    for name in ("dense.onnx", "junk.onnx"):
+        with pytest.raises(InputError):
+            rt.load(tmp_path / name)
