@@ -71,6 +71,8 @@ def load_samples(path: Path) -> Samples | None:
             x = np.asarray(data["x"], dtype=np.float32)
             logits = np.asarray(data["logits"], dtype=np.float32)
             y = np.asarray(data["y"]).astype(np.int64) if "y" in data.files else None
+            if y is not None and y.size == 0 and len(x):  # written without labels
+                y = None
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"cannot read samples: {exc}", where=str(path),
                          fix="samples.npz needs arrays x (float32) and logits; re-run training") from exc

@@ -34,6 +34,7 @@ from sparsekit.fileio import atomic_write_json
 REPORT_NAME = "export_report.json"
 REPORT_SCHEMA_VERSION = 1
 LOSS_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
+RESERVED = {"format", "path", "precision", "bytes", "status", "validation", "notes", "seconds"}
 
 
 def load_source(source: str | Path) -> ExportContext:
@@ -127,9 +128,9 @@ def export(source: str | Path, formats: str | None = None, out_dir: str | Path |
             validation = _validate(path, fmt, ctx, art_precision)
         except ValidationError as exc:
             validation = {"passed": False, "errors": [exc.what]}
+        record.update({k: v for k, v in info.items() if k not in RESERVED})  # writer's extras first
         record.update(bytes=path.stat().st_size, validation=validation,
-                      notes=list(info.get("notes", [])), seconds=round(time.perf_counter() - start, 3),
-                      **{k: v for k, v in info.items() if k not in ("notes", "precision")})
+                      notes=list(info.get("notes", [])), seconds=round(time.perf_counter() - start, 3))
         if validation.get("passed"):
             record["status"] = "ok"
         elif warn_only:

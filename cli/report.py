@@ -1,0 +1,118 @@
+"""``sparsekit report``: counts, sizes, accuracy and measured latency (logic in sparsekit.exporters.report)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sparsekit.cli.main import app
+
+from sparsekit.errors import InputError
+
+
+def _ints(spec: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in spec.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise InputError(f"{option} {spec!r} is not a list of positive integers", where=option,
+                         fix=f"e.g. {option} 1,64,256")
+    return values
+
+
+def _si(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _render(report: dict) -> None:
+    console = Console()
+    run = report["run"]
+    if run.get("method"):
+        console.print(f"[bold]{report['path']}[/bold]: method {run['method']}, target sparsity "
+                      f"{run.get('target_sparsity')}, realised {run.get('realized_sparsity'):.4f}"
+                      if isinstance(run.get("realized_sparsity"), float) else f"[bold]{report['path']}[/bold]")
+    t = Table(title="layers (recomputed from the dense ONNX)")
+    for col in ("layer", "shape", "nonzeros", "density", "MACs dense", "MACs sparse"):
+        t.add_column(col, justify="left" if col in ("layer", "shape") else "right")
+    for ly in report["layers"]:
+        t.add_row(ly["name"], "×".join(map(str, ly["shape"])), f"{ly['nonzeros']:,}", f"{ly['density']:.3f}",
+                  _si(ly["macs_dense"]), _si(ly["macs_sparse"]))
+    tot = report["totals"]
+    t.add_row("[bold]total[/bold]", "", f"{tot['weight_nonzeros']:,}", f"{tot['weight_density']:.3f}",
+              _si(tot["macs_dense"]), _si(tot["macs_sparse"]))
+    console.print(t)
+    tf = report.get("training_flops")
+    if tf and tf.get("training_flops_vs_dense") is not None:
+        console.print(f"training FLOPs vs dense: {tf['training_flops_vs_dense']:.3f}×")
+    a = Table(title=f"artifacts (dense ONNX {report['dense_onnx_bytes']:,} bytes)")
+    for col in ("artifact", "bytes", "dense/size", "accuracy", "top-1 agree", "MACs executed"):
+        a.add_column(col, justify="left" if col == "artifact" else "right")
+    for art in report["artifacts"]:
+        q = art["quality"]
+        acc = q.get("accuracy")
+        a.add_row(art["artifact"], f"{art['bytes']:,}", f"{art['compression_vs_dense']:.2f}×",
+                  f"{acc:.2%}" if isinstance(acc, float) else str(acc),
+                  f"{q['top1_agreement']:.2%}" if "top1_agreement" in q else "-",
+                  _si(art["macs_executed"]) if "macs_executed" in art else "-")
+    console.print(a)
+    if report["latency"]:
+        lt = Table(title="ONNX Runtime CPU latency (interleaved, same run)")
+        for col in ("artifact", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "speedup"):
+            lt.add_column(col, justify="left" if col == "artifact" else "right")
+        for r in report["latency"]:
+            sp = r.get("speedup_vs_dense")
+            lt.add_row(r["artifact"], str(r["batch_size"]), str(r["threads"]), f"{r['p50_ms']:.3f}",
+                       f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{sp:.2f}×" if sp else "-")
+        console.print(lt)
+    for art in report["artifacts"]:
+        if art.get("note"):
+            console.print(f"[dim]{art['artifact']}: {art['note']}[/dim]")
+    for g in report["gates"]:
+        mark = "[green]pass[/green]" if g["passed"] else "[red]FAIL[/red]"
+        console.print(f"gate {g['gate']}: {mark} (value {g['value']}, threshold {g['threshold']}; {g['detail']})")
+
+
+@app.command("report")
+def report_cmd(
+    path: Path = typer.Argument(..., help="A run dir (uses RUN_DIR/export, exporting what is missing), an "
+                                "ONNX file or a .skz archive."),
+    json_out: bool = typer.Option(False, "--json", help="Print the versioned JSON report."),
+    batch_sizes: str = typer.Option("1,64,256", "--batch-sizes", help="Comma-separated batch sizes to time."),
+    threads: str = typer.Option("1", "--threads", help="Comma-separated intra-op thread counts."),
+    runs: int = typer.Option(50, "--runs", min=1, help="Timed interleaved rounds per batch size."),
+    warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed warm-up runs per artifact."),
+    no_latency: bool = typer.Option(False, "--no-latency", help="Skip latency measurement."),
+    min_accuracy: float = typer.Option(None, "--min-accuracy",
+                                       help="Gate: every artifact's accuracy ≥ X (fraction, or percent if > 1)."),
+    min_speedup: float = typer.Option(None, "--min-speedup",
+                                      help="Gate: best artifact p50 speedup vs dense ≥ X at every batch size."),
+    max_size_ratio: float = typer.Option(None, "--max-size-ratio",
+                                         help="Gate: smallest artifact bytes / dense ONNX bytes ≤ X."),
+) -> None:
+    """Report parameters, nonzeros, MACs, file sizes, accuracy and CPU latency vs the dense model.
+
+    Gates exit with code 3 when not met.
+
+    Example: sparsekit report runs/demo --batch-sizes 1,256 --min-accuracy 0.9 --max-size-ratio 0.2 --json
+    """
+    from sparsekit.exporters.report import build_report, check_gates, raise_on_failed_gates
+
+    bs, th = _ints(batch_sizes, "--batch-sizes"), _ints(threads, "--threads")
+    console = Console(stderr=True, quiet=json_out)
+    with console.status("reporting") as status:
+        report = build_report(path, batch_sizes=bs, threads=th, runs=runs, warmup=warmup,
+                              latency=not no_latency, progress=lambda what: status.update(what))
+    check_gates(report, min_accuracy=min_accuracy, min_speedup=min_speedup, max_size_ratio=max_size_ratio)
+    failed = any(not g["passed"] for g in report["gates"])
+    if json_out and not failed:
+        print(json.dumps(report, indent=2))
+    elif not json_out:
+        _render(report)
+    raise_on_failed_gates(report)  # with --json, the error object printed by main carries the report
