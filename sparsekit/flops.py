@@ -7,6 +7,7 @@ per sample; a conv costs its active kernel weights × output positions. Every ke
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -68,8 +69,121 @@ def inference_macs(layers: list[dict[str, Any]], positions: dict[str, int]) -> d
     }
 
 
-def run_flops(model: nn.Module, sparsifier: Any, *, input_shape: tuple[int, ...], config: Any = None) -> dict[str, Any]:
-    """FLOP counts for a finished run's summary (inference per sample; training added by methods)."""
+# Per-step training cost of each method in units of forward passes (DESIGN.md §4; backward = 2 × forward).
+TRAINING_FORMULAS = {
+    "dense": "3·f_D",
+    "small-dense": "3·f_small",
+    "static": "3·f_S",
+    "set": "3·f_S",
+    "snip": "3·f_S",
+    "snfs": "2·f_S + f_D",
+    "rigl": "(3·f_S·ΔT + 2·f_S + f_D)/(ΔT + 1) for t ≤ T_end, 3·f_S after",
+    "pruning": "Σ_l 3·f_D,l·(1 − s_t,l)",
+}
+
+
+def step_cost(method: str, f_s: float, f_d: float, *, step: int, interval: int = 100, end_step: int = 0,
+              dense_grad_every_step: bool = False) -> float:
+    """Training MACs of one example at optimizer step ``step`` (f_s / f_d: sparse / dense forward MACs;
+    for pruning f_s is the forward of the mask in effect at that step, Σ_l f_D,l·(1 − s_t,l))."""
+    if method in ("dense", "small-dense"):
+        return 3.0 * f_d
+    if method == "snfs":
+        return 2.0 * f_s + f_d
+    if method == "rigl":
+        if step <= end_step:
+            return (3.0 * f_s * interval + 2.0 * f_s + f_d) / (interval + 1)
+        return 3.0 * f_s
+    if dense_grad_every_step:  # a user method that reads dense gradients every step (like SNFS)
+        return 2.0 * f_s + f_d
+    return 3.0 * f_s  # static, set, snip, pruning and methods that only see sparse gradients
+
+
+def training_macs(method: str, *, layer_numel: dict[str, int], positions: dict[str, int],
+                  history: list[dict[str, Any]], total_steps: int, interval: int = 100, end_step: int = 0,
+                  dense_grad_every_step: bool = False) -> dict[str, float]:
+    """Training MACs per example summed over steps 1..total_steps.
+
+    ``history`` holds the active counts per prunable layer after each mask change (``updates.jsonl``
+    rows: ``{"step": u, "active": {name: count}}``); the mask recorded at step u is the one the forward
+    pass uses at steps u+1 .. (next change). Layers not in ``active`` are dense.
+    """
+    f_d = float(sum(layer_numel[n] * positions[n] for n in layer_numel if n in positions))
+    rows = sorted(history, key=lambda r: r["step"]) or [{"step": 0, "active": {}}]
+    total = 0.0
+    sparse_sum = 0.0
+    for i, row in enumerate(rows):
+        first = int(row["step"]) + 1
+        last = total_steps if i + 1 == len(rows) else min(total_steps, int(rows[i + 1]["step"]))
+        if last < first:
+            continue
+        active = row.get("active", {})
+        f_s = float(sum(int(active.get(n, layer_numel[n])) * positions[n] for n in layer_numel if n in positions))
+        sparse_sum += f_s * (last - first + 1)
+        if method == "rigl":  # the per-step cost changes at T_end: split the segment there
+            inside = max(0, min(last, end_step) - first + 1)
+            total += inside * step_cost(method, f_s, f_d, step=first, interval=interval, end_step=end_step)
+            total += (last - first + 1 - inside) * 3.0 * f_s
+        else:
+            total += (last - first + 1) * step_cost(method, f_s, f_d, step=first,
+                                                    dense_grad_every_step=dense_grad_every_step)
+    return {"train_macs": total, "dense_forward_macs": f_d,
+            "mean_sparse_forward_macs": sparse_sum / max(total_steps, 1)}
+
+
+def run_flops(model: nn.Module, sparsifier: Any, *, input_shape: tuple[int, ...], config: Any = None,
+              updates: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """FLOP counts for a finished run's summary: inference per sample, and (with ``config``) training
+    FLOPs per example summed over the run's actual steps, relative to dense training of the full-width
+    model for the same number of base epochs (so a 2× run costs ~2× a 1× one, as in the paper)."""
     layers = sparsifier.layer_summary()
-    return {"unit_note": "macs = multiply-accumulates per sample; flops = 2 x macs",
-            "inference": inference_macs(layers, weight_positions(model, input_shape))}
+    positions = weight_positions(model, input_shape)
+    inference = inference_macs(layers, positions)
+    method = sparsifier.method
+    # The dense reference is the full-width model; for small-dense the model itself is narrower.
+    width_info = getattr(method, "width_info", None) or {}
+    full_shapes = width_info.get("full_layer_shapes")
+    if full_shapes:
+        ref_dense_macs = sum(math.prod(full_shapes[n]) * positions[n] for n in full_shapes if n in positions)
+    else:
+        ref_dense_macs = inference["dense_macs"]
+    out: dict[str, Any] = {
+        "unit_note": "macs = multiply-accumulates per sample; flops = 2 x macs",
+        "inference": inference,
+        "reference_dense_macs": ref_dense_macs,
+        "inference_vs_dense": inference["sparse_macs"] / ref_dense_macs if ref_dense_macs else 1.0,
+    }
+    if config is None:
+        return out
+    total_steps = int(sparsifier.total_steps)
+    total_epochs = max(1, round(config.epochs * config.train_multiplier))
+    reference_steps = total_steps * config.epochs / total_epochs  # dense at 1×: the paper's reference
+    if updates is None or not updates:
+        planned = getattr(method, "planned_history", None)
+        updates = planned(sparsifier.layers) if planned is not None else \
+            [{"step": 0, "active": {ly.name: ly.active for ly in sparsifier.layers}}]
+    schedule = getattr(method, "schedule", None)
+    interval = int(getattr(schedule, "interval", 100) or 100)
+    end_step = int(getattr(schedule, "end_step", 0) or 0)
+    numel = {ly["name"]: int(ly["numel"]) for ly in layers}
+    macs = training_macs(method.name, layer_numel=numel, positions=positions, history=updates,
+                         total_steps=total_steps, interval=interval, end_step=end_step,
+                         dense_grad_every_step=bool(getattr(method, "needs_dense_grad", False)))
+    dense_ref = 3.0 * ref_dense_macs * reference_steps
+    batch = int(getattr(config, "batch_size", 1))
+    out["training"] = {
+        "method": method.name,
+        "formula": TRAINING_FORMULAS.get(method.name, "3·f_S (2·f_S + f_D when dense gradients every step)"),
+        "steps": total_steps,
+        "reference_steps": reference_steps,
+        "update_interval": interval if method.name == "rigl" else None,
+        "update_end_step": end_step if method.name == "rigl" else None,
+        "dense_forward_flops": 2 * macs["dense_forward_macs"],
+        "mean_sparse_forward_flops": 2 * macs["mean_sparse_forward_macs"],
+        "flops_per_example": 2 * macs["train_macs"],
+        "dense_flops_per_example": 2 * dense_ref,
+        "total_flops": 2 * macs["train_macs"] * batch,
+        "total_flops_note": "flops_per_example x batch_size (a short last batch counted full)",
+        "vs_dense": macs["train_macs"] / dense_ref if dense_ref else 1.0,
+    }
+    return out

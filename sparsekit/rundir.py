@@ -270,7 +270,8 @@ def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifi
     }
     if width_info is not None:
         extra["small_dense"] = width_info
-    extra["flops"] = flops_mod.run_flops(model, sparsifier, input_shape=tuple(data.input_shape), config=config)
+    extra["flops"] = flops_mod.run_flops(model, sparsifier, input_shape=tuple(data.input_shape), config=config,
+                                          updates=read_updates(run_dir))
     summary = build_summary(run_dir=run_dir, model=model, sparsifier=sparsifier, method=config.method,
                             config=config.to_dict(), test_loss=test_loss, test_accuracy=test_accuracy,
                             train_seconds=train_seconds, extra=extra)

@@ -87,6 +87,7 @@ class SmallDense(Method):
         info = {"width": width, "params": params, "sparse_active_budget": budget, "gap": budget - params,
                 "gap_fraction": (budget - params) / budget,
                 "full_width_params": sum(math.prod(s) for s in full.values()),
-                "layer_shapes": {n: list(s) for n, s in shapes_at(width).items()}}
+                "layer_shapes": {n: list(s) for n, s in shapes_at(width).items()},
+                "full_layer_shapes": {n: list(s) for n, s in full.items()}}
         self.width_info = info
         return {**base, "width": width}, info
