@@ -6,6 +6,7 @@ states) plus a JSON state in the file's metadata. No pickles anywhere; written a
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,12 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    sparsifier_state: dict[str, Any], state: dict[str, Any]) -> None:
-    """Write model weights, masks, optimizer/method state, RNG states and JSON ``state``."""
+                    sparsifier_state: dict[str, Any], state: dict[str, Any],
+                    before_commit: Callable[[Path], None] | None = None) -> None:
+    """Write model weights, masks, optimizer/method state, RNG states and JSON ``state``.
+
+    ``before_commit(tmp)`` runs after the temporary file is complete and before it replaces ``path``
+    (fault-injection tests kill the process there to show the previous checkpoint survives)."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -73,6 +78,8 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torc
     }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"sparsekit": json.dumps(meta)})
+        if before_commit is not None:
+            before_commit(tmp)
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

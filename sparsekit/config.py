@@ -55,6 +55,7 @@ class TrainConfig:
     nan_policy: str = "stop"
     eval_batch_size: int = 1024
     init_from: str | None = None
+    dist_timeout: float = 300.0  # seconds a collective may wait under torchrun before the job fails
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,6 +107,9 @@ class TrainConfig:
                           close_matches(str(value), choices))
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise bad("checkpoint interval must be a non-negative integer", "--checkpoint-every", "e.g. 500")
+        if number("dist_timeout", self.dist_timeout) <= 0:
+            raise bad(f"distributed timeout must be > 0 seconds, got {self.dist_timeout}", "--dist-timeout",
+                      "e.g. 300")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise bad(f"seed must be a non-negative integer, got {self.seed!r}", "--seed", "e.g. --seed 0")
         return self

@@ -62,6 +62,8 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwri
     """
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     existing = run_dir.is_dir() and any(run_dir.iterdir())
+    if existing and resume:
+        remove_stale_temporaries(run_dir)
     if existing and resume and (run_dir / CHECKPOINT).is_file():
         saved = json.loads((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).is_file() else {}
         mine = config.to_dict()
@@ -91,6 +93,13 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwri
                          fix="choose a writable output directory") from exc
     atomic_write_json(run_dir / CONFIG, {**config.to_dict(), "sparsekit_version": sparsekit.__version__})
     return None
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete temporary files of atomic writes that a killed process left behind (``.NAME.*.tmp``)."""
+    for p in run_dir.glob(".*.tmp"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
 
 
 def build_run_model(config: TrainConfig, data: Any, method: Any) -> tuple[nn.Module, dict[str, Any] | None]:

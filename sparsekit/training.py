@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsekit import distributed as dist
 from sparsekit import rundir as rd
 from sparsekit.checkpoint import load_checkpoint, restore, save_checkpoint
 from sparsekit.config import TrainConfig
@@ -38,6 +39,8 @@ class Callbacks:
     on_step: Callable[[dict[str, Any]], None] | None = None
     on_epoch: Callable[[dict[str, Any]], None] | None = None
     on_message: Callable[[str], None] | None = None
+    #: Called on every rank (also under torchrun) after the run, with the final model and sparsifier.
+    on_end: Callable[[dict[str, Any]], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def emit(self, name: str, payload: Any) -> None:
@@ -114,15 +117,39 @@ class _StopFlag:
 
 def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
           callbacks: Callbacks | None = None) -> dict[str, Any]:
-    """Train one run and return its summary (also written to ``run_dir/summary.json``)."""
-    from sparsekit.data import load_dataset
-    from sparsekit.methods import make_method
+    """Train one run and return its summary (also written to ``run_dir/summary.json``).
+
+    Under torchrun (``WORLD_SIZE`` > 1) this joins the process group and trains with
+    DistributedDataParallel; only rank 0 writes the run directory and emits progress events (``on_end``
+    fires on every rank). See ``sparsekit.distributed``.
+    """
+    import torch.distributed as torch_dist
 
     cb = callbacks or Callbacks()
     config.validate()
     run_dir = Path(run_dir)
-    rd.check_run_dir(run_dir, resume=resume, overwrite=overwrite)  # fail fast, before loading data
-    device = resolve_device(config.device)
+    created_group = not (torch_dist.is_available() and torch_dist.is_initialized())
+    ctx = dist.setup(config.device, config.dist_timeout)
+    summary = _train(config, run_dir, resume=resume, overwrite=overwrite, cb=cb, ctx=ctx)
+    dist.teardown(ctx, created=created_group)
+    return summary
+
+
+def _train(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: bool, cb: Callbacks,
+           ctx: dist.DistContext) -> dict[str, Any]:
+    from sparsekit.data import load_dataset
+    from sparsekit.methods import make_method
+
+    main = ctx.is_main
+    faults = _Faults.from_env(ctx.rank)
+
+    def emit(name: str, payload: Any) -> None:
+        if main:
+            cb.emit(name, payload)
+
+    # fail fast, before loading data; under torchrun rank 0 decides and every rank raises its error
+    dist.on_main(lambda: rd.check_run_dir(run_dir, resume=resume, overwrite=overwrite), ctx)
+    device = ctx.device if ctx.enabled and ctx.device is not None else resolve_device(config.device)
     t_start = time.perf_counter()
 
     data = load_dataset(config.data, seed=config.seed, val_fraction=config.val_fraction,
@@ -141,31 +168,58 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, ove
     sp = sparsify(model, optimizer, method, sparsity=config.sparsity, total_steps=total_steps,
                   distribution=config.distribution, seed=config.seed, dense_first_layer=config.dense_first_layer,
                   erk_power_scale=config.erk_power_scale, layer_density=config.layer_density or None,
-                  init_batches=init_batches, loss_fn=F.cross_entropy)
+                  init_batches=init_batches, loss_fn=F.cross_entropy)  # masks broadcast from rank 0
     if config.init_from:
         rd.init_from_run(config.init_from, model, sp)
     # Everything the command asked for is valid: only now is the run directory created or replaced.
-    checkpoint = rd.prepare_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
+    prepared = dist.on_main(lambda: rd.prepare_run_dir(run_dir, config, resume=resume, overwrite=overwrite), ctx)
+    checkpoint_name = dist.broadcast_json(None if prepared is None else str(prepared), ctx)
+    checkpoint = None if checkpoint_name is None else Path(checkpoint_name)
 
     state: dict[str, Any] = {"epoch_loss_sum": 0.0, "epoch_correct": 0, "epoch_seen": 0, "train_seconds": 0.0,
                              "skipped_batches": 0}
     if checkpoint is not None:
-        tensors, meta = load_checkpoint(checkpoint)
+        tensors, meta = load_checkpoint(checkpoint)  # every rank reads it (shared filesystem)
         sp.load_state_dict(restore(tensors, meta, model=model, optimizer=optimizer))
         state.update(meta["state"])
-        rd.truncate_logs(run_dir, step=sp.step_count)
-        cb.emit("on_message", f"resumed from {checkpoint} at step {sp.step_count}/{total_steps}")
+        dist.on_main(lambda: rd.truncate_logs(run_dir, step=sp.step_count), ctx)
+        emit("on_message", f"resumed from {checkpoint} at step {sp.step_count}/{total_steps}")
     else:
-        rd.write_updates(run_dir, sp.update_log)
+        dist.on_main(lambda: rd.write_updates(run_dir, sp.update_log), ctx)
     sp.update_log.clear()
 
-    x_train, y_train = data.x_train, data.y_train
-    cb.emit("on_start", {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "epochs": total_epochs,
-                         "start_step": sp.step_count, "run_dir": str(run_dir)})
+    fwd: nn.Module = model
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel
 
-    def save(step_state: dict[str, Any]) -> None:
-        save_checkpoint(run_dir / rd.CHECKPOINT, model=model, optimizer=optimizer,
-                        sparsifier_state=sp.state_dict(), state=step_state)
+        fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if dist.debug_masks_enabled():
+            dist.verify_same(sp.masks(), ctx, what="masks", step=sp.step_count)
+
+            def _check(s: Any, step: int) -> None:
+                dist.verify_same(s.masks(), ctx, what="masks", step=step)
+                dist.verify_same({ly.name: ly.param for ly in s.layers}, ctx, what="weights", step=step)
+
+            sp.on_update.append(_check)
+
+    x_train, y_train = data.x_train, data.y_train
+    emit("on_start", {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "epochs": total_epochs,
+                      "start_step": sp.step_count, "run_dir": str(run_dir), "world_size": ctx.world_size})
+
+    def save(step_state: dict[str, Any], step: int) -> None:
+        before_commit = faults.before_commit(step)
+
+        def write() -> None:
+            try:
+                save_checkpoint(run_dir / rd.CHECKPOINT, model=model, optimizer=optimizer,
+                                sparsifier_state=sp.state_dict(), state=step_state, before_commit=before_commit)
+            except InputError as exc:  # disk full, permissions: the run stops, the old checkpoint stays
+                raise TrainingError(f"could not save the checkpoint at step {step}: {exc.what}",
+                                    where=str(run_dir / rd.CHECKPOINT),
+                                    fix="free disk space or fix permissions, then rerun the same command with "
+                                        "--resume; the previous checkpoint was kept") from exc
+
+        dist.on_main(write, ctx)
 
     model.train()
     seconds_before = float(state["train_seconds"])
@@ -174,27 +228,45 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, ove
     with _StopFlag() as stop:
         while sp.step_count < total_steps:
             step = sp.step_count + 1
+            faults.at_step(step)
             epoch, batch_idx = divmod(step - 1, steps_per_epoch)
             if order_epoch != epoch:
                 order, order_epoch = epoch_order(n_train, config.seed, epoch), epoch
             idx = order[batch_idx * config.batch_size:(batch_idx + 1) * config.batch_size]
+            n_global = len(idx)
+            if ctx.enabled:
+                idx = idx[dist.local_slice(n_global, ctx)]
             xb, yb = x_train[idx].to(device), y_train[idx].to(device)
             lr = schedule.lr(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            out = model(xb)
-            loss = F.cross_entropy(out, yb)
-            if not torch.isfinite(loss):
+            out = fwd(xb)
+            loss = F.cross_entropy(out, yb) if len(idx) else out.sum() * 0.0
+            loss = faults.corrupt_loss(step, loss)
+            loss_value = float(loss.detach())
+            correct = int((out.argmax(1) == yb).sum())
+            loss_sum = loss_value * len(idx)
+            stopping = stop.signal is not None
+            if ctx.enabled:  # one all-reduce: global loss/accuracy, and any rank's stop request
+                loss_sum, g_correct, _, g_stop = dist.all_reduce_sum(
+                    [loss_sum, float(correct), float(len(idx)), float(stopping)], ctx)
+                correct, stopping = int(g_correct), g_stop > 0
+                loss_value = loss_sum / max(n_global, 1)
+            if not math.isfinite(loss_value):
                 if config.nan_policy == "skip-batch":
                     optimizer.zero_grad(set_to_none=True)
                     state["skipped_batches"] += 1
                     sp.step_count += 1  # the step is consumed (schedules stay aligned), weights unchanged
                     continue
-                raise TrainingError(f"loss became {float(loss)} at step {step} (epoch {epoch + 1})",
+                raise TrainingError(f"loss became {loss_value} at step {step} (epoch {epoch + 1})",
                                     where=str(run_dir),
                                     fix="lower --lr, add --clip-grad, or use --nan-policy skip-batch; "
                                         "the last good checkpoint was kept")
-            loss.backward()
+            if ctx.enabled:
+                with dist.guard(f"the gradient all-reduce of step {step}"):
+                    (loss * dist.loss_weight(len(idx), n_global, ctx)).backward()
+            else:
+                loss.backward()
             take = sp.pre_step()
             if config.clip_grad is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
@@ -202,18 +274,18 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, ove
                 optimizer.step()
             sp.post_step()
             optimizer.zero_grad(set_to_none=True)
-            loss_value = float(loss.detach())
-            state["epoch_loss_sum"] += loss_value * len(idx)
-            state["epoch_correct"] += int((out.argmax(1) == yb).sum())
-            state["epoch_seen"] += len(idx)
+            state["epoch_loss_sum"] += loss_sum
+            state["epoch_correct"] += correct
+            state["epoch_seen"] += n_global
             if sp.update_log:
-                rd.write_updates(run_dir, sp.update_log)
+                log = list(sp.update_log)
+                dist.on_main(lambda log=log: rd.write_updates(run_dir, log), ctx)
                 sp.update_log.clear()
-            cb.emit("on_step", {"step": step, "total_steps": total_steps, "loss": loss_value, "lr": lr,
-                                "sparsity": sp.realized_sparsity(), "epoch": epoch + 1})
+            emit("on_step", {"step": step, "total_steps": total_steps, "loss": loss_value, "lr": lr,
+                             "sparsity": sp.realized_sparsity(), "epoch": epoch + 1})
             end_of_epoch = batch_idx == steps_per_epoch - 1
             if end_of_epoch:
-                test_loss, test_acc = evaluate(model, data.x_test, data.y_test, config.eval_batch_size, device)
+                test_loss, test_acc = _evaluate(model, data.x_test, data.y_test, config.eval_batch_size, device, ctx)
                 seen = max(state["epoch_seen"], 1)
                 elapsed = seconds_before + time.perf_counter() - t_loop
                 record = {"epoch": epoch + 1, "step": step, "train_loss": state["epoch_loss_sum"] / seen,
@@ -221,23 +293,111 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, ove
                           "test_accuracy": test_acc, "sparsity": sp.realized_sparsity(), "lr": lr,
                           "seconds": elapsed}
                 state.update(epoch_loss_sum=0.0, epoch_correct=0, epoch_seen=0)
-                rd.append_metrics(run_dir, record)
-                cb.emit("on_epoch", record)
+                dist.on_main(lambda record=record: rd.append_metrics(run_dir, record), ctx)
+                emit("on_epoch", record)
             due = end_of_epoch or (config.checkpoint_every and step % config.checkpoint_every == 0)
-            if due or stop.signal is not None:
+            if due or stopping:
                 state["train_seconds"] = seconds_before + time.perf_counter() - t_loop
-                save(state)
-            if stop.signal is not None:
-                raise TrainingError(f"interrupted by signal {stop.signal} at step {step}", where=str(run_dir),
+                save(state, step)
+            if stopping:
+                what = f"signal {stop.signal}" if stop.signal is not None else "a signal on another rank"
+                raise TrainingError(f"interrupted by {what} at step {step}; checkpoint saved", where=str(run_dir),
                                     fix="run the same command with --resume to continue from the checkpoint")
     state["train_seconds"] = seconds_before + time.perf_counter() - t_loop
-    test_loss, test_acc = evaluate(model, data.x_test, data.y_test, config.eval_batch_size, device)
-    summary = rd.finish_run(run_dir, config=config, model=model, sparsifier=sp, data=data,
-                            test_loss=test_loss, test_accuracy=test_acc, train_seconds=state["train_seconds"],
-                            total_steps=total_steps, width_info=width_info,
-                            wall_seconds=time.perf_counter() - t_start, device=device)
-    save(state)
+    test_loss, test_acc = _evaluate(model, data.x_test, data.y_test, config.eval_batch_size, device, ctx)
+
+    def finish() -> dict[str, Any]:
+        summary = rd.finish_run(run_dir, config=config, model=model, sparsifier=sp, data=data,
+                                test_loss=test_loss, test_accuracy=test_acc, train_seconds=state["train_seconds"],
+                                total_steps=total_steps, width_info=width_info,
+                                wall_seconds=time.perf_counter() - t_start, device=device)
+        if ctx.enabled:
+            summary["world_size"] = ctx.world_size
+        return summary
+
+    summary = dist.on_main(finish, ctx)
+    save(state, sp.step_count)
+    summary = dist.broadcast_json(summary, ctx)
+    if cb.on_end is not None:
+        cb.on_end({"model": model, "sparsifier": sp, "rank": ctx.rank, "world_size": ctx.world_size})
     return summary
+
+
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device,
+              ctx: dist.DistContext) -> tuple[float, float]:
+    """``evaluate`` over the whole split; under torchrun each rank takes a shard and the sums are reduced."""
+    if not ctx.enabled:
+        return evaluate(model, x, y, batch_size, device)
+    sl = dist.local_slice(len(x), ctx)
+    xs, ys = x[sl], y[sl]
+    n = len(xs)
+    loss, acc = evaluate(model, xs, ys, batch_size, device) if n else (0.0, 0.0)
+    total_loss, correct = dist.all_reduce_sum([loss * n, acc * n], ctx)
+    m = max(len(x), 1)
+    return total_loss / m, round(correct) / m
+
+
+class _Faults:
+    """Fault injection for tests (``SPARSEKIT_FAULT``), never set in normal use.
+
+    Comma-separated ``KIND@STEP`` or ``KIND@STEP/RANK`` items: ``kill`` (SIGKILL itself when step STEP
+    begins), ``kill-in-save`` (SIGKILL after the checkpoint of step >= STEP is written to its temporary
+    file, before the rename), ``sigterm`` (send itself SIGTERM), ``nan`` (the loss of that step becomes
+    NaN), ``hang`` (sleep forever, a stuck rank). Faults fire only on torchrun's first attempt
+    (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so ``--max-restarts`` can show recovery.
+    """
+
+    ENV = "SPARSEKIT_FAULT"
+
+    def __init__(self, items: list[tuple[str, int]]) -> None:
+        self.items = items
+
+    @classmethod
+    def from_env(cls, rank: int) -> _Faults:
+        import os
+
+        spec = os.environ.get(cls.ENV, "").strip()
+        if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
+            return cls([])
+        items = []
+        for part in spec.split(","):
+            kind, _, rest = part.strip().partition("@")
+            step_s, _, rank_s = rest.partition("/")
+            try:
+                step_n = int(step_s)
+                if rank_s and int(rank_s) != rank:
+                    continue
+            except ValueError as exc:
+                raise InputError(f"malformed {cls.ENV} item {part!r}", where=cls.ENV,
+                                 fix="write KIND@STEP[/RANK], e.g. kill@12; or unset it") from exc
+            items.append((kind, step_n))
+        return cls(items)
+
+    def at_step(self, step: int) -> None:
+        import os
+
+        for kind, at in self.items:
+            if at != step:
+                continue
+            if kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif kind == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            elif kind == "hang":
+                while True:
+                    time.sleep(60)
+
+    def corrupt_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        if any(kind == "nan" and at == step for kind, at in self.items):
+            return loss * float("nan")
+        return loss
+
+    def before_commit(self, step: int) -> Callable[[Path], None] | None:
+        import os
+
+        if any(kind == "kill-in-save" and step >= at for kind, at in self.items):
+            return lambda tmp: os.kill(os.getpid(), signal.SIGKILL)
+        return None
 
 
 def _init_batches(data: Any, config: TrainConfig, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
