@@ -1,0 +1,116 @@
+"""``sparsekit compare``: sweep methods × sparsities × seeds, then table, CSV, JSON and a plot."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+from sparsekit.cli.main import app
+from sparsekit.cli.render import print_json, stderr_console, stdout_console
+
+from sparsekit.errors import InputError
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(s) for s in text.split(",") if s.strip()]
+    except ValueError as exc:
+        raise InputError(f"malformed {flag} {text!r}", where=flag, fix="give a comma list, e.g. 0.9,0.98") from exc
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  sparsekit compare --quick --out runs/cmp-quick\n\n"
+        "  sparsekit compare --model lenet300 --data npz:digits28.npz --methods "
+        "rigl,set,snfs,snip,static,small-dense,pruning,dense --sparsity 0.9,0.98 --seeds 2 --epochs 30 "
+        "--batch-size 128 --out runs/cmp"
+    )
+)
+def compare(
+    model: str = typer.Option("mlp", "--model", help="Model spec (see `sparsekit models`)."),
+    model_kwargs: list[str] = typer.Option(None, "--model-kwargs", help="key=value for the model; repeatable."),
+    data: str = typer.Option("digits", "--data", help="Dataset spec (see `sparsekit datasets`)."),
+    methods: str = typer.Option("rigl,set,snfs,snip,static,small-dense,pruning,dense", "--methods",
+                                help="Comma list of methods (dense is trained once per seed)."),
+    sparsity: str = typer.Option("0.9", "--sparsity", help="Comma list of sparsity levels, e.g. 0.9,0.98."),
+    seeds: int = typer.Option(None, "--seeds", help="Seeds per (method, sparsity): 0..N-1. [default: 3; 1 with --quick]"),
+    epochs: int = typer.Option(None, "--epochs", help="Epochs per run. [default: 60; 2 with --quick]"),
+    out: Path = typer.Option(Path("runs/compare"), "--out", help="Sweep directory (one run dir per run)."),
+    quick: bool = typer.Option(False, "--quick", help="CI mode: at most 2 epochs, mask updates every 5 steps, 1 seed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Retrain runs that already exist."),
+    json_out: bool = typer.Option(False, "--json", help="Print compare.json on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-run progress lines."),
+    distribution: str = typer.Option(None, "--distribution", help="uniform | er | erk. [default: erk]"),
+    batch_size: int = typer.Option(None, "--batch-size", help="Mini-batch size. [default: 64]"),
+    optimizer: str = typer.Option(None, "--optimizer", help="sgd | adam | adamw. [default: sgd]"),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate. [default: 0.1]"),
+    momentum: float = typer.Option(None, "--momentum", help="SGD momentum. [default: 0.9]"),
+    nesterov: bool = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum."),
+    weight_decay: float = typer.Option(None, "--weight-decay", help="L2 weight decay. [default: 5e-4]"),
+    lr_schedule: str = typer.Option(None, "--lr-schedule", help="cosine | step | constant. [default: cosine]"),
+    warmup_epochs: float = typer.Option(None, "--warmup-epochs", help="Linear LR warm-up epochs."),
+    train_multiplier: float = typer.Option(None, "--train-multiplier", help="Scale training length (1x/2x/5x)."),
+    dense_first_layer: bool = typer.Option(None, "--dense-first-layer/--sparse-first-layer",
+                                           help="With uniform: keep the first layer dense."),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda."),
+    val_fraction: float = typer.Option(None, "--val-fraction", help="Held-out fraction without a test split."),
+    update_interval: int = typer.Option(None, "--update-interval", help="RigL/SET/SNFS: ΔT."),
+    update_end: float = typer.Option(None, "--update-end", help="RigL/SET/SNFS: fraction of training with updates."),
+    drop_fraction: float = typer.Option(None, "--drop-fraction", help="RigL/SET/SNFS: α."),
+    drop_schedule: str = typer.Option(None, "--drop-schedule", help="cosine | constant | linear."),
+    snip_batches: int = typer.Option(None, "--snip-batches", help="SNIP: mini-batches scored at init."),
+    snip_scope: str = typer.Option(None, "--snip-scope", help="SNIP: layer | global."),
+    redistribute: bool = typer.Option(None, "--redistribute/--no-redistribute", help="SNFS: momentum redistribution."),
+    prune_begin: float = typer.Option(None, "--prune-begin", help="Pruning: start (fraction of training)."),
+    prune_end: float = typer.Option(None, "--prune-end", help="Pruning: end (fraction of training)."),
+    prune_interval: int = typer.Option(None, "--prune-interval", help="Pruning: steps between pruning steps."),
+) -> None:
+    """Train every (method, sparsity, seed), then print the paper-style table and write
+    compare.csv, compare.json and compare.png (accuracy vs training FLOPs) into --out."""
+    from sparsekit.cli.train import METHOD_FLAGS
+
+    from sparsekit.compare import CompareSpec, format_row, run_compare
+    from sparsekit.models import parse_model_kwargs
+
+    local = dict(locals())
+    train: dict[str, Any] = {k: local[k] for k in (
+        "model", "data", "epochs", "distribution", "batch_size", "optimizer", "lr", "momentum", "nesterov",
+        "weight_decay", "lr_schedule", "warmup_epochs", "train_multiplier", "dense_first_layer", "device",
+        "val_fraction")}
+    if model_kwargs:
+        train["model_kwargs"] = parse_model_kwargs(model_kwargs)
+    options = {opt: local[flag] for flag, opt in METHOD_FLAGS.items() if flag in local and local[flag] is not None}
+    spec = CompareSpec(methods=[m.strip() for m in methods.split(",") if m.strip()],
+                       sparsities=_floats(sparsity, "--sparsity"),
+                       seeds=seeds if seeds is not None else (1 if quick else 3),
+                       train=train, method_options=options, quick=quick)
+    err = stderr_console()
+
+    def on_run(info: dict[str, Any]) -> None:
+        if quiet:
+            return
+        acc = info["test_accuracy"]
+        how = "reused" if info["reused"] else f"{info['train_seconds']:.1f}s"
+        err.print(f"[{info['index']}/{info['total']}] {info['name']}: test acc "
+                  f"{'—' if acc is None else f'{100 * acc:.2f}%'} ({how})")
+
+    result = run_compare(spec, out, overwrite=overwrite, on_run=on_run)
+    if json_out:
+        print_json(result)
+        return
+    t = Table(title=f"compare: {result['spec'].get('model')} on {result['spec'].get('data')}, "
+                    f"{spec.seeds} seed(s), {result['spec'].get('epochs')} epochs")
+    cols = [("method", "method"), ("sparsity", "sparsity"), ("accuracy", "test acc % (mean ± std)"),
+            ("best", "best acc %"), ("realized", "realised sparsity"), ("train_flops", "train FLOPs ×dense"),
+            ("inference_flops", "infer FLOPs ×dense"), ("params", "params (nonzero)"), ("seconds", "time s")]
+    for _, title in cols:
+        t.add_column(title, justify="left" if title == "method" else "right")
+    for row in result["rows"]:
+        f = format_row(row)
+        t.add_row(*[f[k] for k, _ in cols])
+    stdout_console().print(t)
+    print(f"wrote {', '.join(result['files'].values())}", file=sys.stderr)

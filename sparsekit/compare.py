@@ -1,0 +1,292 @@
+"""``sparsekit compare``: the RigL paper's comparison on your model and data, in one call.
+
+Every (method, sparsity, seed) is one ordinary training run in ``OUT/<method>-<sparsity>-s<seed>``
+(``dense`` once per seed, in ``OUT/dense-s<seed>``), trained with :func:`sparsekit.training.train`.
+The sweep is resumable: a run with a ``summary.json`` is reused (after checking its config matches),
+an interrupted one continues from its checkpoint. Results are aggregated over seeds into rows
+(accuracy mean ± std, realised sparsity, training and inference FLOPs relative to dense, parameters,
+time) and written as ``compare.csv``, ``compare.json`` and ``compare.png`` (accuracy vs training
+FLOPs with error bars, one marker per method and sparsity, like the paper's ResNet-50 figure).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sparsekit.config import TrainConfig
+from sparsekit.errors import InputError
+from sparsekit.fileio import atomic_path, atomic_write_json
+
+CSV_COLUMNS = ["method", "sparsity", "runs", "accuracy_mean", "accuracy_std", "best_accuracy_mean",
+               "realized_sparsity", "train_flops_vs_dense", "inference_flops_vs_dense", "params_nonzero",
+               "train_seconds_mean"]
+# Settings that may differ between the sweep that wrote a run and this one without changing the result.
+_FREE = {"device", "checkpoint_every", "eval_batch_size", "sparsekit_version"}
+# Options shortened for CI by --quick (unless given explicitly): mask updates must happen in tiny runs.
+QUICK_EPOCHS = 2
+QUICK_OPTIONS = {"update_interval": 5, "prune_interval": 5}
+
+
+@dataclass
+class CompareSpec:
+    """What to sweep. ``train`` holds TrainConfig fields shared by every run (epochs, lr, ...);
+    ``method_options`` are offered to every method that takes them (e.g. update_interval)."""
+
+    methods: list[str]
+    sparsities: list[float]
+    seeds: int = 1
+    train: dict[str, Any] = field(default_factory=dict)
+    method_options: dict[str, Any] = field(default_factory=dict)
+    quick: bool = False
+
+    def validate(self) -> CompareSpec:
+        from sparsekit.methods import get_method_class
+
+        if not self.methods:
+            raise InputError("no methods to compare", where="--methods", fix="e.g. --methods rigl,static,dense")
+        for m in self.methods:
+            get_method_class(m)
+        if len(set(self.methods)) != len(self.methods):
+            raise InputError("a method is listed twice", where="--methods", fix="list each method once")
+        if not self.sparsities and any(get_method_class(m).sparse or m == "small-dense" for m in self.methods):
+            raise InputError("no sparsity levels given", where="--sparsity", fix="e.g. --sparsity 0.9,0.98")
+        for s in self.sparsities:
+            if not 0.0 < s < 1.0:
+                raise InputError(f"sparsity {s} is outside (0, 1)", where="--sparsity", fix="e.g. --sparsity 0.9,0.98")
+        if not isinstance(self.seeds, int) or self.seeds < 1:
+            raise InputError(f"--seeds {self.seeds!r} must be a positive integer", where="--seeds",
+                             fix="e.g. --seeds 3")
+        return self
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    method: str
+    sparsity: float  # 0.0 for dense
+    seed: int
+    name: str
+    config: TrainConfig
+
+
+def run_name(method: str, sparsity: float, seed: int) -> str:
+    return f"dense-s{seed}" if method == "dense" else f"{method}-{sparsity:g}-s{seed}"
+
+
+def plan_runs(spec: CompareSpec) -> list[PlannedRun]:
+    """Every run of the sweep, dense first for each seed (it anchors the ×dense columns)."""
+    from sparsekit.methods import get_method_class
+
+    spec.validate()
+    train = dict(spec.train)
+    options = dict(spec.method_options)
+    if spec.quick:
+        train["epochs"] = min(int(train.get("epochs") or QUICK_EPOCHS), QUICK_EPOCHS)
+        for k, v in QUICK_OPTIONS.items():
+            options.setdefault(k, v)
+    runs = []
+    for seed in range(spec.seeds):
+        for method in (["dense"] if "dense" in spec.methods else []):
+            runs.append(_planned(method, 0.0, seed, train, options))
+        for sparsity in spec.sparsities:
+            for method in spec.methods:
+                if method != "dense":
+                    runs.append(_planned(method, sparsity, seed, train, options))
+    for r in runs:  # fail before the first run if any option is wrong
+        get_method_class(r.method)(**r.config.method_options)
+    return runs
+
+
+def _planned(method: str, sparsity: float, seed: int, train: dict[str, Any], options: dict[str, Any]) -> PlannedRun:
+    from sparsekit.methods import get_method_class
+
+    cls = get_method_class(method)
+    opts = {**cls.defaults, **{k: v for k, v in options.items() if k in cls.defaults}}
+    data = {**TrainConfig().to_dict(), **{k: v for k, v in train.items() if v is not None},
+            "method": method, "sparsity": sparsity, "seed": seed, "method_options": opts}
+    return PlannedRun(method, sparsity, seed, run_name(method, sparsity, seed), TrainConfig(**data).validate())
+
+
+def _reusable(run_dir: Path, config: TrainConfig) -> dict[str, Any] | None:
+    """The summary of a finished run with the same settings; None when the run must (re)start."""
+    summary_path, config_path = run_dir / "summary.json", run_dir / "config.json"
+    if not (summary_path.is_file() and config_path.is_file()):
+        return None
+    saved = json.loads(config_path.read_text())
+    mine = config.to_dict()
+    diff = sorted(k for k in mine if k not in _FREE and saved.get(k) != mine[k])
+    if diff:
+        raise InputError(f"{run_dir} holds a finished run with different settings ({', '.join(diff)})",
+                         where="--out", fix="choose another --out, or pass --overwrite to retrain it")
+    return json.loads(summary_path.read_text())
+
+
+def run_compare(spec: CompareSpec, out_dir: str | Path, *, overwrite: bool = False,
+                on_run: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train (or reuse) every run of the sweep, then aggregate and write csv/json/png into ``out_dir``."""
+    from sparsekit.training import train
+
+    out = Path(out_dir)
+    runs = plan_runs(spec)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries: list[tuple[PlannedRun, dict[str, Any]]] = []
+    for i, run in enumerate(runs, 1):
+        run_dir = out / run.name
+        summary = None if overwrite else _reusable(run_dir, run.config)
+        reused = summary is not None
+        if summary is None:
+            summary = train(run.config, run_dir, resume=not overwrite, overwrite=overwrite)
+        summaries.append((run, summary))
+        if on_run is not None:
+            on_run({"index": i, "total": len(runs), "name": run.name, "reused": reused,
+                    "test_accuracy": summary.get("test_accuracy"), "train_seconds": summary.get("train_seconds")})
+    result = aggregate(summaries, spec)
+    write_outputs(out, result)
+    return result
+
+
+def _run_record(run: PlannedRun, s: dict[str, Any]) -> dict[str, Any]:
+    flops = s.get("flops", {})
+    training = flops.get("training", {})
+    return {
+        "name": run.name, "method": run.method, "sparsity": run.sparsity, "seed": run.seed,
+        "test_accuracy": s.get("test_accuracy"), "best_test_accuracy": s.get("best_test_accuracy"),
+        "realized_sparsity": s.get("realized_sparsity"),
+        "train_flops_vs_dense": training.get("vs_dense"),
+        "inference_flops_vs_dense": flops.get("inference_vs_dense"),
+        "params_nonzero": s.get("params", {}).get("nonzero"), "params_total": s.get("params", {}).get("total"),
+        "train_seconds": s.get("train_seconds"), "small_dense": s.get("small_dense"),
+    }
+
+
+def _mean(values: list[Any]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def _std(values: list[Any]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return statistics.stdev(vals) if len(vals) > 1 else (0.0 if vals else None)
+
+
+def aggregate(summaries: list[tuple[PlannedRun, dict[str, Any]]], spec: CompareSpec) -> dict[str, Any]:
+    """Rows per (method, sparsity), in the order methods and sparsities were given (dense first)."""
+    records = [_run_record(r, s) for r, s in summaries]
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for rec in records:
+        groups.setdefault((rec["method"], rec["sparsity"]), []).append(rec)
+    rows = []
+    for (method, sparsity), recs in groups.items():
+        rows.append({
+            "method": method, "sparsity": sparsity, "runs": len(recs),
+            "accuracy_mean": _mean([r["test_accuracy"] for r in recs]),
+            "accuracy_std": _std([r["test_accuracy"] for r in recs]),
+            "best_accuracy_mean": _mean([r["best_test_accuracy"] for r in recs]),
+            "realized_sparsity": _mean([r["realized_sparsity"] for r in recs]),
+            "train_flops_vs_dense": _mean([r["train_flops_vs_dense"] for r in recs]),
+            "inference_flops_vs_dense": _mean([r["inference_flops_vs_dense"] for r in recs]),
+            "params_nonzero": _mean([r["params_nonzero"] for r in recs]),
+            "train_seconds_mean": _mean([r["train_seconds"] for r in recs]),
+        })
+    first = summaries[0][1] if summaries else {}
+    return {"spec": {"methods": spec.methods, "sparsities": spec.sparsities, "seeds": spec.seeds,
+                     "quick": spec.quick, "model": first.get("config", {}).get("model"),
+                     "data": first.get("config", {}).get("data"), "epochs": first.get("config", {}).get("epochs")},
+            "rows": rows, "runs": records}
+
+
+def write_outputs(out: Path, result: dict[str, Any]) -> dict[str, str]:
+    files = {"csv": str(out / "compare.csv"), "json": str(out / "compare.json"), "png": str(out / "compare.png")}
+    lines: list[list[Any]] = [CSV_COLUMNS]
+    for row in result["rows"]:
+        lines.append(["" if row[c] is None else row[c] for c in CSV_COLUMNS])
+    with atomic_path(out / "compare.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows(lines)
+    result["files"] = files
+    atomic_write_json(out / "compare.json", result)
+    plot_accuracy_vs_flops(result["rows"], out / "compare.png",
+                           title=_title(result.get("spec", {})))
+    return files
+
+
+def _title(spec: dict[str, Any]) -> str:
+    bits = [str(spec.get(k)) for k in ("model", "data") if spec.get(k)]
+    seeds = spec.get("seeds")
+    return "accuracy vs training FLOPs" + (f" — {' on '.join(bits)}" if bits else "") + \
+        (f" ({seeds} seed{'s' if seeds != 1 else ''}, mean ± std)" if seeds else "")
+
+
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">"]
+
+
+def plot_accuracy_vs_flops(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> None:
+    """Test accuracy (%) against training FLOPs relative to dense: colour = method, marker = sparsity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    sparsities = sorted({r["sparsity"] for r in rows if r["method"] != "dense"})
+    cmap = plt.get_cmap("tab10")
+    colors = {m: cmap(i % 10) for i, m in enumerate(methods)}
+    fig, ax = plt.subplots(figsize=(9.5, 5.5), dpi=110)
+    for r in rows:
+        if r["accuracy_mean"] is None or r["train_flops_vs_dense"] is None:
+            continue
+        x, y = r["train_flops_vs_dense"], 100 * r["accuracy_mean"]
+        yerr = 100 * (r["accuracy_std"] or 0.0)
+        if r["method"] == "dense":
+            ax.axhline(y, color=colors["dense"], ls="--", lw=1, alpha=0.6)
+            marker = "*"
+        else:
+            marker = _MARKERS[sparsities.index(r["sparsity"]) % len(_MARKERS)]
+        ax.errorbar([x], [y], yerr=[yerr], fmt=marker, color=colors[r["method"]], ms=9, capsize=4,
+                    mec="black", mew=0.6)
+        label = "dense" if r["method"] == "dense" else f"{r['method']} {r['sparsity']:g}"
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colors[m], marker="*" if m == "dense" else "o", ls="", ms=8, label=m)
+               for m in methods]
+    handles += [Line2D([], [], color="black", mfc="white", marker=_MARKERS[i % len(_MARKERS)], ls="", ms=8,
+                       label=f"sparsity {s:g}") for i, s in enumerate(sparsities)]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    xs = [r["train_flops_vs_dense"] for r in rows if r["train_flops_vs_dense"]]
+    if xs and max(xs) / max(min(xs), 1e-12) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (× dense)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def format_row(row: dict[str, Any]) -> dict[str, str]:
+    """Strings for the rich table."""
+    def pct(v: float | None) -> str:
+        return "—" if v is None else f"{100 * v:.2f}"
+
+    acc = pct(row["accuracy_mean"])
+    if row["accuracy_std"] is not None and row["runs"] > 1:
+        acc += f" ± {100 * row['accuracy_std']:.2f}"
+    return {
+        "method": row["method"], "sparsity": "—" if row["method"] == "dense" else f"{row['sparsity']:g}",
+        "accuracy": acc, "best": pct(row["best_accuracy_mean"]),
+        "realized": "—" if row["realized_sparsity"] is None else f"{row['realized_sparsity']:.4f}",
+        "train_flops": "—" if row["train_flops_vs_dense"] is None else f"{row['train_flops_vs_dense']:.3f}×",
+        "inference_flops": "—" if row["inference_flops_vs_dense"] is None
+        else f"{row['inference_flops_vs_dense']:.3f}×",
+        "params": "—" if row["params_nonzero"] is None else f"{row['params_nonzero']:,.0f}",
+        "seconds": "—" if row["train_seconds_mean"] is None or math.isnan(row["train_seconds_mean"])
+        else f"{row['train_seconds_mean']:.1f}",
+    }
