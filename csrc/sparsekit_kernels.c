@@ -475,20 +475,66 @@ done:
     return ret;
 }
 
-/* x (B, n) row-major -> panels (P, n, PANEL), samples beyond B zero. Blocked by 16 features. */
+#if SK_X86
+/* 8x8 float transpose: dst[c][r] = src[r][c] (row strides ss, ds in floats). */
+SK_AVX2 static void tr8x8_avx2(const float *src, int64_t ss, float *dst, int64_t ds) {
+    __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + ss), r2 = _mm256_loadu_ps(src + 2 * ss),
+           r3 = _mm256_loadu_ps(src + 3 * ss), r4 = _mm256_loadu_ps(src + 4 * ss), r5 = _mm256_loadu_ps(src + 5 * ss),
+           r6 = _mm256_loadu_ps(src + 6 * ss), r7 = _mm256_loadu_ps(src + 7 * ss);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+           t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+           t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)),
+           u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2)),
+           u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)), u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2)),
+           u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)), u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+    _mm256_storeu_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(dst + ds, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(dst + 2 * ds, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(dst + 3 * ds, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(dst + 4 * ds, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(dst + 5 * ds, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(dst + 6 * ds, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(dst + 7 * ds, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+#endif
+
+/* Transpose a rows x cols block: dst[c * ds + r] = src[r * ss + c]; 8x8 tiles with AVX2. The loop
+ * keeps 8 rows of the side with the long stride fixed while it walks the other (cols_outer: dst side),
+ * so that side's lines are not all thrown out of one L1 set by 4 KiB aliasing. */
+static void transpose_block(const float *src, int64_t ss, float *dst, int64_t ds, int64_t rows, int64_t cols,
+                            int cols_outer) {
+#if SK_X86
+    if (g_isa >= ISA_AVX2) {
+        const int64_t R = rows & ~(int64_t)7, C = cols & ~(int64_t)7;
+        if (cols_outer) {
+            for (int64_t c0 = 0; c0 < C; c0 += 8)
+                for (int64_t r0 = 0; r0 < R; r0 += 8) tr8x8_avx2(src + r0 * ss + c0, ss, dst + c0 * ds + r0, ds);
+        } else {
+            for (int64_t r0 = 0; r0 < R; r0 += 8)
+                for (int64_t c0 = 0; c0 < C; c0 += 8) tr8x8_avx2(src + r0 * ss + c0, ss, dst + c0 * ds + r0, ds);
+        }
+        for (int64_t r = 0; r < rows; r++)  /* ragged edges */
+            for (int64_t c = (r < R ? C : 0); c < cols; c++) dst[c * ds + r] = src[r * ss + c];
+        return;
+    }
+#endif
+    (void)cols_outer;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) dst[c * ds + r] = src[r * ss + c];
+}
+
+/* x (B, n) row-major -> panels (P, n, PANEL), samples beyond B zero. Tiles of 64 features. */
 static void to_panels_range(const float *x, float *xp, int64_t B, int64_t n, int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; p++) {
         float *dst = xp + p * n * PANEL;
         const int64_t b0 = p * PANEL;
         const int64_t tb = (B - b0) < PANEL ? (B - b0) : PANEL;
-        for (int64_t i0 = 0; i0 < n; i0 += 16) {
-            const int64_t i1 = i0 + 16 < n ? i0 + 16 : n;
-            for (int64_t t = 0; t < tb; t++) {
-                const float *src = x + (b0 + t) * n;
-                for (int64_t i = i0; i < i1; i++) dst[i * PANEL + t] = src[i];
-            }
-            for (int64_t t = tb; t < PANEL; t++)
-                for (int64_t i = i0; i < i1; i++) dst[i * PANEL + t] = 0.f;
+        for (int64_t i0 = 0; i0 < n; i0 += 64) {
+            const int64_t w = n - i0 < 64 ? n - i0 : 64;
+            transpose_block(x + b0 * n + i0, n, dst + i0 * PANEL, PANEL, tb, w, 0);
+            if (tb < PANEL)
+                for (int64_t i = i0; i < i0 + w; i++) memset(dst + i * PANEL + tb, 0, (size_t)(PANEL - tb) * 4);
         }
     }
 }
@@ -498,12 +544,9 @@ static void from_panels_range(const float *yp, float *y, int64_t B, int64_t n, i
         const float *src = yp + p * n * PANEL;
         const int64_t b0 = p * PANEL;
         const int64_t tb = (B - b0) < PANEL ? (B - b0) : PANEL;
-        for (int64_t i0 = 0; i0 < n; i0 += 16) {
-            const int64_t i1 = i0 + 16 < n ? i0 + 16 : n;
-            for (int64_t t = 0; t < tb; t++) {
-                float *dst = y + (b0 + t) * n;
-                for (int64_t i = i0; i < i1; i++) dst[i] = src[i * PANEL + t];
-            }
+        for (int64_t i0 = 0; i0 < n; i0 += 64) {
+            const int64_t w = n - i0 < 64 ? n - i0 : 64;
+            transpose_block(src + i0 * PANEL, PANEL, y + b0 * n + i0, n, w, tb, 1);
         }
     }
 }
