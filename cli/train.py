@@ -64,6 +64,7 @@ def train(
     distribution: str = typer.Option(None, "--distribution", help="Per-layer density: uniform | er | erk. [default: erk]"),
     dense_first_layer: bool = typer.Option(None, "--dense-first-layer/--sparse-first-layer",
                                            help="With uniform: keep the first layer dense (paper). [default: dense]"),
+    sparse_init: str = typer.Option(None, "--sparse-init", help="scaled (each unit's weights rescaled to its sparse fan-in) | dense (dense init, masked). [default: scaled]"),
     erk_power_scale: float = typer.Option(None, "--erk-power-scale", help="Exponent on ERK/ER raw densities. [default: 1.0]"),
     layer_density: list[str] = typer.Option(None, "--layer-density", help="PATTERN=DENSITY fixed per-layer density "
                                             "(fnmatch on parameter names, e.g. 'net.1.weight=0.5'); repeatable."),
@@ -117,7 +118,7 @@ def train(
     local = dict(locals())
     cli: dict[str, Any] = {
         "model": model, "data": data, "method": method, "sparsity": sparsity, "distribution": distribution,
-        "dense_first_layer": dense_first_layer, "erk_power_scale": erk_power_scale, "epochs": epochs,
+        "dense_first_layer": dense_first_layer, "sparse_init": sparse_init, "erk_power_scale": erk_power_scale, "epochs": epochs,
         "train_multiplier": train_multiplier, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
         "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay, "lr_schedule": lr_schedule,
         "warmup_epochs": warmup_epochs, "clip_grad": clip_grad, "seed": seed, "device": device,

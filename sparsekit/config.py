@@ -18,6 +18,7 @@ from sparsekit.errors import InputError, close_matches
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 NAN_POLICIES = ("stop", "skip-batch")
+SPARSE_INITS = ("scaled", "dense")
 
 
 @dataclass
@@ -38,6 +39,7 @@ class TrainConfig:
     dense_first_layer: bool = True
     erk_power_scale: float = 1.0
     layer_density: dict[str, float] = field(default_factory=dict)
+    sparse_init: str = "scaled"
     epochs: int = 60
     train_multiplier: float = 1.0
     batch_size: int = 64
@@ -100,7 +102,8 @@ class TrainConfig:
         from sparsekit.schedules import LR_SCHEDULES
 
         for name, choices in (("optimizer", OPTIMIZERS), ("device", DEVICES), ("nan_policy", NAN_POLICIES),
-                              ("distribution", DISTRIBUTIONS), ("lr_schedule", LR_SCHEDULES)):
+                              ("distribution", DISTRIBUTIONS), ("lr_schedule", LR_SCHEDULES),
+                              ("sparse_init", SPARSE_INITS)):
             value = getattr(self, name)
             if value not in choices:
                 raise bad(f"unknown {name.replace('_', ' ')} {value!r}", f"--{name.replace('_', '-')}",

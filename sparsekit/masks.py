@@ -9,7 +9,6 @@ entry is the true dense gradient that RigL grows by, and squashing for export is
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -61,15 +60,24 @@ def prunable_weights(model: nn.Module, *, exclude: tuple[str, ...] = ()) -> dict
     return found
 
 
-@dataclass
 class SparseLayer:
-    """One prunable weight under a mask."""
+    """One prunable weight under a mask (bool, same shape and device as the weight)."""
 
-    index: int  # position in the prunable list: part of the tie-break key
-    name: str
-    param: nn.Parameter
-    mask: torch.Tensor  # bool, same shape and device as param
-    plan: LayerPlan
+    def __init__(self, index: int, name: str, param: nn.Parameter, mask: torch.Tensor, plan: LayerPlan) -> None:
+        self.index = index  # position in the prunable list: part of the tie-break key
+        self.name = name
+        self.param = param
+        self.plan = plan
+        self.mask = mask
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self._mask
+
+    @mask.setter
+    def mask(self, value: torch.Tensor) -> None:
+        self._mask = value
+        self._active: int | None = None
 
     @property
     def numel(self) -> int:
@@ -77,7 +85,10 @@ class SparseLayer:
 
     @property
     def active(self) -> int:
-        return int(self.mask.sum())
+        """Active connections (cached until the mask is replaced)."""
+        if self._active is None:
+            self._active = int(self._mask.sum())
+        return self._active
 
     @property
     def density(self) -> float:
@@ -106,14 +117,12 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer | None, param: torc
 
 
 @torch.no_grad()
-def commit_mask(layer: SparseLayer, new_mask: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> int:
+def commit_mask(layer: SparseLayer, new_mask: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
     """Replace a layer's mask. Dropped and new connections get weight 0 (``--grow-init zero``) and
-    optimizer state 0; a connection dropped and regrown in the same update is left as it was.
-    Returns the number of new connections."""
+    optimizer state 0; a connection dropped and regrown in the same update is left as it was."""
     old = layer.mask
     keep = old & new_mask
     layer.param.mul_(keep)
     for state in optimizer_state_tensors(optimizer, layer.param):
         state.mul_(keep)
     layer.mask = new_mask
-    return int((new_mask & ~old).sum())
