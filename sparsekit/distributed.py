@@ -122,8 +122,10 @@ def setup(device_name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext
                              fix="start at most one process per GPU, or use --device cpu")
         torch.cuda.set_device(local)
     backend = "nccl" if use_cuda else "gloo"
+    timeout = datetime.timedelta(seconds=float(timeout_s))
     try:
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=float(timeout_s)))
+        dist.init_process_group(backend=backend, timeout=timeout, store=_store(rank, world, timeout),
+                                rank=rank, world_size=world)
     except Exception as exc:  # rendezvous failures come as several exception types
         raise TrainingError(f"could not join the distributed job as rank {rank} of {world} "
                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
@@ -133,6 +135,27 @@ def setup(device_name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext
                                 "master address") from exc
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     return DistContext(rank, world, local, backend, device)
+
+
+def _store(rank: int, world: int, timeout: datetime.timedelta) -> Any:
+    """The rendezvous store, with keys prefixed by torchrun's restart count.
+
+    torchrun's agent keeps one store for all attempts; with the plain ``env://`` init a restarted
+    worker reads the previous attempt's (dead) peer addresses and gloo fails to connect. A fresh
+    prefix per attempt makes ``--max-restarts`` work.
+    """
+    import torch.distributed as dist
+
+    try:
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except (KeyError, ValueError) as exc:
+        raise InputError("WORLD_SIZE is set but MASTER_ADDR/MASTER_PORT are missing", where="environment",
+                         fix="launch with torchrun, which sets them") from exc
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(host, port, world_size=None if agent else world, is_master=(rank == 0 and not agent),
+                          timeout=timeout, wait_for_workers=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"sparsekit/attempt{attempt}/", store)
 
 
 def teardown(ctx: DistContext, *, created: bool) -> None:

@@ -264,7 +264,8 @@ def build_summary(*, run_dir: Path, model: nn.Module, sparsifier: Any, method: s
 
 def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifier: Any, data: Any,
                test_loss: float, test_accuracy: float, train_seconds: float, total_steps: int,
-               width_info: dict[str, Any] | None, wall_seconds: float, device: torch.device) -> dict[str, Any]:
+               width_info: dict[str, Any] | None, wall_seconds: float, device: torch.device,
+               world_size: int = 1) -> dict[str, Any]:
     from sparsekit import flops as flops_mod
 
     extra: dict[str, Any] = {
@@ -274,6 +275,7 @@ def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifi
         "epochs": config.epochs,
         "total_steps": total_steps,
         "device": str(device),
+        "world_size": world_size,
         "wall_seconds": wall_seconds,
         "best_test_accuracy": max((m["test_accuracy"] for m in read_metrics(run_dir)), default=test_accuracy),
     }

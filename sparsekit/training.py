@@ -168,7 +168,8 @@ def _train(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: bool,
     sp = sparsify(model, optimizer, method, sparsity=config.sparsity, total_steps=total_steps,
                   distribution=config.distribution, seed=config.seed, dense_first_layer=config.dense_first_layer,
                   erk_power_scale=config.erk_power_scale, layer_density=config.layer_density or None,
-                  init_batches=init_batches, loss_fn=F.cross_entropy)  # masks broadcast from rank 0
+                  init_batches=init_batches, loss_fn=F.cross_entropy,
+                  sparse_init=config.sparse_init)  # masks broadcast from rank 0
     if config.init_from:
         rd.init_from_run(config.init_from, model, sp)
     # Everything the command asked for is valid: only now is the run directory created or replaced.
@@ -310,9 +311,8 @@ def _train(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: bool,
         summary = rd.finish_run(run_dir, config=config, model=model, sparsifier=sp, data=data,
                                 test_loss=test_loss, test_accuracy=test_acc, train_seconds=state["train_seconds"],
                                 total_steps=total_steps, width_info=width_info,
-                                wall_seconds=time.perf_counter() - t_start, device=device)
-        if ctx.enabled:
-            summary["world_size"] = ctx.world_size
+                                wall_seconds=time.perf_counter() - t_start, device=device,
+                                world_size=ctx.world_size)
         return summary
 
     summary = dist.on_main(finish, ctx)
@@ -383,7 +383,8 @@ class _Faults:
                 os.kill(os.getpid(), signal.SIGKILL)
             elif kind == "sigterm":
                 os.kill(os.getpid(), signal.SIGTERM)
-            elif kind == "hang":
+            elif kind == "hang":  # stuck, but dies on torchrun's SIGTERM (no 30 s grace period in tests)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 while True:
                     time.sleep(60)
 
