@@ -237,11 +237,20 @@ def plot_accuracy_vs_flops(rows: list[dict[str, Any]], path: Path, *, title: str
     cmap = plt.get_cmap("tab10")
     colors = {m: cmap(i % 10) for i, m in enumerate(methods)}
     fig, ax = plt.subplots(figsize=(9.5, 5.5), dpi=110)
+    ys = sorted(100 * r["accuracy_mean"] for r in rows if r["accuracy_mean"] is not None)
+    # Far outliers (a collapsed run) would squash the rest: draw them clipped at the bottom, labelled.
+    floor = ys[len(ys) // 2] - 12.0 if ys else 0.0
+    clipped = bool(ys) and ys[0] < floor
     for r in rows:
         if r["accuracy_mean"] is None or r["train_flops_vs_dense"] is None:
             continue
         x, y = r["train_flops_vs_dense"], 100 * r["accuracy_mean"]
         yerr = 100 * (r["accuracy_std"] or 0.0)
+        if clipped and y < floor:
+            ax.plot([x], [floor + 0.4], marker="v", color=colors[r["method"]], ms=9, mec="black", mew=0.6)
+            ax.annotate(f"{r['method']} {r['sparsity']:g}: {y:.1f}% (off scale)", (x, floor + 0.4),
+                        textcoords="offset points", xytext=(6, 4), fontsize=7)
+            continue
         if r["method"] == "dense":
             ax.axhline(y, color=colors["dense"], ls="--", lw=1, alpha=0.6)
             marker = "*"
@@ -261,6 +270,8 @@ def plot_accuracy_vs_flops(rows: list[dict[str, Any]], path: Path, *, title: str
     xs = [r["train_flops_vs_dense"] for r in rows if r["train_flops_vs_dense"]]
     if xs and max(xs) / max(min(xs), 1e-12) > 20:
         ax.set_xscale("log")
+    if clipped:
+        ax.set_ylim(bottom=floor)
     ax.set_xlabel("training FLOPs (× dense)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(True, alpha=0.3)
