@@ -225,6 +225,44 @@ class Sparsifier:
         self.post_step()
         return take
 
+    def hook_optimizer(self) -> list[Any]:
+        """For frameworks that call ``optimizer.step()`` themselves (Lightning's automatic optimisation,
+        Hugging Face Trainer, ``GradScaler.step``): run ``pre_step``/``post_step`` from optimizer hooks.
+
+        When the method skips the optimizer step (RigL on update steps), the pre-hook snapshots the
+        parameters and optimizer state and the post-hook restores them, so the step has no effect.
+        A step that the framework itself skips (AMP overflow) fires no hook and is not counted.
+        Returns the hook handles (``.remove()`` them to detach).
+        """
+        if self.optimizer is None:
+            raise InputError("hook_optimizer() needs the optimizer given to sparsify()", where="sparsify()",
+                             fix="pass the optimizer to sparsify(model, optimizer, ...)")
+        snapshot: dict[str, Any] = {}
+
+        def pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            snapshot.clear()
+            if not self.pre_step():
+                params = [p for g in opt.param_groups for p in g["params"]]
+                snapshot["params"] = [p.detach().clone() for p in params]
+                snapshot["state"] = {id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                                             for k, v in opt.state[p].items()} for p in params if p in opt.state}
+                snapshot["had_state"] = {id(p) for p in params if p in opt.state}
+
+        @torch.no_grad()
+        def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            if snapshot:
+                params = [p for g in opt.param_groups for p in g["params"]]
+                for p, old in zip(params, snapshot["params"], strict=True):
+                    p.copy_(old)
+                    if id(p) in snapshot["had_state"]:
+                        opt.state[p] = snapshot["state"][id(p)]
+                    else:
+                        opt.state.pop(p, None)
+                snapshot.clear()
+            self.post_step()
+
+        return [self.optimizer.register_step_pre_hook(pre), self.optimizer.register_step_post_hook(post)]
+
     def is_update_step(self, step: int | None = None) -> bool:
         return self.method.is_update_step(self.step_count + 1 if step is None else step)
 
@@ -250,6 +288,7 @@ class Sparsifier:
     def state_dict(self) -> dict[str, Any]:
         return {
             "step_count": self.step_count,
+            "seed": self.seed,
             "masks": {ly.name: ly.mask.clone() for ly in self.layers},
             "method": self.method.state_dict(),
             "method_extra": self.method.extra_state(),
@@ -268,6 +307,7 @@ class Sparsifier:
                                  fix="resume with the same model")
             ly.mask = m.to(device=ly.param.device, dtype=torch.bool)
         self.step_count = int(state["step_count"])
+        self.seed = int(state.get("seed", self.seed))  # tie-break keys continue the saved stream
         self.method.load_state_dict(state.get("method", {}))
         self.method.load_extra_state(state.get("method_extra", {}))
         self._refresh_float_masks()
