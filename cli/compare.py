@@ -27,16 +27,24 @@ def _floats(text: str, flag: str) -> list[float]:
         "  sparsekit compare --quick --out runs/cmp-quick\n\n"
         "  sparsekit compare --model lenet300 --data npz:digits28.npz --methods "
         "rigl,set,snfs,snip,static,small-dense,pruning,dense --sparsity 0.9,0.98 --seeds 2 --epochs 30 "
-        "--batch-size 128 --out runs/cmp"
+        "--batch-size 128 --out runs/cmp\n\n"
+        "  OMP_NUM_THREADS=1 sparsekit compare --config preset:char-gru-quick "
+        "--methods rigl,set,snfs,static,small-dense,pruning,dense --sparsity 0.75 --out runs/cmp-char"
     )
 )
 def compare(
-    model: str = typer.Option("mlp", "--model", help="Model spec (see `sparsekit models`)."),
+    model: str = typer.Option(None, "--model", help="Model spec (see `sparsekit models`). [default: mlp]"),
     model_kwargs: list[str] = typer.Option(None, "--model-kwargs", help="key=value for the model; repeatable."),
-    data: str = typer.Option("digits", "--data", help="Dataset spec (see `sparsekit datasets`)."),
+    data: str = typer.Option(None, "--data", help="Dataset spec (see `sparsekit datasets`). [default: digits]"),
+    config: str = typer.Option(None, "--config", help="Shared settings from a YAML/TOML/JSON file or preset:NAME "
+                               "(its method and sparsity are defaults for --methods/--sparsity); flags override it."),
+    steps: int = typer.Option(None, "--steps", help="Total optimizer steps per run (overrides --epochs)."),
+    seq_len: int = typer.Option(None, "--seq-len", help="text data: window length. [default: 128]"),
+    vocab: str = typer.Option(None, "--vocab", help="text data: byte | char. [default: byte]"),
+    clip_grad: float = typer.Option(None, "--clip-grad", help="Clip the gradient norm."),
     methods: str = typer.Option("rigl,set,snfs,snip,static,small-dense,pruning,dense", "--methods",
                                 help="Comma list of methods (dense is trained once per seed)."),
-    sparsity: str = typer.Option("0.9", "--sparsity", help="Comma list of sparsity levels, e.g. 0.9,0.98."),
+    sparsity: str = typer.Option(None, "--sparsity", help="Comma list of sparsity levels, e.g. 0.9,0.98. [default: 0.9]"),
     seeds: int = typer.Option(None, "--seeds", help="Seeds per (method, sparsity): 0..N-1. [default: 3; 1 with --quick]"),
     epochs: int = typer.Option(None, "--epochs", help="Epochs per run. [default: 60; 2 with --quick]"),
     out: Path = typer.Option(Path("runs/compare"), "--out", help="Sweep directory (one run dir per run)."),
@@ -74,18 +82,28 @@ def compare(
     from sparsekit.cli.train import METHOD_FLAGS
 
     from sparsekit.compare import CompareSpec, format_row, run_compare
+    from sparsekit.config import merge_config, read_config_file
     from sparsekit.models import parse_model_kwargs
 
     local = dict(locals())
     train: dict[str, Any] = {k: local[k] for k in (
         "model", "data", "epochs", "distribution", "batch_size", "optimizer", "lr", "momentum", "nesterov",
         "weight_decay", "lr_schedule", "warmup_epochs", "train_multiplier", "dense_first_layer", "device",
-        "val_fraction")}
+        "val_fraction", "steps", "seq_len", "vocab", "clip_grad")}
     if model_kwargs:
         train["model_kwargs"] = parse_model_kwargs(model_kwargs)
     options = {opt: local[flag] for flag, opt in METHOD_FLAGS.items() if flag in local and local[flag] is not None}
+    if config is not None:  # file < flags; its method/sparsity only seed the sweep's defaults
+        file_data = read_config_file(config)
+        options = {**(file_data.pop("method_options", None) or {}), **options}
+        file_data.pop("method", None)
+        file_sparsity = file_data.pop("sparsity", None)
+        if sparsity is None and file_sparsity is not None:
+            sparsity = str(file_sparsity)
+        file_train = merge_config({}, file_data, source=f"--config {config}")
+        train = {**file_train, **{k: v for k, v in train.items() if v is not None}}
     spec = CompareSpec(methods=[m.strip() for m in methods.split(",") if m.strip()],
-                       sparsities=_floats(sparsity, "--sparsity"),
+                       sparsities=_floats(sparsity or "0.9", "--sparsity"),
                        seeds=seeds if seeds is not None else (1 if quick else 3),
                        train=train, method_options=options, quick=quick)
     err = stderr_console()
@@ -95,16 +113,21 @@ def compare(
             return
         acc = info["test_accuracy"]
         how = "reused" if info["reused"] else f"{info['train_seconds']:.1f}s"
+        bpc = f", {info['test_bpc']:.3f} bpc" if info.get("test_bpc") is not None else ""
         err.print(f"[{info['index']}/{info['total']}] {info['name']}: test acc "
-                  f"{'—' if acc is None else f'{100 * acc:.2f}%'} ({how})")
+                  f"{'—' if acc is None else f'{100 * acc:.2f}%'}{bpc} ({how})")
 
     result = run_compare(spec, out, overwrite=overwrite, on_run=on_run)
     if json_out:
         print_json(result)
         return
+    lm = result["spec"].get("task") == "language-modeling"
+    length = f"{result['spec'].get('steps')} steps" if lm else f"{result['spec'].get('epochs')} epochs"
     t = Table(title=f"compare: {result['spec'].get('model')} on {result['spec'].get('data')}, "
-                    f"{spec.seeds} seed(s), {result['spec'].get('epochs')} epochs")
-    cols = [("method", "method"), ("sparsity", "sparsity"), ("accuracy", "test acc % (mean ± std)"),
+                    f"{spec.seeds} seed(s), {length}")
+    cols = [("method", "method"), ("sparsity", "sparsity"),
+            *([("bpc", "test bits/char (mean ± std)")] if lm else []),
+            ("accuracy", "next-char acc %" if lm else "test acc % (mean ± std)"),
             ("best", "best acc %"), ("realized", "realised sparsity"), ("train_flops", "train FLOPs ×dense"),
             ("inference_flops", "infer FLOPs ×dense"), ("params", "params (nonzero)"), ("seconds", "time s")]
     for _, title in cols:
@@ -113,4 +136,6 @@ def compare(
         f = format_row(row)
         t.add_row(*[f[k] for k, _ in cols])
     stdout_console().print(t)
+    if result.get("note"):
+        print(f"note: {result['note']}", file=sys.stderr)
     print(f"wrote {', '.join(result['files'].values())}", file=sys.stderr)

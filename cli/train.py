@@ -49,7 +49,8 @@ def parse_pairs(pairs: list[str], flag: str) -> dict[str, Any]:
         "  sparsekit train --method rigl\n\n"
         "  sparsekit train --model lenet300 --data npz:mnist.npz --method rigl --sparsity 0.98 "
         "--epochs 30 --out runs/lenet --json\n\n"
-        "  sparsekit train --model mlp --model-kwargs hidden=512,256 --data csv:table.csv --method static"
+        "  sparsekit train --model mlp --model-kwargs hidden=512,256 --data csv:table.csv --method static\n\n"
+        "  sparsekit train --config preset:char-gru-quick --method rigl --out runs/char-gru"
     )
 )
 def train(
@@ -58,6 +59,7 @@ def train(
     model_kwargs: list[str] = typer.Option(None, "--model-kwargs", help="key=value for the model, one pair per "
                                            "use; lists as comma lists (hidden=512,256); width=0.5 scales widths."),
     data: str = typer.Option(None, "--data", help="Dataset: digits | synthetic | npz:PATH | csv:PATH | folder:PATH "
+                             "| text:PATH | stdlib-docs "
                              "(see `sparsekit datasets`). [default: digits]"),
     method: str = typer.Option(None, "--method", help="Sparse-training method (see `sparsekit methods`). [default: rigl]"),
     sparsity: float = typer.Option(None, "--sparsity", help="Fraction of prunable weights removed. [default: 0.9]"),
@@ -86,6 +88,12 @@ def train(
     label_column: str = typer.Option(None, "--label-column", help="csv: label column index or header name. [default: last]"),
     image_size: int = typer.Option(None, "--image-size", help="folder: resize images to SIZE x SIZE. [default: 32]"),
     channels: int = typer.Option(None, "--channels", help="folder: 1 (grayscale) or 3 (RGB). [default: from images]"),
+    seq_len: int = typer.Option(None, "--seq-len", help="text data: window length in symbols (truncated BPTT; "
+                                "state reset per window). [default: 128]"),
+    vocab: str = typer.Option(None, "--vocab", help="text data: byte (256 symbols) | char (the file's characters). "
+                              "[default: byte]"),
+    steps: int = typer.Option(None, "--steps", help="Total optimizer steps (before --train-multiplier); "
+                              "overrides --epochs. [default: whole epochs]"),
     update_interval: int = typer.Option(None, "--update-interval", help="RigL/SET/SNFS: steps between mask updates (ΔT). [default: 100]"),
     update_end: float = typer.Option(None, "--update-end", help="RigL/SET/SNFS: fraction of training with mask updates. [default: 0.75]"),
     drop_fraction: float = typer.Option(None, "--drop-fraction", help="RigL/SET/SNFS: initial drop fraction α. [default: 0.3]"),
@@ -106,7 +114,8 @@ def train(
     out: Path = typer.Option(None, "--out", help="Run directory. [default: runs/<method>-<sparsity>-s<seed>]"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out if there is one (else start)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
-    config: Path = typer.Option(None, "--config", help="YAML/TOML/JSON config; flags given here override it."),
+    config: str = typer.Option(None, "--config", help="YAML/TOML/JSON config, or preset:NAME for a shipped "
+                               "preset (see `sparsekit methods`); flags given here override it."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
     json_out: bool = typer.Option(False, "--json", help="Print summary.json on stdout (errors as JSON too)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
@@ -123,6 +132,7 @@ def train(
         "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay, "lr_schedule": lr_schedule,
         "warmup_epochs": warmup_epochs, "clip_grad": clip_grad, "seed": seed, "device": device,
         "val_fraction": val_fraction, "image_size": image_size, "channels": channels,
+        "seq_len": seq_len, "vocab": vocab, "steps": steps,
         "checkpoint_every": checkpoint_every, "nan_policy": nan_policy, "init_from": init_from,
     }
     if label_column is not None:

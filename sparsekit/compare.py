@@ -26,7 +26,10 @@ from sparsekit.fileio import atomic_path, atomic_write_json
 
 CSV_COLUMNS = ["method", "sparsity", "runs", "accuracy_mean", "accuracy_std", "best_accuracy_mean",
                "realized_sparsity", "train_flops_vs_dense", "inference_flops_vs_dense", "params_nonzero",
-               "train_seconds_mean"]
+               "train_seconds_mean", "bpc_mean", "bpc_std"]
+# Printed with every language-modelling comparison: the embedded corpus and the quick preset are tiny.
+LM_NOTE = ("language modelling at this scale (embedded stdlib-docs corpus, quick preset) is a smoke test of "
+           "the pipeline and the methods, not a replication of the paper's WikiText-103 results")
 # Settings that may differ between the sweep that wrote a run and this one without changing the result.
 _FREE = {"device", "checkpoint_every", "eval_batch_size", "sparsekit_version"}
 # Options shortened for CI by --quick (unless given explicitly): mask updates must happen in tiny runs.
@@ -145,7 +148,8 @@ def run_compare(spec: CompareSpec, out_dir: str | Path, *, overwrite: bool = Fal
         summaries.append((run, summary))
         if on_run is not None:
             on_run({"index": i, "total": len(runs), "name": run.name, "reused": reused,
-                    "test_accuracy": summary.get("test_accuracy"), "train_seconds": summary.get("train_seconds")})
+                    "test_accuracy": summary.get("test_accuracy"), "train_seconds": summary.get("train_seconds"),
+                    "test_bpc": summary.get("test_bpc")})
     result = aggregate(summaries, spec)
     write_outputs(out, result)
     return result
@@ -156,6 +160,7 @@ def _run_record(run: PlannedRun, s: dict[str, Any]) -> dict[str, Any]:
     training = flops.get("training", {})
     return {
         "name": run.name, "method": run.method, "sparsity": run.sparsity, "seed": run.seed,
+        "task": s.get("task", "classification"), "test_bpc": s.get("test_bpc"),
         "test_accuracy": s.get("test_accuracy"), "best_test_accuracy": s.get("best_test_accuracy"),
         "realized_sparsity": s.get("realized_sparsity"),
         "train_flops_vs_dense": training.get("vs_dense"),
@@ -193,12 +198,19 @@ def aggregate(summaries: list[tuple[PlannedRun, dict[str, Any]]], spec: CompareS
             "inference_flops_vs_dense": _mean([r["inference_flops_vs_dense"] for r in recs]),
             "params_nonzero": _mean([r["params_nonzero"] for r in recs]),
             "train_seconds_mean": _mean([r["train_seconds"] for r in recs]),
+            "bpc_mean": _mean([r["test_bpc"] for r in recs]),
+            "bpc_std": _std([r["test_bpc"] for r in recs]),
         })
     first = summaries[0][1] if summaries else {}
-    return {"spec": {"methods": spec.methods, "sparsities": spec.sparsities, "seeds": spec.seeds,
-                     "quick": spec.quick, "model": first.get("config", {}).get("model"),
-                     "data": first.get("config", {}).get("data"), "epochs": first.get("config", {}).get("epochs")},
-            "rows": rows, "runs": records}
+    task = first.get("task", "classification")
+    result = {"spec": {"methods": spec.methods, "sparsities": spec.sparsities, "seeds": spec.seeds,
+                       "quick": spec.quick, "model": first.get("config", {}).get("model"),
+                       "data": first.get("config", {}).get("data"), "epochs": first.get("config", {}).get("epochs"),
+                       "steps": first.get("total_steps"), "task": task},
+              "rows": rows, "runs": records}
+    if task == "language-modeling":
+        result["note"] = LM_NOTE
+    return result
 
 
 def write_outputs(out: Path, result: dict[str, Any]) -> dict[str, str]:
@@ -211,22 +223,25 @@ def write_outputs(out: Path, result: dict[str, Any]) -> dict[str, str]:
     result["files"] = files
     atomic_write_json(out / "compare.json", result)
     plot_accuracy_vs_flops(result["rows"], out / "compare.png",
-                           title=_title(result.get("spec", {})))
+                           title=_title(result.get("spec", {})),
+                           bpc=result.get("spec", {}).get("task") == "language-modeling")
     return files
 
 
 def _title(spec: dict[str, Any]) -> str:
     bits = [str(spec.get(k)) for k in ("model", "data") if spec.get(k)]
     seeds = spec.get("seeds")
-    return "accuracy vs training FLOPs" + (f" — {' on '.join(bits)}" if bits else "") + \
+    what = "bits per character" if spec.get("task") == "language-modeling" else "accuracy"
+    return f"{what} vs training FLOPs" + (f" — {' on '.join(bits)}" if bits else "") + \
         (f" ({seeds} seed{'s' if seeds != 1 else ''}, mean ± std)" if seeds else "")
 
 
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">"]
 
 
-def plot_accuracy_vs_flops(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> None:
-    """Test accuracy (%) against training FLOPs relative to dense: colour = method, marker = sparsity."""
+def plot_accuracy_vs_flops(rows: list[dict[str, Any]], path: Path, *, title: str = "", bpc: bool = False) -> None:
+    """Test accuracy (%) against training FLOPs relative to dense: colour = method, marker = sparsity.
+    With ``bpc`` (language modelling) the y axis is test bits per character instead (lower is better)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,10 +257,13 @@ def plot_accuracy_vs_flops(rows: list[dict[str, Any]], path: Path, *, title: str
     floor = ys[len(ys) // 2] - 12.0 if ys else 0.0
     clipped = bool(ys) and ys[0] < floor
     for r in rows:
-        if r["accuracy_mean"] is None or r["train_flops_vs_dense"] is None:
+        if r["train_flops_vs_dense"] is None or (r.get("bpc_mean") if bpc else r["accuracy_mean"]) is None:
             continue
-        x, y = r["train_flops_vs_dense"], 100 * r["accuracy_mean"]
-        yerr = 100 * (r["accuracy_std"] or 0.0)
+        if bpc:
+            x, y, yerr = r["train_flops_vs_dense"], r["bpc_mean"], r.get("bpc_std") or 0.0
+        else:
+            x, y = r["train_flops_vs_dense"], 100 * r["accuracy_mean"]
+            yerr = 100 * (r["accuracy_std"] or 0.0)
         if clipped and y < floor:
             ax.plot([x], [floor + 0.4], marker="v", color=colors[r["method"]], ms=9, mec="black", mew=0.6)
             ax.annotate(f"{r['method']} {r['sparsity']:g}: {y:.1f}% (off scale)", (x, floor + 0.4),
@@ -273,7 +291,7 @@ def plot_accuracy_vs_flops(rows: list[dict[str, Any]], path: Path, *, title: str
     if clipped:
         ax.set_ylim(bottom=floor)
     ax.set_xlabel("training FLOPs (× dense)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test bits per character (lower is better)" if bpc else "test accuracy (%)")
     ax.grid(True, alpha=0.3)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
@@ -300,4 +318,6 @@ def format_row(row: dict[str, Any]) -> dict[str, str]:
         "params": "—" if row["params_nonzero"] is None else f"{row['params_nonzero']:,.0f}",
         "seconds": "—" if row["train_seconds_mean"] is None or math.isnan(row["train_seconds_mean"])
         else f"{row['train_seconds_mean']:.1f}",
+        "bpc": "—" if row.get("bpc_mean") is None else f"{row['bpc_mean']:.3f}"
+        + (f" ± {row['bpc_std']:.3f}" if row.get("bpc_std") is not None and row["runs"] > 1 else ""),
     }

@@ -32,6 +32,8 @@ class TrainConfig:
     label_column: int | str | None = None
     image_size: int | None = None
     channels: int | None = None
+    seq_len: int | None = None  # text data: window length (default 128)
+    vocab: str | None = None  # text data: byte (default, 256 symbols) | char
     method: str = "rigl"
     method_options: dict[str, Any] = field(default_factory=dict)
     sparsity: float = 0.9
@@ -41,6 +43,7 @@ class TrainConfig:
     layer_density: dict[str, float] = field(default_factory=dict)
     sparse_init: str = "scaled"
     epochs: int = 60
+    steps: int | None = None  # total optimizer steps at 1x; overrides epochs (LM recipes count steps)
     train_multiplier: float = 1.0
     batch_size: int = 64
     optimizer: str = "sgd"
@@ -113,6 +116,13 @@ class TrainConfig:
         if number("dist_timeout", self.dist_timeout) <= 0:
             raise bad(f"distributed timeout must be > 0 seconds, got {self.dist_timeout}", "--dist-timeout",
                       "e.g. 300")
+        for name in ("steps", "seq_len"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise bad(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}",
+                          f"--{name.replace('_', '-')}", "e.g. 2000" if name == "steps" else "e.g. 128")
+        if self.vocab is not None and self.vocab not in ("byte", "char"):
+            raise bad(f"unknown vocab {self.vocab!r}", "--vocab", close_matches(str(self.vocab), ("byte", "char")))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise bad(f"seed must be a non-negative integer, got {self.seed!r}", "--seed", "e.g. --seed 0")
         return self
@@ -121,8 +131,34 @@ class TrainConfig:
 _FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
+PRESET_PREFIX = "preset:"
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def list_presets() -> list[dict[str, str]]:
+    """Shipped presets (``sparsekit/presets/NAME.yaml``): name and the first line of their comment."""
+    rows = []
+    for p in sorted(PRESETS_DIR.glob("*.yaml")):
+        first = next((ln.lstrip("# ").strip() for ln in p.read_text(encoding="utf-8").splitlines()
+                      if ln.startswith("#")), "")
+        rows.append({"name": p.stem, "description": first, "usage": f"--config {PRESET_PREFIX}{p.stem}"})
+    return rows
+
+
+def preset_path(name: str) -> Path:
+    """The file of shipped preset ``name``; an unknown name lists the close matches."""
+    names = [row["name"] for row in list_presets()]
+    if name not in names:
+        raise InputError(f"unknown preset {name!r}", where=f"--config {PRESET_PREFIX}{name}",
+                         fix=close_matches(name, names))
+    return PRESETS_DIR / f"{name}.yaml"
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML, TOML or JSON config into a dict (keys may use dashes or underscores)."""
+    """Read a YAML, TOML or JSON config into a dict (keys may use dashes or underscores).
+    ``preset:NAME`` reads a preset shipped with sparsekit (``sparsekit/presets/NAME.yaml``)."""
+    if isinstance(path, str) and path.startswith(PRESET_PREFIX):
+        path = preset_path(path[len(PRESET_PREFIX):])
     p = Path(path)
     if not p.is_file():
         raise InputError(f"config file {p} does not exist", where="--config",

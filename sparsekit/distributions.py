@@ -1,9 +1,14 @@
 """Per-layer densities from a global sparsity: uniform, ER and ERK (DESIGN.md §3).
 
-The *prunable set* is every weight the distribution sparsifies. A layer whose solved density would
-exceed 1 becomes dense and leaves the prunable set; the rest is re-solved so that the prunable set's
-active count is exactly ``round((1 - S) * size)``. Integer counts per layer come from the largest
-remainder method, so the total is exact and reproducible.
+The *prunable set* is every weight the distribution sparsifies. Stacked gate matrices (GRU/LSTM
+``weight_ih``/``weight_hh``: (G·H, in); attention ``in_proj_weight``: (3·E, E)) are one prunable weight
+with one mask, but ER/ERK score them by the shape of *one gate block* (H, in) via ``score_shapes``:
+each block is a separate linear map, so it gets the density an equal standalone Linear would get,
+instead of the lower density the (G·H)+in over (G·H)·in of the stacked shape would give.
+
+A layer whose solved density would exceed 1 becomes dense and leaves the prunable set; the rest is
+re-solved so that the prunable set's active count is exactly ``round((1 - S) * size)``. Integer counts
+per layer come from the largest remainder method, so the total is exact and reproducible.
 """
 
 from __future__ import annotations
@@ -87,12 +92,16 @@ def plan_layers(
     dense_first_layer: bool = True,
     erk_power_scale: float = 1.0,
     overrides: dict[str, float] | None = None,
+    score_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> list[LayerPlan]:
     """Plan densities and integer active counts for each candidate weight (in the given order).
 
     ``shapes`` maps the fully qualified parameter name of each candidate weight (Linear/Conv and
-    friends) to its shape, in model order; the first entry is the "first layer".
+    friends) to its shape, in model order; the first entry is the "first layer". ``score_shapes`` gives
+    the shape ER/ERK score a weight by, where it differs from its own (one gate block of a stacked
+    matrix); sizes and counts always use the real shape.
     """
+    score_shapes = score_shapes or {}
     if distribution not in DISTRIBUTIONS:
         raise InputError(f"unknown distribution {distribution!r}", where="--distribution",
                          fix=close_matches(distribution, DISTRIBUTIONS))
@@ -123,7 +132,8 @@ def plan_layers(
         if distribution == "uniform":
             raw = dict.fromkeys(free, 1.0)
         else:
-            raw = {n: _raw_score(shapes[n], distribution, erk_power_scale) for n in free}
+            raw = {n: _raw_score(tuple(score_shapes.get(n, shapes[n])), distribution, erk_power_scale)
+                   for n in free}
         denom = sum(raw[n] * math.prod(shapes[n]) for n in free)
         eps = budget / denom
         if eps < 0:

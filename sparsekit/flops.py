@@ -3,6 +3,15 @@
 A MAC is one multiply-accumulate; FLOPs = 2 × MACs, counted over weight matmuls and convolutions
 only (what ``torch.utils.flop_counter`` counts). Inference: a Linear layer costs its active weights
 per sample; a conv costs its active kernel weights × output positions. Every key names its unit.
+
+Sequence models (convention: *per token*, one symbol of a window): every weight matrix applied at
+each position costs its active entries once per token — Linear layers on (N, T, F), the GRU/LSTM
+input and recurrent matrices ``weight_ih_l*``/``weight_hh_l*`` (all gates of the stacked matrix; the
+recurrent matmul is counted at t = 0 too, as the kernels compute it), the attention ``in_proj_weight``
+(self-attention: q, k and v of every token) and ``out_proj``. Per sample (one window of T tokens)
+is T × per token; summaries give both. Gate nonlinearities, elementwise gate products and the
+attention score/value matmuls (2·T·d MACs per token per attention layer, dense, unaffected by weight
+sparsity) are not weight matmuls: the latter are reported separately as ``attention_macs``.
 """
 
 from __future__ import annotations
@@ -24,7 +33,30 @@ def weight_positions(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str
     uses: dict[str, int] = {}
     hooks = []
     for mod_name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(module, (nn.RNN, nn.GRU, nn.LSTM)):
+            names = [n for n, _ in module.named_parameters(recurse=False) if n.startswith("weight_")]
+
+            def rnn_hook(mod: nn.Module, inp: Any, out: Any, names: list[str] = names, prefix: str = prefix) -> None:
+                x = inp[0]
+                tokens = x.numel() // x.shape[-1]  # N·T time steps (each runs every layer and direction)
+                for n in names:
+                    uses[prefix + n] = uses.get(prefix + n, 0) + tokens
+
+            hooks.append(module.register_forward_hook(rnn_hook))
+        elif isinstance(module, nn.MultiheadAttention):
+            # F.multi_head_attention_forward uses out_proj.weight directly (no Linear hook fires).
+            names = [n for n in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+                     if getattr(module, n, None) is not None] + ["out_proj.weight"]
+
+            def mha_hook(mod: nn.Module, inp: Any, out: Any, names: list[str] = names, prefix: str = prefix) -> None:
+                q = inp[0]
+                tokens = q.numel() // q.shape[-1]  # query tokens (self-attention: k, v have as many)
+                for n in names:
+                    uses[prefix + n] = uses.get(prefix + n, 0) + tokens
+
+            hooks.append(module.register_forward_hook(mha_hook))
+        elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             key = f"{mod_name}.weight" if mod_name else "weight"
 
             def hook(mod: nn.Module, inp: Any, out: torch.Tensor, key: str = key) -> None:
@@ -139,6 +171,7 @@ def run_flops(model: nn.Module, sparsifier: Any, *, input_shape: tuple[int, ...]
     layers = sparsifier.layer_summary()
     positions = weight_positions(model, input_shape)
     inference = inference_macs(layers, positions)
+    per_token = sequence_counts(model, input_shape, inference)
     method = sparsifier.method
     # The dense reference is the full-width model; for small-dense the model itself is narrower.
     width_info = getattr(method, "width_info", None) or {}
@@ -153,6 +186,8 @@ def run_flops(model: nn.Module, sparsifier: Any, *, input_shape: tuple[int, ...]
         "reference_dense_macs": ref_dense_macs,
         "inference_vs_dense": inference["sparse_macs"] / ref_dense_macs if ref_dense_macs else 1.0,
     }
+    if per_token is not None:
+        out["per_token"] = per_token
     if config is None:
         return out
     total_steps = int(sparsifier.total_steps)
@@ -186,4 +221,34 @@ def run_flops(model: nn.Module, sparsifier: Any, *, input_shape: tuple[int, ...]
         "total_flops_note": "flops_per_example x batch_size (a short last batch counted full)",
         "vs_dense": macs["train_macs"] / dense_ref if dense_ref else 1.0,
     }
+    if per_token is not None:
+        out["training"]["flops_per_token"] = out["training"]["flops_per_example"] / per_token["tokens_per_sample"]
     return out
+
+
+def attention_macs(model: nn.Module, tokens: int) -> int:
+    """Dense MACs per sample of the attention score (QKᵀ) and value (AV) matmuls of every
+    MultiheadAttention in self-attention over ``tokens`` positions: 2·T²·d each (no causal saving)."""
+    total = 0
+    for module in unwrap_model(model).modules():
+        if isinstance(module, nn.MultiheadAttention):
+            total += 2 * tokens * tokens * module.embed_dim
+    return total
+
+
+def sequence_counts(model: nn.Module, input_shape: tuple[int, ...], inference: dict[str, Any]) -> dict[str, Any] | None:
+    """Per-token inference counts for sequence models (``sequence_model = True``; input (T,)), else None."""
+    if not getattr(unwrap_model(model), "sequence_model", False) or len(input_shape) != 1:
+        return None
+    tokens = int(input_shape[0])
+    attn = attention_macs(model, tokens)
+    return {
+        "convention": "per token: weight matmuls applied at each position of a window, / tokens_per_sample",
+        "tokens_per_sample": tokens,
+        "dense_macs": inference["dense_macs"] / tokens,
+        "sparse_macs": inference["sparse_macs"] / tokens,
+        "dense_flops": inference["dense_flops"] / tokens,
+        "sparse_flops": inference["sparse_flops"] / tokens,
+        "attention_macs": attn / tokens,
+        "attention_flops": 2 * attn / tokens,
+    }

@@ -60,6 +60,28 @@ def prunable_weights(model: nn.Module, *, exclude: tuple[str, ...] = ()) -> dict
     return found
 
 
+_GATES = {nn.RNN: 1, nn.GRU: 3, nn.LSTM: 4}
+
+
+def gate_block_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """For stacked gate matrices, the shape of one gate block: GRU (3H, in) → (H, in), LSTM (4H, in) →
+    (H, in), MultiheadAttention in_proj (3E, E) → (E, E). ER/ERK score these weights by it (see
+    ``sparsekit.distributions``); every other weight is scored by its own shape (absent here)."""
+    model = unwrap_model(model)
+    out: dict[str, tuple[int, ...]] = {}
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        gates = next((g for t, g in _GATES.items() if type(module) is t), None)
+        if gates is not None and gates > 1:
+            for n, p in module.named_parameters(recurse=False):
+                if n.startswith("weight_"):
+                    out[prefix + n] = (p.shape[0] // gates, *p.shape[1:])
+        elif isinstance(module, nn.MultiheadAttention) and getattr(module, "in_proj_weight", None) is not None:
+            w = module.in_proj_weight
+            out[prefix + "in_proj_weight"] = (w.shape[0] // 3, *w.shape[1:])
+    return out
+
+
 class SparseLayer:
     """One prunable weight under a mask (bool, same shape and device as the weight)."""
 

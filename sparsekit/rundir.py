@@ -36,6 +36,7 @@ METRICS = "metrics.jsonl"
 UPDATES = "updates.jsonl"
 SUMMARY = "summary.json"
 N_SAMPLES = 512
+N_SAMPLES_SEQUENCE = 8  # LM logits are (n, T, vocab): 8 windows of 512 x 256 floats are already 4 MB
 # Settings that may differ between an interrupted command and its --resume without changing the result.
 _RESUME_FREE = {"device", "checkpoint_every", "eval_batch_size"}
 
@@ -208,7 +209,7 @@ def overall_sparsity(layers: list[dict[str, Any]]) -> float:
 
 @torch.no_grad()
 def write_artifacts(run_dir: Path, model: nn.Module, masks: dict[str, torch.Tensor], x: torch.Tensor,
-                    y: torch.Tensor | None, metadata: dict[str, Any]) -> dict[str, Any]:
+                    y: torch.Tensor | None, metadata: dict[str, Any], n_samples: int = N_SAMPLES) -> dict[str, Any]:
     """Final weights, masks, the dense ONNX reference and reference samples (what export needs)."""
     from safetensors.torch import save_file
 
@@ -221,12 +222,12 @@ def write_artifacts(run_dir: Path, model: nn.Module, masks: dict[str, torch.Tens
     with atomic_path(run_dir / "masks.safetensors") as tmp:
         save_file({k: v.detach().cpu().to(torch.uint8).contiguous() for k, v in masks.items()}, str(tmp))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    xs = x[:N_SAMPLES].to(device)
+    xs = x[:n_samples].to(device)
     logits = model(xs).detach().cpu()
     with atomic_path(run_dir / "samples.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, x=xs.cpu().numpy().astype(np.float32),
-                     y=(y[:N_SAMPLES].cpu().numpy().astype(np.int64) if y is not None
+                     y=(y[:n_samples].cpu().numpy().astype(np.int64) if y is not None
                         else np.zeros(0, dtype=np.int64)),
                      logits=logits.numpy().astype(np.float32))
     info = export_dense_onnx(model.cpu(), xs.cpu(), run_dir / "model.onnx", metadata=metadata)
@@ -267,8 +268,12 @@ def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifi
                width_info: dict[str, Any] | None, wall_seconds: float, device: torch.device,
                world_size: int = 1) -> dict[str, Any]:
     from sparsekit import flops as flops_mod
+    from sparsekit.tasks import task_of
 
+    task = task_of(data)
     extra: dict[str, Any] = {
+        "task": task.name,
+        **task.extra_metrics(test_loss),
         "model": config.model,
         "data": data.info(),
         "seed": config.seed,
@@ -290,7 +295,9 @@ def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifi
             "target_sparsity": summary["target_sparsity"], "realized_sparsity": summary["realized_sparsity"],
             "layer_density": {ly["name"]: ly["density"] for ly in summary["layers"]},
             "source_run": str(run_dir), "test_accuracy": test_accuracy}
-    summary["onnx"] = write_artifacts(run_dir, model, sparsifier.masks(), data.x_test, data.y_test, meta)
+    n_samples = N_SAMPLES_SEQUENCE if task.name == "language-modeling" else N_SAMPLES
+    summary["onnx"] = write_artifacts(run_dir, model, sparsifier.masks(), data.x_test, data.y_test, meta,
+                                      n_samples=n_samples)
     validate_summary(summary)
     atomic_write_json(run_dir / SUMMARY, summary)
     return summary

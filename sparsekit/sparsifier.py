@@ -22,7 +22,14 @@ from torch import nn
 
 from sparsekit.distributions import LayerPlan, plan_layers
 from sparsekit.errors import InputError
-from sparsekit.masks import SparseLayer, commit_mask, prunable_weights, random_mask, unwrap_model
+from sparsekit.masks import (
+    SparseLayer,
+    commit_mask,
+    gate_block_shapes,
+    prunable_weights,
+    random_mask,
+    unwrap_model,
+)
 from sparsekit.methods import Method, make_method
 from sparsekit.selection import select_top
 
@@ -72,7 +79,8 @@ class Sparsifier:
         if method.sparse:
             self.plans: list[LayerPlan] = plan_layers(
                 shapes, sparsity, distribution, dense_first_layer=dense_first_layer,
-                erk_power_scale=erk_power_scale, overrides=layer_density)
+                erk_power_scale=erk_power_scale, overrides=layer_density,
+                score_shapes=gate_block_shapes(self.model))
         else:
             self.plans = [LayerPlan(n, s, False, 1.0, int(torch.Size(s).numel())) for n, s in shapes.items()]
         self.layers: list[SparseLayer] = []

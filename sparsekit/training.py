@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparsekit import distributed as dist
@@ -29,6 +28,7 @@ from sparsekit.errors import InputError, TrainingError
 from sparsekit.schedules import LRSchedule
 from sparsekit.selection import stream_seed
 from sparsekit.sparsifier import sparsify
+from sparsekit.tasks import CLASSIFICATION, TASKS, Task, task_of
 
 
 @dataclass
@@ -77,16 +77,16 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-             device: torch.device) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) over a split."""
+             device: torch.device, task: Task = TASKS[CLASSIFICATION]) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) over a split (per symbol for language modelling)."""
     was_training = model.training
     model.eval()
     total_loss, correct = 0.0, 0
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
         out = model(xb)
-        total_loss += float(F.cross_entropy(out, yb, reduction="sum"))
-        correct += int((out.argmax(1) == yb).sum())
+        total_loss += task.loss_sum(out, yb)
+        correct += task.correct(out, yb)
     model.train(was_training)
     n = max(len(x), 1)
     return total_loss / n, correct / n
@@ -153,7 +153,9 @@ def _train(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: bool,
     t_start = time.perf_counter()
 
     data = load_dataset(config.data, seed=config.seed, val_fraction=config.val_fraction,
-                        label_column=config.label_column, image_size=config.image_size, channels=config.channels)
+                        label_column=config.label_column, image_size=config.image_size, channels=config.channels,
+                        seq_len=config.seq_len, vocab=config.vocab)
+    task = task_of(data)
     method = make_method(config.method, **config.method_options)
     model, width_info = rd.build_run_model(config, data, method)
     model.to(device)
@@ -161,6 +163,9 @@ def _train(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: bool,
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     total_epochs = max(1, round(config.epochs * config.train_multiplier))
     total_steps = steps_per_epoch * total_epochs
+    if config.steps is not None:  # a step budget (LM recipes) instead of whole epochs
+        total_steps = max(1, round(config.steps * config.train_multiplier))
+        total_epochs = math.ceil(total_steps / steps_per_epoch)
     optimizer = make_optimizer(config, list(model.parameters()))
     schedule = LRSchedule(config.lr, total_steps, config.lr_schedule,
                           warmup_steps=round(config.warmup_epochs * config.train_multiplier * steps_per_epoch))
@@ -168,7 +173,7 @@ def _train(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: bool,
     sp = sparsify(model, optimizer, method, sparsity=config.sparsity, total_steps=total_steps,
                   distribution=config.distribution, seed=config.seed, dense_first_layer=config.dense_first_layer,
                   erk_power_scale=config.erk_power_scale, layer_density=config.layer_density or None,
-                  init_batches=init_batches, loss_fn=F.cross_entropy,
+                  init_batches=init_batches, loss_fn=task.loss,
                   sparse_init=config.sparse_init)  # masks broadcast from rank 0
     if config.init_from:
         rd.init_from_run(config.init_from, model, sp)
@@ -242,10 +247,10 @@ def _train(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: bool,
             for group in optimizer.param_groups:
                 group["lr"] = lr
             out = fwd(xb)
-            loss = F.cross_entropy(out, yb) if len(idx) else out.sum() * 0.0
+            loss = task.loss(out, yb) if len(idx) else out.sum() * 0.0
             loss = faults.corrupt_loss(step, loss)
             loss_value = float(loss.detach())
-            correct = int((out.argmax(1) == yb).sum())
+            correct = task.correct(out, yb)
             loss_sum = loss_value * len(idx)
             stopping = stop.signal is not None
             if ctx.enabled:  # one all-reduce: global loss/accuracy, and any rank's stop request
@@ -286,13 +291,14 @@ def _train(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: bool,
                              "sparsity": sp.realized_sparsity(), "epoch": epoch + 1})
             end_of_epoch = batch_idx == steps_per_epoch - 1
             if end_of_epoch:
-                test_loss, test_acc = _evaluate(model, data.x_test, data.y_test, config.eval_batch_size, device, ctx)
+                test_loss, test_acc = _evaluate(model, data.x_test, data.y_test, config.eval_batch_size, device, ctx,
+                                                task)
                 seen = max(state["epoch_seen"], 1)
                 elapsed = seconds_before + time.perf_counter() - t_loop
                 record = {"epoch": epoch + 1, "step": step, "train_loss": state["epoch_loss_sum"] / seen,
                           "train_accuracy": state["epoch_correct"] / seen, "test_loss": test_loss,
-                          "test_accuracy": test_acc, "sparsity": sp.realized_sparsity(), "lr": lr,
-                          "seconds": elapsed}
+                          "test_accuracy": test_acc, **task.extra_metrics(test_loss),
+                          "sparsity": sp.realized_sparsity(), "lr": lr, "seconds": elapsed}
                 state.update(epoch_loss_sum=0.0, epoch_correct=0, epoch_seen=0)
                 dist.on_main(lambda record=record: rd.append_metrics(run_dir, record), ctx)
                 emit("on_epoch", record)
@@ -305,7 +311,7 @@ def _train(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: bool,
                 raise TrainingError(f"interrupted by {what} at step {step}; checkpoint saved", where=str(run_dir),
                                     fix="run the same command with --resume to continue from the checkpoint")
     state["train_seconds"] = seconds_before + time.perf_counter() - t_loop
-    test_loss, test_acc = _evaluate(model, data.x_test, data.y_test, config.eval_batch_size, device, ctx)
+    test_loss, test_acc = _evaluate(model, data.x_test, data.y_test, config.eval_batch_size, device, ctx, task)
 
     def finish() -> dict[str, Any]:
         summary = rd.finish_run(run_dir, config=config, model=model, sparsifier=sp, data=data,
@@ -324,14 +330,14 @@ def _train(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: bool,
 
 
 def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device,
-              ctx: dist.DistContext) -> tuple[float, float]:
+              ctx: dist.DistContext, task: Task = TASKS[CLASSIFICATION]) -> tuple[float, float]:
     """``evaluate`` over the whole split; under torchrun each rank takes a shard and the sums are reduced."""
     if not ctx.enabled:
-        return evaluate(model, x, y, batch_size, device)
+        return evaluate(model, x, y, batch_size, device, task)
     sl = dist.local_slice(len(x), ctx)
     xs, ys = x[sl], y[sl]
     n = len(xs)
-    loss, acc = evaluate(model, xs, ys, batch_size, device) if n else (0.0, 0.0)
+    loss, acc = evaluate(model, xs, ys, batch_size, device, task) if n else (0.0, 0.0)
     total_loss, correct = dist.all_reduce_sum([loss * n, acc * n], ctx)
     m = max(len(x), 1)
     return total_loss / m, round(correct) / m

@@ -132,19 +132,24 @@ def test_mlp_starts_with_flatten_and_has_readable_names():
     ]
 
 
+def _shape_for(name: str) -> tuple[int, ...]:
+    """Images for every model except the character LMs, which take symbol windows."""
+    return (16,) if MODELS[name].input_kind == "sequence" else (3, 16, 16)
+
+
 def test_init_is_deterministic_given_manual_seed():
     for name in MODELS:
         torch.manual_seed(5)
-        a = build_model(name, {"width": 0.25}, input_shape=(3, 16, 16), num_classes=3)
+        a = build_model(name, {"width": 0.25}, input_shape=_shape_for(name), num_classes=3)
         torch.manual_seed(5)
-        b = build_model(name, {"width": 0.25}, input_shape=(3, 16, 16), num_classes=3)
+        b = build_model(name, {"width": 0.25}, input_shape=_shape_for(name), num_classes=3)
         for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
             assert na == nb and torch.equal(pa, pb), (name, na)
 
 
 def test_no_dropout_in_registry_models():
     for name in MODELS:
-        m = build_model(name, {"width": 0.25}, input_shape=(3, 16, 16), num_classes=3)
+        m = build_model(name, {"width": 0.25}, input_shape=_shape_for(name), num_classes=3)
         assert not any(isinstance(mod, nn.modules.dropout._DropoutNd) for mod in m.modules()), name
 
 
@@ -178,7 +183,8 @@ def test_registry_errors():
 
 def test_list_models_and_accepts_width():
     rows = list_models()
-    assert [r["name"] for r in rows] == ["mlp", "lenet300", "lenet5", "resnet20", "wrn-22-2", "mobilenet-v1"]
+    assert [r["name"] for r in rows] == ["mlp", "lenet300", "lenet5", "resnet20", "wrn-22-2", "mobilenet-v1",
+                                         "char-gru", "char-lstm", "char-transformer"]
     assert rows[0]["defaults"] == {"hidden": [512, 256], "width": 1.0}
     assert all(r["description"] and "\n" not in r["description"] for r in rows)
     assert all(model_accepts_width(name) for name in MODELS)

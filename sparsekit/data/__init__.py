@@ -2,7 +2,8 @@
 
 Spec grammar (``--data``): ``digits`` | ``synthetic[:n=…,test=…,features=…,classes=…,seed=…]`` |
 ``synthetic-image[:n=…,test=…,size=…,channels=…,classes=…,seed=…]`` | ``npz:PATH`` | ``csv:PATH`` |
-``folder:PATH``. File specs need their prefix: a bare path is refused rather than guessed.
+``folder:PATH`` | ``text:PATH`` | ``stdlib-docs``. File specs need their prefix: a bare path is refused
+rather than guessed. ``text:`` and ``stdlib-docs`` are language-modelling corpora (``sparsekit.data.text``).
 Nothing is downloaded; no file is unpickled.
 """
 
@@ -59,6 +60,19 @@ DATASETS: dict[str, DatasetInfo] = {
             "csv:table.csv",
         ),
         DatasetInfo(
+            "stdlib-docs",
+            "language modelling: the English text of the Python documentation topics shipped with "
+            "every Python (pydoc_data.topics, ~0.47 MB; no download); byte vocabulary, windows of "
+            "--seq-len, split by position",
+            "stdlib-docs",
+        ),
+        DatasetInfo(
+            "text",
+            "language modelling: a UTF-8 text file, split by position (last --val-fraction tests), "
+            "windows of --seq-len (default 128) with next-symbol targets; --vocab byte (256) or char",
+            "text:corpus.txt",
+        ),
+        DatasetInfo(
             "folder",
             "class-per-subfolder images read with Pillow, resized to --image-size "
             "(default 32), --channels 1 or 3 (default: 3 if any image is colour)",
@@ -67,7 +81,8 @@ DATASETS: dict[str, DatasetInfo] = {
     ]
 }
 
-_FILE_KINDS = ("npz", "csv", "folder")
+_FILE_KINDS = ("npz", "csv", "folder", "text")
+_TEXT_KINDS = ("text", "stdlib-docs")
 
 
 def list_datasets() -> list[dict[str, str]]:
@@ -85,6 +100,8 @@ def load_dataset(
     label_column: int | str | None = None,
     image_size: int | None = None,
     channels: int | None = None,
+    seq_len: int | None = None,
+    vocab: str | None = None,
 ) -> Dataset:
     """Load, check, split and normalise the dataset named by ``spec`` (deterministic for a given seed)."""
     if not isinstance(spec, str) or not spec.strip():
@@ -107,6 +124,20 @@ def load_dataset(
             where=flag,
             fix=f"drop {flag} or use --data folder:PATH",
         )
+    if (seq_len is not None or vocab is not None) and kind not in _TEXT_KINDS:
+        flag = "--seq-len" if seq_len is not None else "--vocab"
+        raise InputError(f"{flag} only applies to text data (text:PATH, stdlib-docs), not {kind}", where=flag,
+                         fix=f"drop {flag} or use --data text:PATH")
+    if kind in _TEXT_KINDS:
+        from sparsekit.data import text as text_data
+
+        if kind == "stdlib-docs" and sep:
+            raise InputError("stdlib-docs takes no parameters", where=f"--data {spec}",
+                             fix="write --data stdlib-docs (use --seq-len and --vocab for the windows)")
+        corpus = text_data.stdlib_docs_text() if kind == "stdlib-docs" else text_data.read_text_file(rest)
+        where = f"--data {spec}" if kind == "stdlib-docs" else str(readers.user_path(rest))
+        return text_data.make_text_dataset(corpus, name=kind, spec=spec, where=where, seq_len=seq_len,
+                                           vocab=vocab, val_fraction=val_fraction)
     build: Callable[[], dict[str, Any]]
     where = f"--data {spec}"
     if kind == "digits":
@@ -167,7 +198,7 @@ def _fix_hint() -> str:
     return (
         "use a registry name ("
         + ", ".join(k for k in DATASETS if k not in _FILE_KINDS)
-        + ") or a prefixed file spec npz:PATH, csv:PATH, folder:PATH"
+        + ") or a prefixed file spec npz:PATH, csv:PATH, folder:PATH, text:PATH"
     )
 
 
@@ -175,9 +206,9 @@ def _unknown(spec: str) -> InputError:
     """Unknown name, or a bare path: refuse with a hint rather than guess the format."""
     p = readers.user_path(spec)
     suffix = p.suffix.lower()
-    guess = {".npz": "npz", ".csv": "csv"}.get(suffix) or ("folder" if p.is_dir() else None)
+    guess = {".npz": "npz", ".csv": "csv", ".txt": "text"}.get(suffix) or ("folder" if p.is_dir() else None)
     if guess or p.exists() or "/" in spec or "\\" in spec:
-        prefix = guess or "npz|csv|folder"
+        prefix = guess or "npz|csv|folder|text"
         return InputError(
             f"data spec {spec!r} looks like a path but has no format prefix",
             where="--data",
@@ -187,5 +218,5 @@ def _unknown(spec: str) -> InputError:
     return InputError(
         f"unknown dataset {kind!r}",
         where=f"--data {spec}",
-        fix=close_matches(kind, list(DATASETS)) + "; file specs need a prefix (npz:, csv:, folder:)",
+        fix=close_matches(kind, list(DATASETS)) + "; file specs need a prefix (npz:, csv:, folder:, text:)",
     )

@@ -42,7 +42,7 @@ class SmallDense(Method):
 
     def choose_model_kwargs(self, config: Any, data: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         from sparsekit.distributions import plan_layers
-        from sparsekit.masks import prunable_weights
+        from sparsekit.masks import gate_block_shapes, prunable_weights
         from sparsekit.models import build_model, model_accepts_width
 
         if not model_accepts_width(config.model):
@@ -53,17 +53,20 @@ class SmallDense(Method):
         base_width = float(base.get("width", 1.0))
         input_shape, num_classes = tuple(data.input_shape), int(data.num_classes)
 
-        def shapes_at(width: float) -> dict[str, tuple[int, ...]]:
+        def model_at(width: float) -> torch.nn.Module:
             with torch.device("meta"):
-                model = build_model(config.model, {**base, "width": width}, input_shape=input_shape,
-                                    num_classes=num_classes)
-            return {n: tuple(p.shape) for n, p in prunable_weights(model).items()}
+                return build_model(config.model, {**base, "width": width}, input_shape=input_shape,
+                                   num_classes=num_classes)
+
+        def shapes_at(width: float) -> dict[str, tuple[int, ...]]:
+            return {n: tuple(p.shape) for n, p in prunable_weights(model_at(width)).items()}
 
         full = shapes_at(base_width)
         plans = plan_layers(full, config.sparsity, config.distribution,
                             dense_first_layer=config.dense_first_layer,
                             erk_power_scale=config.erk_power_scale,
-                            overrides=config.layer_density or None)
+                            overrides=config.layer_density or None,
+                            score_shapes=gate_block_shapes(model_at(base_width)))
         budget = sum(p.active for p in plans)
         outs = [s[0] for s in full.values()]
         grid = max(outs[:-1] or outs)

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from sparsekit.errors import InputError, close_matches
-from sparsekit.models import nets
+from sparsekit.models import nets, sequence
 from sparsekit.models.user import build_user_model, user_accepts_width
 
 __all__ = ["MODELS", "ModelInfo", "build_model", "list_models", "model_accepts_width", "parse_model_kwargs"]
@@ -29,7 +29,7 @@ class ModelInfo:
     defaults: dict[str, Any]
     builder: Callable[..., nn.Module]
     accepts_width: bool = True
-    input_kind: str = "any"  # "any" or "image"
+    input_kind: str = "any"  # "any", "image" or "sequence" (symbol windows from text data)
     notes: str = field(default="")
 
 
@@ -107,6 +107,29 @@ MODELS: dict[str, ModelInfo] = {
             {"width": 1.0},
             _build_mobilenet_v1,
             input_kind="image",
+        ),
+        ModelInfo(
+            "char-gru",
+            "character-level LM (RigL paper, appendix I): embedding 128 → GRU 512 → readout 256 → 128 "
+            "→ vocabulary; text data (stdlib-docs, text:PATH)",
+            {"width": 1.0},
+            sequence.build_char_gru,
+            input_kind="sequence",
+        ),
+        ModelInfo(
+            "char-lstm",
+            "character-level LM: embedding 128 → LSTM 512 → readout 256 → 128 → vocabulary; text data",
+            {"width": 1.0},
+            sequence.build_char_lstm,
+            input_kind="sequence",
+        ),
+        ModelInfo(
+            "char-transformer",
+            "small causal character-level Transformer: 4 pre-norm layers, d=256, 4 heads, GELU FFN 1024, "
+            "learned positions (window = --seq-len); text data",
+            {"width": 1.0},
+            sequence.build_char_transformer,
+            input_kind="sequence",
         ),
     ]
 }
@@ -275,6 +298,13 @@ def build_model(
             f"model {spec!r} needs images (C×H×W) but the data has input shape {list(input_shape)}",
             where=f"--model {spec}",
             fix="use an image dataset, or a model for any input (mlp, lenet300)",
+        )
+    if info.input_kind == "sequence" and len(input_shape) != 1:
+        raise InputError(
+            f"model {spec!r} needs text windows (symbol sequences) but the data has input shape "
+            f"{list(input_shape)}",
+            where=f"--model {spec}",
+            fix="use text data: --data stdlib-docs or --data text:PATH",
         )
     try:
         return info.builder(input_shape, num_classes, **merged)
