@@ -23,6 +23,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifdef _OPENMP
@@ -40,6 +41,7 @@
 
 #define PANEL 64
 #define PAD_SLACK 32
+#define CHUNKS_PER_THREAD 8 /* work items per thread for dynamic scheduling */
 
 enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 static int g_isa = ISA_GENERIC;     /* active code path */
@@ -267,6 +269,7 @@ SK_AVX512 static void panel_avx512(const csr_t *w, const float *xp, float *yp, i
         _mm512_storeu_ps(out + 48, r3);
     }
 }
+
 #endif /* SK_X86 */
 
 /* ------------------------------------------------------------------ dispatch */
@@ -380,18 +383,20 @@ static PyObject *py_rows(PyObject *self, PyObject *args) {
         float *yp = (float *)y.buf;
         const int nt = clamp_threads(threads);
         Py_BEGIN_ALLOW_THREADS
+        if (nt <= 1) {  /* no parallel region: its fixed cost matters for small layers */
+            if (w.n_out > 0) fn(&w, xp, yp, B, 0, w.n_out);
+        } else {
+            /* chunks balanced by nonzeros, handed out dynamically: a thread slowed by another
+             * process on its core takes fewer of them */
+            const int64_t nch = (int64_t)nt * CHUNKS_PER_THREAD;
 #ifdef _OPENMP
-#pragma omp parallel num_threads(nt) if (nt > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
 #endif
-        {
-            int part = 0, parts = 1;
-#ifdef _OPENMP
-            part = omp_get_thread_num();
-            parts = omp_get_num_threads();
-#endif
-            int64_t o0, o1;
-            split_rows(w.rowptr, w.n_out, part, parts, &o0, &o1);
-            if (o1 > o0) fn(&w, xp, yp, B, o0, o1);
+            for (int64_t ch = 0; ch < nch; ch++) {
+                int64_t o0, o1;
+                split_rows(w.rowptr, w.n_out, (int)ch, (int)nch, &o0, &o1);
+                if (o1 > o0) fn(&w, xp, yp, B, o0, o1);
+            }
         }
         Py_END_ALLOW_THREADS
         (void)nt;
@@ -441,29 +446,47 @@ static PyObject *py_panel(PyObject *self, PyObject *args) {
         float *yp = (float *)y.buf;
         const int64_t *bp = w.rowptr;
         const int nt = clamp_threads(threads);
+        /* nonzeros per row over all column blocks, for chunks balanced by work */
+        int64_t *cost = NULL;
+        if (nt > 1 && nb > 1) {
+            cost = (int64_t *)malloc((size_t)(w.n_out + 1) * sizeof(int64_t));
+            if (!cost) { PyErr_NoMemory(); goto done; }
+            cost[0] = 0;
+            for (int64_t o = 0; o < w.n_out; o++) {
+                int64_t t = 0;
+                for (int64_t c = 0; c < nb; c++) t += bp[c * w.n_out + o + 1] - bp[c * w.n_out + o];
+                cost[o + 1] = cost[o] + t;
+            }
+        }
         Py_BEGIN_ALLOW_THREADS
+        if (nt <= 1) {
+            csr_t wc = w;
+            for (int64_t p = 0; p < P; p++)
+                for (int64_t c = 0; c < nb; c++) {
+                    wc.rowptr = bp + c * w.n_out;
+                    fn(&wc, xp + p * w.n_in * PANEL, yp + p * w.n_out * PANEL, 0, w.n_out, c == 0, c == nb - 1);
+                }
+        } else {
+            /* (panel, row chunk) work items balanced by nonzeros, handed out dynamically */
+            const int64_t nch = (int64_t)nt * CHUNKS_PER_THREAD;
+            const int64_t *rp = nb == 1 ? bp : cost;
 #ifdef _OPENMP
-#pragma omp parallel num_threads(nt) if (nt > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
 #endif
-        {
-            int part = 0, parts = 1;
-#ifdef _OPENMP
-            part = omp_get_thread_num();
-            parts = omp_get_num_threads();
-#endif
-            int64_t o0, o1;
-            if (nb == 1) split_rows(bp, w.n_out, part, parts, &o0, &o1);
-            else { o0 = w.n_out * part / parts; o1 = w.n_out * (part + 1) / parts; }
-            if (o1 > o0) {
+            for (int64_t item = 0; item < P * nch; item++) {
+                const int64_t p = item / nch, ch = item % nch;
+                int64_t o0, o1;
+                split_rows(rp, w.n_out, (int)ch, (int)nch, &o0, &o1);
+                if (o1 <= o0) continue;
                 csr_t wc = w;
-                for (int64_t p = 0; p < P; p++)
-                    for (int64_t c = 0; c < nb; c++) {
-                        wc.rowptr = bp + c * w.n_out;
-                        fn(&wc, xp + p * w.n_in * PANEL, yp + p * w.n_out * PANEL, o0, o1, c == 0, c == nb - 1);
-                    }
+                for (int64_t c = 0; c < nb; c++) {
+                    wc.rowptr = bp + c * w.n_out;
+                    fn(&wc, xp + p * w.n_in * PANEL, yp + p * w.n_out * PANEL, o0, o1, c == 0, c == nb - 1);
+                }
             }
         }
         Py_END_ALLOW_THREADS
+        free(cost);
         (void)nt;
     }
     ret = Py_None;
