@@ -33,9 +33,9 @@ class Samples:
 
     @property
     def reference_accuracy(self) -> float | None:
-        if self.y is None or self.logits.ndim != 2:
+        if self.y is None or self.logits.ndim != self.y.ndim + 1:
             return None
-        return float((self.logits.argmax(1) == self.y).mean())
+        return float((self.logits.argmax(-1) == self.y).mean())  # LM: (n, T, V) logits vs (n, T) targets
 
 
 @dataclass
@@ -43,6 +43,9 @@ class ExportOptions:
     opset: int = 18
     precisions: tuple[str, ...] = ("fp32",)
     warn_only: bool = False
+    tune: bool = False            # fast format: measure every layer's kernels (else a quick calibration)
+    tune_batch_size: int = 1      # fast format: batch size to measure at (besides 1, 8, 64, 256)
+    threads: int = 1              # fast format: threads the plan is measured with
 
 
 @dataclass

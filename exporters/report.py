@@ -182,9 +182,9 @@ def _quality(runner, samples: Samples | None) -> dict[str, Any]:
     ref = samples.logits
     res: dict[str, Any] = {"n_samples": len(ref),
                            "max_abs_diff_vs_torch": float(np.max(np.abs(out - ref))) if ref.size else 0.0,
-                           "top1_agreement": float((out.argmax(1) == ref.argmax(1)).mean())}
+                           "top1_agreement": float((out.argmax(-1) == ref.argmax(-1)).mean())}
     if samples.y is not None:
-        res["accuracy"] = float((out.argmax(1) == samples.y).mean())
+        res["accuracy"] = float((out.argmax(-1) == samples.y).mean())  # (LM: next-symbol accuracy per position)
         res["torch_accuracy"] = samples.reference_accuracy
     else:
         res["accuracy"] = "unavailable"
