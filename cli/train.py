@@ -109,6 +109,7 @@ def train(
     prune_interval: int = typer.Option(None, "--prune-interval", help="Pruning: steps between pruning steps."),
     method_option: list[str] = typer.Option(None, "--method-option", help="Any other method option as key=value; repeatable."),
     init_from: str = typer.Option(None, "--init-from", help="Start from another run's final weights and mask."),
+    dist_timeout: float = typer.Option(None, "--dist-timeout", help="torchrun: seconds before a lost or hung rank fails the job. [default: 300]"),
     checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N steps (0: each epoch). [default: 0]"),
     nan_policy: str = typer.Option(None, "--nan-policy", help="On a non-finite loss: stop | skip-batch. [default: stop]"),
     out: Path = typer.Option(None, "--out", help="Run directory. [default: runs/<method>-<sparsity>-s<seed>]"),
@@ -133,7 +134,7 @@ def train(
         "warmup_epochs": warmup_epochs, "clip_grad": clip_grad, "seed": seed, "device": device,
         "val_fraction": val_fraction, "image_size": image_size, "channels": channels,
         "seq_len": seq_len, "vocab": vocab, "steps": steps,
-        "checkpoint_every": checkpoint_every, "nan_policy": nan_policy, "init_from": init_from,
+        "checkpoint_every": checkpoint_every, "dist_timeout": dist_timeout, "nan_policy": nan_policy, "init_from": init_from,
     }
     if label_column is not None:
         cli["label_column"] = int(label_column) if label_column.lstrip("-").isdigit() else label_column
@@ -150,12 +151,15 @@ def train(
     run_dir = out or Path("runs") / f"{cfg.method}-{cfg.sparsity:g}-s{cfg.seed}"
 
     from sparsekit.cli.render import TrainProgress
-
+    from sparsekit.distributed import is_main_process
     from sparsekit.training import train as run_training
 
-    progress = TrainProgress(enabled=not quiet)
+    main_rank = is_main_process()  # under torchrun only rank 0 prints
+    progress = TrainProgress(enabled=not quiet and main_rank)
     with progress:
         summary = run_training(cfg, run_dir, resume=resume, overwrite=overwrite, callbacks=progress.callbacks())
+    if not main_rank:
+        return
     if json_out:
         print_json(summary)
     elif not quiet:

@@ -236,7 +236,7 @@ class Archive:
         try:
             self._zip = zipfile.ZipFile(self.path, "r")
             names = self._zip.namelist()
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, ValueError) as exc:
             raise _corrupt(str(exc), where=str(self.path)) from exc
         bad = [n for n in names if not _safe_member(n)]
         if bad:
@@ -265,7 +265,7 @@ class Archive:
             raise _corrupt(f"member {name!r} is missing", where=str(self.path))
         try:
             return self._zip.read(name)
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, ValueError) as exc:
             raise _corrupt(f"{name}: {exc}", where=str(self.path)) from exc
 
     def decode_tensor(self, entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -333,6 +333,9 @@ class Archive:
         entries = self.manifest.get("tensors")
         if not isinstance(entries, list):
             raise _corrupt("manifest has no tensor list", where=str(self.path))
+        for e in entries:
+            if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+                raise _corrupt(f"manifest tensor entry {str(e)[:60]!r} has no name", where=str(self.path))
         return {e["name"]: self.decode_tensor(e) for e in entries}
 
     def restore_model(self) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
@@ -372,7 +375,10 @@ def load_archive(path: str | Path) -> ExportContext:
         model, masks = arch.restore_model()
     finally:
         arch.close()
-    summary = dict(arch.manifest.get("summary") or {})
+    raw_summary = arch.manifest.get("summary")
+    if raw_summary is not None and not isinstance(raw_summary, dict):
+        raise _corrupt("manifest summary is not an object", where=str(path))
+    summary = dict(raw_summary or {})
     run = summary.get("run_dir") or arch.manifest.get("source_run")
     samples = load_samples(Path(run) / "samples.npz") if run and Path(run).is_dir() else None
     return ExportContext(source=Path(path), source_kind="archive", model=model, masks=masks,

@@ -107,7 +107,7 @@ def plot_connectivity(run_dir: Path, out: Path, summary: dict[str, Any]) -> list
     mean_img = None
     samples = run_dir / "samples.npz"
     if shape is not None and samples.is_file():
-        x = np.load(samples)["x"]
+        x = np.load(samples, allow_pickle=False)["x"]
         if x.size:
             mean_img = x.reshape(x.shape[0], -1, *shape).mean(axis=(0, 1)) if x[0].size % (shape[0] * shape[1]) == 0 \
                 else None

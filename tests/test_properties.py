@@ -151,18 +151,14 @@ def real_archive(tmp_path_factory) -> bytes:
     return (base / "exp" / "model.skz").read_bytes()
 
 
-def _read_archive(blob: bytes, *, tolerate_known: bool = False) -> None:
+def _read_archive(blob: bytes) -> None:
     from sparsekit.exporters.compressed import load_archive, load_state_dict
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "x.skz"
         p.write_bytes(blob)
         for fn in (load_state_dict, load_archive):
-            try:
-                expect_documented(fn, p)
-            except NotImplementedError as exc:  # KNOWN_BUGS "zip-unsupported-version"
-                if not (tolerate_known and ("zip file version" in str(exc) or "compression method" in str(exc))):
-                    raise
+            expect_documented(fn, p)
         assert sorted(os.listdir(d)) == ["x.skz"]  # reading never extracts anything
 
 
@@ -195,7 +191,7 @@ def test_archive_reader_mutated_real_archive(real_archive, data):
     else:
         i = data.draw(st.integers(0, len(blob)))
         blob[i:i] = data.draw(st.binary(min_size=1, max_size=16))
-    _read_archive(bytes(blob), tolerate_known=True)
+    _read_archive(bytes(blob))
 
 
 def _members_of(real: bytes) -> dict[str, bytes]:
@@ -217,13 +213,10 @@ def test_archive_reader_hostile_manifests_and_member_names(real_archive, data):
         entry = tensors[data.draw(st.integers(0, len(tensors) - 1))]
         key = data.draw(st.sampled_from(sorted(entry)))
         value = data.draw(VALUES | NAMES)
-        assume(not (key == "name" and not isinstance(value, str)))  # KNOWN_BUGS[0]
         entry[key] = value
     if data.draw(st.booleans()):
         key = data.draw(st.sampled_from(sorted(manifest)))
         value = data.draw(VALUES | NAMES)
-        assume(not (key == "summary" and value and not isinstance(value, dict)))  # KNOWN_BUGS[1]
-        assume(not (key == "tensors" and isinstance(value, list) and value))  # KNOWN_BUGS[2]
         manifest[key] = value
     members["manifest.json"] = json.dumps(manifest).encode()
     if data.draw(st.booleans()):
@@ -247,10 +240,8 @@ def _rewritten(real: bytes, edit) -> bytes:
     return buf.getvalue()
 
 
-# Crashes found by the test above in exporters/compressed.py (not owned here; reported). The property
-# test skips exactly these shapes; these strict xfails turn into failures once the reader is fixed,
-# so the skips can then be removed.
-KNOWN_BUGS = [
+# Crashes the property tests once found in exporters/compressed.py, kept as regression cases.
+FIXED_BUGS = [
     ("tensor-name-not-a-string", lambda m: m["tensors"][0].update(name=[1, 2])),  # TypeError, Archive.tensors
     ("summary-not-a-mapping", lambda m: m.update(summary=[1, 2])),  # ValueError/TypeError, load_archive
     ("tensor-entry-not-a-mapping", lambda m: m.update(tensors=[0])),  # TypeError, Archive.tensors
@@ -265,16 +256,12 @@ def _unsupported_zip_version(real: bytes) -> bytes:
     return bytes(blob)
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="exporters/compressed.py: Archive() lets zipfile's NotImplementedError through")
-def test_known_archive_reader_crash_on_unsupported_zip_version(real_archive):
+def test_unsupported_zip_version_is_a_documented_error(real_archive):
     _read_archive(_unsupported_zip_version(real_archive))
 
 
-@pytest.mark.xfail(strict=True, raises=(TypeError, ValueError),
-                   reason="exporters/compressed.py: manifest values of the wrong type crash the reader")
-@pytest.mark.parametrize("edit", [b[1] for b in KNOWN_BUGS], ids=[b[0] for b in KNOWN_BUGS])
-def test_known_archive_reader_crashes(real_archive, edit):
+@pytest.mark.parametrize("edit", [b[1] for b in FIXED_BUGS], ids=[b[0] for b in FIXED_BUGS])
+def test_wrongly_typed_manifest_values_are_documented_errors(real_archive, edit):
     _read_archive(_rewritten(real_archive, edit))
 
 
