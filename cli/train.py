@@ -151,6 +151,7 @@ def train(
     run_dir = out or Path("runs") / f"{cfg.method}-{cfg.sparsity:g}-s{cfg.seed}"
 
     from sparsekit.cli.render import TrainProgress
+
     from sparsekit.distributed import is_main_process
     from sparsekit.training import train as run_training
 
