@@ -77,4 +77,10 @@ def methods(
         return
     rows = [[m["name"], m["family"], m["description"],
              ", ".join(f"{k}={v}" for k, v in m["options"].items())] for m in items]
-    stdout_console().print(_table("methods", ["name", "family", "description", "defaults"], rows))
+    console = stdout_console()
+    console.print(_table("methods", ["name", "family", "description", "defaults"], rows))
+    from sparsekit.config import list_presets
+
+    presets = [[p["name"], p["description"], p["usage"]] for p in list_presets()]
+    if presets:
+        console.print(_table("presets (train/compare --config preset:NAME)", ["name", "recipe", "usage"], presets))

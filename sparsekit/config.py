@@ -136,11 +136,12 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 
 
 def list_presets() -> list[dict[str, str]]:
-    """Shipped presets (``sparsekit/presets/NAME.yaml``): name and the first line of their comment."""
+    """Shipped presets (``sparsekit/presets/NAME.yaml``): name and the first sentence of their comment."""
     rows = []
     for p in sorted(PRESETS_DIR.glob("*.yaml")):
-        first = next((ln.lstrip("# ").strip() for ln in p.read_text(encoding="utf-8").splitlines()
-                      if ln.startswith("#")), "")
+        comment = " ".join(ln.lstrip("# ").strip() for ln in p.read_text(encoding="utf-8").splitlines()
+                           if ln.startswith("#"))
+        first = comment.split(". ")[0].rstrip(".") + "."
         rows.append({"name": p.stem, "description": first, "usage": f"--config {PRESET_PREFIX}{p.stem}"})
     return rows
 
