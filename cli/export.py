@@ -49,6 +49,12 @@ def export_cmd(
     warn_only: bool = typer.Option(False, "--warn-only",
                                    help="Keep files that fail validation (marked in the report) instead of "
                                         "removing them and exiting 4."),
+    tune: bool = typer.Option(False, "--tune",
+                              help="fast format: time every layer's kernels on this machine and keep the "
+                                   "fastest per batch size (default: a quick whole-model calibration)."),
+    tune_batch_size: int = typer.Option(1, "--tune-batch-size", min=1,
+                                        help="fast format: batch size to plan for (besides 1, 8, 64, 256)."),
+    threads: int = typer.Option(1, "--threads", min=1, help="fast format: threads to plan for."),
     json_out: bool = typer.Option(False, "--json", help="Print the export report as JSON."),
     list_formats: bool = typer.Option(False, "--list", help="List the export formats and exit."),
 ) -> None:
@@ -59,7 +65,7 @@ def export_cmd(
     drop ≤ 0.5/1 point). A failure removes the file and exits 4.
 
     Example: sparsekit export runs/demo --format all && sparsekit export runs/demo/export/model.skz
-    --format onnx --out restored
+    --format onnx --out restored; sparsekit export runs/demo --format fast --tune --tune-batch-size 64
     """
     from sparsekit.exporters import FORMATS
     from sparsekit.exporters.pipeline import export
@@ -82,6 +88,7 @@ def export_cmd(
     console = Console(stderr=True, quiet=json_out)
     with console.status("exporting") as status:
         report = export(source, fmt, out, opset=opset, precision=precision, warn_only=warn_only,
+                        tune=tune, tune_batch_size=tune_batch_size, threads=threads,
                         progress=lambda what: status.update(f"exporting {what}"))
     if json_out:
         print(json.dumps(report, indent=2))

@@ -89,26 +89,45 @@ def build_fast_model(dense: onnx.ModelProto, *, compact: bool = True, threads: i
 
 def write_model(dense: onnx.ModelProto, out_path: str | os.PathLike[str], *, tune: bool = False,
                 batch_size: int = 1, threads: int = 1, compact: bool = True, tune_budget_s: float = 0.3,
-                opset: int = 18, metadata: dict[str, str] | None = None) -> dict[str, Any]:
-    """Pack, (tune,) check against ``dense`` under ONNX Runtime and write the artifact; returns a report."""
+                calibrate: bool = True, opset: int = 18,
+                metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Pack, calibrate or tune, check against ``dense`` under ONNX Runtime and write the artifact.
+
+    Without ``tune``, a quick whole-model calibration (``sparsekit.runtime.tune.calibrate``, about a
+    second) measures the heuristic plan against dense ONNX Runtime at batch sizes 1, 8, 64, 256 and
+    ``batch_size`` and keeps the faster, so the default artifact is not slower than the dense model
+    where call overhead dominates (tiny layers). ``calibrate=False`` leaves the heuristic alone.
+    Returns a report.
+    """
     from sparsekit.runtime.artifact import save, to_onnx
     from sparsekit.runtime.layers import kernel_isa
-    from sparsekit.runtime.tune import DEFAULT_BATCHES, tune_layers
+    from sparsekit.runtime.tune import CALIBRATION_BATCHES, DEFAULT_BATCHES, tune_layers
+    from sparsekit.runtime.tune import calibrate as calibrate_model
 
     batch_size, threads = int(batch_size), int(threads)
     if batch_size < 1 or threads < 1:
-        raise InputError("batch size and threads must be positive", where="--batch-size/--threads")
+        raise InputError("batch size and threads must be positive", where="--tune-batch-size/--threads")
     model, stats = build_fast_model(dense, compact=compact, threads=threads)
     if metadata:
         model.metadata.update(metadata)
     model.metadata.update({"sparsekit_format": "fast", "exporter": "sparsekit.exporters.fast",
                            "opset": str(opset), "compaction": json.dumps(stats)})
-    timings = None
+    timings = calibration = None
     if tune:
         batches = sorted({*DEFAULT_BATCHES, batch_size})
         timings = tune_layers(model.layers, batches=batches, threads=threads, budget_s=tune_budget_s)
-    model.metadata.update({"tuned": str(bool(tune)).lower(), "tune_threads": str(threads),
-                           "tune_batch_size": str(batch_size), "tuned_isa": kernel_isa() if tune else ""})
+        model.plan_changed()
+        plan_source = "tuned"
+    elif calibrate:
+        calibration = calibrate_model(model, batches=sorted({*CALIBRATION_BATCHES, batch_size}),
+                                      threads=threads)
+        plan_source = "calibrated"
+    else:
+        plan_source = "heuristic"
+    measured = plan_source != "heuristic"
+    model.metadata.update({"tuned": str(bool(tune)).lower(), "plan_source": plan_source,
+                           "tune_threads": str(threads), "tune_batch_size": str(batch_size),
+                           "tuned_isa": kernel_isa() if measured else ""})
     check = validate_against_dense(model, dense)
     if not check["max_abs_diff"] <= check["bound"]:
         raise ValidationError(f"fast model differs from the dense model by {check['max_abs_diff']:.3g} "
@@ -128,23 +147,28 @@ def write_model(dense: onnx.ModelProto, out_path: str | os.PathLike[str], *, tun
         "layers": model.info()["layers"],
         "compaction": stats,
         "tuned": bool(tune),
+        "plan_source": plan_source,
         "tune_timings_s": timings,
+        "calibration": calibration,
         "dense_check": check,
         "isa": kernel_isa(),
         "kernels": kernels,
-        "notes": [f"kernels per layer by batch size: {json.dumps(kernels)}"
-                  + ("" if tune else " (heuristic; export with tuning to measure them on this machine)")],
+        "notes": [f"kernels per layer by batch size: {json.dumps(kernels)} ({plan_source}"
+                  + (" per layer" if tune else " for the whole model; --tune measures every layer"
+                     if measured else "; export with --tune to measure them on this machine")
+                  + f", {threads} thread{'s' if threads > 1 else ''})"],
     }
 
 
 def write_fast(dense_onnx_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *,
                tune: bool = False, batch_size: int = 1, threads: int = 1, compact: bool = True,
-               tune_budget_s: float = 0.3) -> dict[str, Any]:
+               tune_budget_s: float = 0.3, calibrate: bool = True) -> dict[str, Any]:
     """Write the ``fast`` artifact of the dense MLP at ``dense_onnx_path`` to ``out_path``.
 
     ``tune`` measures every layer's kernels at batch sizes 1, 8, 64, 256 and ``batch_size`` with
     ``threads`` threads and stores the fastest per batch size (dense GEMM included, so a tuned layer
-    is never slower than dense there); otherwise a density/batch heuristic decides at run time.
+    is never slower than dense there); otherwise a quick whole-model calibration checks the
+    density/batch heuristic against dense (``calibrate=False``: the heuristic alone).
     Raises ``ValidationError`` when the outputs differ from the dense model by more than
     ``1e-5 * max(1, max |dense|)``.
     """
@@ -157,21 +181,25 @@ def write_fast(dense_onnx_path: str | os.PathLike[str], out_path: str | os.PathL
     except Exception as exc:
         raise InputError(f"cannot read {src} as ONNX: {type(exc).__name__}", where=str(src)) from exc
     return write_model(dense, out_path, tune=tune, batch_size=batch_size, threads=threads, compact=compact,
-                       tune_budget_s=tune_budget_s, metadata={"source_model": str(src)})
+                       tune_budget_s=tune_budget_s, calibrate=calibrate, metadata={"source_model": str(src)})
 
 
 @register_format("fast", DESCRIPTION, SUFFIX)
 def write_fast_format(ctx, out_path: Path, options) -> dict[str, Any]:
-    """Registry entry (``write(ctx, out_path, options)``). Tuning options are read from ``options``
-    when the export command provides them (``tune``, ``batch_size``, ``threads``), else from the
-    environment (``SPARSEKIT_FAST_TUNE=1``, ``SPARSEKIT_FAST_BATCH``, ``SPARSEKIT_FAST_THREADS``)."""
+    """Registry entry (``write(ctx, out_path, options)``). Planning options come from ``options``
+    (``sparsekit export --tune --tune-batch-size N --threads T``), else from the environment
+    (``SPARSEKIT_FAST_TUNE=1``, ``SPARSEKIT_FAST_BATCH``, ``SPARSEKIT_FAST_THREADS``;
+    ``SPARSEKIT_FAST_CALIBRATE=0`` keeps the untuned plan heuristic, without the quick calibration)."""
     from sparsekit.exporters.context import metadata_for
     from sparsekit.exporters.graph import UnsupportedGraphError
 
     env = os.environ
     tune = bool(getattr(options, "tune", False)) or env.get("SPARSEKIT_FAST_TUNE") == "1"
-    batch = int(getattr(options, "batch_size", 0) or env.get("SPARSEKIT_FAST_BATCH", 1))
-    threads = int(getattr(options, "threads", 0) or env.get("SPARSEKIT_FAST_THREADS", 1))
+    batch = int(getattr(options, "tune_batch_size", 1) if getattr(options, "tune_batch_size", 1) != 1
+                else env.get("SPARSEKIT_FAST_BATCH", 1))
+    threads = int(getattr(options, "threads", 1) if getattr(options, "threads", 1) != 1
+                  else env.get("SPARSEKIT_FAST_THREADS", 1))
+    calibrate = env.get("SPARSEKIT_FAST_CALIBRATE", "1") != "0"
     opset = int(getattr(options, "opset", 18))
     try:
         meta = metadata_for(ctx, "fast", opset=opset, extra={"exporter": "sparsekit.exporters.fast"})
@@ -179,7 +207,7 @@ def write_fast_format(ctx, out_path: Path, options) -> dict[str, Any]:
         meta = {}
     try:
         return write_model(ctx.model, out_path, tune=tune, batch_size=batch, threads=threads, opset=opset,
-                           metadata=meta)
+                           calibrate=calibrate, metadata=meta)
     except UnsupportedGraphError as exc:
         raise UnsupportedGraphError(f"fast cannot pack this graph ({exc.what}); nothing was written",
                                     where=exc.where, fix="the fast format handles MLP chains "

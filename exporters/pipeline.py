@@ -89,6 +89,7 @@ def _validate(path: Path, fmt: str, ctx: ExportContext, precision: str) -> dict[
 
 def export(source: str | Path, formats: str | None = None, out_dir: str | Path | None = None, *,
            opset: int = 18, precision: str | None = None, warn_only: bool = False,
+           tune: bool = False, tune_batch_size: int = 1, threads: int = 1,
            progress=None) -> dict[str, Any]:
     """Export ``source`` and return the export report (also written to ``out_dir/export_report.json``)."""
     ctx = load_source(source)
@@ -102,7 +103,8 @@ def export(source: str | Path, formats: str | None = None, out_dir: str | Path |
         raise InputError(f"output {out_dir} exists and is not a directory", where="--out",
                          fix="choose a directory path")
     base_precision = ctx.extra.get("archive_precision", "fp32")
-    options = ExportOptions(opset=opset, precisions=precisions, warn_only=warn_only)
+    options = ExportOptions(opset=opset, precisions=precisions, warn_only=warn_only, tune=bool(tune),
+                            tune_batch_size=int(tune_batch_size), threads=int(threads))
     artifacts: list[dict[str, Any]] = []
     failures: list[str] = []
     jobs = [(n, p) for n in names for p in (precisions if n == "compressed" else ("fp32",))]

@@ -17,7 +17,7 @@ from sparsekit.runtime.compact import ChainLayer, compact_chain
 
 K = L._K
 ISAS = K.available_isas() if K is not None else ["numpy"]
-KERNEL_SPECS = ["rows", "panel", "panel:16", "panel:7", "dense"]
+KERNEL_SPECS = ["rows", "panel", "panel:16", "panel:7", "gemv", "dense"]
 
 
 def close(got: np.ndarray, ref: np.ndarray) -> None:
@@ -71,7 +71,7 @@ def test_chains_switch_layouts_between_kernels(isa, threads):
     for layer in layers:
         ref = layer.reference(ref)
     for specs in (["rows", "panel", "dense"], ["panel:8", "dense", "panel"], ["dense", "dense", "rows"],
-                  ["panel", "panel:32", "panel"]):
+                  ["panel", "panel:32", "panel"], ["gemv", "panel", "gemv"], ["panel", "gemv", "dense"]):
         close(model.run(x, kernels=specs), ref)
     close(model.run(x), ref)  # default plan
     close(model.run(x[:1]), ref[:1])
@@ -91,6 +91,51 @@ def test_empty_layers_and_wide_inputs_use_int32_indices():
     empty = rt.SparseLayer.from_dense(np.zeros((5, 6), np.float32), np.ones(5, np.float32), relu=False)
     y = rt.FastModel([empty], (6,)).run(np.ones((2, 6), np.float32))
     assert np.array_equal(y, np.ones((2, 5), np.float32))
+
+
+def test_gemv_handles_ragged_widths_and_refuses_short_buffers(isa):
+    rng = np.random.default_rng(7)
+    for n_out in (1, 15, 16, 17, 127, 128, 129, 300):  # masked tails of the 128-wide register block
+        layer = rt.SparseLayer.from_dense(sparse_matrix(rng, n_out, 19, 0.4), rng.standard_normal(n_out),
+                                          relu=bool(n_out % 2))
+        x = rng.standard_normal((5, 19)).astype(np.float32)
+        for threads in (1, 2):
+            close(rt.FastModel([layer], (19,)).run(x, kernels=["gemv"], threads=threads), layer.reference(x))
+    if K is not None:
+        with pytest.raises(ValueError):
+            K.gemv(np.zeros(10, np.float32), None, np.zeros(4, np.float32), np.zeros(4, np.float32), 4, 4, 1, 0, 1)
+
+
+def test_plan_cache_follows_plan_changes():
+    rng = np.random.default_rng(8)
+    layer = rt.SparseLayer.from_dense(sparse_matrix(rng, 20, 30, 0.2), None, relu=False)
+    model = rt.FastModel([layer], (30,))
+    x = rng.standard_normal((2, 30)).astype(np.float32)
+    model.run(x)
+    layer.plan = {1: "dense"}  # a new dict is picked up
+    assert model._parsed_plan(2) == [("dense", 0)]
+    layer.plan[1] = "panel"  # in place: after plan_changed()
+    model.plan_changed()
+    assert model._parsed_plan(2) == [("panel", 0)]
+    close(model.run(x), layer.reference(x))
+
+
+def test_calibration_measures_whole_model_plans():
+    from sparsekit.runtime.tune import CALIBRATION_BATCHES, calibrate
+
+    rng = np.random.default_rng(9)
+    layers = [rt.SparseLayer.from_dense(sparse_matrix(rng, 32, 16, 0.1), rng.standard_normal(32), relu=True),
+              rt.SparseLayer.from_dense(sparse_matrix(rng, 4, 32, 0.5), None, relu=False)]
+    model = rt.FastModel(layers, (16,))
+    report = calibrate(model, budget_s=0.05)
+    assert sorted(int(b) for b in report) == sorted(CALIBRATION_BATCHES)
+    for b, entry in report.items():  # every layer's plan holds the chosen whole-model candidate
+        assert [layer.plan[int(b)] for layer in layers] == entry["kernels"]
+        assert entry["chosen"] in entry["median_s"] or not entry["median_s"]
+    x = rng.standard_normal((70, 16)).astype(np.float32)
+    ref = layers[1].reference(layers[0].reference(x))
+    for batch in (1, 8, 70):
+        close(model.run(x[:batch]), ref[:batch])
 
 
 def test_malformed_csr_is_refused():
@@ -198,6 +243,23 @@ def test_export_pipeline_validates_fast_on_samples(tmp_path):
     (art,) = report["artifacts"]
     assert art["status"] == "ok", art
     assert art["validation"]["passed"]
+    assert art["plan_source"] == "calibrated" and art["calibration"]
+
+
+def test_export_cli_tunes_the_fast_plan(tmp_path, cli):
+    torch = pytest.importorskip("torch")
+    from export_fixtures import dead_unit_mlp, make_run_dir
+
+    model, masks = dead_unit_mlp()
+    run = make_run_dir(tmp_path / "run", model, masks, torch.randn(40, 64))
+    res = cli(["export", str(run), "--format", "fast", "--out", str(tmp_path / "out"), "--tune",
+               "--tune-batch-size", "32", "--threads", "2", "--json"])
+    assert res.exit_code == 0, res.stderr
+    (art,) = res.json()["artifacts"]
+    assert art["status"] == "ok" and art["plan_source"] == "tuned", art
+    fast = rt.load(art["path"])
+    assert fast.metadata["tune_batch_size"] == "32" and fast.metadata["tune_threads"] == "2"
+    assert all(32 in layer.plan for layer in fast.layers)
 
 
 def test_run_rejects_bad_inputs(tmp_path, cli):

@@ -1,8 +1,9 @@
-"""``--tune``: measure each layer's candidate kernels on this machine and store the fastest per batch.
+"""Measured kernel choices: ``calibrate`` (cheap, whole model, on by default at export) and ``--tune``
+(``tune_layers``: every layer's candidate kernels per batch size).
 
 Candidates are timed interleaved (one call of each in turn, repeated) and compared by median, so
 load from other processes hits them alike. The dense candidate is ONNX Runtime's GEMM on the
-densified layer, which keeps a tuned artifact from ever choosing something slower than dense.
+densified layer(s), which keeps a measured plan from choosing something slower than dense.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from collections.abc import Iterable
 import numpy as np
 
 from sparsekit.runtime.layers import PANEL, SparseLayer, aligned_empty, to_panels
-from sparsekit.runtime.model import _dense_session
+from sparsekit.runtime.model import GEMV_MAX_WEIGHTS, FastModel, _dense_session, default_kernel
 
 DEFAULT_BATCHES = (1, 8, 64, 256)
+CALIBRATION_BATCHES = (1, 8, 64, 256)
 
 
 def candidates(layer: SparseLayer, batch: int) -> list[str]:
@@ -24,6 +26,8 @@ def candidates(layer: SparseLayer, batch: int) -> list[str]:
     out = ["dense"]
     if batch < 64:
         out.append("rows")
+        if layer.n_in * layer.n_out <= GEMV_MAX_WEIGHTS:
+            out.append("gemv")
     if batch >= 8:
         out.append("panel")
         out += [f"panel:{b}" for b in (128, 256, 512) if b < layer.n_in]
@@ -39,6 +43,10 @@ def _runner(layer: SparseLayer, spec: str, x: np.ndarray, threads: int):
     if name == "rows":
         y = np.empty((batch, layer.n_out), dtype=np.float32)
         return lambda: layer.run_rows(x, y, threads)
+    if name == "gemv":
+        y = np.empty((batch, layer.n_out), dtype=np.float32)
+        layer.dense_t()
+        return lambda: layer.run_gemv(x, y, threads)
     xp, npanels = to_panels(x, layer.n_in, threads)
     yp = aligned_empty(npanels * layer.n_out * PANEL)
     block = int(arg) if arg else 0
@@ -85,4 +93,81 @@ def tune_layers(layers: list[SparseLayer], *, batches: Iterable[int] = DEFAULT_B
             per_batch[str(b)] = t
         layer.plan = plan
         report.append(per_batch)
+    return report
+
+
+def _chain_candidates(model: FastModel, batch: int) -> dict[str, list[str]]:
+    """Whole-model plans worth comparing at ``batch``: the heuristic, all dense (one ONNX Runtime
+    session: the dense model itself), and the heuristic with the other small-batch kernel."""
+    heur = [default_kernel(layer, batch) for layer in model.layers]
+    cands = {"heuristic": heur, "dense": ["dense"] * len(model.layers)}
+    if batch < 64:
+        alt = []
+        for layer, spec in zip(model.layers, heur, strict=True):
+            small = layer.n_in * layer.n_out <= GEMV_MAX_WEIGHTS and layer.n_in > 0 and layer.n_out > 0
+            alt.append({"rows": "gemv", "gemv": "rows"}.get(spec, spec) if small else spec)
+        cands["swapped"] = alt
+    else:
+        cands["panel"] = ["panel" if spec.startswith("panel") else spec for spec in heur]
+    out: dict[str, list[str]] = {}
+    for name, specs in cands.items():
+        if specs not in out.values():
+            out[name] = specs
+    return out
+
+
+def calibrate(model: FastModel, *, batches: Iterable[int] = CALIBRATION_BATCHES, threads: int = 1,
+              budget_s: float = 1.5, seed: int = 0) -> dict[str, dict]:
+    """Quick measured plan for the whole model (on by default at export; well under ``budget_s``).
+
+    For each batch size, a few whole-model plans (``_chain_candidates``) run interleaved on random
+    inputs and the fastest by median becomes every layer's plan entry for that batch: an artifact
+    whose heuristic would lose to dense ONNX Runtime (tiny layers, where call overhead dominates)
+    falls back to dense there. When one call is too slow to time within the budget, the heuristic
+    stays unless a single call showed dense ahead. Returns ``{batch: {"chosen", "median_s"}}``.
+    """
+    batches = sorted({int(b) for b in batches})
+    rng = np.random.default_rng(seed)
+    plans: list[dict[int, str]] = [dict(layer.plan) for layer in model.layers]
+    report: dict[str, dict] = {}
+    per_batch = budget_s / max(1, len(batches))
+    for b in batches:
+        cands = _chain_candidates(model, b)
+        if len(cands) == 1:
+            chosen, med = next(iter(cands)), {}
+        else:
+            x = rng.standard_normal((b, *model.input_shape)).astype(np.float32)
+            start = time.perf_counter()
+            times: dict[str, list[float]] = {k: [] for k in cands}
+            for specs in cands.values():  # warm-up (sessions, blocked copies, first touches)
+                model.run(x, threads=threads, kernels=specs)
+            for k, specs in cands.items():
+                t0 = time.perf_counter()
+                model.run(x, threads=threads, kernels=specs)
+                times[k].append(time.perf_counter() - t0)
+            one_round = time.perf_counter() - start
+            reps = 1
+            while reps < 25 and (reps < 5 or time.perf_counter() - start < per_batch) \
+                    and one_round * 2 < per_batch:
+                for k, specs in cands.items():
+                    t0 = time.perf_counter()
+                    model.run(x, threads=threads, kernels=specs)
+                    times[k].append(time.perf_counter() - t0)
+                reps += 1
+            med = {k: float(np.median(v)) for k, v in times.items()}
+            chosen = min(med, key=med.__getitem__)
+            if reps == 1 and chosen != "heuristic" and med[chosen] > med["heuristic"] / 1.5:
+                chosen = "heuristic"  # one sample only: overrule the heuristic on a clear loss alone
+        for plan, spec in zip(plans, cands[chosen], strict=True):
+            plan[b] = spec
+        report[str(b)] = {"chosen": chosen, "kernels": cands[chosen],
+                          "median_s": {k: round(v, 9) for k, v in med.items()}}
+    for layer, plan in zip(model.layers, plans, strict=True):
+        layer.plan = plan
+        if "dense" not in plan.values():
+            layer._dense = None  # densified copies were only needed for timing
+        if "gemv" not in plan.values():
+            layer._dense_t = None
+    model.plan_changed()
+    model._sessions.clear()
     return report
