@@ -12,6 +12,12 @@ when importable. Outputs of every variant are checked against dense ORT (1e-5 re
     python bench/bench_fast.py                 # the issue's table (minutes)
     python bench/bench_fast.py --quick         # CI smoke run (< 30 s)
     python bench/bench_fast.py --json out.json --threads 1
+    python bench/bench_fast.py --render t1.json t2.json   # one table (+ thread scaling) from saved runs
+
+The markdown has a target column (the issue's goals: batch 1 ≥4× at 90% / ≥15× at 98% for 4096-wide
+layers, ≥2.5× for 1024×1024 at 90%; batch 256 ≥4× at 90%, ≥8× at 98%; small MLPs and everything
+else: never slower than dense, ≥1×) with the distance of the best sparsekit variant from it, and,
+when a case ran at 1 and 2 threads, each variant's 2-thread scaling next to dense ORT's.
 """
 
 from __future__ import annotations
@@ -44,7 +50,27 @@ FULL_CASES = [  # (name, [layer sizes in -> ... -> out], sparsity)
     ("MLP 1024-4096-4096-1024", [1024, 4096, 4096, 1024], 0.9),
     ("MLP 1024-4096-4096-1024", [1024, 4096, 4096, 1024], 0.98),
 ]
+SMALL_CASES = [  # small MLPs, where per-call overhead decides: "never slower than dense"
+    ("MLP 64-512-256-10", [64, 512, 256, 10], 0.9),
+    ("MLP 64-512-256-10", [64, 512, 256, 10], 0.98),
+    ("MLP 784-300-100-10", [784, 300, 100, 10], 0.9),
+    ("MLP 784-300-100-10", [784, 300, 100, 10], 0.98),
+]
 QUICK_CASES = [("1024x1024", [1024, 1024], 0.9), ("MLP 256-512-512-10", [256, 512, 512, 10], 0.9)]
+
+
+def target(case: str, sizes: list[int], sparsity: float, batch: int) -> float:
+    """The issue's speedup goal for the sparsekit artifact (dense ORT time / fast time)."""
+    wide = max(sizes) >= 4096
+    if batch == 1:
+        if sparsity >= 0.98 and wide:
+            return 15.0
+        if 0.9 <= sparsity < 0.98:
+            return 4.0 if wide else 2.5 if sizes == [1024, 1024] else 1.0
+        return 1.0
+    if batch >= 256 and min(sizes) >= 1024:
+        return 8.0 if sparsity >= 0.98 else 4.0 if sparsity >= 0.9 else 1.0
+    return 1.0
 
 
 def random_layers(sizes: list[int], sparsity: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -147,10 +173,13 @@ def variant_fast(layers, x, threads, *, tune: bool, tmp: Path):
     dense_path = tmp / "dense.onnx"
     onnx.save(dense_model(layers), str(dense_path))
     art = tmp / f"m{'.tuned' if tune else ''}.fast.onnx"
-    write_fast(dense_path, art, tune=tune, batch_size=x.shape[0], threads=threads, tune_budget_s=0.3)
+    t0 = time.perf_counter()
+    info = write_fast(dense_path, art, tune=tune, batch_size=x.shape[0], threads=threads, tune_budget_s=0.3)
+    export_s = time.perf_counter() - t0
     model = load(art, threads=threads)
     run = lambda: model.run(x)  # noqa: E731
     run.kernels = model.kernels_for(x.shape[0])  # type: ignore[attr-defined]
+    run.extra = {"export_s": round(export_s, 3), "plan_source": info["plan_source"]}  # type: ignore[attr-defined]
     return run
 
 
@@ -227,10 +256,13 @@ def bench_case(name, sizes, sparsity, batch, threads, *, tune, reps, budget_s, s
         med = time_interleaved(fns, reps, budget_s)
     dense = med["dense ORT"]
     rows = []
+    goal = target(name, sizes, sparsity, batch)
     for k, t in med.items():
         rows.append({"case": name, "sizes": sizes, "sparsity": sparsity, "batch": batch, "threads": threads,
                      "variant": k, "median_us": round(t * 1e6, 2), "speedup_vs_dense": round(dense / t, 3),
-                     "kernels": getattr(fns[k], "kernels", None), "note": notes.get(k)})
+                     "target": goal if k.startswith("sparsekit") else None,
+                     "kernels": getattr(fns[k], "kernels", None), "note": notes.get(k),
+                     **getattr(fns[k], "extra", {})})
     for k, note in notes.items():
         if k not in med:
             rows.append({"case": name, "sizes": sizes, "sparsity": sparsity, "batch": batch, "threads": threads,
@@ -247,20 +279,47 @@ def fmt_time(us: float | None) -> str:
 def markdown(rows: list[dict]) -> str:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     keys = list(dict.fromkeys((r["case"], r["sparsity"], r["batch"], r["threads"]) for r in rows))
-    head = "| case | sparsity | batch | threads | " + " | ".join(variants) + " |"
-    lines = [head, "|" + "---|" * (4 + len(variants))]
+    head = "| case | sparsity | batch | threads | " + " | ".join(variants) + " | target | best fast vs target |"
+    lines = [head, "|" + "---|" * (6 + len(variants))]
     for key in keys:
         cells = []
+        group = [r for r in rows if (r["case"], r["sparsity"], r["batch"], r["threads"]) == key]
         for v in variants:
-            r = next((r for r in rows if (r["case"], r["sparsity"], r["batch"], r["threads"]) == key
-                      and r["variant"] == v), None)
+            r = next((r for r in group if r["variant"] == v), None)
             if r is None or r["median_us"] is None:
                 cells.append("n/a")
             elif v == "dense ORT":
                 cells.append(fmt_time(r["median_us"]))
             else:
                 cells.append(f"{fmt_time(r['median_us'])} ({r['speedup_vs_dense']:.2f}×)")
+        fast = [r for r in group if r["variant"].startswith("sparsekit") and r["speedup_vs_dense"]]
+        goal = next((r["target"] for r in fast if r.get("target")), None)
+        if fast and goal:
+            best = max(r["speedup_vs_dense"] for r in fast)
+            verdict = f"{best:.2f}× = {best / goal:.0%} of target" + (" ✓" if best >= goal else " ✗")
+            cells += [f"≥{goal:g}×", verdict]
+        else:
+            cells += ["", ""]
         lines.append(f"| {key[0]} | {key[1]:.0%} | {key[2]} | {key[3]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def scaling_markdown(rows: list[dict]) -> str:
+    """Per case and batch: each variant's speedup from 1 to N threads (time at 1 / time at N)."""
+    counts = sorted({r["threads"] for r in rows})
+    if len(counts) < 2 or 1 not in counts:
+        return ""
+    variants = [v for v in dict.fromkeys(r["variant"] for r in rows)]
+    lines = ["| case | sparsity | batch | threads | " + " | ".join(f"{v} scaling" for v in variants) + " |",
+             "|" + "---|" * (4 + len(variants))]
+    idx = {(r["case"], r["sparsity"], r["batch"], r["threads"], r["variant"]): r["median_us"] for r in rows}
+    for case, sp, batch in dict.fromkeys((r["case"], r["sparsity"], r["batch"]) for r in rows):
+        for n in counts[1:]:
+            cells = []
+            for v in variants:
+                one, many = idx.get((case, sp, batch, 1, v)), idx.get((case, sp, batch, n, v))
+                cells.append(f"{one / many:.2f}×" if one and many else "n/a")
+            lines.append(f"| {case} | {sp:.0%} | {batch} | 1→{n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -275,8 +334,28 @@ def machine() -> dict:
         pass
     from sparsekit.runtime import kernel_isa
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": sys.version.split()[0],
-            "onnxruntime": ort.__version__, "numpy": np.__version__, "sparsekit_isa": kernel_isa()}
+    try:
+        load = [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on Linux/macOS
+        load = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_1_5_15": load, "python": sys.version.split()[0],
+            "onnxruntime": ort.__version__, "numpy": np.__version__, "sparsekit_isa": kernel_isa(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def render(infos: list[dict], rows: list[dict]) -> str:
+    """Markdown: machine line(s), the main table and, with 1 and 2+ threads, the scaling table."""
+    head = []
+    for info in infos:
+        head.append(f"Machine: {info['cpu']}, {info['cores']} cores, load average (1/5/15 min) "
+                    f"{info.get('load_average_1_5_15')} at the start → {info.get('load_average_end')} at the "
+                    f"end; ONNX Runtime {info['onnxruntime']}, sparsekit kernels {info['sparsekit_isa']}. "
+                    "Medians of interleaved runs; ratio = dense ORT time / variant time (same run).")
+    out = "\n\n".join(dict.fromkeys(head)) + "\n\n" + markdown(rows)
+    scaling = scaling_markdown(rows)
+    if scaling:
+        out += "\n\nThread scaling (time at 1 thread / time at N threads, same case):\n\n" + scaling
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,16 +368,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-tune", action="store_true", help="skip the tuned artifact")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--skip", action="append", default=[], help="variant to leave out (repeatable)")
+    p.add_argument("--small", action="store_true", help="only the small MLPs (batch 1 64 256 by default)")
+    p.add_argument("--render", type=Path, nargs="+", help="print the tables of saved --json runs and exit")
     args = p.parse_args(argv)
-    cases = QUICK_CASES if args.quick else FULL_CASES
+    if args.render:
+        import json
+
+        saved = [json.loads(f.read_text()) for f in args.render]
+        print(render([d["machine"] for d in saved], [r for d in saved for r in d["rows"]]))
+        return 0
+    cases = QUICK_CASES if args.quick else SMALL_CASES if args.small else FULL_CASES + SMALL_CASES
     if args.case:
         cases = [c for c in cases if any(s in c[0] for s in args.case)]
-    batches = args.batch or ([1, 64] if args.quick else [1, 256])
+    batches = args.batch or ([1, 64] if args.quick else [1, 64, 256] if args.small else [1, 256])
     threads = args.threads or ([1] if args.quick else [1, 2])
     reps = args.reps or (7 if args.quick else 41)
     budget = 0.5 if args.quick else 6.0
     tune = not args.no_tune and not args.quick
     rows: list[dict] = []
+    info = machine()
     for name, sizes, sparsity in cases:
         for b in batches:
             for t in threads:
@@ -309,10 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# {name} {sparsity:.0%} batch {b} threads {t}: "
                       + ", ".join(f"{r['variant']} {r['speedup_vs_dense']}×" for r in fast), file=sys.stderr,
                       flush=True)
-    info = machine()
-    print(f"Machine: {info['cpu']}, {info['cores']} cores, ONNX Runtime {info['onnxruntime']}, "
-          f"sparsekit kernels {info['sparsekit_isa']}; medians of interleaved runs; ratio = dense ORT / variant.\n")
-    print(markdown(rows))
+    info["load_average_end"] = machine()["load_average_1_5_15"]
+    print(render([info], rows))
     if args.json:
         from sparsekit.fileio import atomic_write_json
 
