@@ -109,6 +109,24 @@ def test_compact_removes_dead_inputs_and_units_and_is_exact(exported, dead_run):
     assert (out / "model.compact.onnx").stat().st_size < (out / "model.onnx").stat().st_size
 
 
+def test_compact_input_gather_form_is_exact_and_selects_the_live_inputs(dead_run):
+    from sparsekit.exporters.compact import compact_model
+    from sparsekit.exporters.context import ExportOptions, load_run_dir
+
+    ctx = load_run_dir(dead_run)
+    default, counts = compact_model(ctx, ExportOptions())
+    gathered, _ = compact_model(ctx, ExportOptions(), input_selection="gather")
+    assert counts["input_selection"] == "zero-columns"
+    assert "Gather" not in [n.op_type for n in default.graph.node]  # dead inputs stay as zero columns
+    idx = next(t for t in gathered.graph.initializer if t.name == "input_indices")
+    assert list(numpy_helper.to_array(idx)) == list(range(20, 64))  # inputs 0..19 had no weights
+    samples = np.load(dead_run / "samples.npz")
+    for model in (default, gathered):
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"input": samples["x"]})[0]
+        assert np.max(np.abs(got - samples["logits"])) <= 1e-5 * max(1.0, np.abs(samples["logits"]).max())
+
+
 def test_compact_folds_relu_of_bias_of_unit_without_inputs():
     """Hand-computed: unit 0 has no inputs and bias 2 → relu(2)=2 feeds the output through weight 3."""
     from sparsekit.exporters.compact import compact_layers
