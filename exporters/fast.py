@@ -229,7 +229,19 @@ def _register_runner() -> None:
         def run(x: np.ndarray) -> np.ndarray:
             return model.run(x)
 
+        def describe(batch_sizes=(1, 64, 256)) -> dict[str, Any]:
+            """The plan the latency runs with (for ``sparsekit report``)."""
+            meta = model.metadata
+            source = meta.get("plan_source") or ("tuned" if meta.get("tuned") == "true" else "heuristic")
+            kernels = {str(b): model.kernels_for(int(b)) for b in batch_sizes}
+            at = f" at {meta.get('tune_threads', '1')} thread(s) on {meta.get('tuned_isa') or '?'}" \
+                if source != "heuristic" else ""
+            return {"plan_source": source, "kernels": kernels, "isa": model.info()["isa"],
+                    "note": f"kernels per layer by batch size ({source}{at}): "
+                            + "; ".join(f"{b}: {' '.join(k)}" for b, k in kernels.items())}
+
         run.model = model  # type: ignore[attr-defined]
+        run.describe = describe  # type: ignore[attr-defined]
         return run
 
 

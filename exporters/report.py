@@ -226,6 +226,8 @@ def build_report(path: str | Path, *, batch_sizes: tuple[int, ...] = (1, 64, 256
                     rec["weight_params_stored"] = sum(x["params"] for x in own)
             runner = load_runner(p, a["format"], threads=1)
             rec["quality"] = _quality(runner, samples)
+            if callable(getattr(runner, "describe", None)):  # e.g. fast: its kernel plan per batch size
+                rec.update(runner.describe(batch_sizes))
             if a["format"] in NOT_TIMED:
                 rec["latency"] = NOT_TIMED[a["format"]]
             else:

@@ -246,6 +246,21 @@ def test_export_pipeline_validates_fast_on_samples(tmp_path):
     assert art["plan_source"] == "calibrated" and art["calibration"]
 
 
+def test_report_shows_the_fast_plan(tmp_path):
+    torch = pytest.importorskip("torch")
+    from export_fixtures import dead_unit_mlp, make_run_dir
+    from sparsekit.exporters.pipeline import export
+    from sparsekit.exporters.report import build_report
+
+    model, masks = dead_unit_mlp()
+    run = make_run_dir(tmp_path / "run", model, masks, torch.randn(40, 64))
+    export(run, "onnx,fast")
+    report = build_report(run, batch_sizes=(1, 64), latency=False)
+    (fast,) = [a for a in report["artifacts"] if a["format"] == "fast"]
+    assert fast["plan_source"] == "calibrated" and set(fast["kernels"]) == {"1", "64"}
+    assert "kernels per layer" in fast["note"]
+
+
 def test_export_cli_tunes_the_fast_plan(tmp_path, cli):
     torch = pytest.importorskip("torch")
     from export_fixtures import dead_unit_mlp, make_run_dir
