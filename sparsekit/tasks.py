@@ -46,6 +46,13 @@ class Task:
             return float((out.argmax(-1) == y).float().mean(1).sum())
         return int((out.argmax(1) == y).sum())
 
+    def eval_batch_size(self, requested: int, x: torch.Tensor) -> int:
+        """Evaluation batch: LM logits are (batch, T, vocab), so cap the batch at ~32k tokens (~32 MB of
+        fp32 logits at vocabulary 256) whatever ``--eval-batch-size`` says."""
+        if self.name != LANGUAGE_MODELING or x.dim() < 2:
+            return requested
+        return max(1, min(requested, EVAL_TOKENS // max(1, x.shape[1])))
+
     def extra_metrics(self, loss: float | None, prefix: str = "test") -> dict[str, float]:
         """Metrics derived from the mean loss: bits per character and perplexity for LM."""
         if self.name != LANGUAGE_MODELING or loss is None or not math.isfinite(loss):
@@ -54,6 +61,7 @@ class Task:
 
 
 CLASSIFICATION = "classification"
+EVAL_TOKENS = 32768
 LANGUAGE_MODELING = "language-modeling"
 TASKS = {name: Task(name) for name in (CLASSIFICATION, LANGUAGE_MODELING)}
 

@@ -82,6 +82,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     was_training = model.training
     model.eval()
     total_loss, correct = 0.0, 0
+    batch_size = task.eval_batch_size(batch_size, x)
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
         out = model(xb)

@@ -303,3 +303,15 @@ def test_exported_sequence_models_validate_in_onnx_runtime(cli, corpus, tmp_path
     assert np.max(np.abs(got - samples["logits"])) <= 1e-5 * max(1.0, float(np.max(np.abs(samples["logits"]))))
     res = cli(["export", str(run), "--format", "compact-onnx", "--out", str(tmp_path / "c")])
     assert res.exit_code != 0 and "compact" in (res.stderr + res.stdout).lower()
+
+
+def test_lm_task_loss_accuracy_and_eval_batch():
+    task = get_task("language-modeling")
+    out = torch.zeros(2, 4, 3)
+    out[0, :, 1] = 5.0  # window 0 predicts symbol 1 everywhere
+    y = torch.tensor([[1, 1, 0, 0], [2, 2, 2, 2]])
+    assert task.correct(out, y) == pytest.approx(0.5)  # window 0: 2/4 right; window 1: argmax 0 ≠ 2
+    assert task.loss_sum(out, y) == pytest.approx(2 * float(task.loss(out, y)))
+    assert task.extra_metrics(math.log(2))["test_bpc"] == pytest.approx(1.0)
+    assert task.eval_batch_size(1024, torch.zeros(8, 512)) == 64
+    assert get_task("classification").eval_batch_size(1024, torch.zeros(8, 512)) == 1024
