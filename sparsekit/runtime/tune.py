@@ -20,6 +20,14 @@ DEFAULT_BATCHES = (1, 8, 64, 256)
 CALIBRATION_BATCHES = (1, 8, 64, 256)
 
 
+def call_clock(threads: int):
+    """The clock candidates are compared by: with one thread every kernel (ORT's included, with
+    ``intra_op_num_threads=1``) runs in the calling thread, so its CPU time is the cost without the
+    time other processes hold the core — far less noisy on a shared machine than the wall clock.
+    With more threads, wall time (the other threads' work is not in the caller's CPU time)."""
+    return time.thread_time if int(threads) == 1 else time.perf_counter
+
+
 def candidates(layer: SparseLayer, batch: int) -> list[str]:
     if layer.n_in == 0 or layer.n_out == 0:
         return ["rows"]
@@ -62,6 +70,7 @@ def time_candidates(layer: SparseLayer, batch: int, threads: int = 1, *, specs: 
     x = np.ascontiguousarray(np.abs(rng.standard_normal((batch, layer.n_in))), dtype=np.float32)
     specs = list(specs) if specs is not None else candidates(layer, batch)
     runners = {s: _runner(layer, s, x, threads) for s in specs}
+    clock = call_clock(threads)
     times: dict[str, list[float]] = {s: [] for s in specs}
     for fn in runners.values():  # warm up (first ORT call, page faults)
         fn()
@@ -73,9 +82,9 @@ def time_candidates(layer: SparseLayer, batch: int, threads: int = 1, *, specs: 
             # drop a candidate that is already 4x slower than the best after 3 reps
             if best is not None and len(times[s]) >= 3 and np.median(times[s]) > 4 * best:
                 continue
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[s].append(time.perf_counter() - t0)
+            times[s].append(clock() - t0)
         reps += 1
     return {s: float(np.median(t)) for s, t in times.items()}
 
@@ -131,6 +140,7 @@ def calibrate(model: FastModel, *, batches: Iterable[int] = CALIBRATION_BATCHES,
     plans: list[dict[int, str]] = [dict(layer.plan) for layer in model.layers]
     report: dict[str, dict] = {}
     per_batch = budget_s / max(1, len(batches))
+    clock = call_clock(threads)
     for b in batches:
         cands = _chain_candidates(model, b)
         if len(cands) == 1:
@@ -142,17 +152,17 @@ def calibrate(model: FastModel, *, batches: Iterable[int] = CALIBRATION_BATCHES,
             for specs in cands.values():  # warm-up (sessions, blocked copies, first touches)
                 model.run(x, threads=threads, kernels=specs)
             for k, specs in cands.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 model.run(x, threads=threads, kernels=specs)
-                times[k].append(time.perf_counter() - t0)
+                times[k].append(clock() - t0)
             one_round = time.perf_counter() - start
             reps = 1
             while reps < 25 and (reps < 5 or time.perf_counter() - start < per_batch) \
                     and one_round * 2 < per_batch:
                 for k, specs in cands.items():
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     model.run(x, threads=threads, kernels=specs)
-                    times[k].append(time.perf_counter() - t0)
+                    times[k].append(clock() - t0)
                 reps += 1
             med = {k: float(np.median(v)) for k, v in times.items()}
             chosen = min(med, key=med.__getitem__)
