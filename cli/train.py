@@ -66,6 +66,8 @@ def train(
     distribution: str = typer.Option(None, "--distribution", help="Per-layer density: uniform | er | erk. [default: erk]"),
     dense_first_layer: bool = typer.Option(None, "--dense-first-layer/--sparse-first-layer",
                                            help="With uniform: keep the first layer dense (paper). [default: dense]"),
+    sparse_embeddings: bool = typer.Option(None, "--sparse-embeddings/--dense-embeddings",
+                                           help="Also sparsify nn.Embedding tables (char models). [default: dense]"),
     sparse_init: str = typer.Option(None, "--sparse-init", help="scaled (each unit's weights rescaled to its sparse fan-in) | dense (dense init, masked). [default: scaled]"),
     erk_power_scale: float = typer.Option(None, "--erk-power-scale", help="Exponent on ERK/ER raw densities. [default: 1.0]"),
     layer_density: list[str] = typer.Option(None, "--layer-density", help="PATTERN=DENSITY fixed per-layer density "
@@ -133,7 +135,7 @@ def train(
         "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay, "lr_schedule": lr_schedule,
         "warmup_epochs": warmup_epochs, "clip_grad": clip_grad, "seed": seed, "device": device,
         "val_fraction": val_fraction, "image_size": image_size, "channels": channels,
-        "seq_len": seq_len, "vocab": vocab, "steps": steps,
+        "seq_len": seq_len, "vocab": vocab, "steps": steps, "sparse_embeddings": sparse_embeddings,
         "checkpoint_every": checkpoint_every, "dist_timeout": dist_timeout, "nan_policy": nan_policy, "init_from": init_from,
     }
     if label_column is not None:

@@ -41,6 +41,7 @@ class TrainConfig:
     dense_first_layer: bool = True
     erk_power_scale: float = 1.0
     layer_density: dict[str, float] = field(default_factory=dict)
+    sparse_embeddings: bool | None = None  # None/False: nn.Embedding tables stay dense (None keeps old configs equal)
     sparse_init: str = "scaled"
     epochs: int = 60
     steps: int | None = None  # total optimizer steps at 1x; overrides epochs (LM recipes count steps)

@@ -31,12 +31,14 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def prunable_weights(model: nn.Module, *, exclude: tuple[str, ...] = ()) -> dict[str, nn.Parameter]:
+def prunable_weights(model: nn.Module, *, exclude: tuple[str, ...] = (),
+                     include_embeddings: bool = False) -> dict[str, nn.Parameter]:
     """Candidate weights in model order, keyed by fully qualified parameter name.
 
     Linear and Conv weights; the input and recurrent matrices of RNN/GRU/LSTM (each stacked gate
     matrix is one prunable weight); the packed in-projection of MultiheadAttention (its out_proj is a
-    Linear). Biases, embeddings and normalisation layers stay dense. ``exclude`` holds fnmatch patterns.
+    Linear). Biases, embeddings and normalisation layers stay dense (``include_embeddings`` adds every
+    ``nn.Embedding`` table: ``--sparse-embeddings``). ``exclude`` holds fnmatch patterns.
     """
     model = unwrap_model(model)
     found: dict[str, nn.Parameter] = {}
@@ -44,6 +46,8 @@ def prunable_weights(model: nn.Module, *, exclude: tuple[str, ...] = ()) -> dict
         prefix = f"{mod_name}." if mod_name else ""
         names: list[str] = []
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            names = ["weight"]
+        elif isinstance(module, nn.Embedding) and include_embeddings:
             names = ["weight"]
         elif isinstance(module, _RNN_TYPES):
             names = [n for n, _ in module.named_parameters(recurse=False) if n.startswith("weight_")]

@@ -58,6 +58,7 @@ class Sparsifier:
         init_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         sparse_init: str = "scaled",
+        include_embeddings: bool = False,
     ) -> None:
         if not isinstance(total_steps, int) or total_steps < 1:
             raise InputError(f"total_steps={total_steps!r} must be a positive integer", where="sparsify()",
@@ -74,7 +75,7 @@ class Sparsifier:
         self.step_count = 0  # optimizer iterations done (t of the last completed step)
         self.update_log: list[dict[str, Any]] = []  # drained by the trainer (connectivity snapshots)
         self.on_update: list[Callable[[Sparsifier, int], None]] = []
-        candidates = prunable_weights(self.model, exclude=exclude)
+        candidates = prunable_weights(self.model, exclude=exclude, include_embeddings=include_embeddings)
         shapes = {n: tuple(p.shape) for n, p in candidates.items()}
         if method.sparse:
             self.plans: list[LayerPlan] = plan_layers(
@@ -338,6 +339,7 @@ def sparsify(
     init_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     sparse_init: str = "scaled",
+    include_embeddings: bool = False,
     **method_options: Any,
 ) -> Sparsifier:
     """Put ``model`` under a sparse-training ``method`` with a fixed parameter budget from step 0.
@@ -345,7 +347,8 @@ def sparsify(
     ``method_options`` are the method's own knobs (e.g. ``update_interval=100, drop_fraction=0.3`` for
     RigL; see ``sparsekit methods NAME``). Call ``.step()`` in place of ``optimizer.step()``, or
     ``.pre_step()``/``.post_step()`` around it. ``layer_density`` maps fnmatch patterns of parameter
-    names to fixed densities; ``exclude`` patterns keep weights dense.
+    names to fixed densities; ``exclude`` patterns keep weights dense; ``include_embeddings`` makes
+    ``nn.Embedding`` tables prunable too (dense by default).
     """
     m = make_method(method, **method_options) if isinstance(method, str) else method
     if method_options and not isinstance(method, str):
@@ -354,4 +357,5 @@ def sparsify(
     return Sparsifier(model, optimizer, m, sparsity=sparsity, total_steps=total_steps,
                       distribution=distribution, seed=seed, dense_first_layer=dense_first_layer,
                       erk_power_scale=erk_power_scale, layer_density=layer_density, exclude=tuple(exclude),
-                      init_batches=init_batches, loss_fn=loss_fn, sparse_init=sparse_init)
+                      init_batches=init_batches, loss_fn=loss_fn, sparse_init=sparse_init,
+                      include_embeddings=include_embeddings)

@@ -175,7 +175,8 @@ def _train(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: bool,
                   distribution=config.distribution, seed=config.seed, dense_first_layer=config.dense_first_layer,
                   erk_power_scale=config.erk_power_scale, layer_density=config.layer_density or None,
                   init_batches=init_batches, loss_fn=task.loss,
-                  sparse_init=config.sparse_init)  # masks broadcast from rank 0
+                  sparse_init=config.sparse_init,
+                  include_embeddings=bool(config.sparse_embeddings))  # masks broadcast from rank 0
     if config.init_from:
         rd.init_from_run(config.init_from, model, sp)
     # Everything the command asked for is valid: only now is the run directory created or replaced.

@@ -315,3 +315,13 @@ def test_lm_task_loss_accuracy_and_eval_batch():
     assert task.extra_metrics(math.log(2))["test_bpc"] == pytest.approx(1.0)
     assert task.eval_batch_size(1024, torch.zeros(8, 512)) == 64
     assert get_task("classification").eval_batch_size(1024, torch.zeros(8, 512)) == 1024
+
+
+def test_embeddings_stay_dense_unless_asked():
+    model = _tiny_gru()
+    assert "embed.weight" not in prunable_weights(model)
+    sp = Sparsifier(model, None, make_method("static"), sparsity=0.75, total_steps=1, distribution="uniform",
+                    dense_first_layer=False, include_embeddings=True)
+    emb = next(ly for ly in sp.layers if ly.name == "embed.weight")
+    assert emb.active == emb.numel // 4 and (model.embed.weight[~emb.mask] == 0).all()
+    assert build_config(None, {"sparse_embeddings": True}, {}).sparse_embeddings is True

@@ -59,7 +59,8 @@ class SmallDense(Method):
                                    num_classes=num_classes)
 
         def shapes_at(width: float) -> dict[str, tuple[int, ...]]:
-            return {n: tuple(p.shape) for n, p in prunable_weights(model_at(width)).items()}
+            return {n: tuple(p.shape) for n, p in prunable_weights(
+                model_at(width), include_embeddings=bool(getattr(config, "sparse_embeddings", False))).items()}
 
         full = shapes_at(base_width)
         plans = plan_layers(full, config.sparsity, config.distribution,
