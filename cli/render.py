@@ -74,6 +74,8 @@ class TrainProgress:
         rate = (step - self._s0) / max(time.perf_counter() - self._t0, 1e-9)
         acc = self.last_epoch.get("test_accuracy")
         acc_s = f" test acc {acc:.4f}" if acc is not None else ""
+        if self.last_epoch.get("test_bpc") is not None:
+            acc_s += f" test bpc {self.last_epoch['test_bpc']:.3f}"
         return f"loss {loss:.4f}{acc_s} sparsity {sparsity:.3f} {rate:.0f} steps/s"
 
     def _step(self, info: dict[str, Any]) -> None:
@@ -95,8 +97,11 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     acc = summary.get("test_accuracy")
+    lm = summary.get("task") == "language-modeling"
     rows = [
-        ("test accuracy", f"{acc:.4f}" if isinstance(acc, float) else str(acc)),
+        *([("test bits per character", f"{summary['test_bpc']:.4f}"),
+           ("test perplexity", f"{summary['test_perplexity']:.3f}")] if lm and "test_bpc" in summary else []),
+        ("next-char accuracy" if lm else "test accuracy", f"{acc:.4f}" if isinstance(acc, float) else str(acc)),
         ("test loss", f"{summary.get('test_loss', float('nan')):.4f}"),
         ("target sparsity", f"{summary['target_sparsity']:.4f}"),
         ("realized sparsity (prunable set)", f"{summary['realized_sparsity']:.4f}"),
@@ -108,6 +113,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
     if inf:
         rows.append(("inference FLOPs/sample sparse / dense",
                      f"{inf['sparse_flops']:,} / {inf['dense_flops']:,} ({inf['sparse_vs_dense']:.3f}x)"))
+    tok = summary.get("flops", {}).get("per_token")
+    if tok:
+        rows.append(("inference FLOPs/token sparse / dense", f"{tok['sparse_flops']:,.0f} / {tok['dense_flops']:,.0f}"))
     tr = summary.get("flops", {}).get("training")
     if tr and "vs_dense" in tr:
         rows.append(("training FLOPs vs dense", f"{tr['vs_dense']:.3f}x"))
