@@ -47,6 +47,9 @@
 #define PANEL 64
 #define PAD_SLACK 32
 #define CHUNKS_PER_THREAD 8 /* work items per thread for dynamic scheduling */
+/* Below this many nonzero x sample products a call runs on one thread: waking and joining a second
+ * thread costs a few microseconds, more than it saves on small layers. */
+#define PAR_MIN_WORK (1 << 16)
 
 enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 static int g_isa = ISA_GENERIC;     /* active code path */
@@ -446,7 +449,7 @@ static PyObject *py_rows(PyObject *self, PyObject *args) {
         const rows_fn fn = pick_rows();
         const float *xp = (const float *)x.buf;
         float *yp = (float *)y.buf;
-        const int nt = clamp_threads(threads);
+        const int nt = w.rowptr[w.n_out] * (B > 0 ? B : 1) < PAR_MIN_WORK ? 1 : clamp_threads(threads);
         Py_BEGIN_ALLOW_THREADS
         if (nt <= 1) {  /* no parallel region: its fixed cost matters for small layers */
             if (w.n_out > 0) fn(&w, xp, yp, B, 0, w.n_out);
@@ -503,7 +506,8 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) {
         const float *w = (const float *)wt.buf, *bp = have_bias ? (const float *)bias.buf : NULL;
         const float *xp = (const float *)x.buf;
         float *yp = (float *)y.buf;
-        const int nt = clamp_threads(threads) > B ? (int)(B > 0 ? B : 1) : clamp_threads(threads);
+        int nt = clamp_threads(threads) > B ? (int)(B > 0 ? B : 1) : clamp_threads(threads);
+        if (n_in * n_out * B < PAR_MIN_WORK) nt = 1;
         Py_BEGIN_ALLOW_THREADS
         if (nt <= 1) {
             fn(w, bp, xp, yp, n_in, n_out, 0, B, relu != 0);
@@ -558,7 +562,7 @@ static PyObject *py_panel(PyObject *self, PyObject *args) {
         const float *xp = (const float *)x.buf;
         float *yp = (float *)y.buf;
         const int64_t *bp = w.rowptr;
-        const int nt = clamp_threads(threads);
+        const int nt = bp[nb * w.n_out] * P * PANEL < PAR_MIN_WORK ? 1 : clamp_threads(threads);
         /* nonzeros per row over all column blocks, for chunks balanced by work */
         int64_t *cost = NULL;
         if (nt > 1 && nb > 1) {
@@ -701,20 +705,20 @@ static PyObject *py_transpose(PyObject *args, int to) {
     {
         const float *src = (const float *)a.buf;
         float *dst = (float *)b.buf;
-        const int nt = clamp_threads(threads) > P ? (int)(P > 0 ? P : 1) : clamp_threads(threads);
+        int nt = clamp_threads(threads) > P ? (int)(P > 0 ? P : 1) : clamp_threads(threads);
+        if (B * n < 4 * PAR_MIN_WORK) nt = 1;
         Py_BEGIN_ALLOW_THREADS
+        if (nt <= 1) {
+            if (to) to_panels_range(src, dst, B, n, 0, P);
+            else from_panels_range(src, dst, B, n, 0, P);
+        } else {
 #ifdef _OPENMP
-#pragma omp parallel num_threads(nt) if (nt > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
 #endif
-        {
-            int part = 0, parts = 1;
-#ifdef _OPENMP
-            part = omp_get_thread_num();
-            parts = omp_get_num_threads();
-#endif
-            const int64_t p0 = P * part / parts, p1 = P * (part + 1) / parts;
-            if (to) to_panels_range(src, dst, B, n, p0, p1);
-            else from_panels_range(src, dst, B, n, p0, p1);
+            for (int64_t p = 0; p < P; p++) {
+                if (to) to_panels_range(src, dst, B, n, p, p + 1);
+                else from_panels_range(src, dst, B, n, p, p + 1);
+            }
         }
         Py_END_ALLOW_THREADS
         (void)nt;
