@@ -218,55 +218,65 @@ def time_interleaved(fns: dict, reps: int, budget_s: float, burst_s: float = 0.0
 
 
 def bench_case(name, sizes, sparsity, batch, threads, *, tune, reps, budget_s, seed=0, skip=()):
+    """Rows for one case and batch size. ``threads`` (an int or a list): every variant at every thread
+    count is timed in the same interleaved run, so the 1→N scaling compares like with like."""
+    counts = [threads] if isinstance(threads, int) else list(threads)
     layers = random_layers(sizes, sparsity, seed)
     x = np.random.default_rng(seed + 1).standard_normal((batch, sizes[0])).astype(np.float32)
     fns = {}
     notes = {}
     with tempfile.TemporaryDirectory() as td:
-        tmp = Path(td)
-        fns["dense ORT"] = variant_dense_ort(layers, x, threads)
-        builders = {
-            "ORT SparseToDenseMatMul": lambda: variant_sparse_to_dense(layers, x, threads),
-            "torch CSR": lambda: variant_torch_csr(layers, x, threads),
-            "sparsekit fast": lambda: variant_fast(layers, x, threads, tune=False, tmp=tmp),
-        }
-        if tune:
-            builders["sparsekit fast --tune"] = lambda: variant_fast(layers, x, threads, tune=True, tmp=tmp)
-        try:
-            import deepsparse  # noqa: F401
-
-            builders["DeepSparse"] = lambda: variant_deepsparse(layers, x, threads, tmp)
-        except ImportError:
-            pass
-        for k, build in builders.items():
-            if k in skip:
-                continue
+        for t in counts:
+            tmp = Path(td) / f"t{t}"
+            tmp.mkdir()
+            fns[("dense ORT", t)] = variant_dense_ort(layers, x, t)
+            builders = {
+                "ORT SparseToDenseMatMul": lambda t=t: variant_sparse_to_dense(layers, x, t),
+                "torch CSR": lambda t=t: variant_torch_csr(layers, x, t),
+                "sparsekit fast": lambda t=t, tmp=tmp: variant_fast(layers, x, t, tune=False, tmp=tmp),
+            }
+            if tune:
+                builders["sparsekit fast --tune"] = lambda t=t, tmp=tmp: variant_fast(layers, x, t, tune=True,
+                                                                                      tmp=tmp)
             try:
-                fns[k] = build()
-            except Exception as exc:  # a peer failing to build is reported, not fatal
-                notes[k] = f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-        ref = np.asarray(fns["dense ORT"]())
+                import deepsparse  # noqa: F401
+
+                builders["DeepSparse"] = lambda t=t, tmp=tmp: variant_deepsparse(layers, x, t, tmp)
+            except ImportError:
+                pass
+            for k, build in builders.items():
+                if k in skip:
+                    continue
+                try:
+                    fns[(k, t)] = build()
+                except Exception as exc:  # a peer failing to build is reported, not fatal
+                    notes[(k, t)] = f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        ref = np.asarray(fns[("dense ORT", counts[0])]())
         bound = 1e-5 * max(1.0, float(np.abs(ref).max()))
-        for k, fn in list(fns.items()):
+        for (k, t), fn in list(fns.items()):
             diff = float(np.abs(np.asarray(fn(), dtype=np.float64) - ref).max())
             if k.startswith("sparsekit") and not diff <= bound:
-                raise SystemExit(f"{k} output differs from dense ORT by {diff:.3g} > {bound:.3g} ({name})")
+                raise SystemExit(f"{k} ({t} threads) output differs from dense ORT by {diff:.3g} > {bound:.3g} "
+                                 f"({name})")
             if not diff <= 1e-4 * max(1.0, float(np.abs(ref).max())):
-                notes[k] = f"max|Δ| {diff:.2g} vs dense"
+                notes[(k, t)] = f"max|Δ| {diff:.2g} vs dense"
         med = time_interleaved(fns, reps, budget_s)
-    dense = med["dense ORT"]
     rows = []
     goal = target(name, sizes, sparsity, batch)
-    for k, t in med.items():
-        rows.append({"case": name, "sizes": sizes, "sparsity": sparsity, "batch": batch, "threads": threads,
-                     "variant": k, "median_us": round(t * 1e6, 2), "speedup_vs_dense": round(dense / t, 3),
+    for (k, t), m in med.items():
+        dense = med[("dense ORT", t)]
+        one = med.get((k, 1))
+        rows.append({"case": name, "sizes": sizes, "sparsity": sparsity, "batch": batch, "threads": t,
+                     "variant": k, "median_us": round(m * 1e6, 2), "speedup_vs_dense": round(dense / m, 3),
+                     "scaling_vs_1_thread": round(one / m, 3) if one and t != 1 else None,
                      "target": goal if k.startswith("sparsekit") else None,
-                     "kernels": getattr(fns[k], "kernels", None), "note": notes.get(k),
-                     **getattr(fns[k], "extra", {})})
-    for k, note in notes.items():
-        if k not in med:
-            rows.append({"case": name, "sizes": sizes, "sparsity": sparsity, "batch": batch, "threads": threads,
+                     "kernels": getattr(fns[(k, t)], "kernels", None), "note": notes.get((k, t)),
+                     **getattr(fns[(k, t)], "extra", {})})
+    for (k, t), note in notes.items():
+        if (k, t) not in med:
+            rows.append({"case": name, "sizes": sizes, "sparsity": sparsity, "batch": batch, "threads": t,
                          "variant": k, "median_us": None, "speedup_vs_dense": None, "note": note})
+    rows.sort(key=lambda r: r["threads"])
     return rows
 
 
@@ -313,12 +323,15 @@ def scaling_markdown(rows: list[dict]) -> str:
     lines = ["| case | sparsity | batch | threads | " + " | ".join(f"{v} scaling" for v in variants) + " |",
              "|" + "---|" * (4 + len(variants))]
     idx = {(r["case"], r["sparsity"], r["batch"], r["threads"], r["variant"]): r["median_us"] for r in rows}
+    same_run = {(r["case"], r["sparsity"], r["batch"], r["threads"], r["variant"]): r["scaling_vs_1_thread"]
+                for r in rows if r.get("scaling_vs_1_thread")}
     for case, sp, batch in dict.fromkeys((r["case"], r["sparsity"], r["batch"]) for r in rows):
         for n in counts[1:]:
             cells = []
             for v in variants:
                 one, many = idx.get((case, sp, batch, 1, v)), idx.get((case, sp, batch, n, v))
-                cells.append(f"{one / many:.2f}×" if one and many else "n/a")
+                ratio = same_run.get((case, sp, batch, n, v)) or (one / many if one and many else None)
+                cells.append(f"{ratio:.2f}×" if ratio else "n/a")
             lines.append(f"| {case} | {sp:.0%} | {batch} | 1→{n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -354,7 +367,8 @@ def render(infos: list[dict], rows: list[dict]) -> str:
     out = "\n\n".join(dict.fromkeys(head)) + "\n\n" + markdown(rows)
     scaling = scaling_markdown(rows)
     if scaling:
-        out += "\n\nThread scaling (time at 1 thread / time at N threads, same case):\n\n" + scaling
+        out += ("\n\nThread scaling (time at 1 thread / time at N threads; both timed in the same interleaved "
+                "run unless the tables were rendered from separate runs):\n\n" + scaling)
     return out
 
 
@@ -389,14 +403,14 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     for name, sizes, sparsity in cases:
         for b in batches:
-            for t in threads:
-                got = bench_case(name, sizes, sparsity, b, t, tune=tune, reps=reps, budget_s=budget,
-                                 skip=tuple(args.skip))
-                rows += got
-                fast = [r for r in got if r["variant"].startswith("sparsekit")]
-                print(f"# {name} {sparsity:.0%} batch {b} threads {t}: "
-                      + ", ".join(f"{r['variant']} {r['speedup_vs_dense']}×" for r in fast), file=sys.stderr,
-                      flush=True)
+            got = bench_case(name, sizes, sparsity, b, threads, tune=tune, reps=reps, budget_s=budget,
+                             skip=tuple(args.skip))
+            rows += got
+            fast = [r for r in got if r["variant"].startswith("sparsekit") or r["variant"] == "dense ORT"]
+            print(f"# {name} {sparsity:.0%} batch {b}: "
+                  + ", ".join(f"{r['variant']}@{r['threads']} {r['speedup_vs_dense']}×"
+                              + (f" (scaling {r['scaling_vs_1_thread']}×)" if r.get("scaling_vs_1_thread") else "")
+                              for r in fast), file=sys.stderr, flush=True)
     info["load_average_end"] = machine()["load_average_1_5_15"]
     print(render([info], rows))
     if args.json:
