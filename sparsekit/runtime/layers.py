@@ -230,11 +230,12 @@ class SparseLayer:
         return np.maximum(y, 0) if self.relu else y
 
 
-def to_panels(x: np.ndarray, n: int, threads: int = 1) -> tuple[np.ndarray, int]:
-    """(B, n) row-major -> (aligned flat panels, number of panels); padding samples are zero."""
+def to_panels(x: np.ndarray, n: int, threads: int = 1, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """(B, n) row-major -> (aligned flat panels, number of panels); padding samples are zero.
+    ``out``: an aligned flat float32 buffer of at least that size to write into (reused scratch)."""
     batch = x.shape[0]
     npanels = -(-batch // PANEL)
-    xp = aligned_empty(npanels * n * PANEL)
+    xp = aligned_empty(npanels * n * PANEL) if out is None else out[: npanels * n * PANEL]
     if _K is None:
         tmp = np.zeros((npanels * PANEL, n), dtype=np.float32)
         tmp[:batch] = x

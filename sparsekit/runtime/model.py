@@ -131,6 +131,7 @@ class FastModel:
         self.threads = self._check_threads(threads)
         self._sessions: dict[tuple[int, int, int], Any] = {}
         self._plans: dict[int, tuple[tuple[dict[int, str], ...], list[tuple[str, int]]]] = {}  # batch ->
+        self._buffers: list[np.ndarray | None] = [None, None]
         self._lock = threading.Lock()
 
     @staticmethod
@@ -212,10 +213,24 @@ class FastModel:
         with self._lock:
             return self._run(xf, parsed, nt)
 
+    def _scratch(self, slot: int, size: int) -> np.ndarray:
+        """Aligned float32 scratch of ``size`` in slot 0 or 1, kept between calls (``run`` holds the
+        lock): a fresh multi-MB buffer per layer costs page faults on first touch every call."""
+        buf = self._buffers[slot]
+        if buf is None or buf.size < size:
+            buf = self._buffers[slot] = aligned_empty(size)
+        return buf[:size]
+
+    def release_scratch(self) -> None:
+        """Free the cached activation buffers (they hold the largest batch's panels)."""
+        with self._lock:
+            self._buffers = [None, None]
+
     def _run(self, x: np.ndarray, parsed: list[tuple[str, int]], nt: int) -> np.ndarray:
         batch = x.shape[0]
         cur: np.ndarray = x
         panels = 0  # > 0 while ``cur`` holds that many panels
+        slot = 0  # scratch slot ``cur`` lives in while it holds panels
         i = 0
         n = len(self.layers)
         while i < n:
@@ -240,10 +255,13 @@ class FastModel:
                 else:
                     layer.run_gemv(cur, y, nt)
                 cur = y
-            else:  # panel
+            else:  # panel: activations ping-pong between two cached scratch buffers
                 if not panels:
-                    cur, panels = to_panels(cur, layer.n_in, nt)
-                yp = aligned_empty(panels * layer.n_out * PANEL)
+                    slot = 0
+                    cur, panels = to_panels(cur, layer.n_in, nt, out=self._scratch(slot, layer.n_in * (
+                        -(-batch // PANEL)) * PANEL))
+                slot ^= 1
+                yp = self._scratch(slot, panels * layer.n_out * PANEL)
                 layer.run_panel(cur, yp, panels, block, nt)
                 cur = yp
             i += 1
