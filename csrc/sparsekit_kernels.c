@@ -47,9 +47,11 @@
 #define PANEL 64
 #define PAD_SLACK 32
 #define CHUNKS_PER_THREAD 8 /* work items per thread for dynamic scheduling */
-/* Below this many nonzero x sample products a call runs on one thread: waking and joining a second
- * thread costs a few microseconds, more than it saves on small layers. */
-#define PAR_MIN_WORK (1 << 16)
+/* Below this much work (nonzero x sample products; dense weights x samples for gemv; floats moved for
+ * the transposes) a call runs on one thread: waking sleeping OpenMP workers (OMP_WAIT_POLICY=PASSIVE,
+ * or after the spin time) and joining them costs tens of microseconds a region, more than a second
+ * core saves on a layer that takes a few hundred. */
+#define PAR_MIN_WORK (1 << 19)
 
 enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 static int g_isa = ISA_GENERIC;     /* active code path */
@@ -507,7 +509,7 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) {
         const float *xp = (const float *)x.buf;
         float *yp = (float *)y.buf;
         int nt = clamp_threads(threads) > B ? (int)(B > 0 ? B : 1) : clamp_threads(threads);
-        if (n_in * n_out * B < PAR_MIN_WORK) nt = 1;
+        if (n_in * n_out * B < 4 * PAR_MIN_WORK) nt = 1;
         Py_BEGIN_ALLOW_THREADS
         if (nt <= 1) {
             fn(w, bp, xp, yp, n_in, n_out, 0, B, relu != 0);
@@ -562,7 +564,7 @@ static PyObject *py_panel(PyObject *self, PyObject *args) {
         const float *xp = (const float *)x.buf;
         float *yp = (float *)y.buf;
         const int64_t *bp = w.rowptr;
-        const int nt = bp[nb * w.n_out] * P * PANEL < PAR_MIN_WORK ? 1 : clamp_threads(threads);
+        const int nt = bp[nb * w.n_out] * P * PANEL < 16 * PAR_MIN_WORK ? 1 : clamp_threads(threads);
         /* nonzeros per row over all column blocks, for chunks balanced by work */
         int64_t *cost = NULL;
         if (nt > 1 && nb > 1) {
@@ -706,7 +708,7 @@ static PyObject *py_transpose(PyObject *args, int to) {
         const float *src = (const float *)a.buf;
         float *dst = (float *)b.buf;
         int nt = clamp_threads(threads) > P ? (int)(P > 0 ? P : 1) : clamp_threads(threads);
-        if (B * n < 4 * PAR_MIN_WORK) nt = 1;
+        if (B * n < 4 * PAR_MIN_WORK) nt = 1;  /* 8 MB and up */
         Py_BEGIN_ALLOW_THREADS
         if (nt <= 1) {
             if (to) to_panels_range(src, dst, B, n, 0, P);

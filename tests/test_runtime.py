@@ -106,14 +106,14 @@ def test_gemv_handles_ragged_widths_and_refuses_short_buffers(isa):
             K.gemv(np.zeros(10, np.float32), None, np.zeros(4, np.float32), np.zeros(4, np.float32), 4, 4, 1, 0, 1)
 
 
-@pytest.mark.parametrize("batch", [3, 700])
+@pytest.mark.parametrize("batch", [3, 1500])
 def test_threaded_paths_match_the_reference(batch):
     # big enough that the kernels really split the work (small calls run on one thread), ragged rows
     rng = np.random.default_rng(10)
-    w = sparse_matrix(rng, 300, 400, 0.5, zero_rows=range(0, 300, 7))
-    layer = rt.SparseLayer.from_dense(w, rng.standard_normal(300), relu=True)
-    model = rt.FastModel([layer], (400,))
-    x = rng.standard_normal((batch, 400)).astype(np.float32)
+    w = sparse_matrix(rng, 1500, 1400, 0.5, zero_rows=range(0, 1500, 7))
+    layer = rt.SparseLayer.from_dense(w, rng.standard_normal(1500), relu=True)
+    model = rt.FastModel([layer], (1400,))
+    x = rng.standard_normal((batch, 1400)).astype(np.float32)
     for spec in ("rows", "panel", "panel:64", "gemv"):
         close(model.run(x, kernels=[spec], threads=2), layer.reference(x))
 
