@@ -111,6 +111,7 @@ def train(
     prune_interval: int = typer.Option(None, "--prune-interval", help="Pruning: steps between pruning steps."),
     method_option: list[str] = typer.Option(None, "--method-option", help="Any other method option as key=value; repeatable."),
     init_from: str = typer.Option(None, "--init-from", help="Start from another run's final weights and mask."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for training; 0 = auto (1 when a step is small, where more threads only add overhead). [default: 0]"),
     dist_timeout: float = typer.Option(None, "--dist-timeout", help="torchrun: seconds before a lost or hung rank fails the job. [default: 300]"),
     checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N steps (0: each epoch). [default: 0]"),
     nan_policy: str = typer.Option(None, "--nan-policy", help="On a non-finite loss: stop | skip-batch. [default: stop]"),
@@ -136,7 +137,7 @@ def train(
         "warmup_epochs": warmup_epochs, "clip_grad": clip_grad, "seed": seed, "device": device,
         "val_fraction": val_fraction, "image_size": image_size, "channels": channels,
         "seq_len": seq_len, "vocab": vocab, "steps": steps, "sparse_embeddings": sparse_embeddings,
-        "checkpoint_every": checkpoint_every, "dist_timeout": dist_timeout, "nan_policy": nan_policy, "init_from": init_from,
+        "checkpoint_every": checkpoint_every, "dist_timeout": dist_timeout, "threads": threads, "nan_policy": nan_policy, "init_from": init_from,
     }
     if label_column is not None:
         cli["label_column"] = int(label_column) if label_column.lstrip("-").isdigit() else label_column

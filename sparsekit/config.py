@@ -58,6 +58,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 0  # steps; 0 = at the end of every epoch only
+    threads: int = 0  # CPU intra-op threads; 0 = auto (1 for small models, see training.choose_threads)
     nan_policy: str = "stop"
     eval_batch_size: int = 1024
     init_from: str | None = None
@@ -112,6 +113,9 @@ class TrainConfig:
             if value not in choices:
                 raise bad(f"unknown {name.replace('_', ' ')} {value!r}", f"--{name.replace('_', '-')}",
                           close_matches(str(value), choices))
+        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 0:
+            raise bad(f"threads must be a non-negative integer, got {self.threads!r}", "--threads",
+                      "e.g. --threads 2, or 0 for automatic")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise bad("checkpoint interval must be a non-negative integer", "--checkpoint-every", "e.g. 500")
         if number("dist_timeout", self.dist_timeout) <= 0:

@@ -116,3 +116,22 @@ def test_default_rigl_run_on_digits_end_to_end(cli, tmp_path):
     schema = json.loads(__import__("importlib.resources", fromlist=["files"]).files("sparsekit")
                         .joinpath("schemas/summary.schema.json").read_text())
     jsonschema.validate(s, schema)
+
+
+def test_auto_threads_use_one_thread_for_small_steps_and_respect_the_flag():
+    import torch
+
+    from sparsekit.config import TrainConfig
+    from sparsekit.distributed import DistContext
+    from sparsekit.models import build_model
+    from sparsekit.training import SMALL_STEP_MACS, choose_threads
+
+    ctx = DistContext()
+    small = build_model("mlp", {"hidden": [32]}, input_shape=(20,), num_classes=4)  # 768 MACs/sample
+    assert choose_threads(TrainConfig(), small, (20,), torch.device("cpu"), ctx) == 1
+    assert choose_threads(TrainConfig(threads=3), small, (20,), torch.device("cpu"), ctx) == 3
+    big = build_model("mlp", {"hidden": [2048, 2048]}, input_shape=(1024,), num_classes=10)
+    macs = 1024 * 2048 + 2048 * 2048 + 2048 * 10
+    assert macs * 64 >= SMALL_STEP_MACS
+    assert choose_threads(TrainConfig(batch_size=64), big, (1024,), torch.device("cpu"), ctx) == \
+        torch.get_num_threads()
