@@ -83,19 +83,37 @@ def select_top(scores: torch.Tensor, candidates: torch.Tensor, k: int, *, larges
     n_cand = int(np.count_nonzero(cand))
     if k > n_cand:
         raise ValueError(f"cannot select {k} of {n_cand} candidates")
-    cand_idx = np.flatnonzero(cand)
     vals = scores.detach().reshape(-1)
-    if device.type == "cpu":
-        work = vals.numpy()[cand_idx].astype(np.float32, copy=False)
-    else:  # GPU: gather there, threshold on the host (one copy of the candidate scores)
-        work = vals[torch.from_numpy(cand_idx).to(device)].float().cpu().numpy()
-    work = work if largest else -work
-    work[np.isnan(work)] = -np.inf  # NaN ranks last
+    if 2 * n_cand > cand.size:
+        # Most entries compete (growing into a sparse layer): work on the whole array, non-candidates at
+        # -inf, and skip building an index of the candidates.
+        full = vals.float().cpu().numpy()
+        work = np.where(cand, full if largest else -full, np.float32(-np.inf))
+        cand_idx = None
+    else:  # few candidates (dropping from a sparse layer): gather them first
+        cand_idx = np.flatnonzero(cand)
+        if device.type == "cpu":
+            work = vals.numpy()[cand_idx].astype(np.float32, copy=False)
+        else:  # GPU: gather there, threshold on the host (one copy of the candidate scores)
+            work = vals[torch.from_numpy(cand_idx).to(device)].float().cpu().numpy()
+        work = work if largest else -work
+    if np.isnan(work).any():
+        work = np.where(np.isnan(work), np.float32(-np.inf), work)  # NaN ranks last
     threshold = kth_largest(work, k)
-    above = cand_idx[work > threshold]
+    # One pass for everything at or above the threshold (about k entries), then split it.
+    at_least = work >= threshold
+    if cand_idx is None:
+        if threshold == -np.inf:  # non-candidates sit at -inf too
+            at_least &= cand
+        sel = np.flatnonzero(at_least)
+        sel_vals = work[sel]
+    else:
+        sel = cand_idx[at_least]
+        sel_vals = work[at_least]
+    above = sel[sel_vals > threshold]
     need = k - above.size
     if need > 0:
-        tied = cand_idx[work == threshold]
+        tied = sel[sel_vals == threshold]
         if tied.size > need:
             keys = element_keys(seed, step, layer, tied)
             tied = tied[np.argpartition(keys, need - 1)[:need]]

@@ -201,3 +201,29 @@ def test_unknown_method_option_is_an_error():
 
     with pytest.raises(InputError, match="does not take option"):
         sparsify(nn.Linear(4, 4), None, "static", sparsity=0.5, total_steps=5, update_interval=3)
+
+
+def test_select_top_equals_a_full_sort_by_score_then_key():
+    """The linear-time selection picks exactly what a full lexicographic sort (score, key) picks."""
+    import numpy as np
+
+    from sparsekit.selection import element_keys
+
+    rng = np.random.default_rng(1)
+    for trial in range(150):
+        n = int(rng.integers(5, 20000 if trial % 10 == 0 else 2000))
+        scores = (rng.integers(0, 6, n) if trial % 2 else rng.standard_normal(n)).astype(np.float32)
+        if trial % 7 == 0:
+            scores[rng.random(n) < 0.1] = np.nan  # NaN ranks last
+        cand = rng.random(n) < rng.random()
+        if not cand.any():
+            continue
+        k = int(cand.sum()) if trial % 5 == 0 else max(1, int(rng.random() * cand.sum()))
+        for largest in (True, False):
+            got = select_top(torch.from_numpy(scores), torch.from_numpy(cand), k, largest=largest,
+                             seed=3, step=5, layer=1).tolist()
+            idx = np.flatnonzero(cand)
+            s = scores[idx] if largest else -scores[idx]
+            s = np.where(np.isnan(s), -np.inf, s)
+            order = np.lexsort((element_keys(3, 5, 1, idx), -s))
+            assert len(got) == k and set(got) == set(idx[order[:k]].tolist()), (trial, largest)
