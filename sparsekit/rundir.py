@@ -263,6 +263,14 @@ def build_summary(*, run_dir: Path, model: nn.Module, sparsifier: Any, method: s
     return summary
 
 
+def onnx_metadata(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """metadata_props of the reference ONNX file: what made it and how sparse it is."""
+    return {"sparsekit_version": sparsekit.__version__, "method": summary["method"],
+            "target_sparsity": summary["target_sparsity"], "realized_sparsity": summary["realized_sparsity"],
+            "layer_density": {ly["name"]: ly["density"] for ly in summary["layers"]},
+            "source_run": str(run_dir), "test_accuracy": summary.get("test_accuracy")}
+
+
 def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifier: Any, data: Any,
                test_loss: float, test_accuracy: float, train_seconds: float, total_steps: int,
                width_info: dict[str, Any] | None, wall_seconds: float, device: torch.device,
@@ -291,10 +299,7 @@ def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifi
     summary = build_summary(run_dir=run_dir, model=model, sparsifier=sparsifier, method=config.method,
                             config=config.to_dict(), test_loss=test_loss, test_accuracy=test_accuracy,
                             train_seconds=train_seconds, extra=extra)
-    meta = {"sparsekit_version": sparsekit.__version__, "method": config.method,
-            "target_sparsity": summary["target_sparsity"], "realized_sparsity": summary["realized_sparsity"],
-            "layer_density": {ly["name"]: ly["density"] for ly in summary["layers"]},
-            "source_run": str(run_dir), "test_accuracy": test_accuracy}
+    meta = onnx_metadata(summary, run_dir)
     n_samples = N_SAMPLES_SEQUENCE if task.name == "language-modeling" else N_SAMPLES
     summary["onnx"] = write_artifacts(run_dir, model, sparsifier.masks(), data.x_test, data.y_test, meta,
                                       n_samples=n_samples)
@@ -322,9 +327,7 @@ def save(model: nn.Module, sparsifier: Any, run_dir: str | Path, *, example_inpu
     summary = build_summary(run_dir=path, model=model, sparsifier=sparsifier, method=sparsifier.method.name,
                             config=cfg, test_loss=test_loss, test_accuracy=test_accuracy, train_seconds=0.0,
                             extra={"model": type(model).__name__, "input_shape": list(example_input.shape[1:])})
-    meta = {"sparsekit_version": sparsekit.__version__, "method": sparsifier.method.name,
-            "target_sparsity": summary["target_sparsity"], "realized_sparsity": summary["realized_sparsity"],
-            "layer_density": {ly["name"]: ly["density"] for ly in summary["layers"]}, "source_run": str(path)}
+    meta = onnx_metadata(summary, path)
     summary["onnx"] = write_artifacts(path, model, sparsifier.masks(), example_input, labels, meta)
     validate_summary(summary)
     atomic_write_json(path / SUMMARY, summary)
