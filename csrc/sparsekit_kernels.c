@@ -77,6 +77,67 @@ static inline float finish(float acc, const csr_t *w, int64_t o) {
     return acc;
 }
 
+/* Fused output transpose: the last column block of a panel layer can write its results straight into
+ * the row-major output y (B, n_out) instead of the panel buffer. Each kernel then stores up to TILE_ROWS
+ * finished rows of 64 samples into a small tile on its stack (L1) and flushes the tile with 8x8
+ * transposes: every flush writes whole 64-byte lines of y, so the separate from_panels pass (a read and
+ * a write of the whole activation) disappears. */
+#define TILE_ROWS 16
+typedef struct {
+    float *y;      /* row-major output rows of this panel's first sample; NULL: write panels */
+    int64_t ldy;   /* row stride of y (n_out) */
+    int64_t tb;    /* valid samples in this panel (<= PANEL) */
+} rowout_t;
+
+static void transpose_block(const float *src, int64_t ss, float *dst, int64_t ds, int64_t rows, int64_t cols,
+                            int cols_outer);
+
+#if SK_X86
+/* Full tile (16 rows x 64 samples) -> 64 rows of y, 16 floats (one 64-byte line) each: 16x16 transposes
+ * in registers and non-temporal stores (no read-for-ownership of y's lines, which sit n_out*4 bytes
+ * apart and would otherwise all compete for one L1 set). */
+SK_AVX512 static void tile_flush_avx512(const float *tile, float *y, int64_t ldy) {
+    for (int s0 = 0; s0 < PANEL; s0 += 16) {
+        __m512 r[16], t[16];
+        for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps(tile + i * PANEL + s0);
+        for (int i = 0; i < 16; i += 2) {
+            t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+            t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 16; i += 4) {
+            r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+            r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+            r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+            r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+        }
+        for (int i = 0; i < 4; i++) {
+            t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+            t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+            t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+            t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+        }
+        for (int i = 0; i < 4; i++) {
+            r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+            r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+            r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+            r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
+        }
+        for (int i = 0; i < 16; i++) _mm512_store_ps(y + (int64_t)(s0 + i) * ldy, r[i]);
+    }
+}
+#endif
+
+static inline void tile_flush(const rowout_t *ro, const float *tile, int64_t obase, int64_t nrows) {
+#if SK_X86
+    float *y = ro->y + obase;
+    if (g_isa == ISA_AVX512 && nrows == 16 && ro->tb == PANEL && ((uintptr_t)y & 63) == 0 && (ro->ldy & 15) == 0) {
+        tile_flush_avx512(tile, y, ro->ldy);
+        return;
+    }
+#endif
+    transpose_block(tile, PANEL, ro->y + obase, ro->ldy, nrows, ro->tb, 1);
+}
+
 /* ------------------------------------------------------------------ portable C */
 
 static void rows_generic(const csr_t *w, const float *x, float *y, int64_t B, int64_t o0, int64_t o1) {
@@ -98,7 +159,11 @@ static void rows_generic(const csr_t *w, const float *x, float *y, int64_t B, in
     }
 }
 
-static void panel_generic(const csr_t *w, const float *xp, float *yp, int64_t o0, int64_t o1, int first, int last) {
+static void panel_generic(const csr_t *w, const float *xp, float *yp, int64_t o0, int64_t o1, int first, int last,
+                          const rowout_t *ro) {
+    float tile[TILE_ROWS * PANEL] __attribute__((aligned(64)));
+    const int fuse = last && ro && ro->y;
+    int64_t tbase = o0;
     float acc[PANEL];
     for (int64_t o = o0; o < o1; o++) {
         float *out = yp + o * PANEL;
@@ -114,9 +179,14 @@ static void panel_generic(const csr_t *w, const float *xp, float *yp, int64_t o0
             continue;
         }
         const float bb = w->bias ? w->bias[o] : 0.f;
+        float *dst = fuse ? tile + (o - tbase) * PANEL : out;
         for (int t = 0; t < PANEL; t++) {
             float r = acc[t] + bb;
-            out[t] = (w->relu && r < 0.f) ? 0.f : r;
+            dst[t] = (w->relu && r < 0.f) ? 0.f : r;
+        }
+        if (fuse && (o + 1 - tbase == TILE_ROWS || o + 1 == o1)) {
+            tile_flush(ro, tile, tbase, o + 1 - tbase);
+            tbase = o + 1;
         }
     }
 }
@@ -181,7 +251,11 @@ SK_AVX2 static void rows_avx2(const csr_t *w, const float *x, float *y, int64_t 
     }
 }
 
-SK_AVX2 static void panel_avx2(const csr_t *w, const float *xp, float *yp, int64_t o0, int64_t o1, int first, int last) {
+SK_AVX2 static void panel_avx2(const csr_t *w, const float *xp, float *yp, int64_t o0, int64_t o1, int first, int last,
+                          const rowout_t *ro) {
+    float tile[TILE_ROWS * PANEL] __attribute__((aligned(64)));
+    const int fuse = last && ro && ro->y;
+    int64_t tbase = o0;
     for (int64_t o = o0; o < o1; o++) {
         float *out = yp + o * PANEL;
         if (!first && !last && w->rowptr[o] == w->rowptr[o + 1]) continue;
@@ -207,10 +281,15 @@ SK_AVX2 static void panel_avx2(const csr_t *w, const float *xp, float *yp, int64
         }
         const __m256 bb = _mm256_set1_ps((last && w->bias) ? w->bias[o] : 0.f);
         __m256 r[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+        float *dst = fuse ? tile + (o - tbase) * PANEL : out;
         for (int j = 0; j < 8; j++) {
             __m256 t = last ? _mm256_add_ps(r[j], bb) : r[j];
             if (last && w->relu) t = _mm256_max_ps(t, _mm256_setzero_ps());
-            _mm256_storeu_ps(out + 8 * j, t);
+            _mm256_storeu_ps(dst + 8 * j, t);
+        }
+        if (fuse && (o + 1 - tbase == TILE_ROWS || o + 1 == o1)) {
+            tile_flush(ro, tile, tbase, o + 1 - tbase);
+            tbase = o + 1;
         }
     }
 }
@@ -248,7 +327,11 @@ SK_AVX512 static void rows_avx512(const csr_t *w, const float *x, float *y, int6
     }
 }
 
-SK_AVX512 static void panel_avx512(const csr_t *w, const float *xp, float *yp, int64_t o0, int64_t o1, int first, int last) {
+SK_AVX512 static void panel_avx512(const csr_t *w, const float *xp, float *yp, int64_t o0, int64_t o1, int first, int last,
+                          const rowout_t *ro) {
+    float tile[TILE_ROWS * PANEL] __attribute__((aligned(64)));
+    const int fuse = last && ro && ro->y;
+    int64_t tbase = o0;
     for (int64_t o = o0; o < o1; o++) {
         float *out = yp + o * PANEL;
         if (!first && !last && w->rowptr[o] == w->rowptr[o + 1]) continue;
@@ -291,10 +374,15 @@ SK_AVX512 static void panel_avx512(const csr_t *w, const float *xp, float *yp, i
             r0 = _mm512_max_ps(r0, z); r1 = _mm512_max_ps(r1, z);
             r2 = _mm512_max_ps(r2, z); r3 = _mm512_max_ps(r3, z);
         }
-        _mm512_storeu_ps(out, r0);
-        _mm512_storeu_ps(out + 16, r1);
-        _mm512_storeu_ps(out + 32, r2);
-        _mm512_storeu_ps(out + 48, r3);
+        float *dst = fuse ? tile + (o - tbase) * PANEL : out;
+        _mm512_storeu_ps(dst, r0);
+        _mm512_storeu_ps(dst + 16, r1);
+        _mm512_storeu_ps(dst + 32, r2);
+        _mm512_storeu_ps(dst + 48, r3);
+        if (fuse && (o + 1 - tbase == TILE_ROWS || o + 1 == o1)) {
+            tile_flush(ro, tile, tbase, o + 1 - tbase);
+            tbase = o + 1;
+        }
     }
 }
 
@@ -345,7 +433,7 @@ SK_AVX512 static void gemv_avx512(const float *wt, const float *bias, const floa
 /* ------------------------------------------------------------------ dispatch */
 
 typedef void (*rows_fn)(const csr_t *, const float *, float *, int64_t, int64_t, int64_t);
-typedef void (*panel_fn)(const csr_t *, const float *, float *, int64_t, int64_t, int, int);
+typedef void (*panel_fn)(const csr_t *, const float *, float *, int64_t, int64_t, int, int, const rowout_t *);
 
 static rows_fn pick_rows(void) {
 #if SK_X86
@@ -531,16 +619,25 @@ done:
 
 static PyObject *py_panel(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer val, idx, bptr, x, y, bias = {0};
-    PyObject *bias_obj;
+    Py_buffer val, idx, bptr, x, y, bias = {0}, yr = {0};
+    PyObject *bias_obj, *yr_obj = Py_None;
     int idx_bytes, relu, threads;
-    long long n_in, n_out, P, nb;
-    if (!PyArg_ParseTuple(args, "y*y*y*Oy*w*iLLLLii", &val, &idx, &bptr, &bias_obj, &x, &y, &idx_bytes,
-                          &n_in, &n_out, &P, &nb, &relu, &threads))
+    long long n_in, n_out, P, nb, batch = 0;
+    if (!PyArg_ParseTuple(args, "y*y*y*Oy*w*iLLLLii|OL", &val, &idx, &bptr, &bias_obj, &x, &y, &idx_bytes,
+                          &n_in, &n_out, &P, &nb, &relu, &threads, &yr_obj, &batch))
         return NULL;
-    int have_bias = 0;
+    int have_bias = 0, have_yr = 0;
     PyObject *ret = NULL;
     csr_t w;
+    if (yr_obj != Py_None) {
+        if (PyObject_GetBuffer(yr_obj, &yr, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+        have_yr = 1;
+        if (batch < 0 || batch > P * PANEL || batch <= (P - 1) * PANEL) {
+            PyErr_SetString(PyExc_ValueError, "batch does not match the panel count");
+            goto done;
+        }
+        if (check_len(&yr, batch * n_out * 4, "y (row-major)")) goto done;
+    }
     if (bias_obj != Py_None) {
         if (PyObject_GetBuffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS) < 0) goto done;
         have_bias = 1;
@@ -563,6 +660,7 @@ static PyObject *py_panel(PyObject *self, PyObject *args) {
         const panel_fn fn = pick_panel();
         const float *xp = (const float *)x.buf;
         float *yp = (float *)y.buf;
+        float *yrm = have_yr ? (float *)yr.buf : NULL;
         const int64_t *bp = w.rowptr;
         const int nt = bp[nb * w.n_out] * P * PANEL < 16 * PAR_MIN_WORK ? 1 : clamp_threads(threads);
         /* nonzeros per row over all column blocks, for chunks balanced by work */
@@ -583,7 +681,9 @@ static PyObject *py_panel(PyObject *self, PyObject *args) {
             for (int64_t p = 0; p < P; p++)
                 for (int64_t c = 0; c < nb; c++) {
                     wc.rowptr = bp + c * w.n_out;
-                    fn(&wc, xp + p * w.n_in * PANEL, yp + p * w.n_out * PANEL, 0, w.n_out, c == 0, c == nb - 1);
+                    const rowout_t ro = {have_yr ? yrm + p * PANEL * w.n_out : NULL, w.n_out,
+                                         batch - p * PANEL < PANEL ? batch - p * PANEL : PANEL};
+                    fn(&wc, xp + p * w.n_in * PANEL, yp + p * w.n_out * PANEL, 0, w.n_out, c == 0, c == nb - 1, &ro);
                 }
         } else {
             /* (panel, row chunk) work items balanced by nonzeros, handed out dynamically */
@@ -598,9 +698,11 @@ static PyObject *py_panel(PyObject *self, PyObject *args) {
                 split_rows(rp, w.n_out, (int)ch, (int)nch, &o0, &o1);
                 if (o1 <= o0) continue;
                 csr_t wc = w;
+                const rowout_t ro = {have_yr ? yrm + p * PANEL * w.n_out : NULL, w.n_out,
+                                     batch - p * PANEL < PANEL ? batch - p * PANEL : PANEL};
                 for (int64_t c = 0; c < nb; c++) {
                     wc.rowptr = bp + c * w.n_out;
-                    fn(&wc, xp + p * w.n_in * PANEL, yp + p * w.n_out * PANEL, o0, o1, c == 0, c == nb - 1);
+                    fn(&wc, xp + p * w.n_in * PANEL, yp + p * w.n_out * PANEL, o0, o1, c == 0, c == nb - 1, &ro);
                 }
             }
         }
@@ -612,6 +714,7 @@ static PyObject *py_panel(PyObject *self, PyObject *args) {
     Py_INCREF(ret);
 done:
     if (have_bias) PyBuffer_Release(&bias);
+    if (have_yr) PyBuffer_Release(&yr);
     PyBuffer_Release(&val); PyBuffer_Release(&idx); PyBuffer_Release(&bptr);
     PyBuffer_Release(&x); PyBuffer_Release(&y);
     return ret;
@@ -785,7 +888,9 @@ static PyMethodDef methods[] = {
     {"rows", py_rows, METH_VARARGS,
      "rows(values, indices, rowptr, bias|None, x, y, idx_bytes, n_in, n_out, batch, relu, threads)"},
     {"panel", py_panel, METH_VARARGS,
-     "panel(values, indices, blockptr, bias|None, xp, yp, idx_bytes, n_in, n_out, npanels, nblocks, relu, threads)"},
+     "panel(values, indices, blockptr, bias|None, xp, yp, idx_bytes, n_in, n_out, npanels, nblocks, relu, threads"
+     "[, y_rows, batch]): with y_rows (batch, n_out) row-major, the last column block writes there (yp then "
+     "holds only partial sums)"},
     {"gemv", py_gemv, METH_VARARGS,
      "gemv(weight_t, bias|None, x, y, n_in, n_out, batch, relu, threads): dense layer, weight (n_in, n_out)"},
     {"to_panels", py_to_panels, METH_VARARGS, "to_panels(x, xp, batch, n, threads)"},

@@ -118,6 +118,27 @@ def test_threaded_paths_match_the_reference(batch):
         close(model.run(x, kernels=[spec], threads=2), layer.reference(x))
 
 
+@pytest.mark.parametrize("n_out", [256, 250])
+def test_fused_output_transpose_matches_the_reference(isa, n_out):
+    # the last panel layer writes row-major output itself: whole 16-row tiles (n_out % 16 == 0, full
+    # panels: the register-transpose path) and ragged ones (tail rows, tail panel, odd row strides)
+    rng = np.random.default_rng(n_out)
+    layer = rt.SparseLayer.from_dense(sparse_matrix(rng, n_out, 96, 0.2, zero_rows=(3, 17)),
+                                      rng.standard_normal(n_out), relu=True)
+    model = rt.FastModel([layer], (96,))
+    for batch in (64, 200):
+        x = rng.standard_normal((batch, 96)).astype(np.float32)
+        for spec in ("panel", "panel:32"):
+            for threads in (1, 2):
+                close(model.run(x, kernels=[spec], threads=threads), layer.reference(x))
+    if K is not None:  # a row-major output whose batch does not fit the panel count is refused
+        v, i, bp, nb = layer.blocked(0)
+        xp, P = L.to_panels(np.zeros((64, 96), np.float32), 96)
+        with pytest.raises(ValueError):
+            K.panel(v, i, bp, None, xp, np.zeros(P * n_out * 64, np.float32), layer.idx_bytes, 96, n_out, P, nb,
+                    0, 1, np.zeros((65, n_out), np.float32), 65)
+
+
 def test_plan_cache_follows_plan_changes():
     rng = np.random.default_rng(8)
     layer = rt.SparseLayer.from_dense(sparse_matrix(rng, 20, 30, 0.2), None, relu=False)

@@ -203,16 +203,26 @@ class SparseLayer:
             return
         _K.gemv(self.dense_t(), self.bias, x, y, self.n_in, self.n_out, x.shape[0], int(self.relu), int(threads))
 
-    def run_panel(self, xp: np.ndarray, yp: np.ndarray, npanels: int, block: int, threads: int) -> None:
-        """Panels (P, n_in, PANEL) -> (P, n_out, PANEL)."""
+    def run_panel(self, xp: np.ndarray, yp: np.ndarray, npanels: int, block: int, threads: int,
+                  y_rows: np.ndarray | None = None) -> None:
+        """Panels (P, n_in, PANEL) -> (P, n_out, PANEL); with ``y_rows`` (batch, n_out) C-contiguous the
+        results go there row-major instead (the output transpose fused into the kernel; ``yp`` is
+        then scratch for partial sums)."""
         if _K is None:
             x = xp.reshape(npanels, self.n_in, PANEL).transpose(0, 2, 1).reshape(-1, self.n_in)
             y = self._numpy(x)
+            if y_rows is not None:
+                y_rows[...] = y[: y_rows.shape[0]]
+                return
             yp.reshape(npanels, self.n_out, PANEL)[...] = y.reshape(npanels, PANEL, self.n_out).transpose(0, 2, 1)
             return
         v, i, bptr, nb = self.blocked(block)
-        _K.panel(v, i, bptr, self.bias, xp, yp, self.idx_bytes, self.n_in, self.n_out, npanels, nb,
-                 int(self.relu), int(threads))
+        if y_rows is None:
+            _K.panel(v, i, bptr, self.bias, xp, yp, self.idx_bytes, self.n_in, self.n_out, npanels, nb,
+                     int(self.relu), int(threads))
+        else:
+            _K.panel(v, i, bptr, self.bias, xp, yp, self.idx_bytes, self.n_in, self.n_out, npanels, nb,
+                     int(self.relu), int(threads), y_rows, int(y_rows.shape[0]))
 
     def _numpy(self, x: np.ndarray) -> np.ndarray:
         y = x @ self.dense_weight().T

@@ -262,8 +262,15 @@ class FastModel:
                         -(-batch // PANEL)) * PANEL))
                 slot ^= 1
                 yp = self._scratch(slot, panels * layer.n_out * PANEL)
-                layer.run_panel(cur, yp, panels, block, nt)
-                cur = yp
+                if i + 1 == n or parsed[i + 1][0] != "panel":
+                    # the layout changes after this layer: the kernel writes row-major output itself
+                    # (fused transpose; 64-byte aligned so its tile flushes write whole cache lines)
+                    y = aligned_empty(batch * layer.n_out).reshape(batch, layer.n_out)
+                    layer.run_panel(cur, yp, panels, block, nt, y_rows=y)
+                    cur, panels = y, 0
+                else:
+                    layer.run_panel(cur, yp, panels, block, nt)
+                    cur = yp
             i += 1
         if panels:
             cur = from_panels(cur, batch, self.n_outputs, nt)
