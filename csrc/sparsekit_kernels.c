@@ -52,6 +52,10 @@
  * or after the spin time) and joining them costs tens of microseconds a region, more than a second
  * core saves on a layer that takes a few hundred. */
 #define PAR_MIN_WORK (1 << 19)
+/* The rows kernel at batch 1 is memory bound and already ~40-200 us for mid-size layers: from this many
+ * nonzero x sample products (4096x1024 at 90%: 4.2e5) a second thread gains more than the wake-up
+ * costs (measured 180 -> 127 us with OMP_WAIT_POLICY=PASSIVE); 1024x1024 at 90% (1e5, 43 us) would lose. */
+#define ROWS_PAR_MIN_WORK (1 << 18)
 
 enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 static int g_isa = ISA_GENERIC;     /* active code path */
@@ -539,7 +543,7 @@ static PyObject *py_rows(PyObject *self, PyObject *args) {
         const rows_fn fn = pick_rows();
         const float *xp = (const float *)x.buf;
         float *yp = (float *)y.buf;
-        const int nt = w.rowptr[w.n_out] * (B > 0 ? B : 1) < PAR_MIN_WORK ? 1 : clamp_threads(threads);
+        const int nt = w.rowptr[w.n_out] * (B > 0 ? B : 1) < ROWS_PAR_MIN_WORK ? 1 : clamp_threads(threads);
         Py_BEGIN_ALLOW_THREADS
         if (nt <= 1) {  /* no parallel region: its fixed cost matters for small layers */
             if (w.n_out > 0) fn(&w, xp, yp, B, 0, w.n_out);
