@@ -264,8 +264,11 @@ class FastModel:
                 yp = self._scratch(slot, panels * layer.n_out * PANEL)
                 if i + 1 == n or parsed[i + 1][0] != "panel":
                     # the layout changes after this layer: the kernel writes row-major output itself
-                    # (fused transpose; 64-byte aligned so its tile flushes write whole cache lines)
-                    y = aligned_empty(batch * layer.n_out).reshape(batch, layer.n_out)
+                    # (fused transpose). Large outputs are 64-byte aligned so the tile flushes write
+                    # whole cache lines; small ones skip aligned_empty's few µs of numpy calls.
+                    size = batch * layer.n_out
+                    y = (aligned_empty(size).reshape(batch, layer.n_out) if size >= 1 << 16
+                         else np.empty((batch, layer.n_out), dtype=np.float32))
                     layer.run_panel(cur, yp, panels, block, nt, y_rows=y)
                     cur, panels = y, 0
                 else:
