@@ -47,6 +47,9 @@ class BuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("sparsekit.runtime._kernels", sources=["csrc/sparsekit_kernels.c"])],
+    ext_modules=[
+        Extension("sparsekit.runtime._kernels", sources=["csrc/sparsekit_kernels.c"]),
+        Extension("sparsekit._select", sources=["csrc/sparsekit_select.c"]),  # mask-update selection
+    ],
     cmdclass={"build_ext": BuildExt},
 )

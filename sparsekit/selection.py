@@ -17,6 +17,11 @@ import hashlib
 import numpy as np
 import torch
 
+try:  # the C helpers (csrc/sparsekit_select.c); the numpy path below gives the same result without them
+    from sparsekit import _select as _c
+except ImportError:  # pragma: no cover - only when the package was installed without building extensions
+    _c = None
+
 _MASK63 = (1 << 63) - 1
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -50,11 +55,12 @@ def tie_keys(seed: int, step: int, layer: int, numel: int, purpose: str = "tie")
     return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53)))
 
 
-def kth_largest(values: np.ndarray, k: int) -> float:
+def kth_largest(values: np.ndarray, k: int, scratch: np.ndarray | None = None) -> float:
     """The k-th largest value (1-based) of a 1-D float array, exactly.
 
     A strided sample gives a lower bound that keeps at least k elements (checked by counting); the
-    exact partition then runs on those few elements only. Falls back to a full partition.
+    exact partition then runs on those few elements only. Falls back to a full partition. ``scratch``
+    (float32, at least as long as ``values``) lets the C helper filter without allocating.
     """
     n = values.size
     if n > 16 * k and n > 8192:
@@ -62,10 +68,43 @@ def kth_largest(values: np.ndarray, k: int) -> float:
         sample = values[::stride]
         rank = min(sample.size, 2 * k // stride + 8)  # ~2x the expected count above the threshold
         bound = np.partition(sample, sample.size - rank)[sample.size - rank]
-        kept = values[values >= bound]
+        if _c is not None and scratch is not None and values.dtype == np.float32:
+            kept = scratch[:_c.keep_ge(values, n, float(bound), scratch)]
+        else:
+            kept = values[values >= bound]
         if kept.size >= k:
             return float(np.partition(kept, kept.size - k)[kept.size - k])
     return float(np.partition(values, n - k)[n - k])
+
+
+_SCRATCH: dict[int, tuple[np.ndarray, ...]] = {}
+
+
+def _scratch(n: int) -> tuple[np.ndarray, ...]:
+    """Reused work arrays per layer size (fresh megabyte arrays cost page faults on every update)."""
+    if n not in _SCRATCH:
+        if len(_SCRATCH) > 64:
+            _SCRATCH.clear()
+        _SCRATCH[n] = (np.empty(n, np.float32), np.empty(n, np.int64), np.empty(n, np.int64),
+                       np.empty(n, np.int64), np.empty(n, np.float32))
+    return _SCRATCH[n]
+
+
+def _select_c(vals: np.ndarray, cand: np.ndarray, k: int, largest: bool, seed: int, step: int,
+              layer: int) -> np.ndarray:
+    """select_top on CPU float32 scores with the C helpers: one pass to compact the candidates' scores,
+    the threshold on the compact array, one pass to split above/tied."""
+    work, index, above, tied, kept = _scratch(cand.size)
+    m = _c.gather(vals, cand.view(np.uint8), not largest, work, index)
+    threshold = kth_largest(work[:m], k, scratch=kept)
+    n_above, n_tied = _c.split(work, index, m, threshold, above, tied)
+    need = k - n_above
+    if need <= 0:
+        return above[:n_above].copy()
+    ties = tied[:n_tied]
+    if n_tied > need:
+        ties = ties[np.argpartition(element_keys(seed, step, layer, ties), need - 1)[:need]]
+    return np.concatenate([above[:n_above], ties])
 
 
 def select_top(scores: torch.Tensor, candidates: torch.Tensor, k: int, *, largest: bool,
@@ -84,6 +123,9 @@ def select_top(scores: torch.Tensor, candidates: torch.Tensor, k: int, *, larges
     if k > n_cand:
         raise ValueError(f"cannot select {k} of {n_cand} candidates")
     vals = scores.detach().reshape(-1)
+    if _c is not None and device.type == "cpu" and vals.dtype == torch.float32:
+        chosen = _select_c(vals.contiguous().numpy(), cand, k, largest, seed, step, layer)
+        return torch.from_numpy(chosen)
     if 2 * n_cand > cand.size:
         # Most entries compete (growing into a sparse layer): work on the whole array, non-candidates at
         # -inf, and skip building an index of the candidates.

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -186,7 +187,8 @@ class Sparsifier:
             reduce = tuple(d for d in dims if d != 1) if first.mask.dim() > 1 else ()
             if reduce:
                 entry["first_layer"] = first.name
-                entry["input_fanout"] = first.mask.sum(dim=reduce).cpu().tolist()
+                mask = first.mask.cpu().numpy()  # numpy sums bools far faster than torch on CPU
+                entry["input_fanout"] = mask.sum(axis=reduce, dtype=np.int64).tolist()
         self.update_log.append(entry)
 
     def _broadcast(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

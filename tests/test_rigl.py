@@ -227,3 +227,30 @@ def test_select_top_equals_a_full_sort_by_score_then_key():
             s = np.where(np.isnan(s), -np.inf, s)
             order = np.lexsort((element_keys(3, 5, 1, idx), -s))
             assert len(got) == k and set(got) == set(idx[order[:k]].tolist()), (trial, largest)
+
+
+def test_c_selection_helpers_match_the_numpy_path(monkeypatch):
+    """csrc/sparsekit_select.c gives exactly the numpy path's choice (including ties and NaN)."""
+    import numpy as np
+
+    import sparsekit.selection as sel
+
+    assert sel._c is not None, "the _select extension was not built"
+    rng = np.random.default_rng(2)
+    for trial in range(120):
+        n = int(rng.integers(5, 40000 if trial % 20 == 0 else 4000))
+        s = (rng.integers(0, 6, n) if trial % 2 else rng.standard_normal(n)).astype(np.float32)
+        if trial % 7 == 0:
+            s[rng.random(n) < 0.1] = np.nan
+        cand = rng.random(n) < rng.random()
+        if not cand.any():
+            continue
+        k = max(1, int(rng.random() * cand.sum())) if trial % 3 else max(1, int(0.01 * cand.sum()))
+        for largest in (True, False):
+            args = (torch.from_numpy(s), torch.from_numpy(cand), k)
+            kw = {"largest": largest, "seed": 1, "step": 2, "layer": 3}
+            with_c = select_top(*args, **kw).tolist()
+            monkeypatch.setattr(sel, "_c", None)
+            without = select_top(*args, **kw).tolist()
+            monkeypatch.undo()
+            assert len(with_c) == k and set(with_c) == set(without), trial

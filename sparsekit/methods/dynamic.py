@@ -108,7 +108,7 @@ class RigL(DynamicSparseMethod):
             if grad is None:
                 self._grow[layer.name] = torch.zeros(layer.numel, device=layer.param.device)
             else:
-                self._grow[layer.name] = grad.detach().abs().flatten().clone()
+                self._grow[layer.name] = grad.detach().abs().flatten()  # abs() already copies
 
     def skip_optimizer_step(self, sp: Sparsifier, step: int) -> bool:
         return bool(self.options["skip_step_on_update"]) and self.is_update_step(step)
