@@ -171,27 +171,12 @@ def load_dataset(
             return readers.read_folder(rest, image_size=image_size, channels=channels)
 
     arrays = build()
-    if "x_train" in arrays:
-        return make_dataset(
-            name=kind,
-            spec=spec,
-            where=where,
-            x_train=arrays["x_train"],
-            y_train=arrays["y_train"],
-            x_test=arrays["x_test"],
-            y_test=arrays["y_test"],
-            seed=seed,
-            val_fraction=val_fraction,
-        )
-    return make_dataset(
-        name=kind,
-        spec=spec,
-        where=where,
-        x_train=arrays["x"],
-        y_train=arrays["y"],
-        seed=seed,
-        val_fraction=val_fraction,
-    )
+    if "x_train" in arrays:  # a given test split
+        split = {"x_train": arrays["x_train"], "y_train": arrays["y_train"],
+                 "x_test": arrays["x_test"], "y_test": arrays["y_test"]}
+    else:  # one set: make_dataset holds out a seeded val_fraction
+        split = {"x_train": arrays["x"], "y_train": arrays["y"]}
+    return make_dataset(name=kind, spec=spec, where=where, seed=seed, val_fraction=val_fraction, **split)
 
 
 def _fix_hint() -> str:
