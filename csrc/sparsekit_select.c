@@ -8,6 +8,9 @@
  *       indices whose value is > threshold, and == threshold, in order.
  *   keep_ge(values f32[m], m, bound, out f32[m]) -> count
  *       the values >= bound, in order.
+ *   gather_ge(scores f32[n], cand u8[n], mode, bound, out_values f32[n], out_index i64[n]) -> count
+ *       like gather, but only the candidates whose transformed score is >= bound (one pass, no full
+ *       compaction); mode bit 1: take |score|, bit 2: negate (after |.|). NaN -> -inf.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -107,7 +110,43 @@ done:
     return ret;
 }
 
+static PyObject *py_gather_ge(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer s, c, ov, oi;
+    int mode;
+    float bound;
+    if (!PyArg_ParseTuple(args, "y*y*ifw*w*", &s, &c, &mode, &bound, &ov, &oi)) return NULL;
+    Py_ssize_t n = c.len;
+    PyObject *ret = NULL;
+    if (need(&s, n * 4, "scores") || need(&ov, n * 4, "values") || need(&oi, n * 8, "index")) goto done;
+    {
+        const float *sc = (const float *)s.buf;
+        const uint8_t *cd = (const uint8_t *)c.buf;
+        float *vals = (float *)ov.buf;
+        int64_t *idx = (int64_t *)oi.buf;
+        const int take_abs = mode & 1;
+        const float sign = (mode & 2) ? -1.0f : 1.0f;
+        Py_ssize_t j = 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++) {
+            float v = sc[i];
+            v = sign * (take_abs ? fabsf(v) : v);
+            v = isnan(v) ? -INFINITY : v;
+            vals[j] = v;
+            idx[j] = (int64_t)i;
+            j += (cd[i] != 0) & (v >= bound);
+        }
+        Py_END_ALLOW_THREADS
+        ret = PyLong_FromSsize_t(j);
+    }
+done:
+    PyBuffer_Release(&s); PyBuffer_Release(&c); PyBuffer_Release(&ov); PyBuffer_Release(&oi);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
+    {"gather_ge", py_gather_ge, METH_VARARGS,
+     "gather_ge(scores_f32, cand_u8, mode, bound, out_values_f32, out_index_i64) -> count"},
     {"keep_ge", py_keep_ge, METH_VARARGS, "keep_ge(values_f32, m, bound, out_f32) -> count"},
     {"gather", py_gather, METH_VARARGS, "gather(scores_f32, cand_u8, negate, out_values_f32, out_index_i64) -> count"},
     {"split", py_split, METH_VARARGS, "split(values_f32, index_i64, m, threshold, out_above_i64, out_tied_i64) -> (n_above, n_tied)"},

@@ -154,3 +154,21 @@ def commit_mask(layer: SparseLayer, new_mask: torch.Tensor, optimizer: torch.opt
     for state in optimizer_state_tensors(optimizer, layer.param):
         state.mul_(keep)
     layer.mask = new_mask
+
+
+@torch.no_grad()
+def commit_mask_change(layer: SparseLayer, new_mask: torch.Tensor, gone: torch.Tensor, new: torch.Tensor,
+                       optimizer: torch.optim.Optimizer | None, float_mask: torch.Tensor | None = None) -> None:
+    """``commit_mask`` for a change given by flat indices: ``gone`` (active before, inactive after) and
+    ``new`` (inactive before, active after). Touches only those entries instead of whole tensors."""
+    for t in [layer.param, *optimizer_state_tensors(optimizer, layer.param)]:
+        flat = t.view(-1)
+        flat.index_fill_(0, gone, 0)
+        flat.index_fill_(0, new, 0)
+    if float_mask is not None:
+        fm = float_mask.view(-1)
+        fm.index_fill_(0, gone, 0)
+        fm.index_fill_(0, new, 1)
+    active = layer.active - gone.numel() + new.numel()
+    layer.mask = new_mask
+    layer._active = active

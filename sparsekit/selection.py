@@ -13,6 +13,7 @@ entries at the threshold ordered by key. Keys are only computed where ties actua
 from __future__ import annotations
 
 import hashlib
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -90,12 +91,51 @@ def _scratch(n: int) -> tuple[np.ndarray, ...]:
     return _SCRATCH[n]
 
 
-def _select_c(vals: np.ndarray, cand: np.ndarray, k: int, largest: bool, seed: int, step: int,
+def _sampled_bound(vals: np.ndarray, cand: np.ndarray, n_cand: int, k: int, mode: int) -> float | None:
+    """A score bound that a little more than k of the candidates reach, from a strided sample of ~4096
+    entries (the sample's expected count above the k-th score plus four standard deviations), or None
+    when the sample is too small or the bound would keep nearly every candidate."""
+    n = cand.size
+    stride = max(1, n // 4096)
+    sample = vals[::stride][cand[::stride]]
+    if sample.size < 64:
+        return None
+    if mode & 1:
+        sample = np.abs(sample)
+    if mode & 2:
+        sample = -sample
+    expected = k * sample.size / n_cand
+    rank = int(expected + 4.0 * expected ** 0.5) + 8
+    if rank >= sample.size - sample.size // 8:
+        return None
+    bound = float(np.partition(sample, sample.size - rank)[sample.size - rank])
+    return bound if bound > -np.inf else None
+
+
+def _select_c(vals: np.ndarray, cand: np.ndarray, n_cand: int, k: int, mode: int, seed: int, step: int,
               layer: int) -> np.ndarray:
-    """select_top on CPU float32 scores with the C helpers: one pass to compact the candidates' scores,
-    the threshold on the compact array, one pass to split above/tied."""
+    """select_top on CPU float32 scores with the C helpers. Usually one pass: keep only the candidates at
+    or above a sampled bound (about 2k of them), then the exact threshold and the above/tied split on
+    that short list. If the bound was too high (fewer than k kept), the full path: compact every
+    candidate, threshold, split. ``mode``: bit 1 scores are |vals|, bit 2 smallest first."""
     work, index, above, tied, kept = _scratch(cand.size)
-    m = _c.gather(vals, cand.view(np.uint8), not largest, work, index)
+    cand8 = cand.view(np.uint8)
+    bound = _sampled_bound(vals, cand, n_cand, k, mode)
+    m = _c.gather_ge(vals, cand8, mode, bound, work, index) if bound is not None else -1
+    if m >= k:
+        sel_vals, sel_idx = work[:m], index[:m]
+        threshold = float(np.partition(sel_vals, m - k)[m - k])
+        above_idx = sel_idx[sel_vals > threshold]
+        need = k - above_idx.size
+        if need <= 0:
+            return above_idx.copy()
+        ties = sel_idx[sel_vals == threshold]
+        if ties.size > need:
+            ties = ties[np.argpartition(element_keys(seed, step, layer, ties), need - 1)[:need]]
+        return np.concatenate([above_idx, ties])
+    if mode & 1:
+        vals = np.abs(vals)
+    m = _c.gather(vals, cand8, bool(mode & 2), work, index)
     threshold = kth_largest(work[:m], k, scratch=kept)
     n_above, n_tied = _c.split(work, index, m, threshold, above, tied)
     need = k - n_above
@@ -107,25 +147,36 @@ def _select_c(vals: np.ndarray, cand: np.ndarray, k: int, largest: bool, seed: i
     return np.concatenate([above[:n_above], ties])
 
 
-def select_top(scores: torch.Tensor, candidates: torch.Tensor, k: int, *, largest: bool,
+class Magnitude(NamedTuple):
+    """Scores given as |values| without materialising them (the C path takes |.| on the fly)."""
+
+    values: torch.Tensor
+
+
+def select_top(scores: torch.Tensor | Magnitude, candidates: torch.Tensor, k: int, *, largest: bool,
                seed: int, step: int, layer: int) -> torch.Tensor:
     """Flat indices of the ``k`` candidates with the highest (``largest``) or lowest scores.
 
     ``scores`` and ``candidates`` (bool) are flat tensors of equal length. Ties at the threshold are
     resolved by ascending element key, so the result depends only on (scores, candidates, seed, step,
-    layer). NaN scores rank last.
+    layer). NaN scores rank last. ``Magnitude(t)`` scores rank by |t|.
     """
-    device = scores.device
+    magnitude = isinstance(scores, Magnitude)
+    raw = scores.values if isinstance(scores, Magnitude) else scores
+    device = raw.device
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=device)
     cand = candidates.detach().reshape(-1).cpu().numpy()
     n_cand = int(np.count_nonzero(cand))
     if k > n_cand:
         raise ValueError(f"cannot select {k} of {n_cand} candidates")
-    vals = scores.detach().reshape(-1)
+    vals = raw.detach().reshape(-1)
     if _c is not None and device.type == "cpu" and vals.dtype == torch.float32:
-        chosen = _select_c(vals.contiguous().numpy(), cand, k, largest, seed, step, layer)
+        mode = (1 if magnitude else 0) | (0 if largest else 2)
+        chosen = _select_c(vals.contiguous().numpy(), cand, n_cand, k, mode, seed, step, layer)
         return torch.from_numpy(chosen)
+    if magnitude:
+        vals = vals.abs()
     if 2 * n_cand > cand.size:
         # Most entries compete (growing into a sparse layer): work on the whole array, non-candidates at
         # -inf, and skip building an index of the candidates.

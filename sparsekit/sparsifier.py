@@ -26,13 +26,14 @@ from sparsekit.errors import InputError
 from sparsekit.masks import (
     SparseLayer,
     commit_mask,
+    commit_mask_change,
     gate_block_shapes,
     prunable_weights,
     random_mask,
     unwrap_model,
 )
 from sparsekit.methods import Method, make_method
-from sparsekit.selection import select_top
+from sparsekit.selection import Magnitude, select_top
 
 # Optimizers for which zero gradient + zero state provably keeps a zero weight at exactly zero
 # (also with weight decay): for these the weights need no re-masking after each step.
@@ -76,6 +77,10 @@ class Sparsifier:
         self.step_count = 0  # optimizer iterations done (t of the last completed step)
         self.update_log: list[dict[str, Any]] = []  # drained by the trainer (connectivity snapshots)
         self.on_update: list[Callable[[Sparsifier, int], None]] = []
+        # Pending drop_and_grow results (new mask, old mask, dropped, grown) and the first layer's
+        # per-input connection counts, both kept so that commit_masks touches only changed entries.
+        self._changes: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._fanout: np.ndarray | None = None
         candidates = prunable_weights(self.model, exclude=exclude, include_embeddings=include_embeddings)
         shapes = {n: tuple(p.shape) for n, p in candidates.items()}
         if method.sparse:
@@ -112,6 +117,7 @@ class Sparsifier:
     # -- masks ------------------------------------------------------------------------------------
     def _refresh_float_masks(self) -> None:
         self._fmasks = [ly.mask.to(ly.param.dtype) for ly in self.layers]
+        self._fanout = None  # masks may have been replaced: recount on the next record
         self._active_total = sum(ly.active for ly in self.layers)
 
     @torch.no_grad()
@@ -154,41 +160,79 @@ class Sparsifier:
         return {ly.name: ly.mask for ly in self.layers}
 
     def drop_and_grow(self, layer: SparseLayer, step: int, *, k_drop: int, k_grow: int,
-                      drop_scores: torch.Tensor, grow_scores: torch.Tensor) -> torch.Tensor:
+                      drop_scores: torch.Tensor | Magnitude,
+                      grow_scores: torch.Tensor | Magnitude) -> torch.Tensor:
         """The new mask of one layer: drop the ``k_drop`` active connections with the lowest drop score,
         then grow the ``k_grow`` highest-scoring connections among all inactive after the drop (a
-        just-dropped connection may come back). Ties broken by (seed, step, layer, element) keys."""
-        flat = layer.mask.flatten()
+        just-dropped connection may come back). Ties broken by (seed, step, layer, element) keys.
+        ``Magnitude(t)`` scores rank by |t| without materialising it."""
+        flat = layer.mask.reshape(-1)
         new = flat.clone()
+        empty = torch.empty(0, dtype=torch.long, device=flat.device)
+        dropped = grown = empty
         if k_drop > 0:
-            new[select_top(drop_scores, flat, k_drop, largest=False, seed=self.seed, step=step,
-                           layer=layer.index)] = False
+            dropped = select_top(drop_scores, flat, k_drop, largest=False, seed=self.seed, step=step,
+                                 layer=layer.index)
+            new[dropped] = False
         if k_grow > 0:
-            new[select_top(grow_scores, ~new, k_grow, largest=True, seed=self.seed, step=step,
-                           layer=layer.index)] = True
-        return new.view_as(layer.mask)
+            grown = select_top(grow_scores, ~new, k_grow, largest=True, seed=self.seed, step=step,
+                               layer=layer.index)
+            new[grown] = True
+        out = new.view_as(layer.mask)
+        # commit_masks uses the indices instead of whole-tensor passes when handed this very tensor.
+        self._changes[layer.name] = (out, layer.mask, dropped, grown)
+        return out
 
     def commit_masks(self, new_masks: dict[str, torch.Tensor], step: int, *, fraction: float | None = None) -> None:
         """Install new masks: reset weights/optimizer state of new and dropped connections, log."""
-        for ly in self.layers:
-            if ly.name in new_masks:
-                commit_mask(ly, new_masks[ly.name].to(torch.bool), self.optimizer)
-        self._refresh_float_masks()
-        self._record_update(step, fraction=fraction)
+        changes, self._changes = self._changes, {}
+        fanout_delta: tuple[torch.Tensor, torch.Tensor] | None = None
+        full = False
+        for i, ly in enumerate(self.layers):
+            if ly.name not in new_masks:
+                continue
+            mask = new_masks[ly.name]
+            change = changes.get(ly.name)
+            if change is not None and change[0] is mask and change[1] is ly.mask:
+                _, old, dropped, grown = change
+                old_flat, new_flat = old.reshape(-1), mask.reshape(-1)
+                gone = dropped[~new_flat[dropped]] if dropped.numel() else dropped
+                added = grown[~old_flat[grown]] if grown.numel() else grown
+                commit_mask_change(ly, mask, gone, added, self.optimizer, self._fmasks[i])
+                if i == 0:
+                    fanout_delta = (gone, added)
+            else:
+                commit_mask(ly, mask.to(torch.bool), self.optimizer)
+                full = True
+        if full:
+            self._refresh_float_masks()
+        else:
+            self._active_total = sum(ly.active for ly in self.layers)
+        self._record_update(step, fraction=fraction, fanout_delta=None if full else fanout_delta)
         for cb in self.on_update:
             cb(self, step)
 
-    def _record_update(self, step: int, fraction: float | None) -> None:
+    def _record_update(self, step: int, fraction: float | None,
+                       fanout_delta: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         entry: dict[str, Any] = {"step": step, "active": {ly.name: ly.active for ly in self.layers}}
         if self.layers:
             first = self.layers[0]
             # Outgoing connection count of every input feature of the first sparse layer.
-            dims = tuple(range(first.mask.dim()))
-            reduce = tuple(d for d in dims if d != 1) if first.mask.dim() > 1 else ()
-            if reduce:
+            shape = tuple(first.mask.shape)
+            if len(shape) > 1:
                 entry["first_layer"] = first.name
-                mask = first.mask.cpu().numpy()  # numpy sums bools far faster than torch on CPU
-                entry["input_fanout"] = mask.sum(axis=reduce, dtype=np.int64).tolist()
+                if fanout_delta is not None and self._fanout is not None:
+                    # Kept up to date from the changed entries: input feature of flat index i.
+                    inner = int(np.prod(shape[2:], dtype=np.int64))
+                    for idx, sign in ((fanout_delta[0], -1), (fanout_delta[1], 1)):
+                        if idx.numel():
+                            cols = (idx.cpu().numpy() // inner) % shape[1]
+                            self._fanout += sign * np.bincount(cols, minlength=shape[1])
+                else:
+                    reduce = tuple(d for d in range(len(shape)) if d != 1)
+                    mask = first.mask.cpu().numpy()  # numpy sums bools far faster than torch on CPU
+                    self._fanout = mask.sum(axis=reduce, dtype=np.int64)
+                entry["input_fanout"] = self._fanout.tolist()
         self.update_log.append(entry)
 
     def _broadcast(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

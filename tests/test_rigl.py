@@ -254,3 +254,98 @@ def test_c_selection_helpers_match_the_numpy_path(monkeypatch):
             without = select_top(*args, **kw).tolist()
             monkeypatch.undo()
             assert len(with_c) == k and set(with_c) == set(without), trial
+
+
+def test_one_pass_selection_on_magnitudes_equals_a_full_sort(monkeypatch):
+    """Layer-sized inputs take the one-pass path (sampled bound, csrc gather_ge) with |.| taken on the fly:
+    the choice equals a full sort by (|score|, key), with ties, NaN and signed scores, and the numpy path."""
+    import numpy as np
+
+    import sparsekit.selection as sel
+    from sparsekit.selection import Magnitude, element_keys
+
+    assert sel._c is not None, "the _select extension was not built"
+    calls = {"one_pass": 0}
+    real = sel._c.gather_ge
+
+    class Spy:
+        def __getattr__(self, name):  # the other helpers unchanged
+            return getattr(real.__self__, name) if name != "gather_ge" else self.gather_ge
+
+        @staticmethod
+        def gather_ge(*a):
+            calls["one_pass"] += 1
+            return real(*a)
+
+    monkeypatch.setattr(sel, "_c", Spy())
+    rng = np.random.default_rng(4)
+    for trial in range(24):
+        n = int(rng.integers(30_000, 240_000))
+        s = (rng.integers(-3, 4, n) if trial % 3 == 0 else rng.standard_normal(n)).astype(np.float32)
+        if trial % 4 == 1:
+            s[rng.random(n) < 0.05] = np.nan
+        cand = rng.random(n) < (0.1 if trial % 2 else 0.9)
+        k = max(1, int(cand.sum() * (0.3 if trial % 5 else 0.01)))
+        for largest in (True, False):
+            kw = {"largest": largest, "seed": 5, "step": 7, "layer": 2}
+            got = select_top(Magnitude(torch.from_numpy(s)), torch.from_numpy(cand), k, **kw).tolist()
+            idx = np.flatnonzero(cand)
+            v = np.abs(s[idx]) if largest else -np.abs(s[idx])
+            v = np.where(np.isnan(v), -np.inf, v)
+            order = np.lexsort((element_keys(5, 7, 2, idx), -v))
+            assert len(got) == k and set(got) == set(idx[order[:k]].tolist()), (trial, largest)
+            monkeypatch.setattr(sel, "_c", None)
+            assert set(select_top(Magnitude(torch.from_numpy(s)), torch.from_numpy(cand), k, **kw).tolist()) \
+                == set(got)
+            monkeypatch.setattr(sel, "_c", Spy())
+    assert calls["one_pass"] >= 40  # nearly every selection above took the one-pass path
+
+
+def test_index_commit_equals_whole_tensor_commit():
+    """commit_masks on drop_and_grow's own result (index path) leaves weights, optimizer state, float
+    masks, counts and the first layer's fan-out exactly as the whole-tensor path does."""
+    import copy
+
+    def setup():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 10))
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        sp = sparsify(model, opt, "rigl", sparsity=0.8, total_steps=100, update_interval=1000)
+        x, y = torch.randn(16, 40), torch.randint(0, 10, (16,))
+        for _ in range(3):
+            nn.functional.cross_entropy(model(x), y).backward()
+            sp.step()
+            opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        return model, opt, sp
+
+    results = []
+    for index_path in (True, False):
+        model, opt, sp = setup()
+        new = {}
+        for ly in sp.layers:
+            k = ly.active // 3
+            new[ly.name] = sp.drop_and_grow(ly, 5, k_drop=k, k_grow=k,
+                                            drop_scores=ly.param.detach().abs().flatten(),
+                                            grow_scores=ly.param.grad.detach().abs().flatten())
+        with torch.no_grad():  # new connections must start at 0 with 0 state even if they were not 0
+            for ly in sp.layers:
+                fresh = new[ly.name] & ~ly.mask
+                ly.param[fresh] = 7.0
+                for t in opt.state[ly.param].values():
+                    if t.shape == ly.param.shape:
+                        t[fresh] = 7.0
+        if not index_path:
+            new = {n: m.clone() for n, m in new.items()}  # not drop_and_grow's tensors: whole-tensor path
+        sp.commit_masks(new, 5)
+        results.append((copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()["state"]),
+                        [f.clone() for f in sp._fmasks], [ly.active for ly in sp.layers], sp._active_total,
+                        sp.update_log[-1]["input_fanout"], {ly.name: ly.mask.clone() for ly in sp.layers}))
+    a, b = results
+    assert not any((t == 7.0).any() for t in a[0].values())
+    assert all(torch.equal(a[0][n], b[0][n]) for n in a[0])
+    assert all(torch.equal(a[1][i][key], b[1][i][key]) for i in a[1] for key in a[1][i])
+    assert all(torch.equal(x, y) for x, y in zip(a[2], b[2], strict=True))
+    assert a[3] == b[3] and a[4] == b[4] and a[5] == b[5]
+    assert all(torch.equal(a[6][n], b[6][n]) for n in a[6])
+    assert a[5] == b[6]["0.weight"].sum(dim=0).tolist()

@@ -14,7 +14,7 @@ import torch
 from sparsekit.errors import InputError
 from sparsekit.methods.base import Method, register_method
 from sparsekit.schedules import DROP_SCHEDULES, UpdateSchedule
-from sparsekit.selection import tie_keys
+from sparsekit.selection import Magnitude, tie_keys
 
 if TYPE_CHECKING:
     from sparsekit.masks import SparseLayer
@@ -57,10 +57,10 @@ class DynamicSparseMethod(Method):
         return self.schedule is not None and self.schedule.is_update_step(step)
 
     # -- scores -------------------------------------------------------------------------------
-    def drop_scores(self, sp: Sparsifier, layer: SparseLayer, step: int) -> torch.Tensor:
-        return layer.param.detach().abs().flatten()
+    def drop_scores(self, sp: Sparsifier, layer: SparseLayer, step: int) -> torch.Tensor | Magnitude:
+        return Magnitude(layer.param.detach().flatten())  # |w|, taken on the fly by the selection
 
-    def grow_scores(self, sp: Sparsifier, layer: SparseLayer, step: int) -> torch.Tensor:
+    def grow_scores(self, sp: Sparsifier, layer: SparseLayer, step: int) -> torch.Tensor | Magnitude:
         raise NotImplementedError
 
     # -- the update -----------------------------------------------------------------------------
@@ -97,6 +97,7 @@ class RigL(DynamicSparseMethod):
     def validate(self) -> None:
         super().validate()
         self._grow: dict[str, torch.Tensor] = {}
+        self._grow_buf: dict[str, torch.Tensor] = {}
 
     def before_optimizer_step(self, sp: Sparsifier, step: int) -> None:
         if not self.is_update_step(step):
@@ -107,13 +108,16 @@ class RigL(DynamicSparseMethod):
             grad = layer.param.grad
             if grad is None:
                 self._grow[layer.name] = torch.zeros(layer.numel, device=layer.param.device)
-            else:
-                self._grow[layer.name] = grad.detach().abs().flatten()  # abs() already copies
+                continue
+            buf = self._grow_buf.get(layer.name)  # reused: a fresh large tensor costs page faults
+            if buf is None or buf.numel() != layer.numel or buf.device != grad.device or buf.dtype != grad.dtype:
+                buf = self._grow_buf[layer.name] = torch.empty(layer.numel, dtype=grad.dtype, device=grad.device)
+            self._grow[layer.name] = torch.abs(grad.detach().reshape(-1), out=buf)
 
     def skip_optimizer_step(self, sp: Sparsifier, step: int) -> bool:
         return bool(self.options["skip_step_on_update"]) and self.is_update_step(step)
 
-    def grow_scores(self, sp: Sparsifier, layer: SparseLayer, step: int) -> torch.Tensor:
+    def grow_scores(self, sp: Sparsifier, layer: SparseLayer, step: int) -> torch.Tensor | Magnitude:
         return self._grow.pop(layer.name)
 
 
@@ -130,7 +134,7 @@ class SET(DynamicSparseMethod):
         "distribution": "erk", "optimizer": "sgd", "momentum": 0.9,
     }
 
-    def grow_scores(self, sp: Sparsifier, layer: SparseLayer, step: int) -> torch.Tensor:
+    def grow_scores(self, sp: Sparsifier, layer: SparseLayer, step: int) -> torch.Tensor | Magnitude:
         keys = tie_keys(sp.seed, step, layer.index, layer.numel, purpose="set-grow")
         return keys.to(layer.param.device)
 
@@ -184,11 +188,11 @@ class SNFS(DynamicSparseMethod):
             else:
                 ema.mul_(beta).add_(grad.detach(), alpha=1.0 - beta)
 
-    def grow_scores(self, sp: Sparsifier, layer: SparseLayer, step: int) -> torch.Tensor:
+    def grow_scores(self, sp: Sparsifier, layer: SparseLayer, step: int) -> torch.Tensor | Magnitude:
         ema = self.ema.get(layer.name)
         if ema is None:
             return torch.zeros(layer.numel, device=layer.param.device)
-        return ema.abs().flatten()
+        return Magnitude(ema.reshape(-1))
 
     @staticmethod
     def floor(layer: SparseLayer) -> int:

@@ -17,6 +17,7 @@ import torch
 from sparsekit.errors import InputError
 from sparsekit.methods.base import Method, register_method
 from sparsekit.schedules import cubic_sparsity
+from sparsekit.selection import Magnitude
 
 if TYPE_CHECKING:
     from sparsekit.masks import SparseLayer
@@ -102,7 +103,7 @@ class Pruning(Method):
         for ly in sp.layers:
             k = ly.active - self.target_active(ly.numel, ly.plan.active, step)
             if k > 0:
-                scores = ly.param.detach().abs().flatten()
+                scores = Magnitude(ly.param.detach().reshape(-1))
                 new_masks[ly.name] = sp.drop_and_grow(ly, step, k_drop=k, k_grow=0,
                                                       drop_scores=scores, grow_scores=scores)
         sp.commit_masks(new_masks, step, fraction=None)
