@@ -431,3 +431,45 @@ def test_make_digits28_script_writes_loadable_mnist_shaped_npz(tmp_path):
     assert all(np.array_equal(again[k], arrays[k]) for k in arrays)  # deterministic for a seed
     ds = load_dataset(f"npz:{out}")
     assert ds.input_shape == (1, 28, 28) and ds.num_classes == 10 and ds.split == "given"
+
+
+# ---------------------------------------------------------------- bench/make_mnist_subset.py
+
+
+def _write_idx(path, arr: np.ndarray, gz: bool = False) -> None:
+    import gzip
+
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    raw = header + arr.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def test_make_mnist_subset_reads_idx_files_and_draws_a_seeded_subset(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "make_mnist_subset.py"
+    spec = importlib.util.spec_from_file_location("make_mnist_subset", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = np.random.default_rng(0)
+    xtr, xte = rng.integers(0, 256, (60, 28, 28)), rng.integers(0, 256, (20, 28, 28))
+    ytr, yte = np.arange(60) % 10, np.arange(20) % 10
+    _write_idx(tmp_path / "train-images-idx3-ubyte", xtr)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", ytr)
+    _write_idx(tmp_path / "t10k-images.idx3-ubyte.gz", xte, gz=True)  # the other spelling, gzipped
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", yte)
+    out = tmp_path / "sub.npz"
+    args = ["--idx-dir", str(tmp_path), "--out", str(out), "--train", "30", "--test", "8", "--seed", "1"]
+    assert module.main(args) == 0
+    with np.load(out, allow_pickle=False) as f:
+        a = {k: f[k] for k in f.files}
+    j = np.random.default_rng(1)
+    i, j = j.permutation(60)[:30], j.permutation(20)[:8]
+    assert np.array_equal(a["x_train"], xtr[i]) and np.array_equal(a["y_train"], ytr[i])
+    assert np.array_equal(a["x_test"], xte[j]) and a["y_test"].dtype == np.int64
+    ds = load_dataset(f"npz:{out}")
+    assert ds.input_shape == (1, 28, 28) and ds.num_classes == 10
+    (tmp_path / "train-labels-idx1-ubyte").unlink()
+    with pytest.raises(SystemExit, match="no train-labels-idx1-ubyte"):
+        module.main(args)
