@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from sparsekit.cli.main import app
+from sparsekit.cli.render import make_console
 
 from sparsekit.errors import InputError
 
@@ -80,12 +80,12 @@ def export_cmd(
             table.add_column(col)
         for f in FORMATS.values():
             table.add_row(f.name, f"model{f.suffix}", f.description)
-        Console().print(table)
+        make_console().print(table)
         return
     if source is None:
         raise InputError("missing SOURCE", where="sparsekit export",
                          fix="pass a run dir or archive, e.g. 'sparsekit export runs/demo'")
-    console = Console(stderr=True, quiet=json_out)
+    console = make_console(stderr=True, quiet=json_out)
     with console.status("exporting") as status:
         report = export(source, fmt, out, opset=opset, precision=precision, warn_only=warn_only,
                         tune=tune, tune_batch_size=tune_batch_size, threads=threads,
@@ -103,7 +103,7 @@ def export_cmd(
                       f"{ratio:.2f}×" if ratio else "-",
                       _validation_cell(a.get("validation")),
                       a["status"] if a["status"] != "refused" else f"refused: {a.get('reason', '')}")
-    out_console = Console()
+    out_console = make_console()
     out_console.print(table)
     for a in report["artifacts"]:
         for note in a.get("notes", []):

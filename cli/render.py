@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -15,12 +16,21 @@ from rich.table import Table
 from sparsekit.training import Callbacks
 
 
+def make_console(*, stderr: bool = False, quiet: bool = False) -> Console:
+    """A rich console; when the stream is not a terminal (a file, a pipe, CI logs) and COLUMNS is unset,
+    tables get 160 columns instead of rich's 80 so that they are not squeezed and cut."""
+    stream = sys.stderr if stderr else sys.stdout
+    is_tty = hasattr(stream, "isatty") and stream.isatty()
+    width = None if is_tty or os.environ.get("COLUMNS") else 160
+    return Console(stderr=stderr, quiet=quiet, width=width)
+
+
 def stderr_console() -> Console:
-    return Console(stderr=True)
+    return make_console(stderr=True)
 
 
 def stdout_console() -> Console:
-    return Console()
+    return make_console()
 
 
 def print_json(obj: Any) -> None:

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from sparsekit.cli.main import app
+from sparsekit.cli.render import make_console
 
 from sparsekit.errors import InputError
 
@@ -32,7 +32,7 @@ def _si(n: float) -> str:
 
 
 def _render(report: dict) -> None:
-    console = Console()
+    console = make_console()
     run = report["run"]
     if run.get("method"):
         console.print(f"[bold]{report['path']}[/bold]: method {run['method']}, target sparsity "
@@ -105,7 +105,7 @@ def report_cmd(
     from sparsekit.exporters.report import build_report, check_gates, raise_on_failed_gates
 
     bs, th = _ints(batch_sizes, "--batch-sizes"), _ints(threads, "--threads")
-    console = Console(stderr=True, quiet=json_out)
+    console = make_console(stderr=True, quiet=json_out)
     with console.status("reporting") as status:
         report = build_report(path, batch_sizes=bs, threads=th, runs=runs, warmup=warmup,
                               latency=not no_latency, progress=lambda what: status.update(what))

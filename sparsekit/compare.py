@@ -256,6 +256,7 @@ def plot_accuracy_vs_flops(rows: list[dict[str, Any]], path: Path, *, title: str
     # Far outliers (a collapsed run) would squash the rest: draw them clipped at the bottom, labelled.
     floor = ys[len(ys) // 2] - 12.0 if ys else 0.0
     clipped = bool(ys) and ys[0] < floor
+    labels: list[tuple[str, float, float]] = []
     for r in rows:
         if r["train_flops_vs_dense"] is None or (r.get("bpc_mean") if bpc else r["accuracy_mean"]) is None:
             continue
@@ -276,8 +277,7 @@ def plot_accuracy_vs_flops(rows: list[dict[str, Any]], path: Path, *, title: str
             marker = _MARKERS[sparsities.index(r["sparsity"]) % len(_MARKERS)]
         ax.errorbar([x], [y], yerr=[yerr], fmt=marker, color=colors[r["method"]], ms=9, capsize=4,
                     mec="black", mew=0.6)
-        label = "dense" if r["method"] == "dense" else f"{r['method']} {r['sparsity']:g}"
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
+        labels.append(("dense" if r["method"] == "dense" else f"{r['method']} {r['sparsity']:g}", x, y))
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=colors[m], marker="*" if m == "dense" else "o", ls="", ms=8, label=m)
@@ -295,9 +295,41 @@ def plot_accuracy_vs_flops(rows: list[dict[str, Any]], path: Path, *, title: str
     ax.grid(True, alpha=0.3)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
+    _place_labels(ax, labels)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def label_offsets(points: list[tuple[float, float]], *, width: float = 70.0, height: float = 10.0,
+                  base: tuple[float, float] = (6.0, 4.0)) -> list[tuple[float, float]]:
+    """Text offsets (points) that keep point labels from overlapping: each label starts up-right of its
+    point and, where it would collide with a label already placed (boxes ``width`` × ``height``), moves
+    down (then up) by whole label heights. ``points`` are display positions in points."""
+    placed: list[tuple[float, float]] = []
+    out: list[tuple[float, float]] = [base] * len(points)
+    for i in sorted(range(len(points)), key=lambda j: (-points[j][1], points[j][0])):
+        px, py = points[i]
+        for step in (0, -1, 1, -2, 2, -3, 3, -4, 4, -5, 5):
+            bx, by = px + base[0], py + base[1] + step * height
+            if all(abs(bx - qx) >= width or abs(by - qy) >= height for qx, qy in placed):
+                break
+        placed.append((bx, by))
+        out[i] = (bx - px, by - py)
+    return out
+
+
+def _place_labels(ax: Any, labels: list[tuple[str, float, float]]) -> None:
+    """Annotate the points with their labels, nudged apart where they would overlap."""
+    if not labels:
+        return
+    to_points = 72.0 / ax.figure.dpi
+    disp = ax.transData.transform([(x, y) for _, x, y in labels])
+    points = [(float(dx) * to_points, float(dy) * to_points) for dx, dy in disp]
+    for (text, x, y), off in zip(labels, label_offsets(points), strict=True):
+        moved = abs(off[1] - 4.0) > 1e-6
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=off, fontsize=7, va="center",
+                    arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if moved else None)
 
 
 def format_row(row: dict[str, Any]) -> dict[str, str]:

@@ -161,3 +161,17 @@ def test_init_from_starts_with_the_source_runs_mask(sweep, tmp_path):
     assert first["step"] == 0
     assert first["input_fanout"] == src_first.sum(dim=0).tolist()
     assert first["active"] == {k: int(v.sum()) for k, v in mask.items()}
+
+
+def test_point_labels_are_nudged_apart_only_where_they_would_overlap():
+    from sparsekit.compare import label_offsets
+
+    pts = [(100.0, 200.0), (101.0, 201.0), (102.0, 199.0), (400.0, 50.0)]
+    offs = label_offsets(pts, width=70.0, height=10.0)
+    boxes = [(p[0] + o[0], p[1] + o[1]) for p, o in zip(pts, offs, strict=True)]
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            assert abs(boxes[i][0] - boxes[j][0]) >= 70.0 or abs(boxes[i][1] - boxes[j][1]) >= 10.0
+    assert offs[3] == (6.0, 4.0)  # an isolated point keeps the default offset
+    assert offs[1] == (6.0, 4.0)  # the highest of the cluster keeps it too; the others stack below it
+    assert [b[1] for b in boxes[:3]] == [194.0, 205.0, 183.0]
