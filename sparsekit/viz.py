@@ -113,9 +113,12 @@ def plot_connectivity(run_dir: Path, out: Path, summary: dict[str, Any]) -> list
                 else None
     chosen = [maps[i] for i in _pick(len(maps), N_PANELS)]
     extra = 1 if mean_img is not None else 0
-    cols = len(chosen) + extra
-    fig, axes = plt.subplots(1, cols, figsize=(2.3 * cols + 0.8, 2.9 if shape else 2.2), dpi=100, squeeze=False)
-    axes = axes[0]
+    # Columns: the snapshots, a thin colour bar, a gap for its label, then the mean input image.
+    ratios = [1.0] * len(chosen) + [0.07] + ([0.45, 1.0] if extra else [])
+    fig = plt.figure(figsize=(2.3 * len(chosen) + (3.2 if extra else 1.0), 2.9 if shape else 2.2), dpi=100)
+    grid = fig.add_gridspec(1, len(ratios), width_ratios=ratios, wspace=0.15)
+    axes = [fig.add_subplot(grid[0, i]) for i in range(len(chosen))]
+    cax = fig.add_subplot(grid[0, len(chosen)])
     layer = fans[0].get("first_layer", "first layer")
     im = None
     for ax, (step, m) in zip(axes, chosen, strict=False):
@@ -125,13 +128,13 @@ def plot_connectivity(run_dir: Path, out: Path, summary: dict[str, Any]) -> list
         ax.set_xticks([])
         ax.set_yticks([])
     if mean_img is not None:
-        ax = axes[-1]
+        ax = fig.add_subplot(grid[0, len(ratios) - 1])
         ax.imshow(mean_img, cmap="gray", interpolation="nearest")
         ax.set_title("mean input", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     if im is not None:
-        fig.colorbar(im, ax=list(axes[:len(chosen)]), fraction=0.025, pad=0.02, label="outgoing connections")
+        fig.colorbar(im, cax=cax, label="outgoing connections")
     fig.suptitle(f"{summary.get('method', '')}: input connectivity of {layer}", fontsize=10)
     png = out / "connectivity.png"
     _save(fig, png)
