@@ -2,15 +2,14 @@
  * slowly (boolean compaction), done branch-free in one loop each. No threads, no SIMD intrinsics:
  * the loops are memory-bound and the compiler vectorises what it can.
  *
- *   gather(scores f32[n], cand u8[n], negate, out_values f32[n], out_index i64[n]) -> count
- *       out_values[j] = +/-scores[i] (NaN -> -inf) and out_index[j] = i for every candidate i, in order.
  *   split(values f32[m], index i64[m], threshold, out_above i64[m], out_tied i64[m]) -> (n_above, n_tied)
  *       indices whose value is > threshold, and == threshold, in order.
  *   keep_ge(values f32[m], m, bound, out f32[m]) -> count
  *       the values >= bound, in order.
  *   gather_ge(scores f32[n], cand u8[n], mode, bound, out_values f32[n], out_index i64[n]) -> count
- *       like gather, but only the candidates whose transformed score is >= bound (one pass, no full
- *       compaction); mode bit 1: take |score|, bit 2: negate (after |.|). NaN -> -inf.
+ *       out_values[j] = v(scores[i]) and out_index[j] = i, in order, for every candidate i whose
+ *       transformed score v is >= bound (bound -inf: every candidate); v: mode bit 1 takes |score|,
+ *       bit 2 negates (after |.|), NaN -> -inf.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -23,36 +22,6 @@ static int need(const Py_buffer *b, Py_ssize_t bytes, const char *what) {
         return -1;
     }
     return 0;
-}
-
-static PyObject *py_gather(PyObject *self, PyObject *args) {
-    (void)self;
-    Py_buffer s, c, ov, oi;
-    int negate;
-    if (!PyArg_ParseTuple(args, "y*y*pw*w*", &s, &c, &negate, &ov, &oi)) return NULL;
-    Py_ssize_t n = c.len;
-    PyObject *ret = NULL;
-    if (need(&s, n * 4, "scores") || need(&ov, n * 4, "values") || need(&oi, n * 8, "index")) goto done;
-    {
-        const float *sc = (const float *)s.buf;
-        const uint8_t *cd = (const uint8_t *)c.buf;
-        float *vals = (float *)ov.buf;
-        int64_t *idx = (int64_t *)oi.buf;
-        const float sign = negate ? -1.0f : 1.0f;
-        Py_ssize_t j = 0;
-        Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < n; i++) {
-            float v = sign * sc[i];
-            vals[j] = isnan(v) ? -INFINITY : v;
-            idx[j] = (int64_t)i;
-            j += cd[i] != 0;
-        }
-        Py_END_ALLOW_THREADS
-        ret = PyLong_FromSsize_t(j);
-    }
-done:
-    PyBuffer_Release(&s); PyBuffer_Release(&c); PyBuffer_Release(&ov); PyBuffer_Release(&oi);
-    return ret;
 }
 
 static PyObject *py_split(PyObject *self, PyObject *args) {
@@ -148,7 +117,6 @@ static PyMethodDef methods[] = {
     {"gather_ge", py_gather_ge, METH_VARARGS,
      "gather_ge(scores_f32, cand_u8, mode, bound, out_values_f32, out_index_i64) -> count"},
     {"keep_ge", py_keep_ge, METH_VARARGS, "keep_ge(values_f32, m, bound, out_f32) -> count"},
-    {"gather", py_gather, METH_VARARGS, "gather(scores_f32, cand_u8, negate, out_values_f32, out_index_i64) -> count"},
     {"split", py_split, METH_VARARGS, "split(values_f32, index_i64, m, threshold, out_above_i64, out_tied_i64) -> (n_above, n_tied)"},
     {NULL, NULL, 0, NULL},
 };

@@ -112,10 +112,20 @@ def _sampled_bound(vals: np.ndarray, cand: np.ndarray, n_cand: int, k: int, mode
     return bound if bound > -np.inf else None
 
 
+def _with_ties(above: np.ndarray, tied: np.ndarray, k: int, seed: int, step: int, layer: int) -> np.ndarray:
+    """The ``k`` chosen: everything strictly above the threshold, then the tied entries by key."""
+    need = k - above.size
+    if need <= 0:
+        return above.copy()
+    if tied.size > need:
+        tied = tied[np.argpartition(element_keys(seed, step, layer, tied), need - 1)[:need]]
+    return np.concatenate([above, tied])
+
+
 def _select_c(vals: np.ndarray, cand: np.ndarray, n_cand: int, k: int, mode: int, seed: int, step: int,
               layer: int) -> np.ndarray:
     """select_top on CPU float32 scores with the C helpers. Usually one pass: keep only the candidates at
-    or above a sampled bound (about 2k of them), then the exact threshold and the above/tied split on
+    or above a sampled bound (about k of them), then the exact threshold and the above/tied split on
     that short list. If the bound was too high (fewer than k kept), the full path: compact every
     candidate, threshold, split. ``mode``: bit 1 scores are |vals|, bit 2 smallest first."""
     work, index, above, tied, kept = _scratch(cand.size)
@@ -125,26 +135,11 @@ def _select_c(vals: np.ndarray, cand: np.ndarray, n_cand: int, k: int, mode: int
     if m >= k:
         sel_vals, sel_idx = work[:m], index[:m]
         threshold = float(np.partition(sel_vals, m - k)[m - k])
-        above_idx = sel_idx[sel_vals > threshold]
-        need = k - above_idx.size
-        if need <= 0:
-            return above_idx.copy()
-        ties = sel_idx[sel_vals == threshold]
-        if ties.size > need:
-            ties = ties[np.argpartition(element_keys(seed, step, layer, ties), need - 1)[:need]]
-        return np.concatenate([above_idx, ties])
-    if mode & 1:
-        vals = np.abs(vals)
-    m = _c.gather(vals, cand8, bool(mode & 2), work, index)
+        return _with_ties(sel_idx[sel_vals > threshold], sel_idx[sel_vals == threshold], k, seed, step, layer)
+    m = _c.gather_ge(vals, cand8, mode, -np.inf, work, index)
     threshold = kth_largest(work[:m], k, scratch=kept)
     n_above, n_tied = _c.split(work, index, m, threshold, above, tied)
-    need = k - n_above
-    if need <= 0:
-        return above[:n_above].copy()
-    ties = tied[:n_tied]
-    if n_tied > need:
-        ties = ties[np.argpartition(element_keys(seed, step, layer, ties), need - 1)[:need]]
-    return np.concatenate([above[:n_above], ties])
+    return _with_ties(above[:n_above], tied[:n_tied], k, seed, step, layer)
 
 
 class Magnitude(NamedTuple):
@@ -203,14 +198,5 @@ def select_top(scores: torch.Tensor | Magnitude, candidates: torch.Tensor, k: in
     else:
         sel = cand_idx[at_least]
         sel_vals = work[at_least]
-    above = sel[sel_vals > threshold]
-    need = k - above.size
-    if need > 0:
-        tied = sel[sel_vals == threshold]
-        if tied.size > need:
-            keys = element_keys(seed, step, layer, tied)
-            tied = tied[np.argpartition(keys, need - 1)[:need]]
-        chosen = np.concatenate([above, tied])
-    else:
-        chosen = above
+    chosen = _with_ties(sel[sel_vals > threshold], sel[sel_vals == threshold], k, seed, step, layer)
     return torch.from_numpy(chosen.astype(np.int64)).to(device)
