@@ -132,11 +132,193 @@ def test_fused_output_transpose_matches_the_reference(isa, n_out):
             for threads in (1, 2):
                 close(model.run(x, kernels=[spec], threads=threads), layer.reference(x))
     if K is not None:  # a row-major output whose batch does not fit the panel count is refused
-        v, i, bp, nb = layer.blocked(0)
+        v, i, bp, nb, _ = layer.blocked(0)
         xp, P = L.to_panels(np.zeros((64, 96), np.float32), 96)
         with pytest.raises(ValueError):
             K.panel(v, i, bp, None, xp, np.zeros(P * n_out * 64, np.float32), layer.idx_bytes, 96, n_out, P, nb,
                     0, 1, np.zeros((65, n_out), np.float32), 65)
+
+
+@pytest.fixture
+def threading_knobs():
+    """Restore the kernels' threading settings (spin time, work thresholds, panel split) afterwards."""
+    if K is None:
+        pytest.skip("no compiled kernels")
+    saved = K.set_threading()
+    yield K
+    K.set_threading(saved["spin_us"], saved["rows_par_min"], saved["panel_par_min"], saved["panel_split"])
+
+
+def test_blocked_layout_covers_every_nonzero_once_in_group_sorted_order():
+    rng = np.random.default_rng(11)
+    n_out, n_in = 200, 300  # 4 groups of 64 rows, the last one ragged; empty rows and columns
+    w = sparse_matrix(rng, n_out, n_in, 0.15, zero_rows=(0, 64, 65, 199), zero_cols=(5, 299))
+    layer = rt.SparseLayer.from_dense(w, None, relu=False)
+    group = L.GROUP_ROWS
+    for block in (0, 64, 100, 128, 1000):
+        v, i, bptr, nb, order = layer.blocked(block)
+        width = block if 0 < block < n_in else n_in
+        assert nb == -(-n_in // width) and order.dtype == np.int32 and order.shape == (nb * n_out,)
+        assert bptr[0] == 0 and bptr[-1] == layer.nnz and np.all(np.diff(bptr) >= 0)
+        rebuilt = np.zeros_like(w)
+        for c in range(nb):
+            rows = order[c * n_out:(c + 1) * n_out].astype(np.int64)
+            # a permutation of the rows that keeps every row in its 64-row group
+            assert np.array_equal(np.sort(rows), np.arange(n_out))
+            assert np.array_equal(rows // group, np.arange(n_out) // group)
+            counts = np.diff(bptr[c * n_out:(c + 1) * n_out + 1])
+            for g0 in range(0, n_out, group):  # sorted by nonzero count (descending) within a group
+                assert np.all(np.diff(counts[g0:g0 + group]) <= 0)
+            for k in range(n_out):
+                seg = slice(bptr[c * n_out + k], bptr[c * n_out + k + 1])
+                cols = i[seg].astype(np.int64)
+                assert np.all((cols >= c * width) & (cols < (c + 1) * width))
+                assert not rebuilt[rows[k], cols].any()  # each nonzero exactly once
+                rebuilt[rows[k], cols] = v[seg]
+        assert np.array_equal(rebuilt, w)
+
+
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3, 4, 7])
+def test_forced_thread_counts_and_splits_match_the_reference(isa, threading_knobs, split, threads):
+    # thresholds 0: every call really runs on `threads` threads; split 1 gives each thread a nnz-balanced
+    # range of 64-row groups of every panel, split 2 whole panels; ragged groups, panels and rows
+    threading_knobs.set_threading(-1, 0, 0, split)
+    rng = np.random.default_rng(threads)
+    w = sparse_matrix(rng, 333, 150, 0.2, zero_rows=range(0, 333, 11))
+    w[:64] *= rng.random((64, 150)) < 0.2  # unbalanced groups
+    layer = rt.SparseLayer.from_dense(w, rng.standard_normal(333), relu=True)
+    model = rt.FastModel([layer], (150,))
+    for batch in (1, 5, 64, 130, 256):
+        x = rng.standard_normal((batch, 150)).astype(np.float32)
+        for spec in ("rows", "panel", "panel:32", "gemv"):
+            close(model.run(x, kernels=[spec], threads=threads), layer.reference(x))
+
+
+def test_large_outputs_streamed_to_memory_match_the_reference(isa):
+    # outputs of 512 KB and more are written with non-temporal stores (full panels, 16-row tiles)
+    rng = np.random.default_rng(17)
+    layer = rt.SparseLayer.from_dense(sparse_matrix(rng, 512, 80, 0.1), rng.standard_normal(512), relu=True)
+    model = rt.FastModel([layer], (80,))
+    for batch in (256, 250):
+        x = rng.standard_normal((batch, 80)).astype(np.float32)
+        for threads in (1, 2):
+            close(model.run(x, kernels=["panel"], threads=threads), layer.reference(x))
+
+
+def test_threaded_chains_match_at_one_and_two_threads(threading_knobs):
+    # panel -> panel -> rows-major output over 2 threads, outputs equal the 1-thread run and the reference
+    threading_knobs.set_threading(-1, 0, 0, 0)
+    rng = np.random.default_rng(12)
+    ws = [sparse_matrix(rng, 256, 200, 0.1), sparse_matrix(rng, 130, 256, 0.1), sparse_matrix(rng, 10, 130, 0.3)]
+    layers = [rt.SparseLayer.from_dense(w, rng.standard_normal(w.shape[0]), relu=i < 2) for i, w in enumerate(ws)]
+    model = rt.FastModel(layers, (200,))
+    x = rng.standard_normal((192, 200)).astype(np.float32)
+    ref = x
+    for layer in layers:
+        ref = layer.reference(ref)
+    for specs in (["panel", "panel:64", "panel"], ["panel:128", "rows", "panel"], ["rows", "panel", "gemv"]):
+        one = model.run(x, kernels=specs, threads=1)
+        two = model.run(x, kernels=specs, threads=2)
+        close(one, ref)
+        close(two, ref)
+
+
+def test_kernels_called_from_several_python_threads_at_once(threading_knobs):
+    # the pool takes one caller at a time; the others run their items on their own thread
+    import concurrent.futures
+
+    threading_knobs.set_threading(-1, 0, 0, 0)
+    rng = np.random.default_rng(13)
+    layer = rt.SparseLayer.from_dense(sparse_matrix(rng, 300, 200, 0.1), rng.standard_normal(300), relu=True)
+    models = [rt.FastModel([layer], (200,), threads=2) for _ in range(4)]
+    xs = [rng.standard_normal((b, 200)).astype(np.float32) for b in (1, 7, 64, 200)]
+
+    def work(k: int) -> bool:
+        for _ in range(30):
+            for x in xs:
+                close(models[k].run(x, kernels=["panel" if x.shape[0] >= 64 else "rows"]), layer.reference(x))
+        return True
+
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        assert all(ex.map(work, range(4)))
+
+
+def test_pool_works_in_a_forked_child(threading_knobs, tmp_path):
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    threading_knobs.set_threading(-1, 0, 0, 0)
+    rng = np.random.default_rng(14)
+    layer = rt.SparseLayer.from_dense(sparse_matrix(rng, 300, 200, 0.1), rng.standard_normal(300), relu=True)
+    model = rt.FastModel([layer], (200,), threads=2)
+    x = rng.standard_normal((130, 200)).astype(np.float32)
+    model.run(x)  # the parent's workers exist now
+    out = tmp_path / "child.npy"
+    child = mp.get_context("fork").Process(target=lambda: np.save(out, model.run(x)))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    close(np.load(out), layer.reference(x))
+    close(model.run(x), layer.reference(x))  # the parent's pool still works
+
+
+def test_thread_cap_in_the_plan_is_parsed_recorded_and_honoured(tmp_path):
+    assert L.parse_kernel("panel:128@1") == ("panel", 128, 1)
+    assert L.parse_kernel("rows") == ("rows", 0, 0)
+    for bad in ("rows@0", "rows@x", "rows@-2", "gemv:8@1"):
+        with pytest.raises(InputError):
+            L.parse_kernel(bad)
+    rng = np.random.default_rng(15)
+    layers = [rt.SparseLayer.from_dense(sparse_matrix(rng, 70, 40, 0.2), rng.standard_normal(70), relu=True),
+              rt.SparseLayer.from_dense(sparse_matrix(rng, 9, 70, 0.3), None, relu=False)]
+    layers[0].plan = {1: "rows@1", 256: "panel:32@1"}
+    layers[1].plan = {1: "gemv", 256: "dense@1"}
+    model = rt.FastModel(layers, (40,), threads=2)
+    path = rt.save(model, tmp_path / "m.fast.onnx")
+    loaded = rt.load(path, threads=2)
+    assert [layer.plan for layer in loaded.layers] == [layers[0].plan, layers[1].plan]  # recorded
+    seen: list[tuple[str, int]] = []
+    first = loaded.layers[0]
+    orig_rows, orig_panel = first.run_rows, first.run_panel
+
+    def spy_rows(x, y, threads):
+        seen.append(("rows", threads))
+        return orig_rows(x, y, threads)
+
+    def spy_panel(xp, yp, npanels, block, threads, y_rows=None, x_rows=None):
+        seen.append(("panel", threads))
+        return orig_panel(xp, yp, npanels, block, threads, y_rows=y_rows, x_rows=x_rows)
+
+    first.run_rows, first.run_panel = spy_rows, spy_panel
+    ref = lambda x: layers[1].reference(layers[0].reference(x))  # noqa: E731
+    for batch in (1, 256):
+        x = rng.standard_normal((batch, 40)).astype(np.float32)
+        close(loaded.run(x), ref(x))
+    assert seen == [("rows", 1), ("panel", 1)]  # honoured: capped at one thread of the model's two
+    seen.clear()
+    first.plan = {1: "rows", 256: "panel:32"}
+    loaded.run(rng.standard_normal((1, 40)).astype(np.float32))
+    assert seen == [("rows", 2)]
+
+
+def test_tune_at_two_threads_records_a_valid_plan():
+    from sparsekit.runtime.tune import candidates, tune_layers
+
+    rng = np.random.default_rng(16)
+    layer = rt.SparseLayer.from_dense(sparse_matrix(rng, 64, 48, 0.2), rng.standard_normal(64), relu=True)
+    assert "rows@1" in candidates(layer, 1, 2) and "dense@1" not in candidates(layer, 1, 2)
+    assert not any("@" in c for c in candidates(layer, 1, 1))
+    report = tune_layers([layer], batches=(1, 64), threads=2, budget_s=0.01)
+    assert set(layer.plan) == {1, 64} and all(set(r) >= {"dense", "rows@1"} for r in report[0].values()
+                                              if "rows" in r)
+    for spec in layer.plan.values():
+        L.parse_kernel(spec)
+    model = rt.FastModel([layer], (48,), threads=2)
+    for batch in (1, 64):
+        x = rng.standard_normal((batch, 48)).astype(np.float32)
+        close(model.run(x), layer.reference(x))
 
 
 def test_plan_cache_follows_plan_changes():
@@ -146,10 +328,10 @@ def test_plan_cache_follows_plan_changes():
     x = rng.standard_normal((2, 30)).astype(np.float32)
     model.run(x)
     layer.plan = {1: "dense"}  # a new dict is picked up
-    assert model._parsed_plan(2) == [("dense", 0)]
+    assert model._parsed_plan(2) == [("dense", 0, 0)]
     layer.plan[1] = "panel"  # in place: after plan_changed()
     model.plan_changed()
-    assert model._parsed_plan(2) == [("panel", 0)]
+    assert model._parsed_plan(2) == [("panel", 0, 0)]
     close(model.run(x), layer.reference(x))
 
 

@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - exercised only on broken installs
 
 PANEL = int(_K.PANEL) if _K is not None else 64
 PAD_SLACK = int(_K.PAD_SLACK) if _K is not None else 32
+GROUP_ROWS = int(_K.GROUP_ROWS) if _K is not None else 64
 KERNELS = ("rows", "panel", "gemv", "dense")
 
 
@@ -50,18 +51,26 @@ def aligned_empty(n: int, align: int = 64) -> np.ndarray:
     return buf[off:off + n]
 
 
-def parse_kernel(spec: str) -> tuple[str, int]:
-    """``"panel:256"`` -> ``("panel", 256)``; ``"rows"`` -> ``("rows", 0)``."""
-    name, _, arg = spec.partition(":")
+def parse_kernel(spec: str) -> tuple[str, int, int]:
+    """``"panel:256"`` -> ``("panel", 256, 0)``; ``"rows@1"`` -> ``("rows", 0, 1)``.
+
+    The optional ``@N`` caps the layer's threads at ``N`` (``--tune`` records ``@1`` where one thread
+    measured faster than the model's thread count); 0 means the model's thread count.
+    """
+    body, at, cap_s = spec.partition("@")
+    name, _, arg = body.partition(":")
     if name not in KERNELS:
         raise InputError(f"unknown kernel {spec!r}", where="plan", fix=f"use one of {', '.join(KERNELS)}")
     try:
         block = int(arg) if arg else 0
+        cap = int(cap_s) if at else 0
     except ValueError as exc:
-        raise InputError(f"bad kernel block width in {spec!r}", where="plan") from exc
+        raise InputError(f"bad kernel block width or thread cap in {spec!r}", where="plan") from exc
     if block < 0 or (block and name != "panel"):
         raise InputError(f"bad kernel spec {spec!r}", where="plan", fix="only panel takes a block width")
-    return name, block
+    if at and cap < 1:
+        raise InputError(f"bad thread cap in {spec!r}", where="plan", fix="use @N with N >= 1")
+    return name, block, cap
 
 
 @dataclass
@@ -77,8 +86,8 @@ class SparseLayer:
     relu: bool
     plan: dict[int, str] = field(default_factory=dict)   # batch size -> kernel spec
     name: str = ""
-    _blocked: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = field(default_factory=dict,
-                                                                                repr=False)
+    _blocked: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]] = field(
+        default_factory=dict, repr=False)
     _dense: np.ndarray | None = field(default=None, repr=False)
     _dense_t: np.ndarray | None = field(default=None, repr=False)
 
@@ -163,28 +172,39 @@ class SparseLayer:
             self._dense_t = np.ascontiguousarray(self.dense_weight().T)
         return self._dense_t
 
-    def blocked(self, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """(values, indices, block pointers, number of blocks) for column blocks of width ``block``.
+    def blocked(self, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:
+        """(values, indices, block pointers, number of blocks, row order) for the panel kernel with column
+        blocks of width ``block`` (0 or ≥ n_in: one block).
 
-        Nonzeros are ordered by (column block, row); block pointer ``c*n_out + o`` starts the segment
-        of row ``o`` in block ``c``.
+        Nonzeros are ordered by (column block, position); ``order[c*n_out + k]`` is the row at position
+        ``k`` of block ``c`` and block pointer ``c*n_out + k`` starts its segment. Positions permute rows
+        only within groups of ``GROUP_ROWS`` (the kernel's thread ranges start on group boundaries):
+        within a group, rows are sorted by their nonzero count in the block (descending, stable), so the
+        kernel's inner loop runs the same trip count row after row and its exit branch is predicted.
         """
-        if block <= 0 or block >= self.n_in:
-            return self.values, self.indices, self.rowptr, 1
-        if block not in self._blocked:
+        key = block if 0 < block < self.n_in else 0
+        if key not in self._blocked:
             v, i, rp = self.csr()
-            nb = -(-self.n_in // block)
-            rows = np.repeat(np.arange(self.n_out, dtype=np.int64), np.diff(rp))
-            key = (i.astype(np.int64) // block) * self.n_out + rows
-            order = np.argsort(key, kind="stable")
-            bptr = np.zeros(nb * self.n_out + 1, dtype=np.int64)
-            np.cumsum(np.bincount(key, minlength=nb * self.n_out), out=bptr[1:])
+            n_out, nnz = self.n_out, self.nnz
+            nb = -(-self.n_in // key) if key else 1
+            rows = np.repeat(np.arange(n_out, dtype=np.int64), np.diff(rp))
+            blk = i.astype(np.int64) // key if key else np.zeros(nnz, dtype=np.int64)
+            counts = np.bincount(blk * n_out + rows, minlength=nb * n_out).reshape(nb, n_out)
+            row_ids = np.broadcast_to(np.arange(n_out, dtype=np.int64), (nb, n_out))
+            blk_ids = np.broadcast_to(np.arange(nb, dtype=np.int64)[:, None], (nb, n_out))
+            flat = np.lexsort((row_ids.ravel(), -counts.ravel(), (row_ids // GROUP_ROWS).ravel(), blk_ids.ravel()))
+            order = (flat % max(n_out, 1)).reshape(nb, n_out)
+            pos = np.empty((nb, n_out), dtype=np.int64)
+            np.put_along_axis(pos, order, np.broadcast_to(np.arange(n_out, dtype=np.int64), (nb, n_out)), axis=1)
+            perm = np.argsort(blk * n_out + pos[blk, rows], kind="stable")  # columns stay ascending
+            bptr = np.zeros(nb * n_out + 1, dtype=np.int64)
+            np.cumsum(np.take_along_axis(counts, order, axis=1).ravel(), out=bptr[1:])
             bv = np.zeros_like(self.values)
-            bv[: self.nnz] = v[order]
+            bv[:nnz] = v[perm]
             bi = np.zeros_like(self.indices)
-            bi[: self.nnz] = i[order]
-            self._blocked[block] = (bv, bi, bptr, nb)
-        return self._blocked[block]
+            bi[:nnz] = i[perm]
+            self._blocked[key] = (bv, bi, bptr, nb, np.ascontiguousarray(order, dtype=np.int32).ravel())
+        return self._blocked[key]
 
     # ---------------------------------------------------------------- kernels
     def run_rows(self, x: np.ndarray, y: np.ndarray, threads: int) -> None:
@@ -204,11 +224,15 @@ class SparseLayer:
         _K.gemv(self.dense_t(), self.bias, x, y, self.n_in, self.n_out, x.shape[0], int(self.relu), int(threads))
 
     def run_panel(self, xp: np.ndarray, yp: np.ndarray, npanels: int, block: int, threads: int,
-                  y_rows: np.ndarray | None = None) -> None:
+                  y_rows: np.ndarray | None = None, x_rows: np.ndarray | None = None) -> None:
         """Panels (P, n_in, PANEL) -> (P, n_out, PANEL); with ``y_rows`` (batch, n_out) C-contiguous the
         results go there row-major instead (the output transpose fused into the kernel; ``yp`` is
-        then scratch for partial sums)."""
+        then scratch for partial sums). With ``x_rows`` (batch, n_in) C-contiguous the input is
+        row-major: the kernel transposes it into ``xp`` (aligned scratch) one panel at a time, right
+        before that panel's rows. ``threads`` < 0: exactly that many threads (no work threshold)."""
         if _K is None:
+            if x_rows is not None:
+                to_panels(x_rows, self.n_in, out=xp)
             x = xp.reshape(npanels, self.n_in, PANEL).transpose(0, 2, 1).reshape(-1, self.n_in)
             y = self._numpy(x)
             if y_rows is not None:
@@ -216,13 +240,10 @@ class SparseLayer:
                 return
             yp.reshape(npanels, self.n_out, PANEL)[...] = y.reshape(npanels, PANEL, self.n_out).transpose(0, 2, 1)
             return
-        v, i, bptr, nb = self.blocked(block)
-        if y_rows is None:
-            _K.panel(v, i, bptr, self.bias, xp, yp, self.idx_bytes, self.n_in, self.n_out, npanels, nb,
-                     int(self.relu), int(threads))
-        else:
-            _K.panel(v, i, bptr, self.bias, xp, yp, self.idx_bytes, self.n_in, self.n_out, npanels, nb,
-                     int(self.relu), int(threads), y_rows, int(y_rows.shape[0]))
+        v, i, bptr, nb, order = self.blocked(block)
+        batch = y_rows.shape[0] if y_rows is not None else x_rows.shape[0] if x_rows is not None else 0
+        _K.panel(v, i, bptr, self.bias, xp, yp, self.idx_bytes, self.n_in, self.n_out, npanels, nb,
+                 int(self.relu), int(threads), y_rows, int(batch), order, x_rows)
 
     def _numpy(self, x: np.ndarray) -> np.ndarray:
         y = x @ self.dense_weight().T

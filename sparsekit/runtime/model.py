@@ -23,7 +23,6 @@ from sparsekit.runtime.layers import (
     from_panels,
     kernel_isa,
     parse_kernel,
-    to_panels,
 )
 
 # batch size below which the gathered-row kernel is the default; above it the panel kernel
@@ -56,7 +55,9 @@ def default_kernel(layer: SparseLayer, batch: int) -> str:
         return "rows" if d <= ROWS_MAX_DENSITY else "dense"
     if d > PANEL_MAX_DENSITY:
         return "dense"
-    return "panel:256" if layer.n_in > 512 and d >= 0.05 else "panel"
+    if layer.n_in > 512 and d >= 0.05:  # column blocks whose input slab stays in L1/L2 (measured at 90%)
+        return "panel:128" if layer.n_in <= 2048 else "panel:256"
+    return "panel"  # sparser: too few nonzeros per row and block to pay for the blocks' overhead
 
 
 def pick_kernel(layer: SparseLayer, batch: int) -> str:
@@ -66,7 +67,7 @@ def pick_kernel(layer: SparseLayer, batch: int) -> str:
     lb = math.log2(max(batch, 1))
     best = min(layer.plan, key=lambda b: (abs(math.log2(max(b, 1)) - lb), b))
     spec = layer.plan[best]
-    if spec == "dense" and (layer.n_in == 0 or layer.n_out == 0):
+    if spec.partition("@")[0] == "dense" and (layer.n_in == 0 or layer.n_out == 0):
         return "rows"
     return spec
 
@@ -130,7 +131,7 @@ class FastModel:
         self.metadata = dict(metadata or {})
         self.threads = self._check_threads(threads)
         self._sessions: dict[tuple[int, int, int], Any] = {}
-        self._plans: dict[int, tuple[tuple[dict[int, str], ...], list[tuple[str, int]]]] = {}  # batch ->
+        self._plans: dict[int, tuple[tuple[dict[int, str], ...], list[tuple[str, int, int]]]] = {}  # batch ->
         self._buffers: list[np.ndarray | None] = [None, None]
         self._lock = threading.Lock()
 
@@ -151,7 +152,7 @@ class FastModel:
     def kernels_for(self, batch: int) -> list[str]:
         return [pick_kernel(layer, batch) for layer in self.layers]
 
-    def _parsed_plan(self, batch: int) -> list[tuple[str, int]]:
+    def _parsed_plan(self, batch: int) -> list[tuple[str, int, int]]:
         """Parsed kernel specs for ``batch``, cached until a layer's plan dict is replaced (assign a new
         dict to ``layer.plan`` rather than editing it in place, or call ``plan_changed()``)."""
         hit = self._plans.get(batch)
@@ -226,7 +227,7 @@ class FastModel:
         with self._lock:
             self._buffers = [None, None]
 
-    def _run(self, x: np.ndarray, parsed: list[tuple[str, int]], nt: int) -> np.ndarray:
+    def _run(self, x: np.ndarray, parsed: list[tuple[str, int, int]], threads: int) -> np.ndarray:
         batch = x.shape[0]
         cur: np.ndarray = x
         panels = 0  # > 0 while ``cur`` holds that many panels
@@ -234,11 +235,12 @@ class FastModel:
         i = 0
         n = len(self.layers)
         while i < n:
-            name, block = parsed[i]
+            name, block, cap = parsed[i]
+            nt = min(threads, cap) if cap else threads  # the plan's per-layer thread cap (``@N``)
             layer = self.layers[i]
             if name == "dense":
                 j = i
-                while j < n and parsed[j][0] == "dense":
+                while j < n and parsed[j][0] == "dense" and parsed[j][2] == cap:
                     j += 1
                 if panels:
                     cur, panels = from_panels(cur, batch, layer.n_in, nt), 0
@@ -256,10 +258,11 @@ class FastModel:
                     layer.run_gemv(cur, y, nt)
                 cur = y
             else:  # panel: activations ping-pong between two cached scratch buffers
-                if not panels:
+                x_rows = None
+                if not panels:  # row-major input: the kernel transposes it panel by panel into scratch
                     slot = 0
-                    cur, panels = to_panels(cur, layer.n_in, nt, out=self._scratch(slot, layer.n_in * (
-                        -(-batch // PANEL)) * PANEL))
+                    panels = -(-batch // PANEL)
+                    x_rows, cur = cur, self._scratch(slot, layer.n_in * panels * PANEL)
                 slot ^= 1
                 yp = self._scratch(slot, panels * layer.n_out * PANEL)
                 if i + 1 == n or parsed[i + 1][0] != "panel":
@@ -269,14 +272,14 @@ class FastModel:
                     size = batch * layer.n_out
                     y = (aligned_empty(size).reshape(batch, layer.n_out) if size >= 1 << 16
                          else np.empty((batch, layer.n_out), dtype=np.float32))
-                    layer.run_panel(cur, yp, panels, block, nt, y_rows=y)
+                    layer.run_panel(cur, yp, panels, block, nt, y_rows=y, x_rows=x_rows)
                     cur, panels = y, 0
                 else:
-                    layer.run_panel(cur, yp, panels, block, nt)
+                    layer.run_panel(cur, yp, panels, block, nt, x_rows=x_rows)
                     cur = yp
             i += 1
         if panels:
-            cur = from_panels(cur, batch, self.n_outputs, nt)
+            cur = from_panels(cur, batch, self.n_outputs, threads)
         return cur
 
     def _session(self, start: int, end: int, threads: int):

@@ -30,7 +30,9 @@ def call_clock(threads: int):
     return time.thread_time if int(threads) == 1 else time.perf_counter
 
 
-def candidates(layer: SparseLayer, batch: int) -> list[str]:
+def candidates(layer: SparseLayer, batch: int, threads: int = 1) -> list[str]:
+    """Kernel specs worth timing; with ``threads`` > 1 also each sparse kernel capped at one thread
+    (``@1``), so a layer too small to gain from a second thread keeps one (recorded in the plan)."""
     if layer.n_in == 0 or layer.n_out == 0:
         return ["rows"]
     out = ["dense"]
@@ -41,11 +43,16 @@ def candidates(layer: SparseLayer, batch: int) -> list[str]:
     if batch >= 8:
         out.append("panel")
         out += [f"panel:{b}" for b in (128, 256, 512) if b < layer.n_in]
+    if threads > 1:
+        out += [f"{s}@1" for s in out if s != "dense"]
     return out
 
 
 def _runner(layer: SparseLayer, spec: str, x: np.ndarray, threads: int):
-    name, _, arg = spec.partition(":")
+    body, at, cap = spec.partition("@")
+    if at:
+        threads = min(threads, int(cap))
+    name, _, arg = body.partition(":")
     batch = x.shape[0]
     if name == "dense":
         sess = _dense_session([layer], threads)
@@ -70,7 +77,7 @@ def time_candidates(layer: SparseLayer, batch: int, threads: int = 1, *, specs: 
     """Median seconds per call of each kernel spec for this layer at ``batch``."""
     rng = np.random.default_rng(seed)
     x = np.ascontiguousarray(np.abs(rng.standard_normal((batch, layer.n_in))), dtype=np.float32)
-    specs = list(specs) if specs is not None else candidates(layer, batch)
+    specs = list(specs) if specs is not None else candidates(layer, batch, threads)
     runners = {s: _runner(layer, s, x, threads) for s in specs}
     clock = call_clock(threads)
     times: dict[str, list[float]] = {s: [] for s in specs}
@@ -100,16 +107,22 @@ def tune_layers(layers: list[SparseLayer], *, batches: Iterable[int] = DEFAULT_B
         plan: dict[int, str] = {}
         for b in sorted(set(int(v) for v in batches)):
             t = time_candidates(layer, b, threads, budget_s=budget_s)
-            plan[b] = min(t, key=t.__getitem__)
+            best = min(t, key=t.__getitem__)
+            base = best.partition("@")[0]
+            if best != base and base in t and t[base] <= t[best] * 1.02:
+                best = base  # within noise of the uncapped spec: keep the model's thread count
+            plan[b] = best
             per_batch[str(b)] = t
         layer.plan = plan
         report.append(per_batch)
     return report
 
 
-def _chain_candidates(model: FastModel, batch: int) -> dict[str, list[str]]:
+def _chain_candidates(model: FastModel, batch: int, threads: int = 1) -> dict[str, list[str]]:
     """Whole-model plans worth comparing at ``batch``: the heuristic, all dense (one ONNX Runtime
-    session: the dense model itself), and the heuristic with the other small-batch kernel."""
+    session: the dense model itself), the heuristic with the other small-batch kernel, and with
+    ``threads`` > 1 the heuristic on one thread (``@1``: a model too small to gain from a second
+    thread is never slower than on one)."""
     heur = [default_kernel(layer, batch) for layer in model.layers]
     cands = {"heuristic": heur, "dense": ["dense"] * len(model.layers)}
     if batch < 64:
@@ -120,6 +133,8 @@ def _chain_candidates(model: FastModel, batch: int) -> dict[str, list[str]]:
         cands["swapped"] = alt
     else:
         cands["panel"] = ["panel" if spec.startswith("panel") else spec for spec in heur]
+    if threads > 1:
+        cands["one thread"] = [f"{spec}@1" for spec in heur]
     out: dict[str, list[str]] = {}
     for name, specs in cands.items():
         if specs not in out.values():
@@ -150,7 +165,7 @@ def calibrate(model: FastModel, *, batches: Iterable[int] = CALIBRATION_BATCHES,
     clear_win = all(layer.n_in * layer.n_out >= CLEAR_WIN_WEIGHTS and layer.density <= CLEAR_WIN_DENSITY
                     for layer in model.layers)
     for b in batches:
-        cands = _chain_candidates(model, b)
+        cands = _chain_candidates(model, b, threads)
         if clear_win and (b == 1 or b >= 64):  # in between (2..63) margins are thin: measure
             cands = {"heuristic": cands["heuristic"]}
         if len(cands) == 1:
