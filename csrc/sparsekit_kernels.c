@@ -58,7 +58,15 @@
  * doing the items meanwhile. 1024x1024 98% batch 1 (2.1e4): 15.4 -> 11.5 us on 2 threads, 90% (1e5):
  * 38.5 -> 23.7 us; 4096x1024 90% (4.2e5): 154 -> 77 us. Layers under the threshold stay on one thread. */
 #define ROWS_PAR_MIN_WORK (1 << 14)
-#define PANEL_PAR_MIN_WORK (1 << 20)
+/* panel: whole panels per thread (when the panels divide evenly between the threads) from 2^16
+ * products. Thread t owns the same panels in every layer of a chain, so the activations stay in its
+ * cache from layer to layer; a small layer left on one thread between two split ones moves them across
+ * cores twice (64-512-256-10 98% batch 256: 52 us on one thread, 62 us with only its middle layer split,
+ * 40 us with every layer split). Splitting one panel's rows needs 64x more (ROW_SPLIT_SHIFT): both
+ * threads then read the whole input panel, which the caller transposed in its own cache
+ * (784-300-100-10 90% batch 64: 62 us on one thread, 82 us with its 1.5e6-product first layer split). */
+#define PANEL_PAR_MIN_WORK (1 << 16)
+#define ROW_SPLIT_SHIFT 6
 static int64_t g_rows_par_min = ROWS_PAR_MIN_WORK;
 static int64_t g_panel_par_min = PANEL_PAR_MIN_WORK;
 
@@ -1043,13 +1051,15 @@ static PyObject *py_panel(PyObject *self, PyObject *args) {
     {
         const int64_t *bp = w.rowptr;
         int nt = clamp_threads(threads < 0 ? -threads : threads);
-        if (threads > 0 && bp[nb * w.n_out] * P * PANEL < g_panel_par_min) nt = 1;
+        const int64_t work = bp[nb * w.n_out] * P * PANEL;
+        if (threads > 0 && work < g_panel_par_min) nt = 1;
         int64_t nparts = nt;
         int64_t bounds_local[POOL_MAX + 1];
         panel_job_t job = {pick_panel(), w, bp, have_ord ? (const int32_t *)ordb.buf : NULL, nb, P, 1, bounds_local,
                            (const float *)x.buf, (float *)y.buf, have_yr ? (float *)yr.buf : NULL, batch,
                            have_xr ? (const float *)xrb.buf : NULL};
         const int split_panels = nt > 1 && P >= nt && (g_panel_split == 2 || (g_panel_split == 0 && P % nt == 0));
+        if (threads > 0 && !split_panels && work < (g_panel_par_min << ROW_SPLIT_SHIFT)) nt = 1;
         if (nt > 1 && !split_panels && panel_bounds(bp, nb, w.n_out, nparts, bounds_local)) {
             PyErr_NoMemory();
             goto done;
