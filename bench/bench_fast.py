@@ -26,7 +26,10 @@ from __future__ import annotations
 import argparse
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spinning workers stealing the other variants' core
+# no spinning OpenMP workers (torch) stealing the other variants' core; ORT sessions do not spin either
+# (allow_spinning=0 below). sparsekit's own pool spins up to SPARSEKIT_SPIN_US (default 100 us) after a
+# call, which overlaps the next variant's unmeasured warm-up call only.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import itertools
 import platform
@@ -356,6 +359,7 @@ def machine() -> dict:
     except OSError:
         pass
     from sparsekit.runtime import kernel_isa
+    from sparsekit.runtime.layers import _K
 
     try:
         load = [round(v, 2) for v in os.getloadavg()]
@@ -363,7 +367,9 @@ def machine() -> dict:
         load = None
     return {"cpu": cpu, "cores": os.cpu_count(), "load_average_1_5_15": load, "python": sys.version.split()[0],
             "onnxruntime": ort.__version__, "numpy": np.__version__, "sparsekit_isa": kernel_isa(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            # sparsekit's thread pool: worker spin time between calls, work thresholds for a 2nd thread
+            "sparsekit_threading": _K.set_threading() if _K is not None and hasattr(_K, "set_threading") else None}
 
 
 def render(infos: list[dict], rows: list[dict]) -> str:
