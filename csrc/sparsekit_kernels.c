@@ -526,8 +526,10 @@ static void split_rows(const int64_t *rowptr, int64_t n, int part, int parts, in
 #if !defined(_WIN32) && (defined(__unix__) || defined(__APPLE__)) && (defined(__GNUC__) || defined(__clang__))
 #define SK_POOL 1
 #include <pthread.h>
+#include <sched.h>
 #include <time.h>
 #include <unistd.h>
+#define YIELD_AFTER_NS 5000
 #else
 #define SK_POOL 0
 #endif
@@ -620,7 +622,11 @@ static void *worker_main(void *arg) {
                 cpu_relax();
                 if (++spins == 32) {
                     spins = 0;
-                    if (now_ns() - t0 > g_spin_ns) break;
+                    const int64_t dt = now_ns() - t0;
+                    if (dt > g_spin_ns) break;
+                    /* after a few us, spin with yields: should the scheduler have put this worker on
+                     * the caller's core (another process holding the other one), the caller runs */
+                    if (dt > YIELD_AFTER_NS) sched_yield();
                 }
             }
             if (g == seen || (g & 1)) {
@@ -700,7 +706,18 @@ static void par_run(int nt, int64_t n, item_fn fn, void *ctx) {
                 pthread_mutex_unlock(&g_mu);
             }
             run_items(0);
-            while (LD(&g_finished) < n) cpu_relax();
+            /* wait for items a worker has claimed; yield after a few us (it may share this core) */
+            if (LD(&g_finished) < n) {
+                const int64_t t0 = now_ns();
+                int spins = 0;
+                while (LD(&g_finished) < n) {
+                    cpu_relax();
+                    if (++spins == 32) {
+                        spins = 0;
+                        if (now_ns() - t0 > YIELD_AFTER_NS) sched_yield();
+                    }
+                }
+            }
             pthread_mutex_unlock(&g_dispatch);
             return;
         }
