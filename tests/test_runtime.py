@@ -321,6 +321,32 @@ def test_tune_at_two_threads_records_a_valid_plan():
         close(model.run(x), layer.reference(x))
 
 
+def test_tuned_export_at_two_threads_checks_the_whole_model_thread_cap(tmp_path):
+    import onnxruntime as ort
+    from sparsekit.exporters.fast import write_fast
+
+    from sparsekit.runtime.tune import check_thread_caps
+
+    rng = np.random.default_rng(18)
+    dense = _dense_mlp(rng, [64, 48, 32, 10], 0.15)
+    dense_path = tmp_path / "dense.onnx"
+    onnx.save(dense, str(dense_path))
+    info = write_fast(dense_path, tmp_path / "m.fast.onnx", tune=True, batch_size=64, threads=2,
+                      tune_budget_s=0.01)
+    caps = info["thread_caps"]
+    assert isinstance(caps, dict)
+    model = rt.load(tmp_path / "m.fast.onnx", threads=2)
+    for b, entry in caps.items():  # a kept cap is in every layer's plan for that batch
+        assert set(entry["median_s"]) == {"tuned", "capped"}
+        if entry["capped"]:
+            assert all(layer.plan[int(b)].endswith("@1") for layer in model.layers)
+    sess = ort.InferenceSession(dense.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (1, 64):
+        x = rng.standard_normal((batch, 1, 8, 8)).astype(np.float32)
+        close(model.run(x), sess.run(None, {"input": x})[0].astype(np.float64))
+    assert check_thread_caps(model, batches=(1,), threads=1) == {}
+
+
 def test_plan_cache_follows_plan_changes():
     rng = np.random.default_rng(8)
     layer = rt.SparseLayer.from_dense(sparse_matrix(rng, 20, 30, 0.2), None, relu=False)

@@ -130,6 +130,48 @@ def tune_layers(layers: list[SparseLayer], *, batches: Iterable[int] = DEFAULT_B
     return report
 
 
+def check_thread_caps(model: FastModel, *, batches: Iterable[int], threads: int, budget_s: float = 0.25,
+                      seed: int = 0) -> dict[str, dict]:
+    """After per-layer tuning at ``threads`` > 1: time the whole model with its tuned plan and with every
+    layer capped at one thread (``@1``), per batch size, and keep the cap where it is faster by more
+    than 3%. Layers tuned in isolation miss what a chain pays between them (a small layer on one
+    thread between two split ones moves the activations across cores), so a tuned small model is never
+    slower on two threads than on one. Returns ``{batch: {"capped": bool, "median_s": {...}}}``."""
+    report: dict[str, dict] = {}
+    if threads <= 1:
+        return report
+    rng = np.random.default_rng(seed)
+    clock = call_clock(threads)
+    for b in sorted({int(v) for v in batches}):
+        tuned = model.kernels_for(b)
+        capped = [spec if "@" in spec else f"{spec}@1" for spec in tuned]
+        if capped == tuned:
+            continue
+        x = rng.standard_normal((b, *model.input_shape)).astype(np.float32)
+        cands = {"tuned": tuned, "capped": capped}
+        times: dict[str, list[float]] = {k: [] for k in cands}
+        bursts: dict[str, int] = {}
+        start = time.perf_counter()
+        for k, specs in cands.items():
+            model.run(x, threads=threads, kernels=specs)
+            t0 = time.perf_counter()
+            model.run(x, threads=threads, kernels=specs)
+            bursts[k] = int(min(8, max(1, 0.001 // max(time.perf_counter() - t0, 1e-7))))
+        reps = 0
+        while reps < 15 and (reps < 3 or time.perf_counter() - start < budget_s):
+            for k in cands:
+                times[k].append(_burst(model, x, threads, cands[k], bursts[k], clock))
+            reps += 1
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        use_cap = med["capped"] * 1.03 < med["tuned"]
+        if use_cap:
+            for layer, spec in zip(model.layers, capped, strict=True):
+                layer.plan = {**layer.plan, b: spec}
+        report[str(b)] = {"capped": use_cap, "median_s": {k: round(v, 9) for k, v in med.items()}}
+    model.plan_changed()
+    return report
+
+
 def _chain_candidates(model: FastModel, batch: int, threads: int = 1) -> dict[str, list[str]]:
     """Whole-model plans worth comparing at ``batch``: the heuristic, all dense (one ONNX Runtime
     session: the dense model itself), the heuristic with the other small-batch kernel, and with
