@@ -93,6 +93,37 @@ def test_empty_layers_and_wide_inputs_use_int32_indices():
     assert np.array_equal(y, np.ones((2, 5), np.float32))
 
 
+@pytest.mark.parametrize("n_in", [53, 70_001])  # uint16 and int32 column indices
+@pytest.mark.parametrize("bias", [True, False])
+def test_sliced_rows_kernel_matches_the_reference(isa, n_in, bias):
+    """The rows kernel's sliced layout (SELL-16): rows of 0, 1, 15, 16, 17 and 33 nonzeros mixed in one
+    slice, row counts not a multiple of the slice, a last slice of one row, batches 1 and 3."""
+    rng = np.random.default_rng(n_in + bias)
+    lengths = [0, 1, 15, 16, 17, 33, 2, 0, 31, 32, 5, 16, 17, 1, 0, 3, 33, 20, 0, 7, 16, 9, 1, 40, 0]
+    for n_out in (1, 5, 16, 17, 25):
+        w = np.zeros((n_out, n_in), dtype=np.float32)
+        for r in range(n_out):
+            cols = rng.choice(n_in, min(lengths[r % len(lengths)], n_in), replace=False)
+            w[r, cols] = rng.standard_normal(cols.size)
+        layer = rt.SparseLayer.from_dense(w, rng.standard_normal(n_out) if bias else None, relu=bias)
+        assert layer.indices.dtype == (np.uint16 if n_in <= 65536 else np.int32)
+        sv, si, sp, perm, _ = layer.sliced()
+        assert sorted(perm[perm >= 0].tolist()) == list(range(n_out)) and int(sp[-1]) % L.SLICE == 0
+        for batch in (1, 3):
+            x = rng.standard_normal((batch, n_in)).astype(np.float32)
+            for threads in (1, -2):
+                y = np.full((batch, n_out), np.nan, dtype=np.float32)
+                layer.run_rows(x, y, threads)
+                close(y, layer.reference(x))
+    if K is not None:  # the C side re-checks the layout it is given
+        with pytest.raises(ValueError):
+            K.sell(sv, si, sp[:-1], perm, None, x, y, layer.idx_bytes, n_in, n_out, 3, 0, 1)
+        bad = sp.copy()
+        bad[1] += 1
+        with pytest.raises(ValueError):
+            K.sell(sv, si, bad, perm, None, x, y, layer.idx_bytes, n_in, n_out, 3, 0, 1)
+
+
 def test_gemv_handles_ragged_widths_and_refuses_short_buffers(isa):
     rng = np.random.default_rng(7)
     for n_out in (1, 15, 16, 17, 127, 128, 129, 300):  # masked tails of the 128-wide register block

@@ -30,6 +30,8 @@ except ImportError:  # pragma: no cover - exercised only on broken installs
 PANEL = int(_K.PANEL) if _K is not None else 64
 PAD_SLACK = int(_K.PAD_SLACK) if _K is not None else 32
 GROUP_ROWS = int(_K.GROUP_ROWS) if _K is not None else 64
+SLICE = int(getattr(_K, "SLICE", 16)) if _K is not None else 16
+SORT_WINDOW = 256  # sliced layout: rows are sorted by length within windows of this many rows
 KERNELS = ("rows", "panel", "gemv", "dense")
 
 
@@ -88,6 +90,8 @@ class SparseLayer:
     name: str = ""
     _blocked: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]] = field(
         default_factory=dict, repr=False)
+    _sliced: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None] | None = field(
+        default=None, repr=False)
     _dense: np.ndarray | None = field(default=None, repr=False)
     _dense_t: np.ndarray | None = field(default=None, repr=False)
 
@@ -206,12 +210,57 @@ class SparseLayer:
             self._blocked[key] = (bv, bi, bptr, nb, np.ascontiguousarray(order, dtype=np.int32).ravel())
         return self._blocked[key]
 
+    def sliced(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """(values, indices, slice pointers, perm, bias) for the rows kernel's sliced layout (SELL-16).
+
+        Rows are sorted by nonzero count (descending, stable) within windows of ``SORT_WINDOW`` rows
+        (so a thread's outputs stay in its own part of y) and cut into slices of ``SLICE`` rows. Slice
+        ``s`` stores slot ``j`` of its rows side by side at ``sp[s] + SLICE*j + lane``; rows shorter than
+        the slice's longest are padded with value 0, index 0. ``perm[SLICE*s + lane]`` is the output row
+        of a lane (-1 past the last row) and ``bias`` (or None) is in the same lane order.
+        """
+        if self._sliced is None:
+            v, i, rp = self.csr()
+            n_out, nnz = self.n_out, self.nnz
+            nsl = -(-n_out // SLICE)
+            counts = np.diff(rp)
+            rows = np.arange(n_out, dtype=np.int64)
+            order = np.lexsort((rows, -counts, rows // SORT_WINDOW))  # position -> row
+            lens = np.zeros(nsl * SLICE, dtype=np.int64)
+            lens[:n_out] = counts[order]
+            slot_len = lens.reshape(nsl, SLICE).max(axis=1) if nsl else lens[:0]
+            sp = np.zeros(nsl + 1, dtype=np.int64)
+            np.cumsum(slot_len * SLICE, out=sp[1:])
+            pos = np.empty(n_out, dtype=np.int64)
+            pos[order] = rows
+            row_of = np.repeat(rows, counts)
+            j = np.arange(nnz, dtype=np.int64) - rp[row_of]  # slot within the row
+            dest = sp[pos[row_of] // SLICE] + SLICE * j + pos[row_of] % SLICE
+            total = int(sp[-1])
+            sv = np.zeros(total + PAD_SLACK, dtype=np.float32)
+            si = np.zeros(total + PAD_SLACK, dtype=self.indices.dtype)
+            sv[dest] = v
+            si[dest] = i
+            perm = np.full(nsl * SLICE, -1, dtype=np.int32)
+            perm[:n_out] = order
+            bias = None
+            if self.bias is not None:
+                bias = np.zeros(nsl * SLICE, dtype=np.float32)
+                bias[:n_out] = self.bias[order]
+            self._sliced = (sv, si, sp, perm, bias)
+        return self._sliced
+
     # ---------------------------------------------------------------- kernels
     def run_rows(self, x: np.ndarray, y: np.ndarray, threads: int) -> None:
         """x (B, n_in) C-contiguous float32 -> y (B, n_out)."""
         batch = x.shape[0]
         if _K is None:
             y[...] = self._numpy(x)
+            return
+        if hasattr(_K, "sell"):
+            sv, si, sp, perm, bias = self.sliced()
+            _K.sell(sv, si, sp, perm, bias, x, y, self.idx_bytes, self.n_in, self.n_out, batch, int(self.relu),
+                    int(threads))
             return
         _K.rows(self.values, self.indices, self.rowptr, self.bias, x, y, self.idx_bytes, self.n_in,
                 self.n_out, batch, int(self.relu), int(threads))
