@@ -1128,6 +1128,228 @@ done:
     return ret;
 }
 
+/* ------------------------------------------------------------------ chains
+ * A prepared chain of small-batch layers (sell and gemv kernels): validated once by chain_new, run with one
+ * Python->C call per model call by chain_run (no per-layer argument parsing, buffer exports, slice pointer
+ * re-checks or intermediate numpy arrays). Activations between layers live in the chain's scratch; a
+ * caller that finds it in use (another thread inside chain_run: the flag is read and set under the GIL)
+ * gets a private malloc'ed one, so two concurrent callers never share a buffer. */
+enum { CH_SELL = 0, CH_GEMV = 1 };
+typedef struct {
+    int kind, cap;
+    sell_t s;            /* CH_SELL */
+    const float *wt;     /* CH_GEMV: weight (n_in, n_out) */
+    const float *bias;   /* CH_GEMV */
+    int64_t n_in, n_out;
+    int relu;
+    int64_t work;        /* sell: stored slots (nonzeros + padding) */
+} ch_layer_t;
+
+typedef struct {
+    int n;
+    ch_layer_t *L;
+    Py_buffer *bufs;     /* held for the chain's lifetime */
+    int nbufs;
+    int64_t max_mid;     /* widest intermediate activation (floats per sample) */
+    float *scratch;      /* 2 * max_mid * scratch_b floats */
+    int64_t scratch_b;
+    int busy;
+} chain_t;
+
+static void chain_free(PyObject *cap) {
+    chain_t *c = (chain_t *)PyCapsule_GetPointer(cap, "sparsekit.chain");
+    if (!c) return;
+    for (int i = 0; i < c->nbufs; i++) PyBuffer_Release(&c->bufs[i]);
+    free(c->bufs);
+    free(c->L);
+    free(c->scratch);
+    free(c);
+}
+
+static int ch_get(chain_t *c, PyObject *o, int64_t need, const char *what, const void **out) {
+    Py_buffer *b = &c->bufs[c->nbufs];
+    if (PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS) < 0) return -1;
+    c->nbufs++;
+    if (check_len(b, need, what)) return -1;
+    *out = b->buf;
+    return 0;
+}
+
+static PyObject *py_chain_new(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *specs;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &specs)) return NULL;
+    const Py_ssize_t n = PyList_GET_SIZE(specs);
+    if (n < 1) { PyErr_SetString(PyExc_ValueError, "empty chain"); return NULL; }
+    chain_t *c = (chain_t *)calloc(1, sizeof(chain_t));
+    if (!c) return PyErr_NoMemory();
+    c->L = (ch_layer_t *)calloc((size_t)n, sizeof(ch_layer_t));
+    c->bufs = (Py_buffer *)calloc((size_t)n * 5, sizeof(Py_buffer));
+    PyObject *cap = NULL;
+    if (!c->L || !c->bufs) { PyErr_NoMemory(); goto fail; }
+    c->n = (int)n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        ch_layer_t *l = &c->L[i];
+        PyObject *a, *b, *d, *e, *bias_obj;
+        int idx_bytes;
+        long long n_in, n_out;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(specs, i), "iOOOOOiLLii;chain layer", &l->kind, &a, &b, &d, &e,
+                              &bias_obj, &idx_bytes, &n_in, &n_out, &l->relu, &l->cap))
+            goto fail;
+        if (n_in < 0 || n_out < 0) { PyErr_SetString(PyExc_ValueError, "negative shape"); goto fail; }
+        if (i > 0 && n_in != c->L[i - 1].n_out) { PyErr_SetString(PyExc_ValueError, "chain layer sizes differ"); goto fail; }
+        l->n_in = n_in;
+        l->n_out = n_out;
+        l->relu = l->relu != 0;
+        if (i + 1 < n && n_out > c->max_mid) c->max_mid = n_out;
+        const void *p;
+        if (l->kind == CH_SELL) {
+            sell_t *w = &l->s;
+            if (idx_bytes != 2 && idx_bytes != 4) { PyErr_SetString(PyExc_ValueError, "idx_bytes must be 2 or 4"); goto fail; }
+            w->nsl = (n_out + SLICE - 1) / SLICE;
+            if (ch_get(c, d, (w->nsl + 1) * 8, "slice pointers", &p)) goto fail;
+            w->sp = (const int64_t *)p;
+            if (w->sp[0] != 0) { PyErr_SetString(PyExc_ValueError, "bad slice pointers"); goto fail; }
+            for (int64_t s = 0; s < w->nsl; s++)
+                if (w->sp[s + 1] < w->sp[s] || (w->sp[s + 1] - w->sp[s]) % SLICE) {
+                    PyErr_SetString(PyExc_ValueError, "bad slice pointers");
+                    goto fail;
+                }
+            if (ch_get(c, e, w->nsl * SLICE * 4, "row order", &p)) goto fail;
+            w->perm = (const int32_t *)p;
+            if (ch_get(c, a, w->sp[w->nsl] * 4, "values", &p)) goto fail;
+            w->val = (const float *)p;
+            if (ch_get(c, b, w->sp[w->nsl] * idx_bytes, "indices", &p)) goto fail;
+            w->idx = p;
+            w->idx16 = idx_bytes == 2;
+            w->bias = NULL;
+            if (bias_obj != Py_None) {
+                if (ch_get(c, bias_obj, w->nsl * SLICE * 4, "bias", &p)) goto fail;
+                w->bias = (const float *)p;
+            }
+            w->n_in = n_in;
+            w->n_out = n_out;
+            w->relu = l->relu;
+            l->work = w->sp[w->nsl];
+        } else if (l->kind == CH_GEMV) {
+            if (ch_get(c, a, n_in * n_out * 4, "weight", &p)) goto fail;
+            l->wt = (const float *)p;
+            l->bias = NULL;
+            if (bias_obj != Py_None) {
+                if (ch_get(c, bias_obj, n_out * 4, "bias", &p)) goto fail;
+                l->bias = (const float *)p;
+            }
+        } else {
+            PyErr_SetString(PyExc_ValueError, "chain layer kind must be 0 (sell) or 1 (gemv)");
+            goto fail;
+        }
+    }
+    cap = PyCapsule_New(c, "sparsekit.chain", chain_free);
+    if (!cap) goto fail;
+    return cap;
+fail:
+    for (int i = 0; i < c->nbufs; i++) PyBuffer_Release(&c->bufs[i]);
+    free(c->bufs);
+    free(c->L);
+    free(c);
+    return NULL;
+}
+
+static void chain_layer(const ch_layer_t *l, const float *x, float *y, int64_t B, int threads) {
+    int nt = clamp_threads(threads);
+    if (l->cap > 0 && nt > l->cap) nt = l->cap;
+    if (l->kind == CH_SELL) {
+        const sell_fn fn = pick_sell();
+        if (l->work * (B > 0 ? B : 1) < g_rows_par_min) nt = 1;
+        if (nt <= 1) {
+            if (l->s.nsl > 0) fn(&l->s, x, y, B, 0, l->s.nsl);
+        } else {
+            sell_job_t job = {fn, &l->s, x, y, B, (int64_t)nt * CHUNKS_PER_THREAD};
+            par_run(nt, job.nch, sell_item, &job);
+        }
+    } else {
+        gemv_fn fn = gemv_generic;
+#if SK_X86
+        if (g_isa == ISA_AVX512) fn = gemv_avx512;
+#endif
+        if (l->n_in * l->n_out * B < 4 * PAR_MIN_WORK) nt = 1;
+        if (nt <= 1) {
+            fn(l->wt, l->bias, x, y, l->n_in, l->n_out, 0, B, l->relu);
+        } else {
+            gemv_job_t job = {fn, l->wt, l->bias, x, y, l->n_in, l->n_out, l->relu};
+            par_run(nt, B, gemv_item, &job);
+        }
+    }
+}
+
+static PyObject *py_chain_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 4) { PyErr_SetString(PyExc_TypeError, "chain_run(chain, x, y, threads)"); return NULL; }
+    chain_t *c = (chain_t *)PyCapsule_GetPointer(args[0], "sparsekit.chain");
+    if (!c) return NULL;
+    const long threads_l = PyLong_AsLong(args[3]);
+    if (threads_l == -1 && PyErr_Occurred()) return NULL;
+    const int threads = threads_l < 1 ? 1 : threads_l > 1024 ? 1024 : (int)threads_l;
+    Py_buffer x, y;
+    /* x that is not a C-contiguous float32 (batch, n_in) array: False, the caller converts it and retries */
+    if (PyObject_GetBuffer(args[1], &x, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_BufferError) && !PyErr_ExceptionMatches(PyExc_ValueError)) return NULL;
+        PyErr_Clear();
+        Py_RETURN_FALSE;
+    }
+    const int64_t n_in = c->L[0].n_in, n_out = c->L[c->n - 1].n_out;
+    if (x.ndim != 2 || x.itemsize != 4 || !x.format || strcmp(x.format, "f") != 0 || x.shape[1] != n_in ||
+        n_in == 0) {
+        PyBuffer_Release(&x);
+        Py_RETURN_FALSE;
+    }
+    if (PyObject_GetBuffer(args[2], &y, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&x);
+        return NULL;
+    }
+    PyObject *ret = NULL;
+    const int64_t B = x.shape[0];
+    if ((int64_t)y.len != B * n_out * 4) {
+        PyErr_SetString(PyExc_ValueError, "chain_run: y must hold (batch, n_out) float32");
+        goto done;
+    }
+    float *scratch = NULL, *own = NULL;
+    if (c->n > 1) {
+        const size_t need = (size_t)(2 * c->max_mid * B) + 32;
+        if (!c->busy && c->scratch_b >= B) {
+            scratch = c->scratch;
+        } else if (!c->busy) {
+            free(c->scratch);
+            c->scratch = (float *)malloc(need * 4);
+            c->scratch_b = c->scratch ? B : 0;
+            scratch = c->scratch;
+        } else {
+            scratch = own = (float *)malloc(need * 4);
+        }
+        if (!scratch) { PyErr_NoMemory(); goto done; }
+        if (scratch == c->scratch) c->busy = 1;
+    }
+    {
+        const float *cur = (const float *)x.buf;
+        const int64_t half = c->max_mid * B + 16; /* second buffer starts 64 bytes apart at least */
+        Py_BEGIN_ALLOW_THREADS
+        for (int i = 0; i < c->n; i++) {
+            float *dst = i + 1 == c->n ? (float *)y.buf : scratch + (i & 1) * half;
+            chain_layer(&c->L[i], cur, dst, B, threads);
+            cur = dst;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    if (scratch && scratch == c->scratch) c->busy = 0;
+    free(own);
+    ret = Py_True;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&y);
+    return ret;
+}
+
 /* Rows are handled in groups of GROUP_ROWS: thread ranges start on group boundaries, and a layer's
  * optional row order (`order`, per column block) permutes rows only within their group. The Python side
  * sorts each group's rows by their nonzero count in the block (SparseLayer.blocked): the inner loop's
@@ -1544,6 +1766,13 @@ static PyMethodDef methods[] = {
      "a permutation within 64-row groups"},
     {"gemv", py_gemv, METH_VARARGS,
      "gemv(weight_t, bias|None, x, y, n_in, n_out, batch, relu, threads): dense layer, weight (n_in, n_out)"},
+    {"chain_new", py_chain_new, METH_VARARGS,
+     "chain_new([(kind, a, b, c, d, bias|None, idx_bytes, n_in, n_out, relu, cap), ...]): a prepared chain of "
+     "small-batch layers, validated once; kind 0 (sell): a, b, c, d = values, indices, sliceptr, perm (as for "
+     "sell); kind 1 (gemv): a = weight_t (b, c, d unused); cap: the layer's thread cap (0: none)"},
+    {"chain_run", (PyCFunction)(void (*)(void))py_chain_run, METH_FASTCALL,
+     "chain_run(chain, x, y, threads): run a chain_new chain on x (batch, n_in) into y (batch, n_out), one call; "
+     "True when done, False (nothing run) when x is not a C-contiguous float32 (batch, n_in) array"},
     {"to_panels", py_to_panels, METH_VARARGS, "to_panels(x, xp, batch, n, threads)"},
     {"from_panels", py_from_panels, METH_VARARGS, "from_panels(yp, y, batch, n, threads)"},
     {"isa", py_isa, METH_NOARGS, "active code path: avx512, avx2 or generic"},

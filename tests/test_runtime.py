@@ -323,6 +323,10 @@ def test_thread_cap_in_the_plan_is_parsed_recorded_and_honoured(tmp_path):
         return orig_panel(xp, yp, npanels, block, threads, y_rows=y_rows, x_rows=x_rows)
 
     first.run_rows, first.run_panel = spy_rows, spy_panel
+    # the batch-1 plan runs as one C chain: its layer tuples carry the caps (last field) ...
+    assert [s[-1] for s in loaded._chain_specs(loaded._parsed_plan(1))] == [1, 0]
+    loaded._make_chain = lambda parsed: None  # ... and the per-layer path (spied here) honours them too
+    loaded.plan_changed()
     ref = lambda x: layers[1].reference(layers[0].reference(x))  # noqa: E731
     for batch in (1, 256):
         x = rng.standard_normal((batch, 40)).astype(np.float32)
@@ -589,3 +593,109 @@ def test_loader_refuses_plain_onnx_and_garbage(tmp_path):
     for name in ("dense.onnx", "junk.onnx"):
         with pytest.raises(InputError):
             rt.load(tmp_path / name)
+
+
+# ---------------------------------------------------------------- one-call C chain (small batches)
+def _chain_model(rng, threads=2, big=False):
+    """rows, gemv and rows layers (a gemv-sized middle layer) whose batch-1 plan runs as one C chain."""
+    w = 300 if big else 70
+    layers = [rt.SparseLayer.from_dense(sparse_matrix(rng, w, 40, 0.1), rng.standard_normal(w), relu=True),
+              rt.SparseLayer.from_dense(sparse_matrix(rng, 33, w, 0.9), rng.standard_normal(33), relu=True),
+              rt.SparseLayer.from_dense(sparse_matrix(rng, 9, 33, 0.2), None, relu=False)]
+    layers[0].plan = {1: "rows", 256: "panel"}
+    layers[1].plan = {1: "gemv", 256: "dense"}
+    layers[2].plan = {1: "rows", 256: "panel"}
+    model = rt.FastModel(layers, (40,), threads=threads)
+    ref = lambda x: layers[2].reference(layers[1].reference(layers[0].reference(x)))  # noqa: E731
+    return model, ref
+
+
+@pytest.mark.skipif(K is None, reason="compiled kernels")
+def test_chain_path_values_fresh_outputs_and_batch_changes(isa):
+    rng = np.random.default_rng(40)
+    model, ref = _chain_model(rng)
+    assert model._plan(1)[1] is not None and model._plan(256)[1] is None  # chain at 1, panels at 256
+    outs = []
+    for batch in (1, 3, 1, 7, 256, 1, 2, 0, 1):
+        x = rng.standard_normal((batch, 40)).astype(np.float32)
+        y = model.run(x)
+        close(y, ref(x))
+        outs.append((x, y, y.copy()))
+    # every call returned its own array: later calls never overwrote an earlier result
+    for x, y, snapshot in outs:
+        assert np.array_equal(y, snapshot)
+        close(y, ref(x))
+    ids = {id(y) for _, y, _ in outs}
+    assert len(ids) == len(outs)
+
+
+@pytest.mark.skipif(K is None, reason="compiled kernels")
+def test_chain_path_converts_odd_inputs_and_follows_plan_changes():
+    rng = np.random.default_rng(41)
+    model, ref = _chain_model(rng, threads=1)
+    x = rng.standard_normal((2, 40)).astype(np.float32)
+    close(model.run(x), ref(x))  # caches the chain for batch 2
+    for odd in (x.astype(np.float64), np.asfortranarray(x), np.repeat(x, 2, axis=1)[:, ::2], x.tolist()):
+        close(model.run(odd), ref(x))
+    with pytest.raises(InputError):
+        model.run(np.zeros((2, 41), dtype=np.float32))
+    model.layers[1].plan = {1: "rows"}  # assigning a plan invalidates the cached chain
+    assert model.kernels_for(2)[1] == "rows"
+    close(model.run(x), ref(x))
+    assert model._plan(2)[1] is not None
+    model.layers[1].plan = {1: "panel"}  # a panel layer: no chain, the per-layer path
+    close(model.run(x), ref(x))
+    assert model._plan(2)[1] is None
+    assert model.run(x, threads=2) is not model.run(x)
+    close(model.run(x, threads=2), ref(x))
+
+
+@pytest.mark.skipif(K is None, reason="compiled kernels")
+def test_chain_concurrent_callers_get_their_own_results():
+    import threading
+
+    rng = np.random.default_rng(42)
+    model, ref = _chain_model(rng, threads=2, big=True)
+    inputs = [rng.standard_normal((b, 40)).astype(np.float32) for b in (1, 1, 2, 3, 1, 4)]
+    refs = [ref(x) for x in inputs]
+    errors: list[str] = []
+    chain = model._plan(1)[1]
+
+    def worker(k: int) -> None:
+        for it in range(300):
+            i = (k + it) % len(inputs)
+            y = model.run(inputs[i])
+            if it % 3 == 0:  # also the bare C call (no Python lock exists on this path)
+                y2 = np.empty_like(y)
+                if K.chain_run(chain, inputs[i][:1], y2[:1], 2):
+                    y = np.concatenate([y2[:1], y[1:]])
+            bound = 1e-5 * max(1.0, float(np.abs(refs[i]).max()))
+            if y.shape != refs[i].shape or float(np.abs(y - refs[i]).max()) > bound:
+                errors.append(f"thread {k} iteration {it}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:5]
+
+
+@pytest.mark.skipif(K is None, reason="compiled kernels")
+def test_chain_new_validates_once():
+    rng = np.random.default_rng(43)
+    model, _ = _chain_model(rng)
+    specs = model._chain_specs(model._parsed_plan(1))
+    bad_sizes = [specs[0], specs[2]]  # 70 outputs into a 33-input layer
+    with pytest.raises(ValueError):
+        K.chain_new(bad_sizes)
+    short = list(specs[0])
+    short[1] = short[1][:3]  # values shorter than the slice pointers say
+    with pytest.raises(ValueError):
+        K.chain_new([tuple(short)])
+    with pytest.raises(ValueError):
+        K.chain_new([])
+    chain = K.chain_new(specs)
+    with pytest.raises(ValueError):
+        K.chain_run(chain, np.zeros((2, 40), np.float32), np.zeros((1, 9), np.float32), 1)
+    assert K.chain_run(chain, np.zeros((2, 40), np.float64), np.zeros((2, 9), np.float32), 1) is False

@@ -17,6 +17,7 @@ indices, int64 row pointers). Kernels (see ``csrc/sparsekit_kernels.c``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -75,6 +76,10 @@ def parse_kernel(spec: str) -> tuple[str, int, int]:
     return name, block, cap
 
 
+# bumped whenever any layer's ``plan`` is assigned: models check it before their cached fast path
+PLAN_EPOCH = [0]
+
+
 @dataclass
 class SparseLayer:
     """One layer in CSR. Arrays are validated and padded with ``PAD_SLACK`` spare elements."""
@@ -94,6 +99,11 @@ class SparseLayer:
         default=None, repr=False)
     _dense: np.ndarray | None = field(default=None, repr=False)
     _dense_t: np.ndarray | None = field(default=None, repr=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "plan":
+            PLAN_EPOCH[0] += 1
+        object.__setattr__(self, name, value)
 
     # ---------------------------------------------------------------- construction
     @classmethod

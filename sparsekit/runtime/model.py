@@ -17,7 +17,9 @@ import numpy as np
 
 from sparsekit.errors import InputError
 from sparsekit.runtime.layers import (
+    _K,
     PANEL,
+    PLAN_EPOCH,
     SparseLayer,
     aligned_empty,
     from_panels,
@@ -111,7 +113,9 @@ def _dense_session(layers: Sequence[SparseLayer], threads: int):
 
 
 class FastModel:
-    """A loaded ``fast`` artifact. ``run(x)`` is safe to call from several Python threads (serialised)."""
+    """A loaded ``fast`` artifact. ``run(x)`` is safe to call from several Python threads: small batches whose
+    layers all run the rows/gemv kernels go through one prepared C chain (concurrent callers each get their
+    own activation scratch and their own output array); other calls are serialised."""
 
     def __init__(self, layers: list[SparseLayer], input_shape: tuple[int, ...], *, threads: int = 1,
                  input_name: str = "input", output_name: str = "output",
@@ -131,7 +135,10 @@ class FastModel:
         self.metadata = dict(metadata or {})
         self.threads = self._check_threads(threads)
         self._sessions: dict[tuple[int, int, int], Any] = {}
-        self._plans: dict[int, tuple[tuple[dict[int, str], ...], list[tuple[str, int, int]]]] = {}  # batch ->
+        # batch -> (the layers' plan dicts it was made from, parsed specs, prepared C chain or None)
+        self._plans: dict[int, tuple[tuple[dict[int, str], ...], list[tuple[str, int, int]], Any]] = {}
+        self._fast: dict[int, tuple[int, Any]] = {}  # batch -> (PLAN_EPOCH when made, C chain)
+        self._n_out = layers[-1].n_out
         self._buffers: list[np.ndarray | None] = [None, None]
         self._lock = threading.Lock()
 
@@ -155,22 +162,54 @@ class FastModel:
     def _parsed_plan(self, batch: int) -> list[tuple[str, int, int]]:
         """Parsed kernel specs for ``batch``, cached until a layer's plan dict is replaced (assign a new
         dict to ``layer.plan`` rather than editing it in place, or call ``plan_changed()``)."""
+        return self._plan(batch)[0]
+
+    def _plan(self, batch: int) -> tuple[list[tuple[str, int, int]], Any]:
+        """(parsed specs, prepared chain or None) for ``batch``, cached like ``_parsed_plan``."""
         hit = self._plans.get(batch)
         if hit is not None:
             for layer, plan in zip(self.layers, hit[0], strict=True):
                 if layer.plan is not plan:
                     break
             else:
-                return hit[1]
+                return hit[1], hit[2]
         parsed = [parse_kernel(s) for s in self.kernels_for(batch)]
+        chain = self._make_chain(parsed) if batch > 0 else None
         if len(self._plans) > 64:
             self._plans.clear()
-        self._plans[batch] = (tuple(layer.plan for layer in self.layers), parsed)
-        return parsed
+            self._fast.clear()
+        self._plans[batch] = (tuple(layer.plan for layer in self.layers), parsed, chain)
+        if chain is not None:
+            self._fast[batch] = (PLAN_EPOCH[0], chain)
+        return parsed, chain
+
+    def _make_chain(self, parsed: list[tuple[str, int, int]]) -> Any:
+        """A C chain (``_kernels.chain_new``) when every layer runs a small-batch kernel (rows or gemv):
+        the whole model is then one Python->C call per ``run``, its arguments validated here once."""
+        if _K is None or not hasattr(_K, "chain_new") or self.layers[0].n_in == 0:
+            return None
+        if any(name not in ("rows", "gemv") for name, _, _ in parsed):
+            return None
+        return _K.chain_new(self._chain_specs(parsed))
+
+    def _chain_specs(self, parsed: list[tuple[str, int, int]]) -> list[tuple[Any, ...]]:
+        """``chain_new``'s layer tuples: (kind 0 sell / 1 gemv, arrays..., bias, idx_bytes, n_in, n_out,
+        relu, thread cap)."""
+        specs = []
+        for layer, (name, _, cap) in zip(self.layers, parsed, strict=True):
+            if name == "rows":
+                sv, si, sp, perm, bias = layer.sliced()
+                specs.append((0, sv, si, sp, perm, bias, layer.idx_bytes, layer.n_in, layer.n_out,
+                              int(layer.relu), cap))
+            else:
+                specs.append((1, layer.dense_t(), None, None, None, layer.bias, 4, layer.n_in, layer.n_out,
+                              int(layer.relu), cap))
+        return specs
 
     def plan_changed(self) -> None:
         """Forget cached kernel choices (after editing a layer's plan dict in place)."""
         self._plans.clear()
+        self._fast.clear()
 
     def _prepare_input(self, x: Any) -> np.ndarray:
         if (type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 2  # the common case, cheaply
@@ -198,12 +237,25 @@ class FastModel:
         """Outputs ``(batch, n_outputs)`` float32 for inputs ``(batch, *input_shape)``.
 
         ``kernels`` forces one kernel spec per layer (benchmarks, tests); by default the plan decides.
+        Returns a new array on every call.
         """
+        if kernels is None and type(x) is np.ndarray and x.ndim == 2:
+            # fast path: a batch size seen before whose layers all run as one C chain (no plan changed
+            # since); chain_run itself checks x (float32, C-contiguous, n_features wide) or returns False
+            hit = self._fast.get(x.shape[0])
+            if hit is not None and hit[0] == PLAN_EPOCH[0]:
+                y = np.empty((x.shape[0], self._n_out), np.float32)
+                if _K.chain_run(hit[1], x, y, self.threads if threads is None else self._check_threads(threads)):
+                    return y
         nt = self.threads if threads is None else self._check_threads(threads)
         xf = self._prepare_input(x)
         batch = xf.shape[0]
         if kernels is None:
-            parsed = self._parsed_plan(batch)
+            parsed, chain = self._plan(batch)
+            if chain is not None:  # small batch, rows/gemv layers only: the whole chain in one C call
+                y = np.empty((batch, self.n_outputs), dtype=np.float32)
+                if _K.chain_run(chain, xf, y, nt):
+                    return y
         else:
             specs = list(kernels)
             if len(specs) != len(self.layers):
