@@ -4,12 +4,10 @@
  * A layer is y = act(W x + b) with W (n_out, n_in) stored as CSR: float32 values, uint16 or int32
  * column indices, int64 row pointers. Two kernels, chosen per layer and batch size by the runtime:
  *
- *   rows   x row-major (B, n_in) -> y (B, n_out). One output row at a time, dot product of the row's
- *          nonzeros with gathered x values (vector gathers). Batch 1 is memory bound, so what
- *          matters is bytes per nonzero: 4 (value) + 2 (uint16 index).
- *   sell   the rows kernel as the runtime runs it: the same weights in a sliced layout (SELL-16, built by
- *          SparseLayer.sliced): slices of 16 length-sorted rows stored slot-major, so one 16-lane gather
- *          serves 16 rows, without per-row horizontal sums or masked tails (see "sliced rows").
+ *   sell   the "rows" kernel (small batches): x row-major (B, n_in) -> y (B, n_out), the weights in a
+ *          sliced layout (SELL-16, built by SparseLayer.sliced from the CSR): slices of 16 length-sorted
+ *          rows stored slot-major, so one 16-lane gather of x serves 16 rows, without per-row
+ *          horizontal sums or masked tails (see "sliced rows"). Gather lanes, not bytes, bound it.
  *   panel  activations in "panel" layout: the batch is cut into panels of PANEL (64) samples, each
  *          panel stored [n][PANEL] (batch-minor). For every nonzero of a weight row the value is
  *          broadcast and multiplied into a contiguous 64-wide row of the input panel; the 64 outputs
@@ -92,12 +90,6 @@ static inline int64_t idx_at(const csr_t *w, int64_t k) {
     return w->idx16 ? (int64_t)((const uint16_t *)w->idx)[k] : (int64_t)((const int32_t *)w->idx)[k];
 }
 
-static inline float finish(float acc, const csr_t *w, int64_t o) {
-    if (w->bias) acc += w->bias[o];
-    if (w->relu && acc < 0.0f) acc = 0.0f;
-    return acc;
-}
-
 /* Fused output transpose: the last column block of a panel layer can write its results straight into
  * the row-major output y (B, n_out) instead of the panel buffer. Each kernel then stores up to TILE_ROWS
  * finished rows of 64 samples into a small tile on its stack (L1) and flushes the tile with 8x8
@@ -168,25 +160,6 @@ static inline void tile_flush(const rowout_t *ro, const float *tile, int64_t oba
 }
 
 /* ------------------------------------------------------------------ portable C */
-
-static void rows_generic(const csr_t *w, const float *x, float *y, int64_t B, int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; o++) {
-        int64_t s = w->rowptr[o], e = w->rowptr[o + 1];
-        for (int64_t b = 0; b < B; b++) {
-            const float *xb = x + b * w->n_in;
-            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-            int64_t k = s;
-            for (; k + 4 <= e; k += 4) {
-                a0 += w->val[k] * xb[idx_at(w, k)];
-                a1 += w->val[k + 1] * xb[idx_at(w, k + 1)];
-                a2 += w->val[k + 2] * xb[idx_at(w, k + 2)];
-                a3 += w->val[k + 3] * xb[idx_at(w, k + 3)];
-            }
-            for (; k < e; k++) a0 += w->val[k] * xb[idx_at(w, k)];
-            y[b * w->n_out + o] = finish((a0 + a1) + (a2 + a3), w, o);
-        }
-    }
-}
 
 /* sliced rows ("sell", SELL-16): the rows kernel for the layouts SparseLayer.sliced() builds. Rows sorted by
  * nonzero count (descending) are cut into slices of SLICE (16) rows; a slice stores its rows' nonzeros
@@ -289,45 +262,6 @@ static void gemv_generic(const float *wt, const float *bias, const float *x, flo
 #if SK_X86
 /* ------------------------------------------------------------------ AVX2 + FMA */
 
-SK_AVX2 static inline __m256i load_idx8(const csr_t *w, int64_t k) {
-    if (w->idx16) return _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w->idx + k)));
-    return _mm256_loadu_si256((const __m256i *)((const int32_t *)w->idx + k));
-}
-
-SK_AVX2 static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-SK_AVX2 static void rows_avx2(const csr_t *w, const float *x, float *y, int64_t B, int64_t o0, int64_t o1) {
-    static const int32_t lanes[8] = {0, 1, 2, 3, 4, 5, 6, 7};
-    const __m256i lane = _mm256_loadu_si256((const __m256i *)lanes);
-    for (int64_t o = o0; o < o1; o++) {
-        const int64_t s = w->rowptr[o], e = w->rowptr[o + 1];
-        for (int64_t b = 0; b < B; b++) {
-            const float *xb = x + b * w->n_in;
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-            int64_t k = s;
-            for (; k + 16 <= e; k += 16) {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w->val + k),
-                                     _mm256_i32gather_ps(xb, load_idx8(w, k), 4), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w->val + k + 8),
-                                     _mm256_i32gather_ps(xb, load_idx8(w, k + 8), 4), a1);
-            }
-            for (; k < e; k += 8) {
-                const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(e - k)), lane);
-                const __m256 v = _mm256_maskload_ps(w->val + k, m);
-                const __m256 g = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), xb, load_idx8(w, k),
-                                                          _mm256_castsi256_ps(m), 4);
-                a0 = _mm256_fmadd_ps(v, g, a0);
-            }
-            y[b * w->n_out + o] = finish(hsum256(_mm256_add_ps(a0, a1)), w, o);
-        }
-    }
-}
-
 SK_AVX2 static void sell_avx2(const sell_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1) {
     float out[SLICE] __attribute__((aligned(32)));
     for (int64_t s = s0; s < s1; s++) {
@@ -427,37 +361,6 @@ SK_AVX2 static void panel_avx2(const csr_t *w, const int32_t *ord, const float *
 }
 
 /* ------------------------------------------------------------------ AVX-512F */
-
-SK_AVX512 static inline __m512i load_idx16(const csr_t *w, int64_t k) {
-    if (w->idx16)
-        return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w->idx + k)));
-    return _mm512_loadu_si512((const void *)((const int32_t *)w->idx + k));
-}
-
-SK_AVX512 static void rows_avx512(const csr_t *w, const float *x, float *y, int64_t B, int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; o++) {
-        const int64_t s = w->rowptr[o], e = w->rowptr[o + 1];
-        for (int64_t b = 0; b < B; b++) {
-            const float *xb = x + b * w->n_in;
-            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-            int64_t k = s;
-            for (; k + 32 <= e; k += 32) {
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w->val + k),
-                                     _mm512_i32gather_ps(load_idx16(w, k), xb, 4), a0);
-                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w->val + k + 16),
-                                     _mm512_i32gather_ps(load_idx16(w, k + 16), xb, 4), a1);
-            }
-            for (; k < e; k += 16) {
-                const int64_t r = e - k;
-                const __mmask16 m = r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << r) - 1u);
-                const __m512 v = _mm512_maskz_loadu_ps(m, w->val + k);
-                const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, load_idx16(w, k), xb, 4);
-                a0 = _mm512_fmadd_ps(v, g, a0);
-            }
-            y[b * w->n_out + o] = finish(_mm512_reduce_add_ps(_mm512_add_ps(a0, a1)), w, o);
-        }
-    }
-}
 
 SK_AVX512 static void sell_avx512(const sell_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; s++) {
@@ -602,17 +505,8 @@ SK_AVX512 static void gemv_avx512(const float *wt, const float *bias, const floa
 
 /* ------------------------------------------------------------------ dispatch */
 
-typedef void (*rows_fn)(const csr_t *, const float *, float *, int64_t, int64_t, int64_t);
 typedef void (*panel_fn)(const csr_t *, const int32_t *, const float *, float *, int64_t, int64_t, int, int,
                          const rowout_t *);
-
-static rows_fn pick_rows(void) {
-#if SK_X86
-    if (g_isa == ISA_AVX512) return rows_avx512;
-    if (g_isa == ISA_AVX2) return rows_avx2;
-#endif
-    return rows_generic;
-}
 
 typedef void (*sell_fn)(const sell_t *, const float *, float *, int64_t, int64_t, int64_t);
 
@@ -921,70 +815,6 @@ static int make_csr(csr_t *w, Py_buffer *val, Py_buffer *idx, Py_buffer *rowptr,
     w->n_out = n_out;
     w->relu = relu != 0;
     return 0;
-}
-
-typedef struct {
-    rows_fn fn;
-    const csr_t *w;
-    const float *x;
-    float *y;
-    int64_t B, nch;
-} rows_job_t;
-
-static void rows_item(void *ctx, int64_t ch, int tid) {
-    (void)tid;
-    const rows_job_t *j = (const rows_job_t *)ctx;
-    int64_t o0, o1;
-    split_rows(j->w->rowptr, j->w->n_out, (int)ch, (int)j->nch, &o0, &o1);
-    if (o1 > o0) j->fn(j->w, j->x, j->y, j->B, o0, o1);
-}
-
-static PyObject *py_rows(PyObject *self, PyObject *args) {
-    (void)self;
-    Py_buffer val, idx, rowptr, x, y, bias = {0};
-    PyObject *bias_obj;
-    int idx_bytes, relu, threads;
-    long long n_in, n_out, B;
-    if (!PyArg_ParseTuple(args, "y*y*y*Oy*w*iLLLii", &val, &idx, &rowptr, &bias_obj, &x, &y, &idx_bytes,
-                          &n_in, &n_out, &B, &relu, &threads))
-        return NULL;
-    int have_bias = 0;
-    PyObject *ret = NULL;
-    csr_t w;
-    if (bias_obj != Py_None) {
-        if (PyObject_GetBuffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS) < 0) goto done;
-        have_bias = 1;
-    }
-    if (make_csr(&w, &val, &idx, &rowptr, bias_obj, &bias, idx_bytes, n_in, n_out, relu)) goto done;
-    if (B < 0 || check_len(&x, B * n_in * 4, "x") || check_len(&y, B * n_out * 4, "y")) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "negative batch");
-        goto done;
-    }
-    {
-        const rows_fn fn = pick_rows();
-        const float *xp = (const float *)x.buf;
-        float *yp = (float *)y.buf;
-        int nt = clamp_threads(threads < 0 ? -threads : threads);
-        if (threads > 0 && w.rowptr[w.n_out] * (B > 0 ? B : 1) < g_rows_par_min) nt = 1;
-        Py_BEGIN_ALLOW_THREADS
-        if (nt <= 1) {  /* no pool round trip: its fixed cost matters for small layers */
-            if (w.n_out > 0) fn(&w, xp, yp, B, 0, w.n_out);
-        } else {
-            /* nt * CHUNKS_PER_THREAD chunks balanced by nonzeros; thread t owns chunks of its own
-             * contiguous row range (the same rows every call: their weights stay in its cache) */
-            rows_job_t job = {fn, &w, xp, yp, B, (int64_t)nt * CHUNKS_PER_THREAD};
-            par_run(nt, job.nch, rows_item, &job);
-        }
-        Py_END_ALLOW_THREADS
-        (void)nt;
-    }
-    ret = Py_None;
-    Py_INCREF(ret);
-done:
-    if (have_bias) PyBuffer_Release(&bias);
-    PyBuffer_Release(&val); PyBuffer_Release(&idx); PyBuffer_Release(&rowptr);
-    PyBuffer_Release(&x); PyBuffer_Release(&y);
-    return ret;
 }
 
 typedef struct {
@@ -1752,8 +1582,6 @@ static PyObject *py_set_threading(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"rows", py_rows, METH_VARARGS,
-     "rows(values, indices, rowptr, bias|None, x, y, idx_bytes, n_in, n_out, batch, relu, threads)"},
     {"sell", py_sell, METH_VARARGS,
      "sell(values, indices, sliceptr, perm, bias|None, x, y, idx_bytes, n_in, n_out, batch, relu, threads): the rows "
      "kernel on the sliced layout (SparseLayer.sliced): SLICE-row slices stored slot-major, perm (int32, "

@@ -421,9 +421,10 @@ def test_malformed_csr_is_refused():
         rt.SparseLayer.from_csr(4, 2, np.ones(2), np.array([0, 1]), np.array([0, 2, 1]), None, False)
     if K is not None:  # the C side re-checks buffer sizes
         layer = rt.SparseLayer.from_dense(np.eye(4, dtype=np.float32), None, False)
-        with pytest.raises(ValueError):
-            K.rows(layer.values, layer.indices, layer.rowptr, None, np.zeros(3, np.float32),
-                   np.zeros(4, np.float32), 2, 4, 4, 1, 0, 1)
+        sv, si, sp, perm, _ = layer.sliced()
+        with pytest.raises(ValueError):  # x holds 3 floats where the layer reads 4
+            K.sell(sv, si, sp, perm, None, np.zeros(3, np.float32), np.zeros(4, np.float32), layer.idx_bytes,
+                   4, 4, 1, 0, 1)
 
 
 def test_compaction_is_exact_and_folds_bias_of_input_less_units():

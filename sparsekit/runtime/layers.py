@@ -267,13 +267,9 @@ class SparseLayer:
         if _K is None:
             y[...] = self._numpy(x)
             return
-        if hasattr(_K, "sell"):
-            sv, si, sp, perm, bias = self.sliced()
-            _K.sell(sv, si, sp, perm, bias, x, y, self.idx_bytes, self.n_in, self.n_out, batch, int(self.relu),
-                    int(threads))
-            return
-        _K.rows(self.values, self.indices, self.rowptr, self.bias, x, y, self.idx_bytes, self.n_in,
-                self.n_out, batch, int(self.relu), int(threads))
+        sv, si, sp, perm, bias = self.sliced()
+        _K.sell(sv, si, sp, perm, bias, x, y, self.idx_bytes, self.n_in, self.n_out, batch, int(self.relu),
+                int(threads))
 
     def run_gemv(self, x: np.ndarray, y: np.ndarray, threads: int) -> None:
         """Dense kernel: x (B, n_in) C-contiguous float32 -> y (B, n_out)."""
