@@ -275,6 +275,26 @@ def test_kernels_called_from_several_python_threads_at_once(threading_knobs):
         assert all(ex.map(work, range(4)))
 
 
+def test_pool_back_to_back_jobs_with_late_sleeping_and_oversubscribed_workers(threading_knobs):
+    # Jobs of different layers, sizes and thread counts back to back, more threads than cores (workers
+    # preempted mid-job, items taken by others, workers arriving after their job is over) and workers
+    # that sleep between jobs (spin 0): every item is run exactly once, by someone, with its own job's
+    # data. Outputs start as NaN so a skipped item shows; a stale worker would write another job's rows.
+    rng = np.random.default_rng(15)
+    shapes = [(40, 30, 0.3), (300, 200, 0.1), (17, 500, 0.05), (1024, 64, 0.2)]
+    layers = [rt.SparseLayer.from_dense(sparse_matrix(rng, o, i, d), rng.standard_normal(o), relu=k % 2 == 0)
+              for k, (o, i, d) in enumerate(shapes)]
+    xs = [rng.standard_normal((b, lay.n_in)).astype(np.float32) for lay, b in zip(layers, (1, 3, 1, 2), strict=True)]
+    refs = [lay.reference(x) for lay, x in zip(layers, xs, strict=True)]
+    for spin in (0, 100):
+        threading_knobs.set_threading(spin, 0, 0, 0)
+        for rep in range(300):
+            k, threads = rep % len(layers), (2, 3, 4, 7, 2)[rep % 5]
+            y = np.full((xs[k].shape[0], layers[k].n_out), np.nan, np.float32)
+            layers[k].run_rows(xs[k], y, -threads)  # negative: exactly that many threads
+            close(y, refs[k])
+
+
 def test_pool_works_in_a_forked_child(threading_knobs, tmp_path):
     import multiprocessing as mp
 
