@@ -55,9 +55,9 @@
  * on one thread. */
 #define PAR_MIN_WORK (1 << 19)
 /* rows and panel: from this many nonzero x sample products a second thread pays. With the pool's workers
- * awake (spinning after the previous call or layer) a job costs ~1-2 us of hand-off; a sleeping worker
- * costs the caller ~5 us (the wake-up call) and joins ~30 us later (under this hypervisor), the caller
- * doing the items meanwhile. 1024x1024 98% batch 1 (2.1e4): 15.4 -> 11.5 us on 2 threads, 90% (1e5):
+ * awake (spinning after the previous call or layer) a job takes ~0.3 us to reach the worker and ~0.2 us
+ * to report back; a sleeping worker costs the caller ~5 us (the wake-up call) and joins ~30 us later
+ * (under this hypervisor), the caller doing the items meanwhile. 1024x1024 98% batch 1 (2.1e4): 15.4 -> 11.5 us on 2 threads, 90% (1e5):
  * 38.5 -> 23.7 us; 4096x1024 90% (4.2e5): 154 -> 77 us. Layers under the threshold stay on one thread. */
 #define ROWS_PAR_MIN_WORK (1 << 14)
 /* panel: whole panels per thread (when the panels divide evenly between the threads) from 2^16
