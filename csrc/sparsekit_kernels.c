@@ -23,6 +23,11 @@
  * ranges per thread, stealing, workers that spin briefly between calls), OpenMP where there are no
  * pthreads, else one thread. Small calls stay on the calling thread (no hand-off at all).
  *
+ * Chains (see "chains"): a model whose layers all run sell/gemv, or all run panel, is prepared once
+ * (chain_new) and run with one Python->C call (chain_run). A panel chain runs data-parallel: each
+ * thread takes whole panels, or 32-sample half panels (AVX-512), of the batch through every layer,
+ * with one hand-off per model call instead of one per layer.
+ *
  * Safety contract (checked by the Python wrapper at load, sizes re-checked here): rowptr is
  * non-decreasing from 0, indices < n_in, the index and value arrays have PAD_SLACK spare
  * elements after the last nonzero (the vector tails read, but never use, up to 31 of them), and a
@@ -101,6 +106,7 @@ typedef struct {
     int64_t ldy;   /* row stride of y (n_out) */
     int64_t tb;    /* valid samples in this panel (<= PANEL) */
     int stream;    /* non-temporal stores (large outputs) */
+    int half;      /* AVX-512 only: the panel holds 32 samples (lanes 0..31 of each 64-wide row) */
 } rowout_t;
 /* Outputs from this size (bytes) are written with non-temporal stores: no read-for-ownership of y's
  * lines, which would come from L3 or memory. 1024x1024 90% batch 256 (1 MB out) on one thread
@@ -399,8 +405,65 @@ SK_AVX512 static void sell_avx512(const sell_t *w, const float *x, float *y, int
     }
 }
 
+/* panel_avx512 on half a panel: lanes 0..31 only (two registers per row). A 64-sample panel split
+ * between two threads by samples: each thread reads only its half of every input row and writes only
+ * its half of every output row, so no activation line is shared and both threads keep their own half
+ * of the activations in their own cache through a whole chain. */
+SK_AVX512 static void panel_avx512_half(const csr_t *w, const int32_t *ord, const float *xp, float *yp,
+                                        int64_t k0, int64_t k1, int first, int last, const rowout_t *ro) {
+    float tile[TILE_ROWS * PANEL] __attribute__((aligned(64)));
+    const int fuse = last && ro && ro->y && !ord;
+    int64_t tbase = k0;
+    for (int64_t r = k0; r < k1; r++) {
+        const int64_t o = ord ? (int64_t)ord[r] : r;
+        const int64_t s = w->rowptr[r], e = w->rowptr[r + 1];
+        float *out = yp + o * PANEL;
+        if (!first && !last && s == e) continue;
+        __m512 a0, a1, c0 = _mm512_setzero_ps(), c1 = c0;
+        if (first) {
+            a0 = c0; a1 = c0;
+        } else {
+            a0 = _mm512_loadu_ps(out); a1 = _mm512_loadu_ps(out + 16);
+        }
+        int64_t k = s;
+        for (; k + 2 <= e; k += 2) {
+            const __m512 v = _mm512_set1_ps(w->val[k]);
+            const __m512 u = _mm512_set1_ps(w->val[k + 1]);
+            const float *p = xp + idx_at(w, k) * PANEL;
+            const float *q = xp + idx_at(w, k + 1) * PANEL;
+            a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p), a0);
+            a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 16), a1);
+            c0 = _mm512_fmadd_ps(u, _mm512_loadu_ps(q), c0);
+            c1 = _mm512_fmadd_ps(u, _mm512_loadu_ps(q + 16), c1);
+        }
+        if (k < e) {
+            const __m512 v = _mm512_set1_ps(w->val[k]);
+            const float *p = xp + idx_at(w, k) * PANEL;
+            a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p), a0);
+            a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 16), a1);
+        }
+        const __m512 bb = _mm512_set1_ps((last && w->bias) ? w->bias[o] : 0.f);
+        __m512 r0 = _mm512_add_ps(_mm512_add_ps(a0, c0), bb), r1 = _mm512_add_ps(_mm512_add_ps(a1, c1), bb);
+        if (last && w->relu) {
+            const __m512 z = _mm512_setzero_ps();
+            r0 = _mm512_max_ps(r0, z); r1 = _mm512_max_ps(r1, z);
+        }
+        float *dst = fuse ? tile + (r - tbase) * PANEL : out;
+        _mm512_storeu_ps(dst, r0);
+        _mm512_storeu_ps(dst + 16, r1);
+        if (fuse && (r + 1 - tbase == TILE_ROWS || r + 1 == k1)) {
+            tile_flush(ro, tile, tbase, r + 1 - tbase);
+            tbase = r + 1;
+        }
+    }
+}
+
 SK_AVX512 static void panel_avx512(const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0,
                                    int64_t k1, int first, int last, const rowout_t *ro) {
+    if (ro && ro->half) {
+        panel_avx512_half(w, ord, xp, yp, k0, k1, first, last, ro);
+        return;
+    }
     float tile[TILE_ROWS * PANEL] __attribute__((aligned(64)));
     const int fuse = last && ro && ro->y && !ord;
     int64_t tbase = k0;
@@ -1040,7 +1103,7 @@ done:
  * re-checks or intermediate numpy arrays). Activations between layers live in the chain's scratch; a
  * caller that finds it in use (another thread inside chain_run: the flag is read and set under the GIL)
  * gets a private malloc'ed one, so two concurrent callers never share a buffer. */
-enum { CH_SELL = 0, CH_GEMV = 1 };
+enum { CH_SELL = 0, CH_GEMV = 1, CH_PANEL = 2 };
 typedef struct {
     int kind, cap;
     sell_t s;            /* CH_SELL */
@@ -1048,7 +1111,11 @@ typedef struct {
     const float *bias;   /* CH_GEMV */
     int64_t n_in, n_out;
     int relu;
-    int64_t work;        /* sell: stored slots (nonzeros + padding) */
+    int64_t work;        /* sell: stored slots (nonzeros + padding); panel: nonzeros */
+    csr_t pw;            /* CH_PANEL: values, indices, bias, shape (rowptr: bp) */
+    const int64_t *bp;   /* CH_PANEL: block pointers (nb * n_out + 1), by position */
+    const int32_t *ord;  /* CH_PANEL: row at each position, per block; NULL: natural order */
+    int64_t nb;          /* CH_PANEL: column blocks */
 } ch_layer_t;
 
 typedef struct {
@@ -1057,8 +1124,11 @@ typedef struct {
     Py_buffer *bufs;     /* held for the chain's lifetime */
     int nbufs;
     int64_t max_mid;     /* widest intermediate activation (floats per sample) */
-    float *scratch;      /* 2 * max_mid * scratch_b floats */
-    int64_t scratch_b;
+    int panel;           /* every layer is CH_PANEL: run data-parallel (see pchain_run) */
+    int64_t pw;          /* panel chains: widest activation incl. the input (floats per sample) */
+    float *scratch;      /* 64-byte aligned, scratch_n floats */
+    void *scratch_raw;
+    int64_t scratch_n;
     int busy;
 } chain_t;
 
@@ -1068,9 +1138,20 @@ static void chain_free(PyObject *cap) {
     for (int i = 0; i < c->nbufs; i++) PyBuffer_Release(&c->bufs[i]);
     free(c->bufs);
     free(c->L);
-    free(c->scratch);
+    free(c->scratch_raw);
     free(c);
 }
+
+/* n floats, 64-byte aligned; *raw is what to free */
+static float *alloc_aligned(int64_t n, void **raw) {
+    *raw = malloc((size_t)n * 4 + 64);
+    if (!*raw) return NULL;
+    return (float *)(((uintptr_t)*raw + 63) & ~(uintptr_t)63);
+}
+
+static void panel_rows(panel_fn fn, const csr_t *w, const int64_t *bp, const int32_t *ord, int64_t nb,
+                       const rowout_t *ro, int64_t o0, int64_t o1, const float *xp, float *yp);
+static void to_panel_lanes(const float *x, float *dst, int64_t B, int64_t n, int64_t b0, int64_t nl);
 
 static int ch_get(chain_t *c, PyObject *o, int64_t need, const char *what, const void **out) {
     Py_buffer *b = &c->bufs[c->nbufs];
@@ -1098,10 +1179,19 @@ static PyObject *py_chain_new(PyObject *self, PyObject *args) {
         ch_layer_t *l = &c->L[i];
         PyObject *a, *b, *d, *e, *bias_obj;
         int idx_bytes;
-        long long n_in, n_out;
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(specs, i), "iOOOOOiLLii;chain layer", &l->kind, &a, &b, &d, &e,
-                              &bias_obj, &idx_bytes, &n_in, &n_out, &l->relu, &l->cap))
+        long long n_in, n_out, nb = 1;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(specs, i), "iOOOOOiLLii|L;chain layer", &l->kind, &a, &b, &d, &e,
+                              &bias_obj, &idx_bytes, &n_in, &n_out, &l->relu, &l->cap, &nb))
             goto fail;
+        if ((l->kind == CH_PANEL) != (i == 0 ? l->kind == CH_PANEL : c->panel)) {
+            PyErr_SetString(PyExc_ValueError, "a chain is all panel layers or none");
+            goto fail;
+        }
+        if (i == 0) {
+            c->panel = l->kind == CH_PANEL;
+            c->pw = n_in;
+        }
+        if (n_out > c->pw) c->pw = n_out;
         if (n_in < 0 || n_out < 0) { PyErr_SetString(PyExc_ValueError, "negative shape"); goto fail; }
         if (i > 0 && n_in != c->L[i - 1].n_out) { PyErr_SetString(PyExc_ValueError, "chain layer sizes differ"); goto fail; }
         l->n_in = n_in;
@@ -1145,8 +1235,43 @@ static PyObject *py_chain_new(PyObject *self, PyObject *args) {
                 if (ch_get(c, bias_obj, n_out * 4, "bias", &p)) goto fail;
                 l->bias = (const float *)p;
             }
+        } else if (l->kind == CH_PANEL) {
+            csr_t *w = &l->pw;
+            if (idx_bytes != 2 && idx_bytes != 4) { PyErr_SetString(PyExc_ValueError, "idx_bytes must be 2 or 4"); goto fail; }
+            if (nb < 1) { PyErr_SetString(PyExc_ValueError, "bad block count"); goto fail; }
+            if (ch_get(c, d, (nb * n_out + 1) * 8, "block pointers", &p)) goto fail;
+            l->bp = (const int64_t *)p;
+            const int64_t nnz = l->bp[nb * n_out];
+            if (l->bp[0] != 0 || nnz < 0) { PyErr_SetString(PyExc_ValueError, "bad block pointers"); goto fail; }
+            for (int64_t r = 0; r < nb * n_out; r++)
+                if (l->bp[r + 1] < l->bp[r]) { PyErr_SetString(PyExc_ValueError, "bad block pointers"); goto fail; }
+            l->ord = NULL;
+            if (e != Py_None) {
+                if (ch_get(c, e, nb * n_out * 4, "row order", &p)) goto fail;
+                l->ord = (const int32_t *)p;
+                for (int64_t r = 0; r < nb * n_out; r++)
+                    if (l->ord[r] < 0 || l->ord[r] >= n_out) { PyErr_SetString(PyExc_ValueError, "bad row order"); goto fail; }
+            }
+            if (ch_get(c, a, (nnz + PAD_SLACK) * 4, "values", &p)) goto fail;
+            w->val = (const float *)p;
+            if (ch_get(c, b, (nnz + PAD_SLACK) * idx_bytes, "indices", &p)) goto fail;
+            w->idx = p;
+            w->idx16 = idx_bytes == 2;
+            for (int64_t k = 0; k < nnz; k++)
+                if (idx_at(w, k) < 0 || idx_at(w, k) >= n_in) { PyErr_SetString(PyExc_ValueError, "index out of range"); goto fail; }
+            w->bias = NULL;
+            if (bias_obj != Py_None) {
+                if (ch_get(c, bias_obj, n_out * 4, "bias", &p)) goto fail;
+                w->bias = (const float *)p;
+            }
+            w->rowptr = l->bp;
+            w->n_in = n_in;
+            w->n_out = n_out;
+            w->relu = l->relu;
+            l->nb = nb;
+            l->work = nnz;
         } else {
-            PyErr_SetString(PyExc_ValueError, "chain layer kind must be 0 (sell) or 1 (gemv)");
+            PyErr_SetString(PyExc_ValueError, "chain layer kind must be 0 (sell), 1 (gemv) or 2 (panel)");
             goto fail;
         }
     }
@@ -1188,6 +1313,65 @@ static void chain_layer(const ch_layer_t *l, const float *x, float *y, int64_t B
     }
 }
 
+/* ---- panel chains: the batch is cut into units (whole 64-sample panels, or 32-sample half panels with
+ * AVX-512 when whole panels would not split evenly between the threads, e.g. batch 64 on 2 threads) and
+ * each unit runs through every layer on one thread: its input transpose, every layer on its own two
+ * scratch panels, and the last layer's rows written straight into y. Thread t owns the same units call
+ * after call and no thread waits for another between layers (one hand-off per model call), so the
+ * activations never leave the core that made them. */
+typedef struct {
+    const chain_t *c;
+    const float *x;
+    float *y;
+    int64_t B;
+    int half;
+    float *scratch;     /* per thread: two (pw, PANEL) buffers */
+    int64_t per_thread; /* floats */
+} pchain_job_t;
+
+static void pchain_unit(void *ctx, int64_t u, int tid) {
+    const pchain_job_t *j = (const pchain_job_t *)ctx;
+    const chain_t *c = j->c;
+    const int64_t nl = j->half ? PANEL / 2 : PANEL, b0 = u * nl;
+    if (b0 >= j->B) return;
+    const int64_t tb = j->B - b0 < nl ? j->B - b0 : nl;
+    float *a = j->scratch + (int64_t)tid * j->per_thread, *b = a + c->pw * PANEL;
+    const panel_fn fn = pick_panel();
+    to_panel_lanes(j->x, a, j->B, c->L[0].n_in, b0, nl);
+    float *cur = a;
+    for (int i = 0; i < c->n; i++) {
+        const ch_layer_t *l = &c->L[i];
+        float *dst = cur == a ? b : a;
+        const int lastl = i + 1 == c->n;
+        const rowout_t ro = {lastl ? j->y + b0 * l->n_out : NULL, l->n_out, tb,
+                             lastl && j->B * l->n_out * 4 >= STREAM_MIN_BYTES, j->half};
+        panel_rows(fn, &l->pw, l->bp, l->ord, l->nb, &ro, 0, l->n_out, cur, dst);
+        cur = dst;
+    }
+}
+
+/* threads and unit size for a panel chain on B samples */
+static int pchain_plan(const chain_t *c, int64_t B, int threads, int *half, int64_t *units) {
+    int nt = clamp_threads(threads);
+    int64_t work = 0;
+    for (int i = 0; i < c->n; i++) {
+        if (c->L[i].cap > 0 && nt > c->L[i].cap) nt = c->L[i].cap;
+        work += c->L[i].work;
+    }
+    if (work * B < g_panel_par_min) nt = 1;
+    const int64_t P = (B + PANEL - 1) / PANEL;
+    *half = 0;
+    *units = P;
+#if SK_X86
+    if (nt > 1 && P % nt != 0 && g_isa == ISA_AVX512 && (2 * P) % nt == 0) {
+        *half = 1;
+        *units = (B + PANEL / 2 - 1) / (PANEL / 2);
+    }
+#endif
+    if (nt > *units) nt = (int)*units;
+    return nt < 1 ? 1 : nt;
+}
+
 static PyObject *py_chain_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 4) { PyErr_SetString(PyExc_TypeError, "chain_run(chain, x, y, threads)"); return NULL; }
@@ -1219,23 +1403,43 @@ static PyObject *py_chain_run(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_ValueError, "chain_run: y must hold (batch, n_out) float32");
         goto done;
     }
-    float *scratch = NULL, *own = NULL;
-    if (c->n > 1) {
-        const size_t need = (size_t)(2 * c->max_mid * B) + 32;
-        if (!c->busy && c->scratch_b >= B) {
+    float *scratch = NULL;
+    void *own = NULL;
+    int p_half = 0, p_nt = 1;
+    int64_t p_units = 0, need = 0;
+    if (c->panel) {
+        p_nt = pchain_plan(c, B, threads, &p_half, &p_units);
+        need = (int64_t)p_nt * (2 * c->pw * PANEL + 16); /* per thread: two panels (+ 64 bytes) */
+    } else if (c->n > 1) {
+        need = 2 * c->max_mid * B + 32;
+    }
+    if (need > 0) {
+        if (!c->busy && c->scratch_n >= need) {
             scratch = c->scratch;
         } else if (!c->busy) {
-            free(c->scratch);
-            c->scratch = (float *)malloc(need * 4);
-            c->scratch_b = c->scratch ? B : 0;
+            free(c->scratch_raw);
+            c->scratch = alloc_aligned(need, &c->scratch_raw);
+            c->scratch_n = c->scratch ? need : 0;
             scratch = c->scratch;
         } else {
-            scratch = own = (float *)malloc(need * 4);
+            scratch = alloc_aligned(need, &own);
         }
         if (!scratch) { PyErr_NoMemory(); goto done; }
         if (scratch == c->scratch) c->busy = 1;
     }
-    {
+    if (c->panel) {
+        pchain_job_t job = {c, (const float *)x.buf, (float *)y.buf, B, p_half, scratch,
+                            2 * c->pw * PANEL + 16};
+        if (B > 0) {
+            Py_BEGIN_ALLOW_THREADS
+            if (p_nt <= 1) {
+                for (int64_t u = 0; u < p_units; u++) pchain_unit(&job, u, 0);
+            } else {
+                par_run(p_nt, p_units, pchain_unit, &job);
+            }
+            Py_END_ALLOW_THREADS
+        }
+    } else {
         const float *cur = (const float *)x.buf;
         const int64_t half = c->max_mid * B + 16; /* second buffer starts 64 bytes apart at least */
         Py_BEGIN_ALLOW_THREADS
@@ -1286,29 +1490,37 @@ static void flush_rows(const rowout_t *ro, const float *yp, int64_t g0, int64_t 
         tile_flush(ro, yp + t0 * PANEL, t0, g1 - t0 < TILE_ROWS ? g1 - t0 : TILE_ROWS);
 }
 
-static void panel_range(const panel_job_t *j, int64_t p, int64_t o0, int64_t o1, const float *xp, float *yp) {
-    const int64_t n_out = j->w.n_out;
-    const rowout_t ro = {j->yrm ? j->yrm + p * PANEL * n_out : NULL, n_out,
-                         j->batch - p * PANEL < PANEL ? j->batch - p * PANEL : PANEL,
-                         j->batch * n_out * 4 >= STREAM_MIN_BYTES};
-    csr_t wc = j->w;
-    for (int64_t c = 0; c < j->nb; c++) {
-        wc.rowptr = j->bp + c * n_out;
-        const int first = c == 0, last = c == j->nb - 1;
-        if (!last || !j->ord) {
-            j->fn(&wc, j->ord ? j->ord + c * n_out : NULL, xp, yp, o0, o1, first, last, &ro);
+/* rows [o0, o1) of one panel (xp -> yp) over all column blocks; the last block's results also go to
+ * row-major y when ro->y is set */
+static void panel_rows(panel_fn fn, const csr_t *w, const int64_t *bp, const int32_t *ord, int64_t nb,
+                       const rowout_t *ro, int64_t o0, int64_t o1, const float *xp, float *yp) {
+    const int64_t n_out = w->n_out;
+    csr_t wc = *w;
+    for (int64_t c = 0; c < nb; c++) {
+        wc.rowptr = bp + c * n_out;
+        const int first = c == 0, last = c == nb - 1;
+        if (!last || !ord) {
+            fn(&wc, ord ? ord + c * n_out : NULL, xp, yp, o0, o1, first, last, ro);
             continue;
         }
         /* last block in sorted order: results land in yp; each group goes to y while still in cache */
         for (int64_t g0 = o0; g0 < o1; g0 += GROUP_ROWS) {
             const int64_t g1 = g0 + GROUP_ROWS < o1 ? g0 + GROUP_ROWS : o1;
-            j->fn(&wc, j->ord + c * n_out, xp, yp, g0, g1, first, 1, &ro);
-            if (ro.y) flush_rows(&ro, yp, g0, g1);
+            fn(&wc, ord + c * n_out, xp, yp, g0, g1, first, 1, ro);
+            if (ro->y) flush_rows(ro, yp, g0, g1);
         }
     }
 #if SK_X86 && defined(__SSE__)
-    if (ro.y && ro.stream) _mm_sfence(); /* streamed lines visible before the job counts as done */
+    if (ro->y && ro->stream) _mm_sfence(); /* streamed lines visible before the job counts as done */
 #endif
+}
+
+static void panel_range(const panel_job_t *j, int64_t p, int64_t o0, int64_t o1, const float *xp, float *yp) {
+    const int64_t n_out = j->w.n_out;
+    const rowout_t ro = {j->yrm ? j->yrm + p * PANEL * n_out : NULL, n_out,
+                         j->batch - p * PANEL < PANEL ? j->batch - p * PANEL : PANEL,
+                         j->batch * n_out * 4 >= STREAM_MIN_BYTES, 0};
+    panel_rows(j->fn, &j->w, j->bp, j->ord, j->nb, &ro, o0, o1, xp, yp);
 }
 
 static void panel_item(void *ctx, int64_t item, int tid) {
@@ -1517,15 +1729,19 @@ static void transpose_block(const float *src, int64_t ss, float *dst, int64_t ds
 }
 
 /* panel p of x (B, n) row-major -> dst (n, PANEL), samples beyond B zero. Tiles of 64 features. */
-static void to_panel_one(const float *x, float *dst, int64_t B, int64_t n, int64_t p) {
-    const int64_t b0 = p * PANEL;
-    const int64_t tb = (B - b0) < PANEL ? (B - b0) : PANEL;
+/* samples [b0, b0 + nl) of x (B, n) row-major -> lanes 0..nl-1 of dst (n, PANEL), samples past B zero */
+static void to_panel_lanes(const float *x, float *dst, int64_t B, int64_t n, int64_t b0, int64_t nl) {
+    const int64_t tb = (B - b0) < nl ? (B - b0) : nl;
     for (int64_t i0 = 0; i0 < n; i0 += 64) {
         const int64_t w = n - i0 < 64 ? n - i0 : 64;
         transpose_block(x + b0 * n + i0, n, dst + i0 * PANEL, PANEL, tb, w, 0);
-        if (tb < PANEL)
-            for (int64_t i = i0; i < i0 + w; i++) memset(dst + i * PANEL + tb, 0, (size_t)(PANEL - tb) * 4);
+        if (tb < nl)
+            for (int64_t i = i0; i < i0 + w; i++) memset(dst + i * PANEL + tb, 0, (size_t)(nl - tb) * 4);
     }
+}
+
+static void to_panel_one(const float *x, float *dst, int64_t B, int64_t n, int64_t p) {
+    to_panel_lanes(x, dst, B, n, p * PANEL, PANEL);
 }
 
 /* x (B, n) row-major -> panels (P, n, PANEL) */

@@ -720,3 +720,99 @@ def test_chain_new_validates_once():
     with pytest.raises(ValueError):
         K.chain_run(chain, np.zeros((2, 40), np.float32), np.zeros((1, 9), np.float32), 1)
     assert K.chain_run(chain, np.zeros((2, 40), np.float64), np.zeros((2, 9), np.float32), 1) is False
+
+
+# ---------------------------------------------------------------- panel chains (data-parallel batches)
+def _panel_chain_model(rng, threads=2):
+    """panel layers only: odd widths, an empty row, no bias on the last layer, column blocks."""
+    ws = [sparse_matrix(rng, 150, 70, 0.15, zero_rows=(3,)), sparse_matrix(rng, 33, 150, 0.3),
+          sparse_matrix(rng, 9, 33, 0.4)]
+    layers = [rt.SparseLayer.from_dense(w, rng.standard_normal(w.shape[0]) if i < 2 else None, relu=i < 2)
+              for i, w in enumerate(ws)]
+    model = rt.FastModel(layers, (70,), threads=threads)
+    ref = lambda x: layers[2].reference(layers[1].reference(layers[0].reference(x)))  # noqa: E731
+    return model, ref
+
+
+@pytest.mark.skipif(K is None, reason="compiled kernels")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_panel_chain_matches_the_reference_whole_and_half_panels(isa, threading_knobs, threads):
+    # thresholds 0: every call splits. Batches of whole panels, one panel (two 32-sample halves with
+    # AVX-512 on 2 threads), ragged last panels and halves, more units than threads and fewer
+    threading_knobs.set_threading(-1, 0, 0, 0)
+    rng = np.random.default_rng(50 + threads)
+    model, ref = _panel_chain_model(rng, threads)
+    for specs in (["panel"] * 3, ["panel:32", "panel:64", "panel"], ["panel@1", "panel", "panel"]):
+        chain = model._make_chain([L.parse_kernel(s) for s in specs])
+        assert chain is not None
+        for batch in (1, 5, 32, 33, 63, 64, 65, 100, 128, 130, 192, 256):
+            x = rng.standard_normal((batch, 70)).astype(np.float32)
+            y = np.full((batch, 9), np.nan, np.float32)
+            assert K.chain_run(chain, x, y, threads) is True
+            close(y, ref(x))
+            close(model.run(x, kernels=specs, chain=True), ref(x))
+
+
+@pytest.mark.skipif(K is None, reason="compiled kernels")
+def test_panel_plan_runs_as_one_chain_and_concurrent_callers_get_their_own_results(threading_knobs):
+    import threading
+
+    threading_knobs.set_threading(-1, 0, 0, 0)
+    rng = np.random.default_rng(51)
+    model, ref = _panel_chain_model(rng, threads=2)
+    for layer in model.layers:
+        layer.plan = {1: "rows", 64: "panel"}
+    model.plan_changed()
+    assert model._plan(64)[1] is not None and model._plan(200)[1] is not None  # all-panel plans: a chain
+    assert model._plan(1)[1] is not None  # all-rows: the small-batch chain
+    mixed = [L.parse_kernel(s) for s in ("panel", "rows", "panel")]
+    assert model._make_chain(mixed) is None  # mixed layouts run layer by layer
+    inputs = [rng.standard_normal((b, 70)).astype(np.float32) for b in (64, 100, 256, 64, 130)]
+    refs = [ref(x) for x in inputs]
+    errors: list[str] = []
+
+    def worker(k: int) -> None:
+        for it in range(60):
+            i = (k + it) % len(inputs)
+            y = model.run(inputs[i])
+            bound = 1e-5 * max(1.0, float(np.abs(refs[i]).max()))
+            if y.shape != refs[i].shape or float(np.abs(y - refs[i]).max()) > bound:
+                errors.append(f"thread {k} iteration {it}")
+
+    workers = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert not errors, errors[:5]
+
+
+@pytest.mark.skipif(K is None, reason="compiled kernels")
+def test_panel_chain_new_refuses_bad_layouts():
+    rng = np.random.default_rng(52)
+    model, _ = _panel_chain_model(rng)
+    specs = model._chain_specs([L.parse_kernel("panel")] * 3)
+    rows_spec = _chain_model(rng)[0]._chain_specs([L.parse_kernel("rows")] * 1 + [L.parse_kernel("gemv")]
+                                                  + [L.parse_kernel("rows")])[0]
+    with pytest.raises(ValueError, match="all panel layers or none"):
+        K.chain_new([rows_spec, specs[1]])
+    # (kind, values, indices, block pointers, row order, bias, idx_bytes, n_in, n_out, relu, cap, blocks)
+    bad = list(specs[0])
+    bad[3] = bad[3].copy()
+    bad[3][5] = bad[3][4] - 1  # block pointers going backwards
+    with pytest.raises(ValueError, match="block pointers"):
+        K.chain_new([tuple(bad)])
+    bad = list(specs[0])
+    bad[3] = bad[3].copy()
+    bad[3][0] = 1
+    with pytest.raises(ValueError, match="block pointers"):
+        K.chain_new([tuple(bad)])
+    bad = list(specs[0])
+    bad[2] = bad[2].copy()
+    bad[2][0] = 70  # a column index past n_in
+    with pytest.raises(ValueError, match="index out of range"):
+        K.chain_new([tuple(bad)])
+    bad = list(specs[0])
+    bad[4] = np.full_like(bad[4], 150)  # a row order past n_out
+    with pytest.raises(ValueError, match="row order"):
+        K.chain_new([tuple(bad)])

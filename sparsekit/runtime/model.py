@@ -113,9 +113,9 @@ def _dense_session(layers: Sequence[SparseLayer], threads: int):
 
 
 class FastModel:
-    """A loaded ``fast`` artifact. ``run(x)`` is safe to call from several Python threads: small batches whose
-    layers all run the rows/gemv kernels go through one prepared C chain (concurrent callers each get their
-    own activation scratch and their own output array); other calls are serialised."""
+    """A loaded ``fast`` artifact. ``run(x)`` is safe to call from several Python threads: batches whose layers
+    all run the rows/gemv kernels, or all run ``panel``, go through one prepared C chain (concurrent callers
+    each get their own activation scratch and their own output array); other calls are serialised."""
 
     def __init__(self, layers: list[SparseLayer], input_shape: tuple[int, ...], *, threads: int = 1,
                  input_name: str = "input", output_name: str = "output",
@@ -138,6 +138,7 @@ class FastModel:
         # batch -> (the layers' plan dicts it was made from, parsed specs, prepared C chain or None)
         self._plans: dict[int, tuple[tuple[dict[int, str], ...], list[tuple[str, int, int]], Any]] = {}
         self._fast: dict[int, tuple[int, Any]] = {}  # batch -> (PLAN_EPOCH when made, C chain)
+        self._forced_chains: dict[tuple[tuple[str, int, int], ...], Any] = {}  # run(kernels=, chain=True)
         self._n_out = layers[-1].n_out
         self._buffers: list[np.ndarray | None] = [None, None]
         self._lock = threading.Lock()
@@ -184,20 +185,29 @@ class FastModel:
         return parsed, chain
 
     def _make_chain(self, parsed: list[tuple[str, int, int]]) -> Any:
-        """A C chain (``_kernels.chain_new``) when every layer runs a small-batch kernel (rows or gemv):
-        the whole model is then one Python->C call per ``run``, its arguments validated here once."""
+        """A C chain (``_kernels.chain_new``) when every layer runs a small-batch kernel (rows or gemv),
+        or every layer runs ``panel``: the whole model is then one Python->C call per ``run``, its
+        arguments validated here once. A panel chain runs data-parallel: each thread takes whole panels
+        (or half panels) of the batch through every layer, with no hand-off between layers."""
         if _K is None or not hasattr(_K, "chain_new") or self.layers[0].n_in == 0:
             return None
-        if any(name not in ("rows", "gemv") for name, _, _ in parsed):
+        names = {name for name, _, _ in parsed}
+        if not (names <= {"rows", "gemv"} or names == {"panel"}):
+            return None
+        if names == {"panel"} and any(layer.n_out == 0 for layer in self.layers):
             return None
         return _K.chain_new(self._chain_specs(parsed))
 
     def _chain_specs(self, parsed: list[tuple[str, int, int]]) -> list[tuple[Any, ...]]:
-        """``chain_new``'s layer tuples: (kind 0 sell / 1 gemv, arrays..., bias, idx_bytes, n_in, n_out,
-        relu, thread cap)."""
-        specs = []
-        for layer, (name, _, cap) in zip(self.layers, parsed, strict=True):
-            if name == "rows":
+        """``chain_new``'s layer tuples: (kind 0 sell / 1 gemv / 2 panel, arrays..., bias, idx_bytes, n_in,
+        n_out, relu, thread cap[, column blocks])."""
+        specs: list[tuple[Any, ...]] = []
+        for layer, (name, block, cap) in zip(self.layers, parsed, strict=True):
+            if name == "panel":
+                v, i, bptr, nb, order = layer.blocked(block)
+                specs.append((2, v, i, bptr, order, layer.bias, layer.idx_bytes, layer.n_in, layer.n_out,
+                              int(layer.relu), cap, int(nb)))
+            elif name == "rows":
                 sv, si, sp, perm, bias = layer.sliced()
                 specs.append((0, sv, si, sp, perm, bias, layer.idx_bytes, layer.n_in, layer.n_out,
                               int(layer.relu), cap))
@@ -233,10 +243,13 @@ class FastModel:
                              fix=f"reshape the input to (batch, {want})")
         return np.ascontiguousarray(arr.reshape(arr.shape[0], -1), dtype=np.float32)
 
-    def run(self, x: Any, *, threads: int | None = None, kernels: Sequence[str] | None = None) -> np.ndarray:
+    def run(self, x: Any, *, threads: int | None = None, kernels: Sequence[str] | None = None,
+            chain: bool = False) -> np.ndarray:
         """Outputs ``(batch, n_outputs)`` float32 for inputs ``(batch, *input_shape)``.
 
         ``kernels`` forces one kernel spec per layer (benchmarks, tests); by default the plan decides.
+        With ``kernels`` and ``chain=True`` the specs run the way a plan with them would (as one
+        prepared C chain where they allow it): what calibration and ``--tune`` time.
         Returns a new array on every call.
         """
         if kernels is None and type(x) is np.ndarray and x.ndim == 2:
@@ -251,16 +264,27 @@ class FastModel:
         xf = self._prepare_input(x)
         batch = xf.shape[0]
         if kernels is None:
-            parsed, chain = self._plan(batch)
-            if chain is not None:  # small batch, rows/gemv layers only: the whole chain in one C call
+            parsed, planned = self._plan(batch)
+            if planned is not None:  # rows/gemv layers only, or panel layers only: the whole chain in one C call
                 y = np.empty((batch, self.n_outputs), dtype=np.float32)
-                if _K.chain_run(chain, xf, y, nt):
+                if _K.chain_run(planned, xf, y, nt):
                     return y
         else:
             specs = list(kernels)
             if len(specs) != len(self.layers):
                 raise InputError(f"{len(specs)} kernel specs for {len(self.layers)} layers", where="kernels")
             parsed = [parse_kernel(s) for s in specs]
+            if chain and batch > 0:
+                key = tuple(parsed)
+                if key not in self._forced_chains:
+                    if len(self._forced_chains) > 64:
+                        self._forced_chains.clear()
+                    self._forced_chains[key] = self._make_chain(parsed)
+                forced = self._forced_chains[key]
+                if forced is not None:
+                    y = np.empty((batch, self.n_outputs), dtype=np.float32)
+                    if _K.chain_run(forced, xf, y, nt):
+                        return y
         if batch == 0:
             return np.zeros((0, self.n_outputs), dtype=np.float32)
         with self._lock:

@@ -153,9 +153,9 @@ def check_thread_caps(model: FastModel, *, batches: Iterable[int], threads: int,
         bursts: dict[str, int] = {}
         start = time.perf_counter()
         for k, specs in cands.items():
-            model.run(x, threads=threads, kernels=specs)
+            model.run(x, threads=threads, kernels=specs, chain=True)
             t0 = time.perf_counter()
-            model.run(x, threads=threads, kernels=specs)
+            model.run(x, threads=threads, kernels=specs, chain=True)
             bursts[k] = int(min(8, max(1, 0.001 // max(time.perf_counter() - t0, 1e-7))))
         reps = 0
         while reps < 15 and (reps < 3 or time.perf_counter() - start < budget_s):
@@ -199,10 +199,10 @@ def _chain_candidates(model: FastModel, batch: int, threads: int = 1) -> dict[st
 def _burst(model: FastModel, x: np.ndarray, threads: int, specs: list[str], n: int, clock) -> float:
     """Seconds per call of ``n`` back-to-back calls after one unmeasured call (warm, as in deployment)."""
     if n > 1:
-        model.run(x, threads=threads, kernels=specs)
+        model.run(x, threads=threads, kernels=specs, chain=True)
     t0 = clock()
     for _ in range(n):
-        model.run(x, threads=threads, kernels=specs)
+        model.run(x, threads=threads, kernels=specs, chain=True)
     return (clock() - t0) / n
 
 
@@ -240,9 +240,9 @@ def calibrate(model: FastModel, *, batches: Iterable[int] = CALIBRATION_BATCHES,
             times: dict[str, list[float]] = {k: [] for k in cands}
             bursts: dict[str, int] = {}
             for k, specs in cands.items():  # warm-up (sessions, blocked copies, first touches)
-                model.run(x, threads=threads, kernels=specs)
+                model.run(x, threads=threads, kernels=specs, chain=True)
                 t0 = time.perf_counter()
-                model.run(x, threads=threads, kernels=specs)
+                model.run(x, threads=threads, kernels=specs, chain=True)
                 bursts[k] = int(min(8, max(1, 0.001 // max(time.perf_counter() - t0, 1e-7))))
 
             for k in cands:
