@@ -1350,24 +1350,36 @@ static void pchain_unit(void *ctx, int64_t u, int tid) {
     }
 }
 
-/* threads and unit size for a panel chain on B samples */
+/* Half panels: every thread reads all the weights, so only while they fit well within a core's L2
+ * (bigger layers split the rows of each panel instead, layer by layer: the caller's fallback). */
+#define HALF_PANEL_MAX_WEIGHT_BYTES (1 << 20)
+
+/* threads and unit size for a panel chain on B samples; 0 where the chain should not run this batch
+ * (the panels do not split evenly and the layers are too big for half panels: chain_run returns False
+ * and the runtime runs the layers one by one, splitting rows) */
 static int pchain_plan(const chain_t *c, int64_t B, int threads, int *half, int64_t *units) {
     int nt = clamp_threads(threads);
-    int64_t work = 0;
+    int64_t work = 0, wbytes = 0;
     for (int i = 0; i < c->n; i++) {
         if (c->L[i].cap > 0 && nt > c->L[i].cap) nt = c->L[i].cap;
         work += c->L[i].work;
+        wbytes += c->L[i].work * (4 + (c->L[i].pw.idx16 ? 2 : 4));
     }
     if (work * B < g_panel_par_min) nt = 1;
     const int64_t P = (B + PANEL - 1) / PANEL;
     *half = 0;
     *units = P;
+    if (nt > 1 && P % nt != 0) {
+        int ok = 0;
 #if SK_X86
-    if (nt > 1 && P % nt != 0 && g_isa == ISA_AVX512 && (2 * P) % nt == 0) {
-        *half = 1;
-        *units = (B + PANEL / 2 - 1) / (PANEL / 2);
-    }
+        if (g_isa == ISA_AVX512 && (2 * P) % nt == 0 && wbytes <= HALF_PANEL_MAX_WEIGHT_BYTES) {
+            *half = 1;
+            *units = (B + PANEL / 2 - 1) / (PANEL / 2);
+            ok = 1;
+        }
 #endif
+        if (!ok && work * B >= (g_panel_par_min << ROW_SPLIT_SHIFT)) return 0;
+    }
     if (nt > *units) nt = (int)*units;
     return nt < 1 ? 1 : nt;
 }
@@ -1409,6 +1421,11 @@ static PyObject *py_chain_run(PyObject *self, PyObject *const *args, Py_ssize_t 
     int64_t p_units = 0, need = 0;
     if (c->panel) {
         p_nt = pchain_plan(c, B, threads, &p_half, &p_units);
+        if (p_nt == 0) {
+            ret = Py_False;
+            Py_INCREF(ret);
+            goto done;
+        }
         need = (int64_t)p_nt * (2 * c->pw * PANEL + 16); /* per thread: two panels (+ 64 bytes) */
     } else if (c->n > 1) {
         need = 2 * c->max_mid * B + 32;
