@@ -8,18 +8,63 @@ densified layer(s), which keeps a measured plan from choosing something slower t
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 
-from sparsekit.runtime.layers import PANEL, SparseLayer, aligned_empty, to_panels
+from sparsekit.runtime.layers import _K, PANEL, SparseLayer, aligned_empty, to_panels
 from sparsekit.runtime.model import GEMV_MAX_WEIGHTS, FastModel, _dense_session, default_kernel
 
 DEFAULT_BATCHES = (1, 8, 64, 256)
 CALIBRATION_BATCHES = (1, 8, 64, 256)
 CLEAR_WIN_WEIGHTS = 1 << 20   # calibration skips models whose every layer is this big ...
 CLEAR_WIN_DENSITY = 0.2       # ... and at most this dense
+
+
+# while timing multi-threaded candidates the pool's workers spin this long between calls (µs)
+TUNE_SPIN_US = 50_000
+
+
+@contextlib.contextmanager
+def awake_workers(threads: int) -> Iterator[None]:
+    """Keep the thread pool's workers spinning between calls while candidates are timed.
+
+    At its default the pool's workers sleep 100 µs after a job. Candidates take turns in bursts of
+    about a millisecond, so without this every multi-threaded burst would start with a sleeping
+    worker, and the first few hundred microseconds after a wake-up run measurably slower under a
+    hypervisor (4096×1024 98% batch 1: 13 µs per call warm, ~20 µs in a burst right after a wake-up),
+    which made ``--tune`` cap layers at one thread that are faster on two when calls come back to back.
+    """
+    if threads <= 1 or _K is None or not hasattr(_K, "set_threading"):
+        yield
+        return
+    saved = int(_K.set_threading()["spin_us"])
+    _K.set_threading(max(saved, TUNE_SPIN_US))
+    try:
+        yield
+    finally:
+        _K.set_threading(saved)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _timed_with_awake_workers(fn: _F) -> _F:
+    """Run ``fn`` (which takes a ``threads`` argument) inside ``awake_workers(threads)``."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def inner(*args: Any, **kwargs: Any) -> Any:
+        threads = sig.bind(*args, **kwargs).arguments.get("threads", 1)
+        with awake_workers(int(threads)):
+            return fn(*args, **kwargs)
+
+    return inner  # type: ignore[return-value]
 
 
 def call_clock(threads: int):
@@ -71,6 +116,7 @@ def _runner(layer: SparseLayer, spec: str, x: np.ndarray, threads: int):
     return lambda: layer.run_panel(xp, yp, npanels, block, threads)
 
 
+@_timed_with_awake_workers
 def time_candidates(layer: SparseLayer, batch: int, threads: int = 1, *, specs: Iterable[str] | None = None,
                     budget_s: float = 0.5, min_reps: int = 3, max_reps: int = 50,
                     seed: int = 0, burst_s: float = 0.001) -> dict[str, float]:
@@ -130,6 +176,7 @@ def tune_layers(layers: list[SparseLayer], *, batches: Iterable[int] = DEFAULT_B
     return report
 
 
+@_timed_with_awake_workers
 def check_thread_caps(model: FastModel, *, batches: Iterable[int], threads: int, budget_s: float = 0.25,
                       seed: int = 0) -> dict[str, dict]:
     """After per-layer tuning at ``threads`` > 1: time the whole model with its tuned plan and with every
@@ -206,6 +253,7 @@ def _burst(model: FastModel, x: np.ndarray, threads: int, specs: list[str], n: i
     return (clock() - t0) / n
 
 
+@_timed_with_awake_workers
 def calibrate(model: FastModel, *, batches: Iterable[int] = CALIBRATION_BATCHES, threads: int = 1,
               budget_s: float = 1.5, seed: int = 0) -> dict[str, dict]:
     """Quick measured plan for the whole model (on by default at export; well under ``budget_s``).
