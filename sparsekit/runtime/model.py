@@ -27,6 +27,8 @@ from sparsekit.runtime.layers import (
     parse_kernel,
 )
 
+_F32 = np.dtype(np.float32)
+
 # batch size below which the gathered-row kernel is the default; above it the panel kernel
 ROWS_MAX_BATCH = 8
 # densities above which the dense GEMM is the default (no tuning): measured break-even points
@@ -137,7 +139,8 @@ class FastModel:
         self._sessions: dict[tuple[int, int, int], Any] = {}
         # batch -> (the layers' plan dicts it was made from, parsed specs, prepared C chain or None)
         self._plans: dict[int, tuple[tuple[dict[int, str], ...], list[tuple[str, int, int]], Any]] = {}
-        self._fast: dict[int, tuple[int, Any]] = {}  # batch -> (PLAN_EPOCH when made, C chain)
+        # batch -> (PLAN_EPOCH when made, C chain, output shape): run()'s fast path
+        self._fast: dict[int, tuple[int, Any, tuple[int, int]]] = {}
         self._forced_chains: dict[tuple[tuple[str, int, int], ...], Any] = {}  # run(kernels=, chain=True)
         self._n_out = layers[-1].n_out
         self._buffers: list[np.ndarray | None] = [None, None]
@@ -181,7 +184,7 @@ class FastModel:
             self._fast.clear()
         self._plans[batch] = (tuple(layer.plan for layer in self.layers), parsed, chain)
         if chain is not None:
-            self._fast[batch] = (PLAN_EPOCH[0], chain)
+            self._fast[batch] = (PLAN_EPOCH[0], chain, (batch, self._n_out))
         return parsed, chain
 
     def _make_chain(self, parsed: list[tuple[str, int, int]]) -> Any:
@@ -257,7 +260,7 @@ class FastModel:
             # since); chain_run itself checks x (float32, C-contiguous, n_features wide) or returns False
             hit = self._fast.get(x.shape[0])
             if hit is not None and hit[0] == PLAN_EPOCH[0]:
-                y = np.empty((x.shape[0], self._n_out), np.float32)
+                y = np.empty(hit[2], _F32)
                 if _K.chain_run(hit[1], x, y, self.threads if threads is None else self._check_threads(threads)):
                     return y
         nt = self.threads if threads is None else self._check_threads(threads)
