@@ -747,29 +747,54 @@ typedef struct {
     void *ctx;
     int64_t n;
     int nt;
+    uint64_t seq;
 } jobsnap_t;
 
-/* run items of job j as thread tid: its own range first, then the others'; returns how many. A worker
- * adds what it did to its count after each range, not after each item: a store per item would wait, at
- * the next claim (a locked instruction), for the line the caller polls to come back; and the caller
- * learns that the worker's own range is done before the worker goes looking for items to take. */
-static int64_t run_items(const jobsnap_t *j, int tid, int wake_check) {
+/* A thread that has run its own range waits up to this long for the job to end before it takes items
+ * from another thread's range. Looking at another thread's claim counter moves that line out of its
+ * owner's cache, and the owner's first claim of the next job then waits for it (~0.1 us each way on
+ * this machine); in a balanced job the other thread ends within a fraction of this. */
+#define STEAL_AFTER_NS 2000
+
+/* the job is over: for the caller, every item done; for a worker, a newer job published */
+static int job_over(const jobsnap_t *j, int tid, int64_t own_done) {
+    if (tid > 0) return LDA(&g_job.seq) != j->seq;
+    int64_t total = own_done;
+    for (int t = 1; t < j->nt; t++) total += (int64_t)(LDA(&g_done[t].done) - g_done_seen[t]);
+    return total >= j->n;
+}
+
+/* run items of job j as thread tid: its own range first (from item `first` when the caller claimed it
+ * before publishing the job), then, if the job is not over within STEAL_AFTER_NS, the others'.
+ * Returns how many. A worker adds what it did to its count after each range, not after each item: a
+ * store per item would wait, at the next claim (a locked instruction), for the line the caller polls
+ * to come back; and the caller learns that the worker's own range is done before the worker goes
+ * looking for items to take. */
+static int64_t run_items(const jobsnap_t *j, int tid, int64_t first) {
     int64_t done = 0, told = 0;
     for (int r = 0; r < j->nt; r++) {
         const int t = (tid + r) % j->nt;
         const int64_t start = j->n * t / j->nt, end = j->n * (t + 1) / j->nt;
         int mine = r == 0;
+        if (r == 1 && j->nt > 1) {
+            const int64_t t0 = now_ns();
+            int spins = 0, over = 0;
+            while (!(over = job_over(j, tid, done))) {
+                cpu_relax();
+                if (++spins == 8) {
+                    spins = 0;
+                    if (now_ns() - t0 > STEAL_AFTER_NS) break;
+                }
+            }
+            if (over) break;
+        }
+        if (r == 0 && first >= 0) {
+            j->fn(j->ctx, first, tid);
+            done++;
+        }
         for (;;) {
             const int64_t i = claim(&g_claim[t].word, j->base, start, end, &mine);
             if (i < 0) break;
-            if (wake_check) { /* after the caller's first locked instruction: see the protocol above */
-                wake_check = 0;
-                if (LDR(&g_sleeping) > 0) {
-                    pthread_mutex_lock(&g_mu);
-                    pthread_cond_broadcast(&g_cv);
-                    pthread_mutex_unlock(&g_mu);
-                }
-            }
             j->fn(j->ctx, i, tid);
             done++;
         }
@@ -781,6 +806,12 @@ static int64_t run_items(const jobsnap_t *j, int tid, int wake_check) {
     return done;
 }
 
+static void wake_sleepers(void) {
+    pthread_mutex_lock(&g_mu);
+    pthread_cond_broadcast(&g_cv);
+    pthread_mutex_unlock(&g_mu);
+}
+
 /* a consistent copy of the published job, or 0 while one is being written */
 static int snap_job(jobsnap_t *j, uint64_t seq) {
     if (seq & 1) return 0;
@@ -789,6 +820,7 @@ static int snap_job(jobsnap_t *j, uint64_t seq) {
     j->n = LDR(&g_job.n);
     j->nt = (int)LDR(&g_job.nt);
     j->base = LDR(&g_job.base);
+    j->seq = seq;
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     return LDR(&g_job.seq) == seq;
 }
@@ -823,7 +855,7 @@ static void *worker_main(void *arg) {
         }
         if (!snap_job(&j, s)) continue; /* rewritten meanwhile: look again */
         seen = s;
-        if (tid < j.nt) run_items(&j, tid, 0);
+        if (tid < j.nt) run_items(&j, tid, -1);
     }
     return NULL;
 }
@@ -866,6 +898,10 @@ static int pool_grow(int want) {
 static void pool_job(int nt, int64_t n, item_fn fn, void *ctx) {
     const uint64_t seq = LDR(&g_job.seq) + 2; /* even: the caller never leaves it odd */
     const uint64_t base = LDR(&g_job.base) + (uint64_t)LDR(&g_job.n);
+    /* the caller's first item is claimed before the job is published: that claim (a locked instruction)
+     * then finds nothing in the store buffer to wait for, and the job's stores drain while it runs */
+    int mine = 1;
+    const int64_t first = claim(&g_claim[0].word, base, 0, n / nt, &mine);
     STR(&g_job.seq, seq - 1);
     STR(&g_job.fn, fn);
     STR(&g_job.ctx, ctx);
@@ -873,8 +909,20 @@ static void pool_job(int nt, int64_t n, item_fn fn, void *ctx) {
     STR(&g_job.nt, (int64_t)nt);
     STR(&g_job.base, base);
     STR(&g_job.seq, seq);
-    const jobsnap_t j = {base, fn, ctx, n, nt};
-    int64_t done = run_items(&j, 0, 1);
+    const jobsnap_t j = {base, fn, ctx, n, nt, seq};
+    /* Dekker with a worker going to sleep (it adds itself to g_sleeping, then looks at g_job.seq): a
+     * plain read here may miss one that is going to sleep right now, so it is read again after a fence
+     * once the caller's own range is done; the worker joins late then, it is not lost */
+    int woke = 0;
+    if (LDR(&g_sleeping) > 0) {
+        wake_sleepers();
+        woke = 1;
+    }
+    int64_t done = run_items(&j, 0, first);
+    if (!woke) {
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (LDR(&g_sleeping) > 0) wake_sleepers();
+    }
     /* wait for the items the workers claimed; yield after a few us (a worker may share this core) */
     const int64_t t0 = now_ns();
     int spins = 0;
