@@ -630,11 +630,14 @@ static void split_rows(const int64_t *rowptr, int64_t n, int part, int parts, in
  * item i of thread t's range is counter value base + i, claimed by compare-and-swap (the first claim of
  * a job jumps the counter up to its range), and nobody writes the other threads' lines to set a job
  * up. A late worker still holding an older job finds every counter past that job's ranges and touches
- * nothing: a job is finished only when all its items are claimed and done, so no one runs a stale item. Each
- * worker counts the items it finished in its own line; the caller sums those against its snapshot from
- * the previous job. Sleeping uses the Dekker pattern between g_job.seq and g_sleeping: the caller
- * looks at g_sleeping after its first claim (a locked instruction, i.e. a full fence). Calls from
- * several Python threads at once: the one that does not get g_dispatch runs its items serially. Without
+ * nothing: a job is finished only when all its items are claimed and done, so no one runs a stale
+ * item. The caller claims its first item before it publishes the job. A thread done with its own range
+ * waits up to STEAL_AFTER_NS for the job to end before it takes items from another range. Each worker
+ * counts the items it finished in its own line; the caller sums those against its snapshot from the
+ * previous job. Sleeping uses the Dekker pattern between g_job.seq and g_sleeping: the caller reads
+ * g_sleeping right after publishing (plain read: wakes sleepers at once) and again after a fence once
+ * it has run its items (catches a worker that went to sleep at that very moment). Calls from several
+ * Python threads at once: the one that does not get g_dispatch runs its items serially. Without
  * pthreads (MSVC) OpenMP runs the items, without either one thread does.
  */
 #if !defined(_WIN32) && (defined(__unix__) || defined(__APPLE__)) && (defined(__GNUC__) || defined(__clang__))
