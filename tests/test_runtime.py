@@ -842,3 +842,25 @@ def test_panel_chain_leaves_one_panel_of_big_layers_to_the_row_split():
     y2 = np.empty((128, 700), np.float32)
     assert K.chain_run(chain, x2, y2, 2) is True
     close(y2, big.reference(x2))
+
+
+def test_whole_model_checks_offer_the_all_panel_chain():
+    from sparsekit.runtime.tune import _chain_candidates, check_panel_chain
+
+    rng = np.random.default_rng(54)
+    layers = [rt.SparseLayer.from_dense(sparse_matrix(rng, 96, 40, 0.1), rng.standard_normal(96), relu=True),
+              rt.SparseLayer.from_dense(sparse_matrix(rng, 10, 96, 1.0), rng.standard_normal(10), relu=False)]
+    model = rt.FastModel(layers, (40,))
+    assert model.kernels_for(64)[1] == "dense"  # a dense output layer: the heuristic mixes kernels
+    cands = _chain_candidates(model, 64)
+    assert cands["panel chain"] == ["panel", "panel"]
+    assert "panel chain" not in _chain_candidates(model, 8)  # below one panel: rows/gemv chains
+    layers[0].plan = {64: "panel", 1: "rows"}
+    layers[1].plan = {64: "dense", 1: "gemv"}
+    model.plan_changed()
+    report = check_panel_chain(model, batches=(1, 64), threads=1, budget_s=0.02)
+    assert list(report) == ["64"] and set(report["64"]["median_s"]) == {"tuned", "chain"}
+    want = ["panel", "panel"] if report["64"]["chain"] else ["panel", "dense"]
+    assert model.kernels_for(64) == want
+    x = rng.standard_normal((64, 40)).astype(np.float32)
+    close(model.run(x), layers[1].reference(layers[0].reference(x)))
