@@ -672,33 +672,48 @@ def test_chain_path_converts_odd_inputs_and_follows_plan_changes():
 
 
 @pytest.mark.skipif(K is None, reason="compiled kernels")
-def test_chain_concurrent_callers_get_their_own_results():
+def _errors_from_threads(n: int, calls: int, one_call) -> list[str]:
+    """Run ``one_call(k, it)`` (True when its result is right) ``calls`` times on each of ``n`` Python
+    threads at once; the (thread, iteration) pairs that went wrong."""
     import threading
 
+    errors: list[str] = []
+
+    def worker(k: int) -> None:
+        for it in range(calls):
+            if not one_call(k, it):
+                errors.append(f"thread {k} iteration {it}")
+
+    workers = [threading.Thread(target=worker, args=(k,)) for k in range(n)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return errors
+
+
+def _within(y: np.ndarray, ref: np.ndarray) -> bool:
+    """``close`` as a predicate (for worker threads, where an assert would be lost)."""
+    return y.shape == ref.shape and float(np.abs(y - ref).max()) <= 1e-5 * max(1.0, float(np.abs(ref).max()))
+
+
+def test_chain_concurrent_callers_get_their_own_results():
     rng = np.random.default_rng(42)
     model, ref = _chain_model(rng, threads=2, big=True)
     inputs = [rng.standard_normal((b, 40)).astype(np.float32) for b in (1, 1, 2, 3, 1, 4)]
     refs = [ref(x) for x in inputs]
-    errors: list[str] = []
     chain = model._plan(1)[1]
 
-    def worker(k: int) -> None:
-        for it in range(300):
-            i = (k + it) % len(inputs)
-            y = model.run(inputs[i])
-            if it % 3 == 0:  # also the bare C call (no Python lock exists on this path)
-                y2 = np.empty_like(y)
-                if K.chain_run(chain, inputs[i][:1], y2[:1], 2):
-                    y = np.concatenate([y2[:1], y[1:]])
-            bound = 1e-5 * max(1.0, float(np.abs(refs[i]).max()))
-            if y.shape != refs[i].shape or float(np.abs(y - refs[i]).max()) > bound:
-                errors.append(f"thread {k} iteration {it}")
+    def one_call(k: int, it: int) -> bool:
+        i = (k + it) % len(inputs)
+        y = model.run(inputs[i])
+        if it % 3 == 0:  # also the bare C call (no Python lock exists on this path)
+            y2 = np.empty_like(y)
+            if K.chain_run(chain, inputs[i][:1], y2[:1], 2):
+                y = np.concatenate([y2[:1], y[1:]])
+        return _within(y, refs[i])
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = _errors_from_threads(2, 300, one_call)
     assert not errors, errors[:5]
 
 
@@ -761,8 +776,6 @@ def test_panel_chain_matches_the_reference_whole_and_half_panels(isa, threading_
 
 @pytest.mark.skipif(K is None, reason="compiled kernels")
 def test_panel_plan_runs_as_one_chain_and_concurrent_callers_get_their_own_results(threading_knobs):
-    import threading
-
     threading_knobs.set_threading(-1, 0, 0, 0)
     rng = np.random.default_rng(51)
     model, ref = _panel_chain_model(rng, threads=2)
@@ -775,21 +788,12 @@ def test_panel_plan_runs_as_one_chain_and_concurrent_callers_get_their_own_resul
     assert model._make_chain(mixed) is None  # mixed layouts run layer by layer
     inputs = [rng.standard_normal((b, 70)).astype(np.float32) for b in (64, 100, 256, 64, 130)]
     refs = [ref(x) for x in inputs]
-    errors: list[str] = []
 
-    def worker(k: int) -> None:
-        for it in range(60):
-            i = (k + it) % len(inputs)
-            y = model.run(inputs[i])
-            bound = 1e-5 * max(1.0, float(np.abs(refs[i]).max()))
-            if y.shape != refs[i].shape or float(np.abs(y - refs[i]).max()) > bound:
-                errors.append(f"thread {k} iteration {it}")
+    def one_call(k: int, it: int) -> bool:
+        i = (k + it) % len(inputs)
+        return _within(model.run(inputs[i]), refs[i])
 
-    workers = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
+    errors = _errors_from_threads(3, 60, one_call)
     assert not errors, errors[:5]
 
 

@@ -176,6 +176,52 @@ def tune_layers(layers: list[SparseLayer], *, batches: Iterable[int] = DEFAULT_B
     return report
 
 
+def _time_plans(model: FastModel, x: np.ndarray, threads: int, cands: dict[str, list[str]], *,
+                budget_s: float, clock) -> dict[str, float]:
+    """Median seconds per call of each whole-model plan on ``x``: warmed up, bursts of about a
+    millisecond (at most 8 calls), interleaved, 3 to 15 rounds within ``budget_s``."""
+    times: dict[str, list[float]] = {k: [] for k in cands}
+    bursts: dict[str, int] = {}
+    start = time.perf_counter()
+    for k, specs in cands.items():
+        model.run(x, threads=threads, kernels=specs, chain=True)
+        t0 = time.perf_counter()
+        model.run(x, threads=threads, kernels=specs, chain=True)
+        bursts[k] = int(min(8, max(1, 0.001 // max(time.perf_counter() - t0, 1e-7))))
+    reps = 0
+    while reps < 15 and (reps < 3 or time.perf_counter() - start < budget_s):
+        for k in cands:
+            times[k].append(_burst(model, x, threads, cands[k], bursts[k], clock))
+        reps += 1
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def _keep_faster_plans(model: FastModel, *, batches: Iterable[int], threads: int, budget_s: float, seed: int,
+                       name: str, alternative, min_batch: int = 1) -> dict[str, dict]:
+    """For each batch (from ``min_batch``): time the model's plan against ``alternative(plan)`` and
+    keep the alternative where it is faster by more than 3%. Returns ``{batch: {name: kept,
+    "median_s": {"tuned": ..., name: ...}}}`` for the batches where the two plans differ."""
+    report: dict[str, dict] = {}
+    rng = np.random.default_rng(seed)
+    clock = call_clock(threads)
+    for b in sorted({int(v) for v in batches}):
+        if b < min_batch:
+            continue
+        tuned = model.kernels_for(b)
+        alt = alternative(tuned)
+        if alt == tuned:
+            continue
+        x = rng.standard_normal((b, *model.input_shape)).astype(np.float32)
+        med = _time_plans(model, x, threads, {"tuned": tuned, name: alt}, budget_s=budget_s, clock=clock)
+        keep = med[name] * 1.03 < med["tuned"]
+        if keep:
+            for layer, spec in zip(model.layers, alt, strict=True):
+                layer.plan = {**layer.plan, b: spec}
+        report[str(b)] = {name: keep, "median_s": {k: round(v, 9) for k, v in med.items()}}
+    model.plan_changed()
+    return report
+
+
 @_timed_with_awake_workers
 def check_thread_caps(model: FastModel, *, batches: Iterable[int], threads: int, budget_s: float = 0.25,
                       seed: int = 0) -> dict[str, dict]:
@@ -184,39 +230,11 @@ def check_thread_caps(model: FastModel, *, batches: Iterable[int], threads: int,
     than 3%. Layers tuned in isolation miss what a chain pays between them (a small layer on one
     thread between two split ones moves the activations across cores), so a tuned small model is never
     slower on two threads than on one. Returns ``{batch: {"capped": bool, "median_s": {...}}}``."""
-    report: dict[str, dict] = {}
     if threads <= 1:
-        return report
-    rng = np.random.default_rng(seed)
-    clock = call_clock(threads)
-    for b in sorted({int(v) for v in batches}):
-        tuned = model.kernels_for(b)
-        capped = [spec if "@" in spec else f"{spec}@1" for spec in tuned]
-        if capped == tuned:
-            continue
-        x = rng.standard_normal((b, *model.input_shape)).astype(np.float32)
-        cands = {"tuned": tuned, "capped": capped}
-        times: dict[str, list[float]] = {k: [] for k in cands}
-        bursts: dict[str, int] = {}
-        start = time.perf_counter()
-        for k, specs in cands.items():
-            model.run(x, threads=threads, kernels=specs, chain=True)
-            t0 = time.perf_counter()
-            model.run(x, threads=threads, kernels=specs, chain=True)
-            bursts[k] = int(min(8, max(1, 0.001 // max(time.perf_counter() - t0, 1e-7))))
-        reps = 0
-        while reps < 15 and (reps < 3 or time.perf_counter() - start < budget_s):
-            for k in cands:
-                times[k].append(_burst(model, x, threads, cands[k], bursts[k], clock))
-            reps += 1
-        med = {k: float(np.median(v)) for k, v in times.items()}
-        use_cap = med["capped"] * 1.03 < med["tuned"]
-        if use_cap:
-            for layer, spec in zip(model.layers, capped, strict=True):
-                layer.plan = {**layer.plan, b: spec}
-        report[str(b)] = {"capped": use_cap, "median_s": {k: round(v, 9) for k, v in med.items()}}
-    model.plan_changed()
-    return report
+        return {}
+    return _keep_faster_plans(model, batches=batches, threads=threads, budget_s=budget_s, seed=seed,
+                              name="capped",
+                              alternative=lambda plan: [s if "@" in s else f"{s}@1" for s in plan])
 
 
 @_timed_with_awake_workers
@@ -226,39 +244,9 @@ def check_panel_chain(model: FastModel, *, batches: Iterable[int], threads: int,
     the whole model with its tuned plan and with every layer on ``panel`` (tuned panel specs kept), and
     keep the all-panel plan where it is faster by more than 3%: it runs as one data-parallel C chain,
     which layer-by-layer timings cannot see. Returns ``{batch: {"chain": bool, "median_s": {...}}}``."""
-    report: dict[str, dict] = {}
-    rng = np.random.default_rng(seed)
-    clock = call_clock(threads)
-    for b in sorted({int(v) for v in batches}):
-        if b < PANEL:
-            continue
-        tuned = model.kernels_for(b)
-        chain = [spec if spec.startswith("panel") else "panel" for spec in tuned]
-        if chain == tuned:
-            continue
-        x = rng.standard_normal((b, *model.input_shape)).astype(np.float32)
-        cands = {"tuned": tuned, "chain": chain}
-        times: dict[str, list[float]] = {k: [] for k in cands}
-        bursts: dict[str, int] = {}
-        start = time.perf_counter()
-        for k, specs in cands.items():
-            model.run(x, threads=threads, kernels=specs, chain=True)
-            t0 = time.perf_counter()
-            model.run(x, threads=threads, kernels=specs, chain=True)
-            bursts[k] = int(min(8, max(1, 0.001 // max(time.perf_counter() - t0, 1e-7))))
-        reps = 0
-        while reps < 15 and (reps < 3 or time.perf_counter() - start < budget_s):
-            for k in cands:
-                times[k].append(_burst(model, x, threads, cands[k], bursts[k], clock))
-            reps += 1
-        med = {k: float(np.median(v)) for k, v in times.items()}
-        use_chain = med["chain"] * 1.03 < med["tuned"]
-        if use_chain:
-            for layer, spec in zip(model.layers, chain, strict=True):
-                layer.plan = {**layer.plan, b: spec}
-        report[str(b)] = {"chain": use_chain, "median_s": {k: round(v, 9) for k, v in med.items()}}
-    model.plan_changed()
-    return report
+    return _keep_faster_plans(model, batches=batches, threads=threads, budget_s=budget_s, seed=seed,
+                              name="chain", min_batch=PANEL,
+                              alternative=lambda plan: [s if s.startswith("panel") else "panel" for s in plan])
 
 
 def _chain_candidates(model: FastModel, batch: int, threads: int = 1) -> dict[str, list[str]]:
