@@ -1183,11 +1183,34 @@ typedef struct {
     void *scratch_raw;
     int64_t scratch_n;
     int busy;
+    PyObject *spare[2];  /* chain_call: the last outputs it returned (strong references), see out_take */
+    int64_t spare_bytes[2];
+    int spare_next;
 } chain_t;
+
+/* chain_call recycles its outputs: it keeps a reference to the last two arrays it returned and hands
+ * one out again once it is the only holder (Py_REFCNT 1: the caller, and any view or buffer export of
+ * it, let go), which is what free + malloc of the same block would do, minus their cost: a fresh 4 KB
+ * numpy array is ~0.25 us plus, on two threads, ~0.15 us more of the worker's output lines moving
+ * between the cores; a fresh 4 MB output (4096 x 256) costs 40-60 us of page faults per call. Two
+ * because in `y = m.run(x)` the previous result is still bound while the next call runs. Outputs up to
+ * SPARE_MAX_BYTES are kept, SPARE_TOTAL_BYTES over all chains. */
+#define SPARE_MAX_BYTES ((int64_t)16 << 20)
+#define SPARE_TOTAL_BYTES ((int64_t)64 << 20)
+static int64_t g_spare_total = 0; /* GIL-protected */
+
+static void spares_drop(chain_t *c) {
+    for (int i = 0; i < 2; i++) {
+        g_spare_total -= c->spare_bytes[i];
+        c->spare_bytes[i] = 0;
+        Py_CLEAR(c->spare[i]);
+    }
+}
 
 static void chain_free(PyObject *cap) {
     chain_t *c = (chain_t *)PyCapsule_GetPointer(cap, "sparsekit.chain");
     if (!c) return;
+    spares_drop(c);
     for (int i = 0; i < c->nbufs; i++) PyBuffer_Release(&c->bufs[i]);
     free(c->bufs);
     free(c->L);
@@ -1437,48 +1460,52 @@ static int pchain_plan(const chain_t *c, int64_t B, int threads, int *half, int6
     return nt < 1 ? 1 : nt;
 }
 
-static PyObject *py_chain_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    if (nargs != 4) { PyErr_SetString(PyExc_TypeError, "chain_run(chain, x, y, threads)"); return NULL; }
-    chain_t *c = (chain_t *)PyCapsule_GetPointer(args[0], "sparsekit.chain");
-    if (!c) return NULL;
-    const long threads_l = PyLong_AsLong(args[3]);
-    if (threads_l == -1 && PyErr_Occurred()) return NULL;
-    const int threads = threads_l < 1 ? 1 : threads_l > 1024 ? 1024 : (int)threads_l;
-    Py_buffer x, y;
-    /* x that is not a C-contiguous float32 (batch, n_in) array: False, the caller converts it and retries */
-    if (PyObject_GetBuffer(args[1], &x, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
-        if (!PyErr_ExceptionMatches(PyExc_BufferError) && !PyErr_ExceptionMatches(PyExc_ValueError)) return NULL;
+/* o's buffer (C-contiguous, with its format) in *x: 1; 0 and no buffer held where o has none of that kind
+ * (the caller converts it and retries); -1 with an exception set on other errors */
+static int get_x(PyObject *o, Py_buffer *x) {
+    if (PyObject_GetBuffer(o, x, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_BufferError) && !PyErr_ExceptionMatches(PyExc_ValueError) &&
+            !PyErr_ExceptionMatches(PyExc_TypeError)) /* TypeError: no buffer at all (a list) */
+            return -1;
         PyErr_Clear();
-        Py_RETURN_FALSE;
+        return 0;
     }
-    const int64_t n_in = c->L[0].n_in, n_out = c->L[c->n - 1].n_out;
-    if (x.ndim != 2 || x.itemsize != 4 || !x.format || strcmp(x.format, "f") != 0 || x.shape[1] != n_in ||
-        n_in == 0) {
-        PyBuffer_Release(&x);
-        Py_RETURN_FALSE;
+    return 1;
+}
+
+/* x is a float32 (batch, n_in) buffer for chain c, n_in > 0 */
+static int x_fits(const chain_t *c, const Py_buffer *x) {
+    const int64_t n_in = c->L[0].n_in;
+    return x->ndim == 2 && x->itemsize == 4 && x->format && strcmp(x->format, "f") == 0 && x->shape[1] == n_in &&
+           n_in > 0;
+}
+
+/* get_x and x_fits: 1 with the buffer held, 0 (none held) or -1 */
+static int chain_x(const chain_t *c, PyObject *o, Py_buffer *x) {
+    const int got = get_x(o, x);
+    if (got <= 0) return got;
+    if (!x_fits(c, x)) {
+        PyBuffer_Release(x);
+        return 0;
     }
-    if (PyObject_GetBuffer(args[2], &y, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
-        PyBuffer_Release(&x);
-        return NULL;
-    }
-    PyObject *ret = NULL;
-    const int64_t B = x.shape[0];
-    if ((int64_t)y.len != B * n_out * 4) {
-        PyErr_SetString(PyExc_ValueError, "chain_run: y must hold (batch, n_out) float32");
-        goto done;
-    }
+    return 1;
+}
+
+/* threads for a panel chain on B samples, or 0 when it declines (see pchain_plan); 1 for other chains */
+static int chain_plan(const chain_t *c, int64_t B, int threads, int *half, int64_t *units) {
+    *half = 0;
+    *units = 0;
+    return c->panel ? pchain_plan(c, B, threads, half, units) : 1;
+}
+
+/* run chain c on x (B samples) into y (B * n_out floats): 1 done, -1 out of memory (exception set);
+ * p_nt, p_half, p_units from chain_plan (p_nt > 0). Called with the GIL held, releases it to compute. */
+static int chain_exec(chain_t *c, const float *x, int64_t B, float *y, int threads, int p_nt, int p_half,
+                      int64_t p_units) {
     float *scratch = NULL;
     void *own = NULL;
-    int p_half = 0, p_nt = 1;
-    int64_t p_units = 0, need = 0;
+    int64_t need = 0;
     if (c->panel) {
-        p_nt = pchain_plan(c, B, threads, &p_half, &p_units);
-        if (p_nt == 0) {
-            ret = Py_False;
-            Py_INCREF(ret);
-            goto done;
-        }
         need = (int64_t)p_nt * (2 * c->pw * PANEL + 16); /* per thread: two panels (+ 64 bytes) */
     } else if (c->n > 1) {
         need = 2 * c->max_mid * B + 32;
@@ -1494,12 +1521,11 @@ static PyObject *py_chain_run(PyObject *self, PyObject *const *args, Py_ssize_t 
         } else {
             scratch = alloc_aligned(need, &own);
         }
-        if (!scratch) { PyErr_NoMemory(); goto done; }
+        if (!scratch) { PyErr_NoMemory(); return -1; }
         if (scratch == c->scratch) c->busy = 1;
     }
     if (c->panel) {
-        pchain_job_t job = {c, (const float *)x.buf, (float *)y.buf, B, p_half, scratch,
-                            2 * c->pw * PANEL + 16};
+        pchain_job_t job = {c, x, y, B, p_half, scratch, 2 * c->pw * PANEL + 16};
         if (B > 0) {
             Py_BEGIN_ALLOW_THREADS
             if (p_nt <= 1) {
@@ -1510,11 +1536,11 @@ static PyObject *py_chain_run(PyObject *self, PyObject *const *args, Py_ssize_t 
             Py_END_ALLOW_THREADS
         }
     } else {
-        const float *cur = (const float *)x.buf;
+        const float *cur = x;
         const int64_t half = c->max_mid * B + 16; /* second buffer starts 64 bytes apart at least */
         Py_BEGIN_ALLOW_THREADS
         for (int i = 0; i < c->n; i++) {
-            float *dst = i + 1 == c->n ? (float *)y.buf : scratch + (i & 1) * half;
+            float *dst = i + 1 == c->n ? y : scratch + (i & 1) * half;
             chain_layer(&c->L[i], cur, dst, B, threads);
             cur = dst;
         }
@@ -1522,12 +1548,191 @@ static PyObject *py_chain_run(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     if (scratch && scratch == c->scratch) c->busy = 0;
     free(own);
-    ret = Py_True;
-    Py_INCREF(ret);
-done:
+    return 1;
+}
+
+static int parse_threads(PyObject *o, int *threads) {
+    const long t = PyLong_AsLong(o);
+    if (t == -1 && PyErr_Occurred()) return -1;
+    *threads = t < 1 ? 1 : t > 1024 ? 1024 : (int)t;
+    return 0;
+}
+
+static PyObject *py_chain_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 4) { PyErr_SetString(PyExc_TypeError, "chain_run(chain, x, y, threads)"); return NULL; }
+    chain_t *c = (chain_t *)PyCapsule_GetPointer(args[0], "sparsekit.chain");
+    int threads;
+    if (!c || parse_threads(args[3], &threads) < 0) return NULL;
+    Py_buffer x, y;
+    const int got = chain_x(c, args[1], &x);
+    if (got <= 0) {
+        if (got < 0) return NULL;
+        Py_RETURN_FALSE;
+    }
+    if (PyObject_GetBuffer(args[2], &y, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&x);
+        return NULL;
+    }
+    PyObject *ret = NULL;
+    const int64_t B = x.shape[0];
+    int p_half, p_nt;
+    int64_t p_units;
+    if ((int64_t)y.len != B * c->L[c->n - 1].n_out * 4) {
+        PyErr_SetString(PyExc_ValueError, "chain_run: y must hold (batch, n_out) float32");
+    } else if ((p_nt = chain_plan(c, B, threads, &p_half, &p_units)) == 0) {
+        ret = Py_False;
+        Py_INCREF(ret);
+    } else if (chain_exec(c, (const float *)x.buf, B, (float *)y.buf, threads, p_nt, p_half, p_units) > 0) {
+        ret = Py_True;
+        Py_INCREF(ret);
+    }
     PyBuffer_Release(&x);
     PyBuffer_Release(&y);
     return ret;
+}
+
+/* o is a writable C-contiguous float32 (B, n) array: its data, else NULL (no exception) */
+static float *out_data(PyObject *o, int64_t B, int64_t n) {
+    Py_buffer b;
+    if (PyObject_GetBuffer(o, &b, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0) {
+        PyErr_Clear();
+        return NULL;
+    }
+    float *p = NULL;
+    if (b.ndim == 2 && b.shape[0] == B && b.shape[1] == n && b.itemsize == 4 && b.format &&
+        strcmp(b.format, "f") == 0)
+        p = (float *)b.buf;
+    PyBuffer_Release(&b); /* the array itself keeps the data alive: chain_call holds a reference */
+    return p;
+}
+
+/* the output for a B-sample call: a recycled one (see SPARE_MAX_BYTES) or a new one from alloc();
+ * a new reference and its data in *data, or NULL with an exception set */
+static PyObject *out_take(chain_t *c, PyObject *alloc, int64_t B, float **data) {
+    const int64_t n = c->L[c->n - 1].n_out;
+    for (int k = 0; k < 2; k++) {
+        const int i = (c->spare_next + k) & 1;
+        PyObject *s = c->spare[i];
+        if (s && Py_REFCNT(s) == 1 && (*data = out_data(s, B, n)) != NULL) {
+            c->spare_next = i ^ 1;
+            Py_INCREF(s);
+            return s;
+        }
+    }
+    PyObject *y = PyObject_CallNoArgs(alloc);
+    if (!y) return NULL;
+    if (!(*data = out_data(y, B, n))) {
+        Py_DECREF(y);
+        PyErr_SetString(PyExc_ValueError, "chain_call: alloc() must return a writable (batch, n_out) float32 array");
+        return NULL;
+    }
+    const int64_t bytes = B * n * 4;
+    const int i = c->spare_next;
+    g_spare_total -= c->spare_bytes[i];
+    c->spare_bytes[i] = 0;
+    Py_CLEAR(c->spare[i]);
+    if (bytes <= SPARE_MAX_BYTES && g_spare_total + bytes <= SPARE_TOTAL_BYTES) {
+        Py_INCREF(y);
+        c->spare[i] = y;
+        c->spare_bytes[i] = bytes;
+        g_spare_total += bytes;
+    }
+    c->spare_next = i ^ 1;
+    return y;
+}
+
+/* chain c on x (a fitting buffer, held by the caller) into an output from out_take: a new reference,
+ * Py_False (a new reference) where the chain declines this batch, or NULL with an exception set */
+static PyObject *chain_call_x(chain_t *c, const Py_buffer *x, int threads, PyObject *alloc) {
+    const int64_t B = x->shape[0];
+    int p_half;
+    int64_t p_units;
+    const int p_nt = chain_plan(c, B, threads, &p_half, &p_units);
+    if (p_nt == 0) Py_RETURN_FALSE;
+    float *yd;
+    PyObject *y = out_take(c, alloc, B, &yd);
+    if (y && chain_exec(c, (const float *)x->buf, B, yd, threads, p_nt, p_half, p_units) < 0) Py_CLEAR(y);
+    return y;
+}
+
+static PyObject *py_chain_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 4) { PyErr_SetString(PyExc_TypeError, "chain_call(chain, x, threads, alloc)"); return NULL; }
+    chain_t *c = (chain_t *)PyCapsule_GetPointer(args[0], "sparsekit.chain");
+    int threads;
+    if (!c || parse_threads(args[2], &threads) < 0) return NULL;
+    Py_buffer x;
+    const int got = chain_x(c, args[1], &x);
+    if (got <= 0) {
+        if (got < 0) return NULL;
+        Py_RETURN_FALSE;
+    }
+    PyObject *y = chain_call_x(c, &x, threads, args[3]);
+    PyBuffer_Release(&x);
+    return y;
+}
+
+/* fast_call(table, x, threads, epoch): FastModel.run's fast path in one call. table maps a batch size to
+ * (plan epoch, chain, alloc); when x is a C-contiguous float32 (batch, n_in) array whose batch size has
+ * an entry made at epoch[0] (no layer's plan replaced since) and the chain takes this batch, runs it
+ * like chain_call and returns the output; else None (nothing run). */
+static PyObject *py_fast_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 4 || !PyDict_CheckExact(args[0]) || !PyList_CheckExact(args[3]) || PyList_GET_SIZE(args[3]) < 1) {
+        PyErr_SetString(PyExc_TypeError, "fast_call(table: dict, x, threads, epoch: list)");
+        return NULL;
+    }
+    int threads;
+    if (parse_threads(args[2], &threads) < 0) return NULL;
+    Py_buffer x;
+    const int got = get_x(args[1], &x);
+    if (got <= 0) {
+        if (got < 0) return NULL;
+        Py_RETURN_NONE;
+    }
+    PyObject *ret = NULL, *hit = NULL;
+    if (x.ndim != 2) goto none;
+    PyObject *key = PyLong_FromSsize_t(x.shape[0]);
+    if (!key) goto done;
+    hit = PyDict_GetItemWithError(args[0], key);
+    Py_DECREF(key);
+    if (!hit) {
+        if (PyErr_Occurred()) goto done;
+        goto none;
+    }
+    Py_INCREF(hit); /* another thread may replace the entry while this one computes with the GIL released */
+    if (!PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) != 3) {
+        PyErr_SetString(PyExc_TypeError, "fast_call: table values must be (epoch, chain, alloc)");
+        goto done;
+    }
+    const int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(hit, 0), PyList_GET_ITEM(args[3], 0), Py_EQ);
+    if (same < 0) goto done;
+    if (!same) goto none;
+    chain_t *c = (chain_t *)PyCapsule_GetPointer(PyTuple_GET_ITEM(hit, 1), "sparsekit.chain");
+    if (!c) goto done;
+    if (!x_fits(c, &x)) goto none;
+    ret = chain_call_x(c, &x, threads, PyTuple_GET_ITEM(hit, 2));
+    if (ret == Py_False) {
+        Py_DECREF(ret);
+        goto none;
+    }
+    goto done;
+none:
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    Py_XDECREF(hit);
+    PyBuffer_Release(&x);
+    return ret;
+}
+
+static PyObject *py_chain_drop_outputs(PyObject *self, PyObject *cap) {
+    (void)self;
+    chain_t *c = (chain_t *)PyCapsule_GetPointer(cap, "sparsekit.chain");
+    if (!c) return NULL;
+    spares_drop(c);
+    Py_RETURN_NONE;
 }
 
 /* Rows are handled in groups of GROUP_ROWS: thread ranges start on group boundaries, and a layer's
@@ -1963,6 +2168,15 @@ static PyMethodDef methods[] = {
     {"chain_run", (PyCFunction)(void (*)(void))py_chain_run, METH_FASTCALL,
      "chain_run(chain, x, y, threads): run a chain_new chain on x (batch, n_in) into y (batch, n_out), one call; "
      "True when done, False (nothing run) when x is not a C-contiguous float32 (batch, n_in) array"},
+    {"chain_call", (PyCFunction)(void (*)(void))py_chain_call, METH_FASTCALL,
+     "chain_call(chain, x, threads, alloc): like chain_run, into an output it returns: alloc() (a new writable "
+     "(batch, n_out) float32 array) or one of the last two it returned, once nothing else references it; False "
+     "(nothing run) where chain_run would return False"},
+    {"fast_call", (PyCFunction)(void (*)(void))py_fast_call, METH_FASTCALL,
+     "fast_call(table, x, threads, epoch): FastModel.run's fast path: table {batch: (epoch, chain, alloc)}; the "
+     "output of chain_call for x's batch size when its entry is current (epoch[0]) and x fits, else None"},
+    {"chain_drop_outputs", py_chain_drop_outputs, METH_O,
+     "chain_drop_outputs(chain): forget the outputs chain_call keeps for reuse"},
     {"to_panels", py_to_panels, METH_VARARGS, "to_panels(x, xp, batch, n, threads)"},
     {"from_panels", py_from_panels, METH_VARARGS, "from_panels(yp, y, batch, n, threads)"},
     {"isa", py_isa, METH_NOARGS, "active code path: avx512, avx2 or generic"},

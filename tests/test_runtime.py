@@ -672,6 +672,85 @@ def test_chain_path_converts_odd_inputs_and_follows_plan_changes():
 
 
 @pytest.mark.skipif(K is None, reason="compiled kernels")
+@pytest.mark.parametrize("plan", ["rows", "panel"])
+def test_fast_path_recycles_only_outputs_nothing_references(plan):
+    """run() hands an output out again once the caller let go of it (one of the last two), never one that
+    is still referenced (a name, a view, a buffer export) or was reshaped, retyped or frozen in place."""
+    import sys
+
+    rng = np.random.default_rng(44)
+    model, ref = _chain_model(rng, threads=2)
+    if plan == "panel":  # an all-panel chain
+        for layer in model.layers:
+            layer.plan = {1: "panel"}
+    x = rng.standard_normal((1, 40)).astype(np.float32)
+    x2 = rng.standard_normal((1, 40)).astype(np.float32)
+    model.run(x)  # prepares the chain; from here on run() is one C call
+    assert model._plan(1)[1] is not None
+
+    y = model.run(x)
+    yid = id(y)
+    assert sys.getrefcount(y) == 3  # y, getrefcount's argument and the chain's spare
+    y[:] = np.nan  # a caller may scribble on its output before letting go of it
+    del y
+    y = model.run(x2)
+    assert id(y) == yid  # recycled ...
+    close(y, ref(x2))  # ... and fully rewritten
+
+    held = [model.run(x), model.run(x2), model.run(x)]  # `y` and these hold every spare: new arrays
+    assert len({id(a) for a in [y, *held]}) == 4
+    view = model.run(x2)[0]  # only a view survives: its base is still referenced
+    mem = memoryview(model.run(x2))  # a buffer export
+    for _ in range(3):
+        model.run(rng.standard_normal((1, 40)).astype(np.float32))
+    close(y, ref(x2))
+    close(held[0], ref(x))
+    close(held[1], ref(x2))
+    close(view, ref(x2)[0])
+    close(np.asarray(mem), ref(x2))
+    del y, held, view, mem
+
+    for change in ("shape", "dtype", "frozen"):
+        keep = model.run(x)  # holds one spare: the next output lands in the other
+        y = model.run(x)
+        yid = id(y)
+        if change == "shape":
+            y.shape = (-1,)
+        elif change == "dtype":
+            y.dtype = np.int32
+        else:
+            y.flags.writeable = False
+        del y
+        out = model.run(x2)  # the changed array is not handed out: a new one is
+        assert id(out) != yid and out.shape == (1, 9) and out.dtype == np.float32 and out.flags.writeable
+        close(out, ref(x2))
+        close(keep, ref(x))
+        del out, keep
+
+    y = model.run(x)
+    model.release_scratch()  # drops the spares
+    assert sys.getrefcount(y) == 2
+
+
+@pytest.mark.skipif(K is None, reason="compiled kernels")
+def test_fast_path_keeps_no_large_outputs():
+    """Outputs over 16 MiB are not kept for reuse."""
+    import sys
+
+    rng = np.random.default_rng(45)
+    layer = rt.SparseLayer.from_dense(sparse_matrix(rng, 4200, 4, 0.5), None, relu=False)
+    layer.plan = {1: "rows"}
+    model = rt.FastModel([layer], (4,), threads=1)
+    for batch, kept in ((900, True), (1100, False)):  # 15.1 MB, 18.5 MB
+        layer.plan = {batch: "rows"}
+        x = rng.standard_normal((batch, 4)).astype(np.float32)
+        model.run(x)
+        y = model.run(x)
+        assert sys.getrefcount(y) == (3 if kept else 2)
+        close(y, layer.reference(x))
+        del y
+
+
 def _errors_from_threads(n: int, calls: int, one_call) -> list[str]:
     """Run ``one_call(k, it)`` (True when its result is right) ``calls`` times on each of ``n`` Python
     threads at once; the (thread, iteration) pairs that went wrong."""

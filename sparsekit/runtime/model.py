@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -152,9 +153,8 @@ class FastModel:
         self._sessions: dict[tuple[int, int, int], Any] = {}
         # batch -> (the layers' plan dicts it was made from, parsed specs, prepared C chain or None)
         self._plans: dict[int, tuple[tuple[dict[int, str], ...], list[tuple[str, int, int]], Any]] = {}
-        # batch -> (PLAN_EPOCH when made, C chain, output shape, output small enough for plain np.empty):
-        # run()'s fast path
-        self._fast: dict[int, tuple[int, Any, tuple[int, int], bool]] = {}
+        # batch -> (PLAN_EPOCH when made, C chain, output allocator): run()'s fast path
+        self._fast: dict[int, tuple[int, Any, Callable[[], np.ndarray]]] = {}
         self._forced_chains: dict[tuple[tuple[str, int, int], ...], Any] = {}  # run(kernels=, chain=True)
         self._n_out = layers[-1].n_out
         self._buffers: list[np.ndarray | None] = [None, None]
@@ -198,8 +198,9 @@ class FastModel:
             self._fast.clear()
         self._plans[batch] = (tuple(layer.plan for layer in self.layers), parsed, chain)
         if chain is not None:
-            self._fast[batch] = (PLAN_EPOCH[0], chain, (batch, self._n_out),
-                                 batch * self._n_out < ALIGNED_OUTPUT_FLOATS)
+            alloc = (partial(np.empty, (batch, self._n_out), _F32) if batch * self._n_out < ALIGNED_OUTPUT_FLOATS
+                     else partial(_new_output, batch, self._n_out))
+            self._fast[batch] = (PLAN_EPOCH[0], chain, alloc)
         return parsed, chain
 
     def _make_chain(self, parsed: list[tuple[str, int, int]]) -> Any:
@@ -270,15 +271,14 @@ class FastModel:
         prepared C chain where they allow it): what calibration and ``--tune`` time.
         Returns a new array on every call.
         """
-        if kernels is None and type(x) is np.ndarray and x.ndim == 2:
-            # fast path: a batch size seen before whose layers all run as one C chain (no plan changed
-            # since); chain_run itself checks x (float32, C-contiguous, n_features wide) or returns False
-            hit = self._fast.get(x.shape[0])
-            if hit is not None and hit[0] == PLAN_EPOCH[0]:
-                y = np.empty(hit[2], _F32) if hit[3] else _new_output(*hit[2])
-                if _K.chain_run(hit[1], x, y, self.threads if threads is None else self._check_threads(threads)):
-                    return y
         nt = self.threads if threads is None else self._check_threads(threads)
+        if kernels is None and _K is not None:
+            # fast path, one C call: a float32 C-contiguous (batch, n_features) x of a batch size seen before
+            # whose layers all run as one C chain, no plan changed since (else None); outputs nothing
+            # references any more are recycled (see chain_call in csrc/sparsekit_kernels.c)
+            y = _K.fast_call(self._fast, x, nt, PLAN_EPOCH)
+            if y is not None:
+                return y
         xf = self._prepare_input(x)
         batch = xf.shape[0]
         if kernels is None:
@@ -317,9 +317,12 @@ class FastModel:
         return buf[:size]
 
     def release_scratch(self) -> None:
-        """Free the cached activation buffers (they hold the largest batch's panels)."""
+        """Free the cached activation buffers (they hold the largest batch's panels) and the outputs the
+        C chains keep for reuse."""
         with self._lock:
             self._buffers = [None, None]
+        for _, chain, _ in list(self._fast.values()):
+            _K.chain_drop_outputs(chain)
 
     def _run(self, x: np.ndarray, parsed: list[tuple[str, int, int]], threads: int) -> np.ndarray:
         batch = x.shape[0]
