@@ -269,7 +269,8 @@ class FastModel:
         ``kernels`` forces one kernel spec per layer (benchmarks, tests); by default the plan decides.
         With ``kernels`` and ``chain=True`` the specs run the way a plan with them would (as one
         prepared C chain where they allow it): what calibration and ``--tune`` time.
-        Returns a new array on every call.
+        Returns an array nothing else references: a new one, or (fast path) one an earlier call returned
+        that its caller has let go of (no name, view or buffer export left), as malloc would reuse it.
         """
         nt = self.threads if threads is None else self._check_threads(threads)
         if kernels is None and _K is not None:
