@@ -770,18 +770,19 @@ static int job_over(const jobsnap_t *j, int tid, int64_t own_done) {
 }
 
 /* run items of job j as thread tid: its own range first (from item `first` when the caller claimed it
- * before publishing the job), then, if the job is not over within STEAL_AFTER_NS, the others'.
+ * before publishing the job), then, if the job is not over within STEAL_AFTER_NS (at once without
+ * `wait`), the others'.
  * Returns how many. A worker adds what it did to its count after each range, not after each item: a
  * store per item would wait, at the next claim (a locked instruction), for the line the caller polls
  * to come back; and the caller learns that the worker's own range is done before the worker goes
  * looking for items to take. */
-static int64_t run_items(const jobsnap_t *j, int tid, int64_t first) {
+static int64_t run_items(const jobsnap_t *j, int tid, int64_t first, int wait) {
     int64_t done = 0, told = 0;
     for (int r = 0; r < j->nt; r++) {
         const int t = (tid + r) % j->nt;
         const int64_t start = j->n * t / j->nt, end = j->n * (t + 1) / j->nt;
         int mine = r == 0;
-        if (r == 1 && j->nt > 1) {
+        if (r == 1 && wait) {
             const int64_t t0 = now_ns();
             int spins = 0, over = 0;
             while (!(over = job_over(j, tid, done))) {
@@ -860,7 +861,7 @@ static void *worker_main(void *arg) {
         }
         if (!snap_job(&j, s)) continue; /* rewritten meanwhile: look again */
         seen = s;
-        if (tid < j.nt) run_items(&j, tid, -1);
+        if (tid < j.nt) run_items(&j, tid, -1, 1);
     }
     return NULL;
 }
@@ -923,7 +924,8 @@ static void pool_job(int nt, int64_t n, item_fn fn, void *ctx) {
         wake_sleepers();
         woke = 1;
     }
-    int64_t done = run_items(&j, 0, first);
+    /* a worker it had to wake arrives tens of us later (KVM): take its items now rather than wait for it */
+    int64_t done = run_items(&j, 0, first, !woke);
     if (!woke) {
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         if (LDR(&g_sleeping) > 0) wake_sleepers();
