@@ -209,6 +209,26 @@ def test_blocked_layout_covers_every_nonzero_once_in_group_sorted_order():
         assert np.array_equal(rebuilt, w)
 
 
+@pytest.mark.parametrize("idx_dtype", [np.uint16, np.int32])
+def test_kernel_layouts_are_cache_line_aligned(idx_dtype):
+    """Every array a kernel reads vector by vector starts on a 64-byte boundary (numpy only promises 16):
+    values 16 bytes past a line made the batch-1 rows kernel 12% slower."""
+    rng = np.random.default_rng(12)
+    n_in = 300 if idx_dtype == np.uint16 else 70000  # wide inputs need int32 indices
+    w = sparse_matrix(rng, 50, n_in, 0.05 if idx_dtype == np.uint16 else 0.001)
+    layer = rt.SparseLayer.from_dense(w, rng.standard_normal(50), relu=False)
+    assert layer.indices.dtype == idx_dtype
+    sv, si, _, perm, bias = layer.sliced()
+    bv, bi, _, _, order = layer.blocked(128)
+    for a in (sv, si, perm, bias, bv, bi, order, layer.dense_t()):
+        assert a.ctypes.data % 64 == 0 and a.flags.c_contiguous
+    assert si.dtype == bi.dtype == idx_dtype and perm.dtype == order.dtype == np.int32
+    assert layer.dense_t().shape == (n_in, 50) and np.array_equal(layer.dense_t(), w.T)
+    for n, dt in ((1, np.float32), (33, np.uint16), (1000, np.int64)):
+        a = L.aligned_empty(n, dtype=dt)
+        assert a.shape == (n,) and a.dtype == dt and a.ctypes.data % 64 == 0
+
+
 @pytest.mark.parametrize("split", [1, 2])
 @pytest.mark.parametrize("threads", [1, 2, 3, 4, 7])
 def test_forced_thread_counts_and_splits_match_the_reference(isa, threading_knobs, split, threads):

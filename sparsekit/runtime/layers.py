@@ -44,14 +44,32 @@ def kernel_isa() -> str:
     return _K.isa() if _K is not None else "numpy"
 
 
-def aligned_empty(n: int, align: int = 64) -> np.ndarray:
-    """A 1-D float32 array of ``n`` elements whose data starts on an ``align``-byte boundary.
+def aligned_empty(n: int, align: int = 64, dtype: Any = np.float32) -> np.ndarray:
+    """A 1-D array of ``n`` elements (float32 by default) whose data starts on an ``align``-byte boundary.
 
-    The panel kernel loads 64-float rows; a row split across cache lines costs about 2x.
+    The kernels load whole 64-byte vectors (the panel kernel's 64-float rows, the rows kernel's 16-lane
+    slices of values, indices and row order, gemv's weight rows); a load split across cache lines costs
+    up to 2x. numpy aligns to 16 bytes: 1024x1024 98% batch 1 (rows) ran 5.65 us with the values 16 bytes
+    past a line, 5.03 us aligned.
     """
-    buf = np.empty(n + align // 4, dtype=np.float32)
-    off = (-buf.ctypes.data % align) // 4
-    return buf[off:off + n]
+    dt = np.dtype(dtype)
+    buf = np.empty(n * dt.itemsize + align, dtype=np.uint8)
+    off = -buf.ctypes.data % align
+    return buf[off:off + n * dt.itemsize].view(dt)
+
+
+def aligned_zeros(n: int, dtype: Any = np.float32) -> np.ndarray:
+    """``aligned_empty``, zero-filled."""
+    out = aligned_empty(n, dtype=dtype)
+    out.fill(0)
+    return out
+
+
+def aligned_copy(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous 64-byte-aligned copy of ``a`` (same shape and dtype)."""
+    out = aligned_empty(a.size, dtype=a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
 
 
 def parse_kernel(spec: str) -> tuple[str, int, int]:
@@ -183,7 +201,7 @@ class SparseLayer:
     def dense_t(self) -> np.ndarray:
         """The dense weight transposed, (n_in, n_out) C-contiguous (the ``gemv`` kernel's layout)."""
         if self._dense_t is None:
-            self._dense_t = np.ascontiguousarray(self.dense_weight().T)
+            self._dense_t = aligned_copy(self.dense_weight().T)
         return self._dense_t
 
     def blocked(self, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:
@@ -213,11 +231,11 @@ class SparseLayer:
             perm = np.argsort(blk * n_out + pos[blk, rows], kind="stable")  # columns stay ascending
             bptr = np.zeros(nb * n_out + 1, dtype=np.int64)
             np.cumsum(np.take_along_axis(counts, order, axis=1).ravel(), out=bptr[1:])
-            bv = np.zeros_like(self.values)
+            bv = aligned_zeros(self.values.size, self.values.dtype)
             bv[:nnz] = v[perm]
-            bi = np.zeros_like(self.indices)
+            bi = aligned_zeros(self.indices.size, self.indices.dtype)
             bi[:nnz] = i[perm]
-            self._blocked[key] = (bv, bi, bptr, nb, np.ascontiguousarray(order, dtype=np.int32).ravel())
+            self._blocked[key] = (bv, bi, bptr, nb, aligned_copy(order.astype(np.int32, copy=False).ravel()))
         return self._blocked[key]
 
     def sliced(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
@@ -247,15 +265,16 @@ class SparseLayer:
             j = np.arange(nnz, dtype=np.int64) - rp[row_of]  # slot within the row
             dest = sp[pos[row_of] // SLICE] + SLICE * j + pos[row_of] % SLICE
             total = int(sp[-1])
-            sv = np.zeros(total + PAD_SLACK, dtype=np.float32)
-            si = np.zeros(total + PAD_SLACK, dtype=self.indices.dtype)
+            sv = aligned_zeros(total + PAD_SLACK)  # 64-byte aligned: each slot of a slice is one vector load
+            si = aligned_zeros(total + PAD_SLACK, self.indices.dtype)
             sv[dest] = v
             si[dest] = i
-            perm = np.full(nsl * SLICE, -1, dtype=np.int32)
+            perm = aligned_empty(nsl * SLICE, dtype=np.int32)
+            perm.fill(-1)
             perm[:n_out] = order
             bias = None
             if self.bias is not None:
-                bias = np.zeros(nsl * SLICE, dtype=np.float32)
+                bias = aligned_zeros(nsl * SLICE)
                 bias[:n_out] = self.bias[order]
             self._sliced = (sv, si, sp, perm, bias)
         return self._sliced
