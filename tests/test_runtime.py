@@ -209,6 +209,24 @@ def test_blocked_layout_covers_every_nonzero_once_in_group_sorted_order():
         assert np.array_equal(rebuilt, w)
 
 
+@pytest.mark.parametrize(("n_out", "n_in", "density", "batch", "want"), [
+    (512, 64, 0.02, 1, "rows"),     # measured 2.6 vs 3.6 us (gemv, the old cost model's pick)
+    (1024, 64, 0.02, 1, "rows"),    # 3.0 vs 4.8 us
+    (10, 1024, 0.3, 1, "rows"),     # 3.2 vs 3.9 us
+    (64, 1024, 0.3, 1, "gemv"),     # 6.6 vs 6.1 us: dense enough for the dense kernel
+    (64, 64, 0.5, 1, "gemv"),       # above ROWS_MAX_DENSITY
+    (3000, 3000, 0.5, 1, "dense"),  # too big for gemv, too dense for rows
+    (512, 64, 0.02, 64, "panel"),
+    (512, 1024, 0.1, 256, "panel:128"),
+])
+def test_default_kernel_follows_the_measured_cost_model(n_out, n_in, density, batch, want):
+    from sparsekit.runtime.model import default_kernel
+
+    rng = np.random.default_rng(13)
+    layer = rt.SparseLayer.from_dense(sparse_matrix(rng, n_out, n_in, density), None, relu=False)
+    assert default_kernel(layer, batch) == want
+
+
 @pytest.mark.parametrize("idx_dtype", [np.uint16, np.int32])
 def test_kernel_layouts_are_cache_line_aligned(idx_dtype):
     """Every array a kernel reads vector by vector starts on a 64-byte boundary (numpy only promises 16):
