@@ -104,6 +104,7 @@ def write_model(dense: onnx.ModelProto, out_path: str | os.PathLike[str], *, tun
     from sparsekit.runtime.tune import (
         CALIBRATION_BATCHES,
         DEFAULT_BATCHES,
+        check_heuristic_plan,
         check_panel_chain,
         check_thread_caps,
         tune_layers,
@@ -118,13 +119,15 @@ def write_model(dense: onnx.ModelProto, out_path: str | os.PathLike[str], *, tun
         model.metadata.update(metadata)
     model.metadata.update({"sparsekit_format": "fast", "exporter": "sparsekit.exporters.fast",
                            "opset": str(opset), "compaction": json.dumps(stats)})
-    timings = calibration = thread_caps = panel_chain = None
+    timings = calibration = thread_caps = panel_chain = heuristic_check = None
     if tune:
         batches = sorted({*DEFAULT_BATCHES, batch_size})
         timings = tune_layers(model.layers, batches=batches, threads=threads, budget_s=tune_budget_s)
         model.plan_changed()
         # whole-model check: all layers on the batch kernel run as one data-parallel chain
         panel_chain = check_panel_chain(model, batches=batches, threads=threads)
+        # whole-model check: never slower than the untuned heuristic plan
+        heuristic_check = check_heuristic_plan(model, batches=batches, threads=threads)
         if threads > 1:  # whole-model check: a chain that loses on two threads keeps one
             thread_caps = check_thread_caps(model, batches=batches, threads=threads)
         plan_source = "tuned"
@@ -162,6 +165,7 @@ def write_model(dense: onnx.ModelProto, out_path: str | os.PathLike[str], *, tun
         "calibration": calibration,
         "thread_caps": thread_caps,
         "panel_chain": panel_chain,
+        "heuristic_check": heuristic_check,
         "dense_check": check,
         "isa": kernel_isa(),
         "kernels": kernels,

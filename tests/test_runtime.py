@@ -427,7 +427,9 @@ def test_tuned_export_at_two_threads_checks_the_whole_model_thread_cap(tmp_path)
     info = write_fast(dense_path, tmp_path / "m.fast.onnx", tune=True, batch_size=64, threads=2,
                       tune_budget_s=0.01)
     caps = info["thread_caps"]
-    assert isinstance(caps, dict)
+    assert isinstance(caps, dict) and isinstance(info["heuristic_check"], dict)
+    for entry in info["heuristic_check"].values():
+        assert set(entry["median_s"]) == {"tuned", "heuristic"} and isinstance(entry["heuristic"], bool)
     model = rt.load(tmp_path / "m.fast.onnx", threads=2)
     for b, entry in caps.items():  # a kept cap is in every layer's plan for that batch
         assert set(entry["median_s"]) == {"tuned", "capped"}
@@ -984,6 +986,30 @@ def test_whole_model_checks_offer_the_all_panel_chain():
     want = ["panel", "panel"] if report["64"]["chain"] else ["panel", "dense"]
     assert model.kernels_for(64) == want
     x = rng.standard_normal((64, 40)).astype(np.float32)
+    close(model.run(x), layers[1].reference(layers[0].reference(x)))
+
+
+def test_tune_keeps_the_heuristic_plan_where_the_tuned_one_is_slower():
+    from sparsekit.runtime.model import default_kernel
+    from sparsekit.runtime.tune import check_heuristic_plan
+
+    rng = np.random.default_rng(55)
+    layers = [rt.SparseLayer.from_dense(sparse_matrix(rng, 1500, 1500, 0.01), None, relu=True),
+              rt.SparseLayer.from_dense(sparse_matrix(rng, 10, 1500, 0.3), None, relu=False)]
+    model = rt.FastModel(layers, (1500,))
+    heur = {b: [default_kernel(layer, b) for layer in layers] for b in (1, 64)}
+    assert heur[1][0] == "rows"
+    # a "tuned" plan that lost: the 1%-dense 1500x1500 layer densified at batch 1 (2.25M multiply-adds
+    # instead of 22k); at 64 the plan is the heuristic's, so there is nothing to compare
+    layers[0].plan = {1: "dense", 64: heur[64][0]}
+    layers[1].plan = {1: heur[1][1], 64: heur[64][1]}
+    model.plan_changed()
+    report = check_heuristic_plan(model, batches=(1, 64), threads=1, budget_s=0.05)
+    assert list(report) == ["1"] and set(report["1"]["median_s"]) == {"tuned", "heuristic"}
+    assert report["1"]["heuristic"] is True
+    assert report["1"]["median_s"]["heuristic"] * 3 < report["1"]["median_s"]["tuned"]
+    assert model.kernels_for(1) == heur[1] and model.kernels_for(64) == heur[64]
+    x = rng.standard_normal((1, 1500)).astype(np.float32)
     close(model.run(x), layers[1].reference(layers[0].reference(x)))
 
 

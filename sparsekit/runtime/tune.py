@@ -198,7 +198,7 @@ def _time_plans(model: FastModel, x: np.ndarray, threads: int, cands: dict[str, 
 
 def _keep_faster_plans(model: FastModel, *, batches: Iterable[int], threads: int, budget_s: float, seed: int,
                        name: str, alternative, min_batch: int = 1) -> dict[str, dict]:
-    """For each batch (from ``min_batch``): time the model's plan against ``alternative(plan)`` and
+    """For each batch (from ``min_batch``): time the model's plan against ``alternative(plan, batch)`` and
     keep the alternative where it is faster by more than 3%. Returns ``{batch: {name: kept,
     "median_s": {"tuned": ..., name: ...}}}`` for the batches where the two plans differ."""
     report: dict[str, dict] = {}
@@ -208,7 +208,7 @@ def _keep_faster_plans(model: FastModel, *, batches: Iterable[int], threads: int
         if b < min_batch:
             continue
         tuned = model.kernels_for(b)
-        alt = alternative(tuned)
+        alt = alternative(tuned, b)
         if alt == tuned:
             continue
         x = rng.standard_normal((b, *model.input_shape)).astype(np.float32)
@@ -234,7 +234,7 @@ def check_thread_caps(model: FastModel, *, batches: Iterable[int], threads: int,
         return {}
     return _keep_faster_plans(model, batches=batches, threads=threads, budget_s=budget_s, seed=seed,
                               name="capped",
-                              alternative=lambda plan: [s if "@" in s else f"{s}@1" for s in plan])
+                              alternative=lambda plan, _b: [s if "@" in s else f"{s}@1" for s in plan])
 
 
 @_timed_with_awake_workers
@@ -246,7 +246,23 @@ def check_panel_chain(model: FastModel, *, batches: Iterable[int], threads: int,
     which layer-by-layer timings cannot see. Returns ``{batch: {"chain": bool, "median_s": {...}}}``."""
     return _keep_faster_plans(model, batches=batches, threads=threads, budget_s=budget_s, seed=seed,
                               name="chain", min_batch=PANEL,
-                              alternative=lambda plan: [s if s.startswith("panel") else "panel" for s in plan])
+                              alternative=lambda plan, _b: [s if s.startswith("panel") else "panel" for s in plan])
+
+
+@_timed_with_awake_workers
+def check_heuristic_plan(model: FastModel, *, batches: Iterable[int], threads: int, budget_s: float = 0.25,
+                         seed: int = 0) -> dict[str, dict]:
+    """After per-layer tuning: for each batch, time the whole model with its tuned plan and with the
+    heuristic plan (``default_kernel``, what an export without ``--tune`` starts from), and keep the
+    heuristic where it is faster by more than 3%, so ``--tune`` never ends up slower than the default
+    artifact. Per-layer timings run each layer alone; in the model a layer runs inside a chain (the
+    all-panel chain is data-parallel: each thread takes whole panels through every layer), where the
+    per-layer winner can lose: MLP 1024-4096-4096-1024 98% at batch 256 on 2 threads, tuned
+    ``panel:512`` x3 3.49 ms vs the heuristic ``panel`` x3 2.83 ms. Returns ``{batch: {"heuristic":
+    bool, "median_s": {...}}}`` for the batches where the plans differ."""
+    return _keep_faster_plans(model, batches=batches, threads=threads, budget_s=budget_s, seed=seed,
+                              name="heuristic",
+                              alternative=lambda _plan, b: [default_kernel(layer, b) for layer in model.layers])
 
 
 def _chain_candidates(model: FastModel, batch: int, threads: int = 1) -> dict[str, list[str]]:
