@@ -1185,6 +1185,8 @@ typedef struct {
     void *scratch_raw;
     int64_t scratch_n;
     int busy;
+    int in_ndim;         /* the model's per-sample input shape (0: none given), also accepted for x */
+    int64_t in_shape[8];
     PyObject *spare[2];  /* chain_call: the last outputs it returned (strong references), see out_take */
     int64_t spare_bytes[2];
     int spare_next;
@@ -1242,8 +1244,8 @@ static int ch_get(chain_t *c, PyObject *o, int64_t need, const char *what, const
 
 static PyObject *py_chain_new(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *specs;
-    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &specs)) return NULL;
+    PyObject *specs, *in_shape = NULL;
+    if (!PyArg_ParseTuple(args, "O!|O!", &PyList_Type, &specs, &PyTuple_Type, &in_shape)) return NULL;
     const Py_ssize_t n = PyList_GET_SIZE(specs);
     if (n < 1) { PyErr_SetString(PyExc_ValueError, "empty chain"); return NULL; }
     chain_t *c = (chain_t *)calloc(1, sizeof(chain_t));
@@ -1352,6 +1354,21 @@ static PyObject *py_chain_new(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "chain layer kind must be 0 (sell), 1 (gemv) or 2 (panel)");
             goto fail;
         }
+    }
+    if (in_shape) {
+        const Py_ssize_t nd = PyTuple_GET_SIZE(in_shape);
+        int64_t prod = 1;
+        for (Py_ssize_t k = 0; k < nd && k < 8; k++) {
+            const long long d = PyLong_AsLongLong(PyTuple_GET_ITEM(in_shape, k));
+            if (d == -1 && PyErr_Occurred()) goto fail;
+            c->in_shape[k] = d;
+            prod *= d;
+        }
+        if (nd > 8 || prod != c->L[0].n_in) {
+            PyErr_SetString(PyExc_ValueError, "chain_new: input shape must have at most 8 dims, n_in elements");
+            goto fail;
+        }
+        c->in_ndim = (int)nd;
     }
     cap = PyCapsule_New(c, "sparsekit.chain", chain_free);
     if (!cap) goto fail;
@@ -1475,11 +1492,16 @@ static int get_x(PyObject *o, Py_buffer *x) {
     return 1;
 }
 
-/* x is a float32 (batch, n_in) buffer for chain c, n_in > 0 */
+/* x is a float32 (batch, n_in) or (batch, *input shape) buffer for chain c, n_in > 0 (C-contiguous, so
+ * laid out as (batch, n_in) either way) */
 static int x_fits(const chain_t *c, const Py_buffer *x) {
     const int64_t n_in = c->L[0].n_in;
-    return x->ndim == 2 && x->itemsize == 4 && x->format && strcmp(x->format, "f") == 0 && x->shape[1] == n_in &&
-           n_in > 0;
+    if (x->itemsize != 4 || !x->format || strcmp(x->format, "f") != 0 || n_in == 0 || x->ndim < 2) return 0;
+    if (x->ndim == 2 && x->shape[1] == n_in) return 1;
+    if (x->ndim != c->in_ndim + 1) return 0;
+    for (int k = 0; k < c->in_ndim; k++)
+        if (x->shape[k + 1] != c->in_shape[k]) return 0;
+    return 1;
 }
 
 /* get_x and x_fits: 1 with the buffer held, 0 (none held) or -1 */
@@ -1694,7 +1716,7 @@ static PyObject *py_fast_call(PyObject *self, PyObject *const *args, Py_ssize_t 
         Py_RETURN_NONE;
     }
     PyObject *ret = NULL, *hit = NULL;
-    if (x.ndim != 2) goto none;
+    if (x.ndim < 2) goto none;
     PyObject *key = PyLong_FromSsize_t(x.shape[0]);
     if (!key) goto done;
     hit = PyDict_GetItemWithError(args[0], key);
@@ -2164,9 +2186,10 @@ static PyMethodDef methods[] = {
     {"gemv", py_gemv, METH_VARARGS,
      "gemv(weight_t, bias|None, x, y, n_in, n_out, batch, relu, threads): dense layer, weight (n_in, n_out)"},
     {"chain_new", py_chain_new, METH_VARARGS,
-     "chain_new([(kind, a, b, c, d, bias|None, idx_bytes, n_in, n_out, relu, cap), ...]): a prepared chain of "
+     "chain_new([(kind, a, b, c, d, bias|None, idx_bytes, n_in, n_out, relu, cap), ...][, input_shape]): a prepared chain of "
      "small-batch layers, validated once; kind 0 (sell): a, b, c, d = values, indices, sliceptr, perm (as for "
-     "sell); kind 1 (gemv): a = weight_t (b, c, d unused); cap: the layer's thread cap (0: none)"},
+     "sell); kind 1 (gemv): a = weight_t (b, c, d unused); cap: the layer's thread cap (0: none); input_shape (a "
+     "tuple of at most 8 dims, n_in elements): x may also come as (batch, *input_shape)"},
     {"chain_run", (PyCFunction)(void (*)(void))py_chain_run, METH_FASTCALL,
      "chain_run(chain, x, y, threads): run a chain_new chain on x (batch, n_in) into y (batch, n_out), one call; "
      "True when done, False (nothing run) when x is not a C-contiguous float32 (batch, n_in) array"},

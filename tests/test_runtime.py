@@ -773,6 +773,32 @@ def test_fast_path_recycles_only_outputs_nothing_references(plan):
 
 
 @pytest.mark.skipif(K is None, reason="compiled kernels")
+@pytest.mark.parametrize("plan", ["rows", "panel"])
+def test_fast_path_takes_inputs_in_the_models_own_shape(plan):
+    """Image-shaped inputs (batch, *input_shape) run the one-call fast path (the chain's reference to its
+    output shows it: the per-layer path keeps none); other shapes with as many features are refused."""
+    import sys
+
+    rng = np.random.default_rng(46)
+    base, _ = _chain_model(rng, threads=1)
+    if plan == "panel":
+        for layer in base.layers:
+            layer.plan = {1: "panel"}
+    model = rt.FastModel(base.layers, (1, 5, 8), threads=1)
+    ref = lambda x: model.layers[2].reference(model.layers[1].reference(model.layers[0].reference(x)))  # noqa: E731
+    x = rng.standard_normal((1, 1, 5, 8)).astype(np.float32)
+    close(model.run(x), ref(x.reshape(1, 40)))  # prepares the chain
+    y = model.run(x)
+    assert sys.getrefcount(y) == 3  # y, the argument and the chain's spare: the fast path
+    close(y, ref(x.reshape(1, 40)))
+    flat = model.run(x.reshape(1, 40))
+    assert sys.getrefcount(flat) == 3 and np.array_equal(flat, y)  # flat inputs too
+    for bad in ((1, 5, 8), (1, 40, 1), (1, 8, 5, 1)):
+        with pytest.raises(InputError, match="expected \\(batch, 1, 5, 8\\)"):
+            model.run(np.zeros(bad, dtype=np.float32))
+
+
+@pytest.mark.skipif(K is None, reason="compiled kernels")
 def test_fast_path_keeps_no_large_outputs():
     """Outputs over 16 MiB are not kept for reuse."""
     import sys
@@ -850,6 +876,9 @@ def test_chain_new_validates_once():
         K.chain_new([tuple(short)])
     with pytest.raises(ValueError):
         K.chain_new([])
+    for shape in ((3, 3), (40, 2), (1,) * 9 + (40,)):  # the input shape must hold n_in = 40 in <= 8 dims
+        with pytest.raises(ValueError, match="input shape"):
+            K.chain_new(specs, shape)
     chain = K.chain_new(specs)
     with pytest.raises(ValueError):
         K.chain_run(chain, np.zeros((2, 40), np.float32), np.zeros((1, 9), np.float32), 1)

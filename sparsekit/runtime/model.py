@@ -219,7 +219,7 @@ class FastModel:
             return None
         if names == {"panel"} and any(layer.n_out == 0 for layer in self.layers):
             return None
-        return _K.chain_new(self._chain_specs(parsed))
+        return _K.chain_new(self._chain_specs(parsed), self.input_shape)
 
     def _chain_specs(self, parsed: list[tuple[str, int, int]]) -> list[tuple[Any, ...]]:
         """``chain_new``'s layer tuples: (kind 0 sell / 1 gemv / 2 panel, arrays..., bias, idx_bytes, n_in,
@@ -278,9 +278,9 @@ class FastModel:
         """
         nt = self.threads if threads is None else self._check_threads(threads)
         if kernels is None and _K is not None:
-            # fast path, one C call: a float32 C-contiguous (batch, n_features) x of a batch size seen before
-            # whose layers all run as one C chain, no plan changed since (else None); outputs nothing
-            # references any more are recycled (see chain_call in csrc/sparsekit_kernels.c)
+            # fast path, one C call: a float32 C-contiguous (batch, n_features) or (batch, *input_shape) x of
+            # a batch size seen before whose layers all run as one C chain, no plan changed since (else
+            # None); outputs nothing references any more are recycled (chain_call, csrc/sparsekit_kernels.c)
             y = _K.fast_call(self._fast, x, nt, PLAN_EPOCH)
             if y is not None:
                 return y
