@@ -1187,12 +1187,12 @@ typedef struct {
     int busy;
     int in_ndim;         /* the model's per-sample input shape (0: none given), also accepted for x */
     int64_t in_shape[8];
-    PyObject *spare[2];  /* chain_call: the last outputs it returned (strong references), see out_take */
+    PyObject *spare[2];  /* fast_call: the last outputs it returned (strong references), see out_take */
     int64_t spare_bytes[2];
     int spare_next;
 } chain_t;
 
-/* chain_call recycles its outputs: it keeps a reference to the last two arrays it returned and hands
+/* fast_call recycles its outputs: it keeps a reference to the last two arrays it returned and hands
  * one out again once it is the only holder (Py_REFCNT 1: the caller, and any view or buffer export of
  * it, let go), which is what free + malloc of the same block would do, minus their cost: a fresh 4 KB
  * numpy array is ~0.25 us plus, on two threads, ~0.15 us more of the worker's output lines moving
@@ -1627,7 +1627,7 @@ static float *out_data(PyObject *o, int64_t B, int64_t n) {
     if (b.ndim == 2 && b.shape[0] == B && b.shape[1] == n && b.itemsize == 4 && b.format &&
         strcmp(b.format, "f") == 0)
         p = (float *)b.buf;
-    PyBuffer_Release(&b); /* the array itself keeps the data alive: chain_call holds a reference */
+    PyBuffer_Release(&b); /* the array itself keeps the data alive: the caller holds a reference */
     return p;
 }
 
@@ -1648,7 +1648,7 @@ static PyObject *out_take(chain_t *c, PyObject *alloc, int64_t B, float **data) 
     if (!y) return NULL;
     if (!(*data = out_data(y, B, n))) {
         Py_DECREF(y);
-        PyErr_SetString(PyExc_ValueError, "chain_call: alloc() must return a writable (batch, n_out) float32 array");
+        PyErr_SetString(PyExc_ValueError, "fast_call: alloc() must return a writable (batch, n_out) float32 array");
         return NULL;
     }
     const int64_t bytes = B * n * 4;
@@ -1680,27 +1680,11 @@ static PyObject *chain_call_x(chain_t *c, const Py_buffer *x, int threads, PyObj
     return y;
 }
 
-static PyObject *py_chain_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    if (nargs != 4) { PyErr_SetString(PyExc_TypeError, "chain_call(chain, x, threads, alloc)"); return NULL; }
-    chain_t *c = (chain_t *)PyCapsule_GetPointer(args[0], "sparsekit.chain");
-    int threads;
-    if (!c || parse_threads(args[2], &threads) < 0) return NULL;
-    Py_buffer x;
-    const int got = chain_x(c, args[1], &x);
-    if (got <= 0) {
-        if (got < 0) return NULL;
-        Py_RETURN_FALSE;
-    }
-    PyObject *y = chain_call_x(c, &x, threads, args[3]);
-    PyBuffer_Release(&x);
-    return y;
-}
-
 /* fast_call(table, x, threads, epoch): FastModel.run's fast path in one call. table maps a batch size to
- * (plan epoch, chain, alloc); when x is a C-contiguous float32 (batch, n_in) array whose batch size has
- * an entry made at epoch[0] (no layer's plan replaced since) and the chain takes this batch, runs it
- * like chain_call and returns the output; else None (nothing run). */
+ * (plan epoch, chain, alloc); when x is a C-contiguous float32 (batch, n_in) or (batch, *input shape)
+ * array whose batch size has an entry made at epoch[0] (no layer's plan replaced since) and the chain
+ * takes this batch, runs the chain into an output from out_take (recycled, or alloc()) and returns it;
+ * else None (nothing run). */
 static PyObject *py_fast_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 4 || !PyDict_CheckExact(args[0]) || !PyList_CheckExact(args[3]) || PyList_GET_SIZE(args[3]) < 1) {
@@ -2193,15 +2177,12 @@ static PyMethodDef methods[] = {
     {"chain_run", (PyCFunction)(void (*)(void))py_chain_run, METH_FASTCALL,
      "chain_run(chain, x, y, threads): run a chain_new chain on x (batch, n_in) into y (batch, n_out), one call; "
      "True when done, False (nothing run) when x is not a C-contiguous float32 (batch, n_in) array"},
-    {"chain_call", (PyCFunction)(void (*)(void))py_chain_call, METH_FASTCALL,
-     "chain_call(chain, x, threads, alloc): like chain_run, into an output it returns: alloc() (a new writable "
-     "(batch, n_out) float32 array) or one of the last two it returned, once nothing else references it; False "
-     "(nothing run) where chain_run would return False"},
     {"fast_call", (PyCFunction)(void (*)(void))py_fast_call, METH_FASTCALL,
-     "fast_call(table, x, threads, epoch): FastModel.run's fast path: table {batch: (epoch, chain, alloc)}; the "
-     "output of chain_call for x's batch size when its entry is current (epoch[0]) and x fits, else None"},
+     "fast_call(table, x, threads, epoch): FastModel.run's fast path: table {batch: (epoch, chain, alloc)}; runs "
+     "x's batch size's chain when its entry is current (epoch[0]) and x fits, into alloc() or one of the last "
+     "two outputs it returned once nothing else references it, and returns the output; else None"},
     {"chain_drop_outputs", py_chain_drop_outputs, METH_O,
-     "chain_drop_outputs(chain): forget the outputs chain_call keeps for reuse"},
+     "chain_drop_outputs(chain): forget the outputs fast_call keeps for reuse"},
     {"to_panels", py_to_panels, METH_VARARGS, "to_panels(x, xp, batch, n, threads)"},
     {"from_panels", py_from_panels, METH_VARARGS, "from_panels(yp, y, batch, n, threads)"},
     {"isa", py_isa, METH_NOARGS, "active code path: avx512, avx2 or generic"},
