@@ -94,7 +94,7 @@ def write_model(dense: onnx.ModelProto, out_path: str | os.PathLike[str], *, tun
     """Pack, calibrate or tune, check against ``dense`` under ONNX Runtime and write the artifact.
 
     Without ``tune``, a quick whole-model calibration (``sparsekit.runtime.tune.calibrate``, about a
-    second) measures the heuristic plan against dense ONNX Runtime at batch sizes 1, 8, 64, 256 and
+    second) measures the heuristic plan against dense ONNX Runtime at batch sizes 1, 4, 16, 64, 256 and
     ``batch_size`` and keeps the faster, so the default artifact is not slower than the dense model
     where call overhead dominates (tiny layers). ``calibrate=False`` leaves the heuristic alone.
     Returns a report.
@@ -181,7 +181,7 @@ def write_fast(dense_onnx_path: str | os.PathLike[str], out_path: str | os.PathL
                tune_budget_s: float = 0.3, calibrate: bool = True) -> dict[str, Any]:
     """Write the ``fast`` artifact of the dense MLP at ``dense_onnx_path`` to ``out_path``.
 
-    ``tune`` measures every layer's kernels at batch sizes 1, 8, 64, 256 and ``batch_size`` with
+    ``tune`` measures every layer's kernels at batch sizes 1, 4, 16, 64, 256 and ``batch_size`` with
     ``threads`` threads and stores the fastest per batch size (dense GEMM included, so a tuned layer
     is never slower than dense there); otherwise a quick whole-model calibration checks the
     density/batch heuristic against dense (``calibrate=False``: the heuristic alone).

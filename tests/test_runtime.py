@@ -468,9 +468,12 @@ def test_calibration_measures_whole_model_plans():
     for b, entry in report.items():  # every layer's plan holds the chosen whole-model candidate
         assert [layer.plan[int(b)] for layer in layers] == entry["kernels"]
         assert entry["chosen"] in entry["median_s"] or not entry["median_s"]
+    # a batch runs the measured entry nearest to it (log scale): 3 -> 4, 20 and 32 -> 16, 48 -> 64
+    for batch, entry in ((3, "4"), (20, "16"), (32, "16"), (48, "64")):
+        assert model.kernels_for(batch) == report[entry]["kernels"]
     x = rng.standard_normal((70, 16)).astype(np.float32)
     ref = layers[1].reference(layers[0].reference(x))
-    for batch in (1, 8, 70):
+    for batch in (1, 3, 8, 20, 70):
         close(model.run(x[:batch]), ref[:batch])
 
 
@@ -1006,7 +1009,9 @@ def test_whole_model_checks_offer_the_all_panel_chain():
     assert model.kernels_for(64)[1] == "dense"  # a dense output layer: the heuristic mixes kernels
     cands = _chain_candidates(model, 64)
     assert cands["panel chain"] == ["panel", "panel"]
-    assert "panel chain" not in _chain_candidates(model, 8)  # below one panel: rows/gemv chains
+    assert "panel chain" in _chain_candidates(model, 16)  # a partial panel costs a whole one: offered from 8
+    assert "panel chain" not in _chain_candidates(model, 4)  # small batches: rows/gemv chains
+    assert "swapped" not in _chain_candidates(model, 8) and "swapped" in _chain_candidates(model, 4)
     layers[0].plan = {64: "panel", 1: "rows"}
     layers[1].plan = {64: "dense", 1: "gemv"}
     model.plan_changed()

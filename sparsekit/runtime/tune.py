@@ -18,10 +18,13 @@ from typing import Any, TypeVar
 import numpy as np
 
 from sparsekit.runtime.layers import _K, PANEL, SparseLayer, aligned_empty, to_panels
-from sparsekit.runtime.model import GEMV_MAX_WEIGHTS, FastModel, _dense_session, default_kernel
+from sparsekit.runtime.model import GEMV_MAX_WEIGHTS, ROWS_MAX_BATCH, FastModel, _dense_session, default_kernel
 
-DEFAULT_BATCHES = (1, 8, 64, 256)
-CALIBRATION_BATCHES = (1, 8, 64, 256)
+# plan entries: a batch size runs the entry nearest to it on a log scale, so these are a factor 4 apart
+# up to 64 (with 1, 8, 64 a batch of 16 ran the entry for 8: dense ORT on the demo model, 49 us, where
+# the panel chain takes 38 us; a batch of 3 dense 22 us where rows take 16 us)
+DEFAULT_BATCHES = (1, 4, 16, 64, 256)
+CALIBRATION_BATCHES = (1, 4, 16, 64, 256)
 CLEAR_WIN_WEIGHTS = 1 << 20   # calibration skips models whose every layer is this big ...
 CLEAR_WIN_DENSITY = 0.2       # ... and at most this dense
 
@@ -272,7 +275,7 @@ def _chain_candidates(model: FastModel, batch: int, threads: int = 1) -> dict[st
     thread is never slower than on one)."""
     heur = [default_kernel(layer, batch) for layer in model.layers]
     cands = {"heuristic": heur, "dense": ["dense"] * len(model.layers)}
-    if batch < 64:
+    if batch < ROWS_MAX_BATCH:
         alt = []
         for layer, spec in zip(model.layers, heur, strict=True):
             small = layer.n_in * layer.n_out <= GEMV_MAX_WEIGHTS and layer.n_in > 0 and layer.n_out > 0
@@ -281,7 +284,8 @@ def _chain_candidates(model: FastModel, batch: int, threads: int = 1) -> dict[st
     else:
         cands["panel"] = ["panel" if spec.startswith("panel") else spec for spec in heur]
         # every layer on the batch kernel: the model runs as one data-parallel C chain, which can beat
-        # a plan that is faster layer by layer (a dense 256x10 output layer on ORT: 55 -> 39 us at 64)
+        # a plan that is faster layer by layer (a dense 256x10 output layer on ORT: 55 -> 39 us at 64;
+        # a partial panel costs what a whole one does, so at 16 too: 49 us on ORT vs 38 us)
         cands["panel chain"] = [spec if spec.startswith("panel") else "panel" for spec in heur]
     if threads > 1:
         cands["one thread"] = [f"{spec}@1" for spec in heur]
@@ -304,7 +308,7 @@ def _burst(model: FastModel, x: np.ndarray, threads: int, specs: list[str], n: i
 
 @_timed_with_awake_workers
 def calibrate(model: FastModel, *, batches: Iterable[int] = CALIBRATION_BATCHES, threads: int = 1,
-              budget_s: float = 1.5, seed: int = 0) -> dict[str, dict]:
+              budget_s: float = 1.9, seed: int = 0) -> dict[str, dict]:
     """Quick measured plan for the whole model (on by default at export; well under ``budget_s``).
 
     For each batch size, a few whole-model plans (``_chain_candidates``) run interleaved on random
