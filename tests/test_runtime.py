@@ -468,8 +468,9 @@ def test_calibration_measures_whole_model_plans():
     for b, entry in report.items():  # every layer's plan holds the chosen whole-model candidate
         assert [layer.plan[int(b)] for layer in layers] == entry["kernels"]
         assert entry["chosen"] in entry["median_s"] or not entry["median_s"]
-    # a batch runs the measured entry nearest to it (log scale): 3 -> 4, 20 and 32 -> 16, 48 -> 64
-    for batch, entry in ((3, "4"), (20, "16"), (32, "16"), (48, "64")):
+    # a batch runs the measured entry nearest to it (log scale), the larger one halfway: 2 and 3 -> 4,
+    # 8 and 20 -> 16, 32 and 48 -> 64
+    for batch, entry in ((2, "4"), (3, "4"), (8, "16"), (20, "16"), (32, "64"), (48, "64")):
         assert model.kernels_for(batch) == report[entry]["kernels"]
     x = rng.standard_normal((70, 16)).astype(np.float32)
     ref = layers[1].reference(layers[0].reference(x))
