@@ -106,7 +106,8 @@ typedef struct {
     int64_t ldy;   /* row stride of y (n_out) */
     int64_t tb;    /* valid samples in this panel (<= PANEL) */
     int stream;    /* non-temporal stores (large outputs) */
-    int half;      /* AVX-512 only: the panel holds 32 samples (lanes 0..31 of each 64-wide row) */
+    int lanes;     /* AVX-512 only: 32 or 16: the panel holds that many samples (lanes 0..lanes-1 of each
+                    * 64-wide row); 0: a full panel */
 } rowout_t;
 /* Outputs from this size (bytes) are written with non-temporal stores: no read-for-ownership of y's
  * lines, which would come from L3 or memory. 1024x1024 90% batch 256 (1 MB out) on one thread
@@ -405,14 +406,17 @@ SK_AVX512 static void sell_avx512(const sell_t *w, const float *x, float *y, int
     }
 }
 
-/* panel_avx512 on half a panel: lanes 0..31 only (two registers per row). A 64-sample panel split
- * between two threads by samples: each thread reads only its half of every input row and writes only
- * its half of every output row, so no activation line is shared and both threads keep their own half
- * of the activations in their own cache through a whole chain. Written out beside panel_avx512 rather
- * than shared with it: one always-inlined body generic in the register count (arrays of 2 or 4
- * accumulators) measured 3-7% slower on full panels (4096x1024 90% batch 256: 3.20 -> 3.40 ms). */
-SK_AVX512 static void panel_avx512_half(const csr_t *w, const int32_t *ord, const float *xp, float *yp,
-                                        int64_t k0, int64_t k1, int first, int last, const rowout_t *ro) {
+/* panel_avx512 on part of a panel: lanes 0..16*nr-1 only (nr = 2: half a panel, 32 samples; nr = 1: a
+ * quarter, 16 samples), nr registers per row. A batch of at most 16 or 32 samples on one thread pays
+ * for its lanes only (a partial full panel costs a whole one), and a 64-sample panel split between two
+ * threads by samples has each thread read only its half of every input row and write only its half of
+ * every output row, so no activation line is shared and both threads keep their own half of the
+ * activations in their own cache through a whole chain. Kept apart from panel_avx512: one body generic
+ * in the register count for full panels too (nr = 4) measured 3-7% slower there (4096x1024 90% batch
+ * 256: 3.20 -> 3.40 ms). */
+__attribute__((always_inline)) SK_AVX512 static inline void panel_avx512_part(
+    const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0, int64_t k1, int first,
+    int last, const rowout_t *ro, const int nr) {
     float tile[TILE_ROWS * PANEL] __attribute__((aligned(64)));
     const int fuse = last && ro && ro->y && !ord;
     int64_t tbase = k0;
@@ -421,38 +425,34 @@ SK_AVX512 static void panel_avx512_half(const csr_t *w, const int32_t *ord, cons
         const int64_t s = w->rowptr[r], e = w->rowptr[r + 1];
         float *out = yp + o * PANEL;
         if (!first && !last && s == e) continue;
-        __m512 a0, a1, c0 = _mm512_setzero_ps(), c1 = c0;
-        if (first) {
-            a0 = c0; a1 = c0;
-        } else {
-            a0 = _mm512_loadu_ps(out); a1 = _mm512_loadu_ps(out + 16);
+        __m512 a[2], c[2];
+        for (int q = 0; q < nr; q++) {
+            a[q] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(out + 16 * q);
+            c[q] = _mm512_setzero_ps();
         }
         int64_t k = s;
         for (; k + 2 <= e; k += 2) {
             const __m512 v = _mm512_set1_ps(w->val[k]);
             const __m512 u = _mm512_set1_ps(w->val[k + 1]);
             const float *p = xp + idx_at(w, k) * PANEL;
-            const float *q = xp + idx_at(w, k + 1) * PANEL;
-            a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p), a0);
-            a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 16), a1);
-            c0 = _mm512_fmadd_ps(u, _mm512_loadu_ps(q), c0);
-            c1 = _mm512_fmadd_ps(u, _mm512_loadu_ps(q + 16), c1);
+            const float *pq = xp + idx_at(w, k + 1) * PANEL;
+            for (int q = 0; q < nr; q++) {
+                a[q] = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 16 * q), a[q]);
+                c[q] = _mm512_fmadd_ps(u, _mm512_loadu_ps(pq + 16 * q), c[q]);
+            }
         }
         if (k < e) {
             const __m512 v = _mm512_set1_ps(w->val[k]);
             const float *p = xp + idx_at(w, k) * PANEL;
-            a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p), a0);
-            a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 16), a1);
+            for (int q = 0; q < nr; q++) a[q] = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 16 * q), a[q]);
         }
         const __m512 bb = _mm512_set1_ps((last && w->bias) ? w->bias[o] : 0.f);
-        __m512 r0 = _mm512_add_ps(_mm512_add_ps(a0, c0), bb), r1 = _mm512_add_ps(_mm512_add_ps(a1, c1), bb);
-        if (last && w->relu) {
-            const __m512 z = _mm512_setzero_ps();
-            r0 = _mm512_max_ps(r0, z); r1 = _mm512_max_ps(r1, z);
-        }
         float *dst = fuse ? tile + (r - tbase) * PANEL : out;
-        _mm512_storeu_ps(dst, r0);
-        _mm512_storeu_ps(dst + 16, r1);
+        for (int q = 0; q < nr; q++) {
+            __m512 rq = _mm512_add_ps(_mm512_add_ps(a[q], c[q]), bb);
+            if (last && w->relu) rq = _mm512_max_ps(rq, _mm512_setzero_ps());
+            _mm512_storeu_ps(dst + 16 * q, rq);
+        }
         if (fuse && (r + 1 - tbase == TILE_ROWS || r + 1 == k1)) {
             tile_flush(ro, tile, tbase, r + 1 - tbase);
             tbase = r + 1;
@@ -460,10 +460,24 @@ SK_AVX512 static void panel_avx512_half(const csr_t *w, const int32_t *ord, cons
     }
 }
 
+SK_AVX512 static void panel_avx512_half(const csr_t *w, const int32_t *ord, const float *xp, float *yp,
+                                        int64_t k0, int64_t k1, int first, int last, const rowout_t *ro) {
+    panel_avx512_part(w, ord, xp, yp, k0, k1, first, last, ro, 2);
+}
+
+SK_AVX512 static void panel_avx512_quarter(const csr_t *w, const int32_t *ord, const float *xp, float *yp,
+                                           int64_t k0, int64_t k1, int first, int last, const rowout_t *ro) {
+    panel_avx512_part(w, ord, xp, yp, k0, k1, first, last, ro, 1);
+}
+
 SK_AVX512 static void panel_avx512(const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0,
                                    int64_t k1, int first, int last, const rowout_t *ro) {
-    if (ro && ro->half) {
+    if (ro && ro->lanes == PANEL / 2) {
         panel_avx512_half(w, ord, xp, yp, k0, k1, first, last, ro);
+        return;
+    }
+    if (ro && ro->lanes == PANEL / 4) {
+        panel_avx512_quarter(w, ord, xp, yp, k0, k1, first, last, ro);
         return;
     }
     float tile[TILE_ROWS * PANEL] __attribute__((aligned(64)));
@@ -1408,8 +1422,9 @@ static void chain_layer(const ch_layer_t *l, const float *x, float *y, int64_t B
     }
 }
 
-/* ---- panel chains: the batch is cut into units (whole 64-sample panels, or 32-sample half panels with
- * AVX-512 when whole panels would not split evenly between the threads, e.g. batch 64 on 2 threads) and
+/* ---- panel chains: the batch is cut into units (whole 64-sample panels, or with AVX-512 32-sample half
+ * panels when whole panels would not split evenly between the threads, e.g. batch 64 on 2 threads, and
+ * one half or quarter panel for a batch of at most 32 or 16 samples on one thread) and
  * each unit runs through every layer on one thread: its input transpose, every layer on its own two
  * scratch panels, and the last layer's rows written straight into y. Thread t owns the same units call
  * after call and no thread waits for another between layers (one hand-off per model call), so the
@@ -1419,7 +1434,7 @@ typedef struct {
     const float *x;
     float *y;
     int64_t B;
-    int half;
+    int lanes;          /* samples per unit: PANEL, or PANEL / 2 or PANEL / 4 (AVX-512) */
     float *scratch;     /* per thread: two (pw, PANEL) buffers */
     int64_t per_thread; /* floats */
 } pchain_job_t;
@@ -1427,7 +1442,7 @@ typedef struct {
 static void pchain_unit(void *ctx, int64_t u, int tid) {
     const pchain_job_t *j = (const pchain_job_t *)ctx;
     const chain_t *c = j->c;
-    const int64_t nl = j->half ? PANEL / 2 : PANEL, b0 = u * nl;
+    const int64_t nl = j->lanes, b0 = u * nl;
     if (b0 >= j->B) return;
     const int64_t tb = j->B - b0 < nl ? j->B - b0 : nl;
     float *a = j->scratch + (int64_t)tid * j->per_thread, *b = a + c->pw * PANEL;
@@ -1439,7 +1454,7 @@ static void pchain_unit(void *ctx, int64_t u, int tid) {
         float *dst = cur == a ? b : a;
         const int lastl = i + 1 == c->n;
         const rowout_t ro = {lastl ? j->y + b0 * l->n_out : NULL, l->n_out, tb,
-                             lastl && j->B * l->n_out * 4 >= STREAM_MIN_BYTES, j->half};
+                             lastl && j->B * l->n_out * 4 >= STREAM_MIN_BYTES, nl == PANEL ? 0 : (int)nl};
         panel_rows(fn, &l->pw, l->bp, l->ord, l->nb, &ro, 0, l->n_out, cur, dst);
         cur = dst;
     }
@@ -1452,7 +1467,7 @@ static void pchain_unit(void *ctx, int64_t u, int tid) {
 /* threads and unit size for a panel chain on B samples; 0 where the chain should not run this batch
  * (the panels do not split evenly and the layers are too big for half panels: chain_run returns False
  * and the runtime runs the layers one by one, splitting rows) */
-static int pchain_plan(const chain_t *c, int64_t B, int threads, int *half, int64_t *units) {
+static int pchain_plan(const chain_t *c, int64_t B, int threads, int *lanes, int64_t *units) {
     int nt = clamp_threads(threads);
     int64_t work = 0, wbytes = 0;
     for (int i = 0; i < c->n; i++) {
@@ -1462,13 +1477,13 @@ static int pchain_plan(const chain_t *c, int64_t B, int threads, int *half, int6
     }
     if (work * B < g_panel_par_min) nt = 1;
     const int64_t P = (B + PANEL - 1) / PANEL;
-    *half = 0;
+    *lanes = PANEL;
     *units = P;
 #if SK_X86
-    /* one thread, at most half a panel: a partial panel costs a whole one, so run the half-panel kernel
-     * (the demo model at batch 16: 37 -> 24 us) */
+    /* one thread, at most half or a quarter of a panel: a partial panel costs a whole one, so one unit of
+     * 32 or 16 lanes (the demo model at batch 16: 37 us on a full panel, 24 on a half, 16.5 on a quarter) */
     if (nt == 1 && g_isa == ISA_AVX512 && B <= PANEL / 2) {
-        *half = 1;
+        *lanes = B <= PANEL / 4 ? PANEL / 4 : PANEL / 2;
         *units = 1;
         return 1;
     }
@@ -1477,7 +1492,7 @@ static int pchain_plan(const chain_t *c, int64_t B, int threads, int *half, int6
         int ok = 0;
 #if SK_X86
         if (g_isa == ISA_AVX512 && (2 * P) % nt == 0 && wbytes <= HALF_PANEL_MAX_WEIGHT_BYTES) {
-            *half = 1;
+            *lanes = PANEL / 2;
             *units = (B + PANEL / 2 - 1) / (PANEL / 2);
             ok = 1;
         }
@@ -1525,15 +1540,15 @@ static int chain_x(const chain_t *c, PyObject *o, Py_buffer *x) {
 }
 
 /* threads for a panel chain on B samples, or 0 when it declines (see pchain_plan); 1 for other chains */
-static int chain_plan(const chain_t *c, int64_t B, int threads, int *half, int64_t *units) {
-    *half = 0;
+static int chain_plan(const chain_t *c, int64_t B, int threads, int *lanes, int64_t *units) {
+    *lanes = PANEL;
     *units = 0;
-    return c->panel ? pchain_plan(c, B, threads, half, units) : 1;
+    return c->panel ? pchain_plan(c, B, threads, lanes, units) : 1;
 }
 
 /* run chain c on x (B samples) into y (B * n_out floats): 1 done, -1 out of memory (exception set);
- * p_nt, p_half, p_units from chain_plan (p_nt > 0). Called with the GIL held, releases it to compute. */
-static int chain_exec(chain_t *c, const float *x, int64_t B, float *y, int threads, int p_nt, int p_half,
+ * p_nt, p_lanes, p_units from chain_plan (p_nt > 0). Called with the GIL held, releases it to compute. */
+static int chain_exec(chain_t *c, const float *x, int64_t B, float *y, int threads, int p_nt, int p_lanes,
                       int64_t p_units) {
     float *scratch = NULL;
     void *own = NULL;
@@ -1558,7 +1573,7 @@ static int chain_exec(chain_t *c, const float *x, int64_t B, float *y, int threa
         if (scratch == c->scratch) c->busy = 1;
     }
     if (c->panel) {
-        pchain_job_t job = {c, x, y, B, p_half, scratch, 2 * c->pw * PANEL + 16};
+        pchain_job_t job = {c, x, y, B, p_lanes, scratch, 2 * c->pw * PANEL + 16};
         if (B > 0) {
             Py_BEGIN_ALLOW_THREADS
             if (p_nt <= 1) {
@@ -1609,14 +1624,14 @@ static PyObject *py_chain_run(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     PyObject *ret = NULL;
     const int64_t B = x.shape[0];
-    int p_half, p_nt;
+    int p_lanes, p_nt;
     int64_t p_units;
     if ((int64_t)y.len != B * c->L[c->n - 1].n_out * 4) {
         PyErr_SetString(PyExc_ValueError, "chain_run: y must hold (batch, n_out) float32");
-    } else if ((p_nt = chain_plan(c, B, threads, &p_half, &p_units)) == 0) {
+    } else if ((p_nt = chain_plan(c, B, threads, &p_lanes, &p_units)) == 0) {
         ret = Py_False;
         Py_INCREF(ret);
-    } else if (chain_exec(c, (const float *)x.buf, B, (float *)y.buf, threads, p_nt, p_half, p_units) > 0) {
+    } else if (chain_exec(c, (const float *)x.buf, B, (float *)y.buf, threads, p_nt, p_lanes, p_units) > 0) {
         ret = Py_True;
         Py_INCREF(ret);
     }
@@ -1679,13 +1694,13 @@ static PyObject *out_take(chain_t *c, PyObject *alloc, int64_t B, float **data) 
  * Py_False (a new reference) where the chain declines this batch, or NULL with an exception set */
 static PyObject *chain_call_x(chain_t *c, const Py_buffer *x, int threads, PyObject *alloc) {
     const int64_t B = x->shape[0];
-    int p_half;
+    int p_lanes;
     int64_t p_units;
-    const int p_nt = chain_plan(c, B, threads, &p_half, &p_units);
+    const int p_nt = chain_plan(c, B, threads, &p_lanes, &p_units);
     if (p_nt == 0) Py_RETURN_FALSE;
     float *yd;
     PyObject *y = out_take(c, alloc, B, &yd);
-    if (y && chain_exec(c, (const float *)x->buf, B, yd, threads, p_nt, p_half, p_units) < 0) Py_CLEAR(y);
+    if (y && chain_exec(c, (const float *)x->buf, B, yd, threads, p_nt, p_lanes, p_units) < 0) Py_CLEAR(y);
     return y;
 }
 

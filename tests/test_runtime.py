@@ -905,7 +905,7 @@ def _panel_chain_model(rng, threads=2):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_panel_chain_matches_the_reference_whole_and_half_panels(isa, threading_knobs, threads):
     # thresholds 0: every call splits. Batches of whole panels, one panel (two 32-sample halves with
-    # AVX-512 on 2 threads; up to 32 samples on one thread: one half panel), ragged last panels and
+    # AVX-512 on 2 threads; up to 32 or 16 samples on one thread: a half or quarter panel), ragged last panels and
     # halves, more units than threads and fewer
     threading_knobs.set_threading(-1, 0, 0, 0)
     rng = np.random.default_rng(50 + threads)
