@@ -1500,6 +1500,7 @@ static int pchain_plan(const chain_t *c, int64_t B, int threads, int *lanes, int
         if (!ok && work * B >= (g_panel_par_min << ROW_SPLIT_SHIFT)) return 0;
     }
     if (nt > *units) nt = (int)*units;
+    if (*units == 1 && *lanes == PANEL / 2 && B <= PANEL / 4) *lanes = PANEL / 4; /* one unit after all */
     return nt < 1 ? 1 : nt;
 }
 
