@@ -1012,7 +1012,8 @@ def test_whole_model_checks_offer_the_all_panel_chain():
     cands = _chain_candidates(model, 64)
     assert cands["panel chain"] == ["panel", "panel"]
     assert "panel chain" in _chain_candidates(model, 16)  # a partial panel costs a whole one: offered from 8
-    assert "panel chain" not in _chain_candidates(model, 4)  # small batches: rows/gemv chains
+    assert "panel chain" in _chain_candidates(model, 4)  # half and quarter panels below 64 samples
+    assert "panel chain" not in _chain_candidates(model, 1)  # batch 1: rows/gemv chains
     assert "swapped" not in _chain_candidates(model, 8) and "swapped" in _chain_candidates(model, 4)
     layers[0].plan = {64: "panel", 1: "rows"}
     layers[1].plan = {64: "dense", 1: "gemv"}

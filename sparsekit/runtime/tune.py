@@ -270,7 +270,8 @@ def check_heuristic_plan(model: FastModel, *, batches: Iterable[int], threads: i
 
 def _chain_candidates(model: FastModel, batch: int, threads: int = 1) -> dict[str, list[str]]:
     """Whole-model plans worth comparing at ``batch``: the heuristic, all dense (one ONNX Runtime
-    session: the dense model itself), the heuristic with the other small-batch kernel, and with
+    session: the dense model itself), the heuristic with the other small-batch kernel (below 8) or with
+    its panel layers on plain ``panel`` (from 8), every layer on ``panel`` (from 2), and with
     ``threads`` > 1 the heuristic on one thread (``@1``: a model too small to gain from a second
     thread is never slower than on one)."""
     heur = [default_kernel(layer, batch) for layer in model.layers]
@@ -283,9 +284,11 @@ def _chain_candidates(model: FastModel, batch: int, threads: int = 1) -> dict[st
         cands["swapped"] = alt
     else:
         cands["panel"] = ["panel" if spec.startswith("panel") else spec for spec in heur]
+    if batch > 1:
         # every layer on the batch kernel: the model runs as one data-parallel C chain, which can beat
         # a plan that is faster layer by layer (a dense 256x10 output layer on ORT: 55 -> 39 us at 64;
-        # a partial panel costs what a whole one does, so at 16 too: 49 us on ORT vs 38 us)
+        # at 16, 49 us on ORT vs 16.5 us); below a panel it runs a half or quarter panel (AVX-512),
+        # whose cost does not grow with the batch as the rows kernel's does
         cands["panel chain"] = [spec if spec.startswith("panel") else "panel" for spec in heur]
     if threads > 1:
         cands["one thread"] = [f"{spec}@1" for spec in heur]
