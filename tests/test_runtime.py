@@ -1011,7 +1011,7 @@ def test_whole_model_checks_offer_the_all_panel_chain():
     assert model.kernels_for(64)[1] == "dense"  # a dense output layer: the heuristic mixes kernels
     cands = _chain_candidates(model, 64)
     assert cands["panel chain"] == ["panel", "panel"]
-    assert "panel chain" in _chain_candidates(model, 16)  # a partial panel costs a whole one: offered from 8
+    assert "panel chain" in _chain_candidates(model, 16)  # below a panel too
     assert "panel chain" in _chain_candidates(model, 4)  # half and quarter panels below 64 samples
     assert "panel chain" not in _chain_candidates(model, 1)  # batch 1: rows/gemv chains
     assert "swapped" not in _chain_candidates(model, 8) and "swapped" in _chain_candidates(model, 4)
