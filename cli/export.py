@@ -53,7 +53,7 @@ def export_cmd(
                               help="fast format: time every layer's kernels on this machine and keep the "
                                    "fastest per batch size (default: a quick whole-model calibration)."),
     tune_batch_size: int = typer.Option(1, "--tune-batch-size", min=1,
-                                        help="fast format: batch size to plan for (besides 1, 4, 16, 64, 256)."),
+                                        help="fast format: batch size to plan for (besides the standard sizes from 1 to 256)."),
     threads: int = typer.Option(1, "--threads", min=1, help="fast format: threads to plan for."),
     json_out: bool = typer.Option(False, "--json", help="Print the export report as JSON."),
     list_formats: bool = typer.Option(False, "--list", help="List the export formats and exit."),

@@ -44,7 +44,7 @@ class ExportOptions:
     precisions: tuple[str, ...] = ("fp32",)
     warn_only: bool = False
     tune: bool = False            # fast format: measure every layer's kernels (else a quick calibration)
-    tune_batch_size: int = 1      # fast format: batch size to measure at (besides 1, 4, 16, 64, 256)
+    tune_batch_size: int = 1      # fast format: batch size to measure at (besides the standard sizes 1-256)
     threads: int = 1              # fast format: threads the plan is measured with
 
 

@@ -94,7 +94,7 @@ def write_model(dense: onnx.ModelProto, out_path: str | os.PathLike[str], *, tun
     """Pack, calibrate or tune, check against ``dense`` under ONNX Runtime and write the artifact.
 
     Without ``tune``, a quick whole-model calibration (``sparsekit.runtime.tune.calibrate``, about a
-    second) measures the heuristic plan against dense ONNX Runtime at batch sizes 1, 4, 16, 64, 256 and
+    second) measures the heuristic plan against dense ONNX Runtime at batch sizes 1, 2, 4, ..., 64, 256 and
     ``batch_size`` and keeps the faster, so the default artifact is not slower than the dense model
     where call overhead dominates (tiny layers). ``calibrate=False`` leaves the heuristic alone.
     Returns a report.

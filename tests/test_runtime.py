@@ -468,13 +468,12 @@ def test_calibration_measures_whole_model_plans():
     for b, entry in report.items():  # every layer's plan holds the chosen whole-model candidate
         assert [layer.plan[int(b)] for layer in layers] == entry["kernels"]
         assert entry["chosen"] in entry["median_s"] or not entry["median_s"]
-    # a batch runs the measured entry nearest to it (log scale), the larger one halfway: 2 and 3 -> 4,
-    # 8 and 20 -> 16, 32 and 48 -> 64
-    for batch, entry in ((2, "4"), (3, "4"), (8, "16"), (20, "16"), (32, "64"), (48, "64")):
+    # a batch runs the measured entry nearest to it (log scale), the larger one halfway (128)
+    for batch, entry in ((3, "4"), (6, "8"), (20, "16"), (48, "64"), (100, "64"), (128, "256"), (200, "256")):
         assert model.kernels_for(batch) == report[entry]["kernels"]
-    x = rng.standard_normal((70, 16)).astype(np.float32)
+    x = rng.standard_normal((200, 16)).astype(np.float32)
     ref = layers[1].reference(layers[0].reference(x))
-    for batch in (1, 3, 8, 20, 70):
+    for batch in (1, 3, 8, 20, 70, 128, 200):
         close(model.run(x[:batch]), ref[:batch])
 
 

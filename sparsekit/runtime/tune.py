@@ -20,11 +20,12 @@ import numpy as np
 from sparsekit.runtime.layers import _K, PANEL, SparseLayer, aligned_empty, to_panels
 from sparsekit.runtime.model import GEMV_MAX_WEIGHTS, ROWS_MAX_BATCH, FastModel, _dense_session, default_kernel
 
-# plan entries: a batch size runs the entry nearest to it on a log scale, so these are a factor 4 apart
-# up to 64 (with 1, 8, 64 a batch of 16 ran the entry for 8: dense ORT on the demo model, 49 us, where
-# the panel chain takes 38 us; a batch of 3 dense 22 us where rows take 16 us)
+# plan entries: a batch size runs the entry nearest to it on a log scale. With 1, 8, 64 a batch of 16
+# ran the entry for 8, dense ORT on the demo model (49 us, where the panel chain takes 16.5 us), and a
+# batch of 3 dense (22 us, rows 16 us). Calibration (whole-model plans, ~0.05 s a size) takes every
+# power of two up to a panel; --tune (every layer's candidates) a factor 4 apart.
 DEFAULT_BATCHES = (1, 4, 16, 64, 256)
-CALIBRATION_BATCHES = (1, 4, 16, 64, 256)
+CALIBRATION_BATCHES = (1, 2, 4, 8, 16, 32, 64, 256)
 CLEAR_WIN_WEIGHTS = 1 << 20   # calibration skips models whose every layer is this big ...
 CLEAR_WIN_DENSITY = 0.2       # ... and at most this dense
 
