@@ -74,6 +74,10 @@
  * (784-300-100-10 90% batch 64: 62 us on one thread, 82 us with its 1.5e6-product first layer split). */
 #define PANEL_PAR_MIN_WORK (1 << 16)
 #define ROW_SPLIT_SHIFT 6
+/* A panel chain on one partial panel (AVX-512: 16 or 32 lanes) splits every layer's rows from 8x the
+ * panel minimum, nonzeros x batch (2 threads: 1024x1024 90% at batch 8, 8.4e5: 94 -> 71 us split;
+ * 1024x1024 98% at batch 16, 3.4e5: 30 us on one thread, 43 us split). */
+#define PROWS_SPLIT_SHIFT 3
 static int64_t g_rows_par_min = ROWS_PAR_MIN_WORK;
 static int64_t g_panel_par_min = PANEL_PAR_MIN_WORK;
 
@@ -1464,10 +1468,18 @@ static void pchain_unit(void *ctx, int64_t u, int tid) {
  * (bigger layers split the rows of each panel instead, layer by layer: the caller's fallback). */
 #define HALF_PANEL_MAX_WEIGHT_BYTES (1 << 20)
 
-/* threads and unit size for a panel chain on B samples; 0 where the chain should not run this batch
- * (the panels do not split evenly and the layers are too big for half panels: chain_run returns False
- * and the runtime runs the layers one by one, splitting rows) */
-static int pchain_plan(const chain_t *c, int64_t B, int threads, int *lanes, int64_t *units) {
+/* how a panel chain runs B samples: nt threads over `units` units of `lanes` samples each (data-parallel:
+ * each thread whole units through every layer), or with `rows` one unit whose every layer has its rows
+ * split between the nt threads (one pool job per layer) */
+typedef struct {
+    int nt, lanes, rows;
+    int64_t units;
+} pplan_t;
+
+/* the plan for a panel chain on B samples: p->nt, or 0 where the chain should not run this batch (the
+ * panels do not split evenly and the layers are too big for half panels: chain_run returns False and
+ * the runtime runs the layers one by one, splitting rows) */
+static int pchain_plan(const chain_t *c, int64_t B, int threads, pplan_t *p) {
     int nt = clamp_threads(threads);
     int64_t work = 0, wbytes = 0;
     for (int i = 0; i < c->n; i++) {
@@ -1477,31 +1489,64 @@ static int pchain_plan(const chain_t *c, int64_t B, int threads, int *lanes, int
     }
     if (work * B < g_panel_par_min) nt = 1;
     const int64_t P = (B + PANEL - 1) / PANEL;
-    *lanes = PANEL;
-    *units = P;
+    /* a unit of all B samples needs no more lanes than that: with AVX-512 half or quarter panels (a
+     * partial panel costs a whole one: the demo model at batch 16, 37 us on a full panel, 24 on a half,
+     * 16.5 on a quarter) */
+    int one_unit_lanes = PANEL;
 #if SK_X86
-    /* one thread, at most half or a quarter of a panel: a partial panel costs a whole one, so one unit of
-     * 32 or 16 lanes (the demo model at batch 16: 37 us on a full panel, 24 on a half, 16.5 on a quarter) */
-    if (nt == 1 && g_isa == ISA_AVX512 && B <= PANEL / 2) {
-        *lanes = B <= PANEL / 4 ? PANEL / 4 : PANEL / 2;
-        *units = 1;
-        return 1;
-    }
+    if (g_isa == ISA_AVX512) one_unit_lanes = B <= PANEL / 4 ? PANEL / 4 : B <= PANEL / 2 ? PANEL / 2 : PANEL;
 #endif
+    p->lanes = PANEL;
+    p->units = P;
+    p->rows = 0;
+    if (nt > 1 && P == 1) {
+#if SK_X86
+        if (g_isa == ISA_AVX512 && wbytes <= HALF_PANEL_MAX_WEIGHT_BYTES) {
+            /* weights that fit L2: data-parallel on partial panels, the lane width whose units keep the
+             * threads busiest for the least work (relative cost of a 16/32/64-lane unit: the demo model
+             * 16.5/22/35 us; LeNet at batch 32 on 2 threads: 37 us on one half panel, 26 us on two
+             * quarter panels) */
+            static const double unit_cost[3] = {0.5, 0.65, 1.0};
+            double best = 1e30;
+            for (int k = 0; k < 3; k++) {
+                const int64_t lanes = (PANEL / 4) << k, units = (B + lanes - 1) / lanes;
+                const double t = (double)((units + nt - 1) / nt) * unit_cost[k];
+                if (t < best - 1e-9) {
+                    best = t;
+                    p->lanes = (int)lanes;
+                    p->units = units;
+                }
+            }
+            if (p->units > 1 || work * B < (g_panel_par_min << PROWS_SPLIT_SHIFT)) {
+                if (nt > p->units) nt = (int)p->units;
+                return p->nt = nt;
+            }
+        }
+#endif
+        /* one unit of big layers, or one the threads can share only by rows: split every layer's rows */
+        if (work * B >= (g_panel_par_min << (one_unit_lanes < PANEL ? PROWS_SPLIT_SHIFT : ROW_SPLIT_SHIFT))) {
+            p->rows = 1;
+            p->lanes = one_unit_lanes;
+            p->units = 1;
+            return p->nt = nt;
+        }
+        p->lanes = PANEL;
+        p->units = P;
+    }
     if (nt > 1 && P % nt != 0) {
         int ok = 0;
 #if SK_X86
         if (g_isa == ISA_AVX512 && (2 * P) % nt == 0 && wbytes <= HALF_PANEL_MAX_WEIGHT_BYTES) {
-            *lanes = PANEL / 2;
-            *units = (B + PANEL / 2 - 1) / (PANEL / 2);
+            p->lanes = PANEL / 2;
+            p->units = (B + PANEL / 2 - 1) / (PANEL / 2);
             ok = 1;
         }
 #endif
         if (!ok && work * B >= (g_panel_par_min << ROW_SPLIT_SHIFT)) return 0;
     }
-    if (nt > *units) nt = (int)*units;
-    if (*units == 1 && *lanes == PANEL / 2 && B <= PANEL / 4) *lanes = PANEL / 4; /* one unit after all */
-    return nt < 1 ? 1 : nt;
+    if (nt > p->units) nt = (int)p->units;
+    if (p->units == 1) p->lanes = one_unit_lanes;
+    return p->nt = nt < 1 ? 1 : nt;
 }
 
 /* o's buffer (C-contiguous, with its format) in *x: 1; 0 and no buffer held where o has none of that kind
@@ -1540,22 +1585,74 @@ static int chain_x(const chain_t *c, PyObject *o, Py_buffer *x) {
     return 1;
 }
 
-/* threads for a panel chain on B samples, or 0 when it declines (see pchain_plan); 1 for other chains */
-static int chain_plan(const chain_t *c, int64_t B, int threads, int *lanes, int64_t *units) {
-    *lanes = PANEL;
-    *units = 0;
-    return c->panel ? pchain_plan(c, B, threads, lanes, units) : 1;
+/* the plan for a panel chain on B samples and its thread count, or 0 when it declines (see
+ * pchain_plan); 1 for other chains */
+static int chain_plan(const chain_t *c, int64_t B, int threads, pplan_t *p) {
+    p->nt = 1;
+    p->lanes = PANEL;
+    p->units = 0;
+    p->rows = 0;
+    return c->panel ? pchain_plan(c, B, threads, p) : 1;
+}
+
+static int panel_bounds(const int64_t *bp, int64_t nb, int64_t n_out, int64_t nparts, int64_t *bounds);
+
+typedef struct {
+    const ch_layer_t *l;
+    const float *xp;
+    float *yp;
+    rowout_t ro;
+    const int64_t *bounds; /* nt + 1 row positions on group boundaries, balanced by nonzeros */
+} prows_job_t;
+
+static void prows_item(void *ctx, int64_t part, int tid) {
+    (void)tid;
+    const prows_job_t *j = (const prows_job_t *)ctx;
+    const int64_t o0 = j->bounds[part], o1 = j->bounds[part + 1];
+    if (o1 > o0) panel_rows(pick_panel(), &j->l->pw, j->l->bp, j->l->ord, j->l->nb, &j->ro, o0, o1, j->xp, j->yp);
+}
+
+/* a panel chain's one unit of B samples with every layer's rows split between pl->nt threads: the caller
+ * transposes the input, then each layer is one pool job (thread t takes row range t, the same rows call
+ * after call, so its weights stay in its cache). The row ranges are computed here, per call (the GIL is
+ * held: a concurrent caller may use other thread counts). -1: out of memory. */
+static int prows_run(const chain_t *c, const float *x, int64_t B, float *y, const pplan_t *pl, float *scratch) {
+    const int nt = pl->nt;
+    int64_t *bounds = (int64_t *)malloc((size_t)c->n * (nt + 1) * sizeof(int64_t));
+    if (!bounds) return -1;
+    for (int i = 0; i < c->n; i++)
+        if (panel_bounds(c->L[i].bp, c->L[i].nb, c->L[i].n_out, nt, bounds + (int64_t)i * (nt + 1))) {
+            free(bounds);
+            return -1;
+        }
+    Py_BEGIN_ALLOW_THREADS
+    float *a = scratch, *b = a + c->pw * PANEL, *cur = a;
+    to_panel_lanes(x, a, B, c->L[0].n_in, 0, pl->lanes);
+    for (int i = 0; i < c->n; i++) {
+        const ch_layer_t *l = &c->L[i];
+        float *dst = cur == a ? b : a;
+        const int lastl = i + 1 == c->n;
+        prows_job_t job = {l, cur, dst,
+                           {lastl ? y : NULL, l->n_out, B, lastl && B * l->n_out * 4 >= STREAM_MIN_BYTES,
+                            pl->lanes == PANEL ? 0 : pl->lanes},
+                           bounds + (int64_t)i * (nt + 1)};
+        par_run(nt, nt, prows_item, &job);
+        cur = dst;
+    }
+    Py_END_ALLOW_THREADS
+    free(bounds);
+    return 0;
 }
 
 /* run chain c on x (B samples) into y (B * n_out floats): 1 done, -1 out of memory (exception set);
- * p_nt, p_lanes, p_units from chain_plan (p_nt > 0). Called with the GIL held, releases it to compute. */
-static int chain_exec(chain_t *c, const float *x, int64_t B, float *y, int threads, int p_nt, int p_lanes,
-                      int64_t p_units) {
+ * pl from chain_plan (pl->nt > 0). Called with the GIL held, releases it to compute. */
+static int chain_exec(chain_t *c, const float *x, int64_t B, float *y, int threads, const pplan_t *pl) {
     float *scratch = NULL;
     void *own = NULL;
     int64_t need = 0;
     if (c->panel) {
-        need = (int64_t)p_nt * (2 * c->pw * PANEL + 16); /* per thread: two panels (+ 64 bytes) */
+        /* per thread (one unit when the rows are split): two panels (+ 64 bytes) */
+        need = (int64_t)(pl->rows ? 1 : pl->nt) * (2 * c->pw * PANEL + 16);
     } else if (c->n > 1) {
         need = 2 * c->max_mid * B + 32;
     }
@@ -1573,14 +1670,21 @@ static int chain_exec(chain_t *c, const float *x, int64_t B, float *y, int threa
         if (!scratch) { PyErr_NoMemory(); return -1; }
         if (scratch == c->scratch) c->busy = 1;
     }
-    if (c->panel) {
-        pchain_job_t job = {c, x, y, B, p_lanes, scratch, 2 * c->pw * PANEL + 16};
+    if (c->panel && pl->rows && B > 0) {
+        if (prows_run(c, x, B, y, pl, scratch) < 0) {
+            if (scratch == c->scratch) c->busy = 0;
+            free(own);
+            PyErr_NoMemory();
+            return -1;
+        }
+    } else if (c->panel) {
+        pchain_job_t job = {c, x, y, B, pl->lanes, scratch, 2 * c->pw * PANEL + 16};
         if (B > 0) {
             Py_BEGIN_ALLOW_THREADS
-            if (p_nt <= 1) {
-                for (int64_t u = 0; u < p_units; u++) pchain_unit(&job, u, 0);
+            if (pl->nt <= 1) {
+                for (int64_t u = 0; u < pl->units; u++) pchain_unit(&job, u, 0);
             } else {
-                par_run(p_nt, p_units, pchain_unit, &job);
+                par_run(pl->nt, pl->units, pchain_unit, &job);
             }
             Py_END_ALLOW_THREADS
         }
@@ -1625,14 +1729,13 @@ static PyObject *py_chain_run(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     PyObject *ret = NULL;
     const int64_t B = x.shape[0];
-    int p_lanes, p_nt;
-    int64_t p_units;
+    pplan_t pl;
     if ((int64_t)y.len != B * c->L[c->n - 1].n_out * 4) {
         PyErr_SetString(PyExc_ValueError, "chain_run: y must hold (batch, n_out) float32");
-    } else if ((p_nt = chain_plan(c, B, threads, &p_lanes, &p_units)) == 0) {
+    } else if (chain_plan(c, B, threads, &pl) == 0) {
         ret = Py_False;
         Py_INCREF(ret);
-    } else if (chain_exec(c, (const float *)x.buf, B, (float *)y.buf, threads, p_nt, p_lanes, p_units) > 0) {
+    } else if (chain_exec(c, (const float *)x.buf, B, (float *)y.buf, threads, &pl) > 0) {
         ret = Py_True;
         Py_INCREF(ret);
     }
@@ -1695,13 +1798,11 @@ static PyObject *out_take(chain_t *c, PyObject *alloc, int64_t B, float **data) 
  * Py_False (a new reference) where the chain declines this batch, or NULL with an exception set */
 static PyObject *chain_call_x(chain_t *c, const Py_buffer *x, int threads, PyObject *alloc) {
     const int64_t B = x->shape[0];
-    int p_lanes;
-    int64_t p_units;
-    const int p_nt = chain_plan(c, B, threads, &p_lanes, &p_units);
-    if (p_nt == 0) Py_RETURN_FALSE;
+    pplan_t pl;
+    if (chain_plan(c, B, threads, &pl) == 0) Py_RETURN_FALSE;
     float *yd;
     PyObject *y = out_take(c, alloc, B, &yd);
-    if (y && chain_exec(c, (const float *)x->buf, B, yd, threads, p_nt, p_lanes, p_units) < 0) Py_CLEAR(y);
+    if (y && chain_exec(c, (const float *)x->buf, B, yd, threads, &pl) < 0) Py_CLEAR(y);
     return y;
 }
 

@@ -917,9 +917,10 @@ def test_panel_chain_matches_the_reference_whole_and_half_panels(isa, threading_
             y = np.full((batch, 9), np.nan, np.float32)
             p = -(-batch // 64)
             nt = 1 if specs[0].endswith("@1") else threads
-            # panels that do not split evenly: half panels (AVX-512), else the chain declines (False)
-            # and the runtime runs the layers one by one, splitting rows
-            runs = nt == 1 or p % nt == 0 or (K.isa() == "avx512" and (2 * p) % nt == 0)
+            # panels that do not split evenly: half panels (AVX-512); one panel or less: its rows split
+            # between the threads layer by layer; else the chain declines (False) and the runtime runs
+            # the layers one by one, splitting rows
+            runs = nt == 1 or p == 1 or p % nt == 0 or (K.isa() == "avx512" and (2 * p) % nt == 0)
             assert K.chain_run(chain, x, y, threads) is runs
             if runs:
                 close(y, ref(x))
@@ -981,23 +982,28 @@ def test_panel_chain_new_refuses_bad_layouts():
 
 
 @pytest.mark.skipif(K is None, reason="compiled kernels")
-def test_panel_chain_leaves_one_panel_of_big_layers_to_the_row_split():
-    # one 64-sample panel on 2 threads: half panels only while the weights fit well within L2 (every
-    # thread reads all of them); above that the chain declines and the layers run one by one with
-    # their rows split between the threads, at the default thresholds
+@pytest.mark.parametrize("threads", [2, 3])
+def test_panel_chain_splits_the_rows_of_one_panel_of_big_layers(isa, threads):
+    # one panel or less on 2+ threads at the default thresholds: half panels on 2 threads only while the
+    # weights fit well within L2 (every thread reads all of them); above that, or on 3 threads, the
+    # chain splits every layer's rows between the threads (the last layer's rows straight into y, in
+    # 16, 32 or 64 lanes); three panels on 2 threads of big layers: the chain declines (False)
     rng = np.random.default_rng(53)
-    big = rt.SparseLayer.from_dense(sparse_matrix(rng, 700, 600, 0.5), rng.standard_normal(700), relu=True)
-    assert big.nnz * (4 + big.idx_bytes) > 1 << 20
-    model = rt.FastModel([big], (600,), threads=2)
-    chain = model._make_chain([L.parse_kernel("panel")])
-    x = rng.standard_normal((64, 600)).astype(np.float32)
-    y = np.empty((64, 700), np.float32)
-    assert K.chain_run(chain, x, y, 2) is False
-    close(model.run(x, kernels=["panel"], chain=True), big.reference(x))
-    x2 = rng.standard_normal((128, 600)).astype(np.float32)  # two panels: one per thread, in the chain
-    y2 = np.empty((128, 700), np.float32)
-    assert K.chain_run(chain, x2, y2, 2) is True
-    close(y2, big.reference(x2))
+    ws = [sparse_matrix(rng, 700, 600, 0.5), sparse_matrix(rng, 300, 700, 0.3)]
+    layers = [rt.SparseLayer.from_dense(w, rng.standard_normal(w.shape[0]), relu=i == 0) for i, w in enumerate(ws)]
+    assert layers[0].nnz * (4 + layers[0].idx_bytes) > 1 << 20
+    model = rt.FastModel(layers, (600,), threads=threads)
+    ref = lambda x: layers[1].reference(layers[0].reference(x))  # noqa: E731
+    for specs in (["panel", "panel"], ["panel:128", "panel:256"]):
+        chain = model._make_chain([L.parse_kernel(s) for s in specs])
+        for batch in (1, 9, 16, 17, 32, 40, 64, 128, 192):
+            x = rng.standard_normal((batch, 600)).astype(np.float32)
+            y = np.full((batch, 300), np.nan, np.float32)
+            runs = batch <= 64 or (batch // 64) % threads == 0
+            assert K.chain_run(chain, x, y, threads) is runs
+            if runs:
+                close(y, ref(x))
+            close(model.run(x, kernels=specs, chain=True), ref(x))
 
 
 def test_whole_model_checks_offer_the_all_panel_chain():
