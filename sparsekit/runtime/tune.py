@@ -244,12 +244,13 @@ def check_thread_caps(model: FastModel, *, batches: Iterable[int], threads: int,
 @_timed_with_awake_workers
 def check_panel_chain(model: FastModel, *, batches: Iterable[int], threads: int, budget_s: float = 0.25,
                       seed: int = 0) -> dict[str, dict]:
-    """After per-layer tuning: for each batch of at least one panel whose tuned plan mixes kernels, time
-    the whole model with its tuned plan and with every layer on ``panel`` (tuned panel specs kept), and
-    keep the all-panel plan where it is faster by more than 3%: it runs as one data-parallel C chain,
-    which layer-by-layer timings cannot see. Returns ``{batch: {"chain": bool, "median_s": {...}}}``."""
+    """After per-layer tuning: for each batch from 2 whose tuned plan mixes kernels, time the whole model
+    with its tuned plan and with every layer on ``panel`` (tuned panel specs kept), and keep the
+    all-panel plan where it is faster by more than 3%: it runs as one C chain (data-parallel, or below a
+    panel on 16/32-lane units), which layer-by-layer timings cannot see. Returns ``{batch: {"chain":
+    bool, "median_s": {...}}}``."""
     return _keep_faster_plans(model, batches=batches, threads=threads, budget_s=budget_s, seed=seed,
-                              name="chain", min_batch=PANEL,
+                              name="chain", min_batch=2,
                               alternative=lambda plan, _b: [s if s.startswith("panel") else "panel" for s in plan])
 
 
