@@ -24,9 +24,10 @@
  * pthreads, else one thread. Small calls stay on the calling thread (no hand-off at all).
  *
  * Chains (see "chains"): a model whose layers all run sell/gemv, or all run panel, is prepared once
- * (chain_new) and run with one Python->C call (chain_run). A panel chain runs data-parallel: each
- * thread takes whole panels, or 32-sample half panels (AVX-512), of the batch through every layer,
- * with one hand-off per model call instead of one per layer.
+ * (chain_new) and run with one Python->C call (fast_call, which also recycles outputs; chain_run into
+ * a given output). A panel chain runs data-parallel: each thread takes whole panels, or 32/16-sample
+ * partial panels (AVX-512), of the batch through every layer, with one hand-off per model call instead
+ * of one per layer; one panel or less of big layers has every layer's rows split between the threads.
  *
  * Safety contract (checked by the Python wrapper at load, sizes re-checked here): rowptr is
  * non-decreasing from 0, indices < n_in, the index and value arrays have PAD_SLACK spare
@@ -1466,8 +1467,9 @@ static void pchain_unit(void *ctx, int64_t u, int tid) {
     }
 }
 
-/* Half panels: every thread reads all the weights, so only while they fit well within a core's L2
- * (bigger layers split the rows of each panel instead, layer by layer: the caller's fallback). */
+/* Half (and quarter) panels on several threads: every thread reads all the weights, so only while they
+ * fit well within a core's L2 (bigger layers split the rows: one panel or less in the chain, prows_run;
+ * more panels layer by layer, the caller's fallback). */
 #define HALF_PANEL_MAX_WEIGHT_BYTES (1 << 20)
 
 /* how a panel chain runs B samples: nt threads over `units` units of `lanes` samples each (data-parallel:

@@ -808,7 +808,6 @@ def test_fast_path_keeps_no_large_outputs():
 
     rng = np.random.default_rng(45)
     layer = rt.SparseLayer.from_dense(sparse_matrix(rng, 4200, 4, 0.5), None, relu=False)
-    layer.plan = {1: "rows"}
     model = rt.FastModel([layer], (4,), threads=1)
     for batch, kept in ((900, True), (1100, False)):  # 15.1 MB, 18.5 MB
         layer.plan = {batch: "rows"}
