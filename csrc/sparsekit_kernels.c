@@ -75,10 +75,13 @@
  * (784-300-100-10 90% batch 64: 62 us on one thread, 82 us with its 1.5e6-product first layer split). */
 #define PANEL_PAR_MIN_WORK (1 << 16)
 #define ROW_SPLIT_SHIFT 6
-/* A panel chain on one partial panel (AVX-512: 16 or 32 lanes) splits every layer's rows from 8x the
- * panel minimum, nonzeros x batch (2 threads: 1024x1024 90% at batch 8, 8.4e5: 94 -> 71 us split;
- * 1024x1024 98% at batch 16, 3.4e5: 30 us on one thread, 43 us split). */
-#define PROWS_SPLIT_SHIFT 3
+/* A panel chain on one partial panel (AVX-512: 16 or 32 lanes) splits every layer's rows from 2x the
+ * panel minimum (nonzeros x batch) per layer: each layer is one pool job, and from the second layer on
+ * each thread reads the other's half of the activations from the other core. 2 threads against one:
+ * 1024x1024 98% at batch 8 (1.7e5): 25.5 -> 17 us, batch 16: 28 -> 18 us; 784-300-100-10 90% at batch 16
+ * (4.3e5, 1.4e5 a layer): 23.9 -> 21.5 us; 64-512-256-10 90% at batch 16 (2.6e5, 8.7e4 a layer): 11.3 ->
+ * 17 us, left on one thread. */
+#define PROWS_SPLIT_SHIFT 1
 static int64_t g_rows_par_min = ROWS_PAR_MIN_WORK;
 static int64_t g_panel_par_min = PANEL_PAR_MIN_WORK;
 
@@ -1498,7 +1501,7 @@ static int pchain_plan(const chain_t *c, int64_t B, int threads, pplan_t *p) {
         wbytes += c->L[i].work * (4 + (c->L[i].pw.idx16 ? 2 : 4));
     }
     if (work * B < g_panel_par_min) nt = 1;
-    const int64_t P = (B + PANEL - 1) / PANEL;
+    const int64_t P = (B + PANEL - 1) / PANEL, prows_min = (int64_t)c->n * (g_panel_par_min << PROWS_SPLIT_SHIFT);
     /* a unit of all B samples needs no more lanes than that: with AVX-512 half or quarter panels (a
      * partial panel costs a whole one: the demo model at batch 16, 37 us on a full panel, 24 on a half,
      * 16.5 on a quarter) */
@@ -1527,14 +1530,14 @@ static int pchain_plan(const chain_t *c, int64_t B, int threads, pplan_t *p) {
                     p->units = units;
                 }
             }
-            if (p->units > 1 || work * B < (g_panel_par_min << PROWS_SPLIT_SHIFT)) {
+            if (p->units > 1 || work * B < prows_min) {
                 if (nt > p->units) nt = (int)p->units;
                 return p->nt = nt;
             }
         }
 #endif
         /* one unit of big layers, or one the threads can share only by rows: split every layer's rows */
-        if (work * B >= (g_panel_par_min << (one_unit_lanes < PANEL ? PROWS_SPLIT_SHIFT : ROW_SPLIT_SHIFT))) {
+        if (one_unit_lanes < PANEL ? work * B >= prows_min : work * B >= (g_panel_par_min << ROW_SPLIT_SHIFT)) {
             p->rows = 1;
             p->lanes = one_unit_lanes;
             p->units = 1;
@@ -1615,21 +1618,14 @@ typedef struct {
     const int64_t *bounds; /* nt + 1 row positions on group boundaries, balanced by nonzeros */
 } prows_job_t;
 
+/* the first layer of a row-split chain: each thread transposes the whole input into its own panel
+ * buffer, then runs its rows */
 typedef struct {
-    const float *x;
-    float *xp;
-    int64_t B, n, lanes, nt;
-} ptr_job_t;
-
-/* part t of the input transpose: features [n t / nt, n (t+1) / nt), rounded to blocks of 64 */
-static void ptr_item(void *ctx, int64_t part, int tid) {
-    (void)tid;
-    const ptr_job_t *j = (const ptr_job_t *)ctx;
-    const int64_t nblk = (j->n + 63) / 64;
-    const int64_t f0 = nblk * part / j->nt * 64, f1e = nblk * (part + 1) / j->nt * 64;
-    const int64_t f1 = f1e < j->n ? f1e : j->n;
-    if (f1 > f0) to_panel_lanes_cols(j->x, j->xp, j->B, j->n, 0, j->lanes, f0, f1);
-}
+    prows_job_t r;      /* r.xp unused */
+    const float *x;     /* row-major input (B, n_in) */
+    float *xp0;         /* thread t's transposed input at xp0 + t * xs */
+    int64_t xs, B, lanes;
+} prows0_job_t;
 
 static void prows_item(void *ctx, int64_t part, int tid) {
     (void)tid;
@@ -1638,10 +1634,26 @@ static void prows_item(void *ctx, int64_t part, int tid) {
     if (o1 > o0) panel_rows(pick_panel(), &j->l->pw, j->l->bp, j->l->ord, j->l->nb, &j->ro, o0, o1, j->xp, j->yp);
 }
 
-/* a panel chain's one unit of B samples with every layer's rows split between pl->nt threads: the input
- * transpose is one pool job (split by features), then each layer is one (thread t takes row range t,
- * the same rows call after call, so its weights stay in its cache). The row ranges are computed here,
- * per call (the GIL is held: a concurrent caller may use other thread counts). -1: out of memory. */
+static void prows0_item(void *ctx, int64_t part, int tid) {
+    const prows0_job_t *j = (const prows0_job_t *)ctx;
+    const int64_t o0 = j->r.bounds[part], o1 = j->r.bounds[part + 1];
+    if (o1 <= o0) return;
+    float *xp = j->xp0 + (int64_t)tid * j->xs;
+    to_panel_lanes(j->x, xp, j->B, j->r.l->n_in, 0, j->lanes);
+    panel_rows(pick_panel(), &j->r.l->pw, j->r.l->bp, j->r.l->ord, j->r.l->nb, &j->r.ro, o0, o1, xp, j->r.yp);
+}
+
+/* a panel chain's one unit of B samples with every layer's rows split between pl->nt threads: one pool
+ * job per layer (thread t takes row range t, the same rows call after call, so its weights stay in its
+ * cache). In the first, each thread transposes the whole input into a buffer of its own (scratch past
+ * the two shared panels: prows_input_floats each) before its rows: the input transpose split between
+ * the threads had each thread then read the other's half of the panel from the other core, line by
+ * line in the order of its indices (1024x1024 98% at batch 16 on 2 threads: 29 us, one thread 28 us).
+ * The row ranges are computed here, per call (the GIL is held: a concurrent caller may use other
+ * thread counts). -1: out of memory. */
+/* floats of one thread's transposed input in prows_run (64-byte multiple) */
+static int64_t prows_input_floats(const chain_t *c) { return c->L[0].n_in * PANEL + 16; }
+
 static int prows_run(const chain_t *c, const float *x, int64_t B, float *y, const pplan_t *pl, float *scratch) {
     const int nt = pl->nt;
     int64_t *bounds = (int64_t *)malloc((size_t)c->n * (nt + 1) * sizeof(int64_t));
@@ -1653,10 +1665,6 @@ static int prows_run(const chain_t *c, const float *x, int64_t B, float *y, cons
         }
     Py_BEGIN_ALLOW_THREADS
     float *a = scratch, *b = a + c->pw * PANEL, *cur = a;
-    /* the input transpose is split between the threads too (by features): done by the caller alone it
-     * held the others up (4096x4096 98% at batch 16 on 2 threads: 291 -> 259 us, one thread 413 us) */
-    ptr_job_t tj = {x, a, B, c->L[0].n_in, pl->lanes, nt};
-    par_run(nt, nt, ptr_item, &tj);
     for (int i = 0; i < c->n; i++) {
         const ch_layer_t *l = &c->L[i];
         float *dst = cur == a ? b : a;
@@ -1665,7 +1673,12 @@ static int prows_run(const chain_t *c, const float *x, int64_t B, float *y, cons
                            {lastl ? y : NULL, l->n_out, B, lastl && B * l->n_out * 4 >= STREAM_MIN_BYTES,
                             pl->lanes == PANEL ? 0 : pl->lanes},
                            bounds + (int64_t)i * (nt + 1)};
-        par_run(nt, nt, prows_item, &job);
+        if (i == 0) {
+            prows0_job_t j0 = {job, x, a + 2 * c->pw * PANEL + 16, prows_input_floats(c), B, pl->lanes};
+            par_run(nt, nt, prows0_item, &j0);
+        } else {
+            par_run(nt, nt, prows_item, &job);
+        }
         cur = dst;
     }
     Py_END_ALLOW_THREADS
@@ -1681,7 +1694,8 @@ static int chain_exec(chain_t *c, const float *x, int64_t B, float *y, int threa
     int64_t need = 0;
     if (c->panel) {
         /* per thread (one unit when the rows are split): two panels (+ 64 bytes) */
-        need = (int64_t)(pl->rows ? 1 : pl->nt) * (2 * c->pw * PANEL + 16);
+        need = pl->rows ? 2 * c->pw * PANEL + 16 + pl->nt * prows_input_floats(c)
+                        : (int64_t)pl->nt * (2 * c->pw * PANEL + 16);
     } else if (c->n > 1) {
         need = 2 * c->max_mid * B + 32;
     }
@@ -1738,6 +1752,21 @@ static int parse_threads(PyObject *o, int *threads) {
     if (t == -1 && PyErr_Occurred()) return -1;
     *threads = t < 1 ? 1 : t > 1024 ? 1024 : (int)t;
     return 0;
+}
+
+static PyObject *py_chain_plan(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap;
+    long long B;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OLi", &cap, &B, &threads)) return NULL;
+    chain_t *c = (chain_t *)PyCapsule_GetPointer(cap, "sparsekit.chain");
+    if (!c) return NULL;
+    if (B < 0) { PyErr_SetString(PyExc_ValueError, "chain_plan: negative batch"); return NULL; }
+    pplan_t pl;
+    if (chain_plan(c, B, threads, &pl) == 0) Py_RETURN_NONE;
+    return Py_BuildValue("{s:i,s:i,s:O,s:L}", "threads", pl.nt, "lanes", pl.lanes, "rows_split",
+                         pl.rows ? Py_True : Py_False, "units", (long long)pl.units);
 }
 
 static PyObject *py_chain_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -2338,6 +2367,10 @@ static PyMethodDef methods[] = {
     {"chain_run", (PyCFunction)(void (*)(void))py_chain_run, METH_FASTCALL,
      "chain_run(chain, x, y, threads): run a chain_new chain on x (batch, n_in) into y (batch, n_out), one call; "
      "True when done, False (nothing run) when x is not a C-contiguous float32 (batch, n_in) array"},
+    {"chain_plan", py_chain_plan, METH_VARARGS,
+     "chain_plan(chain, batch, threads): how chain_run would run a panel chain on that batch: {threads, lanes, "
+     "rows_split, units}, or None where it declines (small-batch chains: threads 1, units 0; their layers "
+     "decide their own threads)"},
     {"fast_call", (PyCFunction)(void (*)(void))py_fast_call, METH_FASTCALL,
      "fast_call(table, x, threads, epoch): FastModel.run's fast path: table {batch: (epoch, chain, alloc)}; runs "
      "x's batch size's chain when its entry is current (epoch[0]) and x fits, into alloc() or one of the last "

@@ -1070,3 +1070,36 @@ def test_large_outputs_are_cache_line_aligned_on_every_path():
         close(y, layer.reference(x))
     small = model.run(x[:2])
     assert small.shape == (2, 1100)
+
+
+@pytest.mark.skipif(K is None or "avx512" not in K.available_isas(), reason="AVX-512 partial panels")
+def test_one_partial_panel_splits_rows_by_work_per_layer(threading_knobs):
+    # a chain of one partial panel splits every layer's rows between the threads from 2x the panel
+    # minimum of nonzeros x batch per layer (each layer is one pool job, and the layers after the first
+    # read the other thread's half of the activations): one layer of 16384 nonzeros splits from batch 8,
+    # two such layers also from batch 8, not at 7 (where their total would pass a whole-chain rule)
+    threading_knobs.set_threading(-1, -1, 1 << 16, 0)
+    K.set_isa("avx512")
+    try:
+        rng = np.random.default_rng(54)
+        w = np.zeros((1024, 1024), np.float32)
+        for r in range(1024):
+            w[r, rng.choice(1024, 16, replace=False)] = rng.standard_normal(16)
+        for n_layers in (1, 2):
+            layers = [rt.SparseLayer.from_dense(w, None, relu=True) for _ in range(n_layers)]
+            assert sum(layer.nnz for layer in layers) == 16384 * n_layers
+            model = rt.FastModel(layers, (1024,), threads=2)
+            chain = model._make_chain([L.parse_kernel("panel")] * n_layers)
+            split = K.chain_plan(chain, 8, 2)
+            assert split == {"threads": 2, "lanes": 16, "rows_split": True, "units": 1}
+            assert K.chain_plan(chain, 7, 2) == {"threads": 1, "lanes": 16, "rows_split": False, "units": 1}
+            assert K.chain_plan(chain, 8, 1)["threads"] == 1
+            x = rng.standard_normal((8, 1024)).astype(np.float32)
+            y = np.full((8, 1024), np.nan, np.float32)
+            assert K.chain_run(chain, x, y, 2) is True
+            ref = x
+            for layer in layers:
+                ref = layer.reference(ref)
+            close(y, ref)
+    finally:
+        K.set_isa("best")
