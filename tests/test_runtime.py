@@ -477,6 +477,38 @@ def test_calibration_measures_whole_model_plans():
         close(model.run(x[:batch]), ref[:batch])
 
 
+def test_calibration_confirms_a_plan_that_beat_the_heuristic(monkeypatch):
+    # a candidate that wins the first measurement is timed against the heuristic once more after
+    # every batch size, and kept only if it wins again (scripted timings: at batch 16 "one thread"
+    # wins the first 25 bursts, then loses; at batch 4 it keeps winning)
+    from sparsekit.runtime import tune
+
+    rng = np.random.default_rng(19)
+    layers = [rt.SparseLayer.from_dense(sparse_matrix(rng, 32, 16, 0.1), rng.standard_normal(32), relu=True)]
+    model = rt.FastModel(layers, (16,), threads=2)
+    calls: dict[int, int] = {}
+
+    def fake_burst(_model, x, _threads, specs, _n, _clock):
+        b = x.shape[0]
+        if specs[0] == "dense":
+            return 1e-3
+        if "@1" not in specs[0]:
+            return 5e-6
+        calls[b] = calls.get(b, 0) + 1
+        return 1e-6 if b == 4 or (b == 16 and calls[b] <= 25) else 1e-5
+
+    monkeypatch.setattr(tune, "_burst", fake_burst)
+    report = tune.calibrate(model, threads=2, budget_s=5.0)
+    assert calls[16] == 25 + tune.CONFIRM_REPS and calls[4] == 25 + tune.CONFIRM_REPS
+    assert report["16"]["chosen"] == "heuristic" and report["16"]["confirmed"] is False
+    assert report["16"]["median_s"]["one thread"] < report["16"]["median_s"]["heuristic"]
+    assert report["16"]["confirm_s"] == {"heuristic": 5e-6, "one thread": 1e-5}
+    assert layers[0].plan[16] == report["16"]["kernels"][0] and "@1" not in layers[0].plan[16]
+    assert report["4"]["chosen"] == "one thread" and report["4"]["confirmed"] is True
+    assert layers[0].plan[4].endswith("@1")
+    assert "confirmed" not in report["1"] or report["1"]["chosen"] != "heuristic"
+
+
 def test_malformed_csr_is_refused():
     with pytest.raises(InputError, match="out of range"):
         rt.SparseLayer.from_csr(4, 2, np.ones(2), np.array([0, 9]), np.array([0, 1, 2]), None, False)
