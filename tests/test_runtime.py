@@ -509,6 +509,23 @@ def test_calibration_confirms_a_plan_that_beat_the_heuristic(monkeypatch):
     assert "confirmed" not in report["1"] or report["1"]["chosen"] != "heuristic"
 
 
+def test_calibration_of_big_sparse_models_still_checks_one_thread_at_batch_1(monkeypatch):
+    # layers of >= 2^20 weights at <= 20% density keep the heuristic unmeasured at batch 1 and >= 64,
+    # but on several threads batch 1 compares it with one thread (scripted: one thread faster there)
+    from sparsekit.runtime import tune
+
+    rng = np.random.default_rng(23)
+    layers = [rt.SparseLayer.from_dense(sparse_matrix(rng, 1024, 1024, 0.05), None, relu=False)]
+    model = rt.FastModel(layers, (1024,), threads=2)
+    monkeypatch.setattr(tune, "_burst", lambda _m, _x, _t, specs, _n, _c: 1e-6 if "@1" in specs[0] else 2e-6)
+    report = tune.calibrate(model, threads=2, batches=(1, 64), budget_s=1.0)
+    assert set(report["1"]["median_s"]) == {"heuristic", "one thread"}
+    assert report["1"]["chosen"] == "one thread" and layers[0].plan[1].endswith("@1")
+    assert report["64"]["median_s"] == {} and report["64"]["chosen"] == "heuristic"
+    one = tune.calibrate(rt.FastModel(layers, (1024,), threads=1), threads=1, batches=(1,), budget_s=1.0)
+    assert one["1"]["median_s"] == {}  # one thread: nothing to compare
+
+
 def test_malformed_csr_is_refused():
     with pytest.raises(InputError, match="out of range"):
         rt.SparseLayer.from_csr(4, 2, np.ones(2), np.array([0, 9]), np.array([0, 1, 2]), None, False)
