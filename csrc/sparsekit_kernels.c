@@ -126,16 +126,14 @@ static void transpose_block(const float *src, int64_t ss, float *dst, int64_t ds
                             int cols_outer);
 
 #if SK_X86
-/* Full tile (16 rows x 64 samples) -> 64 rows of y, 16 floats (one 64-byte line) each: 16x16 transposes
- * in registers and non-temporal stores (no read-for-ownership of y's lines, which sit n_out*4 bytes
- * apart and would otherwise all compete for one L1 set). */
 /* rows 0..nrows-1 of a tile (TILE_ROWS rows of PANEL lanes, lanes 0..tb-1 valid) into row-major y:
  * 16x16 transposes in registers, one 64-byte store per sample and 16 rows (masked for a ragged last
  * tile). Partial and ragged panels used to go through 8x8 transposes, two 32-byte halves per sample
  * and line at different times (with y's rows a power-of-two apart every line of a tile sits in one L1
  * set). Side by side: 4096x1024 98% at batch 16 104.9 -> 101.5 us on one thread, 51.4 -> 48.1 us on
- * two; 1024x1024 90% at batch 100 394.6 -> 378.3 us. stream: non-temporal stores (y 64-byte aligned,
- * whole tiles only). */
+ * two; 1024x1024 90% at batch 100 394.6 -> 378.3 us. stream: non-temporal stores for large outputs (y
+ * 64-byte aligned, whole tiles only): no read-for-ownership of y's lines, which sit n_out*4 bytes apart
+ * and would otherwise all compete for one L1 set. */
 SK_AVX512 static void tile_flush_avx512(const float *tile, float *y, int64_t ldy, int stream, int64_t tb,
                                         int64_t nrows) {
     const __mmask16 keep = nrows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nrows) - 1);
@@ -1647,6 +1645,9 @@ static void prows_item(void *ctx, int64_t part, int tid) {
     if (o1 > o0) panel_rows(pick_panel(), &j->l->pw, j->l->bp, j->l->ord, j->l->nb, &j->ro, o0, o1, j->xp, j->yp);
 }
 
+/* floats of one thread's transposed input in prows_run (64-byte multiple) */
+static int64_t prows_input_floats(const chain_t *c) { return c->L[0].n_in * PANEL + 16; }
+
 static void prows0_item(void *ctx, int64_t part, int tid) {
     const prows0_job_t *j = (const prows0_job_t *)ctx;
     const int64_t o0 = j->r.bounds[part], o1 = j->r.bounds[part + 1];
@@ -1664,9 +1665,6 @@ static void prows0_item(void *ctx, int64_t part, int tid) {
  * line in the order of its indices (1024x1024 98% at batch 16 on 2 threads: 29 us, one thread 28 us).
  * The row ranges are computed here, per call (the GIL is held: a concurrent caller may use other
  * thread counts). -1: out of memory. */
-/* floats of one thread's transposed input in prows_run (64-byte multiple) */
-static int64_t prows_input_floats(const chain_t *c) { return c->L[0].n_in * PANEL + 16; }
-
 static int prows_run(const chain_t *c, const float *x, int64_t B, float *y, const pplan_t *pl, float *scratch) {
     const int nt = pl->nt;
     int64_t *bounds = (int64_t *)malloc((size_t)c->n * (nt + 1) * sizeof(int64_t));

@@ -329,8 +329,8 @@ def calibrate(model: FastModel, *, batches: Iterable[int] = CALIBRATION_BATCHES,
     one-thread variant). A candidate that beat the heuristic is timed against it once more
     after every batch size has been measured (another moment: noise from other processes comes and
     goes) and kept only if it wins again: in one benchmark run the 2-thread artifact of 1024x1024 98%
-    chose one thread at batch 16 (27 µs per call) where two threads take 18-21 µs, which standalone
-    calibrations chose every time. Returns ``{batch: {"chosen", "kernels", "median_s"[, "confirm_s",
+    chose one thread at batch 16 (27 µs per call) where two threads take 18-21 µs and where standalone
+    calibrations chose two threads every time. Returns ``{batch: {"chosen", "kernels", "median_s"[, "confirm_s",
     "confirmed"]}}``.
     """
     batches = sorted({int(b) for b in batches})
