@@ -526,6 +526,16 @@ def test_calibration_of_big_sparse_models_still_checks_one_thread_at_batch_1(mon
     assert one["1"]["median_s"] == {}  # one thread: nothing to compare
 
 
+@pytest.mark.skipif(K is None, reason="compiled kernels")
+def test_rows_jobs_use_threads_in_proportion_to_their_work(threading_knobs):
+    # one thread below the threshold, then one thread per half-threshold of work, at most the count asked
+    threading_knobs.set_threading(-1, 1 << 14, -1, -1)
+    assert [K.rows_threads(4, w) for w in (0, 16383, 16384, 24575, 24576, 32768, 10**6)] == [1, 1, 2, 2, 3, 4, 4]
+    assert K.rows_threads(2, 16384) == 2 and K.rows_threads(1, 10**6) == 1 and K.rows_threads(16, 10**6) == 16
+    threading_knobs.set_threading(-1, 0, -1, -1)  # threshold 0 (tests): every job on every thread
+    assert K.rows_threads(3, 1) == 1 and K.rows_threads(3, 7) == 3 and K.rows_threads(3, 0) == 1
+
+
 def test_malformed_csr_is_refused():
     with pytest.raises(InputError, match="out of range"):
         rt.SparseLayer.from_csr(4, 2, np.ones(2), np.array([0, 9]), np.array([0, 1, 2]), None, False)
