@@ -3,9 +3,10 @@
 Candidates (each must pass the int8 rule on the run's samples: top-1 agreement ≥ 99%, accuracy drop ≤ 1
 point):
 
-- ``dynamic``: ``quantize_dynamic`` of MatMul/Gemm only (int8 weights per output channel, activations
-  quantized at run time). Conv layers stay fp32: ORT's dynamic ``ConvInteger`` ran 4-8× slower than the
-  fp32 Conv on every conv net we measured (LeNet-5 0.24× of dense at batch 64, ResNet-20 0.12×).
+- ``dynamic``: ``quantize_dynamic`` of every op it handles except Conv (MatMul, LSTM, Gather, ...; int8
+  weights per output channel, activations quantized at run time). Conv layers stay fp32: ORT's dynamic
+  ``ConvInteger`` ran 4-8× slower than the fp32 Conv on every conv net we measured (LeNet-5 0.24× of
+  dense at batch 64, ResNet-20 0.12×).
 - ``static`` (graphs with Conv, given samples): ``quantize_static`` in QDQ form (uint8 activations, int8
   weights per channel), ranges calibrated on the first half of the samples and kept only if the other
   half also passes the rule: ResNet-20 on digits ran 1.6× (batch 1) and 2.1× (batch 64) of dense.
@@ -44,10 +45,8 @@ from sparsekit.exporters.registry import register_format
 from sparsekit.exporters.speed import EXPORT_BATCHES, MIN_SPEEDUP, describe_slow, slower_than_dense, speedups_vs_dense
 from sparsekit.exporters.validate import compare, onnx_runner, run_batched
 
-DYNAMIC_OPS = ["MatMul", "Gemm"]
-INTEGER_OPS = {"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "QGemm", "QuantizeLinear"}
 MIN_STATIC_SAMPLES = 16  # static calibration splits the samples in two halves (calibrate / check)
-DESCRIBE = {"dynamic": "dynamic int8 MatMul/Gemm, Conv kept fp32",
+DESCRIBE = {"dynamic": "dynamic int8 (MatMul and the like; Conv kept fp32)",
             "static": "static int8 QDQ (uint8 activations calibrated on the run's samples)"}
 
 
@@ -81,11 +80,13 @@ def _run_quantizer(model: onnx.ModelProto, what: str, quantize: Callable[[str, s
 
 
 def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Dynamic int8 quantization of the MatMul/Gemm layers (per output channel); Conv stays fp32."""
+    """Dynamic int8 quantization (per output channel) of every op ORT handles so, except Conv (kept fp32)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
 
+    ops = sorted(op for op in IntegerOpsRegistry if op != "Conv")
     return _run_quantizer(model, "dynamic quantization", lambda src, dst: quantize_dynamic(
-        src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=DYNAMIC_OPS))
+        src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=ops))
 
 
 def quantize_static_int8(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
@@ -142,8 +143,8 @@ def candidates(base: onnx.ModelProto, samples: Samples | None) -> dict[str, onnx
         else:
             if not _passes(out["static"], samples, held_out=len(samples.x) - half):
                 del out["static"]
-    if not any(n.op_type in INTEGER_OPS for n in out["dynamic"].graph.node) and len(out) > 1:
-        del out["dynamic"]  # no MatMul/Gemm to quantize: it would be the fp32 model
+    if not any(t.data_type == onnx.TensorProto.INT8 for t in out["dynamic"].graph.initializer) and len(out) > 1:
+        del out["dynamic"]  # nothing but Conv to quantize: it would be the fp32 model
     elif len(out) > 1 and not _passes(out["dynamic"], samples):
         del out["dynamic"]
     return out
