@@ -23,6 +23,14 @@ def _fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
+def _status_cell(a: dict) -> str:
+    if a["status"] == "refused":
+        return f"refused: {a.get('reason', '')}"
+    if a.get("slower_than_dense"):
+        return f"[yellow]{a['status']}, slower than dense ⚠[/yellow]"
+    return a["status"]
+
+
 def _validation_cell(v: dict | None) -> str:
     if not v:
         return "-"
@@ -62,13 +70,17 @@ def export_cmd(
 
     Every file is checked with onnx.checker and run in ONNX Runtime on the run's samples against the
     torch outputs (fp32: max|Δ| ≤ 1e-5·max(1, max|ref|); fp16/int8: top-1 agreement ≥ 99%, accuracy
-    drop ≤ 0.5/1 point). A failure removes the file and exits 4.
+    drop ≤ 0.5/1 point). A failure removes the file and exits 4. Speed formats (fast, compact-onnx,
+    int8-onnx) that export measured below 0.95× of the dense model are flagged (status and
+    slower_than_dense in the JSON); with 'all', such an int8-onnx is left out. compact-onnx is timed
+    only by 'sparsekit report' (gate: --min-speedup-each).
 
     Example: sparsekit export runs/demo --format all && sparsekit export runs/demo/export/model.skz
     --format onnx --out restored; sparsekit export runs/demo --format fast --tune --tune-batch-size 64
     """
     from sparsekit.exporters import FORMATS
     from sparsekit.exporters.pipeline import export
+    from sparsekit.exporters.speed import MIN_SPEEDUP, describe_slow
 
     if list_formats:
         if json_out:
@@ -101,10 +113,14 @@ def export_cmd(
         table.add_row(a["format"] + ("" if a.get("precision", "fp32") == "fp32" else f" ({a['precision']})"),
                       Path(a["path"]).name, _fmt_bytes(a.get("bytes")),
                       f"{ratio:.2f}×" if ratio else "-",
-                      _validation_cell(a.get("validation")),
-                      a["status"] if a["status"] != "refused" else f"refused: {a.get('reason', '')}")
+                      _validation_cell(a.get("validation")), _status_cell(a))
     out_console = make_console()
     out_console.print(table)
     for a in report["artifacts"]:
         for note in a.get("notes", []):
             out_console.print(f"[dim]{a['format']}: {note}[/dim]")
+    for a in report["artifacts"]:
+        if a.get("slower_than_dense"):
+            out_console.print(f"[yellow]⚠ {a['format']} is slower than the dense model: "
+                              f"{describe_slow(a['slower_than_dense'])}, measured at export on this machine "
+                              f"(below {MIN_SPEEDUP}×; gate: sparsekit report --min-speedup-each)[/yellow]")

@@ -32,6 +32,8 @@ def _si(n: float) -> str:
 
 
 def _render(report: dict) -> None:
+    from sparsekit.exporters.speed import MIN_SPEEDUP, describe_slow
+
     console = make_console()
     run = report["run"]
     if run.get("method"):
@@ -66,11 +68,21 @@ def _render(report: dict) -> None:
         lt = Table(title="ONNX Runtime CPU latency (interleaved, same run)")
         for col in ("artifact", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "speedup"):
             lt.add_column(col, justify="left" if col == "artifact" else "right")
+        slow = {(a["artifact"], s["batch_size"], s["threads"]) for a in report["artifacts"]
+                for s in a.get("slower_than_dense") or []}
         for r in report["latency"]:
             sp = r.get("speedup_vs_dense")
+            cell = f"{sp:.2f}×" if sp else "-"
+            if (r["artifact"], r["batch_size"], r["threads"]) in slow:
+                cell = f"[yellow]{cell} ⚠[/yellow]"
             lt.add_row(r["artifact"], str(r["batch_size"]), str(r["threads"]), f"{r['p50_ms']:.3f}",
-                       f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{sp:.2f}×" if sp else "-")
+                       f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", cell)
         console.print(lt)
+        for art in report["artifacts"]:
+            if art.get("slower_than_dense"):
+                console.print(f"[yellow]⚠ {art['artifact']} is slower than the dense model: "
+                              f"{describe_slow(art['slower_than_dense'])} (speed formats below {MIN_SPEEDUP}×; "
+                              f"gate: --min-speedup-each)[/yellow]")
     for art in report["artifacts"]:
         if art.get("note"):
             console.print(f"[dim]{art['artifact']}: {art['note']}[/dim]")
@@ -92,24 +104,33 @@ def report_cmd(
     min_accuracy: float = typer.Option(None, "--min-accuracy",
                                        help="Gate: every artifact's accuracy ≥ X (fraction, or percent if > 1)."),
     min_speedup: float = typer.Option(None, "--min-speedup",
-                                      help="Gate: best artifact p50 speedup vs dense ≥ X at every batch size."),
+                                      help="Gate: the fastest artifact's p50 speedup vs dense ≥ X at every batch "
+                                           "size and thread count."),
+    min_speedup_each: float = typer.Option(None, "--min-speedup-each",
+                                           help="Gate: every speed artifact's (fast, compact-onnx, int8-onnx) p50 "
+                                                "speedup vs dense ≥ X at every batch size and thread count "
+                                                "(0.95: none slower than dense)."),
     max_size_ratio: float = typer.Option(None, "--max-size-ratio",
                                          help="Gate: smallest artifact bytes / dense ONNX bytes ≤ X."),
 ) -> None:
     """Report parameters, nonzeros, MACs, file sizes, accuracy and CPU latency vs the dense model.
 
-    Gates exit with code 3 when not met.
+    Gates exit with code 3 when not met; a speed gate with --no-latency is a usage error (exit 2). Speed
+    artifacts measured below 0.95× of dense are flagged in the latency table and the JSON
+    (slower_than_dense), whatever the gates.
 
     Example: sparsekit report runs/demo --batch-sizes 1,256 --min-accuracy 0.9 --max-size-ratio 0.2 --json
     """
-    from sparsekit.exporters.report import build_report, check_gates, raise_on_failed_gates
+    from sparsekit.exporters.report import build_report, check_gates, raise_on_failed_gates, require_latency
 
     bs, th = _ints(batch_sizes, "--batch-sizes"), _ints(threads, "--threads")
+    require_latency({"min_speedup": min_speedup, "min_speedup_each": min_speedup_each}, not no_latency)
     console = make_console(stderr=True, quiet=json_out)
     with console.status("reporting") as status:
         report = build_report(path, batch_sizes=bs, threads=th, runs=runs, warmup=warmup,
                               latency=not no_latency, progress=lambda what: status.update(what))
-    check_gates(report, min_accuracy=min_accuracy, min_speedup=min_speedup, max_size_ratio=max_size_ratio)
+    check_gates(report, min_accuracy=min_accuracy, min_speedup=min_speedup, max_size_ratio=max_size_ratio,
+                min_speedup_each=min_speedup_each)
     failed = any(not g["passed"] for g in report["gates"])
     if json_out and not failed:
         print(json.dumps(report, indent=2))

@@ -46,6 +46,7 @@ class ExportOptions:
     tune: bool = False            # fast format: measure every layer's kernels (else a quick calibration)
     tune_batch_size: int = 1      # fast format: batch size to measure at (besides the standard sizes 1-256)
     threads: int = 1              # fast format: threads the plan is measured with
+    skip_slow: bool = False       # int8-onnx: refuse when measured slower than dense (--format all)
 
 
 @dataclass

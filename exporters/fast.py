@@ -52,6 +52,21 @@ def validate_against_dense(model, dense: onnx.ModelProto, *, batches=VALIDATION_
     return {"max_abs_diff": worst, "bound": bound}
 
 
+def calibrated_speed(calibration: dict[str, dict] | None, threads: int) -> list[dict[str, Any]] | None:
+    """Speed records vs dense ORT from a calibration report: at each batch where the all-dense plan was
+    timed, its median over the chosen plan's (None without a calibration)."""
+    from sparsekit.exporters.speed import speed_record
+
+    if calibration is None:
+        return None
+    out = []
+    for b, entry in calibration.items():
+        med = entry["median_s"]
+        if "dense" in med and entry["chosen"] in med and med[entry["chosen"]] > 0:
+            out.append(speed_record(int(b), threads, med["dense"] / med[entry["chosen"]]))
+    return out
+
+
 def build_fast_model(dense: onnx.ModelProto, *, compact: bool = True, threads: int = 1):
     """Parse the dense chain, compact it, and return ``(FastModel, compaction stats)`` (no plan)."""
     from sparsekit.exporters.graph import parse_mlp_chain
@@ -164,6 +179,7 @@ def write_model(dense: onnx.ModelProto, out_path: str | os.PathLike[str], *, tun
         "plan_source": plan_source,
         "tune_timings_s": timings,
         "calibration": calibration,
+        "speed_vs_dense": calibrated_speed(calibration, threads),
         "thread_caps": thread_caps,
         "panel_chain": panel_chain,
         "heuristic_check": heuristic_check,

@@ -6,6 +6,10 @@ the export ends with ``ValidationError`` (exit 4) after writing ``export_report.
 ``warn_only`` it is kept and marked. With ``all``, a format that cannot handle the graph (e.g.
 ``compact-onnx`` on a residual net) is reported as refused and the others are still written; named
 explicitly, the refusal is an error.
+
+Speed formats (``exporters.speed``) carry the speedups export measured (``speed_vs_dense``: fast from its
+calibration, int8-onnx while picking its quantization) and ``slower_than_dense`` (those below 0.95×, None
+when export did not time the artifact); with ``all``, int8-onnx is refused when it measures slower.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from sparsekit.exporters.compressed import PRECISIONS, is_archive, load_archive
 from sparsekit.exporters.context import ExportContext, ExportOptions, load_run_dir
 from sparsekit.exporters.graph import UnsupportedGraphError
 from sparsekit.exporters.registry import FORMATS, get_format
+from sparsekit.exporters.speed import SPEED_FORMATS, slower_than_dense
 from sparsekit.exporters.validate import (
     check_onnx_file,
     input_shape_of,
@@ -34,7 +39,7 @@ from sparsekit.fileio import atomic_write_json
 REPORT_NAME = "export_report.json"
 REPORT_SCHEMA_VERSION = 1
 LOSS_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
-RESERVED = {"format", "path", "precision", "bytes", "status", "validation", "notes", "seconds"}
+RESERVED = {"format", "path", "precision", "bytes", "status", "validation", "notes", "seconds", "slower_than_dense"}
 
 
 def load_source(source: str | Path) -> ExportContext:
@@ -87,6 +92,20 @@ def _validate(path: Path, fmt: str, ctx: ExportContext, precision: str) -> dict[
     return validate_runner(runner, ctx.samples, precision, probe_shape=input_shape_of(ctx.model))
 
 
+def _flag_speed(record: dict[str, Any]) -> None:
+    """Speed formats: ``slower_than_dense`` (the export's speed records below the threshold), or a note
+    that export did not time the artifact."""
+    if record["format"] not in SPEED_FORMATS:
+        return
+    speed = record.get("speed_vs_dense")
+    if speed is None:
+        record["slower_than_dense"] = None
+        record["notes"].append("speed not measured at export: 'sparsekit report' times it against dense "
+                               "(--min-speedup-each gates on it)")
+    else:
+        record["slower_than_dense"] = slower_than_dense(speed)
+
+
 def export(source: str | Path, formats: str | None = None, out_dir: str | Path | None = None, *,
            opset: int = 18, precision: str | None = None, warn_only: bool = False,
            tune: bool = False, tune_batch_size: int = 1, threads: int = 1,
@@ -104,7 +123,7 @@ def export(source: str | Path, formats: str | None = None, out_dir: str | Path |
                          fix="choose a directory path")
     base_precision = ctx.extra.get("archive_precision", "fp32")
     options = ExportOptions(opset=opset, precisions=precisions, warn_only=warn_only, tune=bool(tune),
-                            tune_batch_size=int(tune_batch_size), threads=int(threads))
+                            tune_batch_size=int(tune_batch_size), threads=int(threads), skip_slow=from_all)
     artifacts: list[dict[str, Any]] = []
     failures: list[str] = []
     jobs = [(n, p) for n in names for p in (precisions if n == "compressed" else ("fp32",))]
@@ -133,6 +152,7 @@ def export(source: str | Path, formats: str | None = None, out_dir: str | Path |
         record.update({k: v for k, v in info.items() if k not in RESERVED})  # writer's extras first
         record.update(bytes=path.stat().st_size, validation=validation,
                       notes=list(info.get("notes", [])), seconds=round(time.perf_counter() - start, 3))
+        _flag_speed(record)
         if validation.get("passed"):
             record["status"] = "ok"
         elif warn_only:

@@ -4,8 +4,9 @@ Everything here is recomputed from the artifacts themselves (like torchvision's 
 per layer shape, nonzeros, density and MACs (DESIGN.md §4: a MAC per active weight per output
 position; FLOPs = 2 × MACs), file sizes against the dense fp32 ONNX file, accuracy through ONNX Runtime
 on the run's samples ("unavailable" without them), and latency of every runnable artifact next to the
-dense model in the same interleaved run (``sparsekit.bench``). The JSON layout is versioned and
-described by ``sparsekit/schemas/report.schema.json``.
+dense model in the same interleaved run (``sparsekit.bench``); speed-format artifacts measured below 0.95×
+of dense are flagged (``slower_than_dense``). The JSON layout is versioned and described by
+``sparsekit/schemas/report.schema.json``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sparsekit.exporters.compressed import is_archive, load_archive
 from sparsekit.exporters.context import Samples, load_masks, load_run_dir, load_samples
 from sparsekit.exporters.graph import initializer_arrays
 from sparsekit.exporters.pipeline import REPORT_NAME
+from sparsekit.exporters.speed import SPEED_FORMATS, slower_than_dense, speed_record
 from sparsekit.exporters.validate import densified, input_shape_of, load_runner, run_batched
 
 import sparsekit
@@ -248,6 +250,7 @@ def build_report(path: str | Path, *, batch_sizes: tuple[int, ...] = (1, 64, 256
                 lambda name, t: load_runner(runners[name][0], runners[name][1], threads=t), list(runners),
                 input_shape=shape, batch_sizes=batch_sizes, threads=threads, runs=runs, warmup=warmup,
                 dense=dense_label, samples=None if samples is None else samples.x)
+            flag_slow_artifacts(artifacts, records)
     summary = src["summary"] or {}
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
@@ -263,21 +266,59 @@ def build_report(path: str | Path, *, batch_sizes: tuple[int, ...] = (1, 64, 256
         "dense_onnx_bytes": dense_bytes,
         "artifacts": artifacts,
         "latency": records,
-        "latency_settings": {"batch_sizes": list(batch_sizes), "threads": list(threads), "runs": runs,
+        "latency_settings": {"measured": bool(latency), "batch_sizes": list(batch_sizes),
+                             "threads": list(threads), "runs": runs,
                              "warmup": warmup, "interleaved": True, "allow_spinning": False,
                              "dense_reference": next(iter(runners), None)},
         "gates": [],
     }
 
 
+def flag_slow_artifacts(artifacts: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
+    """Set ``slower_than_dense`` on every timed speed-format artifact: its latency records whose p50
+    speedup vs dense is below ``exporters.speed.MIN_SPEEDUP`` (``speed_record`` form; empty when none)."""
+    for art in artifacts:
+        if art["format"] not in SPEED_FORMATS:
+            continue
+        mine = [speed_record(r["batch_size"], r["threads"], r["speedup_vs_dense"]) for r in records
+                if r["artifact"] == art["artifact"] and r.get("speedup_vs_dense") is not None]
+        if mine:
+            art["slower_than_dense"] = slower_than_dense(mine)
+
+
+def _speed_artifact_records(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Latency records of the speed-format artifacts (not the dense reference), with a speedup."""
+    speed = {a["artifact"] for a in report["artifacts"] if a["format"] in SPEED_FORMATS}
+    dense = report["latency_settings"].get("dense_reference")
+    return [r for r in report["latency"] if r["artifact"] in speed and r["artifact"] != dense
+            and r.get("speedup_vs_dense") is not None]
+
+
+LATENCY_GATES = {"min_speedup": "--min-speedup", "min_speedup_each": "--min-speedup-each"}
+
+
+def require_latency(gates: dict[str, float | None], measured: bool) -> None:
+    """A gate on latency without latency measurements is a usage error (exit 2), not a failed gate."""
+    asked = [LATENCY_GATES[g] for g, v in gates.items() if g in LATENCY_GATES and v is not None]
+    if asked and not measured:
+        raise InputError(f"{' and '.join(asked)} needs latency measurements", where="--no-latency",
+                         fix="drop --no-latency (or the speed gate)")
+
+
 def check_gates(report: dict[str, Any], *, min_accuracy: float | None = None, min_speedup: float | None = None,
-                max_size_ratio: float | None = None) -> list[dict[str, Any]]:
+                max_size_ratio: float | None = None, min_speedup_each: float | None = None) -> list[dict[str, Any]]:
     """CI gates; fills ``report['gates']`` and returns them (``passed`` per gate).
 
     - min_accuracy (fraction, or percent when > 1): every artifact with a measured accuracy reaches it.
     - min_speedup: at every batch size and thread count, the fastest non-dense artifact's p50 speedup.
+    - min_speedup_each: every speed-format artifact (fast, compact-onnx, int8-onnx) at every batch size and
+      thread count (passes when there is none).
     - max_size_ratio: the smallest artifact's bytes / dense ONNX bytes.
+
+    A speed gate on a report built without latency raises ``InputError``.
     """
+    require_latency({"min_speedup": min_speedup, "min_speedup_each": min_speedup_each},
+                    report["latency_settings"].get("measured", True))
     gates = []
     if min_accuracy is not None:
         want = min_accuracy / 100 if min_accuracy > 1 else min_accuracy
@@ -300,6 +341,15 @@ def check_gates(report: dict[str, Any], *, min_accuracy: float | None = None, mi
                       "passed": worst is not None and worst >= min_speedup,
                       "detail": "no latency measured" if worst is None else
                       "best artifact per batch size, worst batch size"})
+    if min_speedup_each is not None:
+        recs = _speed_artifact_records(report)
+        worst = min(recs, key=lambda r: r["speedup_vs_dense"]) if recs else None
+        gates.append({"gate": "min_speedup_each", "threshold": min_speedup_each,
+                      "value": None if worst is None else worst["speedup_vs_dense"],
+                      "passed": worst is None or worst["speedup_vs_dense"] >= min_speedup_each,
+                      "detail": f"no speed artifact ({', '.join(SPEED_FORMATS)}) was timed" if worst is None else
+                      f"slowest speed artifact: {worst['artifact']} at batch {worst['batch_size']}, "
+                      f"{worst['threads']} thread(s)"})
     if max_size_ratio is not None:
         ratios = [a["size_ratio_vs_dense"] for a in report["artifacts"]]
         value = min(ratios) if ratios else None

@@ -110,3 +110,20 @@ def dead_unit_mlp(seed: int = 0) -> tuple[MLP, dict[str, torch.Tensor]]:
         model.net[1].bias[3] = 0.75    # positive, so relu(bias) != 0
         model.net[3].bias[7] = 0.5
     return model, masks
+
+
+def scripted_speed(speedups: dict[str, float | dict[int, float]] | None = None):
+    """A stand-in for ``exporters.int8.speedups_vs_dense`` that times nothing: each int8 candidate runs at
+    the speedup given for it (one number, or per batch size), 1.0 (as fast as dense) by default."""
+    from sparsekit.exporters.speed import speed_record
+
+    table = speedups or {}
+
+    def fake(_dense, cands, inputs, **_kw):
+        def at(k: str, b: int) -> float:
+            v = table.get(k, 1.0)
+            return v.get(b, 1.0) if isinstance(v, dict) else v
+
+        return {k: [speed_record(b, 1, at(k, b)) for b in inputs] for k in cands}
+
+    return fake

@@ -26,8 +26,6 @@ from sparsekit.runtime.model import GEMV_MAX_WEIGHTS, ROWS_MAX_BATCH, FastModel,
 # power of two up to a panel; --tune (every layer's candidates) a factor 4 apart.
 DEFAULT_BATCHES = (1, 4, 16, 64, 256)
 CALIBRATION_BATCHES = (1, 2, 4, 8, 16, 32, 64, 256)
-CLEAR_WIN_WEIGHTS = 1 << 20   # calibration skips models whose every layer is this big ...
-CLEAR_WIN_DENSITY = 0.2       # ... and at most this dense
 
 
 # calibration: bursts per candidate when a plan that beat the heuristic is timed against it again
@@ -323,10 +321,11 @@ def calibrate(model: FastModel, *, batches: Iterable[int] = CALIBRATION_BATCHES,
     inputs and the fastest by median becomes every layer's plan entry for that batch: an artifact
     whose heuristic would lose to dense ONNX Runtime (tiny layers, where call overhead dominates)
     falls back to dense there. When one call is too slow to time within the budget, the heuristic
-    stays unless a single call showed dense ahead; models whose every layer has ≥ 2^20 weights at
-    ≤ 20% density keep the heuristic unmeasured at batch 1 and ≥ 64 (a clear win there; this keeps
-    export of large models quick; with several threads batch 1 still compares the heuristic with its
-    one-thread variant). A candidate that beat the heuristic is timed against it once more
+    stays unless a single call showed dense ahead. Every model is measured at every batch size, big
+    sparse ones too: a margin measured on one code path does not carry to another (1024x1024 90% at
+    batch 64 runs ~4x faster than dense ORT on AVX-512 but ~4x slower on the generic path, whose
+    kernels are not vectorised by hand), and measuring them costs little (1024x1024 90%: 0.37 -> 0.55 s
+    on AVX-512). A candidate that beat the heuristic is timed against it once more
     after every batch size has been measured (another moment: noise from other processes comes and
     goes) and kept only if it wins again: in one benchmark run the 2-thread artifact of 1024x1024 98%
     chose one thread at batch 16 (27 µs per call) where two threads take 18-21 µs and where standalone
@@ -339,19 +338,9 @@ def calibrate(model: FastModel, *, batches: Iterable[int] = CALIBRATION_BATCHES,
     report: dict[str, dict] = {}
     per_batch = budget_s / max(1, len(batches))
     clock = call_clock(threads)
-    # big and sparse everywhere: at batch 1 and ≥ 64 the sparse kernels win by a wide margin (measured
-    # ≥3.5× at 90% for 10^6-weight layers), so only the heuristic runs there: export stays quick
-    clear_win = all(layer.n_in * layer.n_out >= CLEAR_WIN_WEIGHTS and layer.density <= CLEAR_WIN_DENSITY
-                    for layer in model.layers)
     recheck: list[tuple[int, str, dict[str, list[str]], np.ndarray, dict[str, int]]] = []
     for b in batches:
         cands = _chain_candidates(model, b, threads)
-        if clear_win and (b == 1 or b >= 64):  # in between (2..63) margins are thin: measure
-            # ... except at batch 1 on several threads, where a call of a few µs can lose more to the
-            # hand-off than a second thread brings (1024x1024 98% on the 16-vCPU host of a lent GPU:
-            # 5.7 µs on one thread, 6 µs on four)
-            keep = ("heuristic", "one thread") if b == 1 else ("heuristic",)
-            cands = {k: v for k, v in cands.items() if k in keep}
         if len(cands) == 1:
             chosen, med = next(iter(cands)), {}
         else:
