@@ -21,6 +21,7 @@ from sparsekit.exporters.compressed import Archive, build_archive, load_state_di
 from sparsekit.exporters.context import ExportContext
 from sparsekit.exporters.graph import DenseLayer, build_mlp_chain
 from sparsekit.exporters.pipeline import export
+from tolerances import fp32_bound
 
 from sparsekit.errors import InputError
 
@@ -57,7 +58,7 @@ def exported(dead_run, tmp_path_factory) -> tuple[Path, dict]:
     return out, json.loads((out / "export_report.json").read_text())
 
 
-def test_every_format_is_written_and_validated(exported):
+def test_every_format_is_written_and_validated(exported, dead_run):
     _, report = exported
     by = {(a["format"], a["precision"]): a for a in report["artifacts"]}
     assert set(by) >= {("onnx", "fp32"), ("sparse-onnx", "fp32"), ("compact-onnx", "fp32"),
@@ -67,7 +68,11 @@ def test_every_format_is_written_and_validated(exported):
         assert a["status"] == "ok", a
         assert a["validation"]["passed"] and a["validation"]["n_samples"] == 128
         assert Path(a["path"]).stat().st_size == a["bytes"]
-    assert by[("onnx", "fp32")]["validation"]["max_abs_diff"] == 0.0
+    # torch vs ONNX Runtime: equal to rounding (the fp32 rule), not bit for bit (that depends on the CPU)
+    bound = fp32_bound(np.load(dead_run / "samples.npz")["logits"])
+    for fmt in ("onnx", "sparse-onnx", "compact-onnx", "compressed"):
+        v = by[(fmt, "fp32")]["validation"]
+        assert v["tolerance"] == pytest.approx(bound) and v["max_abs_diff"] <= bound, (fmt, v)
     assert "densifies" in by[("sparse-onnx", "fp32")]["notes"][0]
 
 
