@@ -87,15 +87,20 @@ def test_onnx_files_carry_metadata(exported, dead_run):
         assert len(json.loads(meta["layer_sparsity"])) == 3
 
 
-def test_sparse_onnx_stores_active_weights_as_sparse_initializers(exported, dead_run):
+def test_sparse_onnx_stores_active_weights_as_sparse_constants(exported, dead_run):
     out, _ = exported
     model = onnx.load(str(out / "model.sparse.onnx"))
     from safetensors.numpy import load_file
     masks = load_file(str(dead_run / "masks.safetensors"))
-    sparse = {sp.values.name: sp for sp in model.graph.sparse_initializer}
-    assert set(sparse) == set(masks)
+    sparse = {n.output[0]: n.attribute[0].sparse_tensor for n in model.graph.node if n.op_type == "Constant"}
+    assert set(sparse) == set(masks) and not model.graph.sparse_initializer
+    assert not {t.name for t in model.graph.initializer} & set(masks)  # no dense copy left behind
+    dense = weights(out / "model.onnx")
     for name, sp in sparse.items():
         assert sp.values.dims[0] == int(masks[name].sum())  # active entries, from the masks
+        flat = numpy_helper.to_array(sp.indices)
+        assert list(sp.dims) == list(dense[name].shape) and np.array_equal(flat, np.flatnonzero(masks[name]))
+        assert np.array_equal(numpy_helper.to_array(sp.values), dense[name].reshape(-1)[flat])
 
 
 def test_compact_removes_dead_inputs_and_units_and_is_exact(exported, dead_run):
