@@ -68,12 +68,12 @@ def export_cmd(
 ) -> None:
     """Export a trained run to validated ONNX and compressed files, and write export_report.json.
 
-    Every file is checked with onnx.checker and run in ONNX Runtime on the run's samples against the
-    torch outputs (fp32: max|Δ| ≤ 1e-5·max(1, max|ref|); fp16/int8: top-1 agreement ≥ 99%, accuracy
-    drop ≤ 0.5/1 point). A failure removes the file and exits 4. Speed formats (fast, compact-onnx,
-    int8-onnx) that export measured below 0.95× of the dense model are flagged (status and
-    slower_than_dense in the JSON); with 'all', such an int8-onnx is left out. compact-onnx is timed
-    only by 'sparsekit report' (gate: --min-speedup-each).
+    Every file is checked with onnx.checker (full check, strict shape inference) and run in ONNX Runtime
+    on the run's samples against the torch outputs (fp32: max|Δ| ≤ 1e-5·max(1, max|ref|); fp16/int8:
+    top-1 agreement ≥ 99%, accuracy drop ≤ 0.5/1 point). A failure removes the file and exits 4. Speed
+    formats (fast, compact-onnx, int8-onnx) that export measured below 0.95× of the dense model are
+    flagged (status and slower_than_dense in the JSON); with 'all', such an int8-onnx is left out.
+    compact-onnx is timed only by 'sparsekit report' (gate: --min-speedup-each).
 
     Example: sparsekit export runs/demo --format all && sparsekit export runs/demo/export/model.skz
     --format onnx --out restored; sparsekit export runs/demo --format fast --tune --tune-batch-size 64

@@ -2329,12 +2329,35 @@ static PyObject *py_available_isas(PyObject *self, PyObject *noargs) {
     return l;
 }
 
+/* The code path a name selects ("best": the CPU's best), -1 for an unknown name. */
+static int isa_by_name(const char *name) {
+    return !strcmp(name, "avx512") ? ISA_AVX512 : !strcmp(name, "avx2") ? ISA_AVX2
+         : !strcmp(name, "generic") ? ISA_GENERIC : !strcmp(name, "best") ? g_isa_max : -1;
+}
+
+/* The starting code path: SPARSEKIT_ISA (generic, avx2, avx512 or best) when set, else the best. A
+ * value that is unknown or names a path this CPU lacks fails the import with one line (ImportError;
+ * sparsekit.runtime turns it into an input error) rather than running another path than asked. */
+static int isa_from_env(void) {
+    const char *e = getenv("SPARSEKIT_ISA");
+    if (!e || !*e) return g_isa_max;
+    const int want = isa_by_name(e);
+    if (want >= 0 && want <= g_isa_max) return want;
+    char have[32] = "generic";
+    for (int i = ISA_AVX2; i <= g_isa_max; i++) {
+        strcat(have, ", ");
+        strcat(have, isa_name(i));
+    }
+    PyErr_Format(PyExc_ImportError, "SPARSEKIT_ISA=%.40s %s (this CPU runs: %s, or best)", e,
+                 want < 0 ? "is not a code path of sparsekit's kernels" : "names a code path this CPU lacks", have);
+    return -1;
+}
+
 static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     (void)self;
     const char *name;
     if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
-    int want = !strcmp(name, "avx512") ? ISA_AVX512 : !strcmp(name, "avx2") ? ISA_AVX2
-             : !strcmp(name, "generic") ? ISA_GENERIC : !strcmp(name, "best") ? g_isa_max : -1;
+    const int want = isa_by_name(name);
     if (want < 0) { PyErr_Format(PyExc_ValueError, "unknown isa %s", name); return NULL; }
     if (want > g_isa_max) {
         PyErr_Format(PyExc_ValueError, "this CPU does not support %s (best: %s)", name, isa_name(g_isa_max));
@@ -2411,7 +2434,8 @@ static PyMethodDef methods[] = {
     {"from_panels", py_from_panels, METH_VARARGS, "from_panels(yp, y, batch, n, threads)"},
     {"isa", py_isa, METH_NOARGS, "active code path: avx512, avx2 or generic"},
     {"available_isas", py_available_isas, METH_NOARGS, "code paths this CPU can run"},
-    {"set_isa", py_set_isa, METH_VARARGS, "set_isa(name): force a code path (tests); 'best' restores"},
+    {"set_isa", py_set_isa, METH_VARARGS,
+     "set_isa(name): force a code path (tests): generic, avx2, avx512 or best (the CPU's best)"},
     {"max_threads", py_max_threads, METH_NOARGS, "processors the thread pool can use (1 without threads)"},
     {"rows_threads", py_rows_threads, METH_VARARGS,
      "rows_threads(threads, work): threads a rows-kernel job of `work` stored slots x samples runs on"},
@@ -2433,7 +2457,9 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) g_isa_max = ISA_AVX2;
     if (g_isa_max == ISA_AVX2 && __builtin_cpu_supports("avx512f")) g_isa_max = ISA_AVX512;
 #endif
-    g_isa = g_isa_max;
+    const int isa = isa_from_env();
+    if (isa < 0) return NULL;
+    g_isa = isa;
 #if SK_POOL
     {
         const char *e = getenv("SPARSEKIT_SPIN_US");

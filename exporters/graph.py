@@ -26,8 +26,11 @@ __all__ = [
     "DenseLayer",
     "UnsupportedGraphError",
     "build_mlp_chain",
+    "densified",
     "initializer_arrays",
     "parse_mlp_chain",
+    "sparse_constant_value",
+    "sparse_weight_names",
 ]
 
 
@@ -47,15 +50,51 @@ class DenseLayer:
 
 
 def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """All dense initializers (and Constant node values) of the main graph as numpy arrays."""
+    """All initializers and Constant node values (dense or sparse) of the main graph as dense arrays."""
     out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for sp in model.graph.sparse_initializer:
+    for sp in model.graph.sparse_initializer:  # sparse-onnx files of sparsekit 0.1 and other tools
         out[sp.values.name] = _sparse_to_dense(sp)
     for node in model.graph.node:
         if node.op_type == "Constant" and node.output:
             for attr in node.attribute:
                 if attr.name == "value":
                     out[node.output[0]] = numpy_helper.to_array(attr.t)
+                elif attr.name == "sparse_value":
+                    out[node.output[0]] = _sparse_to_dense(attr.sparse_tensor)
+    return out
+
+
+def sparse_constant_value(node: onnx.NodeProto) -> onnx.SparseTensorProto | None:
+    """The sparse tensor of a ``Constant`` node with a ``sparse_value``, else None."""
+    if node.op_type != "Constant":
+        return None
+    return next((a.sparse_tensor for a in node.attribute if a.name == "sparse_value"), None)
+
+
+def sparse_weight_names(model: onnx.ModelProto) -> list[str]:
+    """Names of the sparse weights of the main graph: sparse constants and sparse initializers."""
+    return ([n.output[0] for n in model.graph.node if sparse_constant_value(n) is not None and n.output]
+            + [sp.values.name for sp in model.graph.sparse_initializer])
+
+
+def densified(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every sparse weight (sparse constant or sparse initializer) turned into a
+    dense initializer of the same name."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    dense = [numpy_helper.from_array(_sparse_to_dense(sp), sp.values.name) for sp in graph.sparse_initializer]
+    nodes = []
+    for node in graph.node:
+        sp = sparse_constant_value(node)
+        if sp is None or not node.output:
+            nodes.append(node)
+        else:
+            dense.append(numpy_helper.from_array(_sparse_to_dense(sp), node.output[0]))
+    del graph.sparse_initializer[:]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(dense)
     return out
 
 

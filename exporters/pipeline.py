@@ -1,11 +1,11 @@
 """Export a source (run dir or archive) to the requested formats, validate each file, write a report.
 
-Every artifact is written atomically, checked (``onnx.checker`` full check for ONNX files) and run on the
-source's samples against the torch reference (``exporters.validate``). A failed artifact is removed and
-the export ends with ``ValidationError`` (exit 4) after writing ``export_report.json``; with
-``warn_only`` it is kept and marked. With ``all``, a format that cannot handle the graph (e.g.
-``compact-onnx`` on a residual net) is reported as refused and the others are still written; named
-explicitly, the refusal is an error.
+Every artifact is written atomically, checked (ONNX files: ``onnx.checker`` full check and strict shape
+inference) and run on the source's samples against the torch reference (``exporters.validate``). A failed
+artifact is removed and the export ends with ``ValidationError`` (exit 4) after writing
+``export_report.json``; with ``warn_only`` it is kept and marked. With ``all``, a format that cannot
+handle the graph (e.g. ``compact-onnx`` on a residual net) is reported as refused and the others are still
+written; named explicitly, the refusal is an error.
 
 Speed formats (``exporters.speed``) carry the speedups export measured (``speed_vs_dense``: fast from its
 calibration, int8-onnx while picking its quantization) and ``slower_than_dense`` (those below 0.95×, None

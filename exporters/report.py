@@ -20,10 +20,10 @@ import numpy as np
 import onnx
 from sparsekit.exporters.compressed import is_archive, load_archive
 from sparsekit.exporters.context import Samples, load_masks, load_run_dir, load_samples
-from sparsekit.exporters.graph import initializer_arrays
+from sparsekit.exporters.graph import densified, initializer_arrays, sparse_weight_names
 from sparsekit.exporters.pipeline import REPORT_NAME
 from sparsekit.exporters.speed import SPEED_FORMATS, slower_than_dense, speed_record
-from sparsekit.exporters.validate import densified, input_shape_of, load_runner, run_batched
+from sparsekit.exporters.validate import input_shape_of, load_runner, run_batched
 
 import sparsekit
 from sparsekit.errors import GateError, InputError, ValidationError
@@ -163,7 +163,7 @@ def _resolve(path: Path, tmp: Path, progress=None) -> dict[str, Any]:
         if path.name != "model.onnx" and sibling.exists():
             dense = sibling
             arts.insert(0, _artifact("onnx", "onnx", dense))
-        elif len(model.graph.sparse_initializer):
+        elif sparse_weight_names(model):
             dense = tmp / "densified.onnx"
             onnx.save_model(densified(model), str(dense))
             arts.insert(0, _artifact("onnx (densified)", "onnx", dense))
@@ -235,7 +235,7 @@ def build_report(path: str | Path, *, batch_sizes: tuple[int, ...] = (1, 64, 256
             else:
                 runners[a["artifact"]] = (p, a["format"])
             if a["format"] == "sparse-onnx":
-                rec["note"] = "ONNX Runtime densifies sparse_initializers at load: dense speed expected"
+                rec["note"] = "ONNX Runtime densifies sparse weights at load: dense speed expected"
             artifacts.append(rec)
         records: list[dict[str, Any]] = []
         if latency and runners:

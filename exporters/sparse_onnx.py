@@ -1,8 +1,12 @@
-"""``sparse-onnx``: the dense graph with its sparse weights stored as ONNX ``sparse_initializer``s.
+"""``sparse-onnx``: the dense graph with each sparse weight stored as a sparse tensor.
 
-Each masked weight keeps its *active* entries (from the masks, so an active weight that happens to be 0
-stays) as values plus linear int64 indices. The file is smaller, but ONNX Runtime densifies sparse
-initializers when it loads a model, so it runs exactly as fast as the dense model (DESIGN.md §5).
+Each masked weight becomes a standard ``Constant`` node whose ``sparse_value`` holds its *active* entries
+(from the masks, so an active weight that happens to be 0 stays) as values plus linear int64 indices; the
+node's output is a dense tensor, so the op that reads the weight (Gemm, Conv, GRU, ...) sees what it
+expects and the file passes ``onnx.checker``'s full check and strict shape inference. (A graph-level
+``sparse_initializer`` does not: shape inference types it ``sparse_tensor``, which no dense op accepts.)
+The file is smaller, but ONNX Runtime densifies sparse constants when it loads a model, so it runs exactly
+as fast as the dense model.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 from sparsekit.exporters.active import active_mask
 from sparsekit.exporters.context import (
     ExportContext,
@@ -22,42 +26,59 @@ from sparsekit.exporters.context import (
     set_metadata,
 )
 from sparsekit.exporters.dense import reference_model
+from sparsekit.exporters.graph import UnsupportedGraphError
 from sparsekit.exporters.registry import register_format
 
-NOTE = ("ONNX Runtime densifies sparse_initializers at load: smaller file, same speed as dense "
+NOTE = ("ONNX Runtime densifies sparse weights at load: smaller file, same speed as dense "
         "(no speedup expected)")
+MIN_OPSET = 11  # Constant's sparse_value attribute
 
 
-def to_sparse_initializers(model: onnx.ModelProto, masks: dict[str, np.ndarray]) -> list[str]:
-    """Move sparse float weights of ``model`` into sparse_initializers in place; returns their names."""
-    moved, keep = [], []
-    for t in model.graph.initializer:
-        arr = numpy_helper.to_array(t) if t.data_type == onnx.TensorProto.FLOAT else None
+def sparse_constant(name: str, dense: np.ndarray, mask: np.ndarray, node_name: str) -> onnx.NodeProto:
+    """A ``Constant`` node producing ``dense`` (float32) from its entries where ``mask`` is set."""
+    flat = np.flatnonzero(mask.reshape(-1)).astype(np.int64)  # ascending, as the format requires
+    values = numpy_helper.from_array(dense.reshape(-1)[flat].astype(np.float32), name)
+    indices = numpy_helper.from_array(flat, f"{name}.indices")
+    sparse = helper.make_sparse_tensor(values, indices, list(dense.shape))
+    return helper.make_node("Constant", [], [name], name=node_name, sparse_value=sparse)
+
+
+def to_sparse_constants(model: onnx.ModelProto, masks: dict[str, np.ndarray]) -> list[str]:
+    """Replace the sparse float weights of ``model`` (in place) by sparse ``Constant`` nodes placed first
+    in the graph; returns their names. A weight that is also a graph input (overridable at run time)
+    stays a dense initializer: a node may not produce a graph input."""
+    graph = model.graph
+    inputs = {i.name for i in graph.input}
+    node_names = {n.name for n in graph.node}
+    moved, keep, constants = [], [], []
+    for t in graph.initializer:
+        arr = numpy_helper.to_array(t) if t.data_type == onnx.TensorProto.FLOAT and t.name not in inputs else None
         mask = active_mask(t.name, arr, masks) if arr is not None and arr.ndim >= 2 else None
         if mask is None:
             keep.append(t)
             continue
-        flat = np.flatnonzero(mask.reshape(-1)).astype(np.int64)
-        values = numpy_helper.from_array(arr.reshape(-1)[flat].astype(np.float32), t.name)
-        indices = numpy_helper.from_array(flat, f"{t.name}.indices")
-        sparse = onnx.helper.make_sparse_tensor(values, indices, list(arr.shape))
-        model.graph.sparse_initializer.append(sparse)
+        node_name = f"{t.name}.sparse"
+        while node_name in node_names:
+            node_name += "_"
+        constants.append(sparse_constant(t.name, arr, mask, node_name))
         moved.append(t.name)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    # value_info typed as dense tensors for these names would contradict the sparse type (checker error)
-    vi = [v for v in model.graph.value_info if v.name not in set(moved)]
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(vi)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = constants + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
     return moved
 
 
-@register_format("sparse-onnx", "same graph, sparse weights as ONNX sparse_initializers (smaller file; "
-                 "ONNX Runtime densifies at load, dense speed)", ".sparse.onnx")
+@register_format("sparse-onnx", "same graph, sparse weights as Constant nodes holding sparse tensors "
+                 "(smaller file; ONNX Runtime densifies at load, dense speed)", ".sparse.onnx")
 def write_sparse_onnx(ctx: ExportContext, out_path: Path, options: ExportOptions) -> dict[str, Any]:
+    if options.opset < MIN_OPSET:
+        raise UnsupportedGraphError(f"sparse-onnx needs opset {MIN_OPSET} or later (Constant sparse_value); "
+                                    "nothing was written", where="--opset", fix=f"use --opset {MIN_OPSET} or later")
     model = reference_model(ctx, "sparse-onnx", options)
-    moved = to_sparse_initializers(model, ctx.masks)
+    moved = to_sparse_constants(model, ctx.masks)
     set_metadata(model, metadata_for(ctx, "sparse-onnx", opset=options.opset,
-                                     extra={"sparse_initializers": moved, "runtime_note": NOTE}))
+                                     extra={"sparse_weights": moved, "runtime_note": NOTE}))
     save_onnx_atomic(model, out_path)
-    return {"precision": "fp32", "notes": [NOTE], "sparse_initializers": moved}
+    return {"precision": "fp32", "notes": [NOTE], "sparse_weights": moved}

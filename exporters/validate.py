@@ -2,7 +2,8 @@
 
 fp32 forms pass when max |Δ| ≤ 1e-5 · max(1, max |reference|) on the run's real samples; fp16 and int8
 forms pass on top-1 agreement ≥ 99% and an accuracy drop ≤ 0.5 points (int8: ≤ 1 point). ONNX files
-are also checked with ``onnx.checker`` (full check). A failure raises ``ValidationError`` (exit 4).
+are also checked with ``onnx.checker`` (full check) and strict shape inference. A failure raises
+``ValidationError`` (exit 4).
 """
 
 from __future__ import annotations
@@ -25,35 +26,15 @@ Runner = Callable[[np.ndarray], np.ndarray]
 
 
 def check_onnx_file(path: Path) -> None:
-    """``onnx.checker`` full check. Files with sparse initializers get the structural check as they are
-    and the full check on their densified twin: onnx's shape inference types a sparse initializer as
-    ``sparse_tensor`` and rejects it as an input of dense ops (Gemm, MatMul), though ONNX Runtime loads
-    such files by densifying them."""
+    """``onnx.checker`` full check and strict shape inference (types checked): what converters,
+    optimizers and other runtimes run on a file before they accept it."""
     try:
-        model = onnx.load(str(path))
-        if len(model.graph.sparse_initializer):
-            onnx.checker.check_model(model, full_check=False)
-            onnx.checker.check_model(densified(model), full_check=True)
-        else:
-            onnx.checker.check_model(str(path), full_check=True)
+        onnx.checker.check_model(str(path), full_check=True)
+        onnx.shape_inference.infer_shapes(onnx.load(str(path)), check_type=True, strict_mode=True)
     except Exception as exc:  # onnx raises ValidationError / InferenceError subclasses
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValidationError(f"onnx.checker rejected the model: {msg}", where=str(path),
                               fix="report this as a bug with the run dir attached") from exc
-
-
-def densified(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with every sparse initializer turned into a dense one."""
-    from onnx import numpy_helper
-    from sparsekit.exporters.graph import initializer_arrays
-
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    arrays = initializer_arrays(model)
-    for sp in model.graph.sparse_initializer:
-        out.graph.initializer.append(numpy_helper.from_array(arrays[sp.values.name], sp.values.name))
-    del out.graph.sparse_initializer[:]
-    return out
 
 
 def onnx_runner(model: str | Path | bytes, threads: int = 1) -> Runner:

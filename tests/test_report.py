@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from sparsekit.cli.main import main
 from sparsekit.exporters.pipeline import export
 from sparsekit.exporters.report import schema
+from tolerances import near_ties
 
 from sparsekit import bench
 
@@ -72,8 +73,10 @@ def test_report_follows_schema_and_counts_recompute_from_the_artifacts(run, caps
         assert a["size_ratio_vs_dense"] == pytest.approx(a["bytes"] / report["dense_onnx_bytes"])
     samples = np.load(run / "samples.npz")
     torch_acc = float((samples["logits"].argmax(1) == samples["y"]).mean())
-    assert sizes["onnx"]["quality"]["accuracy"] == pytest.approx(torch_acc)
-    assert sizes["compact-onnx"]["quality"]["accuracy"] == pytest.approx(torch_acc)
+    # ONNX Runtime agrees with torch to rounding: the accuracies differ at most on near-tied samples
+    slack = near_ties(samples["logits"]) / len(samples["y"])
+    for name in ("onnx", "sparse-onnx", "compact-onnx"):
+        assert abs(sizes[name]["quality"]["accuracy"] - torch_acc) <= slack + 1e-12, name
     assert sizes["compact-onnx"]["macs_executed"] < sizes["onnx"]["macs_executed"]
     assert sizes["compressed"]["latency"].startswith("storage format")
     timed = {"onnx", "sparse-onnx", "compact-onnx", "int8-onnx"}

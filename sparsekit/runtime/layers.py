@@ -25,8 +25,10 @@ from sparsekit.errors import InputError
 
 try:  # the compiled kernels; a pure-numpy path keeps the package usable (slowly) without them
     from sparsekit.runtime import _kernels as _K
-except ImportError:  # pragma: no cover - exercised only on broken installs
-    _K = None
+except ImportError as _exc:
+    if "SPARSEKIT_ISA" in str(_exc):  # a bad code-path override is the user's input, not a broken install
+        raise InputError(str(_exc), fix="unset SPARSEKIT_ISA or set it to one of those") from None
+    _K = None  # pragma: no cover - exercised only on broken installs
 
 PANEL = int(_K.PANEL) if _K is not None else 64
 PAD_SLACK = int(_K.PAD_SLACK) if _K is not None else 32
