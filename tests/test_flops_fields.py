@@ -120,3 +120,17 @@ def test_per_token_flop_fields_are_twice_their_macs():
     assert assert_flops_twice_macs(out["inference"]) == 2
     # static: 3·f_S per step, 5 tokens per sample, 4 steps: 2 · 3 · 56 · 5 · 4 FLOPs per example / 5 tokens
     assert out["training"]["flops_per_token"] == pytest.approx(2 * 3 * 56 * 4)
+
+
+def test_attention_flop_field_is_twice_its_macs():
+    from sparsekit.methods import make_method
+    from sparsekit.models import build_model
+    from sparsekit.sparsifier import Sparsifier
+
+    m = build_model("char-transformer", {"width": 0.125}, input_shape=(6,), num_classes=256)
+    d = m.head.in_features
+    tok = run_flops(m, Sparsifier(m, None, make_method("dense"), sparsity=0.0, total_steps=1),
+                    input_shape=(6,))["per_token"]
+    assert tok["attention_macs"] == 4 * 2 * 6 * d  # 4 layers, QKᵀ and AV: 2·T·d per token each
+    assert tok["attention_flops"] == 2 * tok["attention_macs"]
+    assert assert_flops_twice_macs(tok) == 3
