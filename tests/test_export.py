@@ -57,7 +57,7 @@ def exported(dead_run, tmp_path_factory) -> tuple[Path, dict]:
     return out, json.loads((out / "export_report.json").read_text())
 
 
-def test_every_format_is_written_and_validated(exported):
+def test_every_format_is_written_and_validated(exported, dead_run):
     _, report = exported
     by = {(a["format"], a["precision"]): a for a in report["artifacts"]}
     assert set(by) >= {("onnx", "fp32"), ("sparse-onnx", "fp32"), ("compact-onnx", "fp32"),
@@ -67,7 +67,11 @@ def test_every_format_is_written_and_validated(exported):
         assert a["status"] == "ok", a
         assert a["validation"]["passed"] and a["validation"]["n_samples"] == 128
         assert Path(a["path"]).stat().st_size == a["bytes"]
-    assert by[("onnx", "fp32")]["validation"]["max_abs_diff"] == 0.0
+    # torch vs ONNX Runtime: close, not bit-equal (the sum order differs by library and CPU)
+    ref = np.load(dead_run / "samples.npz")["logits"]
+    dense = by[("onnx", "fp32")]["validation"]
+    assert dense["tolerance"] == pytest.approx(1e-5 * max(1.0, float(np.abs(ref).max())))
+    assert dense["max_abs_diff"] <= dense["tolerance"]
     assert "densifies" in by[("sparse-onnx", "fp32")]["notes"][0]
 
 
