@@ -5,9 +5,14 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 import torch.nn.functional as F
+from onnx import numpy_helper
 from safetensors.torch import load_file
+from sparsekit.exporters.compressed import load_state_dict
 
 import sparsekit
 from sparsekit.data import load_dataset
@@ -128,4 +133,23 @@ def test_save_writes_a_run_dir_that_exports(cli, tmp_path):
     assert summary["method"] == "rigl" and summary["realized_sparsity"] > 0.69
     res = cli(["export", str(tmp_path / "mine"), "--format", "onnx,sparse-onnx,compressed", "--json"])
     assert res.exit_code == 0, res.stderr
-    assert (tmp_path / "mine" / "export" / "model.onnx").is_file()
+    report = res.json()
+    assert [(a["format"], a["status"]) for a in report["artifacts"]] == \
+        [("onnx", "ok"), ("sparse-onnx", "ok"), ("compressed", "ok")]
+    with torch.no_grad():
+        ref = model(x_test).numpy()
+    for a in report["artifacts"]:  # each validated on the 64 saved inputs against the model's outputs
+        v = a["validation"]
+        assert v["passed"] and v["n_samples"] == 64 and v["max_abs_diff"] <= v["tolerance"], a
+    # the exported files hold this model: masked weights exactly 0, outputs within the fp32 tolerance
+    dense = onnx.load(report["artifacts"][0]["path"]).graph.initializer
+    onnx_weights = {t.name: numpy_helper.to_array(t) for t in dense}
+    assert sorted(sp.masks()) == ["0.weight", "2.weight"]
+    for name, mask in sp.masks().items():
+        param = dict(model.named_parameters())[name].detach().numpy()
+        assert (onnx_weights[name][~mask.numpy()] == 0).all() and np.array_equal(onnx_weights[name], param), name
+    state = load_state_dict(report["artifacts"][2]["path"])
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    sess = ort.InferenceSession(report["artifacts"][1]["path"], providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x_test.numpy()})[0]
+    assert np.abs(out - ref).max() <= 1e-5 * max(1.0, float(np.abs(ref).max()))

@@ -17,7 +17,7 @@ import torch
 from export_fixtures import MLP, dead_unit_mlp, make_run_dir, random_masks, scripted_speed
 from onnx import numpy_helper
 from sparsekit.cli.main import main
-from sparsekit.exporters.compressed import Archive, build_archive, load_state_dict
+from sparsekit.exporters.compressed import Archive, _compress, build_archive, encode_delta8, load_state_dict
 from sparsekit.exporters.context import ExportContext
 from sparsekit.exporters.graph import DenseLayer, build_mlp_chain
 from sparsekit.exporters.pipeline import export
@@ -168,8 +168,15 @@ def test_compressed_fp32_round_trips_bit_exactly(exported, tmp_path):
         assert restored[name].tobytes() == arr.tobytes(), name
     manifest = Archive(out / "model.skz").manifest
     assert manifest["format"] == "sparsekit-archive" and manifest["version"] == 1
-    encodings = {t["index"]["encoding"] for t in manifest["tensors"] if t["layout"] == "sparse"}
-    assert encodings <= {"bitmask", "delta8"}
+    # every masked weight is stored sparse, with the smaller of the two index encodings after compression
+    sparse = [t for t in manifest["tensors"] if t["layout"] == "sparse"]
+    assert [t["name"] for t in sparse] == ["net.1.weight", "net.3.weight", "net.5.weight"]
+    masks = {n: m for n, (_, m) in Archive(out / "model.skz").tensors().items() if m is not None}
+    for t in sparse:
+        flat = masks[t["name"]].reshape(-1)
+        sizes = {"bitmask": len(_compress(np.packbits(flat.astype(np.uint8)).tobytes())[1]),
+                 "delta8": len(_compress(encode_delta8(np.flatnonzero(flat)))[1])}
+        assert t["nnz"] == int(flat.sum()) and t["index"]["encoding"] == min(sizes, key=sizes.get), (t, sizes)
 
 
 def _random_layer_ctx(sparsity: float = 0.9) -> ExportContext:

@@ -135,7 +135,11 @@ def test_snfs_ema_is_checkpointed_as_tensors():
     assert set(state["method"]) == {f"ema/{ly.name}" for ly in sp.layers}
     fresh = make_method("snfs")
     fresh.load_state_dict(state["method"])
-    assert all(torch.equal(fresh.ema[n], sp.method.ema[n]) for n in fresh.ema)
+    names = {ly.name for ly in sp.layers}
+    assert len(names) == 3 and set(fresh.ema) == set(sp.method.ema) == names
+    for n in names:
+        assert torch.equal(fresh.ema[n], sp.method.ema[n]) and fresh.ema[n].abs().sum() > 0, n
+        assert fresh.ema[n].data_ptr() != sp.method.ema[n].data_ptr()  # a copy, not the live tensor
 
 
 # -- SNIP -----------------------------------------------------------------------------------------

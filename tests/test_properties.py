@@ -240,11 +240,16 @@ def _rewritten(real: bytes, edit) -> bytes:
     return buf.getvalue()
 
 
-# Crashes the property tests once found in exporters/compressed.py, kept as regression cases.
+# Crashes the property tests once found in exporters/compressed.py, kept as regression cases: each must be
+# refused with its own one-line InputError (a summary that is not a mapping only matters to load_archive;
+# load_state_dict reads the tensors alone and must return them unchanged).
 FIXED_BUGS = [
-    ("tensor-name-not-a-string", lambda m: m["tensors"][0].update(name=[1, 2])),  # TypeError, Archive.tensors
-    ("summary-not-a-mapping", lambda m: m.update(summary=[1, 2])),  # ValueError/TypeError, load_archive
-    ("tensor-entry-not-a-mapping", lambda m: m.update(tensors=[0])),  # TypeError, Archive.tensors
+    ("tensor-name-not-a-string", lambda m: m["tensors"][0].update(name=[1, 2]),  # TypeError, Archive.tensors
+     r"manifest tensor entry .* has no name", True),
+    ("summary-not-a-mapping", lambda m: m.update(summary=[1, 2]),  # ValueError/TypeError, load_archive
+     "manifest summary is not an object", False),
+    ("tensor-entry-not-a-mapping", lambda m: m.update(tensors=[0]),  # TypeError, Archive.tensors
+     "manifest tensor entry '0' has no name", True),
 ]
 
 
@@ -256,13 +261,38 @@ def _unsupported_zip_version(real: bytes) -> bytes:
     return bytes(blob)
 
 
+def _refused(blob: bytes, fragment: str, real: bytes | None = None) -> None:
+    """Both readers refuse ``blob`` with a one-line InputError matching ``fragment`` and extract nothing;
+    with ``real``, load_state_dict instead returns the real archive's tensors (it never reads the summary)."""
+    from sparsekit.exporters.compressed import load_archive, load_state_dict
+
+    from sparsekit.errors import InputError
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "x.skz"
+        p.write_bytes(blob)
+        readers = [load_archive] if real is not None else [load_state_dict, load_archive]
+        for fn in readers:
+            with pytest.raises(InputError, match=fragment) as info:
+                fn(p)
+            assert info.value.exit_code == 2 and "\n" not in info.value.message
+            assert info.value.message.startswith("corrupt or truncated archive: ")
+        if real is not None:
+            got = load_state_dict(p)
+            (Path(d) / "real.skz").write_bytes(real)
+            want = load_state_dict(Path(d) / "real.skz")
+            assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in want)
+            (Path(d) / "real.skz").unlink()
+        assert sorted(os.listdir(d)) == ["x.skz"]  # reading never extracts anything
+
+
 def test_unsupported_zip_version_is_a_documented_error(real_archive):
-    _read_archive(_unsupported_zip_version(real_archive))
+    _refused(_unsupported_zip_version(real_archive), "corrupt or truncated archive: zip file version 8.4")
 
 
-@pytest.mark.parametrize("edit", [b[1] for b in FIXED_BUGS], ids=[b[0] for b in FIXED_BUGS])
-def test_wrongly_typed_manifest_values_are_documented_errors(real_archive, edit):
-    _read_archive(_rewritten(real_archive, edit))
+@pytest.mark.parametrize("edit,fragment,both_readers", [b[1:] for b in FIXED_BUGS], ids=[b[0] for b in FIXED_BUGS])
+def test_wrongly_typed_manifest_values_are_documented_errors(real_archive, edit, fragment, both_readers):
+    _refused(_rewritten(real_archive, edit), fragment, None if both_readers else real_archive)
 
 
 PY_PART = st.text(alphabet=st.characters(blacklist_characters="/\\~:\x00", blacklist_categories=("Cs",)),

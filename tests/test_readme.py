@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -42,8 +43,33 @@ def test_tour_commands_run(cli, tmp_path, monkeypatch):
     commands = tour_commands()
     assert [c[1] for c in commands] == ["train", "export", "report", "viz", "compare"]
     monkeypatch.chdir(tmp_path)
+    outputs = {}
     for argv in commands:
         res = cli(shorten(argv))
         assert res.exit_code == 0, (argv, res.stderr[-2000:])
-    assert (tmp_path / "runs/tour/export/model.fast.onnx").is_file()
-    assert (tmp_path / "runs/tour-compare/compare.png").is_file()
+        outputs[argv[1]] = res.stdout + res.stderr  # tables go to stderr (stdout is for --json)
+    run = tmp_path / "runs/tour"
+    # train: the defaults the README states (MLP 64-512-256-10 on digits, RigL, 90% on the prunable set)
+    s = json.loads((run / "summary.json").read_text())
+    assert (s["method"], s["config"]["model"], s["config"]["data"]) == ("rigl", "mlp", "digits")
+    assert s["target_sparsity"] == 0.9 and s["realized_sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert s["flops"]["inference"]["dense_flops"] == 2 * (64 * 512 + 512 * 256 + 256 * 10)  # 332,800
+    assert "realized sparsity (prunable set)" in outputs["train"] and "332,800 (0.114x)" in outputs["train"]
+    # export: every format written and validated against the torch model
+    exported = json.loads((run / "export/export_report.json").read_text())["artifacts"]
+    assert [a["format"] for a in exported] == ["onnx", "sparse-onnx", "compact-onnx", "compressed", "int8-onnx",
+                                               "fast"]
+    assert all(a["status"] == "ok" and a["validation"]["n_samples"] > 0 for a in exported)
+    # report: every artifact, timed at the batch sizes asked for
+    for name in ("onnx", "compact-onnx", "fast"):
+        assert name in outputs["report"]
+    # viz: the figures, real images (the GIF needs mask updates: none in 2 epochs at ΔT = 100)
+    for name in ("connectivity.png", "density.png", "curves.png"):
+        assert (run / "viz" / name).read_bytes()[:4] == b"\x89PNG", name
+    # compare: one row per method at 90%, dense at 1x training FLOPs and the sparse ones below it
+    rows = {r["method"]: r for r in json.loads((tmp_path / "runs/tour-compare/compare.json").read_text())["rows"]}
+    assert set(rows) == {"rigl", "set", "static", "dense"} and all(r["runs"] == 1 for r in rows.values())
+    assert rows["dense"]["train_flops_vs_dense"] == pytest.approx(1.0)
+    assert all(0 < rows[m]["train_flops_vs_dense"] < 0.5 for m in ("rigl", "set", "static"))
+    assert all(0 < r["accuracy_mean"] <= 1 for r in rows.values())
+    assert (tmp_path / "runs/tour-compare/compare.png").read_bytes()[:4] == b"\x89PNG"

@@ -281,7 +281,14 @@ def test_train_cli_char_gru_reaches_exactly_75_percent_and_reports_bpc(cli, corp
         assert (weights[ly["name"]][masks[ly["name"]] == 0] == 0).all()
     updates = [json.loads(line) for line in (out / "updates.jsonl").read_text().splitlines()]
     assert len(updates) >= 3  # the initial mask and the updates at steps 4, 8 (12 is the last step)
-    assert s["flops"]["per_token"]["tokens_per_sample"] == 16 and s["flops"]["training"]["flops_per_token"] > 0
+    assert s["flops"]["per_token"]["tokens_per_sample"] == 16
+    # RigL keeps f_S fixed: steps 1..T_end cost (3·f_S·ΔT + 2·f_S + f_D)/(ΔT + 1), later steps 3·f_S (per sample)
+    inf, t = s["flops"]["inference"], s["flops"]["training"]
+    f_s, f_d, end = inf["sparse_macs"], inf["dense_macs"], t["update_end_step"]
+    assert end == 9 and t["update_interval"] == 4
+    per_sample = end * (3 * f_s * 4 + 2 * f_s + f_d) / 5 + (12 - end) * 3 * f_s
+    assert t["flops_per_example"] == pytest.approx(2 * per_sample)
+    assert t["flops_per_token"] == pytest.approx(2 * per_sample / 16)
 
 
 @pytest.mark.slow
