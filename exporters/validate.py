@@ -73,10 +73,11 @@ def compare(outputs: np.ndarray, samples: Samples, precision: str,
         return result
     diff = float(np.max(np.abs(outputs.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
     tol = FP32_RTOL * max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0)
-    agreement = float((outputs.argmax(1) == ref.argmax(1)).mean()) if ref.ndim == 2 and len(ref) else None
+    # classes on the last axis: (n, classes) classifiers, (n, T, V) language models (per token)
+    agreement = float((outputs.argmax(-1) == ref.argmax(-1)).mean()) if ref.ndim >= 2 and ref.size else None
     acc = ref_acc = drop = None
-    if samples.y is not None and ref.ndim == 2:
-        acc = float((outputs.argmax(1) == samples.y).mean())
+    if samples.y is not None and ref.ndim == samples.y.ndim + 1 and ref.size:
+        acc = float((outputs.argmax(-1) == samples.y).mean())
         ref_acc = samples.reference_accuracy
         drop = 100.0 * (ref_acc - acc)
     result.update(max_abs_diff=diff, tolerance=tol, top1_agreement=agreement, accuracy=acc,

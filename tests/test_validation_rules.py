@@ -180,3 +180,23 @@ def test_onnx_checker_rejection_fails_the_file(cli, tmp_path, monkeypatch, fp16_
     sess = ort.InferenceSession(str(kept / "model.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: s["x"]})[0]
     assert np.max(np.abs(got - s["logits"])) <= 1e-5 * max(1.0, float(np.max(np.abs(s["logits"]))))
+
+
+def test_language_model_outputs_are_judged_per_token():
+    """(n, T, V) logits: agreement and accuracy are per token, so a lossy LM form that changes 2 of 100
+    tokens' top-1 fails the 99% rule (it used to pass whatever it returned)."""
+    from sparsekit.exporters.context import Samples
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4, 25, 7)).astype(np.float32)
+    y = ref.argmax(-1)
+    samples = Samples(np.zeros((4, 25), np.float32), y, ref)
+    ok = validate.compare(ref + 1e-3, samples, "fp16")
+    assert ok["passed"] and ok["top1_agreement"] == 1.0 and ok["accuracy_drop_points"] == 0.0
+    bad = ref.copy()
+    for n, t in ((0, 3), (2, 24)):  # two of the 100 tokens now predict another symbol
+        bad[n, t, (y[n, t] + 1) % 7] = bad[n, t].max() + 1
+    result = validate.compare(bad, samples, "fp16")
+    assert result["top1_agreement"] == pytest.approx(0.98) and result["accuracy_drop_points"] == pytest.approx(2.0)
+    assert not result["passed"]
+    assert result["errors"] == ["logits: top-1 agreement 98.00% < 99%", "logits: accuracy drop 2.00 points > 0.5"]
