@@ -1,10 +1,13 @@
-"""``compact-onnx``: the network with every input and unit that lost its connections removed, exactly.
+"""Exact compaction of an MLP chain (``compact_layers``: the one compaction, used by ``compact-onnx``,
+``int8-onnx`` and, before packing, ``fast``) and the ``compact-onnx`` format: the network with every input
+and unit that lost its connections removed.
 
-DESIGN.md §5: a hidden unit whose incoming weights are all zero still outputs act(bias), so
-act(b_j) · W_next[:, j] is folded into the next layer's bias before the unit goes; a unit whose outgoing
-weights are all zero simply goes; an input feature with no outgoing weights goes too, and the model keeps
-its input signature. Removing one unit can leave another without connections, so this repeats until
-nothing changes.
+A hidden unit whose incoming weights are all zero still outputs act(bias), so act(b_j) · W_next[:, j] is
+folded into the next layer's bias before the unit goes; a unit whose outgoing weights are all zero simply
+goes; an input feature with no outgoing weights goes too, and the model keeps its input signature.
+Removing one unit can leave another without connections, so this repeats until nothing changes. The
+folded contributions accumulate in float64 and are rounded to float32 once, at the end; every layer
+keeps at least one unit (an inert one when all of them died), so no layer is ever empty.
 
 Dead *inputs* are counted but, by default, kept as zero columns of the first weight instead of being
 selected with a ``Gather``: in ONNX Runtime a ``Gather`` on the feature axis costs far more than the
@@ -96,6 +99,17 @@ def compact_layers(n_inputs: int, layers: list[DenseLayer]
     return kept_in, new_layers, counts
 
 
+def with_all_inputs(n_inputs: int, kept_in: np.ndarray, layers: list[DenseLayer]) -> list[DenseLayer]:
+    """``layers`` with the removed inputs back as zero columns of the first weight: the model keeps its input
+    signature (for ORT and the fast kernels a zero column costs nothing or less than selecting the inputs)."""
+    if len(kept_in) == n_inputs:
+        return layers
+    first = layers[0]
+    full = np.zeros((first.weight.shape[0], n_inputs), np.float32)
+    full[:, kept_in] = first.weight
+    return [DenseLayer(full, first.bias, first.activation, first.weight_name, first.bias_name), *layers[1:]]
+
+
 def _refusal(exc: UnsupportedGraphError) -> UnsupportedGraphError:
     return UnsupportedGraphError(
         f"compact-onnx cannot shrink this graph exactly ({exc.what}); nothing was written",
@@ -113,12 +127,8 @@ def compact_model(ctx: ExportContext, options: ExportOptions, *, matmul: bool = 
         raise _refusal(exc) from exc
     n_in = int(np.prod(shape))
     kept_in, new_layers, counts = compact_layers(n_in, layers)
-    if input_selection == "zero-columns" and len(kept_in) < n_in:
-        first = new_layers[0]
-        full = np.zeros((first.weight.shape[0], n_in), np.float32)
-        full[:, kept_in] = first.weight
-        new_layers[0] = DenseLayer(full, first.bias, first.activation, first.weight_name, first.bias_name)
-        kept_in = np.arange(n_in)
+    if input_selection == "zero-columns":
+        new_layers, kept_in = with_all_inputs(n_in, kept_in, new_layers), np.arange(n_in)
     counts["input_selection"] = input_selection
     inputs = [i for i in ctx.model.graph.input if i.name not in {t.name for t in ctx.model.graph.initializer}]
     model = build_mlp_chain(shape, new_layers,

@@ -34,13 +34,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 from sparsekit.exporters.active import active_mask, canonical_zeros, canonicalize_model
-from sparsekit.exporters.context import ExportContext, ExportOptions, load_samples
+from sparsekit.exporters.context import ExportContext, ExportOptions
 from sparsekit.exporters.registry import register_format
 from sparsekit.exporters.validate import Runner, onnx_runner, register_runner
 
 import sparsekit
 from sparsekit.errors import InputError, ValidationError
 from sparsekit.fileio import atomic_path
+from sparsekit.run_dir import RunDir
 
 ARCHIVE_FORMAT = "sparsekit-archive"
 ARCHIVE_VERSION = 1
@@ -388,7 +389,7 @@ def load_archive(path: str | Path) -> ExportContext:
         raise _corrupt("manifest summary is not an object", where=str(path))
     summary = dict(raw_summary or {})
     run = summary.get("run_dir") or arch.manifest.get("source_run")
-    samples = load_samples(Path(run) / "samples.npz") if run and Path(run).is_dir() else None
+    samples = RunDir(run).samples() if run and Path(run).is_dir() else None
     return ExportContext(source=Path(path), source_kind="archive", model=model, masks=masks,
                          summary=summary, samples=samples,
                          extra={"archive_precision": arch.precision, "archive_manifest": arch.manifest})

@@ -1,10 +1,10 @@
 """What every writer gets: the source run, loaded from its files alone (no user code, no model rebuild).
 
-A source is a run dir (the trainer's contract: summary.json, model.onnx with masked weights exactly 0,
-masks.safetensors, samples.npz) or a compressed archive (``exporters.compressed``), which restores the
-same reference model. Writers are registered with ``@register_format(name, description, suffix)`` and
-called as ``write(ctx, out_path, options) -> dict`` (notes for the report); the pipeline validates what
-they wrote.
+A source is a run dir (the trainer's contract, ``sparsekit.run_dir.RunDir``: the summary, the dense
+reference ONNX model with masked weights exactly 0, the masks, the reference samples) or a compressed
+archive (``exporters.compressed``), which restores the same reference model. Writers are registered
+with ``@register_format(name, description, suffix)`` and called as ``write(ctx, out_path, options) ->
+dict`` (notes for the report); the pipeline validates what they wrote.
 """
 
 from __future__ import annotations
@@ -19,23 +19,9 @@ import onnx
 
 import sparsekit
 from sparsekit.errors import InputError
+from sparsekit.run_dir import RunDir, Samples
 
-RUN_FILES = ("summary.json", "model.onnx")
-
-
-@dataclass
-class Samples:
-    """Real inputs from the run's dataset and the torch model's outputs on them (the reference)."""
-
-    x: np.ndarray                 # float32 [n, ...]
-    y: np.ndarray | None          # int64 [n] labels, when the task has them
-    logits: np.ndarray            # float32 [n, classes], torch reference outputs for x
-
-    @property
-    def reference_accuracy(self) -> float | None:
-        if self.y is None or self.logits.ndim != self.y.ndim + 1:
-            return None
-        return float((self.logits.argmax(-1) == self.y).mean())  # LM: (n, T, V) logits vs (n, T) targets
+RUN_FILES = (RunDir.SUMMARY, RunDir.ONNX)  # what export needs from a run dir (masks and samples are optional)
 
 
 @dataclass
@@ -67,39 +53,9 @@ class ExportContext:
         return self.model.SerializeToString()
 
 
-def load_samples(path: Path) -> Samples | None:
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            x = np.asarray(data["x"], dtype=np.float32)
-            logits = np.asarray(data["logits"], dtype=np.float32)
-            y = np.asarray(data["y"]).astype(np.int64) if "y" in data.files else None
-            if y is not None and y.size == 0 and len(x):  # written without labels
-                y = None
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"cannot read samples: {exc}", where=str(path),
-                         fix="samples.npz needs arrays x (float32) and logits; re-run training") from exc
-    if len(x) != len(logits) or (y is not None and len(y) != len(x)):
-        raise InputError("samples.npz arrays x, y, logits have different lengths", where=str(path),
-                         fix="re-run training to rewrite the run dir")
-    return Samples(x, y, logits)
-
-
-def load_masks(path: Path) -> dict[str, np.ndarray]:
-    if not path.exists():
-        return {}
-    from safetensors.numpy import load_file
-
-    try:
-        return {k: np.asarray(v).astype(bool) for k, v in load_file(str(path)).items()}
-    except Exception as exc:  # safetensors raises its own error types
-        raise InputError(f"cannot read masks: {exc}", where=str(path),
-                         fix="re-run training to rewrite the run dir") from exc
-
-
 def load_run_dir(run_dir: str | Path) -> ExportContext:
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
+    run_dir = run.path
     if not run_dir.is_dir():
         raise InputError(f"run dir {run_dir} does not exist", where="RUN_DIR",
                          fix="pass the directory that 'sparsekit train' printed, or an archive")
@@ -107,20 +63,11 @@ def load_run_dir(run_dir: str | Path) -> ExportContext:
     if missing:
         raise InputError(f"{run_dir} is not a run dir: missing {', '.join(missing)}", where=str(run_dir),
                          fix="pass a directory written by 'sparsekit train' or sparsekit.train()")
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read summary.json: {exc}", where=str(run_dir / "summary.json"),
-                         fix="re-run training to rewrite the run dir") from exc
-    try:
-        model = onnx.load(str(run_dir / "model.onnx"))
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise InputError(f"cannot read model.onnx: {exc}", where=str(run_dir / "model.onnx"),
-                         fix="re-run training to rewrite the run dir") from exc
+    summary = run.summary()
+    model = run.onnx_model()
     summary.setdefault("run_dir", str(run_dir))
-    return ExportContext(source=run_dir, source_kind="run", model=model,
-                         masks=load_masks(run_dir / "masks.safetensors"), summary=summary,
-                         samples=load_samples(run_dir / "samples.npz"))
+    return ExportContext(source=run_dir, source_kind="run", model=model, masks=run.masks(), summary=summary,
+                         samples=run.samples())
 
 
 def metadata_for(ctx: ExportContext, fmt: str, *, opset: int, precision: str = "fp32",

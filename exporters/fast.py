@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 from sparsekit.exporters.registry import register_format
 
 from sparsekit.errors import InputError, ValidationError
+
+if TYPE_CHECKING:
+    from sparsekit.exporters.graph import DenseLayer
 
 DESCRIPTION = "sparse MLP for sparsekit's CPU kernels (ONNX with com.sparsekit nodes; sparsekit run)"
 SUFFIX = ".fast.onnx"
@@ -67,25 +70,33 @@ def calibrated_speed(calibration: dict[str, dict] | None, threads: int) -> list[
     return out
 
 
+def _compacted(dense_layers: list[DenseLayer], n_inputs: int) -> tuple[list[DenseLayer], dict[str, int]]:
+    """The chain after ``compact_layers`` (inputs kept: the kernels skip zero columns for free) and its stats."""
+    from sparsekit.exporters.compact import compact_layers, with_all_inputs
+
+    kept_in, layers, counts = compact_layers(n_inputs, dense_layers)
+    removed = sum(u["before"] - u["after"] for u in counts["units"])
+    return with_all_inputs(n_inputs, kept_in, layers), {"units_removed": removed,
+                                                        "units_folded": counts["folded_units"]}
+
+
 def build_fast_model(dense: onnx.ModelProto, *, compact: bool = True, threads: int = 1):
     """Parse the dense chain, compact it, and return ``(FastModel, compaction stats)`` (no plan)."""
     from sparsekit.exporters.graph import parse_mlp_chain
 
     from sparsekit import __version__
-    from sparsekit.runtime.compact import ChainLayer, compact_chain
     from sparsekit.runtime.layers import SparseLayer
     from sparsekit.runtime.model import FastModel
 
-    shape, dense_layers = parse_mlp_chain(dense)
-    chain = [ChainLayer(dl.weight, dl.bias, dl.activation == "relu", dl.weight_name) for dl in dense_layers]
-    for dl in dense_layers:
+    shape, chain = parse_mlp_chain(dense)
+    for dl in chain:
         if dl.activation not in (None, "relu"):
             raise InputError(f"activation {dl.activation!r} is not supported by the fast format",
                              where=dl.weight_name, fix="use ReLU or no activation")
     stats = {"units_removed": 0, "units_folded": 0}
     if compact and len(chain) > 1:
-        chain, stats = compact_chain(chain)
-    layers = [SparseLayer.from_dense(c.weight, c.bias, c.relu, name=c.name or f"layer{i}")
+        chain, stats = _compacted(chain, int(np.prod(shape)))
+    layers = [SparseLayer.from_dense(c.weight, c.bias, c.activation == "relu", name=c.weight_name or f"layer{i}")
               for i, c in enumerate(chain)]
     src_meta = {p.key: p.value for p in dense.metadata_props}
     meta = {f"source.{k}": v for k, v in src_meta.items()}

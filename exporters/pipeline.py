@@ -35,6 +35,7 @@ from sparsekit.exporters.validate import (
 import sparsekit
 from sparsekit.errors import InputError, ValidationError
 from sparsekit.fileio import atomic_write_json
+from sparsekit.run_dir import RunDir
 
 REPORT_NAME = "export_report.json"
 REPORT_SCHEMA_VERSION = 1
@@ -115,7 +116,7 @@ def export(source: str | Path, formats: str | None = None, out_dir: str | Path |
     names, from_all = parse_formats(formats, ctx)
     precisions = parse_precisions(precision)
     if out_dir is None:
-        out_dir = ctx.source / "export" if ctx.source_kind == "run" else ctx.source.parent / (
+        out_dir = RunDir(ctx.source).export_dir if ctx.source_kind == "run" else ctx.source.parent / (
             ctx.source.name.split(".")[0] + "_export")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():

@@ -19,14 +19,15 @@ from typing import Any
 import numpy as np
 import onnx
 from sparsekit.exporters.compressed import is_archive, load_archive
-from sparsekit.exporters.context import Samples, load_masks, load_run_dir, load_samples
+from sparsekit.exporters.context import Samples, load_run_dir
 from sparsekit.exporters.graph import densified, initializer_arrays, sparse_weight_names
-from sparsekit.exporters.pipeline import REPORT_NAME
+from sparsekit.exporters.pipeline import REPORT_NAME, artifact_path
 from sparsekit.exporters.speed import SPEED_FORMATS, slower_than_dense, speed_record
 from sparsekit.exporters.validate import input_shape_of, load_runner, run_batched
 
 import sparsekit
 from sparsekit.errors import GateError, InputError, ValidationError
+from sparsekit.run_dir import RunDir
 
 REPORT_SCHEMA_VERSION = 1
 WEIGHT_OPS = {"Gemm": 1, "MatMul": 1, "Conv": 1, "MatMulInteger": 1, "ConvInteger": 1}
@@ -92,8 +93,8 @@ def training_flops(summary: dict[str, Any]) -> dict[str, Any] | None:
     train = flops.get("training")
     if not train:
         return None
-    out = {"source": "summary.json", **train} if isinstance(train, dict) else {"source": "summary.json",
-                                                                                "value": train}
+    source = RunDir.SUMMARY
+    out = {"source": source, **train} if isinstance(train, dict) else {"source": source, "value": train}
     for key in ("relative_to_dense", "sparse_vs_dense", "ratio_vs_dense"):
         if isinstance(train, dict) and key in train:
             out["training_flops_vs_dense"] = train[key]
@@ -111,7 +112,8 @@ def _resolve(path: Path, tmp: Path, progress=None) -> dict[str, Any]:
     """What to report on: dense reference file, artifacts, samples, summary, masks."""
     if path.is_dir():
         ctx = load_run_dir(path)
-        export_dir = path / "export"
+        run = RunDir(path)
+        export_dir = run.export_dir
         rep_file = export_dir / REPORT_NAME
         if not rep_file.exists():
             from sparsekit.exporters.pipeline import export
@@ -129,9 +131,9 @@ def _resolve(path: Path, tmp: Path, progress=None) -> dict[str, Any]:
                 label = a["format"] if a["format"] != "compressed" or a["precision"] == "fp32" else \
                     f"compressed-{a['precision']}"
                 arts.append(_artifact(label, a["format"], Path(a["path"]), a.get("precision", "fp32")))
-        dense = export_dir / "model.onnx"
+        dense = artifact_path(export_dir, "onnx")
         if not dense.exists():
-            dense = path / "model.onnx"
+            dense = run.onnx_file
         if not any(a["artifact"] == "onnx" for a in arts):
             arts.insert(0, _artifact("onnx", "onnx", dense))
         return {"kind": "run", "dense": dense, "artifacts": arts, "samples": ctx.samples,
@@ -154,13 +156,15 @@ def _resolve(path: Path, tmp: Path, progress=None) -> dict[str, Any]:
                              where="PATH", fix="pass a run dir, a .onnx file or a .skz archive") from exc
         meta = {p.key: p.value for p in model.metadata_props}
         fmt = meta.get("sparsekit_format", "onnx")
-        run = Path(meta["source_run"]) if meta.get("source_run") else None
-        samples = load_samples(run / "samples.npz") if run and run.is_dir() else None
-        masks = load_masks(run / "masks.safetensors") if run and run.is_dir() else {}
-        summary = json.loads((run / "summary.json").read_text()) if run and (run / "summary.json").exists() else {}
-        sibling = path.parent / "model.onnx"
+        source = RunDir(meta["source_run"]) if meta.get("source_run") else None
+        if source is not None and not source.path.is_dir():
+            source = None  # the run it came from is gone: no samples, masks or summary
+        samples = source.samples() if source else None
+        masks = source.masks() if source else {}
+        summary = source.summary() if source and source.summary_file.exists() else {}
+        sibling = artifact_path(path.parent, "onnx")
         arts = [_artifact(fmt, fmt, path, meta.get("precision", "fp32"))]
-        if path.name != "model.onnx" and sibling.exists():
+        if path.name != sibling.name and sibling.exists():
             dense = sibling
             arts.insert(0, _artifact("onnx", "onnx", dense))
         elif sparse_weight_names(model):
@@ -179,7 +183,7 @@ def _resolve(path: Path, tmp: Path, progress=None) -> dict[str, Any]:
 
 def _quality(runner, samples: Samples | None) -> dict[str, Any]:
     if samples is None:
-        return {"accuracy": "unavailable", "reason": "no samples (samples.npz of the source run not found)"}
+        return {"accuracy": "unavailable", "reason": f"no samples ({RunDir.SAMPLES} of the source run not found)"}
     out = run_batched(runner, samples.x)
     ref = samples.logits
     res: dict[str, Any] = {"n_samples": len(ref),

@@ -12,7 +12,6 @@ FLOPs with error bars, one marker per method and sparsity, like the paper's ResN
 from __future__ import annotations
 
 import csv
-import json
 import math
 import statistics
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from typing import Any
 from sparsekit.config import TrainConfig
 from sparsekit.errors import InputError
 from sparsekit.fileio import atomic_path, atomic_write_json
+from sparsekit.run_dir import RunDir
 
 CSV_COLUMNS = ["method", "sparsity", "runs", "accuracy_mean", "accuracy_std", "best_accuracy_mean",
                "realized_sparsity", "train_flops_vs_dense", "inference_flops_vs_dense", "params_nonzero",
@@ -118,16 +118,16 @@ def _planned(method: str, sparsity: float, seed: int, train: dict[str, Any], opt
 
 def _reusable(run_dir: Path, config: TrainConfig) -> dict[str, Any] | None:
     """The summary of a finished run with the same settings; None when the run must (re)start."""
-    summary_path, config_path = run_dir / "summary.json", run_dir / "config.json"
-    if not (summary_path.is_file() and config_path.is_file()):
+    run = RunDir(run_dir)
+    if not (run.summary_file.is_file() and run.config_file.is_file()):
         return None
-    saved = json.loads(config_path.read_text())
+    saved = run.config()
     mine = config.to_dict()
     diff = sorted(k for k in mine if k not in _FREE and saved.get(k) != mine[k])
     if diff:
         raise InputError(f"{run_dir} holds a finished run with different settings ({', '.join(diff)})",
                          where="--out", fix="choose another --out, or pass --overwrite to retrain it")
-    return json.loads(summary_path.read_text())
+    return run.summary()
 
 
 def run_compare(spec: CompareSpec, out_dir: str | Path, *, overwrite: bool = False,

@@ -1,14 +1,6 @@
-"""The run directory: what a training run leaves behind, for export, report, viz and resume.
-
-    config.json          resolved config (reproduces the run)
-    metrics.jsonl        one line per epoch
-    updates.jsonl        one line per mask update: active counts per layer, first-layer input fan-out
-    checkpoint.safetensors  weights, masks, optimizer/method/RNG state + JSON state (resume)
-    weights.safetensors  final weights (masked entries exactly 0)
-    masks.safetensors    final masks (uint8), keyed by parameter name
-    model.onnx           dense fp32 reference graph (what export starts from; no user code needed)
-    samples.npz          x, y, logits: test samples and the torch model's outputs on them
-    summary.json         versioned, schema-checked summary (sparsekit/schemas/summary.schema.json)
+"""Training's side of the run directory: prepare it, append the logs, write the final artifacts and
+the summary (also for ``sparsekit.save``), start from another run. The files, their names and their
+readers are ``sparsekit.run_dir.RunDir``'s (the contract between training and export, report, viz).
 """
 
 from __future__ import annotations
@@ -28,21 +20,14 @@ import sparsekit
 from sparsekit.config import TrainConfig
 from sparsekit.errors import InputError
 from sparsekit.fileio import atomic_path, atomic_write_json, atomic_write_text
+from sparsekit.run_dir import RunDir, read_jsonl
 
 SCHEMA_VERSION = "1.0"
-CHECKPOINT = "checkpoint.safetensors"
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-UPDATES = "updates.jsonl"
-SUMMARY = "summary.json"
+CHECKPOINT = RunDir.CHECKPOINT  # the name training saves its checkpoints under
 N_SAMPLES = 512
 N_SAMPLES_SEQUENCE = 8  # LM logits are (n, T, vocab): 8 windows of 512 x 256 floats are already 4 MB
 # Settings that may differ between an interrupted command and its --resume without changing the result.
 _RESUME_FREE = {"device", "checkpoint_every", "eval_batch_size"}
-
-
-def _is_run_dir(path: Path) -> bool:
-    return (path / CONFIG).is_file()
 
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -62,25 +47,26 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwri
     a missing one starts fresh (so torchrun's restarts can rerun the same command).
     """
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    run = RunDir(run_dir)
     existing = run_dir.is_dir() and any(run_dir.iterdir())
     if existing and resume:
         remove_stale_temporaries(run_dir)
-    if existing and resume and (run_dir / CHECKPOINT).is_file():
-        saved = json.loads((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).is_file() else {}
+    if existing and resume and run.checkpoint_file.is_file():
+        saved = run.config() if run.config_file.is_file() else {}
         mine = config.to_dict()
         diff = sorted(k for k in mine if k not in _RESUME_FREE and saved.get(k) != mine[k])
         if diff:
             raise InputError(f"the checkpoint in {run_dir} was made with different settings "
                              f"({', '.join(diff)})", where="--resume",
                              fix="rerun the original command, or pass --overwrite to start again")
-        return run_dir / CHECKPOINT
+        return run.checkpoint_file
     if existing and overwrite:
-        if not _is_run_dir(run_dir):
+        if not run.is_run_dir():
             raise InputError(f"{run_dir} is not empty and is not a sparsekit run directory", where="--out",
                              fix="choose an empty or new --out; sparsekit only replaces its own run directories")
         shutil.rmtree(run_dir)
     if existing and resume and not overwrite:  # a run dir without checkpoint: start it again cleanly
-        if not _is_run_dir(run_dir):
+        if not run.is_run_dir():
             raise InputError(f"{run_dir} is not empty and is not a sparsekit run directory", where="--out",
                              fix="choose an empty or new --out")
         shutil.rmtree(run_dir)
@@ -92,7 +78,7 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwri
     except OSError as exc:
         raise InputError(f"cannot write to {run_dir}: {exc.strerror or exc}", where="--out",
                          fix="choose a writable output directory") from exc
-    atomic_write_json(run_dir / CONFIG, {**config.to_dict(), "sparsekit_version": sparsekit.__version__})
+    atomic_write_json(run.config_file, {**config.to_dict(), "sparsekit_version": sparsekit.__version__})
     return None
 
 
@@ -119,25 +105,22 @@ def build_run_model(config: TrainConfig, data: Any, method: Any) -> tuple[nn.Mod
 
 def init_from_run(path: str, model: nn.Module, sp: Any) -> None:
     """Start from another run's final weights and masks (any method); the mask is kept as the start."""
-    from safetensors.torch import load_file
-
-    src = Path(path)
-    weights, masks = src / "weights.safetensors", src / "masks.safetensors"
-    if not weights.is_file():
-        raise InputError(f"{src} has no weights.safetensors", where="--init-from",
+    src = RunDir(path)
+    if not src.weights_file.is_file():
+        raise InputError(f"{src.path} has no {src.WEIGHTS}", where="--init-from",
                          fix="give a finished sparsekit run directory")
-    sd = load_file(str(weights))
+    sd = src.weights()
     own = model.state_dict()
     if set(sd) != set(own) or any(tuple(own[k].shape) != tuple(v.shape) for k, v in sd.items()):
-        raise InputError(f"the weights in {src} are from a different model", where="--init-from",
+        raise InputError(f"the weights in {src.path} are from a different model", where="--init-from",
                          fix="use the same --model and --model-kwargs as that run")
     model.load_state_dict(sd)
-    if masks.is_file() and sp.layers:
-        mk = load_file(str(masks))
+    if src.masks_file.is_file() and sp.layers:
+        mk = src.masks()
         new = {}
         for ly in sp.layers:
             if ly.name in mk:
-                new[ly.name] = mk[ly.name].to(torch.bool).to(ly.param.device)
+                new[ly.name] = torch.from_numpy(mk[ly.name]).to(ly.param.device)
         for ly in sp.layers:
             if ly.name in new:
                 ly.mask = new[ly.name]
@@ -147,49 +130,27 @@ def init_from_run(path: str, model: nn.Module, sp: Any) -> None:
     sp._record_update(0, fraction=None)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line from a crash
-    return out
-
-
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def truncate_logs(run_dir: Path, *, step: int) -> None:
     """After a resume: drop log lines written after the checkpoint's step (they will be redone)."""
-    for name in (METRICS, UPDATES):
-        rows = _read_jsonl(run_dir / name)
-        _write_jsonl(run_dir / name, [r for r in rows if r.get("step", 0) <= step])
+    run = RunDir(run_dir)
+    for path in (run.metrics_file, run.updates_file):
+        _write_jsonl(path, [r for r in read_jsonl(path) if r.get("step", 0) <= step])
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(run_dir / METRICS, "a", encoding="utf-8") as fh:
+    with open(RunDir(run_dir).metrics_file, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
 
 
 def write_updates(run_dir: Path, entries: list[dict[str, Any]]) -> None:
     if entries:
-        with open(run_dir / UPDATES, "a", encoding="utf-8") as fh:
+        with open(RunDir(run_dir).updates_file, "a", encoding="utf-8") as fh:
             for e in entries:
                 fh.write(json.dumps(e) + "\n")
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    return _read_jsonl(Path(run_dir) / METRICS)
-
-
-def read_updates(run_dir: str | Path) -> list[dict[str, Any]]:
-    return _read_jsonl(Path(run_dir) / UPDATES)
 
 
 def parameter_counts(model: nn.Module, layers: list[dict[str, Any]]) -> dict[str, int]:
@@ -215,22 +176,23 @@ def write_artifacts(run_dir: Path, model: nn.Module, masks: dict[str, torch.Tens
 
     from sparsekit.onnx_export import export_dense_onnx
 
+    run = RunDir(run_dir)
     model_cpu = model.eval()
     state = {k: v.detach().cpu().contiguous() for k, v in model_cpu.state_dict().items()}
-    with atomic_path(run_dir / "weights.safetensors") as tmp:
+    with atomic_path(run.weights_file) as tmp:
         save_file(state, str(tmp))
-    with atomic_path(run_dir / "masks.safetensors") as tmp:
+    with atomic_path(run.masks_file) as tmp:
         save_file({k: v.detach().cpu().to(torch.uint8).contiguous() for k, v in masks.items()}, str(tmp))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     xs = x[:n_samples].to(device)
     logits = model(xs).detach().cpu()
-    with atomic_path(run_dir / "samples.npz") as tmp:
+    with atomic_path(run.samples_file) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, x=xs.cpu().numpy().astype(np.float32),
                      y=(y[:n_samples].cpu().numpy().astype(np.int64) if y is not None
                         else np.zeros(0, dtype=np.int64)),
                      logits=logits.numpy().astype(np.float32))
-    info = export_dense_onnx(model.cpu(), xs.cpu(), run_dir / "model.onnx", metadata=metadata)
+    info = export_dense_onnx(model.cpu(), xs.cpu(), run.onnx_file, metadata=metadata)
     model.to(device)
     return info
 
@@ -279,6 +241,7 @@ def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifi
     from sparsekit.tasks import task_of
 
     task = task_of(data)
+    run = RunDir(run_dir)
     extra: dict[str, Any] = {
         "task": task.name,
         **task.extra_metrics(test_loss),
@@ -290,12 +253,12 @@ def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifi
         "device": str(device),
         "world_size": world_size,
         "wall_seconds": wall_seconds,
-        "best_test_accuracy": max((m["test_accuracy"] for m in read_metrics(run_dir)), default=test_accuracy),
+        "best_test_accuracy": max((m["test_accuracy"] for m in run.metrics()), default=test_accuracy),
     }
     if width_info is not None:
         extra["small_dense"] = width_info
     extra["flops"] = flops_mod.run_flops(model, sparsifier, input_shape=tuple(data.input_shape), config=config,
-                                          updates=read_updates(run_dir))
+                                          updates=run.updates())
     summary = build_summary(run_dir=run_dir, model=model, sparsifier=sparsifier, method=config.method,
                             config=config.to_dict(), test_loss=test_loss, test_accuracy=test_accuracy,
                             train_seconds=train_seconds, extra=extra)
@@ -304,7 +267,7 @@ def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifi
     summary["onnx"] = write_artifacts(run_dir, model, sparsifier.masks(), data.x_test, data.y_test, meta,
                                       n_samples=n_samples)
     validate_summary(summary)
-    atomic_write_json(run_dir / SUMMARY, summary)
+    atomic_write_json(run.summary_file, summary)
     return summary
 
 
@@ -315,14 +278,15 @@ def save(model: nn.Module, sparsifier: Any, run_dir: str | Path, *, example_inpu
     ``sparsekit export`` and ``sparsekit report`` accept it. ``example_input`` is a batch of real
     inputs (up to 512 are kept as validation samples; pass test data with ``labels`` for accuracy)."""
     path = Path(run_dir)
+    run = RunDir(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise InputError(f"run directory {path} already exists", where="save()", fix="pass overwrite=True")
     path.mkdir(parents=True, exist_ok=True)
     cfg = {"method": sparsifier.method.name, "method_options": dict(sparsifier.method.options),
            "sparsity": sparsifier.target_sparsity, "distribution": sparsifier.distribution,
            "seed": sparsifier.seed, **(config or {})}
-    atomic_write_json(path / CONFIG, {**cfg, "sparsekit_version": sparsekit.__version__})
-    if not (path / UPDATES).exists():
+    atomic_write_json(run.config_file, {**cfg, "sparsekit_version": sparsekit.__version__})
+    if not run.updates_file.exists():
         write_updates(path, sparsifier.update_log)
     summary = build_summary(run_dir=path, model=model, sparsifier=sparsifier, method=sparsifier.method.name,
                             config=cfg, test_loss=test_loss, test_accuracy=test_accuracy, train_seconds=0.0,
@@ -330,19 +294,8 @@ def save(model: nn.Module, sparsifier: Any, run_dir: str | Path, *, example_inpu
     meta = onnx_metadata(summary, path)
     summary["onnx"] = write_artifacts(path, model, sparsifier.masks(), example_input, labels, meta)
     validate_summary(summary)
-    atomic_write_json(path / SUMMARY, summary)
+    atomic_write_json(run.summary_file, summary)
     return summary
-
-
-def load_summary(run_dir: str | Path) -> dict[str, Any]:
-    p = Path(run_dir) / SUMMARY
-    if not p.is_file():
-        raise InputError(f"{run_dir} has no summary.json", where=str(run_dir),
-                         fix="give a finished sparsekit run directory (train it first)")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{p} is not valid JSON", where=str(p), fix="retrain or restore the file") from exc
 
 
 def validate_summary(summary: dict[str, Any]) -> None:

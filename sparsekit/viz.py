@@ -13,7 +13,6 @@ From a run directory (no model code needed):
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import numpy as np
 
 from sparsekit.errors import InputError
 from sparsekit.fileio import atomic_path
-from sparsekit.rundir import read_metrics, read_updates
+from sparsekit.run_dir import RunDir
 
 N_PANELS = 6
 
@@ -34,14 +33,6 @@ def _plt() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _summary(run_dir: Path) -> dict[str, Any]:
-    p = run_dir / "summary.json"
-    if not p.is_file():
-        raise InputError(f"{run_dir} has no summary.json", where=str(run_dir),
-                         fix="give a finished sparsekit run directory (train it first)")
-    return json.loads(p.read_text())
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -93,9 +84,9 @@ def _pick(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
-def plot_connectivity(run_dir: Path, out: Path, summary: dict[str, Any]) -> list[Path]:
+def plot_connectivity(run: RunDir, out: Path, summary: dict[str, Any]) -> list[Path]:
     plt = _plt()
-    updates = read_updates(run_dir)
+    updates = run.updates()
     fans = [u for u in updates if u.get("input_fanout") is not None]
     if not fans:
         return []
@@ -105,9 +96,9 @@ def plot_connectivity(run_dir: Path, out: Path, summary: dict[str, Any]) -> list
     maps = fanout_maps(fans, shape)
     vmax = max(float(m.max()) for _, m in maps) or 1.0
     mean_img = None
-    samples = run_dir / "samples.npz"
-    if shape is not None and samples.is_file():
-        x = np.load(samples, allow_pickle=False)["x"]
+    samples = run.samples() if shape is not None else None
+    if samples is not None:
+        x = samples.x
         if x.size:
             mean_img = x.reshape(x.shape[0], -1, *shape).mean(axis=(0, 1)) if x[0].size % (shape[0] * shape[1]) == 0 \
                 else None
@@ -189,12 +180,12 @@ def plot_density(out: Path, summary: dict[str, Any]) -> Path:
     return path
 
 
-def plot_curves(run_dir: Path, out: Path, summary: dict[str, Any]) -> Path | None:
+def plot_curves(run: RunDir, out: Path, summary: dict[str, Any]) -> Path | None:
     plt = _plt()
-    metrics = read_metrics(run_dir)
+    metrics = run.metrics()
     if not metrics:
         return None
-    update_steps = [u["step"] for u in read_updates(run_dir) if u.get("step", 0) > 0]
+    update_steps = [u["step"] for u in run.updates() if u.get("step", 0) > 0]
     steps = [m["step"] for m in metrics]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     ax1.plot(steps, [m["train_loss"] for m in metrics], "o-", ms=3, label="train loss")
@@ -209,7 +200,7 @@ def plot_curves(run_dir: Path, out: Path, summary: dict[str, Any]) -> Path | Non
         ax.legend(fontsize=8)
     ax1.set_ylabel("cross-entropy")
     ax2.set_ylabel("accuracy (%)")
-    fig.suptitle(f"{summary.get('method', '')} — {run_dir.name}", fontsize=10)
+    fig.suptitle(f"{summary.get('method', '')} — {run.path.name}", fontsize=10)
     fig.tight_layout()
     path = out / "curves.png"
     _save(fig, path)
@@ -219,14 +210,16 @@ def plot_curves(run_dir: Path, out: Path, summary: dict[str, Any]) -> Path | Non
 def plot_compare_loss(run_dirs: list[Path], path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    for i, rd in enumerate(run_dirs):
-        metrics = read_metrics(rd)
+    for i, run in enumerate(RunDir(d) for d in run_dirs):
+        metrics = run.metrics()
         if not metrics:
-            raise InputError(f"{rd} has no metrics.jsonl", where="--compare", fix="give sparsekit run directories")
+            raise InputError(f"{run.path} has no {run.METRICS}", where="--compare",
+                             fix="give sparsekit run directories")
         color = f"C{i % 10}"
         steps = [m["step"] for m in metrics]
-        ax.plot(steps, [m["train_loss"] for m in metrics], "-", color=color, label=f"{rd.name} train")
-        ax.plot(steps, [m["test_loss"] for m in metrics], "--", color=color, label=f"{rd.name} test")
+        name = run.path.name
+        ax.plot(steps, [m["train_loss"] for m in metrics], "-", color=color, label=f"{name} train")
+        ax.plot(steps, [m["test_loss"] for m in metrics], "--", color=color, label=f"{name} test")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy")
     ax.set_yscale("log")
@@ -240,17 +233,17 @@ def plot_compare_loss(run_dirs: list[Path], path: Path) -> Path:
 
 def visualize(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Any]:
     """Write every figure for one run; returns {"files": [...], "updates": n, ...}."""
-    rd = Path(run_dir)
-    summary = _summary(rd)
-    dest = Path(out) if out is not None else rd / "viz"
+    run = RunDir(run_dir)
+    summary = run.summary()
+    dest = Path(out) if out is not None else run.viz_dir
     dest.mkdir(parents=True, exist_ok=True)
-    files = plot_connectivity(rd, dest, summary)
+    files = plot_connectivity(run, dest, summary)
     files.append(plot_density(dest, summary))
-    curves = plot_curves(rd, dest, summary)
+    curves = plot_curves(run, dest, summary)
     if curves is not None:
         files.append(curves)
-    return {"run_dir": str(rd), "out": str(dest), "files": [str(f) for f in files],
-            "updates": len(read_updates(rd))}
+    return {"run_dir": str(run.path), "out": str(dest), "files": [str(f) for f in files],
+            "updates": len(run.updates())}
 
 
 def compare_runs(run_dirs: list[str | Path], out: str | Path) -> dict[str, Any]:

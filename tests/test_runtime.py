@@ -14,7 +14,6 @@ import pytest
 import sparsekit.runtime as rt
 from sparsekit.errors import InputError
 from sparsekit.runtime import layers as L
-from sparsekit.runtime.compact import ChainLayer, compact_chain
 
 K = L._K
 # the code path this process started on: the CPU's best, or SPARSEKIT_ISA's (make test-isa runs this
@@ -574,6 +573,9 @@ def test_malformed_csr_is_refused():
 
 
 def test_compaction_is_exact_and_folds_bias_of_input_less_units():
+    from sparsekit.exporters.compact import compact_layers, with_all_inputs
+    from sparsekit.exporters.graph import DenseLayer
+
     rng = np.random.default_rng(3)
     w1 = sparse_matrix(rng, 12, 8, 0.5)
     w2 = sparse_matrix(rng, 6, 12, 0.6)
@@ -584,12 +586,14 @@ def test_compaction_is_exact_and_folds_bias_of_input_less_units():
     w1[4] = 1.0
     b1 = rng.standard_normal(12).astype(np.float32)
     b1[2] = 0.8
-    chain = [ChainLayer(w1, b1, True), ChainLayer(w2, None, True), ChainLayer(w3, np.zeros(3, np.float32), False)]
-    compacted, stats = compact_chain(chain)
-    assert stats["units_removed"] >= 2 and stats["units_folded"] >= 1
-    assert compacted[0].weight.shape[0] < 12
-    layers = [rt.SparseLayer.from_dense(c.weight, c.bias, c.relu) for c in compacted]
-    full = [rt.SparseLayer.from_dense(c.weight, c.bias, c.relu) for c in chain]
+    chain = [DenseLayer(w1, b1, "relu", "w1", "b1"), DenseLayer(w2, None, "relu", "w2", None),
+             DenseLayer(w3, np.zeros(3, np.float32), None, "w3", "b3")]
+    kept_in, compacted, counts = compact_layers(8, chain)
+    compacted = with_all_inputs(8, kept_in, compacted)  # what the fast exporter packs
+    assert sum(u["before"] - u["after"] for u in counts["units"]) >= 2 and counts["folded_units"] >= 1
+    assert compacted[0].weight.shape[1] == 8 and compacted[0].weight.shape[0] < 12
+    layers = [rt.SparseLayer.from_dense(c.weight, c.bias, c.activation == "relu") for c in compacted]
+    full = [rt.SparseLayer.from_dense(c.weight, c.bias, c.activation == "relu") for c in chain]
     x = rng.standard_normal((5, 8))
     ref, got = x, x
     for a in full:
