@@ -139,7 +139,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, ove
 
     Under torchrun (``WORLD_SIZE`` > 1) this joins the process group and trains with
     DistributedDataParallel; only rank 0 writes the run directory and emits progress events (``on_end``
-    fires on every rank). See ``sparsekit.distributed``.
+    and the hooks fire on every rank). See ``sparsekit.distributed``.
     """
     import torch.distributed as torch_dist
 
@@ -225,6 +225,10 @@ class TrainingRun:
             fn = getattr(cb, name)
             if fn is not None:
                 fn(*args)
+
+    def epoch_of(self, step: int) -> int:
+        """The 1-based epoch that step ``step`` (1-based) belongs to."""
+        return (step - 1) // self.steps_per_epoch + 1
 
     def start_clock(self) -> None:
         self.seconds_before, self.t_loop = float(self.state["train_seconds"]), time.perf_counter()
@@ -426,14 +430,14 @@ def train_step(run: TrainingRun, step: int, *, stop_requested: bool) -> StepResu
         dist.on_main(lambda: rd.write_updates(run.run_dir, log), ctx)
         sp.update_log.clear()
     run.emit("on_step", {"step": step, "total_steps": run.total_steps, "loss": loss_value, "lr": lr,
-                         "sparsity": sp.realized_sparsity(), "epoch": (step - 1) // run.steps_per_epoch + 1})
+                         "sparsity": sp.realized_sparsity(), "epoch": run.epoch_of(step)})
     return StepResult(loss_value, lr, stopping)
 
 
 def _skip_non_finite(run: TrainingRun, step: int, loss_value: float) -> None:
     """The NaN policy: ``skip-batch`` consumes the step with the weights unchanged; otherwise the run stops."""
     if run.config.nan_policy != "skip-batch":
-        raise TrainingError(f"loss became {loss_value} at step {step} (epoch {(step - 1) // run.steps_per_epoch + 1})",
+        raise TrainingError(f"loss became {loss_value} at step {step} (epoch {run.epoch_of(step)})",
                             where=str(run.run_dir),
                             fix="lower --lr, add --clip-grad, or use --nan-policy skip-batch; "
                                 "the last good checkpoint was kept")
@@ -460,7 +464,7 @@ def end_of_epoch(run: TrainingRun, step: int, lr: float) -> None:
     test_loss, test_acc = _evaluate(run.model, run.data.x_test, run.data.y_test, run.config.eval_batch_size,
                                     run.device, run.ctx, run.task)
     seen = max(state["epoch_seen"], 1)
-    record = {"epoch": (step - 1) // run.steps_per_epoch + 1, "step": step,
+    record = {"epoch": run.epoch_of(step), "step": step,
               "train_loss": state["epoch_loss_sum"] / seen, "train_accuracy": state["epoch_correct"] / seen,
               "test_loss": test_loss, "test_accuracy": test_acc, **run.task.extra_metrics(test_loss),
               "sparsity": run.sparsifier.realized_sparsity(), "lr": lr, "seconds": run.train_seconds()}
