@@ -156,12 +156,15 @@ def train(
     from sparsekit.cli.render import TrainProgress
 
     from sparsekit.distributed import is_main_process
+    from sparsekit.faults import from_env as faults_from_env
     from sparsekit.training import train as run_training
 
+    faults = faults_from_env()  # test-only SPARSEKIT_FAULT hooks (kill -9, SIGTERM, NaN, a stuck rank)
     main_rank = is_main_process()  # under torchrun only rank 0 prints
     progress = TrainProgress(enabled=not quiet and main_rank)
     with progress:
-        summary = run_training(cfg, run_dir, resume=resume, overwrite=overwrite, callbacks=progress.callbacks())
+        callbacks = [progress.callbacks(), *([faults] if faults is not None else [])]
+        summary = run_training(cfg, run_dir, resume=resume, overwrite=overwrite, callbacks=callbacks)
     if not main_rank:
         return
     if json_out:

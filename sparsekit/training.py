@@ -1,10 +1,12 @@
-"""The training loop: one readable function over the public ``sparsify`` API.
+"""The training loop: one readable loop over the public ``sparsify`` API.
 
-``train(config, run_dir)`` loads data and model, puts the model under the method with ``sparsify``,
-trains with a step-indexed LR schedule and a (seed, epoch)-indexed shuffle, checkpoints atomically,
-and writes the run directory (see ``sparsekit.rundir``). Everything that decides the result is a
-function of (config, step), so a resumed run ends bit-identical to an uninterrupted one on CPU.
-Progress goes to ``callbacks`` (the CLI renders it with rich); the loop knows no particular method.
+``train(config, run_dir)`` sets up a run (``set_up_run``: data, model, optimizer, LR schedule, the
+method under ``sparsify``, the run directory, DDP under torchrun), then runs ``train_step`` once per
+step with ``end_of_epoch`` and ``save_checkpoint`` when due, and ``finish_run`` at the end. The LR is
+step-indexed and the shuffle (seed, epoch)-indexed; checkpoints are atomic; everything that decides
+the result is a function of (config, step), so a resumed run ends bit-identical to an uninterrupted
+one on CPU. Progress and hooks go to ``Callbacks`` (the CLI renders progress with rich); the loop knows
+no particular method and no test fault: faults are callbacks too (see ``sparsekit.faults``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,18 +24,28 @@ from torch import nn
 
 from sparsekit import distributed as dist
 from sparsekit import rundir as rd
-from sparsekit.checkpoint import load_checkpoint, restore, save_checkpoint
+from sparsekit.checkpoint import load_checkpoint, restore
+from sparsekit.checkpoint import save_checkpoint as write_checkpoint
 from sparsekit.config import TrainConfig
 from sparsekit.errors import InputError, TrainingError
 from sparsekit.schedules import LRSchedule
 from sparsekit.selection import stream_seed
-from sparsekit.sparsifier import sparsify
+from sparsekit.sparsifier import Sparsifier, sparsify
 from sparsekit.tasks import CLASSIFICATION, TASKS, Task, task_of
 
 
 @dataclass
 class Callbacks:
-    """Events of a run; every field is optional. The CLI uses these for the progress bar."""
+    """Events of a run; every field is optional. The CLI uses these for the progress bar.
+
+    Progress events get a JSON-able dict and fire on rank 0 only: ``on_start``, ``on_step`` (the end of
+    each trained step), ``on_epoch`` (the end of an epoch, its metrics record), ``on_message``. Hooks fire on
+    every rank (also under torchrun) and get the ``TrainingRun``: ``on_step_begin(run, step)`` before step
+    ``step`` (1-based) takes its batch; ``on_loss(run, step, loss)`` may return a tensor that replaces the
+    step's loss (before the NaN policy and backward); ``before_commit(run, step, tmp)`` runs on rank 0
+    when the checkpoint of ``step`` is complete in its temporary file, before it replaces the previous one.
+    An exception raised by any callback stops the run there (the last checkpoint stays).
+    """
 
     on_start: Callable[[dict[str, Any]], None] | None = None
     on_step: Callable[[dict[str, Any]], None] | None = None
@@ -41,6 +53,9 @@ class Callbacks:
     on_message: Callable[[str], None] | None = None
     #: Called on every rank (also under torchrun) after the run, with the final model and sparsifier.
     on_end: Callable[[dict[str, Any]], None] | None = None
+    on_step_begin: Callable[[TrainingRun, int], None] | None = None
+    on_loss: Callable[[TrainingRun, int, torch.Tensor], torch.Tensor | None] | None = None
+    before_commit: Callable[[TrainingRun, int, Path], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def emit(self, name: str, payload: Any) -> None:
@@ -117,23 +132,25 @@ class _StopFlag:
 
 
 def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-          callbacks: Callbacks | None = None) -> dict[str, Any]:
+          callbacks: Callbacks | Sequence[Callbacks] | None = None) -> dict[str, Any]:
     """Train one run and return its summary (also written to ``run_dir/summary.json``).
+
+    ``callbacks``: one ``Callbacks`` or several, called in the given order.
 
     Under torchrun (``WORLD_SIZE`` > 1) this joins the process group and trains with
     DistributedDataParallel; only rank 0 writes the run directory and emits progress events (``on_end``
-    fires on every rank). See ``sparsekit.distributed``.
+    and the hooks fire on every rank). See ``sparsekit.distributed``.
     """
     import torch.distributed as torch_dist
 
-    cb = callbacks or Callbacks()
+    cbs = [callbacks] if isinstance(callbacks, Callbacks) else list(callbacks or [])
     config.validate()
     run_dir = Path(run_dir)
     created_group = not (torch_dist.is_available() and torch_dist.is_initialized())
     ctx = dist.setup(config.device, config.dist_timeout)
     threads_before = torch.get_num_threads()
     try:
-        summary = _train(config, run_dir, resume=resume, overwrite=overwrite, cb=cb, ctx=ctx)
+        summary = _train(config, run_dir, resume=resume, overwrite=overwrite, callbacks=cbs, ctx=ctx)
     finally:
         torch.set_num_threads(threads_before)
     dist.teardown(ctx, created=created_group)
@@ -161,17 +178,123 @@ def choose_threads(config: TrainConfig, model: nn.Module, input_shape: tuple[int
     return 1 if macs * config.batch_size < SMALL_STEP_MACS else torch.get_num_threads()
 
 
-def _train(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: bool, cb: Callbacks,
+@dataclass
+class TrainingRun:
+    """Everything one run carries between steps; built by ``set_up_run``, handed to every step and hook."""
+
+    config: TrainConfig
+    run_dir: Path
+    ctx: dist.DistContext
+    callbacks: list[Callbacks]
+    device: torch.device
+    data: Any
+    task: Task
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    sparsifier: Sparsifier
+    width_info: dict[str, Any] | None
+    steps_per_epoch: int
+    total_epochs: int
+    total_steps: int
+    t_start: float
+    #: the DistributedDataParallel wrapper of ``model`` under torchrun
+    ddp: nn.Module | None = None
+    #: running sums of the epoch and counters; saved in (and restored from) the checkpoint's metadata
+    state: dict[str, Any] = field(default_factory=lambda: {
+        "epoch_loss_sum": 0.0, "epoch_correct": 0, "epoch_seen": 0, "train_seconds": 0.0, "skipped_batches": 0})
+    order: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    order_epoch: int = -1
+    seconds_before: float = 0.0
+    t_loop: float = 0.0
+
+    @property
+    def forward(self) -> nn.Module:
+        """What a training step calls: the DDP wrapper under torchrun, else the model."""
+        return self.model if self.ddp is None else self.ddp
+
+    def emit(self, name: str, payload: Any) -> None:
+        """A progress event (``on_start``, ``on_step``, ``on_epoch``, ``on_message``): rank 0 only."""
+        if self.ctx.is_main:
+            for cb in self.callbacks:
+                cb.emit(name, payload)
+
+    def hook(self, name: str, *args: Any) -> None:
+        """An event on every rank (``on_step_begin``, ``on_end``)."""
+        for cb in self.callbacks:
+            fn = getattr(cb, name)
+            if fn is not None:
+                fn(*args)
+
+    def epoch_of(self, step: int) -> int:
+        """The 1-based epoch that step ``step`` (1-based) belongs to."""
+        return (step - 1) // self.steps_per_epoch + 1
+
+    def start_clock(self) -> None:
+        self.seconds_before, self.t_loop = float(self.state["train_seconds"]), time.perf_counter()
+
+    def train_seconds(self) -> float:
+        """Training time so far, over every attempt of a resumed run."""
+        return self.seconds_before + time.perf_counter() - self.t_loop
+
+
+@dataclass
+class StepResult:
+    """What one step reports: the global batch's mean loss, its learning rate, whether any rank must stop,
+    and whether the NaN policy skipped it."""
+
+    loss: float
+    lr: float
+    stopping: bool
+    skipped: bool = False
+
+
+def _train(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: bool, callbacks: list[Callbacks],
            ctx: dist.DistContext) -> dict[str, Any]:
+    """The loop: set up, then one ``train_step`` per step with its epoch end and checkpoints, then finish."""
+    run = set_up_run(config, run_dir, resume=resume, overwrite=overwrite, callbacks=callbacks, ctx=ctx)
+    run.emit("on_start", {"total_steps": run.total_steps, "steps_per_epoch": run.steps_per_epoch,
+                          "epochs": run.total_epochs, "start_step": run.sparsifier.step_count,
+                          "run_dir": str(run_dir), "world_size": ctx.world_size})
+    run.model.train()
+    run.start_clock()
+    with _StopFlag() as stop:
+        while run.sparsifier.step_count < run.total_steps:
+            step = run.sparsifier.step_count + 1
+            run.hook("on_step_begin", run, step)
+            result = train_step(run, step, stop_requested=stop.signal is not None)
+            if result.skipped:
+                continue
+            epoch_done = step % run.steps_per_epoch == 0
+            if epoch_done:
+                end_of_epoch(run, step, result.lr)
+            if epoch_done or result.stopping or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                run.state["train_seconds"] = run.train_seconds()
+                save_checkpoint(run, step)
+            if result.stopping:
+                what = f"signal {stop.signal}" if stop.signal is not None else "a signal on another rank"
+                raise TrainingError(f"interrupted by {what} at step {step}; checkpoint saved", where=str(run_dir),
+                                    fix="run the same command with --resume to continue from the checkpoint")
+    return finish_run(run)
+
+
+def step_budget(config: TrainConfig, n_train: int) -> tuple[int, int, int]:
+    """(steps per epoch, epochs, total steps): whole epochs, or a step budget (LM recipes) if ``steps`` is set."""
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    total_epochs = max(1, round(config.epochs * config.train_multiplier))
+    total_steps = steps_per_epoch * total_epochs
+    if config.steps is not None:
+        total_steps = max(1, round(config.steps * config.train_multiplier))
+        total_epochs = math.ceil(total_steps / steps_per_epoch)
+    return steps_per_epoch, total_epochs, total_steps
+
+
+def set_up_run(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: bool, callbacks: list[Callbacks],
+               ctx: dist.DistContext) -> TrainingRun:
+    """Data, model, optimizer, LR schedule and sparsifier; then the run directory (fresh or resumed from its
+    checkpoint) and, under torchrun, the DDP wrapper."""
     from sparsekit.data import load_dataset
     from sparsekit.methods import make_method
-
-    main = ctx.is_main
-    faults = _Faults.from_env(ctx.rank)
-
-    def emit(name: str, payload: Any) -> None:
-        if main:
-            cb.emit(name, payload)
 
     # fail fast, before loading data; under torchrun rank 0 decides and every rank raises its error
     dist.on_main(lambda: rd.check_run_dir(run_dir, resume=resume, overwrite=overwrite), ctx)
@@ -187,13 +310,7 @@ def _train(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: bool,
     model.to(device)
     if device.type == "cpu":
         torch.set_num_threads(choose_threads(config, model, tuple(data.input_shape), device, ctx))
-    n_train = len(data.x_train)
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
-    total_epochs = max(1, round(config.epochs * config.train_multiplier))
-    total_steps = steps_per_epoch * total_epochs
-    if config.steps is not None:  # a step budget (LM recipes) instead of whole epochs
-        total_steps = max(1, round(config.steps * config.train_multiplier))
-        total_epochs = math.ceil(total_steps / steps_per_epoch)
+    steps_per_epoch, total_epochs, total_steps = step_budget(config, len(data.x_train))
     optimizer = make_optimizer(config, list(model.parameters()))
     schedule = LRSchedule(config.lr, total_steps, config.lr_schedule,
                           warmup_steps=round(config.warmup_epochs * config.train_multiplier * steps_per_epoch))
@@ -206,155 +323,195 @@ def _train(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: bool,
                   include_embeddings=bool(config.sparse_embeddings))  # masks broadcast from rank 0
     if config.init_from:
         rd.init_from_run(config.init_from, model, sp)
-    # Everything the command asked for is valid: only now is the run directory created or replaced.
-    prepared = dist.on_main(lambda: rd.prepare_run_dir(run_dir, config, resume=resume, overwrite=overwrite), ctx)
-    checkpoint_name = dist.broadcast_json(None if prepared is None else str(prepared), ctx)
-    checkpoint = None if checkpoint_name is None else Path(checkpoint_name)
+    run = TrainingRun(config=config, run_dir=run_dir, ctx=ctx, callbacks=callbacks, device=device, data=data,
+                      task=task, model=model, optimizer=optimizer, schedule=schedule, sparsifier=sp,
+                      width_info=width_info, steps_per_epoch=steps_per_epoch, total_epochs=total_epochs,
+                      total_steps=total_steps, t_start=t_start)
+    _open_run_dir(run, resume=resume, overwrite=overwrite)
+    if ctx.enabled:
+        _wrap_ddp(run)
+    return run
 
-    state: dict[str, Any] = {"epoch_loss_sum": 0.0, "epoch_correct": 0, "epoch_seen": 0, "train_seconds": 0.0,
-                             "skipped_batches": 0}
-    if checkpoint is not None:
+
+def _open_run_dir(run: TrainingRun, *, resume: bool, overwrite: bool) -> None:
+    """Create (or replace) the run directory, or continue from its checkpoint."""
+    ctx, sp, run_dir = run.ctx, run.sparsifier, run.run_dir
+    # Everything the command asked for is valid: only now is the run directory created or replaced.
+    prepared = dist.on_main(lambda: rd.prepare_run_dir(run_dir, run.config, resume=resume, overwrite=overwrite),
+                            ctx)
+    checkpoint_name = dist.broadcast_json(None if prepared is None else str(prepared), ctx)
+    if checkpoint_name is not None:
+        checkpoint = Path(checkpoint_name)
         tensors, meta = load_checkpoint(checkpoint)  # every rank reads it (shared filesystem)
-        sp.load_state_dict(restore(tensors, meta, model=model, optimizer=optimizer))
-        state.update(meta["state"])
+        sp.load_state_dict(restore(tensors, meta, model=run.model, optimizer=run.optimizer))
+        run.state.update(meta["state"])
         dist.on_main(lambda: rd.truncate_logs(run_dir, step=sp.step_count), ctx)
-        emit("on_message", f"resumed from {checkpoint} at step {sp.step_count}/{total_steps}")
+        run.emit("on_message", f"resumed from {checkpoint} at step {sp.step_count}/{run.total_steps}")
     else:
         dist.on_main(lambda: rd.write_updates(run_dir, sp.update_log), ctx)
     sp.update_log.clear()
 
-    fwd: nn.Module = model
+
+def _wrap_ddp(run: TrainingRun) -> None:
+    """DistributedDataParallel around the model; with ``SPARSEKIT_DEBUG_MASKS=1`` also check after every mask
+    update that all ranks hold the same masks and weights."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ctx, sp, device = run.ctx, run.sparsifier, run.device
+    run.ddp = DistributedDataParallel(run.model, device_ids=[device.index] if device.type == "cuda" else None)
+    if dist.debug_masks_enabled():
+        dist.verify_same(sp.masks(), ctx, what="masks", step=sp.step_count)
+
+        def check(s: Any, step: int) -> None:
+            dist.verify_same(s.masks(), ctx, what="masks", step=step)
+            dist.verify_same({ly.name: ly.param for ly in s.layers}, ctx, what="weights", step=step)
+
+        sp.on_update.append(check)
+
+
+def _batch(run: TrainingRun, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Step ``step``'s batch from its epoch's shuffle (this rank's share of it under torchrun), on the
+    device, and the size of the global batch."""
+    epoch, batch_idx = divmod(step - 1, run.steps_per_epoch)
+    if run.order_epoch != epoch:
+        run.order, run.order_epoch = epoch_order(len(run.data.x_train), run.config.seed, epoch), epoch
+    size = run.config.batch_size
+    idx = run.order[batch_idx * size:(batch_idx + 1) * size]
+    n_global = len(idx)
+    if run.ctx.enabled:
+        idx = idx[dist.local_slice(n_global, run.ctx)]
+    return run.data.x_train[idx].to(run.device), run.data.y_train[idx].to(run.device), n_global
+
+
+def _loss(run: TrainingRun, step: int, out: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    """The batch's mean loss, as replaced by any ``on_loss`` callback (every rank)."""
+    loss = run.task.loss(out, yb) if len(yb) else out.sum() * 0.0
+    for cb in run.callbacks:
+        if cb.on_loss is not None:
+            replaced = cb.on_loss(run, step, loss)
+            loss = loss if replaced is None else replaced
+    return loss
+
+
+def train_step(run: TrainingRun, step: int, *, stop_requested: bool) -> StepResult:
+    """Step ``step`` (1-based): forward, the NaN policy, backward, the method's step and the optimizer's;
+    then the mask-update log and the ``on_step`` event."""
+    ctx, sp = run.ctx, run.sparsifier
+    xb, yb, n_global = _batch(run, step)
+    n_local = len(xb)
+    lr = run.schedule.lr(step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    out = run.forward(xb)
+    loss = _loss(run, step, out, yb)
+    loss_value = float(loss.detach())
+    correct = run.task.correct(out, yb)
+    loss_sum = loss_value * n_local
+    stopping = stop_requested
+    if ctx.enabled:  # one all-reduce: global loss/accuracy, and any rank's stop request
+        loss_sum, g_correct, _, g_stop = dist.all_reduce_sum(
+            [loss_sum, float(correct), float(n_local), float(stopping)], ctx)
+        correct, stopping = int(g_correct), g_stop > 0
+        loss_value = loss_sum / max(n_global, 1)
+    if not math.isfinite(loss_value):
+        _skip_non_finite(run, step, loss_value)
+        return StepResult(loss_value, lr, stopping, skipped=True)
     if ctx.enabled:
-        from torch.nn.parallel import DistributedDataParallel
+        with dist.guard(f"the gradient all-reduce of step {step}"):
+            (loss * dist.loss_weight(n_local, n_global, ctx)).backward()
+    else:
+        loss.backward()
+    _optimizer_step(run)
+    run.state["epoch_loss_sum"] += loss_sum
+    run.state["epoch_correct"] += correct
+    run.state["epoch_seen"] += n_global
+    if sp.update_log:
+        log = list(sp.update_log)
+        dist.on_main(lambda: rd.write_updates(run.run_dir, log), ctx)
+        sp.update_log.clear()
+    run.emit("on_step", {"step": step, "total_steps": run.total_steps, "loss": loss_value, "lr": lr,
+                         "sparsity": sp.realized_sparsity(), "epoch": run.epoch_of(step)})
+    return StepResult(loss_value, lr, stopping)
 
-        fwd = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if dist.debug_masks_enabled():
-            dist.verify_same(sp.masks(), ctx, what="masks", step=sp.step_count)
 
-            def _check(s: Any, step: int) -> None:
-                dist.verify_same(s.masks(), ctx, what="masks", step=step)
-                dist.verify_same({ly.name: ly.param for ly in s.layers}, ctx, what="weights", step=step)
+def _skip_non_finite(run: TrainingRun, step: int, loss_value: float) -> None:
+    """The NaN policy: ``skip-batch`` consumes the step with the weights unchanged; otherwise the run stops."""
+    if run.config.nan_policy != "skip-batch":
+        raise TrainingError(f"loss became {loss_value} at step {step} (epoch {run.epoch_of(step)})",
+                            where=str(run.run_dir),
+                            fix="lower --lr, add --clip-grad, or use --nan-policy skip-batch; "
+                                "the last good checkpoint was kept")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state["skipped_batches"] += 1
+    run.sparsifier.step_count += 1  # the step is consumed (schedules stay aligned), weights unchanged
 
-            sp.on_update.append(_check)
 
-    x_train, y_train = data.x_train, data.y_train
-    emit("on_start", {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "epochs": total_epochs,
-                      "start_step": sp.step_count, "run_dir": str(run_dir), "world_size": ctx.world_size})
+def _optimizer_step(run: TrainingRun) -> None:
+    """The method's pre-step (gradient masking, maybe a mask update), clipping, the optimizer, the post-step."""
+    sp = run.sparsifier
+    take = sp.pre_step()
+    if run.config.clip_grad is not None:
+        nn.utils.clip_grad_norm_(run.model.parameters(), run.config.clip_grad)
+    if take:
+        run.optimizer.step()
+    sp.post_step()
+    run.optimizer.zero_grad(set_to_none=True)
 
-    def save(step_state: dict[str, Any], step: int) -> None:
-        before_commit = faults.before_commit(step)
 
-        def write() -> None:
-            try:
-                save_checkpoint(run_dir / rd.CHECKPOINT, model=model, optimizer=optimizer,
-                                sparsifier_state=sp.state_dict(), state=step_state, before_commit=before_commit)
-            except InputError as exc:  # disk full, permissions: the run stops, the old checkpoint stays
-                raise TrainingError(f"could not save the checkpoint at step {step}: {exc.what}",
-                                    where=str(run_dir / rd.CHECKPOINT),
-                                    fix="free disk space or fix permissions, then rerun the same command with "
-                                        "--resume; the previous checkpoint was kept") from exc
+def end_of_epoch(run: TrainingRun, step: int, lr: float) -> None:
+    """Evaluate on the test split, append the epoch's record to metrics.jsonl, emit ``on_epoch``."""
+    state = run.state
+    test_loss, test_acc = _evaluate(run.model, run.data.x_test, run.data.y_test, run.config.eval_batch_size,
+                                    run.device, run.ctx, run.task)
+    seen = max(state["epoch_seen"], 1)
+    record = {"epoch": run.epoch_of(step), "step": step,
+              "train_loss": state["epoch_loss_sum"] / seen, "train_accuracy": state["epoch_correct"] / seen,
+              "test_loss": test_loss, "test_accuracy": test_acc, **run.task.extra_metrics(test_loss),
+              "sparsity": run.sparsifier.realized_sparsity(), "lr": lr, "seconds": run.train_seconds()}
+    state.update(epoch_loss_sum=0.0, epoch_correct=0, epoch_seen=0)
+    dist.on_main(lambda: rd.append_metrics(run.run_dir, record), run.ctx)
+    run.emit("on_epoch", record)
 
-        dist.on_main(write, ctx)
 
-    model.train()
-    seconds_before = float(state["train_seconds"])
-    t_loop = time.perf_counter()
-    order, order_epoch = torch.empty(0, dtype=torch.long), -1
-    with _StopFlag() as stop:
-        while sp.step_count < total_steps:
-            step = sp.step_count + 1
-            faults.at_step(step)
-            epoch, batch_idx = divmod(step - 1, steps_per_epoch)
-            if order_epoch != epoch:
-                order, order_epoch = epoch_order(n_train, config.seed, epoch), epoch
-            idx = order[batch_idx * config.batch_size:(batch_idx + 1) * config.batch_size]
-            n_global = len(idx)
-            if ctx.enabled:
-                idx = idx[dist.local_slice(n_global, ctx)]
-            xb, yb = x_train[idx].to(device), y_train[idx].to(device)
-            lr = schedule.lr(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            out = fwd(xb)
-            loss = task.loss(out, yb) if len(idx) else out.sum() * 0.0
-            loss = faults.corrupt_loss(step, loss)
-            loss_value = float(loss.detach())
-            correct = task.correct(out, yb)
-            loss_sum = loss_value * len(idx)
-            stopping = stop.signal is not None
-            if ctx.enabled:  # one all-reduce: global loss/accuracy, and any rank's stop request
-                loss_sum, g_correct, _, g_stop = dist.all_reduce_sum(
-                    [loss_sum, float(correct), float(len(idx)), float(stopping)], ctx)
-                correct, stopping = int(g_correct), g_stop > 0
-                loss_value = loss_sum / max(n_global, 1)
-            if not math.isfinite(loss_value):
-                if config.nan_policy == "skip-batch":
-                    optimizer.zero_grad(set_to_none=True)
-                    state["skipped_batches"] += 1
-                    sp.step_count += 1  # the step is consumed (schedules stay aligned), weights unchanged
-                    continue
-                raise TrainingError(f"loss became {loss_value} at step {step} (epoch {epoch + 1})",
-                                    where=str(run_dir),
-                                    fix="lower --lr, add --clip-grad, or use --nan-policy skip-batch; "
-                                        "the last good checkpoint was kept")
-            if ctx.enabled:
-                with dist.guard(f"the gradient all-reduce of step {step}"):
-                    (loss * dist.loss_weight(len(idx), n_global, ctx)).backward()
-            else:
-                loss.backward()
-            take = sp.pre_step()
-            if config.clip_grad is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-            if take:
-                optimizer.step()
-            sp.post_step()
-            optimizer.zero_grad(set_to_none=True)
-            state["epoch_loss_sum"] += loss_sum
-            state["epoch_correct"] += correct
-            state["epoch_seen"] += n_global
-            if sp.update_log:
-                log = list(sp.update_log)
-                dist.on_main(lambda log=log: rd.write_updates(run_dir, log), ctx)
-                sp.update_log.clear()
-            emit("on_step", {"step": step, "total_steps": total_steps, "loss": loss_value, "lr": lr,
-                             "sparsity": sp.realized_sparsity(), "epoch": epoch + 1})
-            end_of_epoch = batch_idx == steps_per_epoch - 1
-            if end_of_epoch:
-                test_loss, test_acc = _evaluate(model, data.x_test, data.y_test, config.eval_batch_size, device, ctx,
-                                                task)
-                seen = max(state["epoch_seen"], 1)
-                elapsed = seconds_before + time.perf_counter() - t_loop
-                record = {"epoch": epoch + 1, "step": step, "train_loss": state["epoch_loss_sum"] / seen,
-                          "train_accuracy": state["epoch_correct"] / seen, "test_loss": test_loss,
-                          "test_accuracy": test_acc, **task.extra_metrics(test_loss),
-                          "sparsity": sp.realized_sparsity(), "lr": lr, "seconds": elapsed}
-                state.update(epoch_loss_sum=0.0, epoch_correct=0, epoch_seen=0)
-                dist.on_main(lambda record=record: rd.append_metrics(run_dir, record), ctx)
-                emit("on_epoch", record)
-            due = end_of_epoch or (config.checkpoint_every and step % config.checkpoint_every == 0)
-            if due or stopping:
-                state["train_seconds"] = seconds_before + time.perf_counter() - t_loop
-                save(state, step)
-            if stopping:
-                what = f"signal {stop.signal}" if stop.signal is not None else "a signal on another rank"
-                raise TrainingError(f"interrupted by {what} at step {step}; checkpoint saved", where=str(run_dir),
-                                    fix="run the same command with --resume to continue from the checkpoint")
-    state["train_seconds"] = seconds_before + time.perf_counter() - t_loop
-    test_loss, test_acc = _evaluate(model, data.x_test, data.y_test, config.eval_batch_size, device, ctx, task)
+def save_checkpoint(run: TrainingRun, step: int) -> None:
+    """Write the checkpoint of ``step`` on rank 0, atomically: the previous one stays until the new one is
+    complete. ``before_commit`` callbacks run between the two."""
+    path = run.run_dir / rd.CHECKPOINT
+    hooks = [cb.before_commit for cb in run.callbacks if cb.before_commit is not None]
 
-    def finish() -> dict[str, Any]:
-        summary = rd.finish_run(run_dir, config=config, model=model, sparsifier=sp, data=data,
-                                test_loss=test_loss, test_accuracy=test_acc, train_seconds=state["train_seconds"],
-                                total_steps=total_steps, width_info=width_info,
-                                wall_seconds=time.perf_counter() - t_start, device=device,
-                                world_size=ctx.world_size)
-        return summary
+    def before_commit(tmp: Path) -> None:
+        for hook in hooks:
+            hook(run, step, tmp)
 
-    summary = dist.on_main(finish, ctx)
-    save(state, sp.step_count)
+    def write() -> None:
+        try:
+            write_checkpoint(path, model=run.model, optimizer=run.optimizer,
+                             sparsifier_state=run.sparsifier.state_dict(), state=run.state,
+                             before_commit=before_commit if hooks else None)
+        except InputError as exc:  # disk full, permissions: the run stops, the old checkpoint stays
+            raise TrainingError(f"could not save the checkpoint at step {step}: {exc.what}", where=str(path),
+                                fix="free disk space or fix permissions, then rerun the same command with "
+                                    "--resume; the previous checkpoint was kept") from exc
+
+    dist.on_main(write, run.ctx)
+
+
+def finish_run(run: TrainingRun) -> dict[str, Any]:
+    """After the last step: the final evaluation, the run directory's artifacts and summary (rank 0), the last
+    checkpoint, and ``on_end`` on every rank. Returns the summary (on every rank)."""
+    run.state["train_seconds"] = run.train_seconds()
+    data, ctx = run.data, run.ctx
+    test_loss, test_acc = _evaluate(run.model, data.x_test, data.y_test, run.config.eval_batch_size, run.device,
+                                    ctx, run.task)
+    summary = dist.on_main(lambda: rd.finish_run(
+        run.run_dir, config=run.config, model=run.model, sparsifier=run.sparsifier, data=data,
+        test_loss=test_loss, test_accuracy=test_acc, train_seconds=run.state["train_seconds"],
+        total_steps=run.total_steps, width_info=run.width_info, wall_seconds=time.perf_counter() - run.t_start,
+        device=run.device, world_size=ctx.world_size), ctx)
+    save_checkpoint(run, run.sparsifier.step_count)
     summary = dist.broadcast_json(summary, ctx)
-    if cb.on_end is not None:
-        cb.on_end({"model": model, "sparsifier": sp, "rank": ctx.rank, "world_size": ctx.world_size})
+    run.hook("on_end", {"model": run.model, "sparsifier": run.sparsifier, "rank": ctx.rank,
+                        "world_size": ctx.world_size})
     return summary
 
 
@@ -370,70 +527,6 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
     total_loss, correct = dist.all_reduce_sum([loss * n, acc * n], ctx)
     m = max(len(x), 1)
     return total_loss / m, round(correct) / m
-
-
-class _Faults:
-    """Fault injection for tests (``SPARSEKIT_FAULT``), never set in normal use.
-
-    Comma-separated ``KIND@STEP`` or ``KIND@STEP/RANK`` items: ``kill`` (SIGKILL itself when step STEP
-    begins), ``kill-in-save`` (SIGKILL after the checkpoint of step >= STEP is written to its temporary
-    file, before the rename), ``sigterm`` (send itself SIGTERM), ``nan`` (the loss of that step becomes
-    NaN), ``hang`` (sleep forever, a stuck rank). Faults fire only on torchrun's first attempt
-    (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so ``--max-restarts`` can show recovery.
-    """
-
-    ENV = "SPARSEKIT_FAULT"
-
-    def __init__(self, items: list[tuple[str, int]]) -> None:
-        self.items = items
-
-    @classmethod
-    def from_env(cls, rank: int) -> _Faults:
-        import os
-
-        spec = os.environ.get(cls.ENV, "").strip()
-        if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
-            return cls([])
-        items = []
-        for part in spec.split(","):
-            kind, _, rest = part.strip().partition("@")
-            step_s, _, rank_s = rest.partition("/")
-            try:
-                step_n = int(step_s)
-                if rank_s and int(rank_s) != rank:
-                    continue
-            except ValueError as exc:
-                raise InputError(f"malformed {cls.ENV} item {part!r}", where=cls.ENV,
-                                 fix="write KIND@STEP[/RANK], e.g. kill@12; or unset it") from exc
-            items.append((kind, step_n))
-        return cls(items)
-
-    def at_step(self, step: int) -> None:
-        import os
-
-        for kind, at in self.items:
-            if at != step:
-                continue
-            if kind == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            elif kind == "sigterm":
-                os.kill(os.getpid(), signal.SIGTERM)
-            elif kind == "hang":  # stuck, but dies on torchrun's SIGTERM (no 30 s grace period in tests)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                while True:
-                    time.sleep(60)
-
-    def corrupt_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
-        if any(kind == "nan" and at == step for kind, at in self.items):
-            return loss * float("nan")
-        return loss
-
-    def before_commit(self, step: int) -> Callable[[Path], None] | None:
-        import os
-
-        if any(kind == "kill-in-save" and step >= at for kind, at in self.items):
-            return lambda tmp: os.kill(os.getpid(), signal.SIGKILL)
-        return None
 
 
 def _init_batches(data: Any, config: TrainConfig, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:

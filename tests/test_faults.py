@@ -3,7 +3,8 @@ kill, the same command with --resume ends bit-identical to an uninterrupted run 
 masks, optimizer, method and RNG state, every metric but timings — for every method in the registry.
 
 Kills are real SIGKILLs of a ``python -m sparsekit train`` subprocess, placed deterministically by the
-test-only ``SPARSEKIT_FAULT`` hook (see ``sparsekit.training._Faults``), plus one at a random moment.
+test-only ``SPARSEKIT_FAULT`` hook (callbacks from ``sparsekit.faults`` that the CLI installs), plus one
+at a random moment.
 """
 
 from __future__ import annotations
