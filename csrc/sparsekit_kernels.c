@@ -150,7 +150,9 @@ SK_AVX512 static void tile_flush_avx512(const float *tile, float *y, int64_t ldy
     const __mmask16 keep = nrows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nrows) - 1);
     for (int s0 = 0; s0 < tb; s0 += 16) {
         __m512 r[16], t[16];
-        for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps(tile + i * PANEL + s0);
+        /* only the nrows rows that exist: the tile may be the end of a panel buffer (flush_rows), and
+         * reading rows past it would run off the allocation when n_out % 16 != 0 */
+        for (int i = 0; i < 16; i++) r[i] = i < nrows ? _mm512_load_ps(tile + i * PANEL + s0) : _mm512_setzero_ps();
         for (int i = 0; i < 16; i += 2) {
             t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
             t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
