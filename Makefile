@@ -22,6 +22,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+	$(MAKE) test-asan
 
 # The runtime's C kernels under AddressSanitizer + UndefinedBehaviorSanitizer, over the runtime tests and the
 # artifact fuzz corpus. The instrumented extension is built into $(ASAN_DIR) (a copy of the package laid out as
@@ -29,7 +30,7 @@ test: $(VENV)/.installed
 ASAN_DIR ?= build/asan
 ASAN_CFLAGS := -O1 -g -std=c99 -fno-strict-aliasing -fPIC -shared -fsanitize=address,undefined \
 	-fno-omit-frame-pointer -fno-sanitize-recover=undefined
-ASAN_TESTS ?= tests/test_runtime.py
+ASAN_TESTS ?= tests/test_runtime.py tests/test_runtime_hostile.py tests/test_fuzz_artifact.py
 CC ?= cc
 # detect_leaks=0: CPython keeps objects alive until exit by design
 ASAN_ENV := ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
