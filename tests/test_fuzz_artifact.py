@@ -25,6 +25,8 @@ BATCHES = (1, 3, 70)  # rows kernels and chains, a partial panel, two panels
 # cases per mutation family: a few seconds here; SPARSEKIT_FUZZ_CASES=5000 for a longer campaign by hand
 CASES_PER_FAMILY = int(os.environ.get("SPARSEKIT_FUZZ_CASES", "60"))
 INTS = [-1, 0, 1, 2, 5, 11, 12, 13, 37, 65535, 65536, 2**31 - 1, 2**31, 2**32 + 12, 2**63 - 1]
+# values written into initializers: the widths of the seeds' layers and their neighbours, type limits, non-finite
+EDGES = [0, 1, -1, 4, 5, 11, 12, 20, 21, 36, 37, 2**16 - 1, 2**31 - 1, np.nan, np.inf, 1e30]
 KERNELS = ["rows", "panel", "panel:1", "panel:8", "panel:999", "gemv", "dense", "rows@1", "panel@2", "x", "rows@0"]
 
 
@@ -87,25 +89,27 @@ def _pick(rng: np.random.Generator, seq: list) -> object:
 
 
 def mutate_initializer(p: onnx.ModelProto, rng: np.random.Generator) -> None:
-    t: TensorProto = _pick(rng, list(p.graph.initializer))
+    tensors = list(p.graph.initializer)
+    ints = [t for t in tensors if t.data_type != TensorProto.FLOAT]  # indices and row pointers: half the cases
+    t: TensorProto = _pick(rng, ints if ints and rng.random() < 0.5 else tensors)
     arr = numpy_helper.to_array(t).copy()
-    op = rng.integers(6)
-    if op == 0 and arr.size:  # new contents, valid or not
-        special = [0, 1, -1, 2**15, 2**16 - 1, 2**31 - 1, np.nan, np.inf, 1e30, -7]
+    op = rng.integers(7)
+    if op < 2 and arr.size:  # one value changed: a neighbour's (duplicate column), a width's edge, a special
         k = int(rng.integers(arr.size))
-        val = _pick(rng, special)
+        here = arr[k].item()
+        val = _pick(rng, [*EDGES, arr[k - 1].item(), arr[(k + 1) % arr.size].item(), here + 1, here - 1])
         info = np.finfo(arr.dtype) if arr.dtype.kind == "f" else np.iinfo(arr.dtype)
         arr[k] = val if arr.dtype.kind == "f" or (np.isfinite(val) and info.min <= val <= info.max) else info.max
         t.CopyFrom(numpy_helper.from_array(arr, t.name))
-    elif op == 1:  # another length
+    elif op == 2:  # another length
         arr = np.resize(arr, max(0, arr.size + int(rng.integers(-3, 4))))
         t.CopyFrom(numpy_helper.from_array(arr, t.name))
-    elif op == 2:  # another declared shape
+    elif op == 3:  # another declared shape
         t.dims[:] = [int(_pick(rng, [0, 1, 2, arr.size + 1, 2**40])) for _ in range(int(rng.integers(1, 3)))]
-    elif op == 3:  # another element type
+    elif op == 4:  # another element type
         t.data_type = int(_pick(rng, [TensorProto.STRING, TensorProto.DOUBLE, TensorProto.INT8, TensorProto.UINT64,
                                       TensorProto.FLOAT16, TensorProto.INT32, 99]))
-    elif op == 4 and t.raw_data:  # cut raw data
+    elif op == 5 and t.raw_data:  # cut raw data
         t.raw_data = t.raw_data[:int(rng.integers(len(t.raw_data)))]
     else:  # shuffled contents (valid for values, usually not for indices or row pointers)
         rng.shuffle(arr)

@@ -84,6 +84,8 @@ def test_kernels_refuse_widths_past_int32_and_overflowing_sizes():
         K.sell(sv, si, sp, perm, None, x, y, layer.idx_bytes, 2**31 - 1, 4, 2**62, 0, 1)
     with pytest.raises(ValueError, match="too small"):
         K.gemv(layer.dense_t(), None, x, y, 2**31 - 1, 2**31 - 1, 1, 0, 1)
+    with pytest.raises(ValueError, match="too small"):  # 2^32 x 2^30 x 4 bytes: exactly 2^64, 0 once wrapped
+        K.to_panels(x, y, 2**32, 2**30, 1)
     v, i, bptr, nb, _ = layer.blocked(0)
     with pytest.raises(ValueError, match="outside"):
         K.panel(v, i, bptr, None, x, y, layer.idx_bytes, 2**31 + 64, 4, 1, nb, 0, 1)
@@ -283,6 +285,8 @@ CRAFTED = {
     "external data": (_external, "external or segmented tensor data"),
     "float indices": (lambda p: set_init(p, "layer0.indices", np.zeros(3, np.float32)), "expected a 1-D integer"),
     "2-D values": (lambda p: set_init(p, "layer2.values", np.zeros((1, 1), np.float32)), "expected a 1-D float32"),
+    "a column index equal to in_features": (lambda p: set_init(p, "layer2.indices", np.full(55, 21, np.uint16)),
+                                            "column index out of range [0, 21)"),
     "too many values": (lambda p: set_init(p, "layer2.values", np.zeros(999, np.float32)),
                         "CSR arrays hold 999 values"),
     "uint64-wrapping rowptr": (lambda p: set_init(p, "layer2.rowptr", np.full(6, 2**63, np.uint64)),
