@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SK := $(VENV)/bin/sparsekit
 DEMO ?= runs/demo
 
-.PHONY: demo test test-isa lint bench install clean
+.PHONY: demo test test-isa test-asan lint bench install clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,7 @@ test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 	@$(MAKE) --no-print-directory test-isa
+	@$(MAKE) --no-print-directory test-asan
 
 # The runtime tests again on every other code path of the C kernels this CPU has (the run above used the
 # best one; see "Supported CPUs" in the README): SPARSEKIT_ISA sets the path a process starts on.
@@ -37,6 +38,33 @@ test-isa: $(VENV)/.installed
 		SPARSEKIT_ISA=$$isa $(PY) -m pytest -q -p no:cacheprovider $(ISA_TESTS); \
 	done; \
 	echo "runtime tests ran on: $$paths"
+
+# The runtime's C kernels under AddressSanitizer + UndefinedBehaviorSanitizer, over the runtime tests and the
+# artifact fuzz corpus. The instrumented extension is built into $(ASAN_DIR) (a copy of the package laid out as
+# installed, first on PYTHONPATH), so the normal in-place build is never replaced. Any report fails the run.
+ASAN_DIR ?= build/asan
+ASAN_CFLAGS := -O1 -g -std=c99 -fno-strict-aliasing -fPIC -shared -fsanitize=address,undefined \
+	-fno-omit-frame-pointer -fno-sanitize-recover=undefined
+ASAN_TESTS ?= tests/test_runtime.py tests/test_runtime_hostile.py tests/test_fuzz_artifact.py
+CC ?= cc
+# detect_leaks=0: CPython keeps objects alive until exit by design
+ASAN_ENV := ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+
+# libstdc++ preloaded too: ASan's C++ exception interceptor needs it present from the start (onnx throws)
+ASAN_PRELOAD = $$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libstdc++.so)
+
+test-asan: $(VENV)/.installed
+	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
+	cp -r sparsekit $(ASAN_DIR)/sparsekit && cp -r cli $(ASAN_DIR)/sparsekit/cli
+	cp -r exporters $(ASAN_DIR)/sparsekit/exporters
+	$(CC) $(ASAN_CFLAGS) -I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+		csrc/sparsekit_kernels.c -o "$(ASAN_DIR)/sparsekit/runtime/_kernels$$($(PY) -c \
+		'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')" -lpthread
+	cd $(ASAN_DIR) && LD_PRELOAD="$(ASAN_PRELOAD)" $(ASAN_ENV) $(abspath $(PY)) -c \
+		'import sparsekit.runtime._kernels as k, sys; sys.exit(0 if "/$(ASAN_DIR)/" in k.__file__ else \
+		"not the sanitizer build: " + k.__file__)'
+	cd $(ASAN_DIR) && LD_PRELOAD="$(ASAN_PRELOAD)" $(ASAN_ENV) $(abspath $(PY)) -m pytest -q --capture=sys \
+		-p no:cacheprovider --rootdir=$(CURDIR) -c $(CURDIR)/pyproject.toml $(addprefix $(CURDIR)/,$(ASAN_TESTS)) $(ASAN_PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -45,6 +45,8 @@ def run_cmd(
     start = time.perf_counter()
     y = model.run(x)
     seconds = time.perf_counter() - start
+    for note in model.notes:  # kernels of the artifact's plan replaced to stay within its memory bound
+        typer.echo(f"warning: {note}", err=True)
     if output is not None:
         with atomic_path(output) as tmp:
             with open(tmp, "wb") as fh:
@@ -54,6 +56,7 @@ def run_cmd(
                           "output": str(output) if output is not None else None,
                           "seconds": round(seconds, 6), "threads": threads,
                           "kernels": model.kernels_for(int(x.shape[0])), "isa": model.info()["isa"],
+                          "notes": list(model.notes),
                           **({} if output is not None else {"outputs": y.tolist()})}))
         return
     if output is None:

@@ -29,7 +29,8 @@
  * partial panels (AVX-512), of the batch through every layer, with one hand-off per model call instead
  * of one per layer; one panel or less of big layers has every layer's rows split between the threads.
  *
- * Safety contract (checked by the Python wrapper at load, sizes re-checked here): rowptr is
+ * Safety contract (checked by the Python wrapper at load, sizes re-checked here: widths at most 2^31 - 1,
+ * buffer lengths computed without overflow; chain_new also re-checks indices and row orders): rowptr is
  * non-decreasing from 0, indices < n_in, the index and value arrays have PAD_SLACK spare
  * elements after the last nonzero (the vector tails read, but never use, up to 31 of them), and a
  * panel row order (SparseLayer.blocked) permutes rows only within GROUP_ROWS-row groups, and a sliced
@@ -150,7 +151,9 @@ SK_AVX512 static void tile_flush_avx512(const float *tile, float *y, int64_t ldy
     const __mmask16 keep = nrows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nrows) - 1);
     for (int s0 = 0; s0 < tb; s0 += 16) {
         __m512 r[16], t[16];
-        for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps(tile + i * PANEL + s0);
+        /* only the nrows rows that exist: the tile may be the end of a panel buffer (flush_rows), and
+         * reading rows past it would run off the allocation when n_out % 16 != 0 */
+        for (int i = 0; i < 16; i++) r[i] = i < nrows ? _mm512_load_ps(tile + i * PANEL + s0) : _mm512_setzero_ps();
         for (int i = 0; i < 16; i += 2) {
             t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
             t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
@@ -1027,6 +1030,26 @@ static void par_run(int nt, int64_t n, item_fn fn, void *ctx) {
 
 /* ------------------------------------------------------------------ Python glue */
 
+/* Sizes from Python are checked before use: layer widths within SK_MAX_DIM (column indices, row orders and
+ * the sliced layout's lanes are int32; a wider layer would narrow them), and every buffer length computed with
+ * smul, which saturates instead of wrapping, so an overflowing size fails its length check. */
+#define SK_MAX_DIM INT32_MAX
+static inline int64_t smul(int64_t a, int64_t b) {
+    if (a < 0 || b < 0) return INT64_MAX;
+    if (a != 0 && b > INT64_MAX / a) return INT64_MAX;
+    return a * b;
+}
+static inline int64_t smul3(int64_t a, int64_t b, int64_t c) { return smul(smul(a, b), c); }
+
+static int dims_ok(int64_t n_in, int64_t n_out) {
+    if (n_in < 0 || n_out < 0 || n_in > SK_MAX_DIM || n_out > SK_MAX_DIM) {
+        PyErr_Format(PyExc_ValueError, "layer shape %lldx%lld outside [0, 2^31 - 1]", (long long)n_out,
+                     (long long)n_in);
+        return 0;
+    }
+    return 1;
+}
+
 static int check_len(const Py_buffer *b, int64_t need, const char *what) {
     if ((int64_t)b->len < need) {
         PyErr_Format(PyExc_ValueError, "%s buffer too small: %zd bytes, need %lld", what, b->len,
@@ -1039,20 +1062,21 @@ static int check_len(const Py_buffer *b, int64_t need, const char *what) {
 static int make_csr(csr_t *w, Py_buffer *val, Py_buffer *idx, Py_buffer *rowptr, PyObject *bias_obj,
                     Py_buffer *bias, int idx_bytes, int64_t n_in, int64_t n_out, int relu) {
     if (idx_bytes != 2 && idx_bytes != 4) { PyErr_SetString(PyExc_ValueError, "idx_bytes must be 2 or 4"); return -1; }
-    if (n_in < 0 || n_out < 0) { PyErr_SetString(PyExc_ValueError, "negative shape"); return -1; }
-    if (check_len(rowptr, (n_out + 1) * 8, "rowptr")) return -1;
+    /* n_out may be the row count of several column blocks (py_panel): only n_in indexes with int32 */
+    if (!dims_ok(n_in, 0) || n_out < 0) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "negative shape"); return -1; }
+    if (check_len(rowptr, smul(n_out + 1, 8), "rowptr")) return -1;
     const int64_t *rp = (const int64_t *)rowptr->buf;
     const int64_t nnz = rp[n_out];
     if (rp[0] != 0 || nnz < 0) { PyErr_SetString(PyExc_ValueError, "bad rowptr"); return -1; }
-    if (check_len(val, (nnz + PAD_SLACK) * 4, "values")) return -1;
-    if (check_len(idx, (nnz + PAD_SLACK) * idx_bytes, "indices")) return -1;
+    if (check_len(val, smul(nnz + PAD_SLACK, 4), "values")) return -1;
+    if (check_len(idx, smul(nnz + PAD_SLACK, idx_bytes), "indices")) return -1;
     w->val = (const float *)val->buf;
     w->idx = idx->buf;
     w->idx16 = idx_bytes == 2;
     w->rowptr = rp;
     w->bias = NULL;
     if (bias_obj != Py_None) {
-        if (check_len(bias, n_out * 4, "bias")) return -1;
+        if (check_len(bias, smul(n_out, 4), "bias")) return -1;
         w->bias = (const float *)bias->buf;
     }
     w->n_in = n_in;
@@ -1094,9 +1118,10 @@ static PyObject *py_sell(PyObject *self, PyObject *args) {
         have_bias = 1;
     }
     if (idx_bytes != 2 && idx_bytes != 4) { PyErr_SetString(PyExc_ValueError, "idx_bytes must be 2 or 4"); goto done; }
-    if (n_in < 0 || n_out < 0 || B < 0) { PyErr_SetString(PyExc_ValueError, "negative shape or batch"); goto done; }
+    if (!dims_ok(n_in, n_out)) goto done;
+    if (B < 0) { PyErr_SetString(PyExc_ValueError, "negative batch"); goto done; }
     w.nsl = (n_out + SLICE - 1) / SLICE;
-    if (check_len(&sp, (w.nsl + 1) * 8, "slice pointers") || check_len(&perm, w.nsl * SLICE * 4, "row order"))
+    if (check_len(&sp, smul(w.nsl + 1, 8), "slice pointers") || check_len(&perm, smul(w.nsl * SLICE, 4), "row order"))
         goto done;
     w.sp = (const int64_t *)sp.buf;
     if (w.sp[0] != 0) { PyErr_SetString(PyExc_ValueError, "bad slice pointers"); goto done; }
@@ -1105,9 +1130,9 @@ static PyObject *py_sell(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "bad slice pointers");
             goto done;
         }
-    if (check_len(&val, w.sp[w.nsl] * 4, "values") || check_len(&idx, w.sp[w.nsl] * idx_bytes, "indices") ||
-        (have_bias && check_len(&bias, w.nsl * SLICE * 4, "bias")) || check_len(&x, B * n_in * 4, "x") ||
-        check_len(&y, B * n_out * 4, "y"))
+    if (check_len(&val, smul(w.sp[w.nsl], 4), "values") || check_len(&idx, smul(w.sp[w.nsl], idx_bytes), "indices") ||
+        (have_bias && check_len(&bias, smul(w.nsl * SLICE, 4), "bias")) || check_len(&x, smul3(B, n_in, 4), "x") ||
+        check_len(&y, smul3(B, n_out, 4), "y"))
         goto done;
     w.val = (const float *)val.buf;
     w.idx = idx.buf;
@@ -1171,9 +1196,10 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) {
         if (PyObject_GetBuffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS) < 0) goto done;
         have_bias = 1;
     }
-    if (n_in < 0 || n_out < 0 || B < 0) { PyErr_SetString(PyExc_ValueError, "negative shape"); goto done; }
-    if (check_len(&wt, n_in * n_out * 4, "weight") || check_len(&x, B * n_in * 4, "x") ||
-        check_len(&y, B * n_out * 4, "y") || (have_bias && check_len(&bias, n_out * 4, "bias")))
+    if (!dims_ok(n_in, n_out)) goto done;
+    if (B < 0) { PyErr_SetString(PyExc_ValueError, "negative batch"); goto done; }
+    if (check_len(&wt, smul3(n_in, n_out, 4), "weight") || check_len(&x, smul3(B, n_in, 4), "x") ||
+        check_len(&y, smul3(B, n_out, 4), "y") || (have_bias && check_len(&bias, smul(n_out, 4), "bias")))
         goto done;
     {
         gemv_fn fn = gemv_generic;
@@ -1274,6 +1300,8 @@ static void chain_free(PyObject *cap) {
 
 /* n floats, 64-byte aligned; *raw is what to free */
 static float *alloc_aligned(int64_t n, void **raw) {
+    *raw = NULL;
+    if (n < 0 || (uint64_t)n > (SIZE_MAX - 64) / 4) return NULL;
     *raw = malloc((size_t)n * 4 + 64);
     if (!*raw) return NULL;
     return (float *)(((uintptr_t)*raw + 63) & ~(uintptr_t)63);
@@ -1324,7 +1352,7 @@ static PyObject *py_chain_new(PyObject *self, PyObject *args) {
             c->pw = n_in;
         }
         if (n_out > c->pw) c->pw = n_out;
-        if (n_in < 0 || n_out < 0) { PyErr_SetString(PyExc_ValueError, "negative shape"); goto fail; }
+        if (!dims_ok(n_in, n_out)) goto fail;
         if (i > 0 && n_in != c->L[i - 1].n_out) { PyErr_SetString(PyExc_ValueError, "chain layer sizes differ"); goto fail; }
         l->n_in = n_in;
         l->n_out = n_out;
@@ -1335,7 +1363,7 @@ static PyObject *py_chain_new(PyObject *self, PyObject *args) {
             sell_t *w = &l->s;
             if (idx_bytes != 2 && idx_bytes != 4) { PyErr_SetString(PyExc_ValueError, "idx_bytes must be 2 or 4"); goto fail; }
             w->nsl = (n_out + SLICE - 1) / SLICE;
-            if (ch_get(c, d, (w->nsl + 1) * 8, "slice pointers", &p)) goto fail;
+            if (ch_get(c, d, smul(w->nsl + 1, 8), "slice pointers", &p)) goto fail;
             w->sp = (const int64_t *)p;
             if (w->sp[0] != 0) { PyErr_SetString(PyExc_ValueError, "bad slice pointers"); goto fail; }
             for (int64_t s = 0; s < w->nsl; s++)
@@ -1343,16 +1371,22 @@ static PyObject *py_chain_new(PyObject *self, PyObject *args) {
                     PyErr_SetString(PyExc_ValueError, "bad slice pointers");
                     goto fail;
                 }
-            if (ch_get(c, e, w->nsl * SLICE * 4, "row order", &p)) goto fail;
+            if (ch_get(c, e, smul(w->nsl * SLICE, 4), "row order", &p)) goto fail;
             w->perm = (const int32_t *)p;
-            if (ch_get(c, a, w->sp[w->nsl] * 4, "values", &p)) goto fail;
+            for (int64_t r = 0; r < w->nsl * SLICE; r++)
+                if (w->perm[r] < -1 || w->perm[r] >= n_out) { PyErr_SetString(PyExc_ValueError, "bad row order"); goto fail; }
+            if (ch_get(c, a, smul(w->sp[w->nsl], 4), "values", &p)) goto fail;
             w->val = (const float *)p;
-            if (ch_get(c, b, w->sp[w->nsl] * idx_bytes, "indices", &p)) goto fail;
+            if (ch_get(c, b, smul(w->sp[w->nsl], idx_bytes), "indices", &p)) goto fail;
             w->idx = p;
             w->idx16 = idx_bytes == 2;
+            for (int64_t k = 0; k < w->sp[w->nsl]; k++) {
+                const int64_t col = w->idx16 ? (int64_t)((const uint16_t *)p)[k] : (int64_t)((const int32_t *)p)[k];
+                if (col < 0 || col >= (n_in > 0 ? n_in : 1)) { PyErr_SetString(PyExc_ValueError, "index out of range"); goto fail; }
+            }
             w->bias = NULL;
             if (bias_obj != Py_None) {
-                if (ch_get(c, bias_obj, w->nsl * SLICE * 4, "bias", &p)) goto fail;
+                if (ch_get(c, bias_obj, smul(w->nsl * SLICE, 4), "bias", &p)) goto fail;
                 w->bias = (const float *)p;
             }
             w->n_in = n_in;
@@ -1360,18 +1394,21 @@ static PyObject *py_chain_new(PyObject *self, PyObject *args) {
             w->relu = l->relu;
             l->work = w->sp[w->nsl];
         } else if (l->kind == CH_GEMV) {
-            if (ch_get(c, a, n_in * n_out * 4, "weight", &p)) goto fail;
+            if (ch_get(c, a, smul3(n_in, n_out, 4), "weight", &p)) goto fail;
             l->wt = (const float *)p;
             l->bias = NULL;
             if (bias_obj != Py_None) {
-                if (ch_get(c, bias_obj, n_out * 4, "bias", &p)) goto fail;
+                if (ch_get(c, bias_obj, smul(n_out, 4), "bias", &p)) goto fail;
                 l->bias = (const float *)p;
             }
         } else if (l->kind == CH_PANEL) {
             csr_t *w = &l->pw;
             if (idx_bytes != 2 && idx_bytes != 4) { PyErr_SetString(PyExc_ValueError, "idx_bytes must be 2 or 4"); goto fail; }
             if (nb < 1) { PyErr_SetString(PyExc_ValueError, "bad block count"); goto fail; }
-            if (ch_get(c, d, (nb * n_out + 1) * 8, "block pointers", &p)) goto fail;
+            if (nb > SK_MAX_DIM || ch_get(c, d, smul(smul(nb, n_out) + 1, 8), "block pointers", &p)) {
+                if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad block count");
+                goto fail;
+            }
             l->bp = (const int64_t *)p;
             const int64_t nnz = l->bp[nb * n_out];
             if (l->bp[0] != 0 || nnz < 0) { PyErr_SetString(PyExc_ValueError, "bad block pointers"); goto fail; }
@@ -1379,21 +1416,21 @@ static PyObject *py_chain_new(PyObject *self, PyObject *args) {
                 if (l->bp[r + 1] < l->bp[r]) { PyErr_SetString(PyExc_ValueError, "bad block pointers"); goto fail; }
             l->ord = NULL;
             if (e != Py_None) {
-                if (ch_get(c, e, nb * n_out * 4, "row order", &p)) goto fail;
+                if (ch_get(c, e, smul3(nb, n_out, 4), "row order", &p)) goto fail;
                 l->ord = (const int32_t *)p;
                 for (int64_t r = 0; r < nb * n_out; r++)
                     if (l->ord[r] < 0 || l->ord[r] >= n_out) { PyErr_SetString(PyExc_ValueError, "bad row order"); goto fail; }
             }
-            if (ch_get(c, a, (nnz + PAD_SLACK) * 4, "values", &p)) goto fail;
+            if (ch_get(c, a, smul(nnz + PAD_SLACK, 4), "values", &p)) goto fail;
             w->val = (const float *)p;
-            if (ch_get(c, b, (nnz + PAD_SLACK) * idx_bytes, "indices", &p)) goto fail;
+            if (ch_get(c, b, smul(nnz + PAD_SLACK, idx_bytes), "indices", &p)) goto fail;
             w->idx = p;
             w->idx16 = idx_bytes == 2;
             for (int64_t k = 0; k < nnz; k++)
                 if (idx_at(w, k) < 0 || idx_at(w, k) >= n_in) { PyErr_SetString(PyExc_ValueError, "index out of range"); goto fail; }
             w->bias = NULL;
             if (bias_obj != Py_None) {
-                if (ch_get(c, bias_obj, n_out * 4, "bias", &p)) goto fail;
+                if (ch_get(c, bias_obj, smul(n_out, 4), "bias", &p)) goto fail;
                 w->bias = (const float *)p;
             }
             w->rowptr = l->bp;
@@ -1719,7 +1756,7 @@ static int chain_exec(chain_t *c, const float *x, int64_t B, float *y, int threa
         need = pl->rows ? 2 * c->pw * PANEL + 16 + pl->nt * prows_input_floats(c)
                         : (int64_t)pl->nt * (2 * c->pw * PANEL + 16);
     } else if (c->n > 1) {
-        need = 2 * c->max_mid * B + 32;
+        need = smul3(2, c->max_mid, B) + 32; /* saturated: alloc_aligned fails */
     }
     if (need > 0) {
         if (!c->busy && c->scratch_n >= need) {
@@ -2095,23 +2132,24 @@ static PyObject *py_panel(PyObject *self, PyObject *args) {
     if (xr_obj != Py_None) {
         if (PyObject_GetBuffer(xr_obj, &xrb, PyBUF_C_CONTIGUOUS) < 0) goto done;
         have_xr = 1;
-        if (check_len(&xrb, batch * n_in * 4, "x (row-major)")) goto done;
+        if (check_len(&xrb, smul3(batch, n_in, 4), "x (row-major)")) goto done;
     }
     if (yr_obj != Py_None) {
         if (PyObject_GetBuffer(yr_obj, &yr, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
         have_yr = 1;
-        if (check_len(&yr, batch * n_out * 4, "y (row-major)")) goto done;
+        if (check_len(&yr, smul3(batch, n_out, 4), "y (row-major)")) goto done;
     }
     if (bias_obj != Py_None) {
         if (PyObject_GetBuffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS) < 0) goto done;
         have_bias = 1;
     }
-    if (nb < 1 || n_out < 0 || P < 0) { PyErr_SetString(PyExc_ValueError, "bad block/panel count"); goto done; }
-    if (check_len(&bptr, (nb * n_out + 1) * 8, "block pointers")) goto done;
+    if (!dims_ok(n_in, n_out)) goto done;
+    if (nb < 1 || nb > SK_MAX_DIM || P < 0) { PyErr_SetString(PyExc_ValueError, "bad block/panel count"); goto done; }
+    if (check_len(&bptr, smul(smul(nb, n_out) + 1, 8), "block pointers")) goto done;
     if (ord_obj != Py_None) {
         if (PyObject_GetBuffer(ord_obj, &ordb, PyBUF_C_CONTIGUOUS) < 0) goto done;
         have_ord = 1;
-        if (ordb.itemsize != 4 || check_len(&ordb, nb * n_out * 4, "row order")) {
+        if (ordb.itemsize != 4 || check_len(&ordb, smul3(nb, n_out, 4), "row order")) {
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "row order must be int32");
             goto done;
         }
@@ -2120,10 +2158,10 @@ static PyObject *py_panel(PyObject *self, PyObject *args) {
     if (make_csr(&w, &val, &idx, &bptr, Py_None, &bias, idx_bytes, n_in, nb * n_out, relu)) goto done;
     w.n_out = n_out;
     if (have_bias) {
-        if (check_len(&bias, n_out * 4, "bias")) goto done;
+        if (check_len(&bias, smul(n_out, 4), "bias")) goto done;
         w.bias = (const float *)bias.buf;
     }
-    if (check_len(&x, P * n_in * PANEL * 4, "x") || check_len(&y, P * n_out * PANEL * 4, "y")) goto done;
+    if (check_len(&x, smul3(P, n_in, PANEL * 4), "x") || check_len(&y, smul3(P, n_out, PANEL * 4), "y")) goto done;
     {
         const int64_t *bp = w.rowptr;
         int nt = clamp_threads(threads < 0 ? -threads : threads);
@@ -2278,8 +2316,8 @@ static PyObject *py_transpose(PyObject *args, int to) {
     PyObject *ret = NULL;
     const int64_t P = (B + PANEL - 1) / PANEL;
     if (B < 0 || n < 0) { PyErr_SetString(PyExc_ValueError, "negative shape"); goto done; }
-    if (to ? (check_len(&a, B * n * 4, "x") || check_len(&b, P * n * PANEL * 4, "panels"))
-           : (check_len(&a, P * n * PANEL * 4, "panels") || check_len(&b, B * n * 4, "y")))
+    if (to ? (check_len(&a, smul3(B, n, 4), "x") || check_len(&b, smul3(P, n, PANEL * 4), "panels"))
+           : (check_len(&a, smul3(P, n, PANEL * 4), "panels") || check_len(&b, smul3(B, n, 4), "y")))
         goto done;
     {
         const float *src = (const float *)a.buf;

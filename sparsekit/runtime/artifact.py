@@ -3,7 +3,8 @@
 Each layer is one node ``SparseLinear(X, values, indices, rowptr[, bias]) -> Y`` with ``Y = act(X W^T
 + b)``; ``W`` (out, in) is CSR: ``values`` float32 (nnz), ``indices`` uint16 (int32 when in > 65536)
 column indices, ``rowptr`` int64 (out + 1), all stored as initializers. Attributes: ``in_features``,
-``out_features``, ``activation`` ("relu" or "none") and ``plan`` (JSON: batch size -> kernel spec).
+``out_features``, ``activation`` ("relu" or "none"; all three required) and ``plan`` (JSON: batch size ->
+kernel spec). The loader checks everything (``checks``) and refuses what it cannot run exactly.
 A ``Flatten`` in front keeps the input signature of the dense model. Stock ONNX Runtime cannot run
 the custom nodes; ``sparsekit.runtime.load`` (or ``sparsekit run``) does.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -21,11 +21,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sparsekit.errors import InputError
 from sparsekit.fileio import atomic_path
+from sparsekit.runtime import checks
+from sparsekit.runtime.checks import DOMAIN, OP
 from sparsekit.runtime.layers import SparseLayer
+from sparsekit.runtime.memory import memory_bound
 from sparsekit.runtime.model import FastModel
 
-DOMAIN = "com.sparsekit"
-OP = "SparseLinear"
 FORMAT_VERSION = "1"
 
 
@@ -74,65 +75,51 @@ def save(model: FastModel, path: str | os.PathLike[str], *, opset: int = 18) -> 
     return Path(path)
 
 
-def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            v = helper.get_attribute_value(a)
-            return v.decode() if isinstance(v, bytes) else v
-    return default
-
-
-def from_onnx(proto: onnx.ModelProto, *, threads: int = 1, where: str = "artifact") -> FastModel:
+def from_onnx(proto: onnx.ModelProto, *, threads: int = 1, where: str = "artifact",
+              file_bytes: int | None = None) -> FastModel:
+    """A ``FastModel`` from a fast artifact, every part checked first (``sparsekit.runtime.checks``,
+    ``SparseLayer.from_csr``): anything malformed is an ``InputError``. Kernels are held to
+    ``memory_bound(file_bytes)`` (default: the serialized size of ``proto``); plan entries over it are re-planned
+    and listed in ``model.notes``."""
     graph = proto.graph
-    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in inits]
-    if len(inputs) != 1 or len(graph.output) != 1:
-        raise InputError("not a sparsekit fast artifact (needs one input and one output)", where=where,
-                         fix="export one with 'sparsekit export RUN --format fast'")
-    dims = inputs[0].type.tensor_type.shape.dim
-    try:
-        shape = tuple(int(d.dim_value) for d in dims[1:])
-    except Exception as exc:  # pragma: no cover
-        raise InputError("input shape unreadable", where=where) from exc
-    if not shape or any(d <= 0 for d in shape):
-        raise InputError("input has a symbolic or empty per-sample shape", where=where)
+    inits = checks.initializers(graph, where)
+    in_name, shape = checks.graph_input(graph, inits, where)
     layers: list[SparseLayer] = []
-    for node in graph.node:
+    for node in checks.chain(graph, in_name, graph.output[0].name, inits, where):
+        label = f"{where}: node {node.name!r}"
         if node.op_type == "Flatten" and node.domain in ("", "ai.onnx") and not layers:
+            checks.check_flatten(node, where)
             continue
         if node.domain != DOMAIN or node.op_type != OP:
             raise InputError(f"unsupported node {node.op_type} (domain {node.domain or 'ai.onnx'!r})",
-                             where=where, fix="load artifacts written by 'sparsekit export --format fast'")
+                             where=label, fix="load artifacts written by 'sparsekit export --format fast'")
+        attrs = checks.node_attrs(node, label)
+        values, indices, rowptr, bias = checks.layer_arrays(node, inits, label)
         try:
-            arrays = [inits[n] for n in node.input[1:4]]
-        except KeyError as exc:
-            raise InputError(f"node {node.name} misses initializer {exc}", where=where) from exc
-        bias = inits.get(node.input[4]) if len(node.input) > 4 and node.input[4] else None
-        act = _attr(node, "activation", "none")
-        if act not in ("relu", "none"):
-            raise InputError(f"unknown activation {act!r}", where=f"{where}: {node.name}")
-        try:
-            plan = {int(k): str(v) for k, v in json.loads(_attr(node, "plan", "{}") or "{}").items()}
-        except (ValueError, AttributeError) as exc:
-            raise InputError(f"unreadable plan on node {node.name}", where=where) from exc
-        layers.append(SparseLayer.from_csr(
-            int(_attr(node, "in_features", -1)), int(_attr(node, "out_features", -1)), arrays[0], arrays[1],
-            arrays[2], bias, act == "relu", name=node.name, plan=plan))
+            layers.append(SparseLayer.from_csr(attrs["in_features"], attrs["out_features"], values, indices,
+                                               rowptr, bias, attrs["activation"] == "relu", name=node.name,
+                                               plan=attrs["plan"]))
+        except InputError as exc:  # name the file and node, not only the layer
+            raise InputError(exc.what, where=label, fix=exc.fix or checks.FIX) from exc
     if not layers:
         raise InputError("artifact has no SparseLinear layers", where=where)
     meta = {p.key: p.value for p in proto.metadata_props}
-    return FastModel(layers, shape, threads=threads, input_name=inputs[0].name,
-                     output_name=graph.output[0].name, metadata=meta)
+    size = proto.ByteSize() if file_bytes is None else file_bytes
+    model = FastModel(layers, shape, threads=threads, input_name=in_name, output_name=graph.output[0].name,
+                      metadata=meta, memory_limit=memory_bound(size))
+    model.fit_plans()
+    return model
 
 
 def load(path: str | os.PathLike[str], *, threads: int = 1) -> FastModel:
-    """Load a ``fast`` artifact written by ``sparsekit export --format fast``."""
+    """Load a ``fast`` artifact written by ``sparsekit export --format fast`` (validated; see ``from_onnx``)."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"artifact {p} not found", where=str(p), fix="pass the path of a .fast.onnx file")
     try:
-        proto = onnx.load(str(p))
+        # external data never: a fast artifact is one file, and its tensors must not name other files to read
+        proto = onnx.load(str(p), load_external_data=False)
     except Exception as exc:
         raise InputError(f"cannot read {p} as ONNX: {type(exc).__name__}", where=str(p),
                          fix="pass a file written by 'sparsekit export --format fast'") from exc
-    return from_onnx(proto, threads=threads, where=str(p))
+    return from_onnx(proto, threads=threads, where=str(p), file_bytes=p.stat().st_size)

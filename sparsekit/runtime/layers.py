@@ -36,6 +36,9 @@ GROUP_ROWS = int(_K.GROUP_ROWS) if _K is not None else 64
 SLICE = int(getattr(_K, "SLICE", 16)) if _K is not None else 16
 SORT_WINDOW = 256  # sliced layout: rows are sorted by length within windows of this many rows
 KERNELS = ("rows", "panel", "gemv", "dense")
+# largest layer width or input size: the kernels index columns and rows with int32
+MAX_DIM = 2**31 - 1
+MAX_THREAD_CAP = 1024  # a plan's ``@N``: the kernels clamp threads to their pool size anyway
 
 
 def have_kernels() -> bool:
@@ -91,9 +94,44 @@ def parse_kernel(spec: str) -> tuple[str, int, int]:
         raise InputError(f"bad kernel block width or thread cap in {spec!r}", where="plan") from exc
     if block < 0 or (block and name != "panel"):
         raise InputError(f"bad kernel spec {spec!r}", where="plan", fix="only panel takes a block width")
-    if at and cap < 1:
-        raise InputError(f"bad thread cap in {spec!r}", where="plan", fix="use @N with N >= 1")
+    if at and not 1 <= cap <= MAX_THREAD_CAP:
+        raise InputError(f"bad thread cap in {spec!r}", where="plan", fix=f"use @N with 1 <= N <= {MAX_THREAD_CAP}")
+    if block > MAX_DIM:
+        raise InputError(f"block width in {spec!r} is over 2^31 - 1", where="plan")
     return name, block, cap
+
+
+def _dim(n: Any, what: str, where: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= int(n) <= MAX_DIM:
+        raise InputError(f"{what} = {n!r} is not an integer in [0, 2^31 - 1]", where=where)
+    return int(n)
+
+
+def _int64(a: Any, what: str, where: str) -> np.ndarray:
+    """A 1-D int64 copy of integer array ``a`` (uint64 values past int64 refused, never wrapped)."""
+    arr = np.asarray(a).reshape(-1)
+    if arr.dtype.kind not in "iu":
+        raise InputError(f"{what} are {arr.dtype}, not integers", where=where)
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise InputError(f"{what} exceed the int64 range", where=where)
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def _check_columns(indices: np.ndarray, rowptr: np.ndarray, n_in: int, where: str) -> None:
+    """Column indices in [0, n_in) and strictly increasing within each row."""
+    nnz = indices.size
+    if nnz and (indices.min() < 0 or indices.max() >= n_in):
+        raise InputError(f"column index out of range [0, {n_in})", where=where)
+    if nnz < 2:
+        return
+    bad = np.diff(indices) <= 0
+    starts = rowptr[1:-1]
+    bad[starts[(starts > 0) & (starts < nnz)] - 1] = False  # a row's first index may be below the last row's
+    if bad.any():
+        k = int(np.argmax(bad)) + 1
+        row = int(np.searchsorted(rowptr, k, side="right")) - 1
+        raise InputError(f"row {row}: column indices not strictly increasing (duplicate or unsorted column "
+                         f"{int(indices[k])})", where=where)
 
 
 # bumped whenever any layer's ``plan`` is assigned: models check it before their cached fast path
@@ -143,25 +181,28 @@ class SparseLayer:
     def from_csr(cls, n_in: int, n_out: int, values: np.ndarray, indices: np.ndarray, rowptr: np.ndarray,
                  bias: np.ndarray | None, relu: bool, *, name: str = "",
                  plan: dict[int, str] | None = None) -> SparseLayer:
+        """A layer from CSR arrays, all checked (they may come from a file): shape within [0, 2^31 - 1] (the
+        kernels index with int32), row pointers from 0 and non-decreasing, exactly that many values and indices,
+        column indices in range and strictly increasing within each row (a duplicate would be summed by some
+        kernels and not others), finite weights and bias."""
         where = name or "layer"
-        n_in, n_out = int(n_in), int(n_out)
-        if n_in < 0 or n_out < 0:
-            raise InputError(f"negative layer shape {n_out}x{n_in}", where=where)
-        rowptr = np.ascontiguousarray(rowptr, dtype=np.int64).reshape(-1)
+        n_in, n_out = _dim(n_in, "in_features", where), _dim(n_out, "out_features", where)
+        rowptr = _int64(rowptr, "row pointers", where)
         if rowptr.shape != (n_out + 1,) or rowptr[0] != 0 or np.any(np.diff(rowptr) < 0):
             raise InputError("malformed row pointers (need n_out+1 non-decreasing values from 0)", where=where)
         nnz = int(rowptr[-1])
-        values = np.asarray(values, dtype=np.float32).reshape(-1)
-        indices = np.asarray(indices).reshape(-1)
-        if values.size < nnz or indices.size < nnz:
-            raise InputError(f"CSR arrays hold {min(values.size, indices.size)} entries, rowptr says {nnz}",
+        values = np.asarray(values).reshape(-1)
+        if values.dtype.kind != "f":
+            raise InputError(f"weight values are {values.dtype}, not floats", where=where)
+        values = values.astype(np.float32)
+        indices = _int64(indices, "column indices", where)
+        if values.size != nnz or indices.size != nnz:
+            raise InputError(f"CSR arrays hold {values.size} values and {indices.size} indices, rowptr says {nnz}",
                              where=where)
-        values, indices = values[:nnz], indices[:nnz].astype(np.int64)
-        if nnz and (indices.min() < 0 or indices.max() >= n_in):
-            raise InputError(f"column index out of range [0, {n_in})", where=where)
+        _check_columns(indices, rowptr, n_in, where)
         if not np.all(np.isfinite(values)):
             raise InputError("non-finite weight values", where=where)
-        idx_dtype = np.uint16 if n_in <= 65536 else np.int32
+        idx_dtype = np.uint16 if n_in <= 65536 else np.int32  # n_in <= MAX_DIM: every index fits int32
         pad_v = np.zeros(nnz + PAD_SLACK, dtype=np.float32)
         pad_v[:nnz] = values
         pad_i = np.zeros(nnz + PAD_SLACK, dtype=idx_dtype)
@@ -170,6 +211,8 @@ class SparseLayer:
             bias = np.ascontiguousarray(np.asarray(bias, dtype=np.float32).reshape(-1))
             if bias.shape != (n_out,):
                 raise InputError(f"bias has {bias.size} values, expected {n_out}", where=where)
+            if not np.all(np.isfinite(bias)):
+                raise InputError("non-finite bias values", where=where)
         return cls(n_in, n_out, pad_v, pad_i, rowptr, bias, bool(relu), dict(plan or {}), name)
 
     # ---------------------------------------------------------------- properties

@@ -9,7 +9,9 @@ actual batch size (log scale), keeps activations in the layout the next kernel w
 from __future__ import annotations
 
 import math
+import os
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -27,6 +29,7 @@ from sparsekit.runtime.layers import (
     kernel_isa,
     parse_kernel,
 )
+from sparsekit.runtime.memory import kernel_bytes
 
 _F32 = np.dtype(np.float32)
 # outputs from this many floats are allocated 64-byte aligned (see _new_output)
@@ -42,6 +45,25 @@ def _new_output(batch: int, n: int) -> np.ndarray:
     if size >= ALIGNED_OUTPUT_FLOATS:
         return aligned_empty(size).reshape(batch, n)
     return np.empty((batch, n), _F32)
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.0f}"
+
+
+# every FastModel alive, for the fork handler below
+_LIVE: weakref.WeakSet[FastModel] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has only the thread that forked: a model lock another thread of the parent held at that
+    moment would stay locked forever, so every live model gets a fresh one (the C thread pool resets itself)."""
+    for model in list(_LIVE):
+        model._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 # batch size below which the gathered-row kernel is the default; above it the panel kernel
 ROWS_MAX_BATCH = 8
@@ -142,7 +164,10 @@ class FastModel:
 
     def __init__(self, layers: list[SparseLayer], input_shape: tuple[int, ...], *, threads: int = 1,
                  input_name: str = "input", output_name: str = "output",
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, memory_limit: int | None = None) -> None:
+        """``memory_limit``: bytes each layer's kernel may use beyond its CSR (``memory.kernel_bytes``); kernels
+        over it are replaced by a sparse kernel that fits (``notes`` says so), or refused. None: no limit (models
+        built in this process); ``load`` sets ``memory.memory_bound`` of the file."""
         if not layers:
             raise InputError("a fast model needs at least one layer", where="model")
         prev = int(np.prod(input_shape)) if input_shape else 1
@@ -166,6 +191,10 @@ class FastModel:
         self._n_out = layers[-1].n_out
         self._buffers: list[np.ndarray | None] = [None, None]
         self._lock = threading.Lock()
+        self.memory_limit = memory_limit
+        self.notes: dict[str, None] = {}  # one line per kernel replaced to fit memory_limit (ordered set)
+        self._fits: dict[tuple[int, str, int], int] = {}  # (layer, kernel, block) -> kernel_bytes
+        _LIVE.add(self)
 
     @staticmethod
     def _check_threads(threads: int) -> int:
@@ -182,7 +211,55 @@ class FastModel:
         return self.layers[-1].n_out
 
     def kernels_for(self, batch: int) -> list[str]:
-        return [pick_kernel(layer, batch) for layer in self.layers]
+        specs = [pick_kernel(layer, batch) for layer in self.layers]
+        if self.memory_limit is None:
+            return specs
+        return [self._fit(i, spec, batch) for i, spec in enumerate(specs)]
+
+    def _kernel_bytes(self, i: int, spec: str) -> int:
+        name, block, _ = parse_kernel(spec)
+        key = (i, name, block)
+        if key not in self._fits:
+            self._fits[key] = kernel_bytes(self.layers[i], name, block, self.threads)
+        return self._fits[key]
+
+    def _fit(self, i: int, spec: str, batch: int) -> str:
+        """``spec``, or where it needs more than ``memory_limit``, the sparse kernel for this batch that fits
+        (rows below ROWS_MAX_BATCH, else panel; then the other), noted in ``notes``; InputError when none fits."""
+        limit = self.memory_limit
+        if limit is None:
+            return spec
+        need = self._kernel_bytes(i, spec)
+        if need <= limit:
+            return spec
+        layer = self.layers[i]
+        label = f"layer {layer.name or i!r} ({layer.n_out}x{layer.n_in}, {layer.nnz} nonzeros)"
+        body, at, cap = spec.partition("@")
+        for alt in (("rows", "panel") if batch < ROWS_MAX_BATCH else ("panel", "rows")):
+            if self._kernel_bytes(i, alt) <= limit:
+                self.notes[f"{label}: kernel {body} would need ~{_mib(need)} MiB, over this artifact's "
+                           f"{_mib(limit)} MiB memory bound; running {alt} instead"] = None
+                return alt + at + cap
+        raise InputError(f"{label} needs ~{_mib(self._kernel_bytes(i, 'rows'))} MiB even on the sparse kernels, "
+                         f"over this artifact's {_mib(limit)} MiB memory bound", where=layer.name or "model",
+                         fix="check the artifact's layer shapes; an honest artifact needs far less")
+
+    def _check_forced(self, specs: list[str]) -> None:
+        """Kernels forced by the caller are run as asked or refused, never replaced."""
+        limit = self.memory_limit
+        for i, spec in enumerate(specs if limit is not None else ()):
+            need = self._kernel_bytes(i, spec)
+            if need > limit:
+                raise InputError(f"kernel {spec} needs ~{_mib(need)} MiB for layer {self.layers[i].name or i!r}, "
+                                 f"over this artifact's {_mib(limit)} MiB memory bound", where="kernels",
+                                 fix="force a sparse kernel (rows or panel) for this layer")
+
+    def fit_plans(self) -> None:
+        """Replace every plan entry whose kernel does not fit ``memory_limit`` (see ``_fit``)."""
+        for i, layer in enumerate(self.layers):
+            fitted = {b: self._fit(i, spec, b) for b, spec in layer.plan.items()}
+            if fitted != layer.plan:
+                layer.plan = fitted
 
     def _parsed_plan(self, batch: int) -> list[tuple[str, int, int]]:
         """Parsed kernel specs for ``batch``, cached until a layer's plan dict is replaced (assign a new
@@ -300,6 +377,7 @@ class FastModel:
             if len(specs) != len(self.layers):
                 raise InputError(f"{len(specs)} kernel specs for {len(self.layers)} layers", where="kernels")
             parsed = [parse_kernel(s) for s in specs]
+            self._check_forced(specs)
             if chain and batch > 0:
                 key = tuple(parsed)
                 if key not in self._forced_chains:
