@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from sparsekit.config import SPARSE_INITS
 from sparsekit.errors import InputError
 
 if TYPE_CHECKING:
     from sparsekit.config import TrainConfig
-
-SPARSE_INITS = ("scaled", "dense")
 
 
 @dataclass(frozen=True)
