@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Sparsifier", "TrainConfig", "__version__", "save", "sparsify", "train"]
+__all__ = ["Sparsifier", "SparsitySettings", "TrainConfig", "__version__", "save", "sparsify", "train"]
 
 if TYPE_CHECKING:
     from sparsekit.config import TrainConfig
     from sparsekit.rundir import save
+    from sparsekit.settings import SparsitySettings
     from sparsekit.sparsifier import Sparsifier, sparsify
     from sparsekit.training import train
 
@@ -31,6 +32,10 @@ def __getattr__(name: str) -> Any:
         from sparsekit import sparsifier
 
         return getattr(sparsifier, name)
+    if name == "SparsitySettings":
+        from sparsekit.settings import SparsitySettings
+
+        return SparsitySettings
     if name == "save":
         from sparsekit.rundir import save
 

@@ -17,12 +17,14 @@ sparsity) are not weight matmuls: the latter are reported separately as ``attent
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
 from sparsekit.masks import unwrap_model
+from sparsekit.methods import Method, get_method_class
 
 
 @torch.no_grad()
@@ -101,45 +103,39 @@ def inference_macs(layers: list[dict[str, Any]], positions: dict[str, int]) -> d
     }
 
 
-# Per-step training cost of each method in units of forward passes (DESIGN.md §4; backward = 2 × forward).
-TRAINING_FORMULAS = {
-    "dense": "3·f_D",
-    "small-dense": "3·f_small",
-    "static": "3·f_S",
-    "set": "3·f_S",
-    "snip": "3·f_S",
-    "snfs": "2·f_S + f_D",
-    "rigl": "(3·f_S·ΔT + 2·f_S + f_D)/(ΔT + 1) for t ≤ T_end, 3·f_S after",
-    "pruning": "Σ_l 3·f_D,l·(1 − s_t,l)",
-}
+def _method(method: Method | str, interval: int, end_step: int) -> Method:
+    """``method`` itself, or, for a registered name (the form hand-computed checks use), that method
+    with ΔT = ``interval`` and T_end = ``end_step`` when it has an update schedule."""
+    if isinstance(method, Method):
+        return method
+    cls = get_method_class(method)
+    if "update_interval" not in cls.defaults:
+        return cls()
+    m = cls(update_interval=interval, update_end=1.0)
+    m.attach(SimpleNamespace(total_steps=end_step))  # T_end = round(1.0 · end_step); only total_steps is read
+    return m
 
 
-def step_cost(method: str, f_s: float, f_d: float, *, step: int, interval: int = 100, end_step: int = 0,
-              dense_grad_every_step: bool = False) -> float:
+def step_cost(method: Method | str, f_s: float, f_d: float, *, step: int, interval: int = 100,
+              end_step: int = 0) -> float:
     """Training MACs of one example at optimizer step ``step`` (f_s / f_d: sparse / dense forward MACs;
-    for pruning f_s is the forward of the mask in effect at that step, Σ_l f_D,l·(1 − s_t,l))."""
-    if method in ("dense", "small-dense"):
-        return 3.0 * f_d
-    if method == "snfs":
-        return 2.0 * f_s + f_d
-    if method == "rigl":
-        if step <= end_step:
-            return (3.0 * f_s * interval + 2.0 * f_s + f_d) / (interval + 1)
-        return 3.0 * f_s
-    if dense_grad_every_step:  # a user method that reads dense gradients every step (like SNFS)
-        return 2.0 * f_s + f_d
-    return 3.0 * f_s  # static, set, snip, pruning and methods that only see sparse gradients
+    for pruning f_s is the forward of the mask in effect at that step): ``Method.training_step_cost``.
+    ``interval``/``end_step`` apply to a method given by name only."""
+    return _method(method, interval, end_step).training_step_cost(f_s, f_d, step)
 
 
-def training_macs(method: str, *, layer_numel: dict[str, int], positions: dict[str, int],
-                  history: list[dict[str, Any]], total_steps: int, interval: int = 100, end_step: int = 0,
-                  dense_grad_every_step: bool = False) -> dict[str, float]:
-    """Training MACs per example summed over steps 1..total_steps.
+def training_macs(method: Method | str, *, layer_numel: dict[str, int], positions: dict[str, int],
+                  history: list[dict[str, Any]], total_steps: int, interval: int = 100,
+                  end_step: int = 0) -> dict[str, float]:
+    """Training MACs per example summed over steps 1..total_steps (the method prices each stretch of
+    steps between mask changes: ``Method.training_segment_cost``).
 
     ``history`` holds the active counts per prunable layer after each mask change (``updates.jsonl``
     rows: ``{"step": u, "active": {name: count}}``); the mask recorded at step u is the one the forward
-    pass uses at steps u+1 .. (next change). Layers not in ``active`` are dense.
+    pass uses at steps u+1 .. (next change). Layers not in ``active`` are dense. ``interval``/``end_step``
+    apply to a method given by name only.
     """
+    priced = _method(method, interval, end_step)
     f_d = float(sum(layer_numel[n] * positions[n] for n in layer_numel if n in positions))
     rows = sorted(history, key=lambda r: r["step"]) or [{"step": 0, "active": {}}]
     total = 0.0
@@ -152,13 +148,7 @@ def training_macs(method: str, *, layer_numel: dict[str, int], positions: dict[s
         active = row.get("active", {})
         f_s = float(sum(int(active.get(n, layer_numel[n])) * positions[n] for n in layer_numel if n in positions))
         sparse_sum += f_s * (last - first + 1)
-        if method == "rigl":  # the per-step cost changes at T_end: split the segment there
-            inside = max(0, min(last, end_step) - first + 1)
-            total += inside * step_cost(method, f_s, f_d, step=first, interval=interval, end_step=end_step)
-            total += (last - first + 1 - inside) * 3.0 * f_s
-        else:
-            total += (last - first + 1) * step_cost(method, f_s, f_d, step=first,
-                                                    dense_grad_every_step=dense_grad_every_step)
+        total += priced.training_segment_cost(f_s, f_d, first, last)
     return {"train_macs": total, "dense_forward_macs": f_d,
             "mean_sparse_forward_macs": sparse_sum / max(total_steps, 1)}
 
@@ -172,10 +162,9 @@ def run_flops(model: nn.Module, sparsifier: Any, *, input_shape: tuple[int, ...]
     positions = weight_positions(model, input_shape)
     inference = inference_macs(layers, positions)
     per_token = sequence_counts(model, input_shape, inference)
-    method = sparsifier.method
+    method: Method = sparsifier.method
     # The dense reference is the full-width model; for small-dense the model itself is narrower.
-    width_info = getattr(method, "width_info", None) or {}
-    full_shapes = width_info.get("full_layer_shapes")
+    full_shapes = method.dense_reference_shapes()
     if full_shapes:
         ref_dense_macs = sum(math.prod(full_shapes[n]) * positions[n] for n in full_shapes if n in positions)
     else:
@@ -194,25 +183,17 @@ def run_flops(model: nn.Module, sparsifier: Any, *, input_shape: tuple[int, ...]
     total_epochs = max(1, round(config.epochs * config.train_multiplier))
     reference_steps = total_steps * config.epochs / total_epochs  # dense at 1×: the paper's reference
     if updates is None or not updates:
-        planned = getattr(method, "planned_history", None)
-        updates = planned(sparsifier.layers) if planned is not None else \
-            [{"step": 0, "active": {ly.name: ly.active for ly in sparsifier.layers}}]
-    schedule = getattr(method, "schedule", None)
-    interval = int(getattr(schedule, "interval", 100) or 100)
-    end_step = int(getattr(schedule, "end_step", 0) or 0)
+        updates = method.planned_history(sparsifier.layers)
     numel = {ly["name"]: int(ly["numel"]) for ly in layers}
-    macs = training_macs(method.name, layer_numel=numel, positions=positions, history=updates,
-                         total_steps=total_steps, interval=interval, end_step=end_step,
-                         dense_grad_every_step=bool(getattr(method, "needs_dense_grad", False)))
+    macs = training_macs(method, layer_numel=numel, positions=positions, history=updates, total_steps=total_steps)
     dense_ref = 3.0 * ref_dense_macs * reference_steps
     batch = int(getattr(config, "batch_size", 1))
     out["training"] = {
         "method": method.name,
-        "formula": TRAINING_FORMULAS.get(method.name, "3·f_S (2·f_S + f_D when dense gradients every step)"),
+        "formula": method.training_formula(),
         "steps": total_steps,
         "reference_steps": reference_steps,
-        "update_interval": interval if method.name == "rigl" else None,
-        "update_end_step": end_step if method.name == "rigl" else None,
+        **method.training_formula_fields(),
         "dense_forward_flops": 2 * macs["dense_forward_macs"],
         "mean_sparse_forward_flops": 2 * macs["mean_sparse_forward_macs"],
         "flops_per_example": 2 * macs["train_macs"],

@@ -10,7 +10,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from sparsekit.config import TrainConfig
 from sparsekit.errors import InputError
 from sparsekit.fileio import atomic_path, atomic_write_json, atomic_write_text
 from sparsekit.run_dir import RunDir, read_jsonl
+
+if TYPE_CHECKING:
+    from sparsekit.methods import Method
 
 SCHEMA_VERSION = "1.0"
 CHECKPOINT = RunDir.CHECKPOINT  # the name training saves its checkpoints under
@@ -89,15 +92,11 @@ def remove_stale_temporaries(run_dir: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def build_run_model(config: TrainConfig, data: Any, method: Any) -> tuple[nn.Module, dict[str, Any] | None]:
+def build_run_model(config: TrainConfig, data: Any, method: Method) -> tuple[nn.Module, dict[str, Any] | None]:
     """Seed, then build the model (methods that change the width, like small-dense, pick it here)."""
     from sparsekit.models import build_model
 
-    choose_width = getattr(method, "choose_model_kwargs", None)
-    width_info = None
-    kwargs = dict(config.model_kwargs)
-    if choose_width is not None:
-        kwargs, width_info = choose_width(config, data)
+    kwargs, width_info = method.choose_model_kwargs(config, data)
     torch.manual_seed(config.seed)
     model = build_model(config.model, kwargs, input_shape=tuple(data.input_shape), num_classes=data.num_classes)
     return model, width_info

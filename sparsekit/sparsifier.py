@@ -33,7 +33,9 @@ from sparsekit.masks import (
     unwrap_model,
 )
 from sparsekit.methods import Method, make_method
-from sparsekit.selection import Magnitude, select_top
+from sparsekit.methods.base import InitInputs, LossFn, Scores
+from sparsekit.selection import select_top
+from sparsekit.settings import SparsitySettings
 
 # Optimizers for which zero gradient + zero state provably keeps a zero weight at exactly zero
 # (also with weight decay): for these the weights need no re-masking after each step.
@@ -41,39 +43,35 @@ _ZERO_PRESERVING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
 class Sparsifier:
-    """Masks, method and step counter for one model/optimizer pair."""
+    """Masks, method and step counter for one model/optimizer pair.
+
+    ``settings`` (a ``SparsitySettings``) says how sparse, where and for how long; its fields may be
+    given as keywords instead. ``init_batches`` and ``loss_fn`` go to the method's ``initial_masks``
+    (SNIP scores them) and are not kept.
+    """
 
     def __init__(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None,
         method: Method,
+        settings: SparsitySettings | None = None,
         *,
-        sparsity: float,
-        total_steps: int,
-        distribution: str = "erk",
-        seed: int = 0,
-        dense_first_layer: bool = True,
-        erk_power_scale: float = 1.0,
-        layer_density: dict[str, float] | None = None,
-        exclude: tuple[str, ...] = (),
         init_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        sparse_init: str = "scaled",
-        include_embeddings: bool = False,
+        loss_fn: LossFn | None = None,
+        **setting_fields: Any,
     ) -> None:
-        if not isinstance(total_steps, int) or total_steps < 1:
-            raise InputError(f"total_steps={total_steps!r} must be a positive integer", where="sparsify()",
-                             fix="pass the number of optimizer steps of the whole run (len(loader) * epochs)")
+        if settings is None:
+            settings = SparsitySettings(**setting_fields)
+        elif setting_fields:
+            raise InputError(f"settings were given twice ({', '.join(sorted(setting_fields))} next to a "
+                             "SparsitySettings)", where="Sparsifier()",
+                             fix="pass either a SparsitySettings or its fields as keywords")
+        self.settings = settings
         self.model = unwrap_model(model)
         self.optimizer = optimizer
         self.method = method
-        self.total_steps = total_steps
-        self.seed = int(seed)
-        self.target_sparsity = float(sparsity)
-        self.distribution = distribution
-        self.init_batches = init_batches
-        self.loss_fn = loss_fn
+        self.seed = int(settings.seed)  # the tie-break key stream; a loaded checkpoint continues its own
         self.step_count = 0  # optimizer iterations done (t of the last completed step)
         self.update_log: list[dict[str, Any]] = []  # drained by the trainer (connectivity snapshots)
         self.on_update: list[Callable[[Sparsifier, int], None]] = []
@@ -81,15 +79,7 @@ class Sparsifier:
         # per-input connection counts, both kept so that commit_masks touches only changed entries.
         self._changes: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._fanout: np.ndarray | None = None
-        candidates = prunable_weights(self.model, exclude=exclude, include_embeddings=include_embeddings)
-        shapes = {n: tuple(p.shape) for n, p in candidates.items()}
-        if method.sparse:
-            self.plans: list[LayerPlan] = plan_layers(
-                shapes, sparsity, distribution, dense_first_layer=dense_first_layer,
-                erk_power_scale=erk_power_scale, overrides=layer_density,
-                score_shapes=gate_block_shapes(self.model))
-        else:
-            self.plans = [LayerPlan(n, s, False, 1.0, int(torch.Size(s).numel())) for n, s in shapes.items()]
+        self.plans, candidates = self._plan(settings)
         self.layers: list[SparseLayer] = []
         for plan in self.plans:
             if plan.prunable:
@@ -98,7 +88,7 @@ class Sparsifier:
                 self.layers.append(SparseLayer(len(self.layers), plan.name, param, full, plan))
         self._remask_weights = optimizer is not None and type(optimizer) not in _ZERO_PRESERVING
         method.attach(self)
-        masks = method.initial_masks(self)
+        masks = method.initial_masks(self, InitInputs(self.model, init_batches, loss_fn))
         if masks is None:
             masks = {ly.name: random_mask(ly.plan.shape, ly.plan.active, seed=self.seed, layer=ly.index,
                                           device=ly.param.device) for ly in self.layers}
@@ -107,12 +97,33 @@ class Sparsifier:
             ly.mask = masks[ly.name].to(device=ly.param.device, dtype=torch.bool)
         self._refresh_float_masks()
         self.apply_masks()
-        if sparse_init == "scaled":
+        if settings.sparse_init == "scaled":
             self.rescale_initial_weights()
-        elif sparse_init != "dense":
-            raise InputError(f"unknown sparse init {sparse_init!r}", where="--sparse-init",
-                             fix="choose 'scaled' (variance kept per unit) or 'dense' (the dense init, masked)")
         self._record_update(0, fraction=None)
+
+    def _plan(self, settings: SparsitySettings) -> tuple[list[LayerPlan], dict[str, nn.Parameter]]:
+        """Per-layer plans (all dense for dense methods) and the candidate weights by name."""
+        candidates = prunable_weights(self.model, exclude=settings.exclude,
+                                      include_embeddings=settings.include_embeddings)
+        shapes = {n: tuple(p.shape) for n, p in candidates.items()}
+        if not self.method.sparse:
+            return [LayerPlan(n, s, False, 1.0, int(torch.Size(s).numel())) for n, s in shapes.items()], candidates
+        plans = plan_layers(shapes, settings.sparsity, settings.distribution,
+                            dense_first_layer=settings.dense_first_layer, erk_power_scale=settings.erk_power_scale,
+                            overrides=settings.layer_density, score_shapes=gate_block_shapes(self.model))
+        return plans, candidates
+
+    @property
+    def total_steps(self) -> int:
+        return self.settings.total_steps
+
+    @property
+    def target_sparsity(self) -> float:
+        return float(self.settings.sparsity)
+
+    @property
+    def distribution(self) -> str:
+        return self.settings.distribution
 
     # -- masks ------------------------------------------------------------------------------------
     def _refresh_float_masks(self) -> None:
@@ -159,22 +170,39 @@ class Sparsifier:
     def masks(self) -> dict[str, torch.Tensor]:
         return {ly.name: ly.mask for ly in self.layers}
 
+    def _update_masks(self, step: int) -> None:
+        """One mask update: the method says how many connections each layer drops and grows and by which
+        scores (``Method.update_counts``, ``drop_scores``, ``grow_scores``); the engine selects and commits."""
+        counts = self.method.update_counts(self, step)
+        new_masks = {}
+        for layer in self.layers:
+            change = counts.get(layer.name)
+            if change is None:
+                continue
+            drop = self.method.drop_scores(self, layer, step) if change.k_drop > 0 else None
+            grow = self.method.grow_scores(self, layer, step) if change.k_grow > 0 else None
+            new_masks[layer.name] = self.drop_and_grow(layer, step, k_drop=change.k_drop, k_grow=change.k_grow,
+                                                       drop_scores=drop, grow_scores=grow)
+        self.commit_masks(new_masks, step)
+
     def drop_and_grow(self, layer: SparseLayer, step: int, *, k_drop: int, k_grow: int,
-                      drop_scores: torch.Tensor | Magnitude,
-                      grow_scores: torch.Tensor | Magnitude) -> torch.Tensor:
+                      drop_scores: Scores | None, grow_scores: Scores | None) -> torch.Tensor:
         """The new mask of one layer: drop the ``k_drop`` active connections with the lowest drop score,
         then grow the ``k_grow`` highest-scoring connections among all inactive after the drop (a
         just-dropped connection may come back). Ties broken by (seed, step, layer, element) keys.
-        ``Magnitude(t)`` scores rank by |t| without materialising it."""
+        ``Magnitude(t)`` scores rank by |t| without materialising it; a score may be None when its
+        count is 0."""
         flat = layer.mask.reshape(-1)
         new = flat.clone()
         empty = torch.empty(0, dtype=torch.long, device=flat.device)
         dropped = grown = empty
         if k_drop > 0:
+            assert drop_scores is not None
             dropped = select_top(drop_scores, flat, k_drop, largest=False, seed=self.seed, step=step,
                                  layer=layer.index)
             new[dropped] = False
         if k_grow > 0:
+            assert grow_scores is not None
             grown = select_top(grow_scores, ~new, k_grow, largest=True, seed=self.seed, step=step,
                                layer=layer.index)
             new[grown] = True
@@ -270,6 +298,8 @@ class Sparsifier:
         if self._remask_weights:
             self.apply_masks()
         self.method.after_optimizer_step(self, self.step_count)
+        if self.method.is_update_step(self.step_count):
+            self._update_masks(self.step_count)
 
     def step(self, closure: Callable[[], Any] | None = None) -> bool:
         """``pre_step()``, ``optimizer.step()`` unless the method skips it, ``post_step()``.
@@ -383,7 +413,7 @@ def sparsify(
     layer_density: dict[str, float] | None = None,
     exclude: tuple[str, ...] | list[str] = (),
     init_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: LossFn | None = None,
     sparse_init: str = "scaled",
     include_embeddings: bool = False,
     **method_options: Any,
@@ -400,8 +430,8 @@ def sparsify(
     if method_options and not isinstance(method, str):
         raise InputError("method options were given together with a Method instance", where="sparsify()",
                          fix="pass options to the Method constructor or pass the method by name")
-    return Sparsifier(model, optimizer, m, sparsity=sparsity, total_steps=total_steps,
-                      distribution=distribution, seed=seed, dense_first_layer=dense_first_layer,
-                      erk_power_scale=erk_power_scale, layer_density=layer_density, exclude=tuple(exclude),
-                      init_batches=init_batches, loss_fn=loss_fn, sparse_init=sparse_init,
-                      include_embeddings=include_embeddings)
+    settings = SparsitySettings(total_steps=total_steps, sparsity=sparsity, distribution=distribution, seed=seed,
+                                dense_first_layer=dense_first_layer, erk_power_scale=erk_power_scale,
+                                layer_density=layer_density, exclude=tuple(exclude), sparse_init=sparse_init,
+                                include_embeddings=include_embeddings)
+    return Sparsifier(model, optimizer, m, settings, init_batches=init_batches, loss_fn=loss_fn)

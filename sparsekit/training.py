@@ -30,7 +30,8 @@ from sparsekit.config import TrainConfig
 from sparsekit.errors import InputError, TrainingError
 from sparsekit.schedules import LRSchedule
 from sparsekit.selection import stream_seed
-from sparsekit.sparsifier import Sparsifier, sparsify
+from sparsekit.settings import SparsitySettings
+from sparsekit.sparsifier import Sparsifier
 from sparsekit.tasks import CLASSIFICATION, TASKS, Task, task_of
 
 
@@ -314,13 +315,9 @@ def set_up_run(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: b
     optimizer = make_optimizer(config, list(model.parameters()))
     schedule = LRSchedule(config.lr, total_steps, config.lr_schedule,
                           warmup_steps=round(config.warmup_epochs * config.train_multiplier * steps_per_epoch))
-    init_batches = _init_batches(data, config, device) if getattr(method, "needs_init_batches", False) else None
-    sp = sparsify(model, optimizer, method, sparsity=config.sparsity, total_steps=total_steps,
-                  distribution=config.distribution, seed=config.seed, dense_first_layer=config.dense_first_layer,
-                  erk_power_scale=config.erk_power_scale, layer_density=config.layer_density or None,
-                  init_batches=init_batches, loss_fn=task.loss,
-                  sparse_init=config.sparse_init,
-                  include_embeddings=bool(config.sparse_embeddings))  # masks broadcast from rank 0
+    init_batches = _init_batches(data, config, device, method.init_batch_count())
+    sp = Sparsifier(model, optimizer, method, SparsitySettings.from_config(config, total_steps),
+                    init_batches=init_batches, loss_fn=task.loss)  # masks broadcast from rank 0
     if config.init_from:
         rd.init_from_run(config.init_from, model, sp)
     run = TrainingRun(config=config, run_dir=run_dir, ctx=ctx, callbacks=callbacks, device=device, data=data,
@@ -529,10 +526,12 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
     return total_loss / m, round(correct) / m
 
 
-def _init_batches(data: Any, config: TrainConfig, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches for one-shot methods that score at initialisation (SNIP): from epoch 0's shuffle."""
+def _init_batches(data: Any, config: TrainConfig, device: torch.device,
+                  n: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """``n`` mini-batches for methods that score at initialisation (SNIP), from epoch 0's shuffle; None for 0."""
+    if n <= 0:
+        return None
     order = epoch_order(len(data.x_train), config.seed, 0)
-    n = int(config.method_options.get("snip_batches", 1))
     out = []
     for i in range(n):
         idx = order[(i * config.batch_size) % len(order):][:config.batch_size]

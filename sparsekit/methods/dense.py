@@ -40,6 +40,10 @@ class SmallDense(Method):
     paper_recipe: ClassVar[dict[str, Any]] = {"distribution": "erk", "optimizer": "sgd", "momentum": 0.9}
     sparse = False
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.width_info: dict[str, Any] | None = None  # set by choose_model_kwargs
+
     def choose_model_kwargs(self, config: Any, data: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         from sparsekit.distributions import plan_layers
         from sparsekit.masks import gate_block_shapes, prunable_weights
@@ -95,3 +99,11 @@ class SmallDense(Method):
                 "full_layer_shapes": {n: list(s) for n, s in full.items()}}
         self.width_info = info
         return {**base, "width": width}, info
+
+    # Training cost: the default for a dense model, 3·f_D per step of the narrower model trained.
+    def training_formula(self) -> str:
+        return "3·f_small"
+
+    def dense_reference_shapes(self) -> dict[str, list[int]] | None:
+        """Training FLOPs are compared with the full-width dense model, not the narrower one."""
+        return None if self.width_info is None else self.width_info["full_layer_shapes"]

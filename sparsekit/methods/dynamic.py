@@ -1,7 +1,8 @@
 """Dynamic sparse training: the mask changes during training at a fixed parameter budget.
 
-``DynamicSparseMethod`` implements DESIGN.md §3's update step once; RigL, SET and SNFS differ
-only in their grow score and in whether the optimizer step comes before the mask update.
+``DynamicSparseMethod`` gives the update step's schedule and counts once (docs/methods.md); RigL, SET
+and SNFS differ only in their grow score, in whether the optimizer step comes before the mask update,
+and in what a training step costs. The engine does the selection and commits the masks.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from sparsekit.errors import InputError
-from sparsekit.methods.base import Method, register_method
+from sparsekit.methods.base import LayerUpdate, Method, register_method
 from sparsekit.schedules import DROP_SCHEDULES, UpdateSchedule
 from sparsekit.selection import Magnitude, tie_keys
 
@@ -30,10 +31,15 @@ DYNAMIC_DEFAULTS: dict[str, Any] = {
 
 
 class DynamicSparseMethod(Method):
-    """Drop the lowest-|w| active connections, grow the highest-scoring inactive ones (equal counts)."""
+    """Drop the lowest-|w| active connections, grow the highest-scoring inactive ones (equal counts).
+    Subclasses give ``grow_scores`` and, if they need it, the dense gradient in ``before_optimizer_step``."""
 
     family = "dynamic"
     defaults: ClassVar[dict[str, Any]] = dict(DYNAMIC_DEFAULTS)
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.schedule: UpdateSchedule | None = None  # set by attach, once total steps are known
 
     def validate(self) -> None:
         if self.options["grow_init"] != "zero":
@@ -42,7 +48,6 @@ class DynamicSparseMethod(Method):
         if self.options["drop_schedule"] not in DROP_SCHEDULES:
             raise InputError(f"unknown drop schedule {self.options['drop_schedule']!r}", where="--drop-schedule",
                              fix=f"choose one of {', '.join(DROP_SCHEDULES)}")
-        self.schedule: UpdateSchedule | None = None
 
     def attach(self, sp: Sparsifier) -> None:
         self.schedule = UpdateSchedule(
@@ -56,28 +61,17 @@ class DynamicSparseMethod(Method):
     def is_update_step(self, step: int) -> bool:
         return self.schedule is not None and self.schedule.is_update_step(step)
 
-    # -- scores -------------------------------------------------------------------------------
-    def drop_scores(self, sp: Sparsifier, layer: SparseLayer, step: int) -> torch.Tensor | Magnitude:
-        return Magnitude(layer.param.detach().flatten())  # |w|, taken on the fly by the selection
-
-    def grow_scores(self, sp: Sparsifier, layer: SparseLayer, step: int) -> torch.Tensor | Magnitude:
-        raise NotImplementedError
-
-    # -- the update -----------------------------------------------------------------------------
-    def after_optimizer_step(self, sp: Sparsifier, step: int) -> None:
-        if not self.is_update_step(step):
-            return
+    def update_counts(self, sp: Sparsifier, step: int) -> dict[str, LayerUpdate]:
+        """k_l = floor(f(t) · active_l) dropped and as many grown, in every layer."""
         assert self.schedule is not None
         fraction = self.schedule.fraction(step)
-        new_masks = {}
+        counts = {}
         for layer in sp.layers:
             k = math.floor(fraction * layer.active)
-            new_masks[layer.name] = sp.drop_and_grow(
-                layer, step, k_drop=k, k_grow=k,
-                drop_scores=self.drop_scores(sp, layer, step),
-                grow_scores=self.grow_scores(sp, layer, step),
-            )
-        sp.commit_masks(new_masks, step)
+            counts[layer.name] = LayerUpdate(k_drop=k, k_grow=k)
+        return counts
+
+    # drop_scores is the base default, |w|; subclasses give grow_scores.
 
 
 @register_method
@@ -94,9 +88,9 @@ class RigL(DynamicSparseMethod):
     }
     needs_dense_grad = True
 
-    def validate(self) -> None:
-        super().validate()
-        self._grow: dict[str, torch.Tensor] = {}
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._grow: dict[str, torch.Tensor] = {}  # |dense grad| of the update step, by layer
         self._grow_buf: dict[str, torch.Tensor] = {}
 
     def before_optimizer_step(self, sp: Sparsifier, step: int) -> None:
@@ -119,6 +113,31 @@ class RigL(DynamicSparseMethod):
 
     def grow_scores(self, sp: Sparsifier, layer: SparseLayer, step: int) -> torch.Tensor | Magnitude:
         return self._grow.pop(layer.name)
+
+    # -- training cost: the dense gradient is paid for on update steps only ----------------------
+    def _window(self) -> tuple[int, int]:
+        assert self.schedule is not None, "attach() the method first"
+        return self.schedule.interval, self.schedule.end_step
+
+    def training_step_cost(self, f_s: float, f_d: float, step: int) -> float:
+        """(3·f_S·ΔT + 2·f_S + f_D)/(ΔT + 1) up to T_end (one dense gradient per ΔT + 1 steps, as the
+        paper's appendix H averages it), 3·f_S after."""
+        interval, end_step = self._window()
+        if step <= end_step:
+            return (3.0 * f_s * interval + 2.0 * f_s + f_d) / (interval + 1)
+        return 3.0 * f_s
+
+    def training_segment_cost(self, f_s: float, f_d: float, first: int, last: int) -> float:
+        _, end_step = self._window()  # the per-step cost changes at T_end: split the segment there
+        inside = max(0, min(last, end_step) - first + 1)
+        return inside * self.training_step_cost(f_s, f_d, first) + (last - first + 1 - inside) * 3.0 * f_s
+
+    def training_formula(self) -> str:
+        return "(3·f_S·ΔT + 2·f_S + f_D)/(ΔT + 1) for t ≤ T_end, 3·f_S after"
+
+    def training_formula_fields(self) -> dict[str, Any]:
+        interval, end_step = self._window()
+        return {"update_interval": interval, "update_end_step": end_step}
 
 
 @register_method
@@ -161,7 +180,11 @@ class SNFS(DynamicSparseMethod):
         "momentum_beta": 0.9, "redistribute": False, "distribution": "erk", "optimizer": "sgd",
         "momentum": 0.9,
     }
-    needs_dense_grad = True
+    needs_dense_grad = True  # every step: the training cost is the base default for it, 2·f_S + f_D
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.ema: dict[str, torch.Tensor] = {}  # EMA of the dense gradient, by layer
 
     def validate(self) -> None:
         super().validate()
@@ -173,7 +196,6 @@ class SNFS(DynamicSparseMethod):
         if not isinstance(self.options["redistribute"], bool):
             raise InputError(f"redistribute must be true or false, got {self.options['redistribute']!r}",
                              where="--redistribute", fix="use --redistribute or --no-redistribute")
-        self.ema: dict[str, torch.Tensor] = {}
 
     def before_optimizer_step(self, sp: Sparsifier, step: int) -> None:
         beta = float(self.options["momentum_beta"])
@@ -234,12 +256,11 @@ class SNFS(DynamicSparseMethod):
             left -= sum(give)
         return grow
 
-    def after_optimizer_step(self, sp: Sparsifier, step: int) -> None:
+    def update_counts(self, sp: Sparsifier, step: int) -> dict[str, LayerUpdate]:
+        """Without redistribution, the dynamic default; with it, per-layer magnitude drops (never below
+        a layer's floor) and the regrowth shared out by ``grow_counts``."""
         if not self.options["redistribute"]:
-            super().after_optimizer_step(sp, step)
-            return
-        if not self.is_update_step(step):
-            return
+            return super().update_counts(sp, step)
         assert self.schedule is not None
         fraction = self.schedule.fraction(step)
         drops = {}
@@ -249,14 +270,7 @@ class SNFS(DynamicSparseMethod):
             drops[layer.name] = min(math.floor(fraction * layer.active), room)
         kept = {ly.name: ly.active - drops[ly.name] for ly in sp.layers}
         grows = self.grow_counts(sp, kept, sum(drops.values()))
-        new_masks = {}
-        for layer in sp.layers:
-            new_masks[layer.name] = sp.drop_and_grow(
-                layer, step, k_drop=drops[layer.name], k_grow=grows[layer.name],
-                drop_scores=self.drop_scores(sp, layer, step),
-                grow_scores=self.grow_scores(sp, layer, step),
-            )
-        sp.commit_masks(new_masks, step, fraction=fraction)
+        return {ly.name: LayerUpdate(k_drop=drops[ly.name], k_grow=grows[ly.name]) for ly in sp.layers}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"ema/{name}": t for name, t in self.ema.items()}

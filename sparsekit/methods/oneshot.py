@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from sparsekit.errors import InputError
-from sparsekit.methods.base import Method, register_method
+from sparsekit.methods.base import InitInputs, Method, register_method
 from sparsekit.selection import select_top
 
 if TYPE_CHECKING:
@@ -46,8 +46,7 @@ class SNIP(Method):
     defaults: ClassVar[dict[str, Any]] = {"snip_batches": 1, "snip_scope": "layer"}
     paper_recipe: ClassVar[dict[str, Any]] = {"snip_batches": 1, "snip_scope": "layer", "distribution": "erk",
                                               "optimizer": "sgd", "momentum": 0.9}
-    #: The trainer passes mini-batches at initialisation to the Sparsifier (``init_batches``).
-    needs_init_batches: ClassVar[bool] = True
+    needs_init_batches = True
 
     def validate(self) -> None:
         n = self.options["snip_batches"]
@@ -58,28 +57,31 @@ class SNIP(Method):
             raise InputError(f"unknown SNIP scope {self.options['snip_scope']!r}", where="--snip-scope",
                              fix="use 'layer' (counts from the distribution) or 'global'")
 
-    def saliency(self, sp: Sparsifier) -> dict[str, torch.Tensor]:
+    def init_batch_count(self) -> int:
+        return int(self.options["snip_batches"])
+
+    def saliency(self, layers: list[SparseLayer], init: InitInputs) -> dict[str, torch.Tensor]:
         """|g ⊙ w| per layer (flat), g accumulated over the init batches; leaves the model untouched."""
-        if sp.init_batches is None or sp.loss_fn is None:
+        if init.batches is None or init.loss_fn is None:
             raise InputError("SNIP needs mini-batches and a loss at initialisation", where="sparsify()",
                              fix="pass init_batches=[(x, y), ...] and loss_fn=... to sparsify()")
-        model = sp.model
+        model = init.model
         params = [p for p in model.parameters()]
         saved_grads = [p.grad for p in params]
         saved_buffers = {k: v.clone() for k, v in model.named_buffers()}
         for p in params:
             p.grad = None
         n = 0
-        for x, y in sp.init_batches:
-            if n >= int(self.options["snip_batches"]):
+        for x, y in init.batches:
+            if n >= self.init_batch_count():
                 break
-            sp.loss_fn(model(x), y).backward()
+            init.loss_fn(model(x), y).backward()
             n += 1
         if n == 0:
             raise InputError("SNIP got no mini-batches at initialisation", where="--snip-batches",
                              fix="use a dataset with at least one training batch")
         scores = {}
-        for ly in sp.layers:
+        for ly in layers:
             g = ly.param.grad if ly.param.grad is not None else torch.zeros_like(ly.param)
             scores[ly.name] = (g.detach() * ly.param.detach()).abs().flatten()
         for p, g in zip(params, saved_grads, strict=True):
@@ -89,36 +91,36 @@ class SNIP(Method):
                 buf.copy_(saved_buffers[k])
         return scores
 
-    def initial_masks(self, sp: Sparsifier) -> dict[str, torch.Tensor]:
-        scores = self.saliency(sp)
+    def initial_masks(self, sp: Sparsifier, init: InitInputs) -> dict[str, torch.Tensor]:
+        scores = self.saliency(sp.layers, init)
         if self.options["snip_scope"] == "layer":
-            return {ly.name: self._top(ly, scores[ly.name], ly.plan.active, sp) for ly in sp.layers}
-        return self._global(sp, scores)
+            return {ly.name: self._top(ly, scores[ly.name], ly.plan.active, sp.seed) for ly in sp.layers}
+        return self._global(sp.layers, scores, sp.seed)
 
     @staticmethod
-    def _top(ly: SparseLayer, score: torch.Tensor, k: int, sp: Sparsifier) -> torch.Tensor:
+    def _top(ly: SparseLayer, score: torch.Tensor, k: int, seed: int) -> torch.Tensor:
         mask = torch.zeros(ly.numel, dtype=torch.bool, device=score.device)
         everything = torch.ones_like(mask)
-        mask[select_top(score, everything, k, largest=True, seed=sp.seed, step=0, layer=ly.index)] = True
+        mask[select_top(score, everything, k, largest=True, seed=seed, step=0, layer=ly.index)] = True
         return mask.view(ly.plan.shape)
 
-    def _global(self, sp: Sparsifier, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        total = sum(ly.plan.active for ly in sp.layers)
+    def _global(self, layers: list[SparseLayer], scores: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+        total = sum(ly.plan.active for ly in layers)
         # Guard against empty layers: each layer first keeps its best min(out units, planned) entries.
         reserved = []
-        for ly in sp.layers:
+        for ly in layers:
             floor = min(ly.numel, int(ly.param.shape[0]), ly.plan.active)
-            reserved.append(self._top(ly, scores[ly.name], floor, sp).flatten())
-        device = scores[sp.layers[0].name].device
-        flat_scores = torch.cat([scores[ly.name].to(device) for ly in sp.layers])
+            reserved.append(self._top(ly, scores[ly.name], floor, seed).flatten())
+        device = scores[layers[0].name].device
+        flat_scores = torch.cat([scores[ly.name].to(device) for ly in layers])
         taken = torch.cat([r.to(device) for r in reserved])
         rest = total - int(taken.sum())
         chosen = taken.clone()
         if rest > 0:
-            chosen[select_top(flat_scores, ~taken, rest, largest=True, seed=sp.seed, step=0,
-                              layer=len(sp.layers))] = True
+            chosen[select_top(flat_scores, ~taken, rest, largest=True, seed=seed, step=0,
+                              layer=len(layers))] = True
         out, offset = {}, 0
-        for ly in sp.layers:
+        for ly in layers:
             out[ly.name] = chosen[offset:offset + ly.numel].view(ly.plan.shape)
             offset += ly.numel
         return out

@@ -1,7 +1,7 @@
 """Gradual magnitude pruning (Zhu & Gupta 2017): dense at first, pruned to the target on a cubic schedule.
 
 Unlike the sparse-from-scratch methods this one starts from all-ones masks, so its training cost is
-that of a shrinking model (DESIGN.md §4: Σ_l 3·f_D,l·(1 − s_t,l) per step). Per-layer final sparsity
+that of a shrinking model (Σ_l 3·f_D,l·(1 − s_t,l) per step). Per-layer final sparsity
 s_f,l comes from the distribution (ERK by default), so the end point is the same per-layer plan the
 other methods train at. Defaults (our choice; the paper's numbers came from per-dataset schedules):
 start at 10 % of training, prune every 100 steps, reach the target at 75 % (the same point where
@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from sparsekit.errors import InputError
-from sparsekit.methods.base import Method, register_method
+from sparsekit.methods.base import InitInputs, LayerUpdate, Method, register_method
 from sparsekit.schedules import cubic_sparsity
-from sparsekit.selection import Magnitude
 
 if TYPE_CHECKING:
     from sparsekit.masks import SparseLayer
@@ -41,6 +40,11 @@ class Pruning(Method):
     paper_recipe: ClassVar[dict[str, Any]] = {"prune_begin": 0.1, "prune_end": 0.75, "prune_interval": 100,
                                               "distribution": "erk", "optimizer": "sgd", "momentum": 0.9}
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.begin_step = 0  # t_b and t_e in steps, set by attach once total steps are known
+        self.end_step = 1
+
     def validate(self) -> None:
         begin, end, interval = (self.options[k] for k in ("prune_begin", "prune_end", "prune_interval"))
         for flag, v in (("--prune-begin", begin), ("--prune-end", end)):
@@ -55,14 +59,12 @@ class Pruning(Method):
             raise InputError(f"--prune-interval {interval!r} must be a positive integer",
                              where="--prune-interval",
                              fix="e.g. --prune-interval 100")
-        self.begin_step = 0
-        self.end_step = 1
 
     def attach(self, sp: Sparsifier) -> None:
         self.begin_step = round(float(self.options["prune_begin"]) * sp.total_steps)
         self.end_step = max(1, round(float(self.options["prune_end"]) * sp.total_steps))
 
-    def initial_masks(self, sp: Sparsifier) -> dict[str, torch.Tensor]:
+    def initial_masks(self, sp: Sparsifier, init: InitInputs) -> dict[str, torch.Tensor]:
         return {ly.name: torch.ones(ly.plan.shape, dtype=torch.bool, device=ly.param.device)
                 for ly in sp.layers}
 
@@ -96,14 +98,16 @@ class Pruning(Method):
                 ly.numel, ly.plan.active, t)) for ly in layers}})
         return history
 
-    def after_optimizer_step(self, sp: Sparsifier, step: int) -> None:
-        if not self.is_update_step(step):
-            return
-        new_masks = {}
+    def update_counts(self, sp: Sparsifier, step: int) -> dict[str, LayerUpdate]:
+        """Drop the lowest-|w| active connections (the default drop score) down to the target; grow none."""
+        counts = {}
         for ly in sp.layers:
             k = ly.active - self.target_active(ly.numel, ly.plan.active, step)
             if k > 0:
-                scores = Magnitude(ly.param.detach().reshape(-1))
-                new_masks[ly.name] = sp.drop_and_grow(ly, step, k_drop=k, k_grow=0,
-                                                      drop_scores=scores, grow_scores=scores)
-        sp.commit_masks(new_masks, step, fraction=None)
+                counts[ly.name] = LayerUpdate(k_drop=k, k_grow=0)
+        return counts
+
+    # Training cost: the default 3·f_S per step at the mask in effect, i.e. Σ_l 3·f_D,l·(1 − s_t,l),
+    # over the recorded mask history (or planned_history above).
+    def training_formula(self) -> str:
+        return "Σ_l 3·f_D,l·(1 − s_t,l)"

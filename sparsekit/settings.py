@@ -1,0 +1,56 @@
+"""The settings a Sparsifier is built with: one frozen object, made once and passed as a whole.
+
+``sparsekit.sparsify(...)`` builds it from its keyword arguments; the trainer builds it from its
+``TrainConfig`` (``SparsitySettings.from_config``). Method options are not here: they belong to the
+method object (``Method.options``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sparsekit.config import SPARSE_INITS
+from sparsekit.errors import InputError
+
+if TYPE_CHECKING:
+    from sparsekit.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class SparsitySettings:
+    """How sparse, where, and for how long (method-independent).
+
+    ``total_steps``: optimizer steps of the whole run (schedules are fractions of it). ``layer_density``
+    maps fnmatch patterns of parameter names to fixed densities; ``exclude`` patterns keep weights dense;
+    ``include_embeddings`` makes ``nn.Embedding`` tables prunable; ``sparse_init`` is ``scaled`` (each
+    output unit's weights rescaled to the dense init's variance) or ``dense`` (the dense init, masked).
+    """
+
+    total_steps: int
+    sparsity: float = 0.9
+    distribution: str = "erk"
+    seed: int = 0
+    dense_first_layer: bool = True
+    erk_power_scale: float = 1.0
+    layer_density: dict[str, float] | None = None
+    exclude: tuple[str, ...] = ()
+    sparse_init: str = "scaled"
+    include_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.total_steps, int) or self.total_steps < 1:
+            raise InputError(f"total_steps={self.total_steps!r} must be a positive integer", where="sparsify()",
+                             fix="pass the number of optimizer steps of the whole run (len(loader) * epochs)")
+        if self.sparse_init not in SPARSE_INITS:
+            raise InputError(f"unknown sparse init {self.sparse_init!r}", where="--sparse-init",
+                             fix="choose 'scaled' (variance kept per unit) or 'dense' (the dense init, masked)")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, total_steps: int) -> SparsitySettings:
+        """The settings of a ``sparsekit train`` run of ``total_steps`` optimizer steps."""
+        return cls(total_steps=total_steps, sparsity=config.sparsity, distribution=config.distribution,
+                   seed=config.seed, dense_first_layer=config.dense_first_layer,
+                   erk_power_scale=config.erk_power_scale, layer_density=config.layer_density or None,
+                   sparse_init=config.sparse_init, include_embeddings=bool(config.sparse_embeddings))
