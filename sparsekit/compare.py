@@ -58,7 +58,8 @@ class CompareSpec:
             get_method_class(m)
         if len(set(self.methods)) != len(self.methods):
             raise InputError("a method is listed twice", where="--methods", fix="list each method once")
-        if not self.sparsities and any(get_method_class(m).sparse or m == "small-dense" for m in self.methods):
+        classes = [get_method_class(m) for m in self.methods]
+        if not self.sparsities and any(c.sparse or c.sized_by_sparsity for c in classes):
             raise InputError("no sparsity levels given", where="--sparsity", fix="e.g. --sparsity 0.9,0.98")
         for s in self.sparsities:
             if not 0.0 < s < 1.0:

@@ -1,7 +1,7 @@
-"""The training loop: one readable loop over the public ``sparsify`` API.
+"""The training loop: one readable loop over the public ``Sparsifier`` engine.
 
 ``train(config, run_dir)`` sets up a run (``set_up_run``: data, model, optimizer, LR schedule, the
-method under ``sparsify``, the run directory, DDP under torchrun), then runs ``train_step`` once per
+method under a ``Sparsifier``, the run directory, DDP under torchrun), then runs ``train_step`` once per
 step with ``end_of_epoch`` and ``save_checkpoint`` when due, and ``finish_run`` at the end. The LR is
 step-indexed and the shuffle (seed, epoch)-indexed; checkpoints are atomic; everything that decides
 the result is a function of (config, step), so a resumed run ends bit-identical to an uninterrupted

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from sparsekit.compare import CompareSpec, plan_runs, run_compare
+from sparsekit.errors import InputError
 from sparsekit.viz import compare_runs, fanout_maps, image_shape, visualize
 
 pytestmark = pytest.mark.slow
@@ -175,3 +176,11 @@ def test_point_labels_are_nudged_apart_only_where_they_would_overlap():
     assert offs[3] == (6.0, 4.0)  # an isolated point keeps the default offset
     assert offs[1] == (6.0, 4.0)  # the highest of the cluster keeps it too; the others stack below it
     assert [b[1] for b in boxes[:3]] == [194.0, 205.0, 183.0]
+
+
+def test_a_sweep_needs_sparsity_levels_unless_every_method_is_dense():
+
+    for methods in (["small-dense"], ["dense", "rigl"]):  # small-dense is sized by --sparsity too
+        with pytest.raises(InputError, match="no sparsity levels given"):
+            CompareSpec(methods=methods, sparsities=[], seeds=1).validate()
+    assert CompareSpec(methods=["dense"], sparsities=[], seeds=1).validate().methods == ["dense"]

@@ -77,6 +77,8 @@ class Method:
     needs_dense_grad: ClassVar[bool] = False
     #: True when ``initial_masks`` scores mini-batches at initialisation (``init_batch_count`` of them).
     needs_init_batches: ClassVar[bool] = False
+    #: True for a dense method that still reads ``--sparsity`` (small-dense sizes its model by it).
+    sized_by_sparsity: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         """Check and store the options. Subclasses that keep state create it here (after ``super()``)."""

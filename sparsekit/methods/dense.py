@@ -34,6 +34,7 @@ class SmallDense(Method):
     """
 
     name = "small-dense"
+    sized_by_sparsity = True
     description = "Small-Dense: a dense model narrowed to the sparse model's parameter budget"
     family = "dense"
     reference = "Evci et al. 2020 (baseline); Zhu & Gupta 2017"
