@@ -20,7 +20,7 @@ __all__ = ["Sparsifier", "SparsitySettings", "TrainConfig", "__version__", "save
 
 if TYPE_CHECKING:
     from sparsekit.config import TrainConfig
-    from sparsekit.rundir import save
+    from sparsekit.run_writer import save
     from sparsekit.settings import SparsitySettings
     from sparsekit.sparsifier import Sparsifier, sparsify
     from sparsekit.training import train
@@ -37,7 +37,7 @@ def __getattr__(name: str) -> Any:
 
         return SparsitySettings
     if name == "save":
-        from sparsekit.rundir import save
+        from sparsekit.run_writer import save
 
         return save
     if name == "train":

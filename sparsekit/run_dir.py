@@ -1,7 +1,7 @@
 """The run directory: the one contract between training and everything after it.
 
 ``RunDir`` names every file a run leaves behind and reads each of them back; training's writers
-(``sparsekit.rundir``) and every reader (export, report, viz, compare, resume, ``--init-from``) go
+(``sparsekit.run_writer``) and every reader (export, report, viz, compare, resume, ``--init-from``) go
 through it, so a file name is spelled once.
 """
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from sparsekit import distributed as dist
-from sparsekit import rundir as rd
+from sparsekit import run_writer as rd
 from sparsekit.checkpoint import load_checkpoint, restore
 from sparsekit.checkpoint import save_checkpoint as write_checkpoint
 from sparsekit.config import TrainConfig

@@ -9,7 +9,7 @@ import sys
 import jsonschema
 import pytest
 
-from sparsekit.rundir import validate_summary
+from sparsekit.run_writer import validate_summary
 
 TINY = ["--model", "mlp", "--model-kwargs", "hidden=16", "--data", "synthetic", "--epochs", "1",
         "--batch-size", "64", "--quiet"]
