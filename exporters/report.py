@@ -1,7 +1,7 @@
 """What a run or artifact saves: counts recomputed from the files, sizes, accuracy and measured latency.
 
 Everything here is recomputed from the artifacts themselves (like torchvision's weights-metadata test):
-per layer shape, nonzeros, density and MACs (DESIGN.md §4: a MAC per active weight per output
+per layer shape, nonzeros, density and MACs (docs/counting.md: a MAC per active weight per output
 position; FLOPs = 2 × MACs), file sizes against the dense fp32 ONNX file, accuracy through ONNX Runtime
 on the run's samples ("unavailable" without them), and latency of every runnable artifact next to the
 dense model in the same interleaved run (``sparsekit.bench``); speed-format artifacts measured below 0.95×

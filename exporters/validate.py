@@ -1,4 +1,4 @@
-"""Validation of every written artifact against the trained model (DESIGN.md §5).
+"""Validation of every written artifact against the trained model (docs/validation.md).
 
 fp32 forms pass when max |Δ| ≤ 1e-5 · max(1, max |reference|) on the run's real samples; fp16 and int8
 forms pass on top-1 agreement ≥ 99% and an accuracy drop ≤ 0.5 points (int8: ≤ 1 point). ONNX files

@@ -1,6 +1,6 @@
 """CPU latency of exported artifacts, measured the same way for every artifact in one run.
 
-Rules (DESIGN.md §5: every claim of speed is measured against the dense ONNX Runtime model in the same
+Rules (every claim of speed is measured against the dense ONNX Runtime model in the same
 run): fixed intra-op threads per session and no idle spinning (``session.intra_op.allow_spinning=0``,
 since several sessions live in one process); a warm-up per artifact; then *interleaved* A/B rounds —
 each round runs every artifact once, in a rotating order, so drift (frequency scaling, a noisy

@@ -1,4 +1,4 @@
-"""Per-layer densities from a global sparsity: uniform, ER and ERK (DESIGN.md §3).
+"""Per-layer densities from a global sparsity: uniform, ER and ERK (docs/methods.md).
 
 The *prunable set* is every weight the distribution sparsifies. Stacked gate matrices (GRU/LSTM
 ``weight_ih``/``weight_hh``: (G·H, in); attention ``in_proj_weight``: (3·E, E)) are one prunable weight

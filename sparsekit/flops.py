@@ -1,4 +1,4 @@
-"""Parameter, nonzero and FLOP counting (DESIGN.md §4).
+"""Parameter, nonzero and FLOP counting (docs/counting.md).
 
 A MAC is one multiply-accumulate; FLOPs = 2 × MACs, counted over weight matmuls and convolutions
 only (what ``torch.utils.flop_counter`` counts). Inference: a Linear layer costs its active weights

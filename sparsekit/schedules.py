@@ -15,7 +15,7 @@ LR_SCHEDULES = ("cosine", "step", "constant")
 
 @dataclass(frozen=True)
 class UpdateSchedule:
-    """When masks are updated and what fraction of active connections is dropped (DESIGN.md §3).
+    """When masks are updated and what fraction of active connections is dropped (docs/methods.md).
 
     Steps t = 1, 2, ... count optimizer iterations. Updates happen at t % interval == 0 and t <= end_step,
     with end_step = round(update_end * total_steps). f(t) = alpha/2 (1 + cos(pi t / end_step)) for cosine.

@@ -1,4 +1,4 @@
-"""Reproducible top-k selection for mask updates (DESIGN.md §3, step 3).
+"""Reproducible top-k selection for mask updates (docs/methods.md).
 
 Ordering is total: by score, ties broken by a pseudo-random key derived from (seed, step, layer
 index, element index). The key is the splitmix64 finaliser of (element index + a per-(seed, step,

@@ -1,4 +1,4 @@
-"""Per-layer budgets (DESIGN.md §3), checked against numbers computed by hand."""
+"""Per-layer budgets (docs/methods.md), checked against numbers computed by hand."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FLOP counting (DESIGN.md §4): training formulas on hand-computed cases, dense counts vs torch's counter."""
+"""FLOP counting (docs/counting.md): training formulas on hand-computed cases, dense counts vs torch's counter."""
 
 from __future__ import annotations
 

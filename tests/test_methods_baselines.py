@@ -1,4 +1,4 @@
-"""The RigL paper's baselines: SET, SNFS, SNIP, Small-Dense, Pruning (DESIGN.md §3 invariants)."""
+"""The RigL paper's baselines: SET, SNFS, SNIP, Small-Dense, Pruning (docs/methods.md invariants)."""
 
 from __future__ import annotations
 

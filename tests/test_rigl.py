@@ -1,4 +1,4 @@
-"""The RigL update step of DESIGN.md §3, on hand-written examples and as invariants."""
+"""The RigL update step of docs/methods.md, on hand-written examples and as invariants."""
 
 from __future__ import annotations
 

@@ -139,7 +139,7 @@ class Method:
         drop (new ones start at 0 with zeroed optimizer state). Needed when ``update_counts`` grows."""
         raise NotImplementedError(f"method {self.name!r} grows connections but defines no grow_scores")
 
-    # -- training cost (DESIGN.md §4; f_s / f_d: sparse / dense forward MACs of one example) --------
+    # -- training cost (docs/counting.md; f_s / f_d: sparse / dense forward MACs of one example) --------
     def training_step_cost(self, f_s: float, f_d: float, step: int) -> float:
         """Training MACs of one example at step ``step`` (backward = 2 × forward): 3·f_D for dense
         methods, 2·f_S + f_D when dense gradients are read every step, else 3·f_S."""
