@@ -338,12 +338,14 @@ def _fork_and_run(model: rt.FastModel, x: np.ndarray, ref: np.ndarray) -> int | 
 
 
 @pytest.mark.skipif(not hasattr(os, "fork") or K is None, reason="fork, compiled kernels")
-def test_a_forked_child_runs_a_model_whose_lock_a_parent_thread_holds():
-    model = tiny_model(plan="sparse", threads=2)
+@pytest.mark.parametrize("plan", ["sparse", "mixed"])
+def test_a_forked_child_runs_a_model_whose_lock_a_parent_thread_holds(plan):
+    model = tiny_model(plan=plan, threads=2)
     x = np.random.default_rng(3).standard_normal((70, 12)).astype(np.float32)
-    model.layers[1].plan = {1: "rows", 8: "rows"}  # panel, rows, panel: not one chain, so run() takes the lock
+    if plan == "sparse":
+        model.layers[1].plan = {1: "rows", 8: "rows"}  # panel, rows, panel
+    assert model._plan(70)[1] is None and len(set(model.kernels_for(70))) > 1  # not one chain: run() takes the lock
     ref = reference(model, x)
-    assert model._plan(70)[1] is None
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:
