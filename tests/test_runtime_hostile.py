@@ -303,13 +303,16 @@ def test_crafted_files_exit_2_with_one_line(case, tmp_path, cli):
     cli_refuses(cli, tmp_path, proto, match)
 
 
-def test_report_refuses_a_crafted_fast_artifact_with_exit_2(tmp_path, cli):
+@pytest.mark.parametrize("case", ["truncated raw data", "declared dims of 2^40", "a node with 3 inputs",
+                                  "a column index equal to in_features"])
+def test_report_refuses_crafted_fast_artifacts_with_exit_2(case, tmp_path, cli):
+    edit, match = CRAFTED[case]
     proto = tiny_proto()
-    del_attr(proto, "l0", "activation")
+    edit(proto)
     art = save(proto, tmp_path / "crafted.fast.onnx")
     res = cli(["report", str(art), "--no-latency"])
     lines = res.stderr.strip().splitlines()
-    assert res.exit_code == 2 and "missing required attribute(s) activation" in lines[-1], res.stderr
+    assert res.exit_code == 2 and lines[-1].startswith("error: ") and match in lines[-1], res.stderr
 
 
 # ---------------------------------------------------------------- fork while another thread holds a model's lock
