@@ -50,6 +50,7 @@ def _new_output(batch: int, n: int) -> np.ndarray:
         return aligned_empty(size).reshape(batch, n)
     return np.empty((batch, n), _F32)
 
+
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):,.0f}"
 
