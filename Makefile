@@ -40,8 +40,9 @@ test-isa: $(VENV)/.installed
 	echo "runtime tests ran on: $$paths"
 
 # The runtime's C kernels under AddressSanitizer + UndefinedBehaviorSanitizer, over the runtime tests and the
-# artifact fuzz corpus. The instrumented extension is built into $(ASAN_DIR) (a copy of the package laid out as
-# installed, first on PYTHONPATH), so the normal in-place build is never replaced. Any report fails the run.
+# artifact fuzz corpus. The instrumented extension is built into $(ASAN_DIR), a copy of the package laid out as
+# installed that the tests import first (they run from there), so the normal in-place build is never replaced.
+# Any report aborts the run; --capture=sys lets it reach the terminal (fd 2) instead of the aborted test's capture.
 ASAN_DIR ?= build/asan
 ASAN_CFLAGS := -O1 -g -std=c99 -fno-strict-aliasing -fPIC -shared -fsanitize=address,undefined \
 	-fno-omit-frame-pointer -fno-sanitize-recover=undefined
@@ -61,7 +62,7 @@ test-asan: $(VENV)/.installed
 		csrc/sparsekit_kernels.c -o "$(ASAN_DIR)/sparsekit/runtime/_kernels$$($(PY) -c \
 		'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')" -lpthread
 	cd $(ASAN_DIR) && LD_PRELOAD="$(ASAN_PRELOAD)" $(ASAN_ENV) $(abspath $(PY)) -c \
-		'import sparsekit.runtime._kernels as k, sys; sys.exit(0 if "/$(ASAN_DIR)/" in k.__file__ else \
+		'import sparsekit.runtime._kernels as k, sys; sys.exit(0 if "$(abspath $(ASAN_DIR))/" in k.__file__ else \
 		"not the sanitizer build: " + k.__file__)'
 	cd $(ASAN_DIR) && LD_PRELOAD="$(ASAN_PRELOAD)" $(ASAN_ENV) $(abspath $(PY)) -m pytest -q --capture=sys \
 		-p no:cacheprovider --rootdir=$(CURDIR) -c $(CURDIR)/pyproject.toml $(addprefix $(CURDIR)/,$(ASAN_TESTS)) $(ASAN_PYTEST_ARGS)

@@ -49,9 +49,17 @@ class DenseLayer:
     bias_name: str | None
 
 
+def _to_array(t: onnx.TensorProto) -> np.ndarray:
+    try:
+        return numpy_helper.to_array(t)
+    except Exception as exc:  # data that does not match the declared shape or type (truncated, crafted)
+        raise InputError(f"initializer {t.name!r} is unreadable: {exc}", where="model",
+                         fix="pass an ONNX file written by sparsekit or another exporter, not a damaged one") from exc
+
+
 def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """All initializers and Constant node values (dense or sparse) of the main graph as dense arrays."""
-    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    out = {t.name: _to_array(t) for t in model.graph.initializer}
     for sp in model.graph.sparse_initializer:  # sparse-onnx files of sparsekit 0.1 and other tools
         out[sp.values.name] = _sparse_to_dense(sp)
     for node in model.graph.node:

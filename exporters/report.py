@@ -156,6 +156,10 @@ def _resolve(path: Path, tmp: Path, progress=None) -> dict[str, Any]:
                              where="PATH", fix="pass a run dir, a .onnx file or a .skz archive") from exc
         meta = {p.key: p.value for p in model.metadata_props}
         fmt = meta.get("sparsekit_format", "onnx")
+        if fmt == "fast":  # a file from someone else: the runtime's loader checks all of it first (InputError)
+            from sparsekit.runtime import load as load_fast
+
+            load_fast(path)
         source = RunDir(meta["source_run"]) if meta.get("source_run") else None
         if source is not None and not source.path.is_dir():
             source = None  # the run it came from is gone: no samples, masks or summary

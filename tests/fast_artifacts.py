@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 import sparsekit.runtime as rt
 
@@ -102,11 +102,6 @@ def set_init(proto: onnx.ModelProto, name: str, array: np.ndarray | TensorProto)
     new = array if isinstance(array, TensorProto) else numpy_helper.from_array(np.asarray(array), name)
     t.CopyFrom(new)
     t.name = name
-
-
-def plan_attr(proto: onnx.ModelProto, node_name: str) -> dict[str, str]:
-    a = next(a for a in node(proto, node_name).attribute if a.name == "plan")
-    return json.loads(a.s) if a.type == AttributeProto.STRING else {}
 
 
 def one_layer_proto(n_in: int, n_out: int, cols: list[int], *, plan: dict[str, str] | None = None,

@@ -303,13 +303,16 @@ def test_crafted_files_exit_2_with_one_line(case, tmp_path, cli):
     cli_refuses(cli, tmp_path, proto, match)
 
 
-def test_report_refuses_a_crafted_fast_artifact_with_exit_2(tmp_path, cli):
+@pytest.mark.parametrize("case", ["truncated raw data", "declared dims of 2^40", "a node with 3 inputs",
+                                  "a column index equal to in_features"])
+def test_report_refuses_crafted_fast_artifacts_with_exit_2(case, tmp_path, cli):
+    edit, match = CRAFTED[case]
     proto = tiny_proto()
-    del_attr(proto, "l0", "activation")
+    edit(proto)
     art = save(proto, tmp_path / "crafted.fast.onnx")
     res = cli(["report", str(art), "--no-latency"])
     lines = res.stderr.strip().splitlines()
-    assert res.exit_code == 2 and "missing required attribute(s) activation" in lines[-1], res.stderr
+    assert res.exit_code == 2 and lines[-1].startswith("error: ") and match in lines[-1], res.stderr
 
 
 # ---------------------------------------------------------------- fork while another thread holds a model's lock
@@ -338,12 +341,14 @@ def _fork_and_run(model: rt.FastModel, x: np.ndarray, ref: np.ndarray) -> int | 
 
 
 @pytest.mark.skipif(not hasattr(os, "fork") or K is None, reason="fork, compiled kernels")
-def test_a_forked_child_runs_a_model_whose_lock_a_parent_thread_holds():
-    model = tiny_model(plan="sparse", threads=2)
+@pytest.mark.parametrize("plan", ["sparse", "mixed"])
+def test_a_forked_child_runs_a_model_whose_lock_a_parent_thread_holds(plan):
+    model = tiny_model(plan=plan, threads=2)
     x = np.random.default_rng(3).standard_normal((70, 12)).astype(np.float32)
-    model.layers[1].plan = {1: "rows", 8: "rows"}  # panel, rows, panel: not one chain, so run() takes the lock
+    if plan == "sparse":
+        model.layers[1].plan = {1: "rows", 8: "rows"}  # panel, rows, panel
+    assert model._plan(70)[1] is None and len(set(model.kernels_for(70))) > 1  # not one chain: run() takes the lock
     ref = reference(model, x)
-    assert model._plan(70)[1] is None
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:

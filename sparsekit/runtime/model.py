@@ -9,16 +9,20 @@ actual batch size (log scale), keeps activations in the layout the next kernel w
 from __future__ import annotations
 
 import math
-import os
 import threading
-import weakref
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
 import numpy as np
 
+# imported here, not on first use: a process that forks while another thread is importing a module leaves that
+# module's import lock held in the child for good (a child forked during a model's first dense call hung)
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
 from sparsekit.errors import InputError
+from sparsekit.runtime import forksafe
 from sparsekit.runtime.layers import (
     _K,
     PANEL,
@@ -46,23 +50,9 @@ def _new_output(batch: int, n: int) -> np.ndarray:
         return aligned_empty(size).reshape(batch, n)
     return np.empty((batch, n), _F32)
 
+
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):,.0f}"
-
-
-# every FastModel alive, for the fork handler below
-_LIVE: weakref.WeakSet[FastModel] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    """A forked child has only the thread that forked: a model lock another thread of the parent held at that
-    moment would stay locked forever, so every live model gets a fresh one (the C thread pool resets itself)."""
-    for model in list(_LIVE):
-        model._lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # batch size below which the gathered-row kernel is the default; above it the panel kernel
@@ -121,9 +111,6 @@ def pick_kernel(layer: SparseLayer, batch: int) -> str:
 
 def _dense_session(layers: Sequence[SparseLayer], threads: int):
     """An ONNX Runtime session computing ``layers`` densely (MatMul + Add + Relu)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
     nodes, inits = [], []
     cur = "x"
     for i, layer in enumerate(layers):
@@ -194,7 +181,7 @@ class FastModel:
         self.memory_limit = memory_limit
         self.notes: dict[str, None] = {}  # one line per kernel replaced to fit memory_limit (ordered set)
         self._fits: dict[tuple[int, str, int], int] = {}  # (layer, kernel, block) -> kernel_bytes
-        _LIVE.add(self)
+        forksafe.register(self)  # a fresh lock in forked children
 
     @staticmethod
     def _check_threads(threads: int) -> int:
@@ -427,8 +414,9 @@ class FastModel:
                     j += 1
                 if panels:
                     cur, panels = from_panels(cur, batch, layer.n_in, nt), 0
-                sess = self._session(i, j, nt)
-                cur = sess.run(None, {"x": cur})[0]
+                with forksafe.ORT_CALLS:  # a fork waits for this call (ORT's locks do not survive one)
+                    sess = self._session(i, j, nt)
+                    cur = sess.run(None, {"x": cur})[0]
                 i = j
                 continue
             if name == "rows" or name == "gemv":
