@@ -43,7 +43,8 @@ test-isa: $(VENV)/.installed
 # artifact fuzz corpus. The instrumented extension is built into $(ASAN_DIR) (a copy of the package laid out as
 # installed, first on PYTHONPATH), so the normal in-place build is never replaced. Any report fails the run.
 ASAN_DIR ?= build/asan
-ASAN_CFLAGS := -O1 -g -std=c99 -fno-strict-aliasing -fPIC -shared -fsanitize=address,undefined \
+RUNTIME_SRCS := $(sort $(wildcard csrc/runtime/*.c))
+ASAN_CFLAGS := -O1 -g -std=c99 -fno-strict-aliasing -fvisibility=hidden -fPIC -shared -fsanitize=address,undefined \
 	-fno-omit-frame-pointer -fno-sanitize-recover=undefined
 ASAN_TESTS ?= tests/test_runtime.py tests/test_runtime_hostile.py tests/test_fuzz_artifact.py
 CC ?= cc
@@ -58,7 +59,7 @@ test-asan: $(VENV)/.installed
 	cp -r sparsekit $(ASAN_DIR)/sparsekit && cp -r cli $(ASAN_DIR)/sparsekit/cli
 	cp -r exporters $(ASAN_DIR)/sparsekit/exporters
 	$(CC) $(ASAN_CFLAGS) -I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
-		csrc/sparsekit_kernels.c -o "$(ASAN_DIR)/sparsekit/runtime/_kernels$$($(PY) -c \
+		$(RUNTIME_SRCS) -o "$(ASAN_DIR)/sparsekit/runtime/_kernels$$($(PY) -c \
 		'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')" -lpthread
 	cd $(ASAN_DIR) && LD_PRELOAD="$(ASAN_PRELOAD)" $(ASAN_ENV) $(abspath $(PY)) -c \
 		'import sparsekit.runtime._kernels as k, sys; sys.exit(0 if "/$(ASAN_DIR)/" in k.__file__ else \

@@ -1,7 +1,7 @@
 """Sparse layers and their kernels: CSR packing, the C kernels' calling convention, dense fallback.
 
 A ``SparseLayer`` holds ``y = act(W x + b)`` with ``W`` in CSR (float32 values, uint16/int32 column
-indices, int64 row pointers). Kernels (see ``csrc/sparsekit_kernels.c``):
+indices, int64 row pointers). Kernels (see ``csrc/runtime/sk_runtime.h``):
 
 - ``rows``: row-major activations, gathered dot product per output row (batch 1 and small batches);
 - ``panel`` (optionally ``panel:<block>``): batch-minor "panel" activations, register-blocked

@@ -360,7 +360,7 @@ class FastModel:
         if kernels is None and _K is not None:
             # fast path, one C call: a float32 C-contiguous (batch, n_features) or (batch, *input_shape) x of
             # a batch size seen before whose layers all run as one C chain, no plan changed since (else
-            # None); outputs nothing references any more are recycled (fast_call, csrc/sparsekit_kernels.c)
+            # None); outputs nothing references any more are recycled (fast_call, csrc/runtime/sk_pychain.c)
             y = _K.fast_call(self._fast, x, nt, PLAN_EPOCH)
             if y is not None:
                 return y
