@@ -26,14 +26,14 @@ static float *alloc_aligned(int64_t n, void **raw) {
 static void chain_layer(const ch_layer_t *l, const float *x, float *y, int64_t B, int threads) {
     int nt = clamp_threads(threads);
     if (l->cap > 0 && nt > l->cap) nt = l->cap;
-    if (l->kind == CH_SELL) {
-        const sell_fn fn = pick_sell();
+    if (l->kind == CH_ROWS) {
+        const rows_fn fn = pick_rows();
         nt = rows_threads(nt, l->work * (B > 0 ? B : 1));
         if (nt <= 1) {
             if (l->s.nsl > 0) fn(&l->s, x, y, B, 0, l->s.nsl);
         } else {
-            sell_job_t job = {fn, &l->s, x, y, B, (int64_t)nt * CHUNKS_PER_THREAD};
-            par_run(nt, job.nch, sell_item, &job);
+            rows_job_t job = {fn, &l->s, x, y, B, (int64_t)nt * CHUNKS_PER_THREAD};
+            par_run(nt, job.nch, rows_item, &job);
         }
     } else {
         const gemv_fn fn = pick_gemv();

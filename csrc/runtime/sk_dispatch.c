@@ -13,12 +13,12 @@ void sk_detect_isa(void) {
 #endif
 }
 
-sell_fn pick_sell(void) {
+rows_fn pick_rows(void) {
 #if SK_X86
-    if (g_isa == ISA_AVX512) return sell_avx512;
-    if (g_isa == ISA_AVX2) return sell_avx2;
+    if (g_isa == ISA_AVX512) return rows_avx512;
+    if (g_isa == ISA_AVX2) return rows_avx2;
 #endif
-    return sell_generic;
+    return rows_generic;
 }
 
 panel_fn pick_panel(void) {

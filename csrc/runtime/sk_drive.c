@@ -20,11 +20,11 @@ static void split_rows(const int64_t *rowptr, int64_t n, int part, int parts, in
     *o0 = lo; *o1 = hi;
 }
 
-void sell_item(void *ctx, int64_t ch, int tid) {
+void rows_item(void *ctx, int64_t ch, int tid) {
     (void)tid;
-    const sell_job_t *j = (const sell_job_t *)ctx;
+    const rows_job_t *j = (const rows_job_t *)ctx;
     int64_t s0, s1;
-    split_rows(j->w->sp, j->w->nsl, (int)ch, (int)j->nch, &s0, &s1);
+    split_rows(j->w->slice_ptr, j->w->nsl, (int)ch, (int)j->nch, &s0, &s1);
     if (s1 > s0) j->fn(j->w, j->x, j->y, j->B, s0, s1);
 }
 

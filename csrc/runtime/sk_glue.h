@@ -17,15 +17,15 @@
  * exports, slice pointer re-checks or intermediate numpy arrays). Activations between layers live in the
  * chain's scratch; a caller that finds it in use (another thread inside chain_run: the flag is read and
  * set under the GIL) gets a private malloc'ed one, so two concurrent callers never share a buffer. */
-enum { CH_SELL = 0, CH_GEMV = 1, CH_PANEL = 2 };
+enum { CH_ROWS = 0, CH_GEMV = 1, CH_PANEL = 2 };
 typedef struct {
     int kind, cap;
-    sell_t s;            /* CH_SELL */
+    sliced_t s;            /* CH_ROWS */
     const float *wt;     /* CH_GEMV: weight (n_in, n_out) */
     const float *bias;   /* CH_GEMV */
     int64_t n_in, n_out;
     int relu;
-    int64_t work;        /* sell: stored slots (nonzeros + padding); panel: nonzeros */
+    int64_t work;        /* rows: stored slots (nonzeros + padding); panel: nonzeros */
     csr_t pw;            /* CH_PANEL: values, indices, bias, shape (rowptr: bp) */
     const int64_t *bp;   /* CH_PANEL: block pointers (nb * n_out + 1), by position */
     const int32_t *ord;  /* CH_PANEL: row at each position, per block; NULL: natural order */

@@ -2,11 +2,11 @@
 #include "sk_runtime.h"
 
 #if SK_X86
-SK_AVX2 void sell_avx2(const sell_t *wp, const float *x, float *y, int64_t B, int64_t s0, int64_t s1) {
-    const sell_t wl = *wp, *w = &wl;
+SK_AVX2 void rows_avx2(const sliced_t *wp, const float *x, float *y, int64_t B, int64_t s0, int64_t s1) {
+    const sliced_t wl = *wp, *w = &wl;
     float out[SLICE] __attribute__((aligned(32)));
     for (int64_t s = s0; s < s1; s++) {
-        const int64_t a = w->sp[s], L = (w->sp[s + 1] - a) / SLICE;
+        const int64_t a = w->slice_ptr[s], L = (w->slice_ptr[s + 1] - a) / SLICE;
         const float *v = w->val + a;
         const __m256 blo = w->bias ? _mm256_loadu_ps(w->bias + s * SLICE) : _mm256_setzero_ps();
         const __m256 bhi = w->bias ? _mm256_loadu_ps(w->bias + s * SLICE + 8) : _mm256_setzero_ps();

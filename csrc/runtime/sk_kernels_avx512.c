@@ -48,13 +48,13 @@ SK_AVX512 void tile_flush_avx512(const float *tile, float *y, int64_t ldy, int s
     }
 }
 
-/* The sell kernels work on a local copy of the layout (*w): the build has no strict aliasing, so each
+/* The rows kernels work on a local copy of the layout (*w): the build has no strict aliasing, so each
  * slice's stores into y would otherwise make the compiler reload w's fields from memory for the next
  * slice. */
-SK_AVX512 void sell_avx512(const sell_t *wp, const float *x, float *y, int64_t B, int64_t s0, int64_t s1) {
-    const sell_t wl = *wp, *w = &wl;
+SK_AVX512 void rows_avx512(const sliced_t *wp, const float *x, float *y, int64_t B, int64_t s0, int64_t s1) {
+    const sliced_t wl = *wp, *w = &wl;
     for (int64_t s = s0; s < s1; s++) {
-        const int64_t a = w->sp[s], L = (w->sp[s + 1] - a) / SLICE;
+        const int64_t a = w->slice_ptr[s], L = (w->slice_ptr[s + 1] - a) / SLICE;
         const float *v = w->val + a;
         const __m512i pm = _mm512_loadu_si512((const void *)(w->perm + s * SLICE));
         const __mmask16 valid = _mm512_cmpge_epi32_mask(pm, _mm512_setzero_si512());

@@ -1,10 +1,10 @@
 /* The portable C kernels: every code path's reference, and the path of CPUs without AVX2. */
 #include "sk_runtime.h"
 
-void sell_generic(const sell_t *wp, const float *x, float *y, int64_t B, int64_t s0, int64_t s1) {
-    const sell_t wl = *wp, *w = &wl;
+void rows_generic(const sliced_t *wp, const float *x, float *y, int64_t B, int64_t s0, int64_t s1) {
+    const sliced_t wl = *wp, *w = &wl;
     for (int64_t s = s0; s < s1; s++) {
-        const int64_t a = w->sp[s], L = (w->sp[s + 1] - a) / SLICE;
+        const int64_t a = w->slice_ptr[s], L = (w->slice_ptr[s + 1] - a) / SLICE;
         const int32_t *pm = w->perm + s * SLICE;
         for (int64_t b = 0; b < B; b++) {
             const float *xb = x + b * w->n_in;

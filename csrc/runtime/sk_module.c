@@ -1,5 +1,5 @@
 /* sparsekit.runtime._kernels, the CPython module: argument parsing and size checks for the single-layer
- * kernels (sell, gemv, panel, the transposes), the code path (isa, set_isa, SPARSEKIT_ISA), the
+ * kernels (rows, gemv, panel, the transposes), the code path (isa, set_isa, SPARSEKIT_ISA), the
  * threading settings, and the method table (the chain methods are in sk_pychain.c). */
 #include "sk_glue.h"
 
@@ -47,18 +47,18 @@ static int make_csr(csr_t *w, Py_buffer *val, Py_buffer *idx, Py_buffer *rowptr,
     return 0;
 }
 
-static PyObject *py_sell(PyObject *self, PyObject *args) {
+static PyObject *py_rows(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer val, idx, sp, perm, x, y, bias = {0};
+    Py_buffer val, idx, slice_ptr, perm, x, y, bias = {0};
     PyObject *bias_obj;
     int idx_bytes, relu, threads;
     long long n_in, n_out, B;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*Oy*w*iLLLii", &val, &idx, &sp, &perm, &bias_obj, &x, &y, &idx_bytes,
+    if (!PyArg_ParseTuple(args, "y*y*y*y*Oy*w*iLLLii", &val, &idx, &slice_ptr, &perm, &bias_obj, &x, &y, &idx_bytes,
                           &n_in, &n_out, &B, &relu, &threads))
         return NULL;
     int have_bias = 0;
     PyObject *ret = NULL;
-    sell_t w;
+    sliced_t w;
     if (bias_obj != Py_None) {
         if (PyObject_GetBuffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS) < 0) goto done;
         have_bias = 1;
@@ -67,16 +67,16 @@ static PyObject *py_sell(PyObject *self, PyObject *args) {
     if (!dims_ok(n_in, n_out)) goto done;
     if (B < 0) { PyErr_SetString(PyExc_ValueError, "negative batch"); goto done; }
     w.nsl = (n_out + SLICE - 1) / SLICE;
-    if (check_len(&sp, smul(w.nsl + 1, 8), "slice pointers") || check_len(&perm, smul(w.nsl * SLICE, 4), "row order"))
+    if (check_len(&slice_ptr, smul(w.nsl + 1, 8), "slice pointers") || check_len(&perm, smul(w.nsl * SLICE, 4), "row order"))
         goto done;
-    w.sp = (const int64_t *)sp.buf;
-    if (w.sp[0] != 0) { PyErr_SetString(PyExc_ValueError, "bad slice pointers"); goto done; }
+    w.slice_ptr = (const int64_t *)slice_ptr.buf;
+    if (w.slice_ptr[0] != 0) { PyErr_SetString(PyExc_ValueError, "bad slice pointers"); goto done; }
     for (int64_t s = 0; s < w.nsl; s++)
-        if (w.sp[s + 1] < w.sp[s] || (w.sp[s + 1] - w.sp[s]) % SLICE) {
+        if (w.slice_ptr[s + 1] < w.slice_ptr[s] || (w.slice_ptr[s + 1] - w.slice_ptr[s]) % SLICE) {
             PyErr_SetString(PyExc_ValueError, "bad slice pointers");
             goto done;
         }
-    if (check_len(&val, smul(w.sp[w.nsl], 4), "values") || check_len(&idx, smul(w.sp[w.nsl], idx_bytes), "indices") ||
+    if (check_len(&val, smul(w.slice_ptr[w.nsl], 4), "values") || check_len(&idx, smul(w.slice_ptr[w.nsl], idx_bytes), "indices") ||
         (have_bias && check_len(&bias, smul(w.nsl * SLICE, 4), "bias")) || check_len(&x, smul3(B, n_in, 4), "x") ||
         check_len(&y, smul3(B, n_out, 4), "y"))
         goto done;
@@ -89,17 +89,17 @@ static PyObject *py_sell(PyObject *self, PyObject *args) {
     w.n_out = n_out;
     w.relu = relu != 0;
     {
-        const sell_fn fn = pick_sell();
+        const rows_fn fn = pick_rows();
         const float *xp = (const float *)x.buf;
         float *yp = (float *)y.buf;
         int nt = clamp_threads(threads < 0 ? -threads : threads);
-        if (threads > 0) nt = rows_threads(nt, w.sp[w.nsl] * (B > 0 ? B : 1));
+        if (threads > 0) nt = rows_threads(nt, w.slice_ptr[w.nsl] * (B > 0 ? B : 1));
         Py_BEGIN_ALLOW_THREADS
         if (nt <= 1) {
             if (w.nsl > 0) fn(&w, xp, yp, B, 0, w.nsl);
         } else {
-            sell_job_t job = {fn, &w, xp, yp, B, (int64_t)nt * CHUNKS_PER_THREAD};
-            par_run(nt, job.nch, sell_item, &job);
+            rows_job_t job = {fn, &w, xp, yp, B, (int64_t)nt * CHUNKS_PER_THREAD};
+            par_run(nt, job.nch, rows_item, &job);
         }
         Py_END_ALLOW_THREADS
     }
@@ -107,7 +107,7 @@ static PyObject *py_sell(PyObject *self, PyObject *args) {
     Py_INCREF(ret);
 done:
     if (have_bias) PyBuffer_Release(&bias);
-    PyBuffer_Release(&val); PyBuffer_Release(&idx); PyBuffer_Release(&sp); PyBuffer_Release(&perm);
+    PyBuffer_Release(&val); PyBuffer_Release(&idx); PyBuffer_Release(&slice_ptr); PyBuffer_Release(&perm);
     PyBuffer_Release(&x); PyBuffer_Release(&y);
     return ret;
 }
@@ -382,9 +382,9 @@ static PyObject *py_set_threading(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"sell", py_sell, METH_VARARGS,
-     "sell(values, indices, sliceptr, perm, bias|None, x, y, idx_bytes, n_in, n_out, batch, relu, threads): the rows "
-     "kernel on the sliced layout (SparseLayer.sliced): SLICE-row slices stored slot-major, perm (int32, "
+    {"rows", py_rows, METH_VARARGS,
+     "rows(values, indices, slice_ptr, perm, bias|None, x, y, idx_bytes, n_in, n_out, batch, relu, threads): the rows "
+     "kernel on the sliced layout (CsrLayer.sliced): SLICE-row slices stored slot-major, perm (int32, "
      "SLICE * slices) the output row of each lane (-1: padding), bias in lane order"},
     {"panel", py_panel, METH_VARARGS,
      "panel(values, indices, blockptr, bias|None, xp, yp, idx_bytes, n_in, n_out, npanels, nblocks, relu, threads"
@@ -396,8 +396,8 @@ static PyMethodDef methods[] = {
      "gemv(weight_t, bias|None, x, y, n_in, n_out, batch, relu, threads): dense layer, weight (n_in, n_out)"},
     {"chain_new", py_chain_new, METH_VARARGS,
      "chain_new([(kind, a, b, c, d, bias|None, idx_bytes, n_in, n_out, relu, cap), ...][, input_shape]): a prepared chain of "
-     "small-batch layers, validated once; kind 0 (sell): a, b, c, d = values, indices, sliceptr, perm (as for "
-     "sell); kind 1 (gemv): a = weight_t (b, c, d unused); cap: the layer's thread cap (0: none); input_shape (a "
+     "small-batch layers, validated once; kind 0 (rows): a, b, c, d = values, indices, slice_ptr, perm (as for "
+     "rows); kind 1 (gemv): a = weight_t (b, c, d unused); cap: the layer's thread cap (0: none); input_shape (a "
      "tuple of at most 8 dims, n_in elements): x may also come as (batch, *input_shape)"},
     {"chain_run", (PyCFunction)(void (*)(void))py_chain_run, METH_FASTCALL,
      "chain_run(chain, x, y, threads): run a chain_new chain on x (batch, n_in) into y (batch, n_out), one call; "

@@ -30,6 +30,9 @@
  * Python threads at once: the one that does not get g_dispatch runs its items serially. Without
  * pthreads (MSVC) OpenMP runs the items, without either one thread does.
  */
+/* clock_gettime, sched_yield, sysconf(_SC_NPROCESSORS_ONLN) under -std=c99 (the other sources get
+ * this from Python.h's pyconfig.h) */
+#define _GNU_SOURCE 1
 #include "sk_runtime.h"
 
 #if SK_POOL

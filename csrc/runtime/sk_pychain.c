@@ -76,15 +76,15 @@ PyObject *py_chain_new(PyObject *self, PyObject *args) {
         l->relu = l->relu != 0;
         if (i + 1 < n && n_out > c->max_mid) c->max_mid = n_out;
         const void *p;
-        if (l->kind == CH_SELL) {
-            sell_t *w = &l->s;
+        if (l->kind == CH_ROWS) {
+            sliced_t *w = &l->s;
             if (idx_bytes != 2 && idx_bytes != 4) { PyErr_SetString(PyExc_ValueError, "idx_bytes must be 2 or 4"); goto fail; }
             w->nsl = (n_out + SLICE - 1) / SLICE;
             if (ch_get(c, d, smul(w->nsl + 1, 8), "slice pointers", &p)) goto fail;
-            w->sp = (const int64_t *)p;
-            if (w->sp[0] != 0) { PyErr_SetString(PyExc_ValueError, "bad slice pointers"); goto fail; }
+            w->slice_ptr = (const int64_t *)p;
+            if (w->slice_ptr[0] != 0) { PyErr_SetString(PyExc_ValueError, "bad slice pointers"); goto fail; }
             for (int64_t s = 0; s < w->nsl; s++)
-                if (w->sp[s + 1] < w->sp[s] || (w->sp[s + 1] - w->sp[s]) % SLICE) {
+                if (w->slice_ptr[s + 1] < w->slice_ptr[s] || (w->slice_ptr[s + 1] - w->slice_ptr[s]) % SLICE) {
                     PyErr_SetString(PyExc_ValueError, "bad slice pointers");
                     goto fail;
                 }
@@ -92,12 +92,12 @@ PyObject *py_chain_new(PyObject *self, PyObject *args) {
             w->perm = (const int32_t *)p;
             for (int64_t r = 0; r < w->nsl * SLICE; r++)
                 if (w->perm[r] < -1 || w->perm[r] >= n_out) { PyErr_SetString(PyExc_ValueError, "bad row order"); goto fail; }
-            if (ch_get(c, a, smul(w->sp[w->nsl], 4), "values", &p)) goto fail;
+            if (ch_get(c, a, smul(w->slice_ptr[w->nsl], 4), "values", &p)) goto fail;
             w->val = (const float *)p;
-            if (ch_get(c, b, smul(w->sp[w->nsl], idx_bytes), "indices", &p)) goto fail;
+            if (ch_get(c, b, smul(w->slice_ptr[w->nsl], idx_bytes), "indices", &p)) goto fail;
             w->idx = p;
             w->idx16 = idx_bytes == 2;
-            for (int64_t k = 0; k < w->sp[w->nsl]; k++) {
+            for (int64_t k = 0; k < w->slice_ptr[w->nsl]; k++) {
                 const int64_t col = w->idx16 ? (int64_t)((const uint16_t *)p)[k] : (int64_t)((const int32_t *)p)[k];
                 if (col < 0 || col >= (n_in > 0 ? n_in : 1)) { PyErr_SetString(PyExc_ValueError, "index out of range"); goto fail; }
             }
@@ -109,7 +109,7 @@ PyObject *py_chain_new(PyObject *self, PyObject *args) {
             w->n_in = n_in;
             w->n_out = n_out;
             w->relu = l->relu;
-            l->work = w->sp[w->nsl];
+            l->work = w->slice_ptr[w->nsl];
         } else if (l->kind == CH_GEMV) {
             if (ch_get(c, a, smul3(n_in, n_out, 4), "weight", &p)) goto fail;
             l->wt = (const float *)p;
@@ -157,7 +157,7 @@ PyObject *py_chain_new(PyObject *self, PyObject *args) {
             l->nb = nb;
             l->work = nnz;
         } else {
-            PyErr_SetString(PyExc_ValueError, "chain layer kind must be 0 (sell), 1 (gemv) or 2 (panel)");
+            PyErr_SetString(PyExc_ValueError, "chain layer kind must be 0 (rows), 1 (gemv) or 2 (panel)");
             goto fail;
         }
     }

@@ -5,8 +5,8 @@
  * A layer is y = act(W x + b) with W (n_out, n_in) stored as CSR: float32 values, uint16 or int32
  * column indices, int64 row pointers. Three kernels, chosen per layer and batch size by the runtime:
  *
- *   sell   the "rows" kernel (small batches): x row-major (B, n_in) -> y (B, n_out), the weights in a
- *          sliced layout (SELL-16, built by SparseLayer.sliced from the CSR): slices of 16 length-sorted
+ *   rows   small batches: x row-major (B, n_in) -> y (B, n_out), the weights in a
+ *          sliced layout (SELL-16, built by CsrLayer.sliced from the CSR): slices of 16 length-sorted
  *          rows stored slot-major, so one 16-lane gather of x serves 16 rows, without per-row
  *          horizontal sums or masked tails. Gather lanes, not bytes, bound it.
  *   panel  activations in "panel" layout: the batch is cut into panels of PANEL (64) samples, each
@@ -29,7 +29,7 @@
  * 2^31 - 1, buffer lengths computed without overflow; chain_new also re-checks indices and row orders):
  * rowptr is non-decreasing from 0, indices < n_in, the index and value arrays have PAD_SLACK spare
  * elements after the last nonzero (the vector tails read, but never use, up to 31 of them), a panel row
- * order (SparseLayer.blocked) permutes rows only within GROUP_ROWS-row groups, and a sliced layout's perm
+ * order (CsrLayer.blocked) permutes rows only within GROUP_ROWS-row groups, and a sliced layout's perm
  * holds each output row once (-1 elsewhere; the slice pointers are re-checked by the glue).
  */
 #ifndef SK_RUNTIME_H
@@ -62,7 +62,7 @@
 #define TILE_ROWS 16  /* finished rows a panel kernel gathers on its stack before writing row-major y */
 /* Rows are handled in groups of GROUP_ROWS: thread ranges start on group boundaries, and a layer's
  * optional row order (per column block) permutes rows only within their group. The Python side sorts
- * each group's rows by their nonzero count in the block (SparseLayer.blocked): the inner loop's trip
+ * each group's rows by their nonzero count in the block (CsrLayer.blocked): the inner loop's trip
  * count then repeats from row to row and its exit branch is predicted. */
 #define GROUP_ROWS 64
 #define POOL_MAX 64   /* most threads a job runs on */
@@ -130,7 +130,7 @@ static inline int64_t idx_at(const csr_t *w, int64_t k) {
     return w->idx16 ? (int64_t)((const uint16_t *)w->idx)[k] : (int64_t)((const int32_t *)w->idx)[k];
 }
 
-/* Sliced rows (SELL-16), the layout of the rows kernel (SparseLayer.sliced() builds it). Rows sorted by
+/* Sliced rows (SELL-16), the layout of the rows kernel (CsrLayer.sliced() builds it). Rows sorted by
  * nonzero count (descending) are cut into slices of SLICE rows; a slice stores its rows' nonzeros
  * slot-major, slot j of its 16 rows side by side (rows shorter than the slice's longest are padded with
  * value 0, index 0). One 16-lane gather then feeds 16 rows, lane l accumulating row perm[l]: no
@@ -140,12 +140,12 @@ typedef struct {
     const float *val;
     const void *idx;
     int idx16;
-    const int64_t *sp;    /* slice pointers (nsl + 1), in elements; slice s holds (sp[s+1]-sp[s])/SLICE slots */
+    const int64_t *slice_ptr; /* nsl + 1, in elements: slice s holds (slice_ptr[s+1]-slice_ptr[s])/SLICE slots */
     const int32_t *perm;  /* nsl * SLICE: output row of each lane, -1 for padding lanes */
     const float *bias;    /* nsl * SLICE, in lane order (NULL: none) */
     int64_t n_in, n_out, nsl;
     int relu;
-} sell_t;
+} sliced_t;
 
 /* Fused output transpose: the last column block of a panel layer can write its results straight into
  * the row-major output y (B, n_out) instead of the panel buffer. Each kernel then stores up to TILE_ROWS
@@ -164,7 +164,7 @@ typedef struct {
 /* ------------------------------------------------------------------ kernel signatures */
 
 /* rows kernel: slices [s0, s1) of w for B samples of x (B, n_in) into y (B, n_out) */
-typedef void (*sell_fn)(const sell_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1);
+typedef void (*rows_fn)(const sliced_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1);
 /* panel kernel: rows k0..k1-1 of one panel (xp -> yp) for one column block; `first` starts the sums at 0,
  * `last` adds bias and ReLU (and with ro->y writes row-major y); ord: the row at each position or NULL */
 typedef void (*panel_fn)(const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0, int64_t k1,
@@ -173,18 +173,18 @@ typedef void (*panel_fn)(const csr_t *w, const int32_t *ord, const float *xp, fl
 typedef void (*gemv_fn)(const float *wt, const float *bias, const float *x, float *y, int64_t n_in, int64_t n_out,
                         int64_t b0, int64_t b1, int relu);
 
-void sell_generic(const sell_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1);
+void rows_generic(const sliced_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1);
 void panel_generic(const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0, int64_t k1,
                    int first, int last, const rowout_t *ro);
 void gemv_generic(const float *wt, const float *bias, const float *x, float *y, int64_t n_in, int64_t n_out,
                   int64_t b0, int64_t b1, int relu);
 #if SK_X86
-SK_AVX2 void sell_avx2(const sell_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1);
+SK_AVX2 void rows_avx2(const sliced_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1);
 SK_AVX2 void panel_avx2(const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0, int64_t k1,
                         int first, int last, const rowout_t *ro);
 /* 8x8 float transpose: dst[c][r] = src[r][c] (row strides ss, ds in floats) */
 SK_AVX2 void tr8x8_avx2(const float *src, int64_t ss, float *dst, int64_t ds);
-SK_AVX512 void sell_avx512(const sell_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1);
+SK_AVX512 void rows_avx512(const sliced_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1);
 SK_AVX512 void panel_avx512(const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0,
                             int64_t k1, int first, int last, const rowout_t *ro);
 SK_AVX512 void gemv_avx512(const float *wt, const float *bias, const float *x, float *y, int64_t n_in,
@@ -195,7 +195,7 @@ SK_AVX512 void tile_flush_avx512(const float *tile, float *y, int64_t ldy, int s
 
 /* ------------------------------------------------------------------ dispatch and layout (sk_dispatch.c) */
 
-sell_fn pick_sell(void);
+rows_fn pick_rows(void);
 panel_fn pick_panel(void);
 gemv_fn pick_gemv(void);
 /* a finished tile of a panel kernel into row-major y (ro->y + obase), with the active code path */
@@ -221,13 +221,13 @@ int clamp_threads(int t);
 /* ------------------------------------------------------------------ layer drivers (sk_drive.c) */
 
 typedef struct {
-    sell_fn fn;
-    const sell_t *w;
+    rows_fn fn;
+    const sliced_t *w;
     const float *x;
     float *y;
     int64_t B, nch;
-} sell_job_t;
-void sell_item(void *ctx, int64_t ch, int tid);
+} rows_job_t;
+void rows_item(void *ctx, int64_t ch, int tid);
 
 typedef struct {
     gemv_fn fn;

@@ -23,7 +23,7 @@ from sparsekit.runtime.layers import (
     _K,
     PANEL,
     PLAN_EPOCH,
-    SparseLayer,
+    CsrLayer,
     aligned_empty,
     from_panels,
     kernel_isa,
@@ -76,7 +76,7 @@ PANEL_MAX_DENSITY = 0.3
 GEMV_MAX_WEIGHTS = 1 << 18
 
 
-def small_batch_costs(layer: SparseLayer) -> dict[str, float]:
+def small_batch_costs(layer: CsrLayer) -> dict[str, float]:
     """Rough per-sample cost (µs) of the small-batch kernels as a chain layer: ``rows`` pays per output
     row and per nonzero, ``gemv`` a fixed 0.29 µs more plus per 16-wide vector of the dense weight.
     Least-squares fit of 60 layers (n_in 16-1024, n_out 10-1024, density 2-30%) at batch 1 on the Xeon of
@@ -87,7 +87,7 @@ def small_batch_costs(layer: SparseLayer) -> dict[str, float]:
             "gemv": 0.29 + 0.00075 * layer.n_in * -(-layer.n_out // 16)}
 
 
-def default_kernel(layer: SparseLayer, batch: int) -> str:
+def default_kernel(layer: CsrLayer, batch: int) -> str:
     """The untuned choice: sparse kernels where they clearly win, dense kernels otherwise."""
     if layer.n_in == 0 or layer.n_out == 0:
         return "rows"
@@ -104,7 +104,7 @@ def default_kernel(layer: SparseLayer, batch: int) -> str:
     return "panel"  # sparser: too few nonzeros per row and block to pay for the blocks' overhead
 
 
-def pick_kernel(layer: SparseLayer, batch: int) -> str:
+def pick_kernel(layer: CsrLayer, batch: int) -> str:
     """The layer's plan entry nearest to ``batch`` (log scale), else ``default_kernel``. Halfway between
     two entries the larger one's: the small-batch kernels cost about linearly in the batch while a
     panel costs the same from 1 to 64 samples (the demo model at batch 8: rows 36 us, the batch-16
@@ -119,7 +119,7 @@ def pick_kernel(layer: SparseLayer, batch: int) -> str:
     return spec
 
 
-def _dense_session(layers: Sequence[SparseLayer], threads: int):
+def _dense_session(layers: Sequence[CsrLayer], threads: int):
     """An ONNX Runtime session computing ``layers`` densely (MatMul + Add + Relu)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -162,7 +162,7 @@ class FastModel:
     all run the rows/gemv kernels, or all run ``panel``, go through one prepared C chain (concurrent callers
     each get their own activation scratch and their own output array); other calls are serialised."""
 
-    def __init__(self, layers: list[SparseLayer], input_shape: tuple[int, ...], *, threads: int = 1,
+    def __init__(self, layers: list[CsrLayer], input_shape: tuple[int, ...], *, threads: int = 1,
                  input_name: str = "input", output_name: str = "output",
                  metadata: dict[str, str] | None = None, memory_limit: int | None = None) -> None:
         """``memory_limit``: bytes each layer's kernel may use beyond its CSR (``memory.kernel_bytes``); kernels
@@ -302,7 +302,7 @@ class FastModel:
         return _K.chain_new(self._chain_specs(parsed), self.input_shape)
 
     def _chain_specs(self, parsed: list[tuple[str, int, int]]) -> list[tuple[Any, ...]]:
-        """``chain_new``'s layer tuples: (kind 0 sell / 1 gemv / 2 panel, arrays..., bias, idx_bytes, n_in,
+        """``chain_new``'s layer tuples: (kind 0 rows / 1 gemv / 2 panel, arrays..., bias, idx_bytes, n_in,
         n_out, relu, thread cap[, column blocks])."""
         specs: list[tuple[Any, ...]] = []
         for layer, (name, block, cap) in zip(self.layers, parsed, strict=True):
@@ -311,8 +311,8 @@ class FastModel:
                 specs.append((2, v, i, bptr, order, layer.bias, layer.idx_bytes, layer.n_in, layer.n_out,
                               int(layer.relu), cap, int(nb)))
             elif name == "rows":
-                sv, si, sp, perm, bias = layer.sliced()
-                specs.append((0, sv, si, sp, perm, bias, layer.idx_bytes, layer.n_in, layer.n_out,
+                sv, si, slice_ptr, perm, bias = layer.sliced()
+                specs.append((0, sv, si, slice_ptr, perm, bias, layer.idx_bytes, layer.n_in, layer.n_out,
                               int(layer.relu), cap))
             else:
                 specs.append((1, layer.dense_t(), None, None, None, layer.bias, 4, layer.n_in, layer.n_out,
