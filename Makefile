@@ -44,7 +44,8 @@ test-isa: $(VENV)/.installed
 # installed that the tests import first (they run from there), so the normal in-place build is never replaced.
 # Any report aborts the run; --capture=sys lets it reach the terminal (fd 2) instead of the aborted test's capture.
 ASAN_DIR ?= build/asan
-ASAN_CFLAGS := -O1 -g -std=c99 -fno-strict-aliasing -fPIC -shared -fsanitize=address,undefined \
+RUNTIME_SRCS := $(sort $(wildcard csrc/runtime/*.c))
+ASAN_CFLAGS := -O1 -g -std=c99 -fno-strict-aliasing -fvisibility=hidden -fPIC -shared -fsanitize=address,undefined \
 	-fno-omit-frame-pointer -fno-sanitize-recover=undefined
 ASAN_TESTS ?= tests/test_runtime.py tests/test_runtime_hostile.py tests/test_fuzz_artifact.py
 CC ?= cc
@@ -59,7 +60,7 @@ test-asan: $(VENV)/.installed
 	cp -r sparsekit $(ASAN_DIR)/sparsekit && cp -r cli $(ASAN_DIR)/sparsekit/cli
 	cp -r exporters $(ASAN_DIR)/sparsekit/exporters
 	$(CC) $(ASAN_CFLAGS) -I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
-		csrc/sparsekit_kernels.c -o "$(ASAN_DIR)/sparsekit/runtime/_kernels$$($(PY) -c \
+		$(RUNTIME_SRCS) -o "$(ASAN_DIR)/sparsekit/runtime/_kernels$$($(PY) -c \
 		'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')" -lpthread
 	cd $(ASAN_DIR) && LD_PRELOAD="$(ASAN_PRELOAD)" $(ASAN_ENV) $(abspath $(PY)) -c \
 		'import sparsekit.runtime._kernels as k, sys; sys.exit(0 if "$(abspath $(ASAN_DIR))/" in k.__file__ else \

@@ -7,6 +7,7 @@ compiler accepts ``-fopenmp`` (probed here); without it the kernels run on one t
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 import tempfile
@@ -36,7 +37,9 @@ class BuildExt(build_ext):
         if ctype == "msvc":
             compile_args, omp_c, omp_l = ["/O2"], ["/openmp"], []
         else:
-            compile_args, omp_c, omp_l = ["-O3", "-std=c99", "-fno-strict-aliasing"], ["-fopenmp"], ["-fopenmp"]
+            # hidden: the runtime's sources call each other directly, not through the .so's symbol table
+            compile_args = ["-O3", "-std=c99", "-fno-strict-aliasing", "-fvisibility=hidden"]
+            omp_c, omp_l = ["-fopenmp"], ["-fopenmp"]
         use_omp = os.environ.get("SPARSEKIT_NO_OPENMP") != "1" and _probe(self.compiler, omp_c, omp_l)
         if not use_omp:
             print("sparsekit: building the kernels without OpenMP (one thread)", file=sys.stderr)
@@ -48,7 +51,8 @@ class BuildExt(build_ext):
 
 setup(
     ext_modules=[
-        Extension("sparsekit.runtime._kernels", sources=["csrc/sparsekit_kernels.c"]),
+        # the runtime: csrc/runtime/sk_runtime.h lists what each source holds
+        Extension("sparsekit.runtime._kernels", sources=sorted(glob.glob("csrc/runtime/*.c"))),
         Extension("sparsekit._select", sources=["csrc/sparsekit_select.c"]),  # mask-update selection
     ],
     cmdclass={"build_ext": BuildExt},

@@ -71,8 +71,8 @@ def _render(report: dict) -> None:
         slow = {(a["artifact"], s["batch_size"], s["threads"]) for a in report["artifacts"]
                 for s in a.get("slower_than_dense") or []}
         for r in report["latency"]:
-            sp = r.get("speedup_vs_dense")
-            cell = f"{sp:.2f}×" if sp else "-"
+            speedup = r.get("speedup_vs_dense")
+            cell = f"{speedup:.2f}×" if speedup else "-"
             if (r["artifact"], r["batch_size"], r["threads"]) in slow:
                 cell = f"[yellow]{cell} ⚠[/yellow]"
             lt.add_row(r["artifact"], str(r["batch_size"]), str(r["threads"]), f"{r['p50_ms']:.3f}",

@@ -85,7 +85,7 @@ def build_fast_model(dense: onnx.ModelProto, *, compact: bool = True, threads: i
     from sparsekit.exporters.graph import parse_mlp_chain
 
     from sparsekit import __version__
-    from sparsekit.runtime.layers import SparseLayer
+    from sparsekit.runtime.layers import CsrLayer
     from sparsekit.runtime.model import FastModel
 
     shape, chain = parse_mlp_chain(dense)
@@ -96,7 +96,7 @@ def build_fast_model(dense: onnx.ModelProto, *, compact: bool = True, threads: i
     stats = {"units_removed": 0, "units_folded": 0}
     if compact and len(chain) > 1:
         chain, stats = _compacted(chain, int(np.prod(shape)))
-    layers = [SparseLayer.from_dense(c.weight, c.bias, c.activation == "relu", name=c.weight_name or f"layer{i}")
+    layers = [CsrLayer.from_dense(c.weight, c.bias, c.activation == "relu", name=c.weight_name or f"layer{i}")
               for i, c in enumerate(chain)]
     src_meta = {p.key: p.value for p in dense.metadata_props}
     meta = {f"source.{k}": v for k, v in src_meta.items()}

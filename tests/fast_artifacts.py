@@ -33,7 +33,7 @@ def tiny_model(seed: int = 0, plan: str = "mixed", *, bias: bool = True, input_s
     for i, (n_out, n_in, density) in enumerate(SHAPES):
         w = (rng.standard_normal((n_out, n_in)) * (rng.random((n_out, n_in)) < density)).astype(np.float32)
         b = rng.standard_normal(n_out).astype(np.float32) if bias else None
-        layers.append(rt.SparseLayer.from_dense(w, b, relu=i < len(SHAPES) - 1, name=f"l{i}",
+        layers.append(rt.CsrLayer.from_dense(w, b, relu=i < len(SHAPES) - 1, name=f"l{i}",
                                                 plan=dict(PLANS[plan][i])))
     return rt.FastModel(layers, input_shape, threads=threads)
 

@@ -54,7 +54,7 @@ def test_kernels_match_dense_reference(isa, spec, batch):
     # odd shapes, all-zero rows (output = bias) and columns, relu and a row longer than the vector width
     w = sparse_matrix(rng, 37, 53, 0.3, zero_rows=(0, 5, 36), zero_cols=(1, 2, 52))
     w[7] = rng.standard_normal(53)
-    layer = rt.SparseLayer.from_dense(w, rng.standard_normal(37), relu=True)
+    layer = rt.CsrLayer.from_dense(w, rng.standard_normal(37), relu=True)
     model = rt.FastModel([layer], (53,))
     x = rng.standard_normal((batch, 53)).astype(np.float32)
     for threads in (1, 2):
@@ -65,7 +65,7 @@ def test_kernels_match_dense_reference(isa, spec, batch):
 def test_chains_switch_layouts_between_kernels(isa, threads):
     rng = np.random.default_rng(1)
     ws = [sparse_matrix(rng, 70, 45, 0.2), sparse_matrix(rng, 33, 70, 0.1), sparse_matrix(rng, 9, 33, 0.5)]
-    layers = [rt.SparseLayer.from_dense(w, rng.standard_normal(w.shape[0]), relu=i < 2)
+    layers = [rt.CsrLayer.from_dense(w, rng.standard_normal(w.shape[0]), relu=i < 2)
               for i, w in enumerate(ws)]
     layers[1].bias = None
     model = rt.FastModel(layers, (5, 9), threads=threads)
@@ -85,13 +85,13 @@ def test_empty_layers_and_wide_inputs_use_int32_indices():
     n_in = 70_000  # > 65536 columns: int32 indices
     w = np.zeros((4, n_in), np.float32)
     w[1, [0, 65_535, 65_536, 69_999]] = [1.0, 2.0, 3.0, 4.0]
-    layer = rt.SparseLayer.from_dense(w, np.arange(4, dtype=np.float32), relu=False)
+    layer = rt.CsrLayer.from_dense(w, np.arange(4, dtype=np.float32), relu=False)
     assert layer.indices.dtype == np.int32
     model = rt.FastModel([layer], (n_in,))
     x = rng.standard_normal((3, n_in)).astype(np.float32)
     for spec in ("rows", "panel", "panel:1000"):
         close(model.run(x, kernels=[spec]), layer.reference(x))
-    empty = rt.SparseLayer.from_dense(np.zeros((5, 6), np.float32), np.ones(5, np.float32), relu=False)
+    empty = rt.CsrLayer.from_dense(np.zeros((5, 6), np.float32), np.ones(5, np.float32), relu=False)
     y = rt.FastModel([empty], (6,)).run(np.ones((2, 6), np.float32))
     assert np.array_equal(y, np.ones((2, 5), np.float32))
 
@@ -108,10 +108,10 @@ def test_sliced_rows_kernel_matches_the_reference(isa, n_in, bias):
         for r in range(n_out):
             cols = rng.choice(n_in, min(lengths[r % len(lengths)], n_in), replace=False)
             w[r, cols] = rng.standard_normal(cols.size)
-        layer = rt.SparseLayer.from_dense(w, rng.standard_normal(n_out) if bias else None, relu=bias)
+        layer = rt.CsrLayer.from_dense(w, rng.standard_normal(n_out) if bias else None, relu=bias)
         assert layer.indices.dtype == (np.uint16 if n_in <= 65536 else np.int32)
-        sv, si, sp, perm, _ = layer.sliced()
-        assert sorted(perm[perm >= 0].tolist()) == list(range(n_out)) and int(sp[-1]) % L.SLICE == 0
+        sv, si, slice_ptr, perm, _ = layer.sliced()
+        assert sorted(perm[perm >= 0].tolist()) == list(range(n_out)) and int(slice_ptr[-1]) % L.SLICE == 0
         for batch in (1, 3):
             x = rng.standard_normal((batch, n_in)).astype(np.float32)
             for threads in (1, -2):
@@ -120,17 +120,17 @@ def test_sliced_rows_kernel_matches_the_reference(isa, n_in, bias):
                 close(y, layer.reference(x))
     if K is not None:  # the C side re-checks the layout it is given
         with pytest.raises(ValueError):
-            K.sell(sv, si, sp[:-1], perm, None, x, y, layer.idx_bytes, n_in, n_out, 3, 0, 1)
-        bad = sp.copy()
+            K.rows(sv, si, slice_ptr[:-1], perm, None, x, y, layer.idx_bytes, n_in, n_out, 3, 0, 1)
+        bad = slice_ptr.copy()
         bad[1] += 1
         with pytest.raises(ValueError):
-            K.sell(sv, si, bad, perm, None, x, y, layer.idx_bytes, n_in, n_out, 3, 0, 1)
+            K.rows(sv, si, bad, perm, None, x, y, layer.idx_bytes, n_in, n_out, 3, 0, 1)
 
 
 def test_gemv_handles_ragged_widths_and_refuses_short_buffers(isa):
     rng = np.random.default_rng(7)
     for n_out in (1, 15, 16, 17, 127, 128, 129, 300):  # masked tails of the 128-wide register block
-        layer = rt.SparseLayer.from_dense(sparse_matrix(rng, n_out, 19, 0.4), rng.standard_normal(n_out),
+        layer = rt.CsrLayer.from_dense(sparse_matrix(rng, n_out, 19, 0.4), rng.standard_normal(n_out),
                                           relu=bool(n_out % 2))
         x = rng.standard_normal((5, 19)).astype(np.float32)
         for threads in (1, 2):
@@ -145,7 +145,7 @@ def test_threaded_paths_match_the_reference(batch):
     # big enough that the kernels really split the work (small calls run on one thread), ragged rows
     rng = np.random.default_rng(10)
     w = sparse_matrix(rng, 1500, 1400, 0.5, zero_rows=range(0, 1500, 7))
-    layer = rt.SparseLayer.from_dense(w, rng.standard_normal(1500), relu=True)
+    layer = rt.CsrLayer.from_dense(w, rng.standard_normal(1500), relu=True)
     model = rt.FastModel([layer], (1400,))
     x = rng.standard_normal((batch, 1400)).astype(np.float32)
     for spec in ("rows", "panel", "panel:64", "gemv"):
@@ -157,7 +157,7 @@ def test_fused_output_transpose_matches_the_reference(isa, n_out):
     # the last panel layer writes row-major output itself: whole 16-row tiles (n_out % 16 == 0, full
     # panels: the register-transpose path) and ragged ones (tail rows, tail panel, odd row strides)
     rng = np.random.default_rng(n_out)
-    layer = rt.SparseLayer.from_dense(sparse_matrix(rng, n_out, 96, 0.2, zero_rows=(3, 17)),
+    layer = rt.CsrLayer.from_dense(sparse_matrix(rng, n_out, 96, 0.2, zero_rows=(3, 17)),
                                       rng.standard_normal(n_out), relu=True)
     model = rt.FastModel([layer], (96,))
     for batch in (64, 200):
@@ -187,7 +187,7 @@ def test_blocked_layout_covers_every_nonzero_once_in_group_sorted_order():
     rng = np.random.default_rng(11)
     n_out, n_in = 200, 300  # 4 groups of 64 rows, the last one ragged; empty rows and columns
     w = sparse_matrix(rng, n_out, n_in, 0.15, zero_rows=(0, 64, 65, 199), zero_cols=(5, 299))
-    layer = rt.SparseLayer.from_dense(w, None, relu=False)
+    layer = rt.CsrLayer.from_dense(w, None, relu=False)
     group = L.GROUP_ROWS
     for block in (0, 64, 100, 128, 1000):
         v, i, bptr, nb, order = layer.blocked(block)
@@ -226,7 +226,7 @@ def test_default_kernel_follows_the_measured_cost_model(n_out, n_in, density, ba
     from sparsekit.runtime.model import default_kernel
 
     rng = np.random.default_rng(13)
-    layer = rt.SparseLayer.from_dense(sparse_matrix(rng, n_out, n_in, density), None, relu=False)
+    layer = rt.CsrLayer.from_dense(sparse_matrix(rng, n_out, n_in, density), None, relu=False)
     assert default_kernel(layer, batch) == want
 
 
@@ -237,7 +237,7 @@ def test_kernel_layouts_are_cache_line_aligned(idx_dtype):
     rng = np.random.default_rng(12)
     n_in = 300 if idx_dtype == np.uint16 else 70000  # wide inputs need int32 indices
     w = sparse_matrix(rng, 50, n_in, 0.05 if idx_dtype == np.uint16 else 0.001)
-    layer = rt.SparseLayer.from_dense(w, rng.standard_normal(50), relu=False)
+    layer = rt.CsrLayer.from_dense(w, rng.standard_normal(50), relu=False)
     assert layer.indices.dtype == idx_dtype
     sv, si, _, perm, bias = layer.sliced()
     bv, bi, _, _, order = layer.blocked(128)
@@ -259,7 +259,7 @@ def test_forced_thread_counts_and_splits_match_the_reference(isa, threading_knob
     rng = np.random.default_rng(threads)
     w = sparse_matrix(rng, 333, 150, 0.2, zero_rows=range(0, 333, 11))
     w[:64] *= rng.random((64, 150)) < 0.2  # unbalanced groups
-    layer = rt.SparseLayer.from_dense(w, rng.standard_normal(333), relu=True)
+    layer = rt.CsrLayer.from_dense(w, rng.standard_normal(333), relu=True)
     model = rt.FastModel([layer], (150,))
     for batch in (1, 5, 64, 130, 256):
         x = rng.standard_normal((batch, 150)).astype(np.float32)
@@ -270,7 +270,7 @@ def test_forced_thread_counts_and_splits_match_the_reference(isa, threading_knob
 def test_large_outputs_streamed_to_memory_match_the_reference(isa):
     # outputs of 512 KB and more are written with non-temporal stores (full panels, 16-row tiles)
     rng = np.random.default_rng(17)
-    layer = rt.SparseLayer.from_dense(sparse_matrix(rng, 512, 80, 0.1), rng.standard_normal(512), relu=True)
+    layer = rt.CsrLayer.from_dense(sparse_matrix(rng, 512, 80, 0.1), rng.standard_normal(512), relu=True)
     model = rt.FastModel([layer], (80,))
     for batch in (256, 250):
         x = rng.standard_normal((batch, 80)).astype(np.float32)
@@ -283,7 +283,7 @@ def test_threaded_chains_match_at_one_and_two_threads(threading_knobs):
     threading_knobs.set_threading(-1, 0, 0, 0)
     rng = np.random.default_rng(12)
     ws = [sparse_matrix(rng, 256, 200, 0.1), sparse_matrix(rng, 130, 256, 0.1), sparse_matrix(rng, 10, 130, 0.3)]
-    layers = [rt.SparseLayer.from_dense(w, rng.standard_normal(w.shape[0]), relu=i < 2) for i, w in enumerate(ws)]
+    layers = [rt.CsrLayer.from_dense(w, rng.standard_normal(w.shape[0]), relu=i < 2) for i, w in enumerate(ws)]
     model = rt.FastModel(layers, (200,))
     x = rng.standard_normal((192, 200)).astype(np.float32)
     ref = x
@@ -302,7 +302,7 @@ def test_kernels_called_from_several_python_threads_at_once(threading_knobs):
 
     threading_knobs.set_threading(-1, 0, 0, 0)
     rng = np.random.default_rng(13)
-    layer = rt.SparseLayer.from_dense(sparse_matrix(rng, 300, 200, 0.1), rng.standard_normal(300), relu=True)
+    layer = rt.CsrLayer.from_dense(sparse_matrix(rng, 300, 200, 0.1), rng.standard_normal(300), relu=True)
     models = [rt.FastModel([layer], (200,), threads=2) for _ in range(4)]
     xs = [rng.standard_normal((b, 200)).astype(np.float32) for b in (1, 7, 64, 200)]
 
@@ -323,7 +323,7 @@ def test_pool_back_to_back_jobs_with_late_sleeping_and_oversubscribed_workers(th
     # data. Outputs start as NaN so a skipped item shows; a stale worker would write another job's rows.
     rng = np.random.default_rng(15)
     shapes = [(40, 30, 0.3), (300, 200, 0.1), (17, 500, 0.05), (1024, 64, 0.2)]
-    layers = [rt.SparseLayer.from_dense(sparse_matrix(rng, o, i, d), rng.standard_normal(o), relu=k % 2 == 0)
+    layers = [rt.CsrLayer.from_dense(sparse_matrix(rng, o, i, d), rng.standard_normal(o), relu=k % 2 == 0)
               for k, (o, i, d) in enumerate(shapes)]
     xs = [rng.standard_normal((b, lay.n_in)).astype(np.float32) for lay, b in zip(layers, (1, 3, 1, 2), strict=True)]
     refs = [lay.reference(x) for lay, x in zip(layers, xs, strict=True)]
@@ -343,7 +343,7 @@ def test_pool_works_in_a_forked_child(threading_knobs, tmp_path):
         pytest.skip("no fork on this platform")
     threading_knobs.set_threading(-1, 0, 0, 0)
     rng = np.random.default_rng(14)
-    layer = rt.SparseLayer.from_dense(sparse_matrix(rng, 300, 200, 0.1), rng.standard_normal(300), relu=True)
+    layer = rt.CsrLayer.from_dense(sparse_matrix(rng, 300, 200, 0.1), rng.standard_normal(300), relu=True)
     model = rt.FastModel([layer], (200,), threads=2)
     x = rng.standard_normal((130, 200)).astype(np.float32)
     model.run(x)  # the parent's workers exist now
@@ -363,8 +363,8 @@ def test_thread_cap_in_the_plan_is_parsed_recorded_and_honoured(tmp_path):
         with pytest.raises(InputError):
             L.parse_kernel(bad)
     rng = np.random.default_rng(15)
-    layers = [rt.SparseLayer.from_dense(sparse_matrix(rng, 70, 40, 0.2), rng.standard_normal(70), relu=True),
-              rt.SparseLayer.from_dense(sparse_matrix(rng, 9, 70, 0.3), None, relu=False)]
+    layers = [rt.CsrLayer.from_dense(sparse_matrix(rng, 70, 40, 0.2), rng.standard_normal(70), relu=True),
+              rt.CsrLayer.from_dense(sparse_matrix(rng, 9, 70, 0.3), None, relu=False)]
     layers[0].plan = {1: "rows@1", 256: "panel:32@1"}
     layers[1].plan = {1: "gemv", 256: "dense@1"}
     model = rt.FastModel(layers, (40,), threads=2)
@@ -403,7 +403,7 @@ def test_tune_at_two_threads_records_a_valid_plan():
     from sparsekit.runtime.tune import candidates, tune_layers
 
     rng = np.random.default_rng(16)
-    layer = rt.SparseLayer.from_dense(sparse_matrix(rng, 64, 48, 0.2), rng.standard_normal(64), relu=True)
+    layer = rt.CsrLayer.from_dense(sparse_matrix(rng, 64, 48, 0.2), rng.standard_normal(64), relu=True)
     assert "rows@1" in candidates(layer, 1, 2) and "dense@1" not in candidates(layer, 1, 2)
     assert not any("@" in c for c in candidates(layer, 1, 1))
     report = tune_layers([layer], batches=(1, 64), threads=2, budget_s=0.01)
@@ -447,7 +447,7 @@ def test_tuned_export_at_two_threads_checks_the_whole_model_thread_cap(tmp_path)
 
 def test_plan_cache_follows_plan_changes():
     rng = np.random.default_rng(8)
-    layer = rt.SparseLayer.from_dense(sparse_matrix(rng, 20, 30, 0.2), None, relu=False)
+    layer = rt.CsrLayer.from_dense(sparse_matrix(rng, 20, 30, 0.2), None, relu=False)
     model = rt.FastModel([layer], (30,))
     x = rng.standard_normal((2, 30)).astype(np.float32)
     model.run(x)
@@ -463,8 +463,8 @@ def test_calibration_measures_whole_model_plans():
     from sparsekit.runtime.tune import CALIBRATION_BATCHES, _chain_candidates, calibrate
 
     rng = np.random.default_rng(9)
-    layers = [rt.SparseLayer.from_dense(sparse_matrix(rng, 32, 16, 0.1), rng.standard_normal(32), relu=True),
-              rt.SparseLayer.from_dense(sparse_matrix(rng, 4, 32, 0.5), None, relu=False)]
+    layers = [rt.CsrLayer.from_dense(sparse_matrix(rng, 32, 16, 0.1), rng.standard_normal(32), relu=True),
+              rt.CsrLayer.from_dense(sparse_matrix(rng, 4, 32, 0.5), None, relu=False)]
     model = rt.FastModel(layers, (16,))
     report = calibrate(model, budget_s=0.05)
     assert sorted(int(b) for b in report) == sorted(CALIBRATION_BATCHES)
@@ -498,7 +498,7 @@ def test_calibration_confirms_a_plan_that_beat_the_heuristic(monkeypatch):
     from sparsekit.runtime import tune
 
     rng = np.random.default_rng(19)
-    layers = [rt.SparseLayer.from_dense(sparse_matrix(rng, 32, 16, 0.1), rng.standard_normal(32), relu=True)]
+    layers = [rt.CsrLayer.from_dense(sparse_matrix(rng, 32, 16, 0.1), rng.standard_normal(32), relu=True)]
     model = rt.FastModel(layers, (16,), threads=2)
     calls: dict[int, int] = {}
 
@@ -531,7 +531,7 @@ def test_calibration_measures_big_sparse_models_on_the_generic_path(monkeypatch)
     from sparsekit.runtime import tune
 
     rng = np.random.default_rng(23)
-    layers = [rt.SparseLayer.from_dense(sparse_matrix(rng, 1024, 1024, 0.1), None, relu=False)]
+    layers = [rt.CsrLayer.from_dense(sparse_matrix(rng, 1024, 1024, 0.1), None, relu=False)]
     # seconds per call: dense 100 µs, the heuristic on one thread 200 µs, every other plan 400 µs
     monkeypatch.setattr(tune, "_burst", lambda _m, _x, _t, specs, _n, _c:
                         1e-4 if specs[0] == "dense" else 2e-4 if "@1" in specs[0] else 4e-4)
@@ -561,14 +561,14 @@ def test_rows_jobs_use_threads_in_proportion_to_their_work(threading_knobs):
 
 def test_malformed_csr_is_refused():
     with pytest.raises(InputError, match="out of range"):
-        rt.SparseLayer.from_csr(4, 2, np.ones(2), np.array([0, 9]), np.array([0, 1, 2]), None, False)
+        rt.CsrLayer.from_csr(4, 2, np.ones(2), np.array([0, 9]), np.array([0, 1, 2]), None, False)
     with pytest.raises(InputError, match="row pointers"):
-        rt.SparseLayer.from_csr(4, 2, np.ones(2), np.array([0, 1]), np.array([0, 2, 1]), None, False)
+        rt.CsrLayer.from_csr(4, 2, np.ones(2), np.array([0, 1]), np.array([0, 2, 1]), None, False)
     if K is not None:  # the C side re-checks buffer sizes
-        layer = rt.SparseLayer.from_dense(np.eye(4, dtype=np.float32), None, False)
-        sv, si, sp, perm, _ = layer.sliced()
+        layer = rt.CsrLayer.from_dense(np.eye(4, dtype=np.float32), None, False)
+        sv, si, slice_ptr, perm, _ = layer.sliced()
         with pytest.raises(ValueError):  # x holds 3 floats where the layer reads 4
-            K.sell(sv, si, sp, perm, None, np.zeros(3, np.float32), np.zeros(4, np.float32), layer.idx_bytes,
+            K.rows(sv, si, slice_ptr, perm, None, np.zeros(3, np.float32), np.zeros(4, np.float32), layer.idx_bytes,
                    4, 4, 1, 0, 1)
 
 
@@ -592,8 +592,8 @@ def test_compaction_is_exact_and_folds_bias_of_input_less_units():
     compacted = with_all_inputs(8, kept_in, compacted)  # what the fast exporter packs
     assert sum(u["before"] - u["after"] for u in counts["units"]) >= 2 and counts["folded_units"] >= 1
     assert compacted[0].weight.shape[1] == 8 and compacted[0].weight.shape[0] < 12
-    layers = [rt.SparseLayer.from_dense(c.weight, c.bias, c.activation == "relu") for c in compacted]
-    full = [rt.SparseLayer.from_dense(c.weight, c.bias, c.activation == "relu") for c in chain]
+    layers = [rt.CsrLayer.from_dense(c.weight, c.bias, c.activation == "relu") for c in compacted]
+    full = [rt.CsrLayer.from_dense(c.weight, c.bias, c.activation == "relu") for c in chain]
     x = rng.standard_normal((5, 8))
     ref, got = x, x
     for a in full:
@@ -706,7 +706,7 @@ def test_export_cli_tunes_the_fast_plan(tmp_path, cli):
 
 def test_run_rejects_bad_inputs(tmp_path, cli):
     rng = np.random.default_rng(5)
-    layer = rt.SparseLayer.from_dense(sparse_matrix(rng, 4, 6, 0.5), None, relu=False)
+    layer = rt.CsrLayer.from_dense(sparse_matrix(rng, 4, 6, 0.5), None, relu=False)
     art = tmp_path / "m.fast.onnx"
     rt.save(rt.FastModel([layer], (2, 3)), art)
     good = tmp_path / "x.npy"
@@ -750,9 +750,9 @@ def test_loader_refuses_plain_onnx_and_garbage(tmp_path):
 def _chain_model(rng, threads=2, big=False):
     """rows, gemv and rows layers (a gemv-sized middle layer) whose batch-1 plan runs as one C chain."""
     w = 300 if big else 70
-    layers = [rt.SparseLayer.from_dense(sparse_matrix(rng, w, 40, 0.1), rng.standard_normal(w), relu=True),
-              rt.SparseLayer.from_dense(sparse_matrix(rng, 33, w, 0.9), rng.standard_normal(33), relu=True),
-              rt.SparseLayer.from_dense(sparse_matrix(rng, 9, 33, 0.2), None, relu=False)]
+    layers = [rt.CsrLayer.from_dense(sparse_matrix(rng, w, 40, 0.1), rng.standard_normal(w), relu=True),
+              rt.CsrLayer.from_dense(sparse_matrix(rng, 33, w, 0.9), rng.standard_normal(33), relu=True),
+              rt.CsrLayer.from_dense(sparse_matrix(rng, 9, 33, 0.2), None, relu=False)]
     layers[0].plan = {1: "rows", 256: "panel"}
     layers[1].plan = {1: "gemv", 256: "dense"}
     layers[2].plan = {1: "rows", 256: "panel"}
@@ -894,7 +894,7 @@ def test_fast_path_keeps_no_large_outputs():
     import sys
 
     rng = np.random.default_rng(45)
-    layer = rt.SparseLayer.from_dense(sparse_matrix(rng, 4200, 4, 0.5), None, relu=False)
+    layer = rt.CsrLayer.from_dense(sparse_matrix(rng, 4200, 4, 0.5), None, relu=False)
     model = rt.FastModel([layer], (4,), threads=1)
     for batch, kept in ((900, True), (1100, False)):  # 15.1 MB, 18.5 MB
         layer.plan = {batch: "rows"}
@@ -979,7 +979,7 @@ def _panel_chain_model(rng, threads=2):
     """panel layers only: odd widths, an empty row, no bias on the last layer, column blocks."""
     ws = [sparse_matrix(rng, 150, 70, 0.15, zero_rows=(3,)), sparse_matrix(rng, 33, 150, 0.3),
           sparse_matrix(rng, 9, 33, 0.4)]
-    layers = [rt.SparseLayer.from_dense(w, rng.standard_normal(w.shape[0]) if i < 2 else None, relu=i < 2)
+    layers = [rt.CsrLayer.from_dense(w, rng.standard_normal(w.shape[0]) if i < 2 else None, relu=i < 2)
               for i, w in enumerate(ws)]
     model = rt.FastModel(layers, (70,), threads=threads)
     ref = lambda x: layers[2].reference(layers[1].reference(layers[0].reference(x)))  # noqa: E731
@@ -1076,7 +1076,7 @@ def test_panel_chain_splits_the_rows_of_one_panel_of_big_layers(isa, threads):
     # 16, 32 or 64 lanes); three panels on 2 threads of big layers: the chain declines (False)
     rng = np.random.default_rng(53)
     ws = [sparse_matrix(rng, 700, 600, 0.5), sparse_matrix(rng, 300, 700, 0.3)]
-    layers = [rt.SparseLayer.from_dense(w, rng.standard_normal(w.shape[0]), relu=i == 0) for i, w in enumerate(ws)]
+    layers = [rt.CsrLayer.from_dense(w, rng.standard_normal(w.shape[0]), relu=i == 0) for i, w in enumerate(ws)]
     assert layers[0].nnz * (4 + layers[0].idx_bytes) > 1 << 20
     model = rt.FastModel(layers, (600,), threads=threads)
     ref = lambda x: layers[1].reference(layers[0].reference(x))  # noqa: E731
@@ -1096,8 +1096,8 @@ def test_whole_model_checks_offer_the_all_panel_chain():
     from sparsekit.runtime.tune import _chain_candidates, check_panel_chain
 
     rng = np.random.default_rng(54)
-    layers = [rt.SparseLayer.from_dense(sparse_matrix(rng, 96, 40, 0.1), rng.standard_normal(96), relu=True),
-              rt.SparseLayer.from_dense(sparse_matrix(rng, 10, 96, 1.0), rng.standard_normal(10), relu=False)]
+    layers = [rt.CsrLayer.from_dense(sparse_matrix(rng, 96, 40, 0.1), rng.standard_normal(96), relu=True),
+              rt.CsrLayer.from_dense(sparse_matrix(rng, 10, 96, 1.0), rng.standard_normal(10), relu=False)]
     model = rt.FastModel(layers, (40,))
     assert model.kernels_for(64)[1] == "dense"  # a dense output layer: the heuristic mixes kernels
     cands = _chain_candidates(model, 64)
@@ -1124,8 +1124,8 @@ def test_tune_keeps_the_heuristic_plan_where_the_tuned_one_is_slower(monkeypatch
     from sparsekit.runtime.model import default_kernel
 
     rng = np.random.default_rng(55)
-    layers = [rt.SparseLayer.from_dense(sparse_matrix(rng, 1500, 1500, 0.01), None, relu=True),
-              rt.SparseLayer.from_dense(sparse_matrix(rng, 10, 1500, 0.3), None, relu=False)]
+    layers = [rt.CsrLayer.from_dense(sparse_matrix(rng, 1500, 1500, 0.01), None, relu=True),
+              rt.CsrLayer.from_dense(sparse_matrix(rng, 10, 1500, 0.3), None, relu=False)]
     model = rt.FastModel(layers, (1500,))
     heur = {b: [default_kernel(layer, b) for layer in layers] for b in (1, 64)}
     assert heur[1][0] == "rows"
@@ -1155,7 +1155,7 @@ def test_large_outputs_are_cache_line_aligned_on_every_path():
     # the panel kernel's fused transpose writes whole 64-byte lines only into an aligned output: an
     # unaligned one (numpy's large allocations sit 16 bytes past a page) ran 4096x1024 batch 256 15% slower
     rng = np.random.default_rng(55)
-    layer = rt.SparseLayer.from_dense(sparse_matrix(rng, 1100, 30, 0.2), rng.standard_normal(1100), relu=True)
+    layer = rt.CsrLayer.from_dense(sparse_matrix(rng, 1100, 30, 0.2), rng.standard_normal(1100), relu=True)
     model = rt.FastModel([layer], (30,))
     x = rng.standard_normal((64, 30)).astype(np.float32)  # 70,400 outputs: above the aligned size
     outs = [model.run(x, kernels=["panel"]), model.run(x, kernels=["panel"], chain=True), model.run(x),
@@ -1181,7 +1181,7 @@ def test_one_partial_panel_splits_rows_by_work_per_layer(threading_knobs):
         for r in range(1024):
             w[r, rng.choice(1024, 16, replace=False)] = rng.standard_normal(16)
         for n_layers in (1, 2):
-            layers = [rt.SparseLayer.from_dense(w, None, relu=True) for _ in range(n_layers)]
+            layers = [rt.CsrLayer.from_dense(w, None, relu=True) for _ in range(n_layers)]
             assert sum(layer.nnz for layer in layers) == 16384 * n_layers
             model = rt.FastModel(layers, (1024,), threads=2)
             chain = model._make_chain([L.parse_kernel("panel")] * n_layers)

@@ -67,21 +67,21 @@ def test_a_column_index_past_int32_is_refused_not_narrowed(tmp_path, cli):
     proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 12
     refused(proto, r"in_features = 2147483712 is outside \[0, 2\^31 - 1\]")
     with pytest.raises(InputError, match="in_features"):
-        rt.SparseLayer.from_csr(2**31 + 64, 1, np.ones(1), np.array([2**31 + 5]), np.array([0, 1]), None, False)
+        rt.CsrLayer.from_csr(2**31 + 64, 1, np.ones(1), np.array([2**31 + 5]), np.array([0, 1]), None, False)
     # the widest layer allowed keeps its indices exact (int32) and runs
-    layer = rt.SparseLayer.from_csr(2**31 - 1, 1, np.ones(1), np.array([2**31 - 2]), np.array([0, 1]), None, False)
+    layer = rt.CsrLayer.from_csr(2**31 - 1, 1, np.ones(1), np.array([2**31 - 2]), np.array([0, 1]), None, False)
     assert layer.indices.dtype == np.int32 and int(layer.indices[0]) == 2**31 - 2
 
 
 @pytest.mark.skipif(K is None, reason="compiled kernels")
 def test_kernels_refuse_widths_past_int32_and_overflowing_sizes():
-    layer = rt.SparseLayer.from_dense(np.eye(4, dtype=np.float32), None, False)
-    sv, si, sp, perm, _ = layer.sliced()
+    layer = rt.CsrLayer.from_dense(np.eye(4, dtype=np.float32), None, False)
+    sv, si, slice_ptr, perm, _ = layer.sliced()
     x, y = np.zeros(4, np.float32), np.zeros(4, np.float32)
     with pytest.raises(ValueError, match="outside"):
-        K.sell(sv, si, sp, perm, None, x, y, 4, 2**31 + 64, 4, 1, 0, 1)
+        K.rows(sv, si, slice_ptr, perm, None, x, y, 4, 2**31 + 64, 4, 1, 0, 1)
     with pytest.raises(ValueError, match="too small"):  # batch x n_in x 4 overflows int64: must not wrap to 0
-        K.sell(sv, si, sp, perm, None, x, y, layer.idx_bytes, 2**31 - 1, 4, 2**62, 0, 1)
+        K.rows(sv, si, slice_ptr, perm, None, x, y, layer.idx_bytes, 2**31 - 1, 4, 2**62, 0, 1)
     with pytest.raises(ValueError, match="too small"):
         K.gemv(layer.dense_t(), None, x, y, 2**31 - 1, 2**31 - 1, 1, 0, 1)
     with pytest.raises(ValueError, match="too small"):  # 2^32 x 2^30 x 4 bytes: exactly 2^64, 0 once wrapped
@@ -92,7 +92,7 @@ def test_kernels_refuse_widths_past_int32_and_overflowing_sizes():
     bad_perm = perm.copy()
     bad_perm[0] = 4  # a lane writing past the output row
     with pytest.raises(ValueError, match="row order"):
-        K.chain_new([(0, sv, si, sp, bad_perm, None, layer.idx_bytes, 4, 4, 0, 0)])
+        K.chain_new([(0, sv, si, slice_ptr, bad_perm, None, layer.idx_bytes, 4, 4, 0, 0)])
 
 
 # ---------------------------------------------------------------- reads past the panel buffer
@@ -107,7 +107,7 @@ page = mmap.PAGESIZE
 for n_out in (1, 5, 17, 37, 100):
     rng = np.random.default_rng(n_out)
     w = (rng.standard_normal((n_out, 30)) * (rng.random((n_out, 30)) < 0.5)).astype(np.float32)
-    layer = L.SparseLayer.from_dense(w, rng.standard_normal(n_out), relu=True)
+    layer = L.CsrLayer.from_dense(w, rng.standard_normal(n_out), relu=True)
     need = n_out * L.PANEL * 4
     pages = -(-need // page) + 1
     buf = mmap.mmap(-1, pages * page)

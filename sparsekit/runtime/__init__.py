@@ -7,13 +7,13 @@ See ``sparsekit.runtime.layers`` for the kernels and ``sparsekit.runtime.artifac
 """
 
 from sparsekit.runtime.artifact import from_onnx, load, save, to_onnx
-from sparsekit.runtime.layers import PANEL, SparseLayer, have_kernels, kernel_isa
+from sparsekit.runtime.layers import PANEL, CsrLayer, have_kernels, kernel_isa
 from sparsekit.runtime.model import FastModel, default_kernel, pick_kernel
 
 __all__ = [
     "PANEL",
+    "CsrLayer",
     "FastModel",
-    "SparseLayer",
     "default_kernel",
     "from_onnx",
     "have_kernels",

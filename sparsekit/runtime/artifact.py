@@ -23,7 +23,7 @@ from sparsekit.errors import InputError
 from sparsekit.fileio import atomic_path
 from sparsekit.runtime import checks
 from sparsekit.runtime.checks import DOMAIN, OP
-from sparsekit.runtime.layers import SparseLayer
+from sparsekit.runtime.layers import CsrLayer
 from sparsekit.runtime.memory import memory_bound
 from sparsekit.runtime.model import FastModel
 
@@ -78,13 +78,13 @@ def save(model: FastModel, path: str | os.PathLike[str], *, opset: int = 18) -> 
 def from_onnx(proto: onnx.ModelProto, *, threads: int = 1, where: str = "artifact",
               file_bytes: int | None = None) -> FastModel:
     """A ``FastModel`` from a fast artifact, every part checked first (``sparsekit.runtime.checks``,
-    ``SparseLayer.from_csr``): anything malformed is an ``InputError``. Kernels are held to
+    ``CsrLayer.from_csr``): anything malformed is an ``InputError``. Kernels are held to
     ``memory_bound(file_bytes)`` (default: the serialized size of ``proto``); plan entries over it are re-planned
     and listed in ``model.notes``."""
     graph = proto.graph
     inits = checks.initializers(graph, where)
     in_name, shape = checks.graph_input(graph, inits, where)
-    layers: list[SparseLayer] = []
+    layers: list[CsrLayer] = []
     for node in checks.chain(graph, in_name, graph.output[0].name, inits, where):
         label = f"{where}: node {node.name!r}"
         if node.op_type == "Flatten" and node.domain in ("", "ai.onnx") and not layers:
@@ -96,7 +96,7 @@ def from_onnx(proto: onnx.ModelProto, *, threads: int = 1, where: str = "artifac
         attrs = checks.node_attrs(node, label)
         values, indices, rowptr, bias = checks.layer_arrays(node, inits, label)
         try:
-            layers.append(SparseLayer.from_csr(attrs["in_features"], attrs["out_features"], values, indices,
+            layers.append(CsrLayer.from_csr(attrs["in_features"], attrs["out_features"], values, indices,
                                                rowptr, bias, attrs["activation"] == "relu", name=node.name,
                                                plan=attrs["plan"]))
         except InputError as exc:  # name the file and node, not only the layer

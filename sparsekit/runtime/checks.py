@@ -4,7 +4,7 @@ Every part the loader uses is checked before it is used: initializers (type, dec
 actually stored, no external data), the graph input's shape, the nodes' wiring (one chain from the graph input to
 the graph output, followed by name, not by file order), each node's inputs and attributes (required ones present,
 each of its ONNX type, nothing unknown). Anything else is an ``InputError`` naming the node or tensor, never a
-numpy or protobuf exception. The CSR contents themselves are checked by ``SparseLayer.from_csr``.
+numpy or protobuf exception. The CSR contents themselves are checked by ``CsrLayer.from_csr``.
 """
 
 from __future__ import annotations

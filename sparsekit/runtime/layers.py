@@ -1,7 +1,7 @@
 """Sparse layers and their kernels: CSR packing, the C kernels' calling convention, dense fallback.
 
-A ``SparseLayer`` holds ``y = act(W x + b)`` with ``W`` in CSR (float32 values, uint16/int32 column
-indices, int64 row pointers). Kernels (see ``csrc/sparsekit_kernels.c``):
+A ``CsrLayer`` holds ``y = act(W x + b)`` with ``W`` in CSR (float32 values, uint16/int32 column
+indices, int64 row pointers). Kernels (see ``csrc/runtime/sk_runtime.h``):
 
 - ``rows``: row-major activations, gathered dot product per output row (batch 1 and small batches);
 - ``panel`` (optionally ``panel:<block>``): batch-minor "panel" activations, register-blocked
@@ -139,7 +139,7 @@ PLAN_EPOCH = [0]
 
 
 @dataclass
-class SparseLayer:
+class CsrLayer:
     """One layer in CSR. Arrays are validated and padded with ``PAD_SLACK`` spare elements."""
 
     n_in: int
@@ -166,7 +166,7 @@ class SparseLayer:
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_dense(cls, weight: np.ndarray, bias: np.ndarray | None, relu: bool, *, name: str = "",
-                   plan: dict[int, str] | None = None) -> SparseLayer:
+                   plan: dict[int, str] | None = None) -> CsrLayer:
         w = np.asarray(weight, dtype=np.float32)
         if w.ndim != 2:
             raise InputError(f"layer weight has rank {w.ndim}, expected 2", where=name or "layer")
@@ -180,7 +180,7 @@ class SparseLayer:
     @classmethod
     def from_csr(cls, n_in: int, n_out: int, values: np.ndarray, indices: np.ndarray, rowptr: np.ndarray,
                  bias: np.ndarray | None, relu: bool, *, name: str = "",
-                 plan: dict[int, str] | None = None) -> SparseLayer:
+                 plan: dict[int, str] | None = None) -> CsrLayer:
         """A layer from CSR arrays, all checked (they may come from a file): shape within [0, 2^31 - 1] (the
         kernels index with int32), row pointers from 0 and non-decreasing, exactly that many values and indices,
         column indices in range and strictly increasing within each row (a duplicate would be summed by some
@@ -288,7 +288,7 @@ class SparseLayer:
 
         Rows are sorted by nonzero count (descending, stable) within windows of ``SORT_WINDOW`` rows
         (so a thread's outputs stay in its own part of y) and cut into slices of ``SLICE`` rows. Slice
-        ``s`` stores slot ``j`` of its rows side by side at ``sp[s] + SLICE*j + lane``; rows shorter than
+        ``s`` stores slot ``j`` of its rows side by side at ``slice_ptr[s] + SLICE*j + lane``; rows shorter than
         the slice's longest are padded with value 0, index 0. ``perm[SLICE*s + lane]`` is the output row
         of a lane (-1 past the last row) and ``bias`` (or None) is in the same lane order.
         """
@@ -302,14 +302,14 @@ class SparseLayer:
             lens = np.zeros(nsl * SLICE, dtype=np.int64)
             lens[:n_out] = counts[order]
             slot_len = lens.reshape(nsl, SLICE).max(axis=1) if nsl else lens[:0]
-            sp = np.zeros(nsl + 1, dtype=np.int64)
-            np.cumsum(slot_len * SLICE, out=sp[1:])
+            slice_ptr = np.zeros(nsl + 1, dtype=np.int64)
+            np.cumsum(slot_len * SLICE, out=slice_ptr[1:])
             pos = np.empty(n_out, dtype=np.int64)
             pos[order] = rows
             row_of = np.repeat(rows, counts)
             j = np.arange(nnz, dtype=np.int64) - rp[row_of]  # slot within the row
-            dest = sp[pos[row_of] // SLICE] + SLICE * j + pos[row_of] % SLICE
-            total = int(sp[-1])
+            dest = slice_ptr[pos[row_of] // SLICE] + SLICE * j + pos[row_of] % SLICE
+            total = int(slice_ptr[-1])
             sv = aligned_zeros(total + PAD_SLACK)  # 64-byte aligned: each slot of a slice is one vector load
             si = aligned_zeros(total + PAD_SLACK, self.indices.dtype)
             sv[dest] = v
@@ -321,7 +321,7 @@ class SparseLayer:
             if self.bias is not None:
                 bias = aligned_zeros(nsl * SLICE)
                 bias[:n_out] = self.bias[order]
-            self._sliced = (sv, si, sp, perm, bias)
+            self._sliced = (sv, si, slice_ptr, perm, bias)
         return self._sliced
 
     # ---------------------------------------------------------------- kernels
@@ -331,8 +331,8 @@ class SparseLayer:
         if _K is None:
             y[...] = self._numpy(x)
             return
-        sv, si, sp, perm, bias = self.sliced()
-        _K.sell(sv, si, sp, perm, bias, x, y, self.idx_bytes, self.n_in, self.n_out, batch, int(self.relu),
+        sv, si, slice_ptr, perm, bias = self.sliced()
+        _K.rows(sv, si, slice_ptr, perm, bias, x, y, self.idx_bytes, self.n_in, self.n_out, batch, int(self.relu),
                 int(threads))
 
     def run_gemv(self, x: np.ndarray, y: np.ndarray, threads: int) -> None:

@@ -11,7 +11,7 @@ kernel that fits instead (see ``FastModel.kernels_for``).
 
 from __future__ import annotations
 
-from sparsekit.runtime.layers import PANEL, SLICE, SORT_WINDOW, SparseLayer
+from sparsekit.runtime.layers import PANEL, SLICE, SORT_WINDOW, CsrLayer
 
 MIN_BOUND = 256 << 20  # bytes
 FILE_FACTOR = 16
@@ -35,8 +35,8 @@ def memory_bound(file_bytes: int) -> int:
     return max(MIN_BOUND, FILE_FACTOR * int(file_bytes))
 
 
-def sliced_slots(layer: SparseLayer) -> int:
-    """Stored slots of the rows kernel's sliced layout (``SparseLayer.sliced``) without building it: rows sorted by
+def sliced_slots(layer: CsrLayer) -> int:
+    """Stored slots of the rows kernel's sliced layout (``CsrLayer.sliced``) without building it: rows sorted by
     length (descending) within windows of SORT_WINDOW rows, each SLICE-row slice padded to its longest row."""
     counts = layer.rowptr[1:] - layer.rowptr[:-1]
     if not counts.size:
@@ -49,7 +49,7 @@ def sliced_slots(layer: SparseLayer) -> int:
     return int(-windows[:, ::SLICE].sum()) * SLICE
 
 
-def kernel_bytes(layer: SparseLayer, name: str, block: int, threads: int = 1) -> int:
+def kernel_bytes(layer: CsrLayer, name: str, block: int, threads: int = 1) -> int:
     """Peak bytes ``name`` (with column block width ``block`` for panel) needs for ``layer`` beyond its CSR and the
     activations of the batch itself: its weight layout (built once and kept) with the temporaries of building it,
     plus fixed per-call scratch (a panel kernel's 64-sample input and output panels on each thread)."""

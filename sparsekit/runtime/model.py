@@ -27,7 +27,7 @@ from sparsekit.runtime.layers import (
     _K,
     PANEL,
     PLAN_EPOCH,
-    SparseLayer,
+    CsrLayer,
     aligned_empty,
     from_panels,
     kernel_isa,
@@ -66,7 +66,7 @@ PANEL_MAX_DENSITY = 0.3
 GEMV_MAX_WEIGHTS = 1 << 18
 
 
-def small_batch_costs(layer: SparseLayer) -> dict[str, float]:
+def small_batch_costs(layer: CsrLayer) -> dict[str, float]:
     """Rough per-sample cost (µs) of the small-batch kernels as a chain layer: ``rows`` pays per output
     row and per nonzero, ``gemv`` a fixed 0.29 µs more plus per 16-wide vector of the dense weight.
     Least-squares fit of 60 layers (n_in 16-1024, n_out 10-1024, density 2-30%) at batch 1 on the Xeon of
@@ -77,7 +77,7 @@ def small_batch_costs(layer: SparseLayer) -> dict[str, float]:
             "gemv": 0.29 + 0.00075 * layer.n_in * -(-layer.n_out // 16)}
 
 
-def default_kernel(layer: SparseLayer, batch: int) -> str:
+def default_kernel(layer: CsrLayer, batch: int) -> str:
     """The untuned choice: sparse kernels where they clearly win, dense kernels otherwise."""
     if layer.n_in == 0 or layer.n_out == 0:
         return "rows"
@@ -94,7 +94,7 @@ def default_kernel(layer: SparseLayer, batch: int) -> str:
     return "panel"  # sparser: too few nonzeros per row and block to pay for the blocks' overhead
 
 
-def pick_kernel(layer: SparseLayer, batch: int) -> str:
+def pick_kernel(layer: CsrLayer, batch: int) -> str:
     """The layer's plan entry nearest to ``batch`` (log scale), else ``default_kernel``. Halfway between
     two entries the larger one's: the small-batch kernels cost about linearly in the batch while a
     panel costs the same from 1 to 64 samples (the demo model at batch 8: rows 36 us, the batch-16
@@ -109,7 +109,7 @@ def pick_kernel(layer: SparseLayer, batch: int) -> str:
     return spec
 
 
-def _dense_session(layers: Sequence[SparseLayer], threads: int):
+def _dense_session(layers: Sequence[CsrLayer], threads: int):
     """An ONNX Runtime session computing ``layers`` densely (MatMul + Add + Relu)."""
     nodes, inits = [], []
     cur = "x"
@@ -149,7 +149,7 @@ class FastModel:
     all run the rows/gemv kernels, or all run ``panel``, go through one prepared C chain (concurrent callers
     each get their own activation scratch and their own output array); other calls are serialised."""
 
-    def __init__(self, layers: list[SparseLayer], input_shape: tuple[int, ...], *, threads: int = 1,
+    def __init__(self, layers: list[CsrLayer], input_shape: tuple[int, ...], *, threads: int = 1,
                  input_name: str = "input", output_name: str = "output",
                  metadata: dict[str, str] | None = None, memory_limit: int | None = None) -> None:
         """``memory_limit``: bytes each layer's kernel may use beyond its CSR (``memory.kernel_bytes``); kernels
@@ -289,7 +289,7 @@ class FastModel:
         return _K.chain_new(self._chain_specs(parsed), self.input_shape)
 
     def _chain_specs(self, parsed: list[tuple[str, int, int]]) -> list[tuple[Any, ...]]:
-        """``chain_new``'s layer tuples: (kind 0 sell / 1 gemv / 2 panel, arrays..., bias, idx_bytes, n_in,
+        """``chain_new``'s layer tuples: (kind 0 rows / 1 gemv / 2 panel, arrays..., bias, idx_bytes, n_in,
         n_out, relu, thread cap[, column blocks])."""
         specs: list[tuple[Any, ...]] = []
         for layer, (name, block, cap) in zip(self.layers, parsed, strict=True):
@@ -298,8 +298,8 @@ class FastModel:
                 specs.append((2, v, i, bptr, order, layer.bias, layer.idx_bytes, layer.n_in, layer.n_out,
                               int(layer.relu), cap, int(nb)))
             elif name == "rows":
-                sv, si, sp, perm, bias = layer.sliced()
-                specs.append((0, sv, si, sp, perm, bias, layer.idx_bytes, layer.n_in, layer.n_out,
+                sv, si, slice_ptr, perm, bias = layer.sliced()
+                specs.append((0, sv, si, slice_ptr, perm, bias, layer.idx_bytes, layer.n_in, layer.n_out,
                               int(layer.relu), cap))
             else:
                 specs.append((1, layer.dense_t(), None, None, None, layer.bias, 4, layer.n_in, layer.n_out,
@@ -347,7 +347,7 @@ class FastModel:
         if kernels is None and _K is not None:
             # fast path, one C call: a float32 C-contiguous (batch, n_features) or (batch, *input_shape) x of
             # a batch size seen before whose layers all run as one C chain, no plan changed since (else
-            # None); outputs nothing references any more are recycled (fast_call, csrc/sparsekit_kernels.c)
+            # None); outputs nothing references any more are recycled (fast_call, csrc/runtime/sk_pychain.c)
             y = _K.fast_call(self._fast, x, nt, PLAN_EPOCH)
             if y is not None:
                 return y

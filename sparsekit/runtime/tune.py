@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from sparsekit.runtime.layers import _K, PANEL, SparseLayer, aligned_empty, to_panels
+from sparsekit.runtime.layers import _K, PANEL, CsrLayer, aligned_empty, to_panels
 from sparsekit.runtime.model import GEMV_MAX_WEIGHTS, ROWS_MAX_BATCH, FastModel, _dense_session, default_kernel
 
 # plan entries: a batch size runs the entry nearest to it on a log scale. With 1, 8, 64 a batch of 16
@@ -80,7 +80,7 @@ def call_clock(threads: int):
     return time.thread_time if int(threads) == 1 else time.perf_counter
 
 
-def candidates(layer: SparseLayer, batch: int, threads: int = 1) -> list[str]:
+def candidates(layer: CsrLayer, batch: int, threads: int = 1) -> list[str]:
     """Kernel specs worth timing; with ``threads`` > 1 also each sparse kernel capped at one thread
     (``@1``), so a layer too small to gain from a second thread keeps one (recorded in the plan)."""
     if layer.n_in == 0 or layer.n_out == 0:
@@ -98,7 +98,7 @@ def candidates(layer: SparseLayer, batch: int, threads: int = 1) -> list[str]:
     return out
 
 
-def _runner(layer: SparseLayer, spec: str, x: np.ndarray, threads: int):
+def _runner(layer: CsrLayer, spec: str, x: np.ndarray, threads: int):
     body, at, cap = spec.partition("@")
     if at:
         threads = min(threads, int(cap))
@@ -122,7 +122,7 @@ def _runner(layer: SparseLayer, spec: str, x: np.ndarray, threads: int):
 
 
 @_timed_with_awake_workers
-def time_candidates(layer: SparseLayer, batch: int, threads: int = 1, *, specs: Iterable[str] | None = None,
+def time_candidates(layer: CsrLayer, batch: int, threads: int = 1, *, specs: Iterable[str] | None = None,
                     budget_s: float = 0.5, min_reps: int = 3, max_reps: int = 50,
                     seed: int = 0, burst_s: float = 0.001) -> dict[str, float]:
     """Median seconds per call of each kernel spec for this layer at ``batch``.
@@ -161,7 +161,7 @@ def time_candidates(layer: SparseLayer, batch: int, threads: int = 1, *, specs: 
     return {s: float(np.median(t)) for s, t in times.items()}
 
 
-def tune_layers(layers: list[SparseLayer], *, batches: Iterable[int] = DEFAULT_BATCHES, threads: int = 1,
+def tune_layers(layers: list[CsrLayer], *, batches: Iterable[int] = DEFAULT_BATCHES, threads: int = 1,
                 budget_s: float = 0.3) -> list[dict[str, dict[str, float]]]:
     """Set each layer's plan to the fastest kernel per batch size; return the timings (seconds)."""
     report = []

@@ -1,0 +1,462 @@
+/* sparsekit.runtime._kernels, the CPython module: argument parsing and size checks for the single-layer
+ * kernels (rows, gemv, panel, the transposes), the code path (isa, set_isa, SPARSEKIT_ISA), the
+ * threading settings, and the method table (the chain methods are in sk_pychain.c). */
+#include "sk_glue.h"
+
+int dims_ok(int64_t n_in, int64_t n_out) {
+    if (n_in < 0 || n_out < 0 || n_in > SK_MAX_DIM || n_out > SK_MAX_DIM) {
+        PyErr_Format(PyExc_ValueError, "layer shape %lldx%lld outside [0, 2^31 - 1]", (long long)n_out,
+                     (long long)n_in);
+        return 0;
+    }
+    return 1;
+}
+
+int check_len(const Py_buffer *b, int64_t need, const char *what) {
+    if ((int64_t)b->len < need) {
+        PyErr_Format(PyExc_ValueError, "%s buffer too small: %zd bytes, need %lld", what, b->len,
+                     (long long)need);
+        return -1;
+    }
+    return 0;
+}
+
+static int make_csr(csr_t *w, Py_buffer *val, Py_buffer *idx, Py_buffer *rowptr, PyObject *bias_obj,
+                    Py_buffer *bias, int idx_bytes, int64_t n_in, int64_t n_out, int relu) {
+    if (idx_bytes != 2 && idx_bytes != 4) { PyErr_SetString(PyExc_ValueError, "idx_bytes must be 2 or 4"); return -1; }
+    /* n_out may be the row count of several column blocks (py_panel): only n_in indexes with int32 */
+    if (!dims_ok(n_in, 0) || n_out < 0) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "negative shape"); return -1; }
+    if (check_len(rowptr, smul(n_out + 1, 8), "rowptr")) return -1;
+    const int64_t *rp = (const int64_t *)rowptr->buf;
+    const int64_t nnz = rp[n_out];
+    if (rp[0] != 0 || nnz < 0) { PyErr_SetString(PyExc_ValueError, "bad rowptr"); return -1; }
+    if (check_len(val, smul(nnz + PAD_SLACK, 4), "values")) return -1;
+    if (check_len(idx, smul(nnz + PAD_SLACK, idx_bytes), "indices")) return -1;
+    w->val = (const float *)val->buf;
+    w->idx = idx->buf;
+    w->idx16 = idx_bytes == 2;
+    w->rowptr = rp;
+    w->bias = NULL;
+    if (bias_obj != Py_None) {
+        if (check_len(bias, smul(n_out, 4), "bias")) return -1;
+        w->bias = (const float *)bias->buf;
+    }
+    w->n_in = n_in;
+    w->n_out = n_out;
+    w->relu = relu != 0;
+    return 0;
+}
+
+static PyObject *py_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer val, idx, slice_ptr, perm, x, y, bias = {0};
+    PyObject *bias_obj;
+    int idx_bytes, relu, threads;
+    long long n_in, n_out, B;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*Oy*w*iLLLii", &val, &idx, &slice_ptr, &perm, &bias_obj, &x, &y, &idx_bytes,
+                          &n_in, &n_out, &B, &relu, &threads))
+        return NULL;
+    int have_bias = 0;
+    PyObject *ret = NULL;
+    sliced_t w;
+    if (bias_obj != Py_None) {
+        if (PyObject_GetBuffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS) < 0) goto done;
+        have_bias = 1;
+    }
+    if (idx_bytes != 2 && idx_bytes != 4) { PyErr_SetString(PyExc_ValueError, "idx_bytes must be 2 or 4"); goto done; }
+    if (!dims_ok(n_in, n_out)) goto done;
+    if (B < 0) { PyErr_SetString(PyExc_ValueError, "negative batch"); goto done; }
+    w.nsl = (n_out + SLICE - 1) / SLICE;
+    if (check_len(&slice_ptr, smul(w.nsl + 1, 8), "slice pointers") || check_len(&perm, smul(w.nsl * SLICE, 4), "row order"))
+        goto done;
+    w.slice_ptr = (const int64_t *)slice_ptr.buf;
+    if (w.slice_ptr[0] != 0) { PyErr_SetString(PyExc_ValueError, "bad slice pointers"); goto done; }
+    for (int64_t s = 0; s < w.nsl; s++)
+        if (w.slice_ptr[s + 1] < w.slice_ptr[s] || (w.slice_ptr[s + 1] - w.slice_ptr[s]) % SLICE) {
+            PyErr_SetString(PyExc_ValueError, "bad slice pointers");
+            goto done;
+        }
+    if (check_len(&val, smul(w.slice_ptr[w.nsl], 4), "values") || check_len(&idx, smul(w.slice_ptr[w.nsl], idx_bytes), "indices") ||
+        (have_bias && check_len(&bias, smul(w.nsl * SLICE, 4), "bias")) || check_len(&x, smul3(B, n_in, 4), "x") ||
+        check_len(&y, smul3(B, n_out, 4), "y"))
+        goto done;
+    w.val = (const float *)val.buf;
+    w.idx = idx.buf;
+    w.idx16 = idx_bytes == 2;
+    w.perm = (const int32_t *)perm.buf;
+    w.bias = have_bias ? (const float *)bias.buf : NULL;
+    w.n_in = n_in;
+    w.n_out = n_out;
+    w.relu = relu != 0;
+    {
+        const rows_fn fn = pick_rows();
+        const float *xp = (const float *)x.buf;
+        float *yp = (float *)y.buf;
+        int nt = clamp_threads(threads < 0 ? -threads : threads);
+        if (threads > 0) nt = rows_threads(nt, w.slice_ptr[w.nsl] * (B > 0 ? B : 1));
+        Py_BEGIN_ALLOW_THREADS
+        if (nt <= 1) {
+            if (w.nsl > 0) fn(&w, xp, yp, B, 0, w.nsl);
+        } else {
+            rows_job_t job = {fn, &w, xp, yp, B, (int64_t)nt * CHUNKS_PER_THREAD};
+            par_run(nt, job.nch, rows_item, &job);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    if (have_bias) PyBuffer_Release(&bias);
+    PyBuffer_Release(&val); PyBuffer_Release(&idx); PyBuffer_Release(&slice_ptr); PyBuffer_Release(&perm);
+    PyBuffer_Release(&x); PyBuffer_Release(&y);
+    return ret;
+}
+
+static PyObject *py_gemv(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer wt, x, y, bias = {0};
+    PyObject *bias_obj;
+    int relu, threads;
+    long long n_in, n_out, B;
+    if (!PyArg_ParseTuple(args, "y*Oy*w*LLLii", &wt, &bias_obj, &x, &y, &n_in, &n_out, &B, &relu, &threads))
+        return NULL;
+    int have_bias = 0;
+    PyObject *ret = NULL;
+    if (bias_obj != Py_None) {
+        if (PyObject_GetBuffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS) < 0) goto done;
+        have_bias = 1;
+    }
+    if (!dims_ok(n_in, n_out)) goto done;
+    if (B < 0) { PyErr_SetString(PyExc_ValueError, "negative batch"); goto done; }
+    if (check_len(&wt, smul3(n_in, n_out, 4), "weight") || check_len(&x, smul3(B, n_in, 4), "x") ||
+        check_len(&y, smul3(B, n_out, 4), "y") || (have_bias && check_len(&bias, smul(n_out, 4), "bias")))
+        goto done;
+    {
+        const gemv_fn fn = pick_gemv();
+        const float *w = (const float *)wt.buf, *bp = have_bias ? (const float *)bias.buf : NULL;
+        const float *xp = (const float *)x.buf;
+        float *yp = (float *)y.buf;
+        int nt = clamp_threads(threads < 0 ? -threads : threads);
+        if (threads > 0 && n_in * n_out * B < 4 * PAR_MIN_WORK) nt = 1;
+        Py_BEGIN_ALLOW_THREADS
+        if (nt <= 1) {
+            fn(w, bp, xp, yp, n_in, n_out, 0, B, relu != 0);
+        } else {
+            gemv_job_t job = {fn, w, bp, xp, yp, n_in, n_out, relu != 0};
+            par_run(nt, B, gemv_item, &job);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    if (have_bias) PyBuffer_Release(&bias);
+    PyBuffer_Release(&wt); PyBuffer_Release(&x); PyBuffer_Release(&y);
+    return ret;
+}
+
+static PyObject *py_panel(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer val, idx, bptr, x = {0}, y, bias = {0}, yr = {0}, ordb = {0}, xrb = {0};
+    PyObject *bias_obj, *x_obj, *yr_obj = Py_None, *ord_obj = Py_None, *xr_obj = Py_None;
+    int idx_bytes, relu, threads;
+    long long n_in, n_out, P, nb, batch = 0;
+    if (!PyArg_ParseTuple(args, "y*y*y*OOw*iLLLLii|OLOO", &val, &idx, &bptr, &bias_obj, &x_obj, &y, &idx_bytes,
+                          &n_in, &n_out, &P, &nb, &relu, &threads, &yr_obj, &batch, &ord_obj, &xr_obj))
+        return NULL;
+    int have_bias = 0, have_yr = 0, have_ord = 0, have_x = 0, have_xr = 0;
+    PyObject *ret = NULL;
+    csr_t w;
+    if (PyObject_GetBuffer(x_obj, &x, PyBUF_C_CONTIGUOUS | (xr_obj != Py_None ? PyBUF_WRITABLE : 0)) < 0) goto done;
+    have_x = 1;
+    if (yr_obj != Py_None || xr_obj != Py_None) {
+        if (batch < 0 || batch > P * PANEL || batch <= (P - 1) * PANEL) {
+            PyErr_SetString(PyExc_ValueError, "batch does not match the panel count");
+            goto done;
+        }
+    }
+    if (xr_obj != Py_None) {
+        if (PyObject_GetBuffer(xr_obj, &xrb, PyBUF_C_CONTIGUOUS) < 0) goto done;
+        have_xr = 1;
+        if (check_len(&xrb, smul3(batch, n_in, 4), "x (row-major)")) goto done;
+    }
+    if (yr_obj != Py_None) {
+        if (PyObject_GetBuffer(yr_obj, &yr, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+        have_yr = 1;
+        if (check_len(&yr, smul3(batch, n_out, 4), "y (row-major)")) goto done;
+    }
+    if (bias_obj != Py_None) {
+        if (PyObject_GetBuffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS) < 0) goto done;
+        have_bias = 1;
+    }
+    if (!dims_ok(n_in, n_out)) goto done;
+    if (nb < 1 || nb > SK_MAX_DIM || P < 0) { PyErr_SetString(PyExc_ValueError, "bad block/panel count"); goto done; }
+    if (check_len(&bptr, smul(smul(nb, n_out) + 1, 8), "block pointers")) goto done;
+    if (ord_obj != Py_None) {
+        if (PyObject_GetBuffer(ord_obj, &ordb, PyBUF_C_CONTIGUOUS) < 0) goto done;
+        have_ord = 1;
+        if (ordb.itemsize != 4 || check_len(&ordb, smul3(nb, n_out, 4), "row order")) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "row order must be int32");
+            goto done;
+        }
+    }
+    /* validate the total through make_csr on a view that treats all blocks as one long CSR */
+    if (make_csr(&w, &val, &idx, &bptr, Py_None, &bias, idx_bytes, n_in, nb * n_out, relu)) goto done;
+    w.n_out = n_out;
+    if (have_bias) {
+        if (check_len(&bias, smul(n_out, 4), "bias")) goto done;
+        w.bias = (const float *)bias.buf;
+    }
+    if (check_len(&x, smul3(P, n_in, PANEL * 4), "x") || check_len(&y, smul3(P, n_out, PANEL * 4), "y")) goto done;
+    {
+        const int64_t *bp = w.rowptr;
+        int nt = clamp_threads(threads < 0 ? -threads : threads);
+        const int64_t work = bp[nb * w.n_out] * P * PANEL;
+        if (threads > 0 && work < sk_settings.panel_par_min) nt = 1;
+        int64_t nparts = nt;
+        int64_t bounds_local[POOL_MAX + 1];
+        panel_job_t job = {pick_panel(), w, bp, have_ord ? (const int32_t *)ordb.buf : NULL, nb, P, 1, bounds_local,
+                           (const float *)x.buf, (float *)y.buf, have_yr ? (float *)yr.buf : NULL, batch,
+                           have_xr ? (const float *)xrb.buf : NULL};
+        const int split_panels = nt > 1 && P >= nt && (sk_settings.panel_split == 2 || (sk_settings.panel_split == 0 && P % nt == 0));
+        if (threads > 0 && !split_panels && work < (sk_settings.panel_par_min << ROW_SPLIT_SHIFT)) nt = 1;
+        if (nt > 1 && !split_panels && panel_bounds(bp, nb, w.n_out, nparts, bounds_local)) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        if (nt <= 1 || split_panels) { bounds_local[0] = 0; bounds_local[1] = w.n_out; nparts = 1; }
+        job.nparts = nparts;
+        Py_BEGIN_ALLOW_THREADS
+        if (nt <= 1) {
+            for (int64_t p = 0; p < P; p++) panel_whole(&job, p, 0);
+        } else if (split_panels) {
+            /* thread t owns panels [P t/nt, P (t+1)/nt): their transposes, all rows, their outputs */
+            par_run(nt, P, panel_whole, &job);
+        } else {
+            if (job.xr) par_run(nt, P, panel_transpose_item, &job);
+            /* items part-major: thread t owns row range t of every panel (its weights stay in its cache) */
+            par_run(nt, nparts * P, panel_item, &job);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    if (have_bias) PyBuffer_Release(&bias);
+    if (have_yr) PyBuffer_Release(&yr);
+    if (have_ord) PyBuffer_Release(&ordb);
+    if (have_xr) PyBuffer_Release(&xrb);
+    if (have_x) PyBuffer_Release(&x);
+    PyBuffer_Release(&val); PyBuffer_Release(&idx); PyBuffer_Release(&bptr);
+    PyBuffer_Release(&y);
+    return ret;
+}
+
+static PyObject *py_transpose(PyObject *args, int to) {
+    Py_buffer a, b;
+    long long B, n;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*w*LLi", &a, &b, &B, &n, &threads)) return NULL;
+    PyObject *ret = NULL;
+    const int64_t P = (B + PANEL - 1) / PANEL;
+    if (B < 0 || n < 0) { PyErr_SetString(PyExc_ValueError, "negative shape"); goto done; }
+    if (to ? (check_len(&a, smul3(B, n, 4), "x") || check_len(&b, smul3(P, n, PANEL * 4), "panels"))
+           : (check_len(&a, smul3(P, n, PANEL * 4), "panels") || check_len(&b, smul3(B, n, 4), "y")))
+        goto done;
+    {
+        const float *src = (const float *)a.buf;
+        float *dst = (float *)b.buf;
+        int nt = clamp_threads(threads < 0 ? -threads : threads);
+        if (threads > 0 && B * n < 4 * PAR_MIN_WORK) nt = 1;  /* 8 MB and up */
+        Py_BEGIN_ALLOW_THREADS
+        if (nt <= 1) {
+            if (to) to_panels_range(src, dst, B, n, 0, P);
+            else from_panels_range(src, dst, B, n, 0, P);
+        } else {
+            tr_job_t job = {src, dst, B, n, to};
+            par_run(nt, P, tr_item, &job);
+        }
+        Py_END_ALLOW_THREADS
+        (void)nt;
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    return ret;
+}
+
+static PyObject *py_to_panels(PyObject *self, PyObject *args) { (void)self; return py_transpose(args, 1); }
+static PyObject *py_from_panels(PyObject *self, PyObject *args) { (void)self; return py_transpose(args, 0); }
+
+static const char *isa_name(int isa) {
+    return isa == ISA_AVX512 ? "avx512" : isa == ISA_AVX2 ? "avx2" : "generic";
+}
+
+static PyObject *py_isa(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+    return PyUnicode_FromString(isa_name(g_isa));
+}
+
+static PyObject *py_available_isas(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+    PyObject *l = PyList_New(0);
+    if (!l) return NULL;
+    for (int i = ISA_GENERIC; i <= g_isa_max; i++) {
+        PyObject *s = PyUnicode_FromString(isa_name(i));
+        if (!s || PyList_Append(l, s) < 0) { Py_XDECREF(s); Py_DECREF(l); return NULL; }
+        Py_DECREF(s);
+    }
+    return l;
+}
+
+/* The code path a name selects ("best": the CPU's best), -1 for an unknown name. */
+static int isa_by_name(const char *name) {
+    return !strcmp(name, "avx512") ? ISA_AVX512 : !strcmp(name, "avx2") ? ISA_AVX2
+         : !strcmp(name, "generic") ? ISA_GENERIC : !strcmp(name, "best") ? g_isa_max : -1;
+}
+
+/* The starting code path: SPARSEKIT_ISA (generic, avx2, avx512 or best) when set, else the best. A
+ * value that is unknown or names a path this CPU lacks fails the import with one line (ImportError;
+ * sparsekit.runtime turns it into an input error) rather than running another path than asked. */
+static int isa_from_env(void) {
+    const char *e = getenv("SPARSEKIT_ISA");
+    if (!e || !*e) return g_isa_max;
+    const int want = isa_by_name(e);
+    if (want >= 0 && want <= g_isa_max) return want;
+    char have[32] = "generic";
+    for (int i = ISA_AVX2; i <= g_isa_max; i++) {
+        strcat(have, ", ");
+        strcat(have, isa_name(i));
+    }
+    PyErr_Format(PyExc_ImportError, "SPARSEKIT_ISA=%.40s %s (this CPU runs: %s, or best)", e,
+                 want < 0 ? "is not a code path of sparsekit's kernels" : "names a code path this CPU lacks", have);
+    return -1;
+}
+
+static PyObject *py_set_isa(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    const int want = isa_by_name(name);
+    if (want < 0) { PyErr_Format(PyExc_ValueError, "unknown isa %s", name); return NULL; }
+    if (want > g_isa_max) {
+        PyErr_Format(PyExc_ValueError, "this CPU does not support %s (best: %s)", name, isa_name(g_isa_max));
+        return NULL;
+    }
+    g_isa = want;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_max_threads(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+    return PyLong_FromLong(max_procs());
+}
+
+static PyObject *py_rows_threads(PyObject *self, PyObject *args) {
+    (void)self;
+    int threads;
+    long long work;
+    if (!PyArg_ParseTuple(args, "iL", &threads, &work)) return NULL;
+    return PyLong_FromLong(rows_threads(clamp_threads(threads), work));
+}
+
+static PyObject *py_set_threading(PyObject *self, PyObject *args) {
+    (void)self;
+    long long spin_us = -1, rows_min = -1, panel_min = -1;
+    int split = -1;
+    if (!PyArg_ParseTuple(args, "|LLLi", &spin_us, &rows_min, &panel_min, &split)) return NULL;
+    if (split >= 0 && split <= 2) sk_settings.panel_split = split;
+#if SK_POOL
+    if (spin_us >= 0) sk_settings.spin_ns = (int64_t)spin_us * 1000;
+    const long long spin_now = (long long)(sk_settings.spin_ns / 1000);
+#else
+    const long long spin_now = 0;
+#endif
+    if (rows_min >= 0) sk_settings.rows_par_min = rows_min;
+    if (panel_min >= 0) sk_settings.panel_par_min = panel_min;
+    return Py_BuildValue("{s:L,s:L,s:L,s:i,s:s}", "spin_us", spin_now, "rows_par_min", (long long)sk_settings.rows_par_min,
+                         "panel_par_min", (long long)sk_settings.panel_par_min, "panel_split", sk_settings.panel_split, "backend",
+                         SK_POOL ? "pthreads" : "openmp-or-none");
+}
+
+static PyMethodDef methods[] = {
+    {"rows", py_rows, METH_VARARGS,
+     "rows(values, indices, slice_ptr, perm, bias|None, x, y, idx_bytes, n_in, n_out, batch, relu, threads): the rows "
+     "kernel on the sliced layout (CsrLayer.sliced): SLICE-row slices stored slot-major, perm (int32, "
+     "SLICE * slices) the output row of each lane (-1: padding), bias in lane order"},
+    {"panel", py_panel, METH_VARARGS,
+     "panel(values, indices, blockptr, bias|None, xp, yp, idx_bytes, n_in, n_out, npanels, nblocks, relu, threads"
+     "[, y_rows|None, batch, order|None, x_rows|None]): with x_rows (batch, n_in) row-major the kernel transposes it "
+     "into xp (scratch) panel by panel; with y_rows (batch, n_out) row-major, the last column block writes there "
+     "(yp then holds only partial sums); order (int32, nblocks * n_out): the row at each position of each block, "
+     "a permutation within 64-row groups"},
+    {"gemv", py_gemv, METH_VARARGS,
+     "gemv(weight_t, bias|None, x, y, n_in, n_out, batch, relu, threads): dense layer, weight (n_in, n_out)"},
+    {"chain_new", py_chain_new, METH_VARARGS,
+     "chain_new([(kind, a, b, c, d, bias|None, idx_bytes, n_in, n_out, relu, cap), ...][, input_shape]): a prepared chain of "
+     "small-batch layers, validated once; kind 0 (rows): a, b, c, d = values, indices, slice_ptr, perm (as for "
+     "rows); kind 1 (gemv): a = weight_t (b, c, d unused); cap: the layer's thread cap (0: none); input_shape (a "
+     "tuple of at most 8 dims, n_in elements): x may also come as (batch, *input_shape)"},
+    {"chain_run", (PyCFunction)(void (*)(void))py_chain_run, METH_FASTCALL,
+     "chain_run(chain, x, y, threads): run a chain_new chain on x (batch, n_in) into y (batch, n_out), one call; "
+     "True when done, False (nothing run) when x is not a C-contiguous float32 (batch, n_in) array"},
+    {"chain_plan", py_chain_plan, METH_VARARGS,
+     "chain_plan(chain, batch, threads): how chain_run would run a panel chain on that batch: {threads, lanes, "
+     "rows_split, units}, or None where it declines (small-batch chains: threads 1, units 0; their layers "
+     "decide their own threads)"},
+    {"fast_call", (PyCFunction)(void (*)(void))py_fast_call, METH_FASTCALL,
+     "fast_call(table, x, threads, epoch): FastModel.run's fast path: table {batch: (epoch, chain, alloc)}; runs "
+     "x's batch size's chain when its entry is current (epoch[0]) and x fits, into alloc() or one of the last "
+     "two outputs it returned once nothing else references it, and returns the output; else None"},
+    {"chain_drop_outputs", py_chain_drop_outputs, METH_O,
+     "chain_drop_outputs(chain): forget the outputs fast_call keeps for reuse"},
+    {"to_panels", py_to_panels, METH_VARARGS, "to_panels(x, xp, batch, n, threads)"},
+    {"from_panels", py_from_panels, METH_VARARGS, "from_panels(yp, y, batch, n, threads)"},
+    {"isa", py_isa, METH_NOARGS, "active code path: avx512, avx2 or generic"},
+    {"available_isas", py_available_isas, METH_NOARGS, "code paths this CPU can run"},
+    {"set_isa", py_set_isa, METH_VARARGS,
+     "set_isa(name): force a code path (tests): generic, avx2, avx512 or best (the CPU's best)"},
+    {"max_threads", py_max_threads, METH_NOARGS, "processors the thread pool can use (1 without threads)"},
+    {"rows_threads", py_rows_threads, METH_VARARGS,
+     "rows_threads(threads, work): threads a rows-kernel job of `work` stored slots x samples runs on"},
+    {"set_threading", py_set_threading, METH_VARARGS,
+     "set_threading([spin_us, rows_par_min, panel_par_min, panel_split]): worker spin time after a job, the work "
+     "(nonzero x sample products) below which rows/panel stay on one thread, and how panel splits work between "
+     "threads (0 auto: whole panels when they divide evenly, else rows; 1 rows; 2 panels); -1 keeps a value; "
+     "returns the settings. "
+     "A negative `threads` argument to a kernel means exactly that many threads (no work threshold)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "sparsekit sparse kernels", -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__kernels(void) {
+    sk_detect_isa();
+    const int isa = isa_from_env();
+    if (isa < 0) return NULL;
+    g_isa = isa;
+#if SK_POOL
+    {
+        const char *e = getenv("SPARSEKIT_SPIN_US");
+        if (e && *e) {
+            const long long v = atoll(e);
+            if (v >= 0) sk_settings.spin_ns = (int64_t)v * 1000;
+        }
+    }
+#endif
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    PyModule_AddIntConstant(m, "PANEL", PANEL);
+    PyModule_AddIntConstant(m, "PAD_SLACK", PAD_SLACK);
+    PyModule_AddIntConstant(m, "GROUP_ROWS", GROUP_ROWS);
+    PyModule_AddIntConstant(m, "SLICE", SLICE);
+#ifdef _OPENMP
+    PyModule_AddIntConstant(m, "OPENMP", 1);
+#else
+    PyModule_AddIntConstant(m, "OPENMP", 0);
+#endif
+    return m;
+}

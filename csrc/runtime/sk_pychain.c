@@ -1,0 +1,404 @@
+/* The chain methods of sparsekit.runtime._kernels: chain_new (parse and validate the layer specs),
+ * chain_plan, chain_run, fast_call (FastModel.run's fast path, with output recycling) and
+ * chain_drop_outputs. */
+#include "sk_glue.h"
+
+/* fast_call recycles its outputs: it keeps a reference to the last two arrays it returned and hands
+ * one out again once it is the only holder (Py_REFCNT 1: the caller, and any view or buffer export of
+ * it, let go), which is what free + malloc of the same block would do, minus their cost (a fresh array,
+ * the worker's output lines moving between the cores, page faults on large outputs). Two
+ * because in `y = m.run(x)` the previous result is still bound while the next call runs. Outputs up to
+ * SPARE_MAX_BYTES are kept, SPARE_TOTAL_BYTES over all chains. */
+static int64_t g_spare_total = 0; /* GIL-protected */
+
+static void spares_drop(chain_t *c) {
+    for (int i = 0; i < 2; i++) {
+        g_spare_total -= c->spare_bytes[i];
+        c->spare_bytes[i] = 0;
+        Py_CLEAR(c->spare[i]);
+    }
+}
+
+static void chain_free(PyObject *cap) {
+    chain_t *c = (chain_t *)PyCapsule_GetPointer(cap, "sparsekit.chain");
+    if (!c) return;
+    spares_drop(c);
+    for (int i = 0; i < c->nbufs; i++) PyBuffer_Release(&c->bufs[i]);
+    free(c->bufs);
+    free(c->L);
+    free(c->scratch_raw);
+    free(c);
+}
+
+static int ch_get(chain_t *c, PyObject *o, int64_t need, const char *what, const void **out) {
+    Py_buffer *b = &c->bufs[c->nbufs];
+    if (PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS) < 0) return -1;
+    c->nbufs++;
+    if (check_len(b, need, what)) return -1;
+    *out = b->buf;
+    return 0;
+}
+
+PyObject *py_chain_new(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *specs, *in_shape = NULL;
+    if (!PyArg_ParseTuple(args, "O!|O!", &PyList_Type, &specs, &PyTuple_Type, &in_shape)) return NULL;
+    const Py_ssize_t n = PyList_GET_SIZE(specs);
+    if (n < 1) { PyErr_SetString(PyExc_ValueError, "empty chain"); return NULL; }
+    chain_t *c = (chain_t *)calloc(1, sizeof(chain_t));
+    if (!c) return PyErr_NoMemory();
+    c->L = (ch_layer_t *)calloc((size_t)n, sizeof(ch_layer_t));
+    c->bufs = (Py_buffer *)calloc((size_t)n * 5, sizeof(Py_buffer));
+    PyObject *cap = NULL;
+    if (!c->L || !c->bufs) { PyErr_NoMemory(); goto fail; }
+    c->n = (int)n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        ch_layer_t *l = &c->L[i];
+        PyObject *a, *b, *d, *e, *bias_obj;
+        int idx_bytes;
+        long long n_in, n_out, nb = 1;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(specs, i), "iOOOOOiLLii|L;chain layer", &l->kind, &a, &b, &d, &e,
+                              &bias_obj, &idx_bytes, &n_in, &n_out, &l->relu, &l->cap, &nb))
+            goto fail;
+        if ((l->kind == CH_PANEL) != (i == 0 ? l->kind == CH_PANEL : c->panel)) {
+            PyErr_SetString(PyExc_ValueError, "a chain is all panel layers or none");
+            goto fail;
+        }
+        if (i == 0) {
+            c->panel = l->kind == CH_PANEL;
+            c->pw = n_in;
+        }
+        if (n_out > c->pw) c->pw = n_out;
+        if (!dims_ok(n_in, n_out)) goto fail;
+        if (i > 0 && n_in != c->L[i - 1].n_out) { PyErr_SetString(PyExc_ValueError, "chain layer sizes differ"); goto fail; }
+        l->n_in = n_in;
+        l->n_out = n_out;
+        l->relu = l->relu != 0;
+        if (i + 1 < n && n_out > c->max_mid) c->max_mid = n_out;
+        const void *p;
+        if (l->kind == CH_ROWS) {
+            sliced_t *w = &l->s;
+            if (idx_bytes != 2 && idx_bytes != 4) { PyErr_SetString(PyExc_ValueError, "idx_bytes must be 2 or 4"); goto fail; }
+            w->nsl = (n_out + SLICE - 1) / SLICE;
+            if (ch_get(c, d, smul(w->nsl + 1, 8), "slice pointers", &p)) goto fail;
+            w->slice_ptr = (const int64_t *)p;
+            if (w->slice_ptr[0] != 0) { PyErr_SetString(PyExc_ValueError, "bad slice pointers"); goto fail; }
+            for (int64_t s = 0; s < w->nsl; s++)
+                if (w->slice_ptr[s + 1] < w->slice_ptr[s] || (w->slice_ptr[s + 1] - w->slice_ptr[s]) % SLICE) {
+                    PyErr_SetString(PyExc_ValueError, "bad slice pointers");
+                    goto fail;
+                }
+            if (ch_get(c, e, smul(w->nsl * SLICE, 4), "row order", &p)) goto fail;
+            w->perm = (const int32_t *)p;
+            for (int64_t r = 0; r < w->nsl * SLICE; r++)
+                if (w->perm[r] < -1 || w->perm[r] >= n_out) { PyErr_SetString(PyExc_ValueError, "bad row order"); goto fail; }
+            if (ch_get(c, a, smul(w->slice_ptr[w->nsl], 4), "values", &p)) goto fail;
+            w->val = (const float *)p;
+            if (ch_get(c, b, smul(w->slice_ptr[w->nsl], idx_bytes), "indices", &p)) goto fail;
+            w->idx = p;
+            w->idx16 = idx_bytes == 2;
+            for (int64_t k = 0; k < w->slice_ptr[w->nsl]; k++) {
+                const int64_t col = w->idx16 ? (int64_t)((const uint16_t *)p)[k] : (int64_t)((const int32_t *)p)[k];
+                if (col < 0 || col >= (n_in > 0 ? n_in : 1)) { PyErr_SetString(PyExc_ValueError, "index out of range"); goto fail; }
+            }
+            w->bias = NULL;
+            if (bias_obj != Py_None) {
+                if (ch_get(c, bias_obj, smul(w->nsl * SLICE, 4), "bias", &p)) goto fail;
+                w->bias = (const float *)p;
+            }
+            w->n_in = n_in;
+            w->n_out = n_out;
+            w->relu = l->relu;
+            l->work = w->slice_ptr[w->nsl];
+        } else if (l->kind == CH_GEMV) {
+            if (ch_get(c, a, smul3(n_in, n_out, 4), "weight", &p)) goto fail;
+            l->wt = (const float *)p;
+            l->bias = NULL;
+            if (bias_obj != Py_None) {
+                if (ch_get(c, bias_obj, smul(n_out, 4), "bias", &p)) goto fail;
+                l->bias = (const float *)p;
+            }
+        } else if (l->kind == CH_PANEL) {
+            csr_t *w = &l->pw;
+            if (idx_bytes != 2 && idx_bytes != 4) { PyErr_SetString(PyExc_ValueError, "idx_bytes must be 2 or 4"); goto fail; }
+            if (nb < 1) { PyErr_SetString(PyExc_ValueError, "bad block count"); goto fail; }
+            if (nb > SK_MAX_DIM || ch_get(c, d, smul(smul(nb, n_out) + 1, 8), "block pointers", &p)) {
+                if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad block count");
+                goto fail;
+            }
+            l->bp = (const int64_t *)p;
+            const int64_t nnz = l->bp[nb * n_out];
+            if (l->bp[0] != 0 || nnz < 0) { PyErr_SetString(PyExc_ValueError, "bad block pointers"); goto fail; }
+            for (int64_t r = 0; r < nb * n_out; r++)
+                if (l->bp[r + 1] < l->bp[r]) { PyErr_SetString(PyExc_ValueError, "bad block pointers"); goto fail; }
+            l->ord = NULL;
+            if (e != Py_None) {
+                if (ch_get(c, e, smul3(nb, n_out, 4), "row order", &p)) goto fail;
+                l->ord = (const int32_t *)p;
+                for (int64_t r = 0; r < nb * n_out; r++)
+                    if (l->ord[r] < 0 || l->ord[r] >= n_out) { PyErr_SetString(PyExc_ValueError, "bad row order"); goto fail; }
+            }
+            if (ch_get(c, a, smul(nnz + PAD_SLACK, 4), "values", &p)) goto fail;
+            w->val = (const float *)p;
+            if (ch_get(c, b, smul(nnz + PAD_SLACK, idx_bytes), "indices", &p)) goto fail;
+            w->idx = p;
+            w->idx16 = idx_bytes == 2;
+            for (int64_t k = 0; k < nnz; k++)
+                if (idx_at(w, k) < 0 || idx_at(w, k) >= n_in) { PyErr_SetString(PyExc_ValueError, "index out of range"); goto fail; }
+            w->bias = NULL;
+            if (bias_obj != Py_None) {
+                if (ch_get(c, bias_obj, smul(n_out, 4), "bias", &p)) goto fail;
+                w->bias = (const float *)p;
+            }
+            w->rowptr = l->bp;
+            w->n_in = n_in;
+            w->n_out = n_out;
+            w->relu = l->relu;
+            l->nb = nb;
+            l->work = nnz;
+        } else {
+            PyErr_SetString(PyExc_ValueError, "chain layer kind must be 0 (rows), 1 (gemv) or 2 (panel)");
+            goto fail;
+        }
+    }
+    if (in_shape) {
+        const Py_ssize_t nd = PyTuple_GET_SIZE(in_shape);
+        int64_t prod = 1;
+        for (Py_ssize_t k = 0; k < nd && k < 8; k++) {
+            const long long d = PyLong_AsLongLong(PyTuple_GET_ITEM(in_shape, k));
+            if (d == -1 && PyErr_Occurred()) goto fail;
+            c->in_shape[k] = d;
+            prod *= d;
+        }
+        if (nd > 8 || prod != c->L[0].n_in) {
+            PyErr_SetString(PyExc_ValueError, "chain_new: input shape must have at most 8 dims, n_in elements");
+            goto fail;
+        }
+        c->in_ndim = (int)nd;
+    }
+    cap = PyCapsule_New(c, "sparsekit.chain", chain_free);
+    if (!cap) goto fail;
+    return cap;
+fail:
+    for (int i = 0; i < c->nbufs; i++) PyBuffer_Release(&c->bufs[i]);
+    free(c->bufs);
+    free(c->L);
+    free(c);
+    return NULL;
+}
+
+/* o's buffer (C-contiguous, with its format) in *x: 1; 0 and no buffer held where o has none of that kind
+ * (the caller converts it and retries); -1 with an exception set on other errors */
+static int get_x(PyObject *o, Py_buffer *x) {
+    if (PyObject_GetBuffer(o, x, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_BufferError) && !PyErr_ExceptionMatches(PyExc_ValueError) &&
+            !PyErr_ExceptionMatches(PyExc_TypeError)) /* TypeError: no buffer at all (a list) */
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
+}
+
+/* x is a float32 (batch, n_in) or (batch, *input shape) buffer for chain c, n_in > 0 (C-contiguous, so
+ * laid out as (batch, n_in) either way) */
+static int x_fits(const chain_t *c, const Py_buffer *x) {
+    const int64_t n_in = c->L[0].n_in;
+    if (x->itemsize != 4 || !x->format || strcmp(x->format, "f") != 0 || n_in == 0 || x->ndim < 2) return 0;
+    if (x->ndim == 2 && x->shape[1] == n_in) return 1;
+    if (x->ndim != c->in_ndim + 1) return 0;
+    for (int k = 0; k < c->in_ndim; k++)
+        if (x->shape[k + 1] != c->in_shape[k]) return 0;
+    return 1;
+}
+
+/* get_x and x_fits: 1 with the buffer held, 0 (none held) or -1 */
+static int chain_x(const chain_t *c, PyObject *o, Py_buffer *x) {
+    const int got = get_x(o, x);
+    if (got <= 0) return got;
+    if (!x_fits(c, x)) {
+        PyBuffer_Release(x);
+        return 0;
+    }
+    return 1;
+}
+
+static int parse_threads(PyObject *o, int *threads) {
+    const long t = PyLong_AsLong(o);
+    if (t == -1 && PyErr_Occurred()) return -1;
+    *threads = t < 1 ? 1 : t > 1024 ? 1024 : (int)t;
+    return 0;
+}
+
+PyObject *py_chain_plan(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap;
+    long long B;
+    int threads;
+    if (!PyArg_ParseTuple(args, "OLi", &cap, &B, &threads)) return NULL;
+    chain_t *c = (chain_t *)PyCapsule_GetPointer(cap, "sparsekit.chain");
+    if (!c) return NULL;
+    if (B < 0) { PyErr_SetString(PyExc_ValueError, "chain_plan: negative batch"); return NULL; }
+    pplan_t pl;
+    if (chain_plan(c, B, threads, &pl) == 0) Py_RETURN_NONE;
+    return Py_BuildValue("{s:i,s:i,s:O,s:L}", "threads", pl.nt, "lanes", pl.lanes, "rows_split",
+                         pl.rows ? Py_True : Py_False, "units", (long long)pl.units);
+}
+
+PyObject *py_chain_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 4) { PyErr_SetString(PyExc_TypeError, "chain_run(chain, x, y, threads)"); return NULL; }
+    chain_t *c = (chain_t *)PyCapsule_GetPointer(args[0], "sparsekit.chain");
+    int threads;
+    if (!c || parse_threads(args[3], &threads) < 0) return NULL;
+    Py_buffer x, y;
+    const int got = chain_x(c, args[1], &x);
+    if (got <= 0) {
+        if (got < 0) return NULL;
+        Py_RETURN_FALSE;
+    }
+    if (PyObject_GetBuffer(args[2], &y, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&x);
+        return NULL;
+    }
+    PyObject *ret = NULL;
+    const int64_t B = x.shape[0];
+    pplan_t pl;
+    if ((int64_t)y.len != B * c->L[c->n - 1].n_out * 4) {
+        PyErr_SetString(PyExc_ValueError, "chain_run: y must hold (batch, n_out) float32");
+    } else if (chain_plan(c, B, threads, &pl) == 0) {
+        ret = Py_False;
+        Py_INCREF(ret);
+    } else if (chain_exec(c, (const float *)x.buf, B, (float *)y.buf, threads, &pl) > 0) {
+        ret = Py_True;
+        Py_INCREF(ret);
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&y);
+    return ret;
+}
+
+/* o is a writable C-contiguous float32 (B, n) array: its data, else NULL (no exception) */
+static float *out_data(PyObject *o, int64_t B, int64_t n) {
+    Py_buffer b;
+    if (PyObject_GetBuffer(o, &b, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0) {
+        PyErr_Clear();
+        return NULL;
+    }
+    float *p = NULL;
+    if (b.ndim == 2 && b.shape[0] == B && b.shape[1] == n && b.itemsize == 4 && b.format &&
+        strcmp(b.format, "f") == 0)
+        p = (float *)b.buf;
+    PyBuffer_Release(&b); /* the array itself keeps the data alive: the caller holds a reference */
+    return p;
+}
+
+/* the output for a B-sample call: a recycled one (see SPARE_MAX_BYTES) or a new one from alloc();
+ * a new reference and its data in *data, or NULL with an exception set */
+static PyObject *out_take(chain_t *c, PyObject *alloc, int64_t B, float **data) {
+    const int64_t n = c->L[c->n - 1].n_out;
+    for (int k = 0; k < 2; k++) {
+        const int i = (c->spare_next + k) & 1;
+        PyObject *s = c->spare[i];
+        if (s && Py_REFCNT(s) == 1 && (*data = out_data(s, B, n)) != NULL) {
+            c->spare_next = i ^ 1;
+            Py_INCREF(s);
+            return s;
+        }
+    }
+    PyObject *y = PyObject_CallNoArgs(alloc);
+    if (!y) return NULL;
+    if (!(*data = out_data(y, B, n))) {
+        Py_DECREF(y);
+        PyErr_SetString(PyExc_ValueError, "fast_call: alloc() must return a writable (batch, n_out) float32 array");
+        return NULL;
+    }
+    const int64_t bytes = B * n * 4;
+    const int i = c->spare_next;
+    g_spare_total -= c->spare_bytes[i];
+    c->spare_bytes[i] = 0;
+    Py_CLEAR(c->spare[i]);
+    if (bytes <= SPARE_MAX_BYTES && g_spare_total + bytes <= SPARE_TOTAL_BYTES) {
+        Py_INCREF(y);
+        c->spare[i] = y;
+        c->spare_bytes[i] = bytes;
+        g_spare_total += bytes;
+    }
+    c->spare_next = i ^ 1;
+    return y;
+}
+
+/* chain c on x (a fitting buffer, held by the caller) into an output from out_take: a new reference,
+ * Py_False (a new reference) where the chain declines this batch, or NULL with an exception set */
+static PyObject *chain_call_x(chain_t *c, const Py_buffer *x, int threads, PyObject *alloc) {
+    const int64_t B = x->shape[0];
+    pplan_t pl;
+    if (chain_plan(c, B, threads, &pl) == 0) Py_RETURN_FALSE;
+    float *yd;
+    PyObject *y = out_take(c, alloc, B, &yd);
+    if (y && chain_exec(c, (const float *)x->buf, B, yd, threads, &pl) < 0) Py_CLEAR(y);
+    return y;
+}
+
+/* fast_call(table, x, threads, epoch): FastModel.run's fast path in one call. table maps a batch size to
+ * (plan epoch, chain, alloc); when x is a C-contiguous float32 (batch, n_in) or (batch, *input shape)
+ * array whose batch size has an entry made at epoch[0] (no layer's plan replaced since) and the chain
+ * takes this batch, runs the chain into an output from out_take (recycled, or alloc()) and returns it;
+ * else None (nothing run). */
+PyObject *py_fast_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 4 || !PyDict_CheckExact(args[0]) || !PyList_CheckExact(args[3]) || PyList_GET_SIZE(args[3]) < 1) {
+        PyErr_SetString(PyExc_TypeError, "fast_call(table: dict, x, threads, epoch: list)");
+        return NULL;
+    }
+    int threads;
+    if (parse_threads(args[2], &threads) < 0) return NULL;
+    Py_buffer x;
+    const int got = get_x(args[1], &x);
+    if (got <= 0) {
+        if (got < 0) return NULL;
+        Py_RETURN_NONE;
+    }
+    PyObject *ret = NULL, *hit = NULL;
+    if (x.ndim < 2) goto none;
+    PyObject *key = PyLong_FromSsize_t(x.shape[0]);
+    if (!key) goto done;
+    hit = PyDict_GetItemWithError(args[0], key);
+    Py_DECREF(key);
+    if (!hit) {
+        if (PyErr_Occurred()) goto done;
+        goto none;
+    }
+    Py_INCREF(hit); /* another thread may replace the entry while this one computes with the GIL released */
+    if (!PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) != 3) {
+        PyErr_SetString(PyExc_TypeError, "fast_call: table values must be (epoch, chain, alloc)");
+        goto done;
+    }
+    const int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(hit, 0), PyList_GET_ITEM(args[3], 0), Py_EQ);
+    if (same < 0) goto done;
+    if (!same) goto none;
+    chain_t *c = (chain_t *)PyCapsule_GetPointer(PyTuple_GET_ITEM(hit, 1), "sparsekit.chain");
+    if (!c) goto done;
+    if (!x_fits(c, &x)) goto none;
+    ret = chain_call_x(c, &x, threads, PyTuple_GET_ITEM(hit, 2));
+    if (ret == Py_False) {
+        Py_DECREF(ret);
+        goto none;
+    }
+    goto done;
+none:
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    Py_XDECREF(hit);
+    PyBuffer_Release(&x);
+    return ret;
+}
+
+PyObject *py_chain_drop_outputs(PyObject *self, PyObject *cap) {
+    (void)self;
+    chain_t *c = (chain_t *)PyCapsule_GetPointer(cap, "sparsekit.chain");
+    if (!c) return NULL;
+    spares_drop(c);
+    Py_RETURN_NONE;
+}
