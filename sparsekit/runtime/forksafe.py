@@ -5,7 +5,7 @@ stay held in the child for good: a model's lock (``FastModel._lock``, taken by c
 chain), and ONNX Runtime's internal locks (the ``dense`` kernel runs there; a child forked while another thread was
 inside ORT hung in its next ORT call). So every live model gets a fresh lock in the child, and a fork waits until
 no thread is inside an ORT call made by a model (new ones wait for the fork). The C thread pool resets itself
-(``pool_atfork_child`` in csrc/sparsekit_kernels.c).
+(``pool_atfork_child`` in csrc/runtime/sk_pool.c).
 """
 
 from __future__ import annotations
