@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
+from same_run import assert_same_run, checkpoint_meta
 
 from sparsekit.methods import METHODS
 
@@ -30,7 +30,6 @@ pytestmark = pytest.mark.slow
 
 METHOD_FLAGS = {"rigl": ["--update-interval", "5"], "set": ["--update-interval", "5"],
                 "snfs": ["--update-interval", "5"], "pruning": ["--prune-interval", "5"]}
-TIMING_KEYS = {"train_seconds", "wall_seconds", "created", "run_dir", "seconds"}
 
 
 def train_args(method: str, out: Path, *extra: str) -> list[str]:
@@ -49,39 +48,11 @@ def run_subprocess(args: list[str], fault: str | None = None, timeout: float = 1
                           timeout=timeout)
 
 
-def checkpoint_meta(path: Path) -> dict:
-    with safe_open(str(path), framework="pt") as fh:
-        return json.loads(fh.metadata()["sparsekit"])
-
 
 def checkpoint_step(path: Path) -> int:
     return checkpoint_meta(path)["step_count"]
 
 
-def jsonl(path: Path) -> list[dict]:
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    """Bit-identical: every tensor of weights, masks and the final checkpoint (optimizer, method, RNG);
-    metrics, updates and the summary except timings."""
-    for name in ("weights.safetensors", "masks.safetensors", "checkpoint.safetensors"):
-        ta, tb = load_file(str(a / name)), load_file(str(b / name))
-        assert ta.keys() == tb.keys(), name
-        for k in ta:
-            assert torch.equal(ta[k], tb[k]), f"{name}:{k}"
-    ma, mb = (checkpoint_meta(p / "checkpoint.safetensors") for p in (a, b))
-    for m in (ma, mb):
-        m["state"].pop("train_seconds")
-    assert ma == mb
-    assert jsonl(a / "metrics.jsonl") == jsonl(b / "metrics.jsonl")
-    assert jsonl(a / "updates.jsonl") == jsonl(b / "updates.jsonl")
-    sa, sb = (json.loads((p / "summary.json").read_text()) for p in (a, b))
-    for s in (sa, sb):
-        for k in TIMING_KEYS:
-            s.pop(k, None)
-    assert sa == sb
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

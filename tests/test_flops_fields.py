@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_models import TinyGRU
 from torch import nn
 
 from sparsekit import sparsify
@@ -93,23 +94,10 @@ def test_rigl_run_flops_fields_on_a_run_whose_last_update_is_t_end():
     assert t["dense_forward_flops"] == 224 and t["mean_sparse_forward_flops"] == pytest.approx(112)
 
 
-class _TinyGRU(nn.Module):
-    """Per token: W_ih 12×3 = 36, W_hh 12×4 = 48, head 7×4 = 28 MACs (112 dense)."""
-
-    sequence_model = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rnn = nn.GRU(3, 4, batch_first=True)
-        self.head = nn.Linear(4, 7)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.rnn(x.unsqueeze(-1).expand(-1, -1, 3))[0])
-
 
 def test_per_token_flop_fields_are_twice_their_macs():
     torch.manual_seed(0)
-    model = _TinyGRU()
+    model = TinyGRU()
     sp = sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "static", sparsity=0.5, total_steps=4,
                   distribution="uniform", dense_first_layer=False)
     out = run_flops(model, sp, input_shape=(5,), config=TrainConfig(epochs=1))

@@ -7,12 +7,12 @@ kill -9 variants live in test_faults.py."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from same_run import assert_same_run
 
 from sparsekit.config import TrainConfig
 from sparsekit.methods import METHODS
@@ -23,7 +23,6 @@ from sparsekit.training import Callbacks, train
 METHOD_OPTIONS = {"rigl": {"update_interval": 3}, "set": {"update_interval": 3}, "snfs": {"update_interval": 3},
                   "pruning": {"prune_interval": 3}}
 INTERRUPT_AT = 10  # the last checkpoint before it is step 8: steps 9..12 (with an update at 9) are redone
-TIMING_KEYS = {"train_seconds", "wall_seconds", "created", "run_dir", "seconds"}
 
 DROPOUT_MODEL = '''\
 from torch import nn
@@ -61,32 +60,7 @@ def config(method: str, model: str) -> TrainConfig:
                        checkpoint_every=4, seed=7, device="cpu")
 
 
-def jsonl(path: Path) -> list[dict]:
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
-
-def checkpoint_meta(path: Path) -> dict:
-    with safe_open(str(path), framework="pt") as fh:
-        meta = json.loads(fh.metadata()["sparsekit"])
-    meta["state"].pop("train_seconds")
-    return meta
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    for name in ("weights.safetensors", "masks.safetensors", "checkpoint.safetensors"):
-        ta, tb = load_file(str(a / name)), load_file(str(b / name))
-        assert ta.keys() == tb.keys(), name
-        for k in ta:
-            assert torch.equal(ta[k], tb[k]), f"{name}:{k}"
-    assert checkpoint_meta(a / "checkpoint.safetensors") == checkpoint_meta(b / "checkpoint.safetensors")
-    for name in ("metrics.jsonl", "updates.jsonl"):
-        assert jsonl(a / name) == jsonl(b / name), name
-    sa, sb = (json.loads((p / "summary.json").read_text()) for p in (a, b))
-    for s in (sa, sb):
-        for k in TIMING_KEYS:
-            s.pop(k, None)
-    assert sa == sb
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import TinyGRU
 from torch import nn
 
 from sparsekit.config import build_config, read_config_file
@@ -186,21 +187,10 @@ def test_small_dense_narrows_the_gru_to_the_sparse_budget(corpus):
 # ---------------------------------------------------------------- FLOPs per token
 
 
-class _TinyGRU(nn.Module):
-    sequence_model = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rnn = nn.GRU(3, 4, batch_first=True)
-        self.head = nn.Linear(4, 7)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.rnn(x.unsqueeze(-1).expand(-1, -1, 3))[0])
-
 
 def test_flops_per_token_of_a_hand_computed_gru():
     """Per token: W_ih 12×3 = 36, W_hh 12×4 = 48, head 7×4 = 28 MACs → 112 dense; at uniform 50% → 56."""
-    model = _TinyGRU()
+    model = TinyGRU()
     assert weight_positions(model, (5,)) == {"rnn.weight_ih_l0": 5, "rnn.weight_hh_l0": 5, "head.weight": 5}
     sp = Sparsifier(model, None, make_method("static"), sparsity=0.5, total_steps=1, distribution="uniform",
                     dense_first_layer=False)

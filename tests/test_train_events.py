@@ -5,15 +5,14 @@ is built from the same callbacks (``sparsekit.faults``); its kill -9 runs live i
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
+from same_run import assert_same_run, checkpoint_meta
 
 from sparsekit.config import TrainConfig
 from sparsekit.distributed import DistContext
@@ -22,7 +21,6 @@ from sparsekit.faults import Fault, FaultInjector, parse
 from sparsekit.training import Callbacks, TrainingRun, train
 
 # 512 samples / batch 32 = 16 steps per epoch, 2 epochs: checkpoints at steps 7, 14, 16, 21, 28 and 32.
-TIMING_KEYS = {"train_seconds", "wall_seconds", "created", "run_dir", "seconds"}
 
 
 def config(**kw) -> TrainConfig:
@@ -33,28 +31,7 @@ def config(**kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def checkpoint_meta(path: Path) -> dict:
-    with safe_open(str(path), framework="pt") as fh:
-        return json.loads(fh.metadata()["sparsekit"])
 
-
-def jsonl(path: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(x).items() if k not in TIMING_KEYS} for x in path.read_text().splitlines()]
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    for name in ("weights.safetensors", "masks.safetensors", "checkpoint.safetensors"):
-        ta, tb = load_file(str(a / name)), load_file(str(b / name))
-        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
-    ma, mb = (checkpoint_meta(p / "checkpoint.safetensors") for p in (a, b))
-    for m in (ma, mb):
-        m["state"].pop("train_seconds")
-    assert ma == mb
-    assert jsonl(a / "metrics.jsonl") == jsonl(b / "metrics.jsonl")
-    assert jsonl(a / "updates.jsonl") == jsonl(b / "updates.jsonl")
-    sa, sb = ({k: v for k, v in json.loads((p / "summary.json").read_text()).items() if k not in TIMING_KEYS}
-              for p in (a, b))
-    assert sa == sb
 
 
 @pytest.fixture(scope="module")
