@@ -187,7 +187,6 @@ def test_small_dense_narrows_the_gru_to_the_sparse_budget(corpus):
 # ---------------------------------------------------------------- FLOPs per token
 
 
-
 def test_flops_per_token_of_a_hand_computed_gru():
     """Per token: W_ih 12×3 = 36, W_hh 12×4 = 48, head 7×4 = 28 MACs → 112 dense; at uniform 50% → 56."""
     model = TinyGRU()
