@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -36,6 +37,26 @@ from sparsekit.runtime.layers import (
 from sparsekit.runtime.memory import kernel_bytes
 
 _F32 = np.dtype(np.float32)
+
+CHAIN_ROWS, CHAIN_GEMV, CHAIN_PANEL = 0, 1, 2  # ChainLayer.kind
+
+
+@dataclass(frozen=True)
+class ChainLayer:
+    """One layer of a C chain as ``_kernels.chain_new`` reads it, field by field (and validates every one)."""
+
+    kind: int                       # CHAIN_ROWS, CHAIN_GEMV or CHAIN_PANEL
+    values: np.ndarray              # float32 values (gemv: the weight transposed, (n_in, n_out))
+    indices: np.ndarray | None      # column indices (idx_bytes each); gemv: None
+    pointers: np.ndarray | None     # int64 rows: slice pointers; panel: block pointers; gemv: None
+    order: np.ndarray | None        # int32 rows: row at each slot (perm); panel: row order or None; gemv: None
+    bias: np.ndarray | None         # float32 (n_out,) (rows: padded to whole slices) or None
+    idx_bytes: int                  # 2 or 4
+    n_in: int
+    n_out: int
+    relu: int                       # 0 or 1
+    threads: int                    # the layer's thread cap (``@N``), 0: none
+    blocks: int = 1                 # panel: column blocks
 # outputs from this many floats are allocated 64-byte aligned (see _new_output)
 ALIGNED_OUTPUT_FLOATS = 1 << 16
 
@@ -288,22 +309,20 @@ class FastModel:
             return None
         return _K.chain_new(self._chain_specs(parsed), self.input_shape)
 
-    def _chain_specs(self, parsed: list[tuple[str, int, int]]) -> list[tuple[Any, ...]]:
-        """``chain_new``'s layer tuples: (kind 0 rows / 1 gemv / 2 panel, arrays..., bias, idx_bytes, n_in,
-        n_out, relu, thread cap[, column blocks])."""
-        specs: list[tuple[Any, ...]] = []
+    def _chain_specs(self, parsed: list[tuple[str, int, int]]) -> list[ChainLayer]:
+        """``chain_new``'s layers, one ``ChainLayer`` per layer in the kernel ``parsed`` picks for it."""
+        specs: list[ChainLayer] = []
         for layer, (name, block, cap) in zip(self.layers, parsed, strict=True):
+            shape = {"n_in": layer.n_in, "n_out": layer.n_out, "relu": int(layer.relu), "threads": cap}
             if name == "panel":
                 v, i, bptr, nb, order = layer.blocked(block)
-                specs.append((2, v, i, bptr, order, layer.bias, layer.idx_bytes, layer.n_in, layer.n_out,
-                              int(layer.relu), cap, int(nb)))
+                specs.append(ChainLayer(CHAIN_PANEL, v, i, bptr, order, layer.bias, layer.idx_bytes, **shape,
+                                        blocks=int(nb)))
             elif name == "rows":
                 sv, si, slice_ptr, perm, bias = layer.sliced()
-                specs.append((0, sv, si, slice_ptr, perm, bias, layer.idx_bytes, layer.n_in, layer.n_out,
-                              int(layer.relu), cap))
+                specs.append(ChainLayer(CHAIN_ROWS, sv, si, slice_ptr, perm, bias, layer.idx_bytes, **shape))
             else:
-                specs.append((1, layer.dense_t(), None, None, None, layer.bias, 4, layer.n_in, layer.n_out,
-                              int(layer.relu), cap))
+                specs.append(ChainLayer(CHAIN_GEMV, layer.dense_t(), None, None, None, layer.bias, 4, **shape))
         return specs
 
     def plan_changed(self) -> None:
