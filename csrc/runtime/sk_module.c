@@ -409,9 +409,9 @@ static PyMethodDef methods[] = {
      "rows_split, units}, or None where it declines (small-batch chains: threads 1, units 0; their layers "
      "decide their own threads)"},
     {"fast_call", (PyCFunction)(void (*)(void))py_fast_call, METH_FASTCALL,
-     "fast_call(table, x, threads, epoch): FastModel.run's fast path: table {batch: (epoch, chain, alloc)}; runs "
-     "x's batch size's chain when its entry is current (epoch[0]) and x fits, into alloc() or one of the last "
-     "two outputs it returned once nothing else references it, and returns the output; else None"},
+     "fast_call(table, x, threads): FastModel.run's fast path: table, the model's chain cache, {batch: (chain, "
+     "alloc)}; runs x's batch size's chain when x fits, into alloc() or one of the last two outputs it returned "
+     "once nothing else references it, and returns the output; else None"},
     {"chain_drop_outputs", py_chain_drop_outputs, METH_O,
      "chain_drop_outputs(chain): forget the outputs fast_call keeps for reuse"},
     {"to_panels", py_to_panels, METH_VARARGS, "to_panels(x, xp, batch, n, threads)"},

@@ -396,15 +396,15 @@ static PyObject *chain_call_x(chain_t *c, const Py_buffer *x, int threads, PyObj
     return y;
 }
 
-/* fast_call(table, x, threads, epoch): FastModel.run's fast path in one call. table maps a batch size to
- * (plan epoch, chain, alloc); when x is a C-contiguous float32 (batch, n_in) or (batch, *input shape)
- * array whose batch size has an entry made at epoch[0] (no layer's plan replaced since) and the chain
- * takes this batch, runs the chain into an output from out_take (recycled, or alloc()) and returns it;
- * else None (nothing run). */
+/* fast_call(table, x, threads): FastModel.run's fast path in one call. table, the model's chain cache,
+ * maps a batch size to (chain, alloc) (the model drops its entries when a layer's plan changes); when x
+ * is a C-contiguous float32 (batch, n_in) or (batch, *input shape) array whose batch size has an entry
+ * and the chain takes this batch, runs the chain into an output from out_take (recycled, or alloc())
+ * and returns it; else None (nothing run). */
 PyObject *py_fast_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 4 || !PyDict_CheckExact(args[0]) || !PyList_CheckExact(args[3]) || PyList_GET_SIZE(args[3]) < 1) {
-        PyErr_SetString(PyExc_TypeError, "fast_call(table: dict, x, threads, epoch: list)");
+    if (nargs != 3 || !PyDict_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "fast_call(table: dict, x, threads)");
         return NULL;
     }
     int threads;
@@ -426,17 +426,14 @@ PyObject *py_fast_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         goto none;
     }
     Py_INCREF(hit); /* another thread may replace the entry while this one computes with the GIL released */
-    if (!PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) != 3) {
-        PyErr_SetString(PyExc_TypeError, "fast_call: table values must be (epoch, chain, alloc)");
+    if (!PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) != 2) {
+        PyErr_SetString(PyExc_TypeError, "fast_call: table values must be (chain, alloc)");
         goto done;
     }
-    const int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(hit, 0), PyList_GET_ITEM(args[3], 0), Py_EQ);
-    if (same < 0) goto done;
-    if (!same) goto none;
-    chain_t *c = (chain_t *)PyCapsule_GetPointer(PyTuple_GET_ITEM(hit, 1), "sparsekit.chain");
+    chain_t *c = (chain_t *)PyCapsule_GetPointer(PyTuple_GET_ITEM(hit, 0), "sparsekit.chain");
     if (!c) goto done;
     if (!x_fits(c, &x)) goto none;
-    ret = chain_call_x(c, &x, threads, PyTuple_GET_ITEM(hit, 2));
+    ret = chain_call_x(c, &x, threads, PyTuple_GET_ITEM(hit, 1));
     if (ret == Py_False) {
         Py_DECREF(ret);
         goto none;
