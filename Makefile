@@ -47,7 +47,7 @@ ASAN_DIR ?= build/asan
 RUNTIME_SRCS := $(sort $(wildcard csrc/runtime/*.c))
 ASAN_CFLAGS := -O1 -g -std=c99 -fno-strict-aliasing -fvisibility=hidden -fPIC -shared -fsanitize=address,undefined \
 	-fno-omit-frame-pointer -fno-sanitize-recover=undefined
-ASAN_TESTS ?= tests/test_runtime.py tests/test_runtime_hostile.py tests/test_fuzz_artifact.py
+ASAN_TESTS ?= tests/test_runtime.py tests/test_runtime_hostile.py tests/test_fuzz_artifact.py tests/test_chain_boundary.py
 CC ?= cc
 # detect_leaks=0: CPython keeps objects alive until exit by design
 ASAN_ENV := ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -384,8 +385,8 @@ def test_thread_cap_in_the_plan_is_parsed_recorded_and_honoured(tmp_path):
         return orig_panel(xp, yp, npanels, block, threads, y_rows=y_rows, x_rows=x_rows)
 
     first.run_rows, first.run_panel = spy_rows, spy_panel
-    # the batch-1 plan runs as one C chain: its layer tuples carry the caps (last field) ...
-    assert [s[-1] for s in loaded._chain_specs(loaded._parsed_plan(1))] == [1, 0]
+    # the batch-1 plan runs as one C chain: its layers carry the caps (field threads) ...
+    assert [s.threads for s in loaded._chain_specs(loaded._parsed_plan(1))] == [1, 0]
     loaded._make_chain = lambda parsed: None  # ... and the per-layer path (spied here) honours them too
     loaded.plan_changed()
     ref = lambda x: layers[1].reference(layers[0].reference(x))  # noqa: E731
@@ -959,10 +960,9 @@ def test_chain_new_validates_once():
     bad_sizes = [specs[0], specs[2]]  # 70 outputs into a 33-input layer
     with pytest.raises(ValueError):
         K.chain_new(bad_sizes)
-    short = list(specs[0])
-    short[1] = short[1][:3]  # values shorter than the slice pointers say
+    short = replace(specs[0], values=specs[0].values[:3])  # values shorter than the slice pointers say
     with pytest.raises(ValueError):
-        K.chain_new([tuple(short)])
+        K.chain_new([short])
     with pytest.raises(ValueError):
         K.chain_new([])
     for shape in ((3, 3), (40, 2), (1,) * 9 + (40,)):  # the input shape must hold n_in = 40 in <= 8 dims
@@ -1045,26 +1045,21 @@ def test_panel_chain_new_refuses_bad_layouts():
                                                   + [L.parse_kernel("rows")])[0]
     with pytest.raises(ValueError, match="all panel layers or none"):
         K.chain_new([rows_spec, specs[1]])
-    # (kind, values, indices, block pointers, row order, bias, idx_bytes, n_in, n_out, relu, cap, blocks)
-    bad = list(specs[0])
-    bad[3] = bad[3].copy()
-    bad[3][5] = bad[3][4] - 1  # block pointers going backwards
+    bad = replace(specs[0], pointers=specs[0].pointers.copy())
+    bad.pointers[5] = bad.pointers[4] - 1  # block pointers going backwards
     with pytest.raises(ValueError, match="block pointers"):
-        K.chain_new([tuple(bad)])
-    bad = list(specs[0])
-    bad[3] = bad[3].copy()
-    bad[3][0] = 1
+        K.chain_new([bad])
+    bad = replace(specs[0], pointers=specs[0].pointers.copy())
+    bad.pointers[0] = 1
     with pytest.raises(ValueError, match="block pointers"):
-        K.chain_new([tuple(bad)])
-    bad = list(specs[0])
-    bad[2] = bad[2].copy()
-    bad[2][0] = 70  # a column index past n_in
+        K.chain_new([bad])
+    bad = replace(specs[0], indices=specs[0].indices.copy())
+    bad.indices[0] = 70  # a column index past n_in
     with pytest.raises(ValueError, match="index out of range"):
-        K.chain_new([tuple(bad)])
-    bad = list(specs[0])
-    bad[4] = np.full_like(bad[4], 150)  # a row order past n_out
+        K.chain_new([bad])
+    bad = replace(specs[0], order=np.full_like(specs[0].order, 150))  # a row order past n_out
     with pytest.raises(ValueError, match="row order"):
-        K.chain_new([tuple(bad)])
+        K.chain_new([bad])
 
 
 @pytest.mark.skipif(K is None, reason="compiled kernels")

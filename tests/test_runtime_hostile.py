@@ -33,6 +33,7 @@ import sparsekit.runtime as rt
 from sparsekit.errors import InputError
 from sparsekit.runtime import layers as L
 from sparsekit.runtime.memory import kernel_bytes, memory_bound
+from sparsekit.runtime.model import ChainLayer
 
 K = L._K
 X = np.random.default_rng(0).standard_normal((5, 12)).astype(np.float32)
@@ -92,7 +93,7 @@ def test_kernels_refuse_widths_past_int32_and_overflowing_sizes():
     bad_perm = perm.copy()
     bad_perm[0] = 4  # a lane writing past the output row
     with pytest.raises(ValueError, match="row order"):
-        K.chain_new([(0, sv, si, slice_ptr, bad_perm, None, layer.idx_bytes, 4, 4, 0, 0)])
+        K.chain_new([ChainLayer(0, sv, si, slice_ptr, bad_perm, None, layer.idx_bytes, 4, 4, 0, 0)])
 
 
 # ---------------------------------------------------------------- reads past the panel buffer

@@ -395,10 +395,12 @@ static PyMethodDef methods[] = {
     {"gemv", py_gemv, METH_VARARGS,
      "gemv(weight_t, bias|None, x, y, n_in, n_out, batch, relu, threads): dense layer, weight (n_in, n_out)"},
     {"chain_new", py_chain_new, METH_VARARGS,
-     "chain_new([(kind, a, b, c, d, bias|None, idx_bytes, n_in, n_out, relu, cap), ...][, input_shape]): a prepared chain of "
-     "small-batch layers, validated once; kind 0 (rows): a, b, c, d = values, indices, slice_ptr, perm (as for "
-     "rows); kind 1 (gemv): a = weight_t (b, c, d unused); cap: the layer's thread cap (0: none); input_shape (a "
-     "tuple of at most 8 dims, n_in elements): x may also come as (batch, *input_shape)"},
+     "chain_new([layer, ...][, input_shape]): a prepared chain, validated once, of layers with named fields "
+     "(sparsekit.runtime.model.ChainLayer): kind 0 (rows), 1 (gemv) or 2 (panel), values (gemv: weight_t), "
+     "indices, pointers (rows: slice_ptr; panel: block pointers), order (rows: perm; panel: row order or None), "
+     "bias (or None), idx_bytes, n_in, n_out, relu, threads (the layer's thread cap, 0: none), blocks (panel "
+     "column blocks, default 1); input_shape (a tuple of at most 8 dims, n_in elements): x may also come as "
+     "(batch, *input_shape)"},
     {"chain_run", (PyCFunction)(void (*)(void))py_chain_run, METH_FASTCALL,
      "chain_run(chain, x, y, threads): run a chain_new chain on x (batch, n_in) into y (batch, n_out), one call; "
      "True when done, False (nothing run) when x is not a C-contiguous float32 (batch, n_in) array"},
@@ -407,9 +409,9 @@ static PyMethodDef methods[] = {
      "rows_split, units}, or None where it declines (small-batch chains: threads 1, units 0; their layers "
      "decide their own threads)"},
     {"fast_call", (PyCFunction)(void (*)(void))py_fast_call, METH_FASTCALL,
-     "fast_call(table, x, threads, epoch): FastModel.run's fast path: table {batch: (epoch, chain, alloc)}; runs "
-     "x's batch size's chain when its entry is current (epoch[0]) and x fits, into alloc() or one of the last "
-     "two outputs it returned once nothing else references it, and returns the output; else None"},
+     "fast_call(table, x, threads): FastModel.run's fast path: table, the model's chain cache, {batch: (chain, "
+     "alloc)}; runs x's batch size's chain when x fits, into alloc() or one of the last two outputs it returned "
+     "once nothing else references it, and returns the output; else None"},
     {"chain_drop_outputs", py_chain_drop_outputs, METH_O,
      "chain_drop_outputs(chain): forget the outputs fast_call keeps for reuse"},
     {"to_panels", py_to_panels, METH_VARARGS, "to_panels(x, xp, batch, n, threads)"},

@@ -39,6 +39,54 @@ static int ch_get(chain_t *c, PyObject *o, int64_t need, const char *what, const
     return 0;
 }
 
+/* chain_new's layers are objects with named fields (sparsekit.runtime.model.ChainLayer): kind, values,
+ * indices, pointers, order, bias, idx_bytes, n_in, n_out, relu, threads (the thread cap), blocks */
+
+/* layer i's field `name` as an int in *out (a missing optional field leaves *out): 0, or -1 with a
+ * TypeError naming the layer and field */
+static int field_ll(PyObject *o, Py_ssize_t i, const char *name, int optional, long long *out) {
+    PyObject *v = PyObject_GetAttrString(o, name);
+    if (!v) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1;
+        PyErr_Clear();
+        if (optional) return 0;
+        PyErr_Format(PyExc_TypeError, "chain layer %zd: no field '%s'", i, name);
+        return -1;
+    }
+    if (!PyLong_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "chain layer %zd: field '%s' must be an int, not %.100s", i, name,
+                     Py_TYPE(v)->tp_name);
+        Py_DECREF(v);
+        return -1;
+    }
+    *out = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* layer i's int field `name` that must fit an int */
+static int field_int(PyObject *o, Py_ssize_t i, const char *name, int *out) {
+    long long v;
+    if (field_ll(o, i, name, 0, &v) < 0) return -1;
+    if (v < INT_MIN || v > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "chain layer %zd: field '%s' out of range", i, name);
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+/* layer i's array field `name` (or None) in *out, a new reference: 0, or -1 with a TypeError naming it */
+static int field_obj(PyObject *o, Py_ssize_t i, const char *name, PyObject **out) {
+    *out = PyObject_GetAttrString(o, name);
+    if (*out) return 0;
+    if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "chain layer %zd: no field '%s'", i, name);
+    }
+    return -1;
+}
+
 PyObject *py_chain_new(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *specs, *in_shape = NULL;
@@ -49,17 +97,23 @@ PyObject *py_chain_new(PyObject *self, PyObject *args) {
     if (!c) return PyErr_NoMemory();
     c->L = (ch_layer_t *)calloc((size_t)n, sizeof(ch_layer_t));
     c->bufs = (Py_buffer *)calloc((size_t)n * 5, sizeof(Py_buffer));
-    PyObject *cap = NULL;
+    PyObject *cap = NULL, *fields[5] = {NULL, NULL, NULL, NULL, NULL};
     if (!c->L || !c->bufs) { PyErr_NoMemory(); goto fail; }
     c->n = (int)n;
     for (Py_ssize_t i = 0; i < n; i++) {
         ch_layer_t *l = &c->L[i];
-        PyObject *a, *b, *d, *e, *bias_obj;
+        PyObject *spec = PyList_GET_ITEM(specs, i);
+        for (int k = 0; k < 5; k++) Py_CLEAR(fields[k]);
         int idx_bytes;
         long long n_in, n_out, nb = 1;
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(specs, i), "iOOOOOiLLii|L;chain layer", &l->kind, &a, &b, &d, &e,
-                              &bias_obj, &idx_bytes, &n_in, &n_out, &l->relu, &l->cap, &nb))
+        if (field_int(spec, i, "kind", &l->kind) || field_obj(spec, i, "values", &fields[0]) ||
+            field_obj(spec, i, "indices", &fields[1]) || field_obj(spec, i, "pointers", &fields[2]) ||
+            field_obj(spec, i, "order", &fields[3]) || field_obj(spec, i, "bias", &fields[4]) ||
+            field_int(spec, i, "idx_bytes", &idx_bytes) || field_ll(spec, i, "n_in", 0, &n_in) ||
+            field_ll(spec, i, "n_out", 0, &n_out) || field_int(spec, i, "relu", &l->relu) ||
+            field_int(spec, i, "threads", &l->cap) || field_ll(spec, i, "blocks", 1, &nb))
             goto fail;
+        PyObject *a = fields[0], *b = fields[1], *d = fields[2], *e = fields[3], *bias_obj = fields[4];
         if ((l->kind == CH_PANEL) != (i == 0 ? l->kind == CH_PANEL : c->panel)) {
             PyErr_SetString(PyExc_ValueError, "a chain is all panel layers or none");
             goto fail;
@@ -176,10 +230,12 @@ PyObject *py_chain_new(PyObject *self, PyObject *args) {
         }
         c->in_ndim = (int)nd;
     }
+    for (int k = 0; k < 5; k++) Py_CLEAR(fields[k]);
     cap = PyCapsule_New(c, "sparsekit.chain", chain_free);
     if (!cap) goto fail;
     return cap;
 fail:
+    for (int k = 0; k < 5; k++) Py_CLEAR(fields[k]);
     for (int i = 0; i < c->nbufs; i++) PyBuffer_Release(&c->bufs[i]);
     free(c->bufs);
     free(c->L);
@@ -340,15 +396,15 @@ static PyObject *chain_call_x(chain_t *c, const Py_buffer *x, int threads, PyObj
     return y;
 }
 
-/* fast_call(table, x, threads, epoch): FastModel.run's fast path in one call. table maps a batch size to
- * (plan epoch, chain, alloc); when x is a C-contiguous float32 (batch, n_in) or (batch, *input shape)
- * array whose batch size has an entry made at epoch[0] (no layer's plan replaced since) and the chain
- * takes this batch, runs the chain into an output from out_take (recycled, or alloc()) and returns it;
- * else None (nothing run). */
+/* fast_call(table, x, threads): FastModel.run's fast path in one call. table, the model's chain cache,
+ * maps a batch size to (chain, alloc) (the model drops its entries when a layer's plan changes); when x
+ * is a C-contiguous float32 (batch, n_in) or (batch, *input shape) array whose batch size has an entry
+ * and the chain takes this batch, runs the chain into an output from out_take (recycled, or alloc())
+ * and returns it; else None (nothing run). */
 PyObject *py_fast_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 4 || !PyDict_CheckExact(args[0]) || !PyList_CheckExact(args[3]) || PyList_GET_SIZE(args[3]) < 1) {
-        PyErr_SetString(PyExc_TypeError, "fast_call(table: dict, x, threads, epoch: list)");
+    if (nargs != 3 || !PyDict_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "fast_call(table: dict, x, threads)");
         return NULL;
     }
     int threads;
@@ -370,17 +426,14 @@ PyObject *py_fast_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         goto none;
     }
     Py_INCREF(hit); /* another thread may replace the entry while this one computes with the GIL released */
-    if (!PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) != 3) {
-        PyErr_SetString(PyExc_TypeError, "fast_call: table values must be (epoch, chain, alloc)");
+    if (!PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) != 2) {
+        PyErr_SetString(PyExc_TypeError, "fast_call: table values must be (chain, alloc)");
         goto done;
     }
-    const int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(hit, 0), PyList_GET_ITEM(args[3], 0), Py_EQ);
-    if (same < 0) goto done;
-    if (!same) goto none;
-    chain_t *c = (chain_t *)PyCapsule_GetPointer(PyTuple_GET_ITEM(hit, 1), "sparsekit.chain");
+    chain_t *c = (chain_t *)PyCapsule_GetPointer(PyTuple_GET_ITEM(hit, 0), "sparsekit.chain");
     if (!c) goto done;
     if (!x_fits(c, &x)) goto none;
-    ret = chain_call_x(c, &x, threads, PyTuple_GET_ITEM(hit, 2));
+    ret = chain_call_x(c, &x, threads, PyTuple_GET_ITEM(hit, 1));
     if (ret == Py_False) {
         Py_DECREF(ret);
         goto none;

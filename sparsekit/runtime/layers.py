@@ -16,6 +16,7 @@ indices, int64 row pointers). Kernels (see ``csrc/runtime/sk_runtime.h``):
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,10 +135,6 @@ def _check_columns(indices: np.ndarray, rowptr: np.ndarray, n_in: int, where: st
                          f"{int(indices[k])})", where=where)
 
 
-# bumped whenever any layer's ``plan`` is assigned: models check it before their cached fast path
-PLAN_EPOCH = [0]
-
-
 @dataclass
 class CsrLayer:
     """One layer in CSR. Arrays are validated and padded with ``PAD_SLACK`` spare elements."""
@@ -157,11 +154,14 @@ class CsrLayer:
         default=None, repr=False)
     _dense: np.ndarray | None = field(default=None, repr=False)
     _dense_t: np.ndarray | None = field(default=None, repr=False)
+    # the models running this layer (FastModel registers itself): told when ``plan`` is replaced
+    _owners: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet, init=False, repr=False, compare=False)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "plan":
-            PLAN_EPOCH[0] += 1
         object.__setattr__(self, name, value)
+        if name == "plan":
+            for owner in list(getattr(self, "_owners", ())):  # none yet while __init__ sets the first plan
+                owner.plan_changed()
 
     # ---------------------------------------------------------------- construction
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -26,7 +27,6 @@ from sparsekit.runtime import forksafe
 from sparsekit.runtime.layers import (
     _K,
     PANEL,
-    PLAN_EPOCH,
     CsrLayer,
     aligned_empty,
     from_panels,
@@ -36,6 +36,26 @@ from sparsekit.runtime.layers import (
 from sparsekit.runtime.memory import kernel_bytes
 
 _F32 = np.dtype(np.float32)
+
+CHAIN_ROWS, CHAIN_GEMV, CHAIN_PANEL = 0, 1, 2  # ChainLayer.kind
+
+
+@dataclass(frozen=True)
+class ChainLayer:
+    """One layer of a C chain as ``_kernels.chain_new`` reads it, field by field (and validates every one)."""
+
+    kind: int                       # CHAIN_ROWS, CHAIN_GEMV or CHAIN_PANEL
+    values: np.ndarray              # float32 values (gemv: the weight transposed, (n_in, n_out))
+    indices: np.ndarray | None      # column indices (idx_bytes each); gemv: None
+    pointers: np.ndarray | None     # int64 rows: slice pointers; panel: block pointers; gemv: None
+    order: np.ndarray | None        # int32 rows: row at each slot (perm); panel: row order or None; gemv: None
+    bias: np.ndarray | None         # float32 (n_out,) (rows: padded to whole slices) or None
+    idx_bytes: int                  # 2 or 4
+    n_in: int
+    n_out: int
+    relu: int                       # 0 or 1
+    threads: int                    # the layer's thread cap (``@N``), 0: none
+    blocks: int = 1                 # panel: column blocks
 # outputs from this many floats are allocated 64-byte aligned (see _new_output)
 ALIGNED_OUTPUT_FLOATS = 1 << 16
 
@@ -172,8 +192,9 @@ class FastModel:
         self._sessions: dict[tuple[int, int, int], Any] = {}
         # batch -> (the layers' plan dicts it was made from, parsed specs, prepared C chain or None)
         self._plans: dict[int, tuple[tuple[dict[int, str], ...], list[tuple[str, int, int]], Any]] = {}
-        # batch -> (PLAN_EPOCH when made, C chain, output allocator): run()'s fast path
-        self._fast: dict[int, tuple[int, Any, Callable[[], np.ndarray]]] = {}
+        # batch -> (C chain, output allocator): run()'s fast path, dropped by plan_changed() (which a layer
+        # calls when its plan is replaced)
+        self._fast: dict[int, tuple[Any, Callable[[], np.ndarray]]] = {}
         self._forced_chains: dict[tuple[tuple[str, int, int], ...], Any] = {}  # run(kernels=, chain=True)
         self._n_out = layers[-1].n_out
         self._buffers: list[np.ndarray | None] = [None, None]
@@ -182,6 +203,8 @@ class FastModel:
         self.notes: dict[str, None] = {}  # one line per kernel replaced to fit memory_limit (ordered set)
         self._fits: dict[tuple[int, str, int], int] = {}  # (layer, kernel, block) -> kernel_bytes
         forksafe.register(self)  # a fresh lock in forked children
+        for layer in layers:
+            layer._owners.add(self)
 
     @staticmethod
     def _check_threads(threads: int) -> int:
@@ -256,23 +279,24 @@ class FastModel:
     def _plan(self, batch: int) -> tuple[list[tuple[str, int, int]], Any]:
         """(parsed specs, prepared chain or None) for ``batch``, cached like ``_parsed_plan``."""
         hit = self._plans.get(batch)
-        if hit is not None:
-            for layer, plan in zip(self.layers, hit[0], strict=True):
-                if layer.plan is not plan:
-                    break
-            else:
-                return hit[1], hit[2]
+        if hit is not None and self._same_plans(hit[0]):
+            return hit[1], hit[2]
+        plans = tuple(layer.plan for layer in self.layers)  # before reading them: a plan replaced meanwhile shows
         parsed = [parse_kernel(s) for s in self.kernels_for(batch)]
         chain = self._make_chain(parsed) if batch > 0 else None
         if len(self._plans) > 64:
             self._plans.clear()
             self._fast.clear()
-        self._plans[batch] = (tuple(layer.plan for layer in self.layers), parsed, chain)
-        if chain is not None:
+        self._plans[batch] = (plans, parsed, chain)
+        if chain is not None and self._same_plans(plans):
             alloc = (partial(np.empty, (batch, self._n_out), _F32) if batch * self._n_out < ALIGNED_OUTPUT_FLOATS
                      else partial(_new_output, batch, self._n_out))
-            self._fast[batch] = (PLAN_EPOCH[0], chain, alloc)
+            self._fast[batch] = (chain, alloc)
         return parsed, chain
+
+    def _same_plans(self, plans: tuple[dict[int, str], ...]) -> bool:
+        """Every layer still holds the plan dict it held when ``plans`` was taken."""
+        return all(layer.plan is plan for layer, plan in zip(self.layers, plans, strict=True))
 
     def _make_chain(self, parsed: list[tuple[str, int, int]]) -> Any:
         """A C chain (``_kernels.chain_new``) when every layer runs a small-batch kernel (rows or gemv),
@@ -288,26 +312,25 @@ class FastModel:
             return None
         return _K.chain_new(self._chain_specs(parsed), self.input_shape)
 
-    def _chain_specs(self, parsed: list[tuple[str, int, int]]) -> list[tuple[Any, ...]]:
-        """``chain_new``'s layer tuples: (kind 0 rows / 1 gemv / 2 panel, arrays..., bias, idx_bytes, n_in,
-        n_out, relu, thread cap[, column blocks])."""
-        specs: list[tuple[Any, ...]] = []
+    def _chain_specs(self, parsed: list[tuple[str, int, int]]) -> list[ChainLayer]:
+        """``chain_new``'s layers, one ``ChainLayer`` per layer in the kernel ``parsed`` picks for it."""
+        specs: list[ChainLayer] = []
         for layer, (name, block, cap) in zip(self.layers, parsed, strict=True):
+            shape = {"n_in": layer.n_in, "n_out": layer.n_out, "relu": int(layer.relu), "threads": cap}
             if name == "panel":
                 v, i, bptr, nb, order = layer.blocked(block)
-                specs.append((2, v, i, bptr, order, layer.bias, layer.idx_bytes, layer.n_in, layer.n_out,
-                              int(layer.relu), cap, int(nb)))
+                specs.append(ChainLayer(CHAIN_PANEL, v, i, bptr, order, layer.bias, layer.idx_bytes, **shape,
+                                        blocks=int(nb)))
             elif name == "rows":
                 sv, si, slice_ptr, perm, bias = layer.sliced()
-                specs.append((0, sv, si, slice_ptr, perm, bias, layer.idx_bytes, layer.n_in, layer.n_out,
-                              int(layer.relu), cap))
+                specs.append(ChainLayer(CHAIN_ROWS, sv, si, slice_ptr, perm, bias, layer.idx_bytes, **shape))
             else:
-                specs.append((1, layer.dense_t(), None, None, None, layer.bias, 4, layer.n_in, layer.n_out,
-                              int(layer.relu), cap))
+                specs.append(ChainLayer(CHAIN_GEMV, layer.dense_t(), None, None, None, layer.bias, 4, **shape))
         return specs
 
     def plan_changed(self) -> None:
-        """Forget cached kernel choices (after editing a layer's plan dict in place)."""
+        """Forget cached kernel choices and chains (after editing a layer's plan dict in place; assigning a
+        new dict to ``layer.plan`` calls this for every model running the layer)."""
         self._plans.clear()
         self._fast.clear()
 
@@ -346,9 +369,10 @@ class FastModel:
         nt = self.threads if threads is None else self._check_threads(threads)
         if kernels is None and _K is not None:
             # fast path, one C call: a float32 C-contiguous (batch, n_features) or (batch, *input_shape) x of
-            # a batch size seen before whose layers all run as one C chain, no plan changed since (else
-            # None); outputs nothing references any more are recycled (fast_call, csrc/runtime/sk_pychain.c)
-            y = _K.fast_call(self._fast, x, nt, PLAN_EPOCH)
+            # a batch size in this model's chain cache (seen before, all its layers one C chain, no plan
+            # changed since: else None); outputs nothing references any more are recycled (fast_call,
+            # csrc/runtime/sk_pychain.c)
+            y = _K.fast_call(self._fast, x, nt)
             if y is not None:
                 return y
         xf = self._prepare_input(x)
@@ -394,7 +418,7 @@ class FastModel:
         C chains keep for reuse."""
         with self._lock:
             self._buffers = [None, None]
-        for _, chain, _ in list(self._fast.values()):
+        for chain, _ in list(self._fast.values()):
             _K.chain_drop_outputs(chain)
 
     def _run(self, x: np.ndarray, parsed: list[tuple[str, int, int]], threads: int) -> np.ndarray:
