@@ -59,7 +59,7 @@ def test_tuned_export_at_two_threads_checks_the_whole_model_thread_cap(tmp_path)
 
 
 def test_calibration_measures_whole_model_plans():
-    from sparsekit.runtime.tune import CALIBRATION_BATCHES, _chain_candidates, calibrate
+    from sparsekit.runtime.tune import CALIBRATION_BATCHES, calibrate, chain_candidates
 
     rng = np.random.default_rng(9)
     layers = [rt.CsrLayer.from_dense(sparse_matrix(rng, 32, 16, 0.1), rng.standard_normal(32), relu=True),
@@ -69,7 +69,7 @@ def test_calibration_measures_whole_model_plans():
     assert sorted(int(b) for b in report) == sorted(CALIBRATION_BATCHES)
     for b, entry in report.items():  # every layer's plan holds the chosen whole-model candidate
         assert [layer.plan[int(b)] for layer in layers] == entry["kernels"]
-        cands = _chain_candidates(model, int(b))  # small layers: every candidate is timed at every batch
+        cands = chain_candidates(model, int(b))  # small layers: every candidate is timed at every batch
         med = entry["median_s"]
         assert set(med) == set(cands) and len(med) >= 2 and all(v > 0 for v in med.values()), b
         assert entry["kernels"] == cands[entry["chosen"]]
@@ -149,19 +149,19 @@ def test_calibration_measures_big_sparse_models_on_the_generic_path(monkeypatch)
 
 
 def test_whole_model_checks_offer_the_all_panel_chain():
-    from sparsekit.runtime.tune import _chain_candidates, check_panel_chain
+    from sparsekit.runtime.tune import chain_candidates, check_panel_chain
 
     rng = np.random.default_rng(54)
     layers = [rt.CsrLayer.from_dense(sparse_matrix(rng, 96, 40, 0.1), rng.standard_normal(96), relu=True),
               rt.CsrLayer.from_dense(sparse_matrix(rng, 10, 96, 1.0), rng.standard_normal(10), relu=False)]
     model = rt.FastModel(layers, (40,))
     assert model.kernels_for(64)[1] == "dense"  # a dense output layer: the heuristic mixes kernels
-    cands = _chain_candidates(model, 64)
+    cands = chain_candidates(model, 64)
     assert cands["panel chain"] == ["panel", "panel"]
-    assert "panel chain" in _chain_candidates(model, 16)  # below a panel too
-    assert "panel chain" in _chain_candidates(model, 4)  # half and quarter panels below 64 samples
-    assert "panel chain" not in _chain_candidates(model, 1)  # batch 1: rows/gemv chains
-    assert "swapped" not in _chain_candidates(model, 8) and "swapped" in _chain_candidates(model, 4)
+    assert "panel chain" in chain_candidates(model, 16)  # below a panel too
+    assert "panel chain" in chain_candidates(model, 4)  # half and quarter panels below 64 samples
+    assert "panel chain" not in chain_candidates(model, 1)  # batch 1: rows/gemv chains
+    assert "swapped" not in chain_candidates(model, 8) and "swapped" in chain_candidates(model, 4)
     layers[0].plan = {64: "panel", 1: "rows"}
     layers[1].plan = {64: "dense", 1: "gemv"}
     model.plan_changed()
