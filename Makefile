@@ -25,9 +25,13 @@ test: $(VENV)/.installed
 	@$(MAKE) --no-print-directory test-isa
 	@$(MAKE) --no-print-directory test-asan
 
+# The fast runtime's tests, one file per seam: kernels, thread pool, chains and plans, tuning, artifact/loader/CLI.
+RUNTIME_TESTS := tests/test_runtime_kernels.py tests/test_runtime_threads.py tests/test_runtime_chains.py \
+	tests/test_runtime_tune.py tests/test_runtime_artifact.py
+
 # The runtime tests again on every other code path of the C kernels this CPU has (the run above used the
 # best one; see "Supported CPUs" in the README): SPARSEKIT_ISA sets the path a process starts on.
-ISA_TESTS ?= tests/test_runtime.py tests/test_isa.py::test_this_process_runs_the_path_sparsekit_isa_names
+ISA_TESTS ?= $(RUNTIME_TESTS) tests/test_isa.py::test_this_process_runs_the_path_sparsekit_isa_names
 ISA_LIST := from sparsekit.runtime import _kernels as k; print(k.isa(), *k.available_isas()[:-1])
 
 test-isa: $(VENV)/.installed
@@ -47,7 +51,7 @@ ASAN_DIR ?= build/asan
 RUNTIME_SRCS := $(sort $(wildcard csrc/runtime/*.c))
 ASAN_CFLAGS := -O1 -g -std=c99 -fno-strict-aliasing -fvisibility=hidden -fPIC -shared -fsanitize=address,undefined \
 	-fno-omit-frame-pointer -fno-sanitize-recover=undefined
-ASAN_TESTS ?= tests/test_runtime.py tests/test_runtime_hostile.py tests/test_fuzz_artifact.py tests/test_chain_boundary.py
+ASAN_TESTS ?= $(RUNTIME_TESTS) tests/test_runtime_hostile.py tests/test_fuzz_artifact.py tests/test_chain_boundary.py
 CC ?= cc
 # detect_leaks=0: CPython keeps objects alive until exit by design
 ASAN_ENV := ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# after OMP_NUM_THREADS is set (it imports numpy): the fast runtime's fixtures, for tests/test_runtime_*.py
+from runtime_helpers import isa, threading_knobs  # noqa: F401
 
 
 @dataclass

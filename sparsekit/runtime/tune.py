@@ -271,7 +271,7 @@ def check_heuristic_plan(model: FastModel, *, batches: Iterable[int], threads: i
                               alternative=lambda _plan, b: [default_kernel(layer, b) for layer in model.layers])
 
 
-def _chain_candidates(model: FastModel, batch: int, threads: int = 1) -> dict[str, list[str]]:
+def chain_candidates(model: FastModel, batch: int, threads: int = 1) -> dict[str, list[str]]:
     """Whole-model plans worth comparing at ``batch``: the heuristic, all dense (one ONNX Runtime
     session: the dense model itself), the heuristic with the other small-batch kernel (below 8) or with
     its panel layers on plain ``panel`` (from 8), every layer on ``panel`` (from 2), and with
@@ -317,7 +317,7 @@ def calibrate(model: FastModel, *, batches: Iterable[int] = CALIBRATION_BATCHES,
               budget_s: float = 1.9, seed: int = 0) -> dict[str, dict]:
     """Quick measured plan for the whole model (on by default at export; well under ``budget_s``).
 
-    For each batch size, a few whole-model plans (``_chain_candidates``) run interleaved on random
+    For each batch size, a few whole-model plans (``chain_candidates``) run interleaved on random
     inputs and the fastest by median becomes every layer's plan entry for that batch: an artifact
     whose heuristic would lose to dense ONNX Runtime (tiny layers, where call overhead dominates)
     falls back to dense there. When one call is too slow to time within the budget, the heuristic
@@ -340,7 +340,7 @@ def calibrate(model: FastModel, *, batches: Iterable[int] = CALIBRATION_BATCHES,
     clock = call_clock(threads)
     recheck: list[tuple[int, str, dict[str, list[str]], np.ndarray, dict[str, int]]] = []
     for b in batches:
-        cands = _chain_candidates(model, b, threads)
+        cands = chain_candidates(model, b, threads)
         if len(cands) == 1:
             chosen, med = next(iter(cands)), {}
         else:
