@@ -26,7 +26,7 @@ def _rows_layer() -> tuple[rt.FastModel, L.CsrLayer]:
 
 def test_chain_new_reads_named_fields_and_names_the_bad_one():
     model, layer = _rows_layer()
-    spec = model._chain_specs([L.parse_kernel("rows")])[0]
+    spec = model.chain_layers([L.parse_kernel("rows")])[0]
     chain = K.chain_new([SimpleNamespace(**vars(spec))])  # any object with the fields will do
     x = np.ones((1, 16), np.float32)
     y = np.zeros((1, 16), np.float32)
@@ -50,16 +50,16 @@ def test_replacing_a_plan_drops_the_chain_cache_of_every_model_running_the_layer
     want = layer.reference(x)
     for m in (model, other):
         np.testing.assert_allclose(m.run(x), want, rtol=1e-5, atol=1e-5)
-        assert list(m._fast) == [1]  # batch 1 runs as one C chain, cached for fast_call
-        assert K.fast_call(m._fast, x, 1) is not None
+        assert list(m.chain_cache) == [1]  # batch 1 runs as one C chain, cached for fast_call
+        assert K.fast_call(m.chain_cache, x, 1) is not None
     layer.plan = {1: "dense"}  # no chain for a dense layer: the per-layer path
-    assert model._fast == {} and other._fast == {}
-    assert K.fast_call(model._fast, x, 1) is None
+    assert model.chain_cache == {} and other.chain_cache == {}
+    assert K.fast_call(model.chain_cache, x, 1) is None
     np.testing.assert_allclose(model.run(x), want, rtol=1e-5, atol=1e-5)
-    assert model._fast == {} and [p[0] for p in model._parsed_plan(1)] == ["dense"]
+    assert model.chain_cache == {} and [p[0] for p in model.parsed_plan(1)] == ["dense"]
     layer.plan = {1: "rows"}
     np.testing.assert_allclose(other.run(x), want, rtol=1e-5, atol=1e-5)
-    assert list(other._fast) == [1]
+    assert list(other.chain_cache) == [1]
 
 
 def test_a_layer_does_not_keep_its_models_alive():
@@ -77,9 +77,9 @@ def test_fast_call_takes_the_chain_cache_x_and_threads():
     model, _ = _rows_layer()
     x = np.ones((4, 16), np.float32)
     model.run(x)
-    assert K.fast_call(model._fast, x, 1).shape == (4, 16)
-    assert K.fast_call(model._fast, np.ones((3, 16), np.float32), 1) is None  # no entry for batch 3
+    assert K.fast_call(model.chain_cache, x, 1).shape == (4, 16)
+    assert K.fast_call(model.chain_cache, np.ones((3, 16), np.float32), 1) is None  # no entry for batch 3
     with pytest.raises(TypeError, match=r"^fast_call\(table: dict, x, threads\)$"):
-        K.fast_call(model._fast, x, 1, [0])
+        K.fast_call(model.chain_cache, x, 1, [0])
     with pytest.raises(TypeError, match=r"^fast_call: table values must be \(chain, alloc\)$"):
-        K.fast_call({4: (0, *model._fast[4])}, x, 1)
+        K.fast_call({4: (0, *model.chain_cache[4])}, x, 1)

@@ -40,10 +40,10 @@ def test_plan_cache_follows_plan_changes():
     x = rng.standard_normal((2, 30)).astype(np.float32)
     model.run(x)
     layer.plan = {1: "dense"}  # a new dict is picked up
-    assert model._parsed_plan(2) == [("dense", 0, 0)]
+    assert model.parsed_plan(2) == [("dense", 0, 0)]
     layer.plan[1] = "panel"  # in place: after plan_changed()
     model.plan_changed()
-    assert model._parsed_plan(2) == [("panel", 0, 0)]
+    assert model.parsed_plan(2) == [("panel", 0, 0)]
     close(model.run(x), layer.reference(x))
 
 
@@ -66,7 +66,7 @@ def _chain_model(rng, threads=2, big=False):
 def test_chain_path_values_fresh_outputs_and_batch_changes(isa):
     rng = np.random.default_rng(40)
     model, ref = _chain_model(rng)
-    assert model._plan(1)[1] is not None and model._plan(256)[1] is None  # chain at 1, panels at 256
+    assert model.chain(1) is not None and model.chain(256) is None  # chain at 1, panels at 256
     outs = []
     for batch in (1, 3, 1, 7, 256, 1, 2, 0, 1):
         x = rng.standard_normal((batch, 40)).astype(np.float32)
@@ -94,10 +94,10 @@ def test_chain_path_converts_odd_inputs_and_follows_plan_changes():
     model.layers[1].plan = {1: "rows"}  # assigning a plan invalidates the cached chain
     assert model.kernels_for(2)[1] == "rows"
     close(model.run(x), ref(x))
-    assert model._plan(2)[1] is not None
+    assert model.chain(2) is not None
     model.layers[1].plan = {1: "panel"}  # a panel layer: no chain, the per-layer path
     close(model.run(x), ref(x))
-    assert model._plan(2)[1] is None
+    assert model.chain(2) is None
     assert model.run(x, threads=2) is not model.run(x)
     close(model.run(x, threads=2), ref(x))
 
@@ -117,7 +117,7 @@ def test_fast_path_recycles_only_outputs_nothing_references(plan):
     x = rng.standard_normal((1, 40)).astype(np.float32)
     x2 = rng.standard_normal((1, 40)).astype(np.float32)
     model.run(x)  # prepares the chain; from here on run() is one C call
-    assert model._plan(1)[1] is not None
+    assert model.chain(1) is not None
 
     y = model.run(x)
     yid = id(y)
@@ -237,7 +237,7 @@ def test_chain_concurrent_callers_get_their_own_results():
     model, ref = _chain_model(rng, threads=2, big=True)
     inputs = [rng.standard_normal((b, 40)).astype(np.float32) for b in (1, 1, 2, 3, 1, 4)]
     refs = [ref(x) for x in inputs]
-    chain = model._plan(1)[1]
+    chain = model.chain(1)
 
     def one_call(k: int, it: int) -> bool:
         i = (k + it) % len(inputs)
@@ -256,7 +256,7 @@ def test_chain_concurrent_callers_get_their_own_results():
 def test_chain_new_validates_once():
     rng = np.random.default_rng(43)
     model, _ = _chain_model(rng)
-    specs = model._chain_specs(model._parsed_plan(1))
+    specs = model.chain_layers(model.parsed_plan(1))
     bad_sizes = [specs[0], specs[2]]  # 70 outputs into a 33-input layer
     with pytest.raises(ValueError):
         K.chain_new(bad_sizes)
@@ -321,8 +321,8 @@ def test_panel_plan_runs_as_one_chain_and_concurrent_callers_get_their_own_resul
     for layer in model.layers:
         layer.plan = {1: "rows", 64: "panel"}
     model.plan_changed()
-    assert model._plan(64)[1] is not None and model._plan(200)[1] is not None  # all-panel plans: a chain
-    assert model._plan(1)[1] is not None  # all-rows: the small-batch chain
+    assert model.chain(64) is not None and model.chain(200) is not None  # all-panel plans: a chain
+    assert model.chain(1) is not None  # all-rows: the small-batch chain
     mixed = [L.parse_kernel(s) for s in ("panel", "rows", "panel")]
     assert model._make_chain(mixed) is None  # mixed layouts run layer by layer
     inputs = [rng.standard_normal((b, 70)).astype(np.float32) for b in (64, 100, 256, 64, 130)]
@@ -340,8 +340,8 @@ def test_panel_plan_runs_as_one_chain_and_concurrent_callers_get_their_own_resul
 def test_panel_chain_new_refuses_bad_layouts():
     rng = np.random.default_rng(52)
     model, _ = _panel_chain_model(rng)
-    specs = model._chain_specs([L.parse_kernel("panel")] * 3)
-    rows_spec = _chain_model(rng)[0]._chain_specs([L.parse_kernel("rows")] * 1 + [L.parse_kernel("gemv")]
+    specs = model.chain_layers([L.parse_kernel("panel")] * 3)
+    rows_spec = _chain_model(rng)[0].chain_layers([L.parse_kernel("rows")] * 1 + [L.parse_kernel("gemv")]
                                                   + [L.parse_kernel("rows")])[0]
     with pytest.raises(ValueError, match="all panel layers or none"):
         K.chain_new([rows_spec, specs[1]])

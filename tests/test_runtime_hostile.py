@@ -348,7 +348,7 @@ def test_a_forked_child_runs_a_model_whose_lock_a_parent_thread_holds(plan):
     x = np.random.default_rng(3).standard_normal((70, 12)).astype(np.float32)
     if plan == "sparse":
         model.layers[1].plan = {1: "rows", 8: "rows"}  # panel, rows, panel
-    assert model._plan(70)[1] is None and len(set(model.kernels_for(70))) > 1  # not one chain: run() takes the lock
+    assert model.chain(70) is None and len(set(model.kernels_for(70))) > 1  # not one chain: run() takes the lock
     ref = reference(model, x)
     held, release = threading.Event(), threading.Event()
 

@@ -148,7 +148,7 @@ def test_thread_cap_in_the_plan_is_parsed_recorded_and_honoured(tmp_path):
 
     first.run_rows, first.run_panel = spy_rows, spy_panel
     # the batch-1 plan runs as one C chain: its layers carry the caps (field threads) ...
-    assert [s.threads for s in loaded._chain_specs(loaded._parsed_plan(1))] == [1, 0]
+    assert [s.threads for s in loaded.chain_layers(loaded.parsed_plan(1))] == [1, 0]
     loaded._make_chain = lambda parsed: None  # ... and the per-layer path (spied here) honours them too
     loaded.plan_changed()
     ref = lambda x: layers[1].reference(layers[0].reference(x))  # noqa: E731

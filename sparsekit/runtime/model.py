@@ -271,13 +271,13 @@ class FastModel:
             if fitted != layer.plan:
                 layer.plan = fitted
 
-    def _parsed_plan(self, batch: int) -> list[tuple[str, int, int]]:
+    def parsed_plan(self, batch: int) -> list[tuple[str, int, int]]:
         """Parsed kernel specs for ``batch``, cached until a layer's plan dict is replaced (assign a new
         dict to ``layer.plan`` rather than editing it in place, or call ``plan_changed()``)."""
         return self._plan(batch)[0]
 
     def _plan(self, batch: int) -> tuple[list[tuple[str, int, int]], Any]:
-        """(parsed specs, prepared chain or None) for ``batch``, cached like ``_parsed_plan``."""
+        """(parsed specs, prepared chain or None) for ``batch``, cached like ``parsed_plan``."""
         hit = self._plans.get(batch)
         if hit is not None and self._same_plans(hit[0]):
             return hit[1], hit[2]
@@ -293,6 +293,17 @@ class FastModel:
                      else partial(_new_output, batch, self._n_out))
             self._fast[batch] = (chain, alloc)
         return parsed, chain
+
+    def chain(self, batch: int) -> Any:
+        """The prepared C chain that runs ``batch`` (one Python -> C call per ``run``), or None when the layers'
+        kernels for it do not form one (e.g. a mix of rows and panel, or a dense layer)."""
+        return self._plan(batch)[1]
+
+    @property
+    def chain_cache(self) -> dict[int, tuple[Any, Callable[[], np.ndarray]]]:
+        """batch -> (C chain, output allocator): the table ``_kernels.fast_call`` looks a call up in. Emptied by
+        ``plan_changed``; filled by ``run`` as batch sizes are met."""
+        return self._fast
 
     def _same_plans(self, plans: tuple[dict[int, str], ...]) -> bool:
         """Every layer still holds the plan dict it held when ``plans`` was taken."""
@@ -310,9 +321,9 @@ class FastModel:
             return None
         if names == {"panel"} and any(layer.n_out == 0 for layer in self.layers):
             return None
-        return _K.chain_new(self._chain_specs(parsed), self.input_shape)
+        return _K.chain_new(self.chain_layers(parsed), self.input_shape)
 
-    def _chain_specs(self, parsed: list[tuple[str, int, int]]) -> list[ChainLayer]:
+    def chain_layers(self, parsed: list[tuple[str, int, int]]) -> list[ChainLayer]:
         """``chain_new``'s layers, one ``ChainLayer`` per layer in the kernel ``parsed`` picks for it."""
         specs: list[ChainLayer] = []
         for layer, (name, block, cap) in zip(self.layers, parsed, strict=True):
