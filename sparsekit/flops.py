@@ -17,14 +17,13 @@ sparsity) are not weight matmuls: the latter are reported separately as ``attent
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
 from sparsekit.masks import unwrap_model
-from sparsekit.methods import Method, get_method_class
+from sparsekit.methods import Method
 
 
 @torch.no_grad()
@@ -103,39 +102,17 @@ def inference_macs(layers: list[dict[str, Any]], positions: dict[str, int]) -> d
     }
 
 
-def _method(method: Method | str, interval: int, end_step: int) -> Method:
-    """``method`` itself, or, for a registered name (the form hand-computed checks use), that method
-    with ΔT = ``interval`` and T_end = ``end_step`` when it has an update schedule."""
-    if isinstance(method, Method):
-        return method
-    cls = get_method_class(method)
-    if "update_interval" not in cls.defaults:
-        return cls()
-    m = cls(update_interval=interval, update_end=1.0)
-    m.attach(SimpleNamespace(total_steps=end_step))  # T_end = round(1.0 · end_step); only total_steps is read
-    return m
 
 
-def step_cost(method: Method | str, f_s: float, f_d: float, *, step: int, interval: int = 100,
-              end_step: int = 0) -> float:
-    """Training MACs of one example at optimizer step ``step`` (f_s / f_d: sparse / dense forward MACs;
-    for pruning f_s is the forward of the mask in effect at that step): ``Method.training_step_cost``.
-    ``interval``/``end_step`` apply to a method given by name only."""
-    return _method(method, interval, end_step).training_step_cost(f_s, f_d, step)
-
-
-def training_macs(method: Method | str, *, layer_numel: dict[str, int], positions: dict[str, int],
-                  history: list[dict[str, Any]], total_steps: int, interval: int = 100,
-                  end_step: int = 0) -> dict[str, float]:
+def training_macs(method: Method, *, layer_numel: dict[str, int], positions: dict[str, int],
+                  history: list[dict[str, Any]], total_steps: int) -> dict[str, float]:
     """Training MACs per example summed over steps 1..total_steps (the method prices each stretch of
     steps between mask changes: ``Method.training_segment_cost``).
 
     ``history`` holds the active counts per prunable layer after each mask change (``updates.jsonl``
     rows: ``{"step": u, "active": {name: count}}``); the mask recorded at step u is the one the forward
-    pass uses at steps u+1 .. (next change). Layers not in ``active`` are dense. ``interval``/``end_step``
-    apply to a method given by name only.
+    pass uses at steps u+1 .. (next change). Layers not in ``active`` are dense.
     """
-    priced = _method(method, interval, end_step)
     f_d = float(sum(layer_numel[n] * positions[n] for n in layer_numel if n in positions))
     rows = sorted(history, key=lambda r: r["step"]) or [{"step": 0, "active": {}}]
     total = 0.0
@@ -148,7 +125,7 @@ def training_macs(method: Method | str, *, layer_numel: dict[str, int], position
         active = row.get("active", {})
         f_s = float(sum(int(active.get(n, layer_numel[n])) * positions[n] for n in layer_numel if n in positions))
         sparse_sum += f_s * (last - first + 1)
-        total += priced.training_segment_cost(f_s, f_d, first, last)
+        total += method.training_segment_cost(f_s, f_d, first, last)
     return {"train_macs": total, "dense_forward_macs": f_d,
             "mean_sparse_forward_macs": sparse_sum / max(total_steps, 1)}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from priced_methods import priced
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -19,7 +20,8 @@ SPARSE = [{"step": 0, "active": {"a": 10, "b": 5}}]
 
 
 def macs(method: str, history=SPARSE, **kw) -> float:
-    return training_macs(method, layer_numel=NUMEL, positions=POS, history=history, total_steps=10, **kw)["train_macs"]
+    return training_macs(priced(method, **kw), layer_numel=NUMEL, positions=POS, history=history,
+                         total_steps=10)["train_macs"]
 
 
 def test_training_formulas_on_a_hand_computed_case():
@@ -39,7 +41,7 @@ def test_pruning_counts_each_step_at_the_mask_in_effect():
 
 def test_per_layer_positions_weight_convs_by_output_positions():
     history = [{"step": 0, "active": {"a": 10, "b": 5}}]
-    out = training_macs("static", layer_numel=NUMEL, positions={"a": 7, "b": 1}, history=history, total_steps=2)
+    out = training_macs(priced("static"), layer_numel=NUMEL, positions={"a": 7, "b": 1}, history=history, total_steps=2)
     assert out["dense_forward_macs"] == 100 * 7 + 50
     assert out["train_macs"] == 3 * (10 * 7 + 5) * 2
 

@@ -7,12 +7,13 @@ from typing import Any
 
 import pytest
 import torch
+from priced_methods import priced
 from tiny_models import TinyGRU
 from torch import nn
 
 from sparsekit import sparsify
 from sparsekit.config import TrainConfig
-from sparsekit.flops import run_flops, step_cost, training_macs
+from sparsekit.flops import run_flops, training_macs
 
 # Two layers of 100 and 50 weights used once per sample: f_D = 150 MACs; 10 % active: f_S = 15.
 NUMEL = {"a": 100, "b": 50}
@@ -37,16 +38,17 @@ def assert_flops_twice_macs(d: dict[str, Any]) -> int:
 
 def test_rigl_step_on_t_end_still_pays_for_the_dense_gradient():
     # ΔT = 4, T_end = 8: step 8 (the last update) costs (3·15·4 + 2·15 + 150)/5 = 72, step 9 costs 3·15 = 45
-    assert step_cost("rigl", 15.0, 150.0, step=8, interval=4, end_step=8) == pytest.approx(72)
-    assert step_cost("rigl", 15.0, 150.0, step=9, interval=4, end_step=8) == pytest.approx(45)
+    rigl = priced("rigl", interval=4, end_step=8)
+    assert rigl.training_step_cost(15.0, 150.0, 8) == pytest.approx(72)
+    assert rigl.training_step_cost(15.0, 150.0, 9) == pytest.approx(45)
 
 
 def test_rigl_mask_change_exactly_at_t_end_hand_computed():
     """ΔT = 1, T_end = 4, 6 steps: the mask changes at steps 1, 2, 3 and 4 (the last exactly at T_end).
     Steps 1..4 cost (3·15·1 + 2·15 + 150)/2 = 112.5 MACs, steps 5..6 cost 3·15 = 45: 4·112.5 + 2·45 = 540."""
     history = [{"step": u, "active": {"a": 10, "b": 5}} for u in range(5)]
-    out = training_macs("rigl", layer_numel=NUMEL, positions=POS, history=history, total_steps=6,
-                        interval=1, end_step=4)
+    out = training_macs(priced("rigl", interval=1, end_step=4), layer_numel=NUMEL, positions=POS, history=history,
+                        total_steps=6)
     assert out["train_macs"] == pytest.approx(540)
     assert out["dense_forward_macs"] == 150 and out["mean_sparse_forward_macs"] == pytest.approx(15)
 
