@@ -45,9 +45,9 @@ _ZERO_PRESERVING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 class Sparsifier:
     """Masks, method and step counter for one model/optimizer pair.
 
-    ``settings`` (a ``SparsitySettings``) says how sparse, where and for how long; its fields may be
-    given as keywords instead. ``init_batches`` and ``loss_fn`` go to the method's ``initial_masks``
-    (SNIP scores them) and are not kept.
+    ``settings`` (a ``SparsitySettings``) says how sparse, where and for how long (``sparsify`` builds it
+    from keywords). ``init_batches`` and ``loss_fn`` go to the method's ``initial_masks`` (SNIP scores them)
+    and are not kept.
     """
 
     def __init__(
@@ -55,18 +55,11 @@ class Sparsifier:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None,
         method: Method,
-        settings: SparsitySettings | None = None,
+        settings: SparsitySettings,
         *,
         init_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
         loss_fn: LossFn | None = None,
-        **setting_fields: Any,
     ) -> None:
-        if settings is None:
-            settings = SparsitySettings(**setting_fields)
-        elif setting_fields:
-            raise InputError(f"settings were given twice ({', '.join(sorted(setting_fields))} next to a "
-                             "SparsitySettings)", where="Sparsifier()",
-                             fix="pass either a SparsitySettings or its fields as keywords")
         self.settings = settings
         self.model = unwrap_model(model)
         self.optimizer = optimizer

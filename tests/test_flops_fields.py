@@ -14,6 +14,7 @@ from torch import nn
 from sparsekit import sparsify
 from sparsekit.config import TrainConfig
 from sparsekit.flops import run_flops, training_macs
+from sparsekit.settings import SparsitySettings
 
 # Two layers of 100 and 50 weights used once per sample: f_D = 150 MACs; 10 % active: f_S = 15.
 NUMEL = {"a": 100, "b": 50}
@@ -119,8 +120,8 @@ def test_attention_flop_field_is_twice_its_macs():
 
     m = build_model("char-transformer", {"width": 0.125}, input_shape=(6,), num_classes=256)
     d = m.head.in_features
-    tok = run_flops(m, Sparsifier(m, None, make_method("dense"), sparsity=0.0, total_steps=1),
-                    input_shape=(6,))["per_token"]
+    dense = Sparsifier(m, None, make_method("dense"), SparsitySettings(sparsity=0.0, total_steps=1))
+    tok = run_flops(m, dense, input_shape=(6,))["per_token"]
     assert tok["attention_macs"] == 4 * 2 * 6 * d  # 4 layers, QKᵀ and AV: 2·T·d per token each
     assert tok["attention_flops"] == 2 * tok["attention_macs"]
     assert assert_flops_twice_macs(tok) == 3

@@ -23,6 +23,7 @@ from sparsekit.flops import run_flops, weight_positions
 from sparsekit.masks import gate_block_shapes, prunable_weights
 from sparsekit.methods import make_method
 from sparsekit.models import build_model
+from sparsekit.settings import SparsitySettings
 from sparsekit.sparsifier import Sparsifier
 from sparsekit.tasks import get_task
 
@@ -148,8 +149,8 @@ def test_methods_keep_recurrent_masks_exact_with_adam_and_clipping(method):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=5e-4)
     opts = {"update_interval": 3, "drop_fraction": 0.3, "update_end": 1.0} if method in ("rigl", "set", "snfs") \
         else {"prune_begin": 0.1, "prune_end": 0.6, "prune_interval": 2} if method == "pruning" else {}
-    sp = Sparsifier(model, opt, make_method(method, **opts), sparsity=0.75, total_steps=12,
-                    distribution="uniform", dense_first_layer=False)
+    settings = SparsitySettings(sparsity=0.75, total_steps=12, distribution="uniform", dense_first_layer=False)
+    sp = Sparsifier(model, opt, make_method(method, **opts), settings)
     task = get_task("language-modeling")
     first = {ly.name: ly.mask.clone() for ly in sp.layers}
     for x, y in _batches(12):
@@ -191,8 +192,8 @@ def test_flops_per_token_of_a_hand_computed_gru():
     """Per token: W_ih 12×3 = 36, W_hh 12×4 = 48, head 7×4 = 28 MACs → 112 dense; at uniform 50% → 56."""
     model = TinyGRU()
     assert weight_positions(model, (5,)) == {"rnn.weight_ih_l0": 5, "rnn.weight_hh_l0": 5, "head.weight": 5}
-    sp = Sparsifier(model, None, make_method("static"), sparsity=0.5, total_steps=1, distribution="uniform",
-                    dense_first_layer=False)
+    settings = SparsitySettings(sparsity=0.5, total_steps=1, distribution="uniform", dense_first_layer=False)
+    sp = Sparsifier(model, None, make_method("static"), settings)
     f = run_flops(model, sp, input_shape=(5,))
     assert f["inference"]["dense_macs"] == 5 * 112 and f["inference"]["sparse_macs"] == 5 * 56
     assert f["per_token"]["tokens_per_sample"] == 5
@@ -206,7 +207,7 @@ def test_flops_count_attention_projections_per_token():
     pos = weight_positions(m, (6,))
     assert pos["encoder.layers.0.self_attn.in_proj_weight"] == 6
     assert pos["encoder.layers.0.self_attn.out_proj.weight"] == 6  # used via F.linear, counted by the MHA hook
-    sp = Sparsifier(m, None, make_method("dense"), sparsity=0.0, total_steps=1)
+    sp = Sparsifier(m, None, make_method("dense"), SparsitySettings(sparsity=0.0, total_steps=1))
     f = run_flops(m, sp, input_shape=(6,))
     per_layer = 3 * d * d + d * d + 2 * 4 * d * d  # in_proj + out_proj + FFN (4d) per token
     assert f["per_token"]["dense_macs"] == 4 * per_layer + 256 * d
@@ -316,8 +317,9 @@ def test_lm_task_loss_accuracy_and_eval_batch():
 def test_embeddings_stay_dense_unless_asked():
     model = _tiny_gru()
     assert "embed.weight" not in prunable_weights(model)
-    sp = Sparsifier(model, None, make_method("static"), sparsity=0.75, total_steps=1, distribution="uniform",
-                    dense_first_layer=False, include_embeddings=True)
+    settings = SparsitySettings(sparsity=0.75, total_steps=1, distribution="uniform", dense_first_layer=False,
+                                include_embeddings=True)
+    sp = Sparsifier(model, None, make_method("static"), settings)
     emb = next(ly for ly in sp.layers if ly.name == "embed.weight")
     assert emb.active == emb.numel // 4 and (model.embed.weight[~emb.mask] == 0).all()
     assert build_config(None, {"sparse_embeddings": True}, {}).sparse_embeddings is True
