@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from sparsekit.methods import Method
 
 SCHEMA_VERSION = "1.0"
-CHECKPOINT = RunDir.CHECKPOINT  # the name training saves its checkpoints under
 N_SAMPLES = 512
 N_SAMPLES_SEQUENCE = 8  # LM logits are (n, T, vocab): 8 windows of 512 x 256 floats are already 4 MB
 # Settings that may differ between an interrupted command and its --resume without changing the result.

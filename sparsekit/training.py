@@ -28,6 +28,7 @@ from sparsekit.checkpoint import load_checkpoint, restore
 from sparsekit.checkpoint import save_checkpoint as write_checkpoint
 from sparsekit.config import TrainConfig
 from sparsekit.errors import InputError, TrainingError
+from sparsekit.run_dir import RunDir
 from sparsekit.schedules import LRSchedule
 from sparsekit.selection import stream_seed
 from sparsekit.settings import SparsitySettings
@@ -473,7 +474,7 @@ def end_of_epoch(run: TrainingRun, step: int, lr: float) -> None:
 def save_checkpoint(run: TrainingRun, step: int) -> None:
     """Write the checkpoint of ``step`` on rank 0, atomically: the previous one stays until the new one is
     complete. ``before_commit`` callbacks run between the two."""
-    path = run.run_dir / rd.CHECKPOINT
+    path = RunDir(run.run_dir).checkpoint_file
     hooks = [cb.before_commit for cb in run.callbacks if cb.before_commit is not None]
 
     def before_commit(tmp: Path) -> None:
