@@ -128,6 +128,7 @@ def write_model(dense: onnx.ModelProto, out_path: str | os.PathLike[str], *, tun
     """
     from sparsekit.runtime.artifact import save, to_onnx
     from sparsekit.runtime.layers import kernel_isa
+    from sparsekit.runtime.replan import record as record_plan_cpu
     from sparsekit.runtime.tune import (
         CALIBRATION_BATCHES,
         DEFAULT_BATCHES,
@@ -168,6 +169,8 @@ def write_model(dense: onnx.ModelProto, out_path: str | os.PathLike[str], *, tun
     model.metadata.update({"tuned": str(bool(tune)).lower(), "plan_source": plan_source,
                            "tune_threads": str(threads), "tune_batch_size": str(batch_size),
                            "tuned_isa": kernel_isa() if measured else ""})
+    if measured:  # loaded on another CPU, the plan is measured again there (sparsekit.runtime.replan)
+        record_plan_cpu(model)
     check = validate_against_dense(model, dense)
     if not check["max_abs_diff"] <= check["bound"]:
         raise ValidationError(f"fast model differs from the dense model by {check['max_abs_diff']:.3g} "

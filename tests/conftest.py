@@ -14,6 +14,11 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# plans re-measured on load are cached here, never in the user's ~/.cache (per test run)
+if "SPARSEKIT_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["SPARSEKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparsekit-test-cache-")
 # after OMP_NUM_THREADS is set (it imports numpy): the fast runtime's fixtures, for tests/test_runtime_*.py
 from runtime_helpers import isa, threading_knobs  # noqa: F401
 

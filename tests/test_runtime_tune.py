@@ -177,14 +177,15 @@ def test_whole_model_checks_offer_the_all_panel_chain():
 
 def test_tune_keeps_the_heuristic_plan_where_the_tuned_one_is_slower(monkeypatch):
     from sparsekit.runtime import tune
-    from sparsekit.runtime.model import default_kernel
+    from sparsekit.runtime.model import default_kernel, small_batch_sparse
 
     rng = np.random.default_rng(55)
     layers = [rt.CsrLayer.from_dense(sparse_matrix(rng, 1500, 1500, 0.01), None, relu=True),
               rt.CsrLayer.from_dense(sparse_matrix(rng, 10, 1500, 0.3), None, relu=False)]
     model = rt.FastModel(layers, (1500,))
     heur = {b: [default_kernel(layer, b) for layer in layers] for b in (1, 64)}
-    assert heur[1][0] == "rows"
+    sparse = small_batch_sparse(layers[0])
+    assert heur[1][0] == sparse
     # a "tuned" plan that lost: the 1%-dense 1500x1500 layer densified at batch 1 (2.25M multiply-adds
     # instead of 22k); at 64 the plan is the heuristic's, so there is nothing to compare
     layers[0].plan = {1: "dense", 64: heur[64][0]}
@@ -198,10 +199,10 @@ def test_tune_keeps_the_heuristic_plan_where_the_tuned_one_is_slower(monkeypatch
     x = rng.standard_normal((1, 1500)).astype(np.float32)
     close(model.run(x), layers[1].reference(layers[0].reference(x)))
     # the heuristic replaces the tuned plan only where it is faster by more than 3%
-    for dense_s, kept in ((5.1e-6, "dense"), (5.2e-6, "rows")):
+    for dense_s, kept in ((5.1e-6, "dense"), (5.2e-6, sparse)):
         layers[0].plan = {1: "dense", 64: heur[64][0]}
         model.plan_changed()
         monkeypatch.setattr(tune, "_burst", lambda _m, _x, _t, specs, _n, _c, d=dense_s: d if specs[0] == "dense"
                             else 5e-6)
         report = tune.check_heuristic_plan(model, batches=(1,), threads=1, budget_s=0.05)
-        assert report["1"]["heuristic"] is (kept == "rows") and model.kernels_for(1)[0] == kept
+        assert report["1"]["heuristic"] is (kept == sparse) and model.kernels_for(1)[0] == kept

@@ -26,8 +26,8 @@ static float *alloc_aligned(int64_t n, void **raw) {
 static void chain_layer(const ch_layer_t *l, const float *x, float *y, int64_t B, int threads) {
     int nt = clamp_threads(threads);
     if (l->cap > 0 && nt > l->cap) nt = l->cap;
-    if (l->kind == CH_ROWS) {
-        const rows_fn fn = pick_rows();
+    if (l->kind == CH_ROWS || l->kind == CH_WINDOW) {
+        const rows_fn fn = pick_sliced(&l->s);
         nt = rows_threads(nt, l->work * (B > 0 ? B : 1));
         if (nt <= 1) {
             if (l->s.nsl > 0) fn(&l->s, x, y, B, 0, l->s.nsl);

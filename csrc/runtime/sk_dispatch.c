@@ -21,6 +21,23 @@ rows_fn pick_rows(void) {
     return rows_generic;
 }
 
+rows_fn pick_sliced(const sliced_t *w) {
+    if (!w->win) return pick_rows();
+#if SK_X86
+    if (g_isa == ISA_AVX512 && w->wide == WINDOW_AVX512) return window_avx512;
+    if (g_isa >= ISA_AVX2 && w->wide == WINDOW_AVX2) return window_avx2;
+#endif
+    return window_generic;
+}
+
+int64_t window_width(void) {
+#if SK_X86
+    if (g_isa == ISA_AVX512) return WINDOW_AVX512;
+    if (g_isa == ISA_AVX2) return WINDOW_AVX2;
+#endif
+    return WINDOW_AVX512; /* the generic kernel takes any width; this one keeps the layout small */
+}
+
 panel_fn pick_panel(void) {
 #if SK_X86
     if (g_isa == ISA_AVX512) return panel_avx512;

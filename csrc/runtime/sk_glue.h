@@ -12,15 +12,15 @@
 #include "sk_runtime.h"
 
 /* ------------------------------------------------------------------ chains
- * A prepared chain of layers (rows and gemv kernels, or panel kernels): validated once by chain_new, run
+ * A prepared chain of layers (rows, window and gemv kernels, or panel kernels): validated once by chain_new, run
  * with one Python->C call per model call by chain_run or fast_call (no per-layer argument parsing, buffer
  * exports, slice pointer re-checks or intermediate numpy arrays). Activations between layers live in the
  * chain's scratch; a caller that finds it in use (another thread inside chain_run: the flag is read and
  * set under the GIL) gets a private malloc'ed one, so two concurrent callers never share a buffer. */
-enum { CH_ROWS = 0, CH_GEMV = 1, CH_PANEL = 2 };
+enum { CH_ROWS = 0, CH_GEMV = 1, CH_PANEL = 2, CH_WINDOW = 3 };
 typedef struct {
     int kind, cap;
-    sliced_t s;            /* CH_ROWS */
+    sliced_t s;          /* CH_ROWS (gather form), CH_WINDOW (window form) */
     const float *wt;     /* CH_GEMV: weight (n_in, n_out) */
     const float *bias;   /* CH_GEMV */
     int64_t n_in, n_out;

@@ -56,6 +56,53 @@ SK_AVX2 void rows_avx2(const sliced_t *wp, const float *x, float *y, int64_t B, 
     }
 }
 
+/* one x value per lane from a 16-wide window (lo, hi: its two halves) by 4-bit indices: two in-register
+ * permutes and a blend on bit 3 (AVX2 has no two-table permute) */
+SK_AVX2 static inline __m256 window16_pick(__m256 lo, __m256 hi, __m256i i) {
+    const __m256 a = _mm256_permutevar8x32_ps(lo, i), b = _mm256_permutevar8x32_ps(hi, i);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)));
+}
+
+/* window form, windows of WINDOW_AVX2 (16) inputs: per slot two 8-lane halves, each a permute pick from
+ * the window's two registers; no gathers */
+SK_AVX2 void window_avx2(const sliced_t *wp, const float *x, float *y, int64_t B, int64_t s0, int64_t s1) {
+    const sliced_t wl = *wp, *w = &wl;
+    const uint8_t *ix = (const uint8_t *)w->idx;
+    float out[SLICE] __attribute__((aligned(32)));
+    for (int64_t s = s0; s < s1; s++) {
+        const int64_t a = w->slice_ptr[s] / SLICE, e = w->slice_ptr[s + 1] / SLICE;
+        const int64_t nl = w->n_out - s * SLICE < SLICE ? w->n_out - s * SLICE : SLICE;
+        const __m256 blo = w->bias ? _mm256_loadu_ps(w->bias + s * SLICE) : _mm256_setzero_ps();
+        const __m256 bhi = w->bias ? _mm256_loadu_ps(w->bias + s * SLICE + 8) : _mm256_setzero_ps();
+        for (int64_t b = 0; b < B; b++) {
+            const float *xb = x + b * w->n_in;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+            for (int64_t k = a; k < e; k++) {
+                const float *xw = xb + w->win[k];
+                const __m256 lo = _mm256_loadu_ps(xw), hi = _mm256_loadu_ps(xw + 8);
+                const __m256i i0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(ix + k * SLICE)));
+                const __m256i i1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(ix + k * SLICE + 8)));
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w->val + k * SLICE), window16_pick(lo, hi, i0), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w->val + k * SLICE + 8), window16_pick(lo, hi, i1), a1);
+            }
+            __m256 r0 = _mm256_add_ps(a0, blo), r1 = _mm256_add_ps(a1, bhi);
+            if (w->relu) {
+                r0 = _mm256_max_ps(r0, _mm256_setzero_ps());
+                r1 = _mm256_max_ps(r1, _mm256_setzero_ps());
+            }
+            float *yb = y + b * w->n_out + s * SLICE;
+            if (nl == SLICE) {
+                _mm256_storeu_ps(yb, r0);
+                _mm256_storeu_ps(yb + 8, r1);
+            } else {
+                _mm256_store_ps(out, r0);
+                _mm256_store_ps(out + 8, r1);
+                for (int64_t l = 0; l < nl; l++) yb[l] = out[l];
+            }
+        }
+    }
+}
+
 SK_AVX2 void panel_avx2(const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0, int64_t k1,
                                int first, int last, const rowout_t *ro) {
     float tile[TILE_ROWS * PANEL] __attribute__((aligned(64)));

@@ -89,6 +89,44 @@ SK_AVX512 void rows_avx512(const sliced_t *wp, const float *x, float *y, int64_t
     }
 }
 
+/* window form, windows of WINDOW_AVX512 (32) inputs: per slot the window is two registers and one
+ * two-table permute (vpermt2ps) picks each lane's input, where the gather form issues a 16-lane gather
+ * (microcoded on AMD Zen 4/5: 1024x1024 90% at batch 1 runs ~3x faster this way there). Two
+ * accumulators hide the FMA latency; the last slice's store is masked at n_out. */
+SK_AVX512 void window_avx512(const sliced_t *wp, const float *x, float *y, int64_t B, int64_t s0, int64_t s1) {
+    const sliced_t wl = *wp, *w = &wl;
+    const uint8_t *ix = (const uint8_t *)w->idx;
+    for (int64_t s = s0; s < s1; s++) {
+        const int64_t a = w->slice_ptr[s] / SLICE, e = w->slice_ptr[s + 1] / SLICE;
+        const int64_t nl = w->n_out - s * SLICE < SLICE ? w->n_out - s * SLICE : SLICE;
+        const __mmask16 keep = (__mmask16)((1u << nl) - 1);
+        const __m512 bb = w->bias ? _mm512_loadu_ps(w->bias + s * SLICE) : _mm512_setzero_ps();
+        for (int64_t b = 0; b < B; b++) {
+            const float *xb = x + b * w->n_in;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+            int64_t k = a;
+            for (; k + 2 <= e; k += 2) {
+                const float *x0 = xb + w->win[k], *x1 = xb + w->win[k + 1];
+                const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ix + k * SLICE)));
+                const __m512i i1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ix + k * SLICE + 16)));
+                const __m512 p0 = _mm512_permutex2var_ps(_mm512_loadu_ps(x0), i0, _mm512_loadu_ps(x0 + 16));
+                const __m512 p1 = _mm512_permutex2var_ps(_mm512_loadu_ps(x1), i1, _mm512_loadu_ps(x1 + 16));
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w->val + k * SLICE), p0, a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w->val + k * SLICE + 16), p1, a1);
+            }
+            if (k < e) {
+                const float *x0 = xb + w->win[k];
+                const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ix + k * SLICE)));
+                const __m512 p0 = _mm512_permutex2var_ps(_mm512_loadu_ps(x0), i0, _mm512_loadu_ps(x0 + 16));
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w->val + k * SLICE), p0, a0);
+            }
+            __m512 r = _mm512_add_ps(_mm512_add_ps(a0, a1), bb);
+            if (w->relu) r = _mm512_max_ps(r, _mm512_setzero_ps());
+            _mm512_mask_storeu_ps(y + b * w->n_out + s * SLICE, keep, r);
+        }
+    }
+}
+
 /* panel_avx512 on part of a panel: lanes 0..16*nr-1 only (nr = 2: half a panel, 32 samples; nr = 1: a
  * quarter, 16 samples), nr registers per row. A batch of at most 16 or 32 samples on one thread pays
  * for its lanes only (a partial full panel costs a whole one), and a 64-sample panel split between two

@@ -30,6 +30,29 @@ void rows_generic(const sliced_t *wp, const float *x, float *y, int64_t B, int64
     }
 }
 
+/* The window form of the sliced layout (any window width): slot k reads x[win[k] + idx]. Rows are in
+ * natural order, so a slice's outputs are y[SLICE*s ...], the last slice cut at n_out. */
+void window_generic(const sliced_t *wp, const float *x, float *y, int64_t B, int64_t s0, int64_t s1) {
+    const sliced_t wl = *wp, *w = &wl;
+    const uint8_t *ix = (const uint8_t *)w->idx;
+    for (int64_t s = s0; s < s1; s++) {
+        const int64_t a = w->slice_ptr[s] / SLICE, e = w->slice_ptr[s + 1] / SLICE;
+        const int64_t nl = w->n_out - s * SLICE < SLICE ? w->n_out - s * SLICE : SLICE;
+        for (int64_t b = 0; b < B; b++) {
+            const float *xb = x + b * w->n_in;
+            float acc[SLICE];
+            for (int l = 0; l < SLICE; l++) acc[l] = w->bias ? w->bias[s * SLICE + l] : 0.f;
+            for (int64_t k = a; k < e; k++) {
+                const float *v = w->val + k * SLICE, *xw = xb + w->win[k];
+                const uint8_t *ik = ix + k * SLICE;
+                for (int l = 0; l < SLICE; l++) acc[l] += v[l] * xw[ik[l]];
+            }
+            float *yb = y + b * w->n_out + s * SLICE;
+            for (int64_t l = 0; l < nl; l++) yb[l] = (w->relu && acc[l] < 0.f) ? 0.f : acc[l];
+        }
+    }
+}
+
 void panel_generic(const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0, int64_t k1,
                           int first, int last, const rowout_t *ro) {
     float tile[TILE_ROWS * PANEL] __attribute__((aligned(64)));

@@ -49,21 +49,29 @@ static int make_csr(csr_t *w, Py_buffer *val, Py_buffer *idx, Py_buffer *rowptr,
 
 static PyObject *py_rows(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer val, idx, slice_ptr, perm, x, y, bias = {0};
-    PyObject *bias_obj;
+    Py_buffer val, idx, slice_ptr, perm, x, y, bias = {0}, wins = {0};
+    PyObject *bias_obj, *wins_obj = Py_None;
     int idx_bytes, relu, threads;
-    long long n_in, n_out, B;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*Oy*w*iLLLii", &val, &idx, &slice_ptr, &perm, &bias_obj, &x, &y, &idx_bytes,
-                          &n_in, &n_out, &B, &relu, &threads))
+    long long n_in, n_out, B, wide = 0;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*Oy*w*iLLLii|OL", &val, &idx, &slice_ptr, &perm, &bias_obj, &x, &y,
+                          &idx_bytes, &n_in, &n_out, &B, &relu, &threads, &wins_obj, &wide))
         return NULL;
-    int have_bias = 0;
+    int have_bias = 0, have_wins = 0;
     PyObject *ret = NULL;
-    sliced_t w;
+    sliced_t w = {0};
     if (bias_obj != Py_None) {
         if (PyObject_GetBuffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS) < 0) goto done;
         have_bias = 1;
     }
-    if (idx_bytes != 2 && idx_bytes != 4) { PyErr_SetString(PyExc_ValueError, "idx_bytes must be 2 or 4"); goto done; }
+    if (wins_obj != Py_None) {
+        if (PyObject_GetBuffer(wins_obj, &wins, PyBUF_C_CONTIGUOUS) < 0) goto done;
+        have_wins = 1;
+    }
+    if (have_wins ? idx_bytes != 1 || wide < 1 || wide > 256 || wide > n_in : idx_bytes != 2 && idx_bytes != 4) {
+        PyErr_SetString(PyExc_ValueError, "idx_bytes must be 2 or 4 (gather form) or 1 with a window width in "
+                                          "[1, min(256, n_in)] (window form)");
+        goto done;
+    }
     if (!dims_ok(n_in, n_out)) goto done;
     if (B < 0) { PyErr_SetString(PyExc_ValueError, "negative batch"); goto done; }
     w.nsl = (n_out + SLICE - 1) / SLICE;
@@ -78,8 +86,13 @@ static PyObject *py_rows(PyObject *self, PyObject *args) {
         }
     if (check_len(&val, smul(w.slice_ptr[w.nsl], 4), "values") || check_len(&idx, smul(w.slice_ptr[w.nsl], idx_bytes), "indices") ||
         (have_bias && check_len(&bias, smul(w.nsl * SLICE, 4), "bias")) || check_len(&x, smul3(B, n_in, 4), "x") ||
-        check_len(&y, smul3(B, n_out, 4), "y"))
+        check_len(&y, smul3(B, n_out, 4), "y") ||
+        (have_wins && check_len(&wins, smul(w.slice_ptr[w.nsl] / SLICE, 4), "windows")))
         goto done;
+    if (have_wins) {
+        w.win = (const int32_t *)wins.buf;
+        w.wide = wide;
+    }
     w.val = (const float *)val.buf;
     w.idx = idx.buf;
     w.idx16 = idx_bytes == 2;
@@ -89,7 +102,7 @@ static PyObject *py_rows(PyObject *self, PyObject *args) {
     w.n_out = n_out;
     w.relu = relu != 0;
     {
-        const rows_fn fn = pick_rows();
+        const rows_fn fn = pick_sliced(&w);
         const float *xp = (const float *)x.buf;
         float *yp = (float *)y.buf;
         int nt = clamp_threads(threads < 0 ? -threads : threads);
@@ -107,6 +120,7 @@ static PyObject *py_rows(PyObject *self, PyObject *args) {
     Py_INCREF(ret);
 done:
     if (have_bias) PyBuffer_Release(&bias);
+    if (have_wins) PyBuffer_Release(&wins);
     PyBuffer_Release(&val); PyBuffer_Release(&idx); PyBuffer_Release(&slice_ptr); PyBuffer_Release(&perm);
     PyBuffer_Release(&x); PyBuffer_Release(&y);
     return ret;
@@ -381,11 +395,19 @@ static PyObject *py_set_threading(PyObject *self, PyObject *args) {
                          SK_POOL ? "pthreads" : "openmp-or-none");
 }
 
+static PyObject *py_window_width(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return PyLong_FromLongLong((long long)window_width());
+}
+
 static PyMethodDef methods[] = {
     {"rows", py_rows, METH_VARARGS,
      "rows(values, indices, slice_ptr, perm, bias|None, x, y, idx_bytes, n_in, n_out, batch, relu, threads): the rows "
      "kernel on the sliced layout (CsrLayer.sliced): SLICE-row slices stored slot-major, perm (int32, "
-     "SLICE * slices) the output row of each lane (-1: padding), bias in lane order"},
+     "SLICE * slices) the output row of each lane (-1: padding), bias in lane order. With windows (int32, one per slot) "
+     "and a window width (rows(..., windows, width)): the window form (CsrLayer.windowed): idx_bytes 1, 8-bit "
+     "in-window indices, rows in natural order; the caller guarantees windows within x (no re-check per call)"},
     {"panel", py_panel, METH_VARARGS,
      "panel(values, indices, blockptr, bias|None, xp, yp, idx_bytes, n_in, n_out, npanels, nblocks, relu, threads"
      "[, y_rows|None, batch, order|None, x_rows|None]): with x_rows (batch, n_in) row-major the kernel transposes it "
@@ -396,7 +418,8 @@ static PyMethodDef methods[] = {
      "gemv(weight_t, bias|None, x, y, n_in, n_out, batch, relu, threads): dense layer, weight (n_in, n_out)"},
     {"chain_new", py_chain_new, METH_VARARGS,
      "chain_new([layer, ...][, input_shape]): a prepared chain, validated once, of layers with named fields "
-     "(sparsekit.runtime.model.ChainLayer): kind 0 (rows), 1 (gemv) or 2 (panel), values (gemv: weight_t), "
+     "(sparsekit.runtime.model.ChainLayer): kind 0 (rows), 1 (gemv), 2 (panel) or 3 (window: rows' fields plus "
+     "windows and window, the width), values (gemv: weight_t), "
      "indices, pointers (rows: slice_ptr; panel: block pointers), order (rows: perm; panel: row order or None), "
      "bias (or None), idx_bytes, n_in, n_out, relu, threads (the layer's thread cap, 0: none), blocks (panel "
      "column blocks, default 1); input_shape (a tuple of at most 8 dims, n_in elements): x may also come as "
@@ -417,6 +440,8 @@ static PyMethodDef methods[] = {
     {"to_panels", py_to_panels, METH_VARARGS, "to_panels(x, xp, batch, n, threads)"},
     {"from_panels", py_from_panels, METH_VARARGS, "from_panels(yp, y, batch, n, threads)"},
     {"isa", py_isa, METH_NOARGS, "active code path: avx512, avx2 or generic"},
+    {"window_width", py_window_width, METH_NOARGS,
+     "the window width of the active code path's window kernel (the window form of the rows layout)"},
     {"available_isas", py_available_isas, METH_NOARGS, "code paths this CPU can run"},
     {"set_isa", py_set_isa, METH_VARARGS,
      "set_isa(name): force a code path (tests): generic, avx2, avx512 or best (the CPU's best)"},

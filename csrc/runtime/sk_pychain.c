@@ -40,7 +40,9 @@ static int ch_get(chain_t *c, PyObject *o, int64_t need, const char *what, const
 }
 
 /* chain_new's layers are objects with named fields (sparsekit.runtime.model.ChainLayer): kind, values,
- * indices, pointers, order, bias, idx_bytes, n_in, n_out, relu, threads (the thread cap), blocks */
+ * indices, pointers, order, bias, idx_bytes, n_in, n_out, relu, threads (the thread cap), blocks, and for
+ * the window kind windows and window (the width) */
+#define CH_FIELDS 6
 
 /* layer i's field `name` as an int in *out (a missing optional field leaves *out): 0, or -1 with a
  * TypeError naming the layer and field */
@@ -87,6 +89,72 @@ static int field_obj(PyObject *o, Py_ssize_t i, const char *name, PyObject **out
     return -1;
 }
 
+/* The sliced layout of a rows or window layer (l->n_in, l->n_out, l->relu set), every part checked:
+ * slice pointers from 0 by whole slots, buffer sizes, and what the kernels index with: the gather form's
+ * row order and column indices; the window form's windows (within x: 0 <= win <= n_in - wide), 8-bit
+ * in-window indices (< wide) and natural row order. 0, or -1 with an exception set. */
+static int sliced_parse(chain_t *c, ch_layer_t *l, PyObject *vals, PyObject *idxs, PyObject *ptrs, PyObject *ord,
+                        PyObject *bias_obj, PyObject *wins, int idx_bytes, long long wide) {
+    sliced_t *w = &l->s;
+    const int64_t n_in = l->n_in, n_out = l->n_out;
+    const int window = l->kind == CH_WINDOW;
+    const void *p;
+    if (window ? idx_bytes != 1 || wide < 1 || wide > 256 || wide > n_in : idx_bytes != 2 && idx_bytes != 4) {
+        PyErr_SetString(PyExc_ValueError, window ? "window layer: idx_bytes must be 1, the width in [1, min(256, n_in)]"
+                                                 : "idx_bytes must be 2 or 4");
+        return -1;
+    }
+    w->nsl = (n_out + SLICE - 1) / SLICE;
+    if (ch_get(c, ptrs, smul(w->nsl + 1, 8), "slice pointers", &p)) return -1;
+    w->slice_ptr = (const int64_t *)p;
+    if (w->slice_ptr[0] != 0) { PyErr_SetString(PyExc_ValueError, "bad slice pointers"); return -1; }
+    for (int64_t s = 0; s < w->nsl; s++)
+        if (w->slice_ptr[s + 1] < w->slice_ptr[s] || (w->slice_ptr[s + 1] - w->slice_ptr[s]) % SLICE) {
+            PyErr_SetString(PyExc_ValueError, "bad slice pointers");
+            return -1;
+        }
+    const int64_t total = w->slice_ptr[w->nsl];
+    if (ch_get(c, ord, smul(w->nsl * SLICE, 4), "row order", &p)) return -1;
+    w->perm = (const int32_t *)p;
+    for (int64_t r = 0; r < w->nsl * SLICE; r++)
+        if (window ? w->perm[r] != (r < n_out ? r : -1) : w->perm[r] < -1 || w->perm[r] >= n_out) {
+            PyErr_SetString(PyExc_ValueError, "bad row order");
+            return -1;
+        }
+    if (ch_get(c, vals, smul(total, 4), "values", &p)) return -1;
+    w->val = (const float *)p;
+    if (ch_get(c, idxs, smul(total, idx_bytes), "indices", &p)) return -1;
+    w->idx = p;
+    w->idx16 = idx_bytes == 2;
+    for (int64_t k = 0; k < total; k++) {
+        const int64_t col = window ? (int64_t)((const uint8_t *)p)[k]
+                                   : w->idx16 ? (int64_t)((const uint16_t *)p)[k] : (int64_t)((const int32_t *)p)[k];
+        if (col < 0 || col >= (window ? wide : n_in > 0 ? n_in : 1)) {
+            PyErr_SetString(PyExc_ValueError, "index out of range");
+            return -1;
+        }
+    }
+    w->win = NULL;
+    w->wide = 0;
+    if (window) {
+        if (ch_get(c, wins, smul(total / SLICE, 4), "windows", &p)) return -1;
+        w->win = (const int32_t *)p;
+        w->wide = wide;
+        for (int64_t k = 0; k < total / SLICE; k++)
+            if (w->win[k] < 0 || w->win[k] > n_in - wide) { PyErr_SetString(PyExc_ValueError, "window out of range"); return -1; }
+    }
+    w->bias = NULL;
+    if (bias_obj != Py_None) {
+        if (ch_get(c, bias_obj, smul(w->nsl * SLICE, 4), "bias", &p)) return -1;
+        w->bias = (const float *)p;
+    }
+    w->n_in = n_in;
+    w->n_out = n_out;
+    w->relu = l->relu;
+    l->work = total;
+    return 0;
+}
+
 PyObject *py_chain_new(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *specs, *in_shape = NULL;
@@ -96,22 +164,23 @@ PyObject *py_chain_new(PyObject *self, PyObject *args) {
     chain_t *c = (chain_t *)calloc(1, sizeof(chain_t));
     if (!c) return PyErr_NoMemory();
     c->L = (ch_layer_t *)calloc((size_t)n, sizeof(ch_layer_t));
-    c->bufs = (Py_buffer *)calloc((size_t)n * 5, sizeof(Py_buffer));
-    PyObject *cap = NULL, *fields[5] = {NULL, NULL, NULL, NULL, NULL};
+    c->bufs = (Py_buffer *)calloc((size_t)n * CH_FIELDS, sizeof(Py_buffer));
+    PyObject *cap = NULL, *fields[CH_FIELDS] = {NULL, NULL, NULL, NULL, NULL, NULL};
     if (!c->L || !c->bufs) { PyErr_NoMemory(); goto fail; }
     c->n = (int)n;
     for (Py_ssize_t i = 0; i < n; i++) {
         ch_layer_t *l = &c->L[i];
         PyObject *spec = PyList_GET_ITEM(specs, i);
-        for (int k = 0; k < 5; k++) Py_CLEAR(fields[k]);
+        for (int k = 0; k < CH_FIELDS; k++) Py_CLEAR(fields[k]);
         int idx_bytes;
-        long long n_in, n_out, nb = 1;
+        long long n_in, n_out, nb = 1, wide = 0;
         if (field_int(spec, i, "kind", &l->kind) || field_obj(spec, i, "values", &fields[0]) ||
             field_obj(spec, i, "indices", &fields[1]) || field_obj(spec, i, "pointers", &fields[2]) ||
             field_obj(spec, i, "order", &fields[3]) || field_obj(spec, i, "bias", &fields[4]) ||
             field_int(spec, i, "idx_bytes", &idx_bytes) || field_ll(spec, i, "n_in", 0, &n_in) ||
             field_ll(spec, i, "n_out", 0, &n_out) || field_int(spec, i, "relu", &l->relu) ||
-            field_int(spec, i, "threads", &l->cap) || field_ll(spec, i, "blocks", 1, &nb))
+            field_int(spec, i, "threads", &l->cap) || field_ll(spec, i, "blocks", 1, &nb) ||
+            (l->kind == CH_WINDOW && (field_obj(spec, i, "windows", &fields[5]) || field_ll(spec, i, "window", 0, &wide))))
             goto fail;
         PyObject *a = fields[0], *b = fields[1], *d = fields[2], *e = fields[3], *bias_obj = fields[4];
         if ((l->kind == CH_PANEL) != (i == 0 ? l->kind == CH_PANEL : c->panel)) {
@@ -130,40 +199,8 @@ PyObject *py_chain_new(PyObject *self, PyObject *args) {
         l->relu = l->relu != 0;
         if (i + 1 < n && n_out > c->max_mid) c->max_mid = n_out;
         const void *p;
-        if (l->kind == CH_ROWS) {
-            sliced_t *w = &l->s;
-            if (idx_bytes != 2 && idx_bytes != 4) { PyErr_SetString(PyExc_ValueError, "idx_bytes must be 2 or 4"); goto fail; }
-            w->nsl = (n_out + SLICE - 1) / SLICE;
-            if (ch_get(c, d, smul(w->nsl + 1, 8), "slice pointers", &p)) goto fail;
-            w->slice_ptr = (const int64_t *)p;
-            if (w->slice_ptr[0] != 0) { PyErr_SetString(PyExc_ValueError, "bad slice pointers"); goto fail; }
-            for (int64_t s = 0; s < w->nsl; s++)
-                if (w->slice_ptr[s + 1] < w->slice_ptr[s] || (w->slice_ptr[s + 1] - w->slice_ptr[s]) % SLICE) {
-                    PyErr_SetString(PyExc_ValueError, "bad slice pointers");
-                    goto fail;
-                }
-            if (ch_get(c, e, smul(w->nsl * SLICE, 4), "row order", &p)) goto fail;
-            w->perm = (const int32_t *)p;
-            for (int64_t r = 0; r < w->nsl * SLICE; r++)
-                if (w->perm[r] < -1 || w->perm[r] >= n_out) { PyErr_SetString(PyExc_ValueError, "bad row order"); goto fail; }
-            if (ch_get(c, a, smul(w->slice_ptr[w->nsl], 4), "values", &p)) goto fail;
-            w->val = (const float *)p;
-            if (ch_get(c, b, smul(w->slice_ptr[w->nsl], idx_bytes), "indices", &p)) goto fail;
-            w->idx = p;
-            w->idx16 = idx_bytes == 2;
-            for (int64_t k = 0; k < w->slice_ptr[w->nsl]; k++) {
-                const int64_t col = w->idx16 ? (int64_t)((const uint16_t *)p)[k] : (int64_t)((const int32_t *)p)[k];
-                if (col < 0 || col >= (n_in > 0 ? n_in : 1)) { PyErr_SetString(PyExc_ValueError, "index out of range"); goto fail; }
-            }
-            w->bias = NULL;
-            if (bias_obj != Py_None) {
-                if (ch_get(c, bias_obj, smul(w->nsl * SLICE, 4), "bias", &p)) goto fail;
-                w->bias = (const float *)p;
-            }
-            w->n_in = n_in;
-            w->n_out = n_out;
-            w->relu = l->relu;
-            l->work = w->slice_ptr[w->nsl];
+        if (l->kind == CH_ROWS || l->kind == CH_WINDOW) {
+            if (sliced_parse(c, l, a, b, d, e, bias_obj, fields[5], idx_bytes, wide)) goto fail;
         } else if (l->kind == CH_GEMV) {
             if (ch_get(c, a, smul3(n_in, n_out, 4), "weight", &p)) goto fail;
             l->wt = (const float *)p;
@@ -211,7 +248,7 @@ PyObject *py_chain_new(PyObject *self, PyObject *args) {
             l->nb = nb;
             l->work = nnz;
         } else {
-            PyErr_SetString(PyExc_ValueError, "chain layer kind must be 0 (rows), 1 (gemv) or 2 (panel)");
+            PyErr_SetString(PyExc_ValueError, "chain layer kind must be 0 (rows), 1 (gemv), 2 (panel) or 3 (window)");
             goto fail;
         }
     }
@@ -230,12 +267,12 @@ PyObject *py_chain_new(PyObject *self, PyObject *args) {
         }
         c->in_ndim = (int)nd;
     }
-    for (int k = 0; k < 5; k++) Py_CLEAR(fields[k]);
+    for (int k = 0; k < CH_FIELDS; k++) Py_CLEAR(fields[k]);
     cap = PyCapsule_New(c, "sparsekit.chain", chain_free);
     if (!cap) goto fail;
     return cap;
 fail:
-    for (int k = 0; k < 5; k++) Py_CLEAR(fields[k]);
+    for (int k = 0; k < CH_FIELDS; k++) Py_CLEAR(fields[k]);
     for (int i = 0; i < c->nbufs; i++) PyBuffer_Release(&c->bufs[i]);
     free(c->bufs);
     free(c->L);

@@ -13,6 +13,10 @@
  *          panel stored [n][PANEL] (batch-minor). For every nonzero of a weight row the value is
  *          broadcast and multiplied into a contiguous 64-wide row of the input panel; the 64 outputs
  *          stay in registers (register-blocked SpMM). Bias and ReLU are fused into the store.
+ *   window small batches without gathers (CPUs whose gathers are microcoded, e.g. AMD Zen 4/5): the
+ *          sliced layout again, but every slot of a slice draws its 16 inputs from one window of
+ *          WINDOW (32 with AVX-512, 16 with AVX2) consecutive inputs, held in registers and indexed
+ *          by a permute (one instruction) instead of a 16-lane gather. Rows stay in natural order.
  *   gemv   small layers at small batch, run dense from the transposed weight (n_in, n_out): x[i] is
  *          broadcast into 128-wide rows of W^T. No per-row branches or horizontal sums, so tiny layers
  *          (where the sparse kernels' fixed costs dominate) are not slower than dense.
@@ -145,7 +149,16 @@ typedef struct {
     const float *bias;    /* nsl * SLICE, in lane order (NULL: none) */
     int64_t n_in, n_out, nsl;
     int relu;
+    /* the window form (CsrLayer.windowed builds it; NULL: the gather form above): slot k of the layer
+     * (element k*SLICE) reads x[win[k] + idx] for 8-bit in-window indices idx < wide, with
+     * 0 <= win[k] <= n_in - wide. Rows are in natural order (perm[SLICE*s + l] = SLICE*s + l). */
+    const int32_t *win;
+    int64_t wide;
 } sliced_t;
+
+/* window widths of the SIMD window kernels (the generic kernel takes any width) */
+#define WINDOW_AVX512 32
+#define WINDOW_AVX2 16
 
 /* Fused output transpose: the last column block of a panel layer can write its results straight into
  * the row-major output y (B, n_out) instead of the panel buffer. Each kernel then stores up to TILE_ROWS
@@ -174,17 +187,20 @@ typedef void (*gemv_fn)(const float *wt, const float *bias, const float *x, floa
                         int64_t b0, int64_t b1, int relu);
 
 void rows_generic(const sliced_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1);
+void window_generic(const sliced_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1);
 void panel_generic(const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0, int64_t k1,
                    int first, int last, const rowout_t *ro);
 void gemv_generic(const float *wt, const float *bias, const float *x, float *y, int64_t n_in, int64_t n_out,
                   int64_t b0, int64_t b1, int relu);
 #if SK_X86
 SK_AVX2 void rows_avx2(const sliced_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1);
+SK_AVX2 void window_avx2(const sliced_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1);
 SK_AVX2 void panel_avx2(const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0, int64_t k1,
                         int first, int last, const rowout_t *ro);
 /* 8x8 float transpose: dst[c][r] = src[r][c] (row strides ss, ds in floats) */
 SK_AVX2 void tr8x8_avx2(const float *src, int64_t ss, float *dst, int64_t ds);
 SK_AVX512 void rows_avx512(const sliced_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1);
+SK_AVX512 void window_avx512(const sliced_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1);
 SK_AVX512 void panel_avx512(const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0,
                             int64_t k1, int first, int last, const rowout_t *ro);
 SK_AVX512 void gemv_avx512(const float *wt, const float *bias, const float *x, float *y, int64_t n_in,
@@ -196,6 +212,11 @@ SK_AVX512 void tile_flush_avx512(const float *tile, float *y, int64_t ldy, int s
 /* ------------------------------------------------------------------ dispatch and layout (sk_dispatch.c) */
 
 rows_fn pick_rows(void);
+/* the kernel for a sliced layout: its gather or window form; a window the active path's SIMD kernel
+ * was not built for (another width) runs the generic window kernel */
+rows_fn pick_sliced(const sliced_t *w);
+/* the window width the active code path's window kernel takes */
+int64_t window_width(void);
 panel_fn pick_panel(void);
 gemv_fn pick_gemv(void);
 /* a finished tile of a panel kernel into row-major y (ro->y + obase), with the active code path */

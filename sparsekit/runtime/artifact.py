@@ -11,6 +11,7 @@ the custom nodes; ``sparsekit.runtime.load`` (or ``sparsekit run``) does.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -111,15 +112,24 @@ def from_onnx(proto: onnx.ModelProto, *, threads: int = 1, where: str = "artifac
     return model
 
 
-def load(path: str | os.PathLike[str], *, threads: int = 1) -> FastModel:
-    """Load a ``fast`` artifact written by ``sparsekit export --format fast`` (validated; see ``from_onnx``)."""
+def load(path: str | os.PathLike[str], *, threads: int = 1, replan: bool = True) -> FastModel:
+    """Load a ``fast`` artifact written by ``sparsekit export --format fast`` (validated; see ``from_onnx``).
+
+    A plan measured on another CPU is measured again here, once per (artifact, CPU, threads) and then cached
+    (``sparsekit.runtime.replan``; ``replan=False`` or ``SPARSEKIT_REPLAN=0`` keeps the recorded plan)."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"artifact {p} not found", where=str(p), fix="pass the path of a .fast.onnx file")
     try:
+        data = p.read_bytes()
         # external data never: a fast artifact is one file, and its tensors must not name other files to read
-        proto = onnx.load(str(p), load_external_data=False)
+        proto = onnx.load_model_from_string(data)
     except Exception as exc:
         raise InputError(f"cannot read {p} as ONNX: {type(exc).__name__}", where=str(p),
                          fix="pass a file written by 'sparsekit export --format fast'") from exc
-    return from_onnx(proto, threads=threads, where=str(p), file_bytes=p.stat().st_size)
+    model = from_onnx(proto, threads=threads, where=str(p), file_bytes=len(data))
+    if replan:
+        from sparsekit.runtime.replan import replan as replan_on_this_cpu
+
+        replan_on_this_cpu(model, hashlib.sha256(data).hexdigest(), threads=threads)
+    return model

@@ -11,7 +11,8 @@ kernel that fits instead (see ``FastModel.kernels_for``).
 
 from __future__ import annotations
 
-from sparsekit.runtime.layers import PANEL, SLICE, SORT_WINDOW, CsrLayer
+from sparsekit.runtime import window
+from sparsekit.runtime.layers import PANEL, SLICE, SORT_WINDOW, CsrLayer, window_width
 
 MIN_BOUND = 256 << 20  # bytes
 FILE_FACTOR = 16
@@ -28,7 +29,8 @@ BUILD_BYTES_PER_ENTRY = 48
 
 def memory_bound(file_bytes: int) -> int:
     """max(256 MiB, 16 x the artifact's bytes). The sparse kernels' layouts are reorderings of the CSR the file holds
-    (``rows`` pads each 16-row slice to its longest row, at worst 16x the nonzeros; ``panel`` adds a pointer per row
+    (``rows`` pads each 16-row slice to its longest row, at worst 16x the nonzeros; ``window`` pads each slice's
+    slots per input window likewise, every slot holding at least one nonzero; ``panel`` adds a pointer per row
     and column block), so 16x the file admits every sparse layout of an honest artifact, while 256 MiB lets a small
     model densify a layer (a 4096x4096 dense layer peaks at about 500 MiB: refused for files under 32 MiB) or run
     64-sample panels of wide inputs."""
@@ -60,8 +62,11 @@ def kernel_bytes(layer: CsrLayer, name: str, block: int, threads: int = 1) -> in
     if name == "gemv":
         return GEMV_COPIES * 4 * n_in * n_out
     build = BUILD_BYTES_PER_NNZ * (nnz + n_out)
-    if name == "rows":
+    if name == "rows" or (name == "window" and not layer.has_window()):
         return sliced_slots(layer) * entry + build
+    if name == "window":  # a slot: SLICE values and 8-bit indices, and its window
+        _, i, rp = layer.csr()
+        return window.slot_count(i, rp, n_in, window_width()) * (5 * SLICE + 4) + build
     nb = -(-n_in // block) if 0 < block < n_in else 1
     panels = 2 * PANEL * 4 * (n_in + n_out) * max(1, threads)
     return nnz * entry + (4 + BUILD_BYTES_PER_ENTRY) * nb * n_out + build + panels

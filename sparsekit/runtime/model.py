@@ -32,30 +32,33 @@ from sparsekit.runtime.layers import (
     from_panels,
     kernel_isa,
     parse_kernel,
+    window_width,
 )
 from sparsekit.runtime.memory import kernel_bytes
 
 _F32 = np.dtype(np.float32)
 
-CHAIN_ROWS, CHAIN_GEMV, CHAIN_PANEL = 0, 1, 2  # ChainLayer.kind
+CHAIN_ROWS, CHAIN_GEMV, CHAIN_PANEL, CHAIN_WINDOW = 0, 1, 2, 3  # ChainLayer.kind
 
 
 @dataclass(frozen=True)
 class ChainLayer:
     """One layer of a C chain as ``_kernels.chain_new`` reads it, field by field (and validates every one)."""
 
-    kind: int                       # CHAIN_ROWS, CHAIN_GEMV or CHAIN_PANEL
+    kind: int                       # CHAIN_ROWS, CHAIN_GEMV, CHAIN_PANEL or CHAIN_WINDOW
     values: np.ndarray              # float32 values (gemv: the weight transposed, (n_in, n_out))
-    indices: np.ndarray | None      # column indices (idx_bytes each); gemv: None
-    pointers: np.ndarray | None     # int64 rows: slice pointers; panel: block pointers; gemv: None
-    order: np.ndarray | None        # int32 rows: row at each slot (perm); panel: row order or None; gemv: None
-    bias: np.ndarray | None         # float32 (n_out,) (rows: padded to whole slices) or None
-    idx_bytes: int                  # 2 or 4
+    indices: np.ndarray | None      # column indices (idx_bytes each; window: in-window); gemv: None
+    pointers: np.ndarray | None     # int64 rows/window: slice pointers; panel: block pointers; gemv: None
+    order: np.ndarray | None        # int32 rows/window: row at each slot; panel: row order or None; gemv: None
+    bias: np.ndarray | None         # float32 (n_out,) (rows/window: padded to whole slices) or None
+    idx_bytes: int                  # 2 or 4 (window: 1)
     n_in: int
     n_out: int
     relu: int                       # 0 or 1
     threads: int                    # the layer's thread cap (``@N``), 0: none
     blocks: int = 1                 # panel: column blocks
+    windows: np.ndarray | None = None  # window: int32 first input of each slot's window
+    window: int = 0                 # window: the window width
 # outputs from this many floats are allocated 64-byte aligned (see _new_output)
 ALIGNED_OUTPUT_FLOATS = 1 << 16
 
@@ -97,6 +100,14 @@ def small_batch_costs(layer: CsrLayer) -> dict[str, float]:
             "gemv": 0.29 + 0.00075 * layer.n_in * -(-layer.n_out // 16)}
 
 
+def small_batch_sparse(layer: CsrLayer) -> str:
+    """The sparse small-batch kernel the heuristic starts from: ``window`` with a vector code path (no
+    gathers: 1024x1024 90% at batch 1 on AMD Zen 5, 40 -> 13 us; calibration still times ``rows``, whose
+    gathers are fast on some Intel cores), ``rows`` on the generic path or for layers narrower than a
+    window."""
+    return "window" if kernel_isa() in ("avx512", "avx2") and layer.has_window() else "rows"
+
+
 def default_kernel(layer: CsrLayer, batch: int) -> str:
     """The untuned choice: sparse kernels where they clearly win, dense kernels otherwise."""
     if layer.n_in == 0 or layer.n_out == 0:
@@ -106,7 +117,7 @@ def default_kernel(layer: CsrLayer, batch: int) -> str:
         cost = small_batch_costs(layer)
         if layer.n_in * layer.n_out <= GEMV_MAX_WEIGHTS and (d > ROWS_MAX_DENSITY or cost["gemv"] < cost["rows"]):
             return "gemv"
-        return "rows" if d <= ROWS_MAX_DENSITY else "dense"
+        return small_batch_sparse(layer) if d <= ROWS_MAX_DENSITY else "dense"
     if d > PANEL_MAX_DENSITY:
         return "dense"
     if layer.n_in > 512 and d >= 0.05:  # column blocks whose input slab stays in L1/L2 (measured at 90%)
@@ -201,6 +212,7 @@ class FastModel:
         self._lock = threading.Lock()
         self.memory_limit = memory_limit
         self.notes: dict[str, None] = {}  # one line per kernel replaced to fit memory_limit (ordered set)
+        self.replanned: dict[str, Any] | None = None  # set when loading re-measured the plan on this CPU
         self._fits: dict[tuple[int, str, int], int] = {}  # (layer, kernel, block) -> kernel_bytes
         forksafe.register(self)  # a fresh lock in forked children
         for layer in layers:
@@ -310,14 +322,14 @@ class FastModel:
         return all(layer.plan is plan for layer, plan in zip(self.layers, plans, strict=True))
 
     def _make_chain(self, parsed: list[tuple[str, int, int]]) -> Any:
-        """A C chain (``_kernels.chain_new``) when every layer runs a small-batch kernel (rows or gemv),
+        """A C chain (``_kernels.chain_new``) when every layer runs a small-batch kernel (rows, window or gemv),
         or every layer runs ``panel``: the whole model is then one Python->C call per ``run``, its
         arguments validated here once. A panel chain runs data-parallel: each thread takes whole panels
         (or half panels) of the batch through every layer, with no hand-off between layers."""
         if _K is None or not hasattr(_K, "chain_new") or self.layers[0].n_in == 0:
             return None
         names = {name for name, _, _ in parsed}
-        if not (names <= {"rows", "gemv"} or names == {"panel"}):
+        if not (names <= {"rows", "window", "gemv"} or names == {"panel"}):
             return None
         if names == {"panel"} and any(layer.n_out == 0 for layer in self.layers):
             return None
@@ -332,7 +344,12 @@ class FastModel:
                 v, i, bptr, nb, order = layer.blocked(block)
                 specs.append(ChainLayer(CHAIN_PANEL, v, i, bptr, order, layer.bias, layer.idx_bytes, **shape,
                                         blocks=int(nb)))
-            elif name == "rows":
+            elif name == "window" and layer.has_window():
+                width = window_width()
+                wv, wi, slice_ptr, order, bias, windows = layer.windowed(width)
+                specs.append(ChainLayer(CHAIN_WINDOW, wv, wi, slice_ptr, order, bias, 1, **shape, windows=windows,
+                                        window=width))
+            elif name in ("rows", "window"):  # window on a layer narrower than a window: rows
                 sv, si, slice_ptr, perm, bias = layer.sliced()
                 specs.append(ChainLayer(CHAIN_ROWS, sv, si, slice_ptr, perm, bias, layer.idx_bytes, **shape))
             else:
@@ -454,14 +471,11 @@ class FastModel:
                     cur = sess.run(None, {"x": cur})[0]
                 i = j
                 continue
-            if name == "rows" or name == "gemv":
+            if name in ("rows", "window", "gemv"):
                 if panels:
                     cur, panels = from_panels(cur, batch, layer.n_in, nt), 0
                 y = np.empty((batch, layer.n_out), dtype=np.float32)
-                if name == "rows":
-                    layer.run_rows(cur, y, nt)
-                else:
-                    layer.run_gemv(cur, y, nt)
+                {"rows": layer.run_rows, "window": layer.run_window, "gemv": layer.run_gemv}[name](cur, y, nt)
                 cur = y
             else:  # panel: activations ping-pong between two cached scratch buffers
                 x_rows = None

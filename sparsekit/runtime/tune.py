@@ -18,7 +18,14 @@ from typing import Any, TypeVar
 import numpy as np
 
 from sparsekit.runtime.layers import _K, PANEL, CsrLayer, aligned_empty, to_panels
-from sparsekit.runtime.model import GEMV_MAX_WEIGHTS, ROWS_MAX_BATCH, FastModel, _dense_session, default_kernel
+from sparsekit.runtime.model import (
+    GEMV_MAX_WEIGHTS,
+    ROWS_MAX_BATCH,
+    FastModel,
+    _dense_session,
+    default_kernel,
+    small_batch_sparse,
+)
 
 # plan entries: a batch size runs the entry nearest to it on a log scale. With 1, 8, 64 a batch of 16
 # ran the entry for 8, dense ORT on the demo model (49 us, where the panel chain takes 16.5 us), and a
@@ -88,6 +95,8 @@ def candidates(layer: CsrLayer, batch: int, threads: int = 1) -> list[str]:
     out = ["dense"]
     if batch < 64:
         out.append("rows")
+        if layer.has_window():
+            out.append("window")
         if layer.n_in * layer.n_out <= GEMV_MAX_WEIGHTS:
             out.append("gemv")
     if batch >= 8:
@@ -107,9 +116,10 @@ def _runner(layer: CsrLayer, spec: str, x: np.ndarray, threads: int):
     if name == "dense":
         sess = _dense_session([layer], threads)
         return lambda: sess.run(None, {"x": x})
-    if name == "rows":
+    if name in ("rows", "window"):
         y = np.empty((batch, layer.n_out), dtype=np.float32)
-        return lambda: layer.run_rows(x, y, threads)
+        run = layer.run_rows if name == "rows" else layer.run_window
+        return lambda: run(x, y, threads)
     if name == "gemv":
         y = np.empty((batch, layer.n_out), dtype=np.float32)
         layer.dense_t()
@@ -273,8 +283,9 @@ def check_heuristic_plan(model: FastModel, *, batches: Iterable[int], threads: i
 
 def chain_candidates(model: FastModel, batch: int, threads: int = 1) -> dict[str, list[str]]:
     """Whole-model plans worth comparing at ``batch``: the heuristic, all dense (one ONNX Runtime
-    session: the dense model itself), the heuristic with the other small-batch kernel (below 8) or with
-    its panel layers on plain ``panel`` (from 8), every layer on ``panel`` (from 2), and with
+    session: the dense model itself), below 8 the heuristic with small layers swapped between the sparse and
+    the dense small-batch kernel and with the other sparse one (``rows`` for ``window``, and back), from 8 with
+    its panel layers on plain ``panel``, every layer on ``panel`` (from 2), and with
     ``threads`` > 1 the heuristic on one thread (``@1``: a model too small to gain from a second
     thread is never slower than on one)."""
     heur = [default_kernel(layer, batch) for layer in model.layers]
@@ -283,8 +294,13 @@ def chain_candidates(model: FastModel, batch: int, threads: int = 1) -> dict[str
         alt = []
         for layer, spec in zip(model.layers, heur, strict=True):
             small = layer.n_in * layer.n_out <= GEMV_MAX_WEIGHTS and layer.n_in > 0 and layer.n_out > 0
-            alt.append({"rows": "gemv", "gemv": "rows"}.get(spec, spec) if small else spec)
+            alt.append({"rows": "gemv", "window": "gemv", "gemv": small_batch_sparse(layer)}.get(spec, spec)
+                       if small else spec)
         cands["swapped"] = alt
+        # the other sparse small-batch kernel: which of gathers (rows) and permutes (window) is faster
+        # depends on the CPU (gathers are microcoded on AMD Zen 4/5, fast on recent Intel cores)
+        cands["other sparse"] = [{"rows": "window", "window": "rows"}.get(spec, spec) if layer.has_window()
+                                 else spec for layer, spec in zip(model.layers, heur, strict=True)]
     else:
         cands["panel"] = ["panel" if spec.startswith("panel") else spec for spec in heur]
     if batch > 1:
