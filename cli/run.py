@@ -45,7 +45,7 @@ def run_cmd(
     start = time.perf_counter()
     y = model.run(x)
     seconds = time.perf_counter() - start
-    for note in model.notes:  # kernels of the artifact's plan replaced to stay within its memory bound
+    for note in model.notes:  # plan entries replaced to fit its memory bound, or re-planned for this CPU
         typer.echo(f"warning: {note}", err=True)
     if output is not None:
         with atomic_path(output) as tmp:

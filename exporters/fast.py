@@ -283,6 +283,8 @@ def _register_runner() -> None:
             kernels = {str(b): model.kernels_for(int(b)) for b in batch_sizes}
             at = f" at {meta.get('tune_threads', '1')} thread(s) on {meta.get('tuned_isa') or '?'}" \
                 if source != "heuristic" else ""
+            if model.replanned:  # measured on another CPU: re-measured here when loaded
+                at = f" for {model.replanned['to']}"
             return {"plan_source": source, "kernels": kernels, "isa": model.info()["isa"],
                     "note": f"kernels per layer by batch size ({source}{at}): "
                             + "; ".join(f"{b}: {' '.join(k)}" for b, k in kernels.items())}
