@@ -359,22 +359,21 @@ def scaling_markdown(rows: list[dict]) -> str:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     from sparsekit.runtime import kernel_isa
+    from sparsekit.runtime.cpu import cpu_identity
     from sparsekit.runtime.layers import _K
+
+    ident = cpu_identity()
+    cpu = ident["model_name"] or platform.processor() or platform.machine()
+    # vendor, family and model name the microarchitecture (e.g. AuthenticAMD family 25 = Zen 3/4, 26 = Zen 5)
+    cpu_id = f"{ident['vendor'] or '?'} family {ident['family'] or '?'} model {ident['model'] or '?'}"
 
     try:
         load = [round(v, 2) for v in os.getloadavg()]
     except OSError:  # pragma: no cover - not on Linux/macOS
         load = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_1_5_15": load, "python": sys.version.split()[0],
+    return {"cpu": cpu, "cpu_id": cpu_id, "cores": os.cpu_count(), "load_average_1_5_15": load,
+            "python": sys.version.split()[0],
             "onnxruntime": ort.__version__, "numpy": np.__version__, "sparsekit_isa": kernel_isa(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             # sparsekit's thread pool: worker spin time between calls, work thresholds for a 2nd thread
@@ -385,7 +384,8 @@ def render(infos: list[dict], rows: list[dict]) -> str:
     """Markdown: machine line(s), the main table and, with 1 and 2+ threads, the scaling table."""
     head = []
     for info in infos:
-        head.append(f"Machine: {info['cpu']}, {info['cores']} cores, load average (1/5/15 min) "
+        cpu_id = f" ({info['cpu_id']})" if info.get("cpu_id") else ""
+        head.append(f"Machine: {info['cpu']}{cpu_id}, {info['cores']} cores, load average (1/5/15 min) "
                     f"{info.get('load_average_1_5_15')} at the start → {info.get('load_average_end')} at the "
                     f"end; ONNX Runtime {info['onnxruntime']}, sparsekit kernels {info['sparsekit_isa']}. "
                     "Medians of interleaved runs; ratio = dense ORT time / variant time (same run).")
