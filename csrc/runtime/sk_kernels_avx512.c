@@ -89,10 +89,23 @@ SK_AVX512 void rows_avx512(const sliced_t *wp, const float *x, float *y, int64_t
     }
 }
 
+/* one slot's 16 inputs from the 32-input window at xw, picked by the lanes' in-window indices i */
+#define WINDOW_PICK(xw, i) _mm512_permutex2var_ps(_mm512_loadu_ps(xw), (i), _mm512_loadu_ps((xw) + 16))
+
+/* y rows of slice s for samples b, b+1 (pair) or b alone: bias, ReLU, a store masked at n_out */
+SK_AVX512 static inline void window_store(const sliced_t *w, float *y, int64_t s, int64_t b, __m512 r, __mmask16 keep,
+                                          __m512 bb) {
+    r = _mm512_add_ps(r, bb);
+    if (w->relu) r = _mm512_max_ps(r, _mm512_setzero_ps());
+    _mm512_mask_storeu_ps(y + b * w->n_out + s * SLICE, keep, r);
+}
+
 /* window form, windows of WINDOW_AVX512 (32) inputs: per slot the window is two registers and one
  * two-table permute (vpermt2ps) picks each lane's input, where the gather form issues a 16-lane gather
- * (microcoded on AMD Zen 4/5: 1024x1024 90% at batch 1 runs ~3x faster this way there). Two
- * accumulators hide the FMA latency; the last slice's store is masked at n_out. */
+ * (microcoded on AMD Zen 4/5: 1024x1024 90% at batch 1 runs ~3x faster this way there). Samples go two
+ * at a time through a slice (the slot's values and indices loaded once for both: at batch 2-7 the
+ * layout, not the input, is what streams from cache), one at a time at batch 1 with two accumulators
+ * for the FMA latency; the last slice's store is masked at n_out. */
 SK_AVX512 void window_avx512(const sliced_t *wp, const float *x, float *y, int64_t B, int64_t s0, int64_t s1) {
     const sliced_t wl = *wp, *w = &wl;
     const uint8_t *ix = (const uint8_t *)w->idx;
@@ -101,31 +114,38 @@ SK_AVX512 void window_avx512(const sliced_t *wp, const float *x, float *y, int64
         const int64_t nl = w->n_out - s * SLICE < SLICE ? w->n_out - s * SLICE : SLICE;
         const __mmask16 keep = (__mmask16)((1u << nl) - 1);
         const __m512 bb = w->bias ? _mm512_loadu_ps(w->bias + s * SLICE) : _mm512_setzero_ps();
-        for (int64_t b = 0; b < B; b++) {
+        int64_t b = 0;
+        for (; b + 2 <= B; b += 2) {
+            const float *x0 = x + b * w->n_in, *x1 = x0 + w->n_in;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+            for (int64_t k = a; k < e; k++) {
+                const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ix + k * SLICE)));
+                const __m512 v = _mm512_loadu_ps(w->val + k * SLICE);
+                a0 = _mm512_fmadd_ps(v, WINDOW_PICK(x0 + w->win[k], i0), a0);
+                a1 = _mm512_fmadd_ps(v, WINDOW_PICK(x1 + w->win[k], i0), a1);
+            }
+            window_store(w, y, s, b, a0, keep, bb);
+            window_store(w, y, s, b + 1, a1, keep, bb);
+        }
+        if (b < B) {
             const float *xb = x + b * w->n_in;
             __m512 a0 = _mm512_setzero_ps(), a1 = a0;
             int64_t k = a;
             for (; k + 2 <= e; k += 2) {
-                const float *x0 = xb + w->win[k], *x1 = xb + w->win[k + 1];
                 const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ix + k * SLICE)));
                 const __m512i i1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ix + k * SLICE + 16)));
-                const __m512 p0 = _mm512_permutex2var_ps(_mm512_loadu_ps(x0), i0, _mm512_loadu_ps(x0 + 16));
-                const __m512 p1 = _mm512_permutex2var_ps(_mm512_loadu_ps(x1), i1, _mm512_loadu_ps(x1 + 16));
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w->val + k * SLICE), p0, a0);
-                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w->val + k * SLICE + 16), p1, a1);
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w->val + k * SLICE), WINDOW_PICK(xb + w->win[k], i0), a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w->val + k * SLICE + 16), WINDOW_PICK(xb + w->win[k + 1], i1), a1);
             }
             if (k < e) {
-                const float *x0 = xb + w->win[k];
                 const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ix + k * SLICE)));
-                const __m512 p0 = _mm512_permutex2var_ps(_mm512_loadu_ps(x0), i0, _mm512_loadu_ps(x0 + 16));
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w->val + k * SLICE), p0, a0);
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w->val + k * SLICE), WINDOW_PICK(xb + w->win[k], i0), a0);
             }
-            __m512 r = _mm512_add_ps(_mm512_add_ps(a0, a1), bb);
-            if (w->relu) r = _mm512_max_ps(r, _mm512_setzero_ps());
-            _mm512_mask_storeu_ps(y + b * w->n_out + s * SLICE, keep, r);
+            window_store(w, y, s, b, _mm512_add_ps(a0, a1), keep, bb);
         }
     }
 }
+#undef WINDOW_PICK
 
 /* panel_avx512 on part of a panel: lanes 0..16*nr-1 only (nr = 2: half a panel, 32 samples; nr = 1: a
  * quarter, 16 samples), nr registers per row. A batch of at most 16 or 32 samples on one thread pays
