@@ -9,6 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 from sparsekit.cli.main import app
+from sparsekit.cli.progress import ProgressMode, make_progress
 from sparsekit.cli.render import print_json, stderr_console, stdout_console
 
 from sparsekit.errors import InputError
@@ -51,7 +52,11 @@ def compare(
     quick: bool = typer.Option(False, "--quick", help="CI mode: at most 2 epochs, mask updates every 5 steps, 1 seed."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Retrain runs that already exist."),
     json_out: bool = typer.Option(False, "--json", help="Print compare.json on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-run progress lines."),
+    progress_mode: ProgressMode = typer.Option(ProgressMode.auto, "--progress",
+                                               help="Progress of each run on stderr: bar | plain (log lines "
+                                               "for CI) | none | auto (bar on a terminal, else plain)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or per-run lines (implies --progress "
+                               "none).", show_default="off"),
     distribution: str = typer.Option(None, "--distribution", help="uniform | er | erk. [default: erk]"),
     batch_size: int = typer.Option(None, "--batch-size", help="Mini-batch size. [default: 64]"),
     optimizer: str = typer.Option(None, "--optimizer", help="sgd | adam | adamw. [default: sgd]"),
@@ -107,17 +112,21 @@ def compare(
                        seeds=seeds if seeds is not None else (1 if quick else 3),
                        train=train, method_options=options, quick=quick)
     err = stderr_console()
+    progress = make_progress(progress_mode, quiet=quiet)
 
     def on_run(info: dict[str, Any]) -> None:
         if quiet:
             return
+        if not info["reused"]:
+            progress.finish(info)
         acc = info["test_accuracy"]
         how = "reused" if info["reused"] else f"{info['train_seconds']:.1f}s"
         bpc = f", {info['test_bpc']:.3f} bpc" if info.get("test_bpc") is not None else ""
         err.print(f"[{info['index']}/{info['total']}] {info['name']}: test acc "
                   f"{'—' if acc is None else f'{100 * acc:.2f}%'}{bpc} ({how})")
 
-    result = run_compare(spec, out, overwrite=overwrite, on_run=on_run)
+    with progress:
+        result = run_compare(spec, out, overwrite=overwrite, on_run=on_run, callbacks=progress.callbacks())
     if json_out:
         print_json(result)
         return

@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 from sparsekit.cli.main import app
+from sparsekit.cli.progress import ProgressMode, make_progress
 from sparsekit.cli.render import print_json, stderr_console
 
 from sparsekit.errors import InputError
@@ -122,7 +123,12 @@ def train(
                                "preset (see `sparsekit methods`); flags given here override it."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
     json_out: bool = typer.Option(False, "--json", help="Print summary.json on stdout (errors as JSON too)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    progress_mode: ProgressMode = typer.Option(ProgressMode.auto, "--progress",
+                                               help="Progress on stderr: bar | plain (log lines for CI: every "
+                                               "10 s, every 10% and each epoch end) | none | auto (bar on a "
+                                               "terminal, else plain)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table (implies --progress none).",
+                               show_default="off"),
 ) -> None:
     """Train a model sparse from scratch and write a run directory (config, metrics, checkpoint, summary)."""
     from sparsekit.config import build_config
@@ -153,18 +159,16 @@ def train(
         return
     run_dir = out or Path("runs") / f"{cfg.method}-{cfg.sparsity:g}-s{cfg.seed}"
 
-    from sparsekit.cli.render import TrainProgress
-
     from sparsekit.distributed import is_main_process
     from sparsekit.faults import from_env as faults_from_env
     from sparsekit.training import train as run_training
 
     faults = faults_from_env()  # test-only SPARSEKIT_FAULT hooks (kill -9, SIGTERM, NaN, a stuck rank)
     main_rank = is_main_process()  # under torchrun only rank 0 prints
-    progress = TrainProgress(enabled=not quiet and main_rank)
-    with progress:
+    with make_progress(progress_mode, quiet=quiet or not main_rank) as progress:
         callbacks = [progress.callbacks(), *([faults] if faults is not None else [])]
         summary = run_training(cfg, run_dir, resume=resume, overwrite=overwrite, callbacks=callbacks)
+        progress.finish(summary)
     if not main_rank:
         return
     if json_out:
