@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
@@ -27,6 +28,11 @@ def stderr_console() -> Console:
 
 def stdout_console() -> Console:
     return make_console()
+
+
+def quiet_option(what: str = "Print nothing but errors (and --json output).") -> Any:
+    """The -q/--quiet flag: every command that prints more than its answer takes it."""
+    return typer.Option(False, "--quiet", "-q", help=what, show_default="off")
 
 
 def print_json(obj: Any) -> None:

@@ -132,3 +132,153 @@ def test_compare_prints_plain_progress_per_run(cli, tmp_path):
     acc = _summary(tmp_path / "cmp" / "static-0.5-s0")["test_accuracy"]
     assert any(STEP_LINE.match(ln) and ln.startswith("static-0.5-s0: step 4/4 ") for ln in res.stderr.splitlines())
     assert f"static-0.5-s0: done: test acc {acc:.4f} " in res.stderr
+
+
+# ---- help: every option shows its default, and the shown defaults are the real ones ----
+
+LISTINGS = {"models", "datasets", "methods"}  # their only output is the answer: no -q
+
+
+def _commands() -> dict:
+    import typer
+    from sparsekit.cli.main import _register, app
+
+    _register()
+    return typer.main.get_command(app).commands
+
+
+def _option_rows(cli, monkeypatch, command: str) -> dict[str, str]:
+    """``--opt`` -> its row in the rendered ``--help`` (wide enough that no row wraps)."""
+    monkeypatch.setenv("COLUMNS", "3000")
+    res = cli([command, "--help"])
+    assert res.exit_code == 0, res.stderr
+    rows = [ln for ln in res.stdout.splitlines() if ln.startswith("│")]
+    out = {}
+    for param in _commands()[command].params:
+        if param.param_type_name == "option" and param.name != "help":
+            pattern = re.compile(r"^│[\s*]+" + re.escape(param.opts[0]) + r"(?![\w-])")
+            matches = [ln for ln in rows if pattern.search(ln)]
+            assert len(matches) == 1, (command, param.opts, matches)
+            out[param.opts[0]] = matches[0]
+    return out
+
+
+def test_every_option_of_every_command_shows_its_default(cli, monkeypatch):
+    missing = []
+    for name, command in _commands().items():
+        rows = _option_rows(cli, monkeypatch, name)
+        required = {p.opts[0] for p in command.params if p.required}
+        missing += [f"{name} {opt}" for opt, row in rows.items() if opt not in required and "[default: " not in row]
+    assert missing == []
+
+
+def _shown_default(row: str) -> str:
+    """The first value of ``[default: X]`` or ``[default: (X; with ...)]``."""
+    text = re.search(r"\[default: (.*?)\]", row).group(1).strip("()")
+    return text.split(";")[0].strip()
+
+
+def _real_defaults(cli) -> dict[str, object]:
+    """TrainConfig's defaults and the methods' option defaults, by option name."""
+    from dataclasses import fields
+
+    from sparsekit.config import TrainConfig
+
+    defaults: dict[str, object] = {}
+    for method in cli(["methods", "--json"]).json():
+        for key, value in method["options"].items():
+            assert defaults.setdefault(key, value) == value, key  # one default per option name
+    defaults.update({f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)})
+    return defaults
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_shown_defaults_are_the_real_ones(cli, monkeypatch, command):
+    real = _real_defaults(cli)
+    rows = _option_rows(cli, monkeypatch, command)
+    checked = 0
+    for param in _commands()[command].params:
+        value = real.get(param.name)
+        if param.name not in real or param.opts[0] not in rows:
+            continue
+        shown = _shown_default(rows[param.opts[0]])
+        if isinstance(value, bool) or (value is None and param.is_bool_flag):
+            side = param.opts[0] if value else param.secondary_opts[0]
+            assert shown == side.lstrip("-"), (param.opts, shown)
+        elif isinstance(value, (int, float)):
+            assert float(shown) == value, (param.opts, shown, value)
+        elif isinstance(value, str):
+            assert shown == value, (param.opts, shown, value)
+        else:
+            continue
+        checked += 1
+    assert checked >= (35 if command == "train" else 25)
+
+
+def test_quiet_on_every_command_that_does_work():
+    lacking = [name for name, command in _commands().items()
+               if name not in LISTINGS and not any("-q" in p.opts and "--quiet" in p.opts for p in command.params)]
+    assert lacking == []
+
+
+# ---- runs/latest: the top-level help's example works as written ----
+
+
+def test_the_top_level_help_example_works_from_an_empty_folder(cli, monkeypatch, tmp_path):
+    """Runs the example of `sparsekit --help` word for word, in an empty folder; only speed flags are added
+    (train: --steps 20, report: --no-latency), never paths."""
+    import shlex
+
+    from sparsekit.cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    example = app.info.help.split("Example: ", 1)[1]
+    speed = {"train": ["--steps", "20", "-q"], "export": ["-q"], "report": ["--no-latency", "-q"]}
+    for command in example.split("&&"):
+        words = shlex.split(command)
+        assert words[0] == "sparsekit"
+        res = cli([*words[1:], *speed[words[1]]])
+        assert res.exit_code == 0, (command, res.stderr)
+        assert (res.stdout, res.stderr) == ("", ""), command  # -q: nothing but errors
+    link = tmp_path / "runs" / "latest"
+    assert link.is_symlink() and link.readlink() == Path("rigl-0.9-s0")
+    assert (tmp_path / "runs" / "rigl-0.9-s0" / "export" / "export_report.json").is_file()
+
+
+def test_run_and_viz_are_quiet_with_q(cli, monkeypatch, tmp_path):
+    import numpy as np
+
+    run = tmp_path / "r"
+    assert cli(["train", "--steps", "5", "-q", "--out", str(run)]).exit_code == 0
+    assert cli(["export", str(run), "--format", "fast", "-q"]).exit_code == 0
+    np.save(tmp_path / "x.npy", np.zeros((2, 64), dtype=np.float32))
+    ran = cli(["run", str(run / "export" / "model.fast.onnx"), "-i", str(tmp_path / "x.npy"),
+               "-o", str(tmp_path / "y.npy"), "-q"])
+    assert (ran.exit_code, ran.stdout, ran.stderr) == (0, "", "") and np.load(tmp_path / "y.npy").shape == (2, 10)
+    shown = cli(["viz", str(run), "-q"])
+    assert (shown.exit_code, shown.stdout, shown.stderr) == (0, "", "") and list((run / "viz").glob("*.png"))
+
+
+def test_latest_follows_the_last_run_in_runs_only(cli, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--steps", "2", "-q"]
+    assert cli(["train", *tiny, "--method", "static"]).exit_code == 0
+    assert (tmp_path / "runs" / "latest").readlink() == Path("static-0.9-s0")
+    assert cli(["train", *tiny, "--out", "runs/second"]).exit_code == 0
+    assert (tmp_path / "runs" / "latest").readlink() == Path("second")  # replaced
+    assert cli(["train", *tiny, "--out", str(tmp_path / "elsewhere" / "third")]).exit_code == 0
+    assert (tmp_path / "runs" / "latest").readlink() == Path("second")  # not a run directly in ./runs
+    assert not (tmp_path / "elsewhere" / "latest").exists()
+    assert [p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_a_real_latest_directory_is_never_replaced(cli, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "latest").mkdir(parents=True)
+    (tmp_path / "runs" / "latest" / "mine.txt").write_text("keep")
+    res = cli(["train", "--steps", "2", "-q", "--out", "runs/a"])
+    assert res.exit_code == 0
+    assert res.stderr == ("warning: runs/latest exists and is not a link, so it was left as it is (it does not "
+                          "point to the last run)\n")
+    assert not (tmp_path / "runs" / "latest").is_symlink()
+    assert (tmp_path / "runs" / "latest" / "mine.txt").read_text() == "keep"
