@@ -9,7 +9,8 @@ from typing import Any
 import typer
 from rich.table import Table
 from sparsekit.cli.main import app
-from sparsekit.cli.render import print_json, stderr_console, stdout_console
+from sparsekit.cli.progress import ProgressMode, make_progress
+from sparsekit.cli.render import print_json, quiet_option, stderr_console, stdout_console
 
 from sparsekit.errors import InputError
 
@@ -33,49 +34,52 @@ def _floats(text: str, flag: str) -> list[float]:
     )
 )
 def compare(
-    model: str = typer.Option(None, "--model", help="Model spec (see `sparsekit models`). [default: mlp]"),
-    model_kwargs: list[str] = typer.Option(None, "--model-kwargs", help="key=value for the model; repeatable."),
-    data: str = typer.Option(None, "--data", help="Dataset spec (see `sparsekit datasets`). [default: digits]"),
+    model: str = typer.Option(None, "--model", help="Model spec (see `sparsekit models`).", show_default="mlp"),
+    model_kwargs: list[str] = typer.Option(None, "--model-kwargs", help="key=value for the model; repeatable.", show_default="none"),
+    data: str = typer.Option(None, "--data", help="Dataset spec (see `sparsekit datasets`).", show_default="digits"),
     config: str = typer.Option(None, "--config", help="Shared settings from a YAML/TOML/JSON file or preset:NAME "
-                               "(its method and sparsity are defaults for --methods/--sparsity); flags override it."),
-    steps: int = typer.Option(None, "--steps", help="Total optimizer steps per run (overrides --epochs)."),
-    seq_len: int = typer.Option(None, "--seq-len", help="text data: window length. [default: 128]"),
-    vocab: str = typer.Option(None, "--vocab", help="text data: byte | char. [default: byte]"),
-    clip_grad: float = typer.Option(None, "--clip-grad", help="Clip the gradient norm."),
+                               "(its method and sparsity are defaults for --methods/--sparsity); flags override it.", show_default="none"),
+    steps: int = typer.Option(None, "--steps", help="Total optimizer steps per run (overrides --epochs).", show_default="whole epochs"),
+    seq_len: int = typer.Option(None, "--seq-len", help="text data: window length.", show_default="128"),
+    vocab: str = typer.Option(None, "--vocab", help="text data: byte | char.", show_default="byte"),
+    clip_grad: float = typer.Option(None, "--clip-grad", help="Clip the gradient norm.", show_default="off"),
     methods: str = typer.Option("rigl,set,snfs,snip,static,small-dense,pruning,dense", "--methods",
                                 help="Comma list of methods (dense is trained once per seed)."),
-    sparsity: str = typer.Option(None, "--sparsity", help="Comma list of sparsity levels, e.g. 0.9,0.98. [default: 0.9]"),
-    seeds: int = typer.Option(None, "--seeds", help="Seeds per (method, sparsity): 0..N-1. [default: 3; 1 with --quick]"),
-    epochs: int = typer.Option(None, "--epochs", help="Epochs per run. [default: 60; 2 with --quick]"),
+    sparsity: str = typer.Option(None, "--sparsity", help="Comma list of sparsity levels, e.g. 0.9,0.98.", show_default="0.9"),
+    seeds: int = typer.Option(None, "--seeds", help="Seeds per (method, sparsity): 0..N-1.", show_default="3; 1 with --quick"),
+    epochs: int = typer.Option(None, "--epochs", help="Epochs per run.", show_default="60; 2 with --quick"),
     out: Path = typer.Option(Path("runs/compare"), "--out", help="Sweep directory (one run dir per run)."),
-    quick: bool = typer.Option(False, "--quick", help="CI mode: at most 2 epochs, mask updates every 5 steps, 1 seed."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Retrain runs that already exist."),
-    json_out: bool = typer.Option(False, "--json", help="Print compare.json on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-run progress lines."),
-    distribution: str = typer.Option(None, "--distribution", help="uniform | er | erk. [default: erk]"),
-    batch_size: int = typer.Option(None, "--batch-size", help="Mini-batch size. [default: 64]"),
-    optimizer: str = typer.Option(None, "--optimizer", help="sgd | adam | adamw. [default: sgd]"),
-    lr: float = typer.Option(None, "--lr", help="Peak learning rate. [default: 0.1]"),
-    momentum: float = typer.Option(None, "--momentum", help="SGD momentum. [default: 0.9]"),
-    nesterov: bool = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum."),
-    weight_decay: float = typer.Option(None, "--weight-decay", help="L2 weight decay. [default: 5e-4]"),
-    lr_schedule: str = typer.Option(None, "--lr-schedule", help="cosine | step | constant. [default: cosine]"),
-    warmup_epochs: float = typer.Option(None, "--warmup-epochs", help="Linear LR warm-up epochs."),
-    train_multiplier: float = typer.Option(None, "--train-multiplier", help="Scale training length (1x/2x/5x)."),
+    quick: bool = typer.Option(False, "--quick", help="CI mode: at most 2 epochs, mask updates every 5 steps, 1 seed.", show_default="off"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Retrain runs that already exist.", show_default="off"),
+    json_out: bool = typer.Option(False, "--json", help="Print compare.json on stdout.", show_default="off"),
+    progress_mode: ProgressMode = typer.Option(ProgressMode.auto, "--progress",
+                                               help="Progress of each run on stderr: bar | plain (log lines "
+                                               "for CI) | none | auto (bar on a terminal, else plain)."),
+    quiet: bool = quiet_option("Only the table: no progress, per-run lines or notes (implies --progress none)."),
+    distribution: str = typer.Option(None, "--distribution", help="uniform | er | erk.", show_default="erk"),
+    batch_size: int = typer.Option(None, "--batch-size", help="Mini-batch size.", show_default="64"),
+    optimizer: str = typer.Option(None, "--optimizer", help="sgd | adam | adamw.", show_default="sgd"),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate.", show_default="0.1"),
+    momentum: float = typer.Option(None, "--momentum", help="SGD momentum.", show_default="0.9"),
+    nesterov: bool = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum.", show_default="no-nesterov"),
+    weight_decay: float = typer.Option(None, "--weight-decay", help="L2 weight decay.", show_default="5e-4"),
+    lr_schedule: str = typer.Option(None, "--lr-schedule", help="cosine | step | constant.", show_default="cosine"),
+    warmup_epochs: float = typer.Option(None, "--warmup-epochs", help="Linear LR warm-up epochs.", show_default="0"),
+    train_multiplier: float = typer.Option(None, "--train-multiplier", help="Scale training length (1x/2x/5x).", show_default="1"),
     dense_first_layer: bool = typer.Option(None, "--dense-first-layer/--sparse-first-layer",
-                                           help="With uniform: keep the first layer dense."),
-    device: str = typer.Option(None, "--device", help="auto | cpu | cuda."),
-    val_fraction: float = typer.Option(None, "--val-fraction", help="Held-out fraction without a test split."),
-    update_interval: int = typer.Option(None, "--update-interval", help="RigL/SET/SNFS: ΔT."),
-    update_end: float = typer.Option(None, "--update-end", help="RigL/SET/SNFS: fraction of training with updates."),
-    drop_fraction: float = typer.Option(None, "--drop-fraction", help="RigL/SET/SNFS: α."),
-    drop_schedule: str = typer.Option(None, "--drop-schedule", help="cosine | constant | linear."),
-    snip_batches: int = typer.Option(None, "--snip-batches", help="SNIP: mini-batches scored at init."),
-    snip_scope: str = typer.Option(None, "--snip-scope", help="SNIP: layer | global."),
-    redistribute: bool = typer.Option(None, "--redistribute/--no-redistribute", help="SNFS: momentum redistribution."),
-    prune_begin: float = typer.Option(None, "--prune-begin", help="Pruning: start (fraction of training)."),
-    prune_end: float = typer.Option(None, "--prune-end", help="Pruning: end (fraction of training)."),
-    prune_interval: int = typer.Option(None, "--prune-interval", help="Pruning: steps between pruning steps."),
+                                           help="With uniform: keep the first layer dense.", show_default="dense-first-layer"),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda.", show_default="auto"),
+    val_fraction: float = typer.Option(None, "--val-fraction", help="Held-out fraction without a test split.", show_default="0.2"),
+    update_interval: int = typer.Option(None, "--update-interval", help="RigL/SET/SNFS: ΔT.", show_default="100; 5 with --quick"),
+    update_end: float = typer.Option(None, "--update-end", help="RigL/SET/SNFS: fraction of training with updates.", show_default="0.75"),
+    drop_fraction: float = typer.Option(None, "--drop-fraction", help="RigL/SET/SNFS: α.", show_default="0.3"),
+    drop_schedule: str = typer.Option(None, "--drop-schedule", help="cosine | constant | linear.", show_default="cosine"),
+    snip_batches: int = typer.Option(None, "--snip-batches", help="SNIP: mini-batches scored at init.", show_default="1"),
+    snip_scope: str = typer.Option(None, "--snip-scope", help="SNIP: layer | global.", show_default="layer"),
+    redistribute: bool = typer.Option(None, "--redistribute/--no-redistribute", help="SNFS: momentum redistribution.", show_default="no-redistribute"),
+    prune_begin: float = typer.Option(None, "--prune-begin", help="Pruning: start (fraction of training).", show_default="0.1"),
+    prune_end: float = typer.Option(None, "--prune-end", help="Pruning: end (fraction of training).", show_default="0.75"),
+    prune_interval: int = typer.Option(None, "--prune-interval", help="Pruning: steps between pruning steps.", show_default="100"),
 ) -> None:
     """Train every (method, sparsity, seed), then print the paper-style table and write
     compare.csv, compare.json and compare.png (accuracy vs training FLOPs) into --out."""
@@ -107,17 +111,21 @@ def compare(
                        seeds=seeds if seeds is not None else (1 if quick else 3),
                        train=train, method_options=options, quick=quick)
     err = stderr_console()
+    progress = make_progress(progress_mode, quiet=quiet)
 
     def on_run(info: dict[str, Any]) -> None:
         if quiet:
             return
+        if not info["reused"]:
+            progress.finish(info)
         acc = info["test_accuracy"]
         how = "reused" if info["reused"] else f"{info['train_seconds']:.1f}s"
         bpc = f", {info['test_bpc']:.3f} bpc" if info.get("test_bpc") is not None else ""
         err.print(f"[{info['index']}/{info['total']}] {info['name']}: test acc "
                   f"{'—' if acc is None else f'{100 * acc:.2f}%'}{bpc} ({how})")
 
-    result = run_compare(spec, out, overwrite=overwrite, on_run=on_run)
+    with progress:
+        result = run_compare(spec, out, overwrite=overwrite, on_run=on_run, callbacks=progress.callbacks())
     if json_out:
         print_json(result)
         return
@@ -136,6 +144,8 @@ def compare(
         f = format_row(row)
         t.add_row(*[f[k] for k, _ in cols])
     stdout_console().print(t)
+    if quiet:
+        return
     if result.get("note"):
         print(f"note: {result['note']}", file=sys.stderr)
     print(f"wrote {', '.join(result['files'].values())}", file=sys.stderr)

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 from sparsekit.cli.main import app
-from sparsekit.cli.render import make_console
+from sparsekit.cli.render import make_console, quiet_option
 
 from sparsekit.errors import InputError
 
@@ -47,24 +47,26 @@ def export_cmd(
     source: Path = typer.Argument(None, help="A run dir (from 'sparsekit train' or sparsekit.train()) or a "
                                   ".skz archive.", show_default=False),
     fmt: str = typer.Option(None, "--format", "-f",
-                               help="Comma-separated formats or 'all' (default: all for a run dir, onnx "
-                                    "for an archive). See --list."),
-    out: Path = typer.Option(None, "--out", "-o", help="Output directory (default: RUN_DIR/export)."),
+                               help="Comma-separated formats or 'all'. See --list.",
+                               show_default="all for a run dir, onnx for an archive"),
+    out: Path = typer.Option(None, "--out", "-o", help="Output directory.", show_default="RUN_DIR/export"),
     opset: int = typer.Option(18, "--opset", help="ONNX opset of the written files."),
     precision: str = typer.Option("fp32", "--precision",
                                   help="Value precision of the compressed archive: fp32 (bit-exact), fp16 or "
                                        "int8; comma-separated writes one archive each."),
     warn_only: bool = typer.Option(False, "--warn-only",
                                    help="Keep files that fail validation (marked in the report) instead of "
-                                        "removing them and exiting 4."),
+                                        "removing them and exiting 4.", show_default="off"),
     tune: bool = typer.Option(False, "--tune",
                               help="fast format: time every layer's kernels on this machine and keep the "
-                                   "fastest per batch size (default: a quick whole-model calibration)."),
+                                   "fastest per batch size (without it: a quick whole-model calibration).",
+                              show_default="off"),
     tune_batch_size: int = typer.Option(1, "--tune-batch-size", min=1,
                                         help="fast format: batch size to plan for (besides the standard sizes from 1 to 256)."),
     threads: int = typer.Option(1, "--threads", min=1, help="fast format: threads to plan for."),
-    json_out: bool = typer.Option(False, "--json", help="Print the export report as JSON."),
-    list_formats: bool = typer.Option(False, "--list", help="List the export formats and exit."),
+    json_out: bool = typer.Option(False, "--json", help="Print the export report as JSON.", show_default="off"),
+    list_formats: bool = typer.Option(False, "--list", help="List the export formats and exit.", show_default="off"),
+    quiet: bool = quiet_option("Print nothing but errors (and --json output); export_report.json has it all."),
 ) -> None:
     """Export a trained run to validated ONNX and compressed files, and write export_report.json.
 
@@ -97,13 +99,15 @@ def export_cmd(
     if source is None:
         raise InputError("missing SOURCE", where="sparsekit export",
                          fix="pass a run dir or archive, e.g. 'sparsekit export runs/demo'")
-    console = make_console(stderr=True, quiet=json_out)
+    console = make_console(stderr=True, quiet=json_out or quiet)
     with console.status("exporting") as status:
         report = export(source, fmt, out, opset=opset, precision=precision, warn_only=warn_only,
                         tune=tune, tune_batch_size=tune_batch_size, threads=threads,
                         progress=lambda what: status.update(f"exporting {what}"))
     if json_out:
         print(json.dumps(report, indent=2))
+        return
+    if quiet:
         return
     table = Table(title=f"export of {report['source']} → {report['out_dir']}")
     for col in ("format", "file", "size", "dense/size", "validation", "status"):

@@ -18,7 +18,7 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
 
 
 @app.command(epilog="Example: sparsekit models --json")
-def models(json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
+def models(json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout.", show_default="off")) -> None:
     """List the built-in models with their defaults (``--model NAME``)."""
     from sparsekit.models import list_models
 
@@ -33,7 +33,7 @@ def models(json_out: bool = typer.Option(False, "--json", help="Print JSON on st
 
 
 @app.command(epilog="Example: sparsekit datasets")
-def datasets(json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
+def datasets(json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout.", show_default="off")) -> None:
     """List the dataset spec forms (``--data SPEC``)."""
     from sparsekit.data import list_datasets
 
@@ -48,7 +48,7 @@ def datasets(json_out: bool = typer.Option(False, "--json", help="Print JSON on 
 @app.command(epilog="Examples: sparsekit methods ; sparsekit methods rigl ; sparsekit methods show rigl --json")
 def methods(
     name: list[str] = typer.Argument(None, help="A method name (or 'show NAME') for its options and paper defaults."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout.", show_default="off"),
 ) -> None:
     """List the sparse-training methods, or show one method's options and paper defaults."""
     from sparsekit.methods import METHODS, get_method_class

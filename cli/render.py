@@ -1,4 +1,4 @@
-"""Rendering helpers shared by commands: JSON on stdout, rich tables and progress on stderr."""
+"""Rendering helpers shared by commands: JSON on stdout, rich tables on stderr (progress: ``progress.py``)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,11 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Any
 
+import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-
-from sparsekit.training import Callbacks
 
 
 def make_console(*, stderr: bool = False, quiet: bool = False) -> Console:
@@ -33,6 +30,11 @@ def stdout_console() -> Console:
     return make_console()
 
 
+def quiet_option(what: str = "Print nothing but errors (and --json output).") -> Any:
+    """The -q/--quiet flag: every command that prints more than its answer takes it."""
+    return typer.Option(False, "--quiet", "-q", help=what, show_default="off")
+
+
 def print_json(obj: Any) -> None:
     """One JSON document on stdout (NaN/Inf become null so the output is strict JSON)."""
 
@@ -47,59 +49,6 @@ def print_json(obj: Any) -> None:
 
     sys.stdout.write(json.dumps(clean(obj), indent=2) + "\n")
     sys.stdout.flush()
-
-
-class TrainProgress:
-    """A rich progress bar on stderr: loss, accuracy, sparsity, steps/s."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.console = stderr_console()
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=self.console, transient=False, disable=not enabled,
-        )
-        self.task: Any = None
-        self.last_epoch: dict[str, Any] = {}
-        self._t0 = time.perf_counter()
-        self._s0 = 0
-
-    def __enter__(self) -> TrainProgress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
-
-    def callbacks(self) -> Callbacks:
-        return Callbacks(on_start=self._start, on_step=self._step, on_epoch=self._epoch, on_message=self._message)
-
-    def _start(self, info: dict[str, Any]) -> None:
-        self._t0, self._s0 = time.perf_counter(), info["start_step"]
-        self.task = self.progress.add_task("train", total=info["total_steps"], completed=info["start_step"],
-                                           stats="")
-
-    def _stats(self, step: int, loss: float, sparsity: float) -> str:
-        rate = (step - self._s0) / max(time.perf_counter() - self._t0, 1e-9)
-        acc = self.last_epoch.get("test_accuracy")
-        acc_s = f" test acc {acc:.4f}" if acc is not None else ""
-        if self.last_epoch.get("test_bpc") is not None:
-            acc_s += f" test bpc {self.last_epoch['test_bpc']:.3f}"
-        return f"loss {loss:.4f}{acc_s} sparsity {sparsity:.3f} {rate:.0f} steps/s"
-
-    def _step(self, info: dict[str, Any]) -> None:
-        if self.task is not None and (info["step"] % 10 == 0 or info["step"] == info["total_steps"]):
-            self.progress.update(self.task, completed=info["step"],
-                                 stats=self._stats(info["step"], info["loss"], info["sparsity"]),
-                                 description=f"epoch {info['epoch']}")
-
-    def _epoch(self, record: dict[str, Any]) -> None:
-        self.last_epoch = record
-
-    def _message(self, text: str) -> None:
-        if self.enabled:
-            self.console.print(text)
 
 
 def summary_table(summary: dict[str, Any]) -> Table:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 from sparsekit.cli.main import app
-from sparsekit.cli.render import make_console
+from sparsekit.cli.render import make_console, quiet_option
 
 from sparsekit.errors import InputError
 
@@ -95,23 +95,24 @@ def _render(report: dict) -> None:
 def report_cmd(
     path: Path = typer.Argument(..., help="A run dir (uses RUN_DIR/export, exporting what is missing), an "
                                 "ONNX file or a .skz archive."),
-    json_out: bool = typer.Option(False, "--json", help="Print the versioned JSON report."),
+    json_out: bool = typer.Option(False, "--json", help="Print the versioned JSON report.", show_default="off"),
     batch_sizes: str = typer.Option("1,64,256", "--batch-sizes", help="Comma-separated batch sizes to time."),
     threads: str = typer.Option("1", "--threads", help="Comma-separated intra-op thread counts."),
     runs: int = typer.Option(50, "--runs", min=1, help="Timed interleaved rounds per batch size."),
     warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed warm-up runs per artifact."),
-    no_latency: bool = typer.Option(False, "--no-latency", help="Skip latency measurement."),
+    no_latency: bool = typer.Option(False, "--no-latency", help="Skip latency measurement.", show_default="off"),
     min_accuracy: float = typer.Option(None, "--min-accuracy",
-                                       help="Gate: every artifact's accuracy ≥ X (fraction, or percent if > 1)."),
+                                       help="Gate: every artifact's accuracy ≥ X (fraction, or percent if > 1).", show_default="no gate"),
     min_speedup: float = typer.Option(None, "--min-speedup",
                                       help="Gate: the fastest artifact's p50 speedup vs dense ≥ X at every batch "
-                                           "size and thread count."),
+                                           "size and thread count.", show_default="no gate"),
     min_speedup_each: float = typer.Option(None, "--min-speedup-each",
                                            help="Gate: every speed artifact's (fast, compact-onnx, int8-onnx) p50 "
                                                 "speedup vs dense ≥ X at every batch size and thread count "
-                                                "(0.95: none slower than dense)."),
+                                                "(0.95: none slower than dense).", show_default="no gate"),
     max_size_ratio: float = typer.Option(None, "--max-size-ratio",
-                                         help="Gate: smallest artifact bytes / dense ONNX bytes ≤ X."),
+                                         help="Gate: smallest artifact bytes / dense ONNX bytes ≤ X.", show_default="no gate"),
+    quiet: bool = quiet_option("Print nothing but errors (a failed gate still exits 3 with its line) and --json."),
 ) -> None:
     """Report parameters, nonzeros, MACs, file sizes, accuracy and CPU latency vs the dense model.
 
@@ -125,7 +126,7 @@ def report_cmd(
 
     bs, th = _ints(batch_sizes, "--batch-sizes"), _ints(threads, "--threads")
     require_latency({"min_speedup": min_speedup, "min_speedup_each": min_speedup_each}, not no_latency)
-    console = make_console(stderr=True, quiet=json_out)
+    console = make_console(stderr=True, quiet=json_out or quiet)
     with console.status("reporting") as status:
         report = build_report(path, batch_sizes=bs, threads=th, runs=runs, warmup=warmup,
                               latency=not no_latency, progress=lambda what: status.update(what))
@@ -134,6 +135,6 @@ def report_cmd(
     failed = any(not g["passed"] for g in report["gates"])
     if json_out and not failed:
         print(json.dumps(report, indent=2))
-    elif not json_out:
+    elif not json_out and not quiet:
         _render(report)
     raise_on_failed_gates(report)  # with --json, the error object printed by main carries the report

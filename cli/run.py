@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import typer
 from sparsekit.cli.main import app
+from sparsekit.cli.render import quiet_option
 
 from sparsekit.errors import InputError
 
@@ -29,9 +30,10 @@ def _load_input(path: Path) -> np.ndarray:
 def run_cmd(
     artifact: Path = typer.Argument(..., help="A .fast.onnx file from 'sparsekit export --format fast'."),
     input_path: Path = typer.Option(..., "--input", "-i", help="Input .npy array, shape (batch, *input_shape)."),
-    output: Path = typer.Option(None, "--output", "-o", help="Write the outputs here (.npy)."),
+    output: Path = typer.Option(None, "--output", "-o", help="Write the outputs here (.npy).", show_default="print them"),
     threads: int = typer.Option(1, "--threads", min=1, help="Threads for the kernels."),
-    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout.", show_default="off"),
+    quiet: bool = quiet_option("No timing line: only the outputs (none with --output) and warnings."),
 ) -> None:
     """Run a fast artifact on an input array and print or save the outputs.
 
@@ -62,6 +64,8 @@ def run_cmd(
     if output is None:
         with np.printoptions(precision=5, suppress=True, threshold=200):
             print(y)
+    if quiet:
+        return
     typer.echo(f"ran {artifact.name} on {x.shape[0]} samples in {seconds * 1e3:.3f} ms "
                f"({threads} thread{'s' if threads > 1 else ''}; kernels {', '.join(model.kernels_for(int(x.shape[0])))})"
                + (f"; wrote {output}" if output is not None else ""), err=output is None)

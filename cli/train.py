@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from sparsekit.cli.latest import link_latest
 from sparsekit.cli.main import app
-from sparsekit.cli.render import print_json, stderr_console
+from sparsekit.cli.progress import ProgressMode, make_progress
+from sparsekit.cli.render import print_json, quiet_option, stderr_console
 
 from sparsekit.errors import InputError
 
@@ -55,74 +57,78 @@ def parse_pairs(pairs: list[str], flag: str) -> dict[str, Any]:
 )
 def train(
     model: str = typer.Option(None, "--model", help="Model: registry name (see `sparsekit models`) or "
-                              "py:package.module:function / py:path/file.py:function (runs your code). [default: mlp]"),
+                              "py:package.module:function / py:path/file.py:function (runs your code).", show_default="mlp"),
     model_kwargs: list[str] = typer.Option(None, "--model-kwargs", help="key=value for the model, one pair per "
-                                           "use; lists as comma lists (hidden=512,256); width=0.5 scales widths."),
+                                           "use; lists as comma lists (hidden=512,256); width=0.5 scales widths.", show_default="none"),
     data: str = typer.Option(None, "--data", help="Dataset: digits | synthetic | npz:PATH | csv:PATH | folder:PATH "
                              "| text:PATH | stdlib-docs "
-                             "(see `sparsekit datasets`). [default: digits]"),
-    method: str = typer.Option(None, "--method", help="Sparse-training method (see `sparsekit methods`). [default: rigl]"),
-    sparsity: float = typer.Option(None, "--sparsity", help="Fraction of prunable weights removed. [default: 0.9]"),
-    distribution: str = typer.Option(None, "--distribution", help="Per-layer density: uniform | er | erk. [default: erk]"),
+                             "(see `sparsekit datasets`).", show_default="digits"),
+    method: str = typer.Option(None, "--method", help="Sparse-training method (see `sparsekit methods`).", show_default="rigl"),
+    sparsity: float = typer.Option(None, "--sparsity", help="Fraction of prunable weights removed.", show_default="0.9"),
+    distribution: str = typer.Option(None, "--distribution", help="Per-layer density: uniform | er | erk.", show_default="erk"),
     dense_first_layer: bool = typer.Option(None, "--dense-first-layer/--sparse-first-layer",
-                                           help="With uniform: keep the first layer dense (paper). [default: dense]"),
+                                           help="With uniform: keep the first layer dense (paper).", show_default="dense-first-layer"),
     sparse_embeddings: bool = typer.Option(None, "--sparse-embeddings/--dense-embeddings",
-                                           help="Also sparsify nn.Embedding tables (char models). [default: dense]"),
-    sparse_init: str = typer.Option(None, "--sparse-init", help="scaled (each unit's weights rescaled to its sparse fan-in) | dense (dense init, masked). [default: scaled]"),
-    erk_power_scale: float = typer.Option(None, "--erk-power-scale", help="Exponent on ERK/ER raw densities. [default: 1.0]"),
+                                           help="Also sparsify nn.Embedding tables (char models).", show_default="dense-embeddings"),
+    sparse_init: str = typer.Option(None, "--sparse-init", help="scaled (each unit's weights rescaled to its sparse fan-in) | dense (dense init, masked).", show_default="scaled"),
+    erk_power_scale: float = typer.Option(None, "--erk-power-scale", help="Exponent on ERK/ER raw densities.", show_default="1.0"),
     layer_density: list[str] = typer.Option(None, "--layer-density", help="PATTERN=DENSITY fixed per-layer density "
-                                            "(fnmatch on parameter names, e.g. 'net.1.weight=0.5'); repeatable."),
-    epochs: int = typer.Option(None, "--epochs", help="Training epochs (before --train-multiplier). [default: 60]"),
+                                            "(fnmatch on parameter names, e.g. 'net.1.weight=0.5'); repeatable.", show_default="none"),
+    epochs: int = typer.Option(None, "--epochs", help="Training epochs (before --train-multiplier).", show_default="60"),
     train_multiplier: float = typer.Option(None, "--train-multiplier", help="Scale training length, LR schedule and "
-                                           "update window (paper's 1x/2x/5x). [default: 1]"),
-    batch_size: int = typer.Option(None, "--batch-size", help="Mini-batch size. [default: 64]"),
-    optimizer: str = typer.Option(None, "--optimizer", help="sgd | adam | adamw. [default: sgd]"),
-    lr: float = typer.Option(None, "--lr", help="Peak learning rate. [default: 0.1]"),
-    momentum: float = typer.Option(None, "--momentum", help="SGD momentum. [default: 0.9]"),
-    nesterov: bool = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum (SGD). [default: off]"),
-    weight_decay: float = typer.Option(None, "--weight-decay", help="L2 weight decay. [default: 5e-4]"),
-    lr_schedule: str = typer.Option(None, "--lr-schedule", help="cosine | step (x0.2 at 30/60/90%) | constant. [default: cosine]"),
-    warmup_epochs: float = typer.Option(None, "--warmup-epochs", help="Linear LR warm-up epochs. [default: 0]"),
-    clip_grad: float = typer.Option(None, "--clip-grad", help="Clip the gradient norm (after masking). [default: off]"),
-    seed: int = typer.Option(None, "--seed", help="Seed for init, masks, shuffling and tie-breaks. [default: 0]"),
-    device: str = typer.Option(None, "--device", help="auto | cpu | cuda. [default: auto]"),
-    val_fraction: float = typer.Option(None, "--val-fraction", help="Held-out fraction when the data has no test split. [default: 0.2]"),
-    label_column: str = typer.Option(None, "--label-column", help="csv: label column index or header name. [default: last]"),
-    image_size: int = typer.Option(None, "--image-size", help="folder: resize images to SIZE x SIZE. [default: 32]"),
-    channels: int = typer.Option(None, "--channels", help="folder: 1 (grayscale) or 3 (RGB). [default: from images]"),
+                                           "update window (paper's 1x/2x/5x).", show_default="1"),
+    batch_size: int = typer.Option(None, "--batch-size", help="Mini-batch size.", show_default="64"),
+    optimizer: str = typer.Option(None, "--optimizer", help="sgd | adam | adamw.", show_default="sgd"),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate.", show_default="0.1"),
+    momentum: float = typer.Option(None, "--momentum", help="SGD momentum.", show_default="0.9"),
+    nesterov: bool = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum (SGD).", show_default="no-nesterov"),
+    weight_decay: float = typer.Option(None, "--weight-decay", help="L2 weight decay.", show_default="5e-4"),
+    lr_schedule: str = typer.Option(None, "--lr-schedule", help="cosine | step (x0.2 at 30/60/90%) | constant.", show_default="cosine"),
+    warmup_epochs: float = typer.Option(None, "--warmup-epochs", help="Linear LR warm-up epochs.", show_default="0"),
+    clip_grad: float = typer.Option(None, "--clip-grad", help="Clip the gradient norm (after masking).", show_default="off"),
+    seed: int = typer.Option(None, "--seed", help="Seed for init, masks, shuffling and tie-breaks.", show_default="0"),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda.", show_default="auto"),
+    val_fraction: float = typer.Option(None, "--val-fraction", help="Held-out fraction when the data has no test split.", show_default="0.2"),
+    label_column: str = typer.Option(None, "--label-column", help="csv: label column index or header name.", show_default="last"),
+    image_size: int = typer.Option(None, "--image-size", help="folder: resize images to SIZE x SIZE.", show_default="32"),
+    channels: int = typer.Option(None, "--channels", help="folder: 1 (grayscale) or 3 (RGB).", show_default="from images"),
     seq_len: int = typer.Option(None, "--seq-len", help="text data: window length in symbols (truncated BPTT; "
-                                "state reset per window). [default: 128]"),
-    vocab: str = typer.Option(None, "--vocab", help="text data: byte (256 symbols) | char (the file's characters). "
-                              "[default: byte]"),
+                                "state reset per window).", show_default="128"),
+    vocab: str = typer.Option(None, "--vocab", help="text data: byte (256 symbols) | char (the file's characters).", show_default="byte"),
     steps: int = typer.Option(None, "--steps", help="Total optimizer steps (before --train-multiplier); "
-                              "overrides --epochs. [default: whole epochs]"),
-    update_interval: int = typer.Option(None, "--update-interval", help="RigL/SET/SNFS: steps between mask updates (ΔT). [default: 100]"),
-    update_end: float = typer.Option(None, "--update-end", help="RigL/SET/SNFS: fraction of training with mask updates. [default: 0.75]"),
-    drop_fraction: float = typer.Option(None, "--drop-fraction", help="RigL/SET/SNFS: initial drop fraction α. [default: 0.3]"),
-    drop_schedule: str = typer.Option(None, "--drop-schedule", help="cosine | constant | linear. [default: cosine]"),
+                              "overrides --epochs.", show_default="whole epochs"),
+    update_interval: int = typer.Option(None, "--update-interval", help="RigL/SET/SNFS: steps between mask updates (ΔT).", show_default="100"),
+    update_end: float = typer.Option(None, "--update-end", help="RigL/SET/SNFS: fraction of training with mask updates.", show_default="0.75"),
+    drop_fraction: float = typer.Option(None, "--drop-fraction", help="RigL/SET/SNFS: initial drop fraction α.", show_default="0.3"),
+    drop_schedule: str = typer.Option(None, "--drop-schedule", help="cosine | constant | linear.", show_default="cosine"),
     skip_step_on_update: bool = typer.Option(None, "--skip-step-on-update/--no-skip-step-on-update",
-                                             help="RigL: skip the optimizer step at mask updates (paper). [default: skip]"),
-    grow_init: str = typer.Option(None, "--grow-init", help="Value of new connections: zero. [default: zero]"),
-    snip_batches: int = typer.Option(None, "--snip-batches", help="SNIP: mini-batches scored at init. [default: 1]"),
-    snip_scope: str = typer.Option(None, "--snip-scope", help="SNIP: layer (by distribution) | global. [default: layer]"),
-    redistribute: bool = typer.Option(None, "--redistribute/--no-redistribute", help="SNFS: momentum redistribution across layers."),
-    prune_begin: float = typer.Option(None, "--prune-begin", help="Pruning: start, fraction of training."),
-    prune_end: float = typer.Option(None, "--prune-end", help="Pruning: end, fraction of training."),
-    prune_interval: int = typer.Option(None, "--prune-interval", help="Pruning: steps between pruning steps."),
-    method_option: list[str] = typer.Option(None, "--method-option", help="Any other method option as key=value; repeatable."),
-    init_from: str = typer.Option(None, "--init-from", help="Start from another run's final weights and mask."),
-    threads: int = typer.Option(None, "--threads", help="CPU threads for training; 0 = auto (1 when a step is small, where more threads only add overhead). [default: 0]"),
-    dist_timeout: float = typer.Option(None, "--dist-timeout", help="torchrun: seconds before a lost or hung rank fails the job. [default: 300]"),
-    checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N steps (0: each epoch). [default: 0]"),
-    nan_policy: str = typer.Option(None, "--nan-policy", help="On a non-finite loss: stop | skip-batch. [default: stop]"),
-    out: Path = typer.Option(None, "--out", help="Run directory. [default: runs/<method>-<sparsity>-s<seed>]"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out if there is one (else start)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+                                             help="RigL: skip the optimizer step at mask updates (paper).", show_default="skip-step-on-update"),
+    grow_init: str = typer.Option(None, "--grow-init", help="Value of new connections: zero.", show_default="zero"),
+    snip_batches: int = typer.Option(None, "--snip-batches", help="SNIP: mini-batches scored at init.", show_default="1"),
+    snip_scope: str = typer.Option(None, "--snip-scope", help="SNIP: layer (by distribution) | global.", show_default="layer"),
+    redistribute: bool = typer.Option(None, "--redistribute/--no-redistribute", help="SNFS: momentum redistribution across layers.", show_default="no-redistribute"),
+    prune_begin: float = typer.Option(None, "--prune-begin", help="Pruning: start, fraction of training.", show_default="0.1"),
+    prune_end: float = typer.Option(None, "--prune-end", help="Pruning: end, fraction of training.", show_default="0.75"),
+    prune_interval: int = typer.Option(None, "--prune-interval", help="Pruning: steps between pruning steps.", show_default="100"),
+    method_option: list[str] = typer.Option(None, "--method-option", help="Any other method option as key=value; repeatable.", show_default="none"),
+    init_from: str = typer.Option(None, "--init-from", help="Start from another run's final weights and mask.", show_default="none"),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for training; 0 = auto (1 when a step is small, where more threads only add overhead).", show_default="0"),
+    dist_timeout: float = typer.Option(None, "--dist-timeout", help="torchrun: seconds before a lost or hung rank fails the job.", show_default="300"),
+    checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N steps (0: each epoch).", show_default="0"),
+    nan_policy: str = typer.Option(None, "--nan-policy", help="On a non-finite loss: stop | skip-batch.", show_default="stop"),
+    out: Path = typer.Option(None, "--out", help="Run directory. A run directly in runs/ also becomes runs/latest (a symlink "
+                       "to the last finished one).", show_default="runs/<method>-<sparsity>-s<seed>"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out if there is one (else start).", show_default="off"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory.", show_default="off"),
     config: str = typer.Option(None, "--config", help="YAML/TOML/JSON config, or preset:NAME for a shipped "
-                               "preset (see `sparsekit methods`); flags given here override it."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
-    json_out: bool = typer.Option(False, "--json", help="Print summary.json on stdout (errors as JSON too)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+                               "preset (see `sparsekit methods`); flags given here override it.", show_default="none"),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit.", show_default="off"),
+    json_out: bool = typer.Option(False, "--json", help="Print summary.json on stdout (errors as JSON too).", show_default="off"),
+    progress_mode: ProgressMode = typer.Option(ProgressMode.auto, "--progress",
+                                               help="Progress on stderr: bar | plain (log lines for CI: every "
+                                               "10 s, every 10% and each epoch end) | none | auto (bar on a "
+                                               "terminal, else plain)."),
+    quiet: bool = quiet_option("No progress or table (implies --progress none)."),
 ) -> None:
     """Train a model sparse from scratch and write a run directory (config, metrics, checkpoint, summary)."""
     from sparsekit.config import build_config
@@ -153,20 +159,21 @@ def train(
         return
     run_dir = out or Path("runs") / f"{cfg.method}-{cfg.sparsity:g}-s{cfg.seed}"
 
-    from sparsekit.cli.render import TrainProgress
-
     from sparsekit.distributed import is_main_process
     from sparsekit.faults import from_env as faults_from_env
     from sparsekit.training import train as run_training
 
     faults = faults_from_env()  # test-only SPARSEKIT_FAULT hooks (kill -9, SIGTERM, NaN, a stuck rank)
     main_rank = is_main_process()  # under torchrun only rank 0 prints
-    progress = TrainProgress(enabled=not quiet and main_rank)
-    with progress:
+    with make_progress(progress_mode, quiet=quiet or not main_rank) as progress:
         callbacks = [progress.callbacks(), *([faults] if faults is not None else [])]
         summary = run_training(cfg, run_dir, resume=resume, overwrite=overwrite, callbacks=callbacks)
+        progress.finish(summary)
     if not main_rank:
         return
+    warning = link_latest(run_dir)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     if json_out:
         print_json(summary)
     elif not quiet:

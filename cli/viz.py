@@ -7,15 +7,16 @@ from pathlib import Path
 
 import typer
 from sparsekit.cli.main import app
-from sparsekit.cli.render import print_json
+from sparsekit.cli.render import print_json, quiet_option
 
 
 @app.command(epilog="Examples: sparsekit viz runs/rigl-0.9-s0 ; sparsekit viz --compare runs/a runs/b --out figs")
 def viz(
     run_dirs: list[Path] = typer.Argument(..., help="A run directory (or several with --compare)."),
-    out: Path = typer.Option(None, "--out", help="Where to write the PNG/GIF files. [default: RUN_DIR/viz]"),
-    compare: bool = typer.Option(False, "--compare", help="Overlay the loss curves of several runs."),
-    json_out: bool = typer.Option(False, "--json", help="Print the written files as JSON."),
+    out: Path = typer.Option(None, "--out", help="Where to write the PNG/GIF files.", show_default="RUN_DIR/viz; viz-compare with --compare"),
+    compare: bool = typer.Option(False, "--compare", help="Overlay the loss curves of several runs.", show_default="off"),
+    json_out: bool = typer.Option(False, "--json", help="Print the written files as JSON.", show_default="off"),
+    quiet: bool = quiet_option("Do not list the written files."),
 ) -> None:
     """Write PNGs (and a GIF) of a run: first-layer input connectivity at each mask update beside the
     mean input image, planned vs realised per-layer density, loss/accuracy curves with updates marked."""
@@ -31,6 +32,6 @@ def viz(
         result = visualize(run_dirs[0], out)
     if json_out:
         print_json(result)
-    else:
+    elif not quiet:
         for f in result["files"]:
             print(f, file=sys.stderr)

@@ -17,12 +17,15 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sparsekit.config import TrainConfig
 from sparsekit.errors import InputError
 from sparsekit.fileio import atomic_path, atomic_write_json
 from sparsekit.run_dir import RunDir
+
+if TYPE_CHECKING:  # training imports torch; the sweep imports it only when it trains
+    from sparsekit.training import Callbacks
 
 CSV_COLUMNS = ["method", "sparsity", "runs", "accuracy_mean", "accuracy_std", "best_accuracy_mean",
                "realized_sparsity", "train_flops_vs_dense", "inference_flops_vs_dense", "params_nonzero",
@@ -132,8 +135,10 @@ def _reusable(run_dir: Path, config: TrainConfig) -> dict[str, Any] | None:
 
 
 def run_compare(spec: CompareSpec, out_dir: str | Path, *, overwrite: bool = False,
-                on_run: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Train (or reuse) every run of the sweep, then aggregate and write csv/json/png into ``out_dir``."""
+                on_run: Callable[[dict[str, Any]], None] | None = None,
+                callbacks: Callbacks | None = None) -> dict[str, Any]:
+    """Train (or reuse) every run of the sweep, then aggregate and write csv/json/png into ``out_dir``.
+    ``callbacks`` (progress events, hooks) are passed to every run that is trained."""
     from sparsekit.training import train
 
     out = Path(out_dir)
@@ -145,7 +150,7 @@ def run_compare(spec: CompareSpec, out_dir: str | Path, *, overwrite: bool = Fal
         summary = None if overwrite else _reusable(run_dir, run.config)
         reused = summary is not None
         if summary is None:
-            summary = train(run.config, run_dir, resume=not overwrite, overwrite=overwrite)
+            summary = train(run.config, run_dir, resume=not overwrite, overwrite=overwrite, callbacks=callbacks)
         summaries.append((run, summary))
         if on_run is not None:
             on_run({"index": i, "total": len(runs), "name": run.name, "reused": reused,

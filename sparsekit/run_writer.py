@@ -251,7 +251,8 @@ def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifi
         "device": str(device),
         "world_size": world_size,
         "wall_seconds": wall_seconds,
-        "best_test_accuracy": max((m["test_accuracy"] for m in run.metrics()), default=test_accuracy),
+        # over the epoch ends and the final evaluation (a --steps run may end mid-epoch)
+        "best_test_accuracy": max([*(m["test_accuracy"] for m in run.metrics()), test_accuracy]),
     }
     if width_info is not None:
         extra["small_dense"] = width_info

@@ -5,7 +5,7 @@ method under a ``Sparsifier``, the run directory, DDP under torchrun), then runs
 step with ``end_of_epoch`` and ``save_checkpoint`` when due, and ``finish_run`` at the end. The LR is
 step-indexed and the shuffle (seed, epoch)-indexed; checkpoints are atomic; everything that decides
 the result is a function of (config, step), so a resumed run ends bit-identical to an uninterrupted
-one on CPU. Progress and hooks go to ``Callbacks`` (the CLI renders progress with rich); the loop knows
+one on CPU. Progress and hooks go to ``Callbacks`` (the CLI renders them as a bar or plain log lines); the loop knows
 no particular method and no test fault: faults are callbacks too (see ``sparsekit.faults``).
 """
 
@@ -428,7 +428,7 @@ def train_step(run: TrainingRun, step: int, *, stop_requested: bool) -> StepResu
         dist.on_main(lambda: rd.write_updates(run.run_dir, log), ctx)
         sp.update_log.clear()
     run.emit("on_step", {"step": step, "total_steps": run.total_steps, "loss": loss_value, "lr": lr,
-                         "sparsity": sp.realized_sparsity(), "epoch": run.epoch_of(step)})
+                         "sparsity": sp.realized_sparsity(), "epoch": run.epoch_of(step), "samples": n_global})
     return StepResult(loss_value, lr, stopping)
 
 
