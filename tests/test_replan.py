@@ -171,7 +171,6 @@ def test_heuristic_and_unrecorded_artifacts(tmp_path, monkeypatch, cache):
 
 def test_the_exporter_records_the_cpu_it_measured_on(tmp_path, monkeypatch, cache):
     from runtime_helpers import dense_mlp
-
     from sparsekit.exporters.fast import write_model
 
     _on(monkeypatch, ZEN4)
