@@ -37,6 +37,7 @@ class SparseStep:
     x: str
     y: str
     model: FastModel
+    last_rows: int = 0  # rows of the last call (batch x sequence), for kernels_used
 
 
 @dataclass
@@ -184,6 +185,10 @@ class GraphModel:
         sequence length)."""
         return [m.kernels_for(batch * rows_per_sample)[0] for m in self.sparse_models]
 
+    def kernels_used(self) -> list[str]:
+        """Each sparse layer's kernel in the last ``run`` (for its number of rows)."""
+        return [s.model.kernels_for(max(1, s.last_rows))[0] for s in self._steps if isinstance(s, SparseStep)]
+
     def plan_changed(self) -> None:
         for m in self.sparse_models:
             m.plan_changed()
@@ -242,6 +247,7 @@ class GraphModel:
                     raise InputError(f"tensor {step.x!r} has shape {list(a.shape)}, its sparse layer takes "
                                      f"{n_in} features", where="input", fix="check the input's shape")
                 rows = np.ascontiguousarray(a, dtype=np.float32).reshape(-1, n_in)
+                step.last_rows = rows.shape[0]
                 env[step.y] = step.model.run(rows, threads=nt).reshape(*a.shape[:-1], -1)
             else:
                 sess = self._session(step, nt)
