@@ -57,7 +57,8 @@ def run_cmd(
         print(json.dumps({"artifact": str(artifact), "input_shape": list(x.shape), "output_shape": list(y.shape),
                           "output": str(output) if output is not None else None,
                           "seconds": round(seconds, 6), "threads": threads,
-                          "kernels": model.kernels_for(int(x.shape[0])), "isa": model.info()["isa"],
+                          "kernels": model.kernels_used() if hasattr(model, "kernels_used")
+                          else model.kernels_for(int(x.shape[0])), "isa": model.info()["isa"],
                           "notes": list(model.notes),
                           **({} if output is not None else {"outputs": y.tolist()})}))
         return

@@ -1,8 +1,10 @@
-"""The ``fast`` export format: a sparse MLP chain packed for sparsekit's own CPU kernels.
+"""The ``fast`` export format: sparse linear layers packed for sparsekit's own CPU kernels.
 
-``write_fast`` reads the dense reference ONNX model (an MLP chain), removes dead hidden units exactly,
-packs every layer as CSR into ``com.sparsekit::SparseLinear`` nodes (see
-``sparsekit.runtime.artifact``), optionally measures the kernels per layer on this machine
+``write_fast`` reads the dense reference ONNX model. An MLP chain has its dead hidden units removed exactly
+and every layer packed as CSR into ``com.sparsekit::SparseLinear`` nodes (see ``sparsekit.runtime.artifact``);
+any other graph keeps its nodes and has only its sparse linear layers packed (``fast_graph``: Transformers'
+projections, CNNs' classifiers; the rest runs in ONNX Runtime). It optionally measures the kernels per layer
+on this machine
 (``tune=True``), checks the result against the dense model under ONNX Runtime and writes the file
 atomically. Load it with ``sparsekit.runtime.load`` or run it with ``sparsekit run``.
 """
@@ -23,7 +25,7 @@ from sparsekit.errors import InputError, ValidationError
 if TYPE_CHECKING:
     from sparsekit.exporters.graph import DenseLayer
 
-DESCRIPTION = "sparse MLP for sparsekit's CPU kernels (ONNX with com.sparsekit nodes; sparsekit run)"
+DESCRIPTION = "sparse linear layers on sparsekit's CPU kernels (ONNX with com.sparsekit nodes; sparsekit run)"
 SUFFIX = ".fast.onnx"
 TOLERANCE = 1e-5
 VALIDATION_BATCHES = (1, 3, 64)
@@ -116,16 +118,20 @@ def build_fast_model(dense: onnx.ModelProto, *, compact: bool = True, threads: i
 def write_model(dense: onnx.ModelProto, out_path: str | os.PathLike[str], *, tune: bool = False,
                 batch_size: int = 1, threads: int = 1, compact: bool = True, tune_budget_s: float = 0.3,
                 calibrate: bool = True, opset: int = 18,
-                metadata: dict[str, str] | None = None) -> dict[str, Any]:
+                metadata: dict[str, str] | None = None, inputs: np.ndarray | None = None) -> dict[str, Any]:
     """Pack, calibrate or tune, check against ``dense`` under ONNX Runtime and write the artifact.
 
     Without ``tune``, a quick whole-model calibration (``sparsekit.runtime.tune.calibrate``, 0.2 s for
     a small MLP, ~2 s for 4096-wide ones) measures the heuristic plan against dense ONNX Runtime at
     batch sizes 1, 2, 4, ..., 64, 256 and ``batch_size`` and keeps the faster, so the default artifact is
     not slower than the dense model where call overhead dominates (tiny layers). ``calibrate=False``
-    leaves the heuristic alone.
+    leaves the heuristic alone. A graph that is not an MLP chain is packed whole
+    (``sparsekit.exporters.fast_graph``): its sparse linear layers run on sparsekit's kernels, the rest in
+    ONNX Runtime; ``inputs`` (real samples) validate it, else random ones of each input's type.
     Returns a report.
     """
+    from sparsekit.exporters.graph import UnsupportedGraphError
+
     from sparsekit.runtime.artifact import save, to_onnx
     from sparsekit.runtime.layers import kernel_isa
     from sparsekit.runtime.replan import record as record_plan_cpu
@@ -142,7 +148,13 @@ def write_model(dense: onnx.ModelProto, out_path: str | os.PathLike[str], *, tun
     batch_size, threads = int(batch_size), int(threads)
     if batch_size < 1 or threads < 1:
         raise InputError("batch size and threads must be positive", where="--tune-batch-size/--threads")
-    model, stats = build_fast_model(dense, compact=compact, threads=threads)
+    try:
+        model, stats = build_fast_model(dense, compact=compact, threads=threads)
+    except UnsupportedGraphError:  # not an MLP chain: sparse layers inside the graph, the rest in ORT
+        from sparsekit.exporters.fast_graph import write_graph_model
+
+        return write_graph_model(dense, out_path, tune=tune, batch_size=batch_size, threads=threads,
+                                 calibrate=calibrate, tune_budget_s=tune_budget_s, metadata=metadata, inputs=inputs)
     if metadata:
         model.metadata.update(metadata)
     model.metadata.update({"sparsekit_format": "fast", "exporter": "sparsekit.exporters.fast",
@@ -253,12 +265,13 @@ def write_fast_format(ctx, out_path: Path, options) -> dict[str, Any]:
     except Exception:  # metadata is best effort; the artifact itself does not depend on it
         meta = {}
     try:
+        samples = ctx.samples.x[:64] if ctx.samples is not None else None
         return write_model(ctx.model, out_path, tune=tune, batch_size=batch, threads=threads, opset=opset,
-                           calibrate=calibrate, metadata=meta)
+                           calibrate=calibrate, metadata=meta, inputs=samples)
     except UnsupportedGraphError as exc:
         raise UnsupportedGraphError(f"fast cannot pack this graph ({exc.what}); nothing was written",
-                                    where=exc.where, fix="the fast format handles MLP chains "
-                                    "(Flatten, Gemm/MatMul+Add, Relu); use --format onnx,compressed") from exc
+                                    where=exc.where, fix="the fast format packs sparse linear layers "
+                                    "(Gemm/MatMul with a constant weight); use --format onnx,compressed") from exc
 
 
 def _register_runner() -> None:
@@ -285,8 +298,9 @@ def _register_runner() -> None:
                 if source != "heuristic" else ""
             if model.replanned:  # measured on another CPU: re-measured here when loaded
                 at = f" for {model.replanned['to']}"
+            unit = "rows (batch x sequence)" if meta.get("fast_graph") == "1" else "batch size"
             return {"plan_source": source, "kernels": kernels, "isa": model.info()["isa"],
-                    "note": f"kernels per layer by batch size ({source}{at}): "
+                    "note": f"kernels per layer by {unit} ({source}{at}): "
                             + "; ".join(f"{b}: {' '.join(k)}" for b, k in kernels.items())}
 
         run.model = model  # type: ignore[attr-defined]

@@ -24,6 +24,7 @@ from sparsekit.errors import InputError
 from sparsekit.fileio import atomic_path
 from sparsekit.runtime import checks
 from sparsekit.runtime.checks import DOMAIN, OP
+from sparsekit.runtime.graph_model import GraphModel
 from sparsekit.runtime.layers import CsrLayer
 from sparsekit.runtime.memory import memory_bound
 from sparsekit.runtime.model import FastModel
@@ -69,20 +70,58 @@ def to_onnx(model: FastModel, *, opset: int = 18) -> onnx.ModelProto:
     return proto
 
 
-def save(model: FastModel, path: str | os.PathLike[str], *, opset: int = 18) -> Path:
-    proto = to_onnx(model, opset=opset)
+def save(model: FastModel | GraphModel, path: str | os.PathLike[str], *, opset: int = 18) -> Path:
+    proto = model.to_onnx() if isinstance(model, GraphModel) else to_onnx(model, opset=opset)
     with atomic_path(path) as tmp:
         tmp.write_bytes(proto.SerializeToString())
     return Path(path)
 
 
+def is_chain(graph: onnx.GraphProto) -> bool:
+    """An MLP chain artifact (SparseLinear nodes, a Flatten first at most), else a whole-graph one."""
+    return all((n.domain == DOMAIN and n.op_type == OP)
+               or (i == 0 and n.op_type == "Flatten" and n.domain in ("", "ai.onnx"))
+               for i, n in enumerate(graph.node))
+
+
+def _sparse_layers(proto: onnx.ModelProto, where: str) -> dict[str, CsrLayer]:
+    """The SparseLinear nodes of a whole-graph artifact as layers by node name, each checked as in a chain."""
+    graph = proto.graph
+    sparse = [n for n in graph.node if n.domain == DOMAIN]
+    names = {name for n in sparse for name in n.input[1:]}
+    inits = checks.initializers(onnx.helper.make_graph([], "sparse", [], [], initializer=[
+        t for t in graph.initializer if t.name in names]), where)
+    layers: dict[str, CsrLayer] = {}
+    for node in sparse:
+        label = f"{where}: node {node.name!r}"
+        if node.op_type != OP or len(node.output) != 1 or not node.input or not node.name or node.name in layers:
+            raise InputError(f"unsupported or unnamed {DOMAIN} node {node.op_type}", where=label, fix=checks.FIX)
+        attrs = checks.node_attrs(node, label)
+        values, indices, rowptr, bias = checks.layer_arrays(node, inits, label)
+        try:
+            layers[node.name] = CsrLayer.from_csr(attrs["in_features"], attrs["out_features"], values, indices,
+                                                  rowptr, bias, attrs["activation"] == "relu", name=node.name,
+                                                  plan=attrs["plan"])
+        except InputError as exc:
+            raise InputError(exc.what, where=label, fix=exc.fix or checks.FIX) from exc
+    if not layers:
+        raise InputError("artifact has no SparseLinear layers", where=where)
+    return layers
+
+
 def from_onnx(proto: onnx.ModelProto, *, threads: int = 1, where: str = "artifact",
-              file_bytes: int | None = None) -> FastModel:
-    """A ``FastModel`` from a fast artifact, every part checked first (``sparsekit.runtime.checks``,
-    ``CsrLayer.from_csr``): anything malformed is an ``InputError``. Kernels are held to
+              file_bytes: int | None = None) -> FastModel | GraphModel:
+    """A ``FastModel`` (an MLP chain) or a ``GraphModel`` (sparse layers inside any graph) from a fast artifact,
+    every part sparsekit runs checked first (``sparsekit.runtime.checks``, ``CsrLayer.from_csr``; ONNX Runtime
+    checks the ordinary nodes of a graph): anything malformed is an ``InputError``. Kernels are held to
     ``memory_bound(file_bytes)`` (default: the serialized size of ``proto``); plan entries over it are re-planned
     and listed in ``model.notes``."""
     graph = proto.graph
+    size = proto.ByteSize() if file_bytes is None else file_bytes
+    if not is_chain(graph):
+        meta = {p.key: p.value for p in proto.metadata_props}
+        return GraphModel(proto, _sparse_layers(proto, where), threads=threads, metadata=meta,
+                          memory_limit=memory_bound(size))
     inits = checks.initializers(graph, where)
     in_name, shape = checks.graph_input(graph, inits, where)
     layers: list[CsrLayer] = []
@@ -105,14 +144,13 @@ def from_onnx(proto: onnx.ModelProto, *, threads: int = 1, where: str = "artifac
     if not layers:
         raise InputError("artifact has no SparseLinear layers", where=where)
     meta = {p.key: p.value for p in proto.metadata_props}
-    size = proto.ByteSize() if file_bytes is None else file_bytes
     model = FastModel(layers, shape, threads=threads, input_name=in_name, output_name=graph.output[0].name,
                       metadata=meta, memory_limit=memory_bound(size))
     model.fit_plans()
     return model
 
 
-def load(path: str | os.PathLike[str], *, threads: int = 1, replan: bool = True) -> FastModel:
+def load(path: str | os.PathLike[str], *, threads: int = 1, replan: bool = True) -> FastModel | GraphModel:
     """Load a ``fast`` artifact written by ``sparsekit export --format fast`` (validated; see ``from_onnx``).
 
     A plan measured on another CPU is measured again here, once per (artifact, CPU, threads) and then cached

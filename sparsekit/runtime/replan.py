@@ -22,6 +22,7 @@ from typing import Any
 from sparsekit.errors import InputError
 from sparsekit.fileio import atomic_write_json
 from sparsekit.runtime.cpu import cpu_identity, cpu_key, describe
+from sparsekit.runtime.graph_model import GraphModel
 from sparsekit.runtime.layers import parse_kernel
 from sparsekit.runtime.model import FastModel
 
@@ -37,14 +38,14 @@ def cache_dir() -> Path:
     return base / "sparsekit"
 
 
-def record(model: FastModel) -> None:
+def record(model: FastModel | GraphModel) -> None:
     """Note in ``model.metadata`` the CPU its plan is measured on (the exporter calls this)."""
     here = cpu_identity()
     model.metadata["plan_cpu"] = json.dumps(here, sort_keys=True)
     model.metadata["plan_cpu_key"] = cpu_key(here)
 
 
-def needs_replan(model: FastModel) -> bool:
+def needs_replan(model: FastModel | GraphModel) -> bool:
     """A measured plan recorded on another CPU, or on an unrecorded one (artifacts from before the record)."""
     meta = model.metadata
     return meta.get("plan_source") in MEASURED and meta.get("plan_cpu_key") != cpu_key(cpu_identity())
@@ -55,7 +56,7 @@ def _cache_file(digest: str, key: str, threads: int) -> Path:
     return cache_dir() / "plans" / f"{tag}.json"
 
 
-def _read_cached(path: Path, model: FastModel) -> list[dict[int, str]] | None:
+def _read_cached(path: Path, model: FastModel | GraphModel) -> list[dict[int, str]] | None:
     """The cached plans if the file is ours and fits this model (one plan per layer, every spec valid)."""
     try:
         data = json.loads(path.read_text())
@@ -73,13 +74,13 @@ def _read_cached(path: Path, model: FastModel) -> list[dict[int, str]] | None:
         return None  # missing, unreadable or not ours: measure again
 
 
-def _apply(model: FastModel, plans: list[dict[int, str]]) -> None:
+def _apply(model: FastModel | GraphModel, plans: list[dict[int, str]]) -> None:
     for layer, plan in zip(model.layers, plans, strict=True):
         layer.plan = plan
     model.fit_plans()
 
 
-def replan(model: FastModel, digest: str, *, threads: int) -> dict[str, Any] | None:
+def replan(model: FastModel | GraphModel, digest: str, *, threads: int) -> dict[str, Any] | None:
     """Re-measure ``model``'s plan on this CPU if it was measured on another (cached by ``digest``, the
     artifact's content hash). Returns what happened (also in ``model.notes``), or None when nothing was
     needed."""
@@ -99,7 +100,8 @@ def replan(model: FastModel, digest: str, *, threads: int) -> dict[str, Any] | N
     event = {"from": was, "to": describe(here), "cache": str(path), "cached": plans is not None}
     if plans is None:
         batches = sorted({b for layer in model.layers for b in layer.plan}) or None
-        calibrate(model, threads=threads, **({"batches": batches} if batches else {}))
+        for part in getattr(model, "sparse_models", [model]):  # a graph artifact: each sparse layer alone
+            calibrate(part, threads=threads, **({"batches": batches} if batches else {}))
         plans = [dict(layer.plan) for layer in model.layers]
         try:
             atomic_write_json(path, {"version": CACHE_VERSION, "cpu": here, "threads": threads,

@@ -1,0 +1,297 @@
+"""Fast artifacts of whole graphs: sparse linear layers anywhere (attention and FFN projections, classifier
+heads), the rest of the graph in ONNX Runtime.
+
+A ``GraphModel`` runs a graph whose ``com.sparsekit::SparseLinear`` nodes sit between ordinary ONNX nodes.
+The ordinary nodes are cut, in the graph's (topological) order, into segments of consecutive nodes; each
+segment is one ONNX Runtime session (a sub-model holding only its nodes and the initializers they read).
+Each sparse node is a one-layer ``FastModel``: its input ``(..., in_features)`` is viewed as rows
+``(rows, in_features)`` (batch x sequence for a Transformer), run by sparsekit's kernels with the node's
+plan for that many rows, and viewed back. sparsekit does not interpret ONNX operators: ONNX Runtime runs
+every node that is not a SparseLinear.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from sparsekit.errors import InputError
+from sparsekit.runtime import checks, forksafe
+from sparsekit.runtime.layers import CsrLayer, kernel_isa
+from sparsekit.runtime.model import FastModel
+
+_NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT64: np.int64,
+             onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_,
+             onnx.TensorProto.DOUBLE: np.float64}
+
+
+@dataclass
+class SparseStep:
+    """One SparseLinear node: its input and output tensor names and the one-layer model that runs it."""
+
+    x: str
+    y: str
+    model: FastModel
+    last_rows: int = 0  # rows of the last call (batch x sequence), for kernels_used
+
+
+@dataclass
+class DenseStep:
+    """Consecutive ordinary nodes, run as one ONNX Runtime sub-model."""
+
+    proto: onnx.ModelProto
+    inputs: list[str]
+    outputs: list[str]
+    sessions: dict[int, Any] = field(default_factory=dict)
+
+
+def _graph_attrs(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _segment(model: onnx.ModelProto, nodes: list[onnx.NodeProto], needed_later: set[str],
+             types: dict[str, onnx.TypeProto], inits: dict[str, onnx.TensorProto], index: int) -> DenseStep:
+    """A sub-model of ``nodes``: inputs are what they read and do not produce, outputs what they produce and
+    something later reads."""
+    produced = {o for n in nodes for o in n.output if o}
+    reads = [i for n in nodes for i in n.input if i]
+    inputs = list(dict.fromkeys(i for i in reads if i not in produced and i not in inits))
+    outputs = [o for n in nodes for o in n.output if o and o in needed_later]
+    if not outputs:
+        raise InputError(f"graph segment {index} computes nothing that is used", where="artifact",
+                         fix="export the artifact with 'sparsekit export --format fast'")
+
+    def info(name: str) -> onnx.ValueInfoProto:
+        if name not in types:
+            raise InputError(f"the type of tensor {name!r} cannot be inferred", where="artifact",
+                             fix="export the artifact with 'sparsekit export --format fast'")
+        return helper.make_value_info(name, types[name])
+
+    used = [inits[i] for i in dict.fromkeys(reads) if i in inits]
+    graph = helper.make_graph(nodes, f"segment{index}", [info(i) for i in inputs], [info(o) for o in outputs],
+                              initializer=used)
+    opsets = [o for o in model.opset_import if o.domain != checks.DOMAIN]
+    sub = helper.make_model(graph, opset_imports=opsets, producer_name="sparsekit")
+    sub.ir_version = model.ir_version
+    sub.functions.extend(f for f in model.functions if f.domain != checks.DOMAIN)
+    return DenseStep(sub, inputs, outputs)
+
+
+def _stand_ins(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each SparseLinear node replaced, for shape inference only, by a MatMul with a weight
+    that is a graph input of shape (in, out) (no data): the same output type and shape, inferred by ONNX."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    for k, node in enumerate(g.node):
+        if node.domain != checks.DOMAIN:
+            continue
+        attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+        w = f"__sparsekit_weight_{k}"
+        g.input.append(helper.make_tensor_value_info(
+            w, onnx.TensorProto.FLOAT, [attrs.get("in_features", 0), attrs.get("out_features", 0)]))
+        g.node[k].CopyFrom(helper.make_node("MatMul", [node.input[0], w], list(node.output)))
+    return out
+
+
+def _types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Every tensor's type as ONNX shape inference sees it (element type; shapes may stay symbolic)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_stand_ins(model), strict_mode=False)
+    except Exception as exc:  # a malformed graph: say so in one line
+        raise InputError(f"shape inference failed: {type(exc).__name__}", where="artifact",
+                         fix="export the artifact with 'sparsekit export --format fast'") from exc
+    g = inferred.graph
+    return {v.name: v.type for v in [*g.input, *g.value_info, *g.output] if v.type.HasField("tensor_type")}
+
+
+class GraphModel:
+    """A fast artifact of a whole graph (see the module docstring). ``run(x)`` takes the graph's one input (or
+    a dict of inputs by name) and returns its one output (or a list, in the graph's order)."""
+
+    def __init__(self, proto: onnx.ModelProto, layers: dict[str, CsrLayer], *, threads: int = 1,
+                 metadata: dict[str, str] | None = None, memory_limit: int | None = None) -> None:
+        self.threads = FastModel._check_threads(threads)
+        self.proto = proto
+        self.metadata = dict(metadata or {})
+        self.notes: dict[str, None] = {}
+        self.replanned: dict[str, Any] | None = None
+        g = proto.graph
+        inits = {t.name: t for t in g.initializer}
+        self.input_names = [i.name for i in g.input if i.name not in inits]
+        self.output_names = [o.name for o in g.output]
+        self.input_types = {i.name: i.type for i in g.input if i.name not in inits}
+        self._steps: list[SparseStep | DenseStep] = []
+        self._lock = threading.Lock()
+        types = _types(proto)
+        later: list[set[str]] = []
+        need = set(self.output_names)
+        for node in reversed(g.node):
+            later.append(set(need))
+            need |= {i for i in node.input if i}
+        later.reverse()
+        run: list[onnx.NodeProto] = []
+        for node, after in zip(g.node, later, strict=True):
+            if _graph_attrs(node):
+                raise InputError(f"node {node.name!r} ({node.op_type}) has a subgraph; fast artifacts hold none",
+                                 where="artifact", fix="export the artifact with 'sparsekit export --format fast'")
+            if node.domain == checks.DOMAIN:
+                if run:
+                    self._steps.append(_segment(proto, run, after | {node.input[0]}, types, inits, len(self._steps)))
+                    run = []
+                layer = layers[node.name]
+                model = FastModel([layer], (layer.n_in,), threads=threads, memory_limit=memory_limit)
+                model.fit_plans()
+                self.notes.update(model.notes)
+                self._steps.append(SparseStep(node.input[0], node.output[0], model))
+            else:
+                run.append(node)
+        if run:
+            self._steps.append(_segment(proto, run, set(self.output_names), types, inits, len(self._steps)))
+        self._last_use = self._last_uses()
+
+    # ---------------------------------------------------------------- structure
+    @property
+    def layers(self) -> list[CsrLayer]:
+        return [s.model.layers[0] for s in self._steps if isinstance(s, SparseStep)]
+
+    @property
+    def sparse_models(self) -> list[FastModel]:
+        return [s.model for s in self._steps if isinstance(s, SparseStep)]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The first input's per-sample shape (dims after the first; symbolic ones as 0)."""
+        dims = self.input_types[self.input_names[0]].tensor_type.shape.dim
+        return tuple(int(d.dim_value) if d.HasField("dim_value") else 0 for d in dims[1:])
+
+    def _last_uses(self) -> dict[str, int]:
+        """Tensor name -> index of the last step that reads it (graph outputs: never dropped)."""
+        last: dict[str, int] = {}
+        for k, step in enumerate(self._steps):
+            for name in ([step.x] if isinstance(step, SparseStep) else step.inputs):
+                last[name] = k
+        for name in self.output_names:
+            last[name] = len(self._steps)
+        return last
+
+    def kernels_for(self, batch: int, rows_per_sample: int = 1) -> list[str]:
+        """Each sparse layer's kernel for ``batch`` samples of ``rows_per_sample`` rows (a Transformer's
+        sequence length)."""
+        return [m.kernels_for(batch * rows_per_sample)[0] for m in self.sparse_models]
+
+    def kernels_used(self) -> list[str]:
+        """Each sparse layer's kernel in the last ``run`` (for its number of rows)."""
+        return [s.model.kernels_for(max(1, s.last_rows))[0] for s in self._steps if isinstance(s, SparseStep)]
+
+    def plan_changed(self) -> None:
+        for m in self.sparse_models:
+            m.plan_changed()
+
+    def fit_plans(self) -> None:
+        for m in self.sparse_models:
+            m.fit_plans()
+            self.notes.update(m.notes)
+
+    # ---------------------------------------------------------------- running
+    def _session(self, step: DenseStep, threads: int):
+        if threads not in step.sessions:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            try:
+                step.sessions[threads] = ort.InferenceSession(step.proto.SerializeToString(), so,
+                                                              providers=["CPUExecutionProvider"])
+            except Exception as exc:  # ONNX Runtime refused a node of the artifact
+                raise InputError(f"ONNX Runtime cannot run part of this artifact: {str(exc).splitlines()[0][:300]}",
+                                 where="artifact", fix="export the artifact with 'sparsekit export --format fast'"
+                                 ) from exc
+        return step.sessions[threads]
+
+    def _feeds(self, x: Any) -> dict[str, np.ndarray]:
+        if not isinstance(x, dict):
+            if len(self.input_names) != 1:
+                raise InputError(f"this model takes {len(self.input_names)} inputs ({', '.join(self.input_names)})",
+                                 where="input", fix="pass a dict {name: array}")
+            x = {self.input_names[0]: x}
+        feeds = {}
+        for name in self.input_names:
+            if name not in x:
+                raise InputError(f"input {name!r} is missing", where="input", fix="pass every graph input by name")
+            want = _NP_TYPES.get(self.input_types[name].tensor_type.elem_type)
+            arr = np.asarray(x[name])
+            if want is not None and arr.dtype != want:
+                kinds = {np.dtype(want).kind, arr.dtype.kind}
+                if len(kinds) > 1 and not kinds <= {"i", "u"}:
+                    raise InputError(f"input {name!r} is {arr.dtype}, the model takes {np.dtype(want).name}",
+                                     where="input", fix=f"pass {np.dtype(want).name} values")
+                arr = arr.astype(want)
+            feeds[name] = np.ascontiguousarray(arr)
+        return feeds
+
+    def run(self, x: Any, *, threads: int | None = None) -> Any:
+        nt = self.threads if threads is None else FastModel._check_threads(threads)
+        env: dict[str, np.ndarray] = self._feeds(x)
+        for k, step in enumerate(self._steps):
+            if isinstance(step, SparseStep):
+                a = env[step.x]
+                n_in = step.model.layers[0].n_in
+                if a.ndim < 1 or a.shape[-1] != n_in:
+                    raise InputError(f"tensor {step.x!r} has shape {list(a.shape)}, its sparse layer takes "
+                                     f"{n_in} features", where="input", fix="check the input's shape")
+                rows = np.ascontiguousarray(a, dtype=np.float32).reshape(-1, n_in)
+                step.last_rows = rows.shape[0]
+                env[step.y] = step.model.run(rows, threads=nt).reshape(*a.shape[:-1], -1)
+            else:
+                sess = self._session(step, nt)
+                try:
+                    with forksafe.ORT_CALLS:
+                        outs = sess.run(step.outputs, {n: env[n] for n in step.inputs})
+                except Exception as exc:  # ONNX Runtime's own check of shapes and values: one line
+                    raise InputError(f"ONNX Runtime refused the input: {' '.join(str(exc).split())[:300]}",
+                                     where="input", fix="pass inputs of the shape and type the model takes") from exc
+                env.update(zip(step.outputs, outs, strict=True))
+            for name in [n for n, last in self._last_use.items() if last == k]:
+                env.pop(name, None)
+        outs = [env[n] for n in self.output_names]
+        return outs[0] if len(outs) == 1 else outs
+
+    def to_onnx(self) -> onnx.ModelProto:
+        """The artifact: the graph with each SparseLinear node's ``plan`` from its layer, and the metadata."""
+        import json
+
+        out = onnx.ModelProto()
+        out.CopyFrom(self.proto)
+        by_name = {layer.name: layer for layer in self.layers}
+        for node in out.graph.node:
+            if node.domain == checks.DOMAIN and node.name in by_name:
+                plan = json.dumps({str(k): s for k, s in sorted(by_name[node.name].plan.items())})
+                for a in node.attribute:
+                    if a.name == "plan":
+                        a.s = plan.encode()
+        del out.metadata_props[:]
+        helper.set_model_props(out, {str(k): str(v) for k, v in self.metadata.items()})
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "inputs": self.input_names,
+            "outputs": self.output_names,
+            "isa": kernel_isa(),
+            "threads": self.threads,
+            "segments": sum(isinstance(s, DenseStep) for s in self._steps),
+            "layers": [
+                {"name": layer.name, "shape": [layer.n_out, layer.n_in], "nnz": layer.nnz,
+                 "sparsity": round(1.0 - layer.density, 6), "relu": layer.relu,
+                 "plan": {str(k): v for k, v in sorted(layer.plan.items())}}
+                for layer in self.layers
+            ],
+            "metadata": dict(self.metadata),
+        }

@@ -1,0 +1,188 @@
+"""``fast`` artifacts of whole graphs: sparse linear layers anywhere in a graph run on sparsekit's kernels, the
+rest of the graph in ONNX Runtime (``exporters/fast_graph.py``, ``sparsekit/runtime/graph_model.py``)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from runtime_helpers import sparse_matrix
+from sparsekit.exporters.fast_graph import pack_graph
+from sparsekit.exporters.graph import UnsupportedGraphError
+from test_zoo_onnx import TINY
+from tolerances import assert_fp32_close
+
+import sparsekit.runtime as rt
+from sparsekit.errors import InputError
+from sparsekit.runtime.graph_model import GraphModel
+
+
+def _model(nodes, inits, *, inputs=(("x", TensorProto.FLOAT, ["batch", "seq", 12]),),
+           outputs=(("y", TensorProto.FLOAT, ["batch", "seq", 12]),)) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(*i) for i in inputs],
+                              [helper.make_tensor_value_info(*o) for o in outputs],
+                              initializer=[numpy_helper.from_array(a, n) for n, a in inits.items()])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 10
+    return m
+
+
+def _ort(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _ffn(rng, *, reads_twice: bool = False) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """x (b, s, 12) -> LayerNorm -> MatMul W1 (12x40) + b1 -> Relu -> MatMul W2 (40x12) + b2 -> + x (residual)."""
+    inits = {"ln_s": np.ones(12, np.float32), "ln_b": np.zeros(12, np.float32),
+             "w1": sparse_matrix(rng, 12, 40, 0.3), "b1": rng.standard_normal(40).astype(np.float32),
+             "w2": sparse_matrix(rng, 40, 12, 0.3), "b2": rng.standard_normal(12).astype(np.float32)}
+    nodes = [helper.make_node("LayerNormalization", ["x", "ln_s", "ln_b"], ["n"], axis=-1),
+             helper.make_node("MatMul", ["n", "w1"], ["h0"], name="fc1"),
+             helper.make_node("Add", ["h0", "b1"], ["h1"]),
+             helper.make_node("Relu", ["h1"], ["h"]),
+             helper.make_node("MatMul", ["h", "w2"], ["o0"], name="fc2"),
+             helper.make_node("Add", ["b2", "o0"], ["o"]),
+             helper.make_node("Add", ["o", "x"], ["y"])]
+    outputs = (("y", TensorProto.FLOAT, ["batch", "seq", 12]),)
+    if reads_twice:  # fc1's sum before the bias is also a graph output: nothing may be folded into fc1
+        outputs += (("h0", TensorProto.FLOAT, ["batch", "seq", 40]),)
+    return _model(nodes, inits, outputs=outputs), inits
+
+
+def test_linear_layers_inside_a_graph_become_sparse_nodes_and_the_graph_still_computes_the_same():
+    rng = np.random.default_rng(0)
+    dense, inits = _ffn(rng)
+    packed = pack_graph(dense)
+    ops = [(n.op_type, n.domain) for n in packed.proto.graph.node]
+    assert ops == [("LayerNormalization", ""), ("SparseLinear", "com.sparsekit"), ("SparseLinear", "com.sparsekit"),
+                   ("Add", "")]  # bias Adds and the Relu folded; the residual Add stays
+    assert packed.layers["fc1"].relu and not packed.layers["fc2"].relu
+    assert np.array_equal(packed.layers["fc1"].dense_weight(), inits["w1"].T)
+    assert np.array_equal(packed.layers["fc2"].bias, inits["b2"])
+    assert not {"w1", "w2", "b1", "b2"} & {t.name for t in packed.proto.graph.initializer}
+    model = GraphModel(packed.proto, packed.layers)
+    for shape in ((1, 5, 12), (3, 7, 12)):  # batch and sequence both vary
+        x = rng.standard_normal(shape).astype(np.float32)
+        assert_fp32_close(model.run(x), _ort(dense, {"x": x})[0])
+        assert_fp32_close(model.run({"x": x}, threads=2), _ort(dense, {"x": x})[0])
+    assert model.info()["segments"] == 2 and len(model.layers) == 2
+
+
+def test_nothing_is_folded_into_a_layer_whose_output_something_else_reads():
+    rng = np.random.default_rng(1)
+    dense, _ = _ffn(rng, reads_twice=True)
+    packed = pack_graph(dense)
+    assert [n.op_type for n in packed.proto.graph.node].count("Add") == 2  # b1's Add kept, b2 folded
+    assert packed.layers["fc1"].bias is None and not packed.layers["fc1"].relu
+    x = rng.standard_normal((2, 4, 12)).astype(np.float32)
+    got = GraphModel(packed.proto, packed.layers).run(x)
+    for g, want in zip(got, _ort(dense, {"x": x}), strict=True):
+        assert_fp32_close(g, want)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_with_a_constant_weight_either_way_round(trans_b):
+    rng = np.random.default_rng(2)
+    w = sparse_matrix(rng, 20, 12, 0.2)  # (out, in)
+    inits = {"B": w if trans_b else np.ascontiguousarray(w.T), "C": rng.standard_normal(20).astype(np.float32)}
+    dense = _model([helper.make_node("Gemm", ["x", "B", "C"], ["y"], name="g", transB=trans_b)], inits,
+                   inputs=(("x", TensorProto.FLOAT, ["batch", 12]),),
+                   outputs=(("y", TensorProto.FLOAT, ["batch", 20]),))
+    packed = pack_graph(dense)
+    assert np.array_equal(packed.layers["g"].dense_weight(), w)
+    x = rng.standard_normal((4, 12)).astype(np.float32)
+    assert_fp32_close(GraphModel(packed.proto, packed.layers).run(x), _ort(dense, {"x": x})[0])
+
+
+def test_dense_layers_stay_with_onnx_runtime_and_a_graph_without_sparse_ones_is_not_packed():
+    rng = np.random.default_rng(3)
+    dense, _ = _ffn(rng)
+    for init in dense.graph.initializer:
+        if init.name == "w2":
+            init.CopyFrom(numpy_helper.from_array(rng.standard_normal((40, 12)).astype(np.float32), "w2"))
+    packed = pack_graph(dense)
+    assert list(packed.layers) == ["fc1"] and packed.kept_dense == ["fc2"]
+    with pytest.raises(UnsupportedGraphError, match="no linear layer of this graph has a sparse constant weight"):
+        pack_graph(dense, max_density=0.0)
+
+
+def test_a_graph_artifact_round_trips_through_its_file(tmp_path):
+    rng = np.random.default_rng(4)
+    dense, _ = _ffn(rng)
+    packed = pack_graph(dense)
+    model = GraphModel(packed.proto, packed.layers, metadata={"k": "v"})
+    model.layers[0].plan = {1: "rows", 64: "panel"}
+    path = rt.save(model, tmp_path / "g.fast.onnx")
+    onnx.checker.check_model(str(path), full_check=True)
+    loaded = rt.load(path)
+    assert isinstance(loaded, GraphModel) and loaded.metadata["k"] == "v"
+    assert loaded.layers[0].plan == {1: "rows", 64: "panel"}
+    x = rng.standard_normal((2, 3, 12)).astype(np.float32)
+    assert_fp32_close(loaded.run(x), _ort(dense, {"x": x})[0])
+
+
+def test_a_hostile_graph_artifact_is_refused_with_one_line(tmp_path):
+    rng = np.random.default_rng(5)
+    dense, _ = _ffn(rng)
+    packed = pack_graph(dense)
+    good = GraphModel(packed.proto, packed.layers).to_onnx()
+
+    def refused(proto: onnx.ModelProto, message: str) -> None:
+        path = tmp_path / "bad.fast.onnx"
+        path.write_bytes(proto.SerializeToString())
+        with pytest.raises(InputError, match=message):
+            rt.load(path).run(np.zeros((1, 2, 12), np.float32))
+
+    bad = onnx.ModelProto()
+    bad.CopyFrom(good)
+    next(t for t in bad.graph.initializer if t.name == "fc1.indices").CopyFrom(
+        numpy_helper.from_array(np.full(8, 999, np.uint16), "fc1.indices"))
+    refused(bad, "CSR arrays hold|column index out of range")
+    bad.CopyFrom(good)
+    bad.graph.node[1].attribute.append(helper.make_attribute("surprise", 1))
+    refused(bad, "unknown attribute 'surprise'")
+    bad.CopyFrom(good)
+    branch = helper.make_graph([helper.make_node("Identity", ["x"], ["z"])], "b", [],
+                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    bad.graph.node.insert(0, helper.make_node("If", ["c"], ["q"], then_branch=branch, else_branch=branch))
+    refused(bad, "has a subgraph")
+    bad.CopyFrom(good)
+    bad.graph.node[0].op_type = "NoSuchOp"
+    refused(bad, "ONNX Runtime cannot run part of this artifact|cannot be inferred")
+    model = GraphModel(packed.proto, packed.layers)
+    with pytest.raises(InputError, match="takes float32"):
+        model.run(np.zeros((1, 2, 12), np.int64))
+    with pytest.raises(InputError, match=r"ONNX Runtime refused the input: .*Got: 13 Expected: 12"):
+        model.run(np.zeros((1, 2, 13), np.float32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["char-transformer", "lenet5", "resnet20"])  # resnet20: its one linear is dense
+def test_zoo_models_export_to_fast_and_match_the_dense_model(cli, tmp_path, name):
+    args = TINY[name]
+    if name.startswith("char-"):
+        corpus = tmp_path / "corpus.txt"
+        corpus.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+        args = ["--data", f"text:{corpus}", *args]
+    run = tmp_path / "run"
+    res = cli(["train", "--model", name, *args, "--method", "rigl", "--sparsity", "0.8", "--steps", "1",
+               "--batch-size", "8", "--device", "cpu", "--out", str(run), "-q"])
+    assert res.exit_code == 0, res.stderr
+    res = cli(["export", str(run), "--format", "onnx,fast", "--json"])
+    if name == "resnet20":  # the ERK distribution keeps its small classifier dense: nothing for fast to pack
+        assert res.exit_code == 2 and "no linear layer of this graph has a sparse constant weight" in res.stdout
+        return
+    assert res.exit_code == 0, res.stderr
+    fast = next(a for a in json.loads(res.stdout)["artifacts"] if a["format"] == "fast")
+    assert fast["status"] == "ok" and fast["graph"] is True
+    model = rt.load(run / "export" / "model.fast.onnx")
+    sparse = sum(ly["prunable"] and len(ly["shape"]) == 2 for ly in json.loads((run / "summary.json").read_text())
+                 ["layers"])
+    assert isinstance(model, GraphModel) and 1 <= len(model.layers) <= sparse
+    x = np.load(run / "samples.npz")["x"]
+    assert_fp32_close(model.run(x), _ort(onnx.load(str(run / "model.onnx")), {
+        ort.InferenceSession(str(run / "model.onnx")).get_inputs()[0].name: x})[0])
