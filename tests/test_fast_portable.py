@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from fast_artifacts import del_attr, node, save, set_attr, tiny_model, tiny_proto
 from onnx import helper
 from runtime_helpers import sparse_matrix
@@ -158,6 +159,25 @@ def test_it_runs_where_only_onnxruntime_and_numpy_are_installed(tmp_path):
     assert res.stdout.strip() == "ok", res.stdout
 
 
+def test_sparsekit_export_writes_a_file_stock_onnxruntime_runs_like_the_trained_model(tmp_path, cli, monkeypatch):
+    """Through the CLI (whose validation runs the full checker and strict shape inference on every .onnx file)."""
+    from export_fixtures import MLP, make_run_dir, random_masks
+
+    model = MLP()
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    run_dir = make_run_dir(tmp_path / "run", model, random_masks(model, 0.2), x)
+    monkeypatch.setenv("SPARSEKIT_FAST_CALIBRATE", "0")
+    res = cli(["export", str(run_dir), "--format", "fast", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.stderr
+    samples = np.load(run_dir / "samples.npz")
+    assert_fp32_close(run(session(tmp_path / "out" / "model.fast.onnx"), samples["x"]), samples["logits"])
+    res = cli(["export", str(run_dir), "--format", "fast", "--opset", "15", "--out", str(tmp_path / "old")])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1, res.stderr
+    assert "fast needs opset 16 or later" in lines[0] and "--opset" in lines[0], res.stderr
+    assert not (tmp_path / "old" / "model.fast.onnx").exists()
+
+
 # ---------------------------------------------------------------- the loader: old files, the function, the slope
 def without_function(proto: onnx.ModelProto) -> onnx.ModelProto:
     """``proto`` as format version 1 wrote it: no function, no negative_slope."""
@@ -245,7 +265,7 @@ def edited_body(proto: onnx.ModelProto, op: str, **attrs: object) -> onnx.ModelP
     (lambda p: setattr(p.opset_import[0], "version", 15), "the model imports opset 15; its SparseLinear function "
                                                           "needs 16 or later"),
     (lambda p: setattr(p.opset_import[0], "version", 20), "the SparseLinear function is not the fast format's body"),
-])
+], ids=["gemm-transB", "fixed-alpha", "node-dropped", "renamed", "two-functions", "opset-15", "opset-mismatch"])
 def test_a_function_other_than_the_formats_is_refused(edit, match):
     """Stock ONNX Runtime would compute something else than sparsekit's kernels."""
     proto = tiny_proto()
