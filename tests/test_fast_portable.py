@@ -193,6 +193,18 @@ def test_artifacts_without_the_function_still_load():
     assert_fp32_close(rt.from_onnx(proto).run(X), model.run(X))
 
 
+def test_an_old_artifact_saved_again_is_version_2_and_runs_in_stock_onnxruntime(tmp_path):
+    old = without_function(tiny_proto())
+    next(p for p in old.metadata_props if p.key == "fast_format_version").value = "1"
+    path = rt.save(rt.from_onnx(old), tmp_path / "again.fast.onnx")
+    proto = onnx.load(str(path))
+    assert {p.key: p.value for p in proto.metadata_props}["fast_format_version"] == "2"
+    slopes = {n.name: helper.get_attribute_value(a) for n in proto.graph.node for a in n.attribute
+              if a.name == "negative_slope"}
+    assert slopes == {"l0": 0.0, "l1": 0.0, "l2": 1.0} and len(proto.functions) == 1
+    assert_fp32_close(run(session(path), X), tiny_model().run(X))
+
+
 def test_a_function_with_nodes_lacking_negative_slope_is_refused():
     proto = tiny_proto()
     del_attr(proto, "l1", "negative_slope")
