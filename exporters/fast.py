@@ -25,7 +25,8 @@ from sparsekit.errors import InputError, ValidationError
 if TYPE_CHECKING:
     from sparsekit.exporters.graph import DenseLayer
 
-DESCRIPTION = "sparse linear layers on sparsekit's CPU kernels (ONNX with com.sparsekit nodes; sparsekit run)"
+DESCRIPTION = ("sparse linear layers on sparsekit's CPU kernels (ONNX with com.sparsekit nodes; sparsekit run); "
+               "stock ONNX Runtime runs it too, at dense speed")
 SUFFIX = ".fast.onnx"
 TOLERANCE = 1e-5
 VALIDATION_BATCHES = (1, 3, 64)
@@ -252,6 +253,8 @@ def write_fast_format(ctx, out_path: Path, options) -> dict[str, Any]:
     from sparsekit.exporters.context import metadata_for
     from sparsekit.exporters.graph import UnsupportedGraphError
 
+    from sparsekit.runtime.portable import MIN_OPSET
+
     env = os.environ
     tune = bool(getattr(options, "tune", False)) or env.get("SPARSEKIT_FAST_TUNE") == "1"
     batch = int(getattr(options, "tune_batch_size", 1) if getattr(options, "tune_batch_size", 1) != 1
@@ -260,6 +263,10 @@ def write_fast_format(ctx, out_path: Path, options) -> dict[str, Any]:
                   else env.get("SPARSEKIT_FAST_THREADS", 1))
     calibrate = env.get("SPARSEKIT_FAST_CALIBRATE", "1") != "0"
     opset = int(getattr(options, "opset", 18))
+    if opset < MIN_OPSET:
+        raise UnsupportedGraphError(f"fast needs opset {MIN_OPSET} or later (its SparseLinear function for stock "
+                                    "ONNX Runtime); nothing was written", where="--opset",
+                                    fix=f"use --opset {MIN_OPSET} or later")
     try:
         meta = metadata_for(ctx, "fast", opset=opset, extra={"exporter": "sparsekit.exporters.fast"})
     except Exception:  # metadata is best effort; the artifact itself does not depend on it

@@ -3,10 +3,12 @@
 Each layer is one node ``SparseLinear(X, values, indices, rowptr[, bias]) -> Y`` with ``Y = act(X W^T
 + b)``; ``W`` (out, in) is CSR: ``values`` float32 (nnz), ``indices`` uint16 (int32 when in > 65536)
 column indices, ``rowptr`` int64 (out + 1), all stored as initializers. Attributes: ``in_features``,
-``out_features``, ``activation`` ("relu" or "none"; all three required) and ``plan`` (JSON: batch size ->
-kernel spec). The loader checks everything (``checks``) and refuses what it cannot run exactly.
-A ``Flatten`` in front keeps the input signature of the dense model. Stock ONNX Runtime cannot run
-the custom nodes; ``sparsekit.runtime.load`` (or ``sparsekit run``) does.
+``out_features``, ``activation`` ("relu" or "none"; all three required), ``negative_slope`` (0.0 for relu, 1.0
+for none) and ``plan`` (JSON: batch size -> kernel spec). The loader checks everything (``checks``) and refuses
+what it cannot run exactly. A ``Flatten`` in front keeps the input signature of the dense model.
+``sparsekit.runtime.load`` (or ``sparsekit run``) runs the nodes with sparsekit's kernels; the file also carries
+the op as an ONNX function of standard ops (``portable``), so stock ONNX Runtime runs it too, at dense speed.
+docs/fast-format.md specifies the format.
 """
 
 from __future__ import annotations
@@ -22,17 +24,20 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sparsekit.errors import InputError
 from sparsekit.fileio import atomic_path
-from sparsekit.runtime import checks
-from sparsekit.runtime.checks import DOMAIN, OP
+from sparsekit.runtime import checks, portable
+from sparsekit.runtime.checks import DOMAIN, OP, SLOPES
 from sparsekit.runtime.graph_model import GraphModel
 from sparsekit.runtime.layers import CsrLayer
 from sparsekit.runtime.memory import memory_bound
 from sparsekit.runtime.model import FastModel
 
-FORMAT_VERSION = "1"
+# 2: the SparseLinear function and negative_slope (version 1 files lack both and still load)
+FORMAT_VERSION = "2"
 
 
 def to_onnx(model: FastModel, *, opset: int = 18) -> onnx.ModelProto:
+    """The artifact of ``model``: its layers as SparseLinear nodes plus the op's function for stock runtimes."""
+    body = portable.function(int(opset))  # refuses an opset below portable.MIN_OPSET first
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     cur = model.input_name
@@ -50,10 +55,10 @@ def to_onnx(model: FastModel, *, opset: int = 18) -> onnx.ModelProto:
             names.append(f"{prefix}.bias")
             inits.append(numpy_helper.from_array(layer.bias, names[3]))
         out = model.output_name if i == len(model.layers) - 1 else f"{prefix}.out"
+        act = "relu" if layer.relu else "none"
         nodes.append(helper.make_node(
             OP, [cur, *names], [out], domain=DOMAIN, name=layer.name or prefix,
-            in_features=layer.n_in, out_features=layer.n_out,
-            activation="relu" if layer.relu else "none",
+            in_features=layer.n_in, out_features=layer.n_out, activation=act, negative_slope=SLOPES[act],
             plan=json.dumps({str(k): s for k, s in sorted(layer.plan.items())})))
         cur = out
     graph = helper.make_graph(
@@ -63,9 +68,9 @@ def to_onnx(model: FastModel, *, opset: int = 18) -> onnx.ModelProto:
         initializer=inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", int(opset)),
                                                     helper.make_opsetid(DOMAIN, 1)],
-                              producer_name="sparsekit")
+                              producer_name="sparsekit", functions=[body])
     proto.ir_version = 10
-    meta = {"sparsekit_format": "fast", "fast_format_version": FORMAT_VERSION, **model.metadata}
+    meta = {"sparsekit_format": "fast", **model.metadata, "fast_format_version": FORMAT_VERSION}
     helper.set_model_props(proto, {str(k): str(v) for k, v in meta.items()})
     return proto
 
@@ -124,6 +129,7 @@ def from_onnx(proto: onnx.ModelProto, *, threads: int = 1, where: str = "artifac
                           memory_limit=memory_bound(size))
     inits = checks.initializers(graph, where)
     in_name, shape = checks.graph_input(graph, inits, where)
+    has_function = portable.check(proto, where)
     layers: list[CsrLayer] = []
     for node in checks.chain(graph, in_name, graph.output[0].name, inits, where):
         label = f"{where}: node {node.name!r}"
@@ -133,7 +139,7 @@ def from_onnx(proto: onnx.ModelProto, *, threads: int = 1, where: str = "artifac
         if node.domain != DOMAIN or node.op_type != OP:
             raise InputError(f"unsupported node {node.op_type} (domain {node.domain or 'ai.onnx'!r})",
                              where=label, fix="load artifacts written by 'sparsekit export --format fast'")
-        attrs = checks.node_attrs(node, label)
+        attrs = checks.node_attrs(node, label, portable=has_function)
         values, indices, rowptr, bias = checks.layer_arrays(node, inits, label)
         try:
             layers.append(CsrLayer.from_csr(attrs["in_features"], attrs["out_features"], values, indices,

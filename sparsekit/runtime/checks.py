@@ -32,10 +32,14 @@ INT_TYPES = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8, TensorProto
 # typed protobuf field that holds each type's values when raw_data is empty
 _FIELDS = {TensorProto.FLOAT: "float_data", TensorProto.INT64: "int64_data", TensorProto.UINT32: "uint64_data"}
 
-# SparseLinear attributes: ONNX type, required
+# the attribute the portable body's LeakyRelu takes its alpha from: the negative-side slope of each activation
+SLOPE = "negative_slope"
+SLOPES = {"relu": 0.0, "none": 1.0}
+# SparseLinear attributes: ONNX type, required (negative_slope: by artifacts that carry the portable body)
 ATTRS = {"in_features": (AttributeProto.INT, True), "out_features": (AttributeProto.INT, True),
-         "activation": (AttributeProto.STRING, True), "plan": (AttributeProto.STRING, False)}
-ACTIVATIONS = ("relu", "none")
+         "activation": (AttributeProto.STRING, True), "plan": (AttributeProto.STRING, False),
+         SLOPE: (AttributeProto.FLOAT, False)}
+ACTIVATIONS = tuple(SLOPES)
 
 
 def _type_name(t: int) -> str:
@@ -153,8 +157,9 @@ def check_flatten(node: onnx.NodeProto, where: str) -> None:
             raise InputError(f"Flatten attribute {a.name!r} must be axis=1 (INT)", where=label, fix=FIX)
 
 
-def node_attrs(node: onnx.NodeProto, where: str) -> dict[str, Any]:
-    """A SparseLinear node's attributes, each checked for its ONNX type; STRINGs decoded (UTF-8)."""
+def node_attrs(node: onnx.NodeProto, where: str, *, portable: bool = False) -> dict[str, Any]:
+    """A SparseLinear node's attributes, each checked for its ONNX type; STRINGs decoded (UTF-8). ``portable``: the
+    artifact carries the SparseLinear function, which reads ``negative_slope``: then it is required."""
     out: dict[str, Any] = {}
     for a in node.attribute:
         if a.name not in ATTRS:
@@ -166,8 +171,8 @@ def node_attrs(node: onnx.NodeProto, where: str) -> dict[str, Any]:
         if a.type != want:
             raise InputError(f"attribute {a.name!r} is {AttributeProto.AttributeType.Name(a.type)}, expected "
                              f"{AttributeProto.AttributeType.Name(want)}", where=where, fix=FIX)
-        if want == AttributeProto.INT:
-            out[a.name] = int(a.i)
+        if want in (AttributeProto.INT, AttributeProto.FLOAT):
+            out[a.name] = int(a.i) if want == AttributeProto.INT else float(a.f)
             continue
         try:
             out[a.name] = a.s.decode("utf-8")
@@ -182,8 +187,24 @@ def node_attrs(node: onnx.NodeProto, where: str) -> dict[str, Any]:
     if out["activation"] not in ACTIVATIONS:
         raise InputError(f"unknown activation {out['activation']!r} (use {' or '.join(ACTIVATIONS)})", where=where,
                          fix=FIX)
+    check_slope(out, portable, where)
     out["plan"] = parse_plan(out.get("plan", ""), where)
     return out
+
+
+def check_slope(attrs: dict[str, Any], portable: bool, where: str) -> None:
+    """``negative_slope`` must be the one of ``activation`` (else stock ONNX Runtime, running the function, and
+    sparsekit's kernels would compute different activations); required when the function is there (LeakyRelu's
+    default alpha, 0.01, is neither)."""
+    want = SLOPES[attrs["activation"]]
+    if SLOPE not in attrs:
+        if portable:
+            raise InputError(f"missing attribute {SLOPE!r}, which the artifact's {OP} function reads (use {want:g} "
+                             f"for activation {attrs['activation']!r})", where=where, fix=FIX)
+        return
+    if not attrs[SLOPE] == want:  # NaN is refused too
+        raise InputError(f"{SLOPE} = {attrs[SLOPE]:g} does not match activation {attrs['activation']!r} (which needs "
+                         f"{want:g})", where=where, fix=FIX)
 
 
 def parse_plan(text: str, where: str) -> dict[int, str]:
