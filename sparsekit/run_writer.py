@@ -224,11 +224,14 @@ def build_summary(*, run_dir: Path, model: nn.Module, sparsifier: Any, method: s
 
 
 def onnx_metadata(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """metadata_props of the reference ONNX file: what made it and how sparse it is."""
+    """metadata_props of the reference ONNX file: what made it, how sparse it is, how to feed it."""
+    from sparsekit.model_io import to_metadata
+
     return {"sparsekit_version": sparsekit.__version__, "method": summary["method"],
             "target_sparsity": summary["target_sparsity"], "realized_sparsity": summary["realized_sparsity"],
             "layer_density": {ly["name"]: ly["density"] for ly in summary["layers"]},
-            "source_run": str(run_dir), "test_accuracy": summary.get("test_accuracy")}
+            "source_run": str(run_dir), "test_accuracy": summary.get("test_accuracy"),
+            **to_metadata(summary.get("io"))}
 
 
 def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifier: Any, data: Any,
@@ -236,6 +239,7 @@ def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifi
                width_info: dict[str, Any] | None, wall_seconds: float, device: torch.device,
                world_size: int = 1) -> dict[str, Any]:
     from sparsekit import flops as flops_mod
+    from sparsekit.model_io import from_dataset
     from sparsekit.tasks import task_of
 
     task = task_of(data)
@@ -245,6 +249,7 @@ def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifi
         **task.extra_metrics(test_loss),
         "model": config.model,
         "data": data.info(),
+        "io": from_dataset(data),
         "seed": config.seed,
         "epochs": config.epochs,
         "total_steps": total_steps,

@@ -4,7 +4,9 @@ Each layer is one node ``SparseLinear(X, values, indices, rowptr[, bias]) -> Y``
 + b)``; ``W`` (out, in) is CSR: ``values`` float32 (nnz), ``indices`` uint16 (int32 when in > 65536)
 column indices, ``rowptr`` int64 (out + 1), all stored as initializers. Attributes: ``in_features``,
 ``out_features``, ``activation`` ("relu" or "none"; all three required) and ``plan`` (JSON: batch size ->
-kernel spec). The loader checks everything (``checks``) and refuses what it cannot run exactly.
+kernel spec). The loader checks everything (``checks``) and refuses what it cannot run exactly, the
+io metadata a deployer reads (``sparsekit.input_layout``, ``sparsekit.input_normalization``,
+``sparsekit.class_names``) included.
 A ``Flatten`` in front keeps the input signature of the dense model. Stock ONNX Runtime cannot run
 the custom nodes; ``sparsekit.runtime.load`` (or ``sparsekit run``) does.
 """
@@ -104,6 +106,7 @@ def from_onnx(proto: onnx.ModelProto, *, threads: int = 1, where: str = "artifac
     if not layers:
         raise InputError("artifact has no SparseLinear layers", where=where)
     meta = {p.key: p.value for p in proto.metadata_props}
+    checks.io_metadata(meta, n_outputs=layers[-1].n_out, input_shape=shape, where=where)
     size = proto.ByteSize() if file_bytes is None else file_bytes
     model = FastModel(layers, shape, threads=threads, input_name=in_name, output_name=graph.output[0].name,
                       metadata=meta, memory_limit=memory_bound(size))
