@@ -3,6 +3,7 @@ sequence axes, clear errors; metrics logged through the API give the CLI's metri
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +237,21 @@ def test_logged_metrics_give_the_cli_metrics_summary_and_curves(cli, tmp_path):
     res = cli(["viz", str(tmp_path / "api"), "--json"])
     assert res.exit_code == 0, res.stderr
     assert (tmp_path / "api" / "viz" / "curves.png").stat().st_size > 10_000
+
+
+def test_readme_python_api_block_runs_as_written(tmp_path, monkeypatch):
+    """The README's loop, with a small model and data in place of the reader's own."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = text.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, CLASSES))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 12, generator=g), torch.randint(0, CLASSES, (64,), generator=g)
+    ns = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1), "epochs": 2,
+          "loader": [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)], "loss_fn": F.cross_entropy,
+          "evaluate": lambda m: float((m(x).argmax(1) == y).float().mean()), "x_test": x, "y_test": y}
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), ns)
+    summary = json.loads((tmp_path / "runs" / "mine" / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["steps"] == 8
+    assert [m["step"] for m in RunDir(tmp_path / "runs" / "mine").metrics()] == [4, 8]

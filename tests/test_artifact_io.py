@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from export_fixtures import MLP, make_run_dir, random_masks
@@ -86,16 +85,21 @@ def test_folder_run_records_the_class_to_index_mapping(cli, tmp_path):
                 "input_normalization": {"mean": norm["mean"], "std": norm["std"], "scale": 1 / 255}}
     assert summary["io"] == expected
     _assert_everywhere(run, expected)
-    # a deployer's recipe on a raw PNG: scale, normalise, run the exported model, name the class
-    from PIL import Image
-
-    pixels = np.asarray(Image.open(tmp_path / "imgs" / "mole" / "0.png").convert("RGB").resize((8, 8)))
-    nm = expected["input_normalization"]
-    x = ((pixels.transpose(2, 0, 1)[None] * nm["scale"] - nm["mean"]) / nm["std"]).astype(np.float32)
+    # docs/deploy.md's recipe as written, on a raw PNG: it gives exactly the input the model was trained on
+    ns = _run_deploy_snippet(run / "export" / "model.onnx", tmp_path / "imgs" / "mole" / "0.png", size=8)
     data = load_dataset(f"folder:{tmp_path / 'imgs'}", image_size=8, val_fraction=0.25)
-    assert any(np.allclose(x[0], row, atol=1e-5) for row in np.concatenate([data.x_train, data.x_test]))
-    sess = ort.InferenceSession(str(run / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert sess.run(None, {"input": x})[0].shape == (1, 3)
+    assert any(np.allclose(ns["x"][0], row, atol=1e-5) for row in np.concatenate([data.x_train, data.x_test]))
+    assert ns["names"] == expected["class_names"] and ns["logits"].shape == (1, 3)
+
+
+def _run_deploy_snippet(model: Path, image: Path, *, size: int) -> dict:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace('"runs/mine/export/model.onnx"', repr(str(model))).replace('"cat.png"', repr(str(image)))
+    code = code.replace("resize((32, 32))", f"resize(({size}, {size}))")
+    ns: dict = {}
+    exec(compile(code, "docs/deploy.md", "exec"), ns)  # the documentation's own snippet
+    return ns
 
 
 def test_tabular_per_feature_normalisation_and_no_names(tmp_path):
