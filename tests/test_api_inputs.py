@@ -255,3 +255,7 @@ def test_readme_python_api_block_runs_as_written(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "runs" / "mine" / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["steps"] == 8
     assert [m["step"] for m in RunDir(tmp_path / "runs" / "mine").metrics()] == [4, 8]
+    from sparsekit.viz import visualize
+
+    visualize(tmp_path / "runs" / "mine")  # curves of what was logged (here no test loss, no train accuracy)
+    assert (tmp_path / "runs" / "mine" / "viz" / "curves.png").is_file()
