@@ -366,7 +366,8 @@ class Sparsifier:
     def log(self, step: int | None = None, **metrics: Any) -> dict[str, Any]:
         """Record metrics of your own loop (e.g. ``epoch=, train_loss=, test_loss=, test_accuracy=, lr=``) for
         ``sparsekit.save``: they become metrics.jsonl (``sparsekit viz`` draws the curves) and the summary's
-        test metrics, as in a CLI run. ``step`` defaults to the steps taken; the realised sparsity is added."""
+        test metrics, as in a CLI run. ``step`` defaults to the steps taken; the realised sparsity is added. The
+        records stay in memory (``metrics_log``) until ``save``; ``state_dict`` does not hold them."""
         from sparsekit.run_writer import metrics_record
 
         record = metrics_record(self, step, metrics)
