@@ -317,7 +317,9 @@ def save(model: nn.Module, sparsifier: Any, run_dir: str | Path, *, example_inpu
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with torch.no_grad():
         n_outputs = model_outputs(model.eval(), inputs.take(0, 1).to(device)).shape[-1]
-    check_against_model(io, n_classes=n_outputs, n_features=None, where="save(class_names=...)")
+    first = next(iter(inputs.tensors.values()))
+    check_against_model(io, n_classes=n_outputs, n_features=first.shape[-1] if len(inputs.tensors) == 1 else None,
+                        where="save(class_names=, normalization=)")
     cfg = {"method": sparsifier.method.name, "method_options": dict(sparsifier.method.options),
            "sparsity": sparsifier.target_sparsity, "distribution": sparsifier.distribution,
            "seed": sparsifier.seed, **(config or {})}

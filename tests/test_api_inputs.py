@@ -204,6 +204,10 @@ def test_untraceable_model_is_an_input_error_not_a_traceback(tmp_path):
     with pytest.raises(InputError, match="names 3 classes but the model has 2 outputs"):
         sparsekit.save(nn.Linear(4, 2), sp, tmp_path / "cn", example_input=torch.randn(8, 4),
                        class_names=["a", "b", "c"])
+    with pytest.raises(InputError, match="has 3 per-feature values for 4 input features"):
+        sparsekit.save(nn.Linear(4, 2), sp, tmp_path / "nm", example_input=torch.randn(8, 4),
+                       normalization={"mean": [0, 0, 0], "std": [1, 1, 1]})
+    assert not any((tmp_path / d).exists() for d in ("ax", "cn", "nm"))
 
 
 def test_logged_metrics_give_the_cli_metrics_summary_and_curves(cli, tmp_path):
