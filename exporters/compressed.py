@@ -3,6 +3,7 @@
 Layout (a zip file; every member is stored, each blob compressed by us):
 
 - ``manifest.json`` — versioned (``format: sparsekit-archive``, ``version``): precision, the run summary,
+  ``io`` (input layout, normalisation, class names: ``sparsekit.model_io``, checked when read),
   and per tensor its name, shape, layout and blobs with their encodings and codecs, plus the SHA-256 of
   the original fp32 bytes (an fp32 archive restores bit-exactly, and the reader proves it).
 - ``graph.onnx`` — the reference ONNX graph with the archived weights' data stripped.
@@ -34,13 +35,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 from sparsekit.exporters.active import active_mask, canonical_zeros, canonicalize_model
-from sparsekit.exporters.context import ExportContext, ExportOptions
+from sparsekit.exporters.context import ExportContext, ExportOptions, io_of
 from sparsekit.exporters.registry import register_format
 from sparsekit.exporters.validate import Runner, onnx_runner, register_runner
 
 import sparsekit
 from sparsekit.errors import InputError, ValidationError
 from sparsekit.fileio import atomic_path
+from sparsekit.model_io import check_io
 from sparsekit.run_dir import RunDir
 
 ARCHIVE_FORMAT = "sparsekit-archive"
@@ -208,7 +210,7 @@ def build_archive(ctx: ExportContext, precision: str = "fp32") -> bytes:
     manifest = {
         "format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION, "sparsekit_version": sparsekit.__version__,
         "precision": precision, "graph": "graph.onnx", "source_run": ctx.source_run,
-        "summary": ctx.summary, "tensors": tensors,
+        "summary": ctx.summary, "io": io_of(ctx), "tensors": tensors,
     }
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
@@ -254,7 +256,7 @@ class Archive:
         self._names = set(names)
         try:
             self.manifest = json.loads(self._read("manifest.json"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise _corrupt(f"manifest.json is not JSON: {exc}", where=str(self.path)) from exc
         m = self.manifest
         if not isinstance(m, dict) or m.get("format") != ARCHIVE_FORMAT:
@@ -265,6 +267,7 @@ class Archive:
                              f"reads version {ARCHIVE_VERSION})", where=str(self.path),
                              fix="upgrade sparsekit or re-export the run")
         self.precision = m.get("precision", "fp32")
+        self.io = None if m.get("io") is None else check_io(m["io"], f"{self.path}: manifest io")
 
     def _read(self, name: str) -> bytes:
         if not isinstance(name, str) or not _safe_member(name):

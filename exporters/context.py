@@ -19,6 +19,7 @@ import onnx
 
 import sparsekit
 from sparsekit.errors import InputError
+from sparsekit.model_io import check_io, to_metadata
 from sparsekit.run_dir import RunDir, Samples
 
 RUN_FILES = (RunDir.SUMMARY, RunDir.ONNX)  # what export needs from a run dir (masks and samples are optional)
@@ -70,9 +71,16 @@ def load_run_dir(run_dir: str | Path) -> ExportContext:
                          samples=run.samples())
 
 
+def io_of(ctx: ExportContext) -> dict[str, Any] | None:
+    """The source's io record (``sparsekit.model_io``), checked; None for runs written before it existed."""
+    io = ctx.summary.get("io")
+    return None if io is None else check_io(io, f"{ctx.source}: summary io")
+
+
 def metadata_for(ctx: ExportContext, fmt: str, *, opset: int, precision: str = "fp32",
                  extra: dict[str, Any] | None = None) -> dict[str, str]:
-    """The metadata_props every exported ONNX file carries (values are strings; JSON for structures)."""
+    """The metadata_props every exported ONNX file carries (values are strings; JSON for structures),
+    with the io entries a deployer needs (``sparsekit.input_layout`` ..., docs/deploy.md)."""
     s = ctx.summary
     base = {p.key: p.value for p in ctx.model.metadata_props}
     layers = [{"name": layer.get("name"), "target_density": layer.get("planned_density"),
@@ -93,7 +101,7 @@ def metadata_for(ctx: ExportContext, fmt: str, *, opset: int, precision: str = "
         "test_accuracy": s.get("test_accuracy"),
         **(extra or {}),
     }
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    return {**{k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}, **to_metadata(io_of(ctx))}
 
 
 def set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> onnx.ModelProto:

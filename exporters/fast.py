@@ -21,6 +21,7 @@ import onnx
 from sparsekit.exporters.registry import register_format
 
 from sparsekit.errors import InputError, ValidationError
+from sparsekit.model_io import PREFIX as IO_PREFIX
 
 if TYPE_CHECKING:
     from sparsekit.exporters.graph import DenseLayer
@@ -102,7 +103,8 @@ def build_fast_model(dense: onnx.ModelProto, *, compact: bool = True, threads: i
     layers = [CsrLayer.from_dense(c.weight, c.bias, c.activation == "relu", name=c.weight_name or f"layer{i}")
               for i, c in enumerate(chain)]
     src_meta = {p.key: p.value for p in dense.metadata_props}
-    meta = {f"source.{k}": v for k, v in src_meta.items()}
+    meta = {f"source.{k}": v for k, v in src_meta.items() if not k.startswith(IO_PREFIX)}
+    meta.update({k: v for k, v in src_meta.items() if k.startswith(IO_PREFIX)})  # io: same keys in every artifact
     meta.update({
         "sparsekit_version": __version__,
         "exporter": "sparsekit.exporters.fast",

@@ -43,7 +43,9 @@ from sparsekit.exporters.dense import reference_model
 from sparsekit.exporters.graph import UnsupportedGraphError
 from sparsekit.exporters.registry import register_format
 from sparsekit.exporters.speed import EXPORT_BATCHES, MIN_SPEEDUP, describe_slow, slower_than_dense, speedups_vs_dense
-from sparsekit.exporters.validate import compare, onnx_runner, run_batched
+from sparsekit.exporters.validate import compare, onnx_runner, run_batched, take
+
+from sparsekit.run_dir import Inputs
 
 MIN_STATIC_SAMPLES = 16  # static calibration splits the samples in two halves (calibrate / check)
 DESCRIBE = {"dynamic": "dynamic int8 (MatMul and the like; Conv kept fp32)",
@@ -122,7 +124,8 @@ def _passes(model: onnx.ModelProto, samples: Samples | None, *, held_out: int = 
     if not compare(out, samples, "int8")["passed"]:
         return False
     if held_out:
-        tail = Samples(samples.x[-held_out:], None if samples.y is None else samples.y[-held_out:],
+        n = samples.count
+        tail = Samples(take(samples.x, n - held_out, n), None if samples.y is None else samples.y[-held_out:],
                        samples.logits[-held_out:])
         return bool(compare(out[-held_out:], tail, "int8")["passed"])
     return True
@@ -133,8 +136,8 @@ def candidates(base: onnx.ModelProto, samples: Samples | None) -> dict[str, onnx
     ``dynamic`` when nothing passes (it is then written, and validation reports the failure)."""
     out = {"dynamic": quantize_int8(base)}
     has_conv = any(n.op_type == "Conv" for n in base.graph.node)
-    if has_conv and samples is not None and len(samples.x) >= MIN_STATIC_SAMPLES \
-            and samples.x.dtype == np.float32:
+    if has_conv and samples is not None and samples.count >= MIN_STATIC_SAMPLES \
+            and isinstance(samples.x, np.ndarray) and samples.x.dtype == np.float32:
         half = len(samples.x) // 2
         try:
             out["static"] = quantize_static_int8(base, samples.x[:half])
@@ -150,13 +153,19 @@ def candidates(base: onnx.ModelProto, samples: Samples | None) -> dict[str, onnx
     return out
 
 
-def timing_inputs(samples: Samples | None) -> dict[int, np.ndarray] | None:
+def timing_inputs(samples: Samples | None) -> dict[int, Inputs] | None:
     """Batches of ``EXPORT_BATCHES`` samples (tiled), or None without samples."""
-    if samples is None or not len(samples.x):
+    if samples is None or not samples.count:
         return None
-    reps = -(-max(EXPORT_BATCHES) // len(samples.x))
-    tiled = np.concatenate([samples.x] * reps)
-    return {b: np.ascontiguousarray(tiled[:b]) for b in EXPORT_BATCHES}
+    reps = -(-max(EXPORT_BATCHES) // samples.count)
+    return {b: tiled(samples.x, reps, b) for b in EXPORT_BATCHES}
+
+
+def tiled(x: Inputs, reps: int, n: int) -> Inputs:
+    """The first ``n`` samples of ``x`` repeated ``reps`` times (each input of a dict alike), contiguous."""
+    if isinstance(x, dict):
+        return {k: np.ascontiguousarray(np.concatenate([v] * reps)[:n]) for k, v in x.items()}
+    return np.ascontiguousarray(np.concatenate([x] * reps)[:n])
 
 
 def pick_fastest(dense: onnx.ModelProto, cands: dict[str, onnx.ModelProto], samples: Samples | None

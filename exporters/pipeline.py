@@ -182,7 +182,7 @@ def export(source: str | Path, formats: str | None = None, out_dir: str | Path |
         "source_run": ctx.source_run,
         "out_dir": str(out_dir),
         "opset": opset,
-        "samples": None if ctx.samples is None else len(ctx.samples.x),
+        "samples": None if ctx.samples is None else ctx.samples.count,
         "dense_onnx_bytes": dense_bytes,
         "dense_onnx_bytes_measured": dense is not None,
         "artifacts": artifacts,

@@ -250,7 +250,7 @@ def build_report(path: str | Path, *, batch_sizes: tuple[int, ...] = (1, 64, 256
             if progress:
                 progress("measuring latency")
             dense_label = next(iter(runners))
-            shape = input_shape_of(dense_model) or (tuple(samples.x.shape[1:]) if samples is not None else None)
+            shape = input_shape_of(dense_model) or (() if samples is not None else None)  # () : samples are used
             if shape is None:
                 raise InputError("cannot tell the model's per-sample input shape", where=str(src["dense"]),
                                  fix="export with a fixed per-sample input shape")

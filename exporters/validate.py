@@ -17,12 +17,13 @@ import onnx
 from sparsekit.exporters.context import Samples
 
 from sparsekit.errors import ValidationError
+from sparsekit.run_dir import Inputs
 
 FP32_RTOL = 1e-5
 MIN_AGREEMENT = 0.99
 MAX_DROP_POINTS = {"fp32": 0.0, "fp16": 0.5, "int8": 1.0}
 
-Runner = Callable[[np.ndarray], np.ndarray]
+Runner = Callable[[Inputs], np.ndarray]  # one input array, or a dict of arrays by ONNX input name
 
 
 def check_onnx_file(path: Path) -> None:
@@ -51,15 +52,24 @@ def onnx_runner(model: str | Path | bytes, threads: int = 1) -> Runner:
     sess = ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
 
-    def run(x: np.ndarray) -> np.ndarray:
-        return sess.run(None, {name: x})[0]
+    def run(x: Inputs) -> np.ndarray:
+        return sess.run(None, x if isinstance(x, dict) else {name: x})[0]
 
     run.session = sess  # type: ignore[attr-defined]
     return run
 
 
-def run_batched(runner: Runner, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    return np.concatenate([np.asarray(runner(x[i:i + batch])) for i in range(0, len(x), batch)])
+def take(x: Inputs, start: int, stop: int) -> Inputs:
+    """Samples ``start:stop`` of one input array or of every input of a dict."""
+    return {k: v[start:stop] for k, v in x.items()} if isinstance(x, dict) else x[start:stop]
+
+
+def count(x: Inputs) -> int:
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def run_batched(runner: Runner, x: Inputs, batch: int = 256) -> np.ndarray:
+    return np.concatenate([np.asarray(runner(take(x, i, i + batch))) for i in range(0, count(x), batch)])
 
 
 def compare(outputs: np.ndarray, samples: Samples, precision: str,

@@ -5,6 +5,7 @@ Library API (the CLI is a thin shell over it)::
     import sparsekit
     sp = sparsekit.sparsify(model, optimizer, method="rigl", sparsity=0.9, total_steps=steps)
     ...  loss.backward(); sp.step(); optimizer.zero_grad()
+    ...  sp.log(epoch=epoch, test_accuracy=acc)          # optional: metrics.jsonl, curves, summary
     sparsekit.save(model, sp, "runs/mine", example_input=x_test, labels=y_test)
 
 ``sparsekit.train(TrainConfig(...), run_dir)`` runs the CLI's trainer from Python.

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from sparsekit.run_dir import Inputs
+
 Runner = Callable[[np.ndarray], Any]
 
 
@@ -26,17 +28,19 @@ def percentiles_ms(times_ns: Sequence[int]) -> dict[str, float]:
             "runs": len(arr)}
 
 
-def batch_input(input_shape: tuple[int, ...], batch_size: int, samples: np.ndarray | None = None,
-                seed: int = 0) -> np.ndarray:
-    """A batch of real samples (tiled) when available, else standard normal noise."""
+def batch_input(input_shape: tuple[int, ...], batch_size: int, samples: Inputs | None = None,
+                seed: int = 0) -> Inputs:
+    """A batch of real samples (tiled; every input of a dict alike; dtypes kept) when available, else standard
+    normal noise."""
+    if isinstance(samples, dict):
+        return {k: batch_input(input_shape, batch_size, v) for k, v in samples.items()}
     if samples is not None and len(samples):
         reps = -(-batch_size // len(samples))
-        return np.ascontiguousarray(np.tile(samples, (reps,) + (1,) * (samples.ndim - 1))[:batch_size],
-                                    dtype=np.float32)
+        return np.ascontiguousarray(np.tile(samples, (reps,) + (1,) * (samples.ndim - 1))[:batch_size])
     return np.random.default_rng(seed).standard_normal((batch_size, *input_shape)).astype(np.float32)
 
 
-def measure_interleaved(runners: dict[str, Runner], x: np.ndarray, *, runs: int = 50, warmup: int = 5,
+def measure_interleaved(runners: dict[str, Runner], x: Inputs, *, runs: int = 50, warmup: int = 5,
                         min_seconds: float = 0.0) -> dict[str, dict[str, float]]:
     """Per runner latency percentiles on input ``x``, interleaving the runners round by round."""
     names = list(runners)
@@ -59,7 +63,7 @@ def measure_interleaved(runners: dict[str, Runner], x: np.ndarray, *, runs: int 
 def latency_records(make_runner: Callable[[str, int], Runner], artifacts: Sequence[str], *,
                     input_shape: tuple[int, ...], batch_sizes: Sequence[int] = (1, 64, 256),
                     threads: Sequence[int] = (1,), runs: int = 50, warmup: int = 5,
-                    dense: str = "onnx", samples: np.ndarray | None = None) -> list[dict[str, Any]]:
+                    dense: str = "onnx", samples: Inputs | None = None) -> list[dict[str, Any]]:
     """Latency records ``{artifact, batch_size, threads, p50_ms, p90_ms, p99_ms, speedup_vs_dense}``.
 
     ``make_runner(artifact, threads)`` opens one artifact; ``dense`` names the reference among

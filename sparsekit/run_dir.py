@@ -20,13 +20,20 @@ from sparsekit.errors import InputError
 _RETRAIN = "re-run training to rewrite the run dir"
 
 
+Inputs = np.ndarray | dict[str, np.ndarray]  # one model input, or several by ONNX input name
+
+
 @dataclass
 class Samples:
     """Real inputs from the run's dataset and the torch model's outputs on them (the reference)."""
 
-    x: np.ndarray                 # float32 [n, ...]
+    x: Inputs                     # [n, ...] float32 (or integer token ids / bool); a dict for several inputs
     y: np.ndarray | None          # int64 [n] labels, when the task has them
     logits: np.ndarray            # float32 [n, classes], torch reference outputs for x
+
+    @property
+    def count(self) -> int:
+        return len(self.logits)
 
     @property
     def reference_accuracy(self) -> float | None:
@@ -48,6 +55,26 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 break
     return out
+
+
+def _sample_inputs(data: Any, path: Path) -> Inputs:
+    """``x`` (one input), or ``input_names`` with ``x_0``, ``x_1``, ...: floats as float32, integers and bool as
+    stored (token ids keep their dtype, as the ONNX graph's inputs do)."""
+    if "input_names" not in data.files:
+        return _input_array(data["x"], "x", path)
+    names = [str(n) for n in np.asarray(data["input_names"]).reshape(-1)]
+    if not names or len(set(names)) != len(names) or not all(n.isidentifier() for n in names):
+        raise InputError(f"{RunDir.SAMPLES} has bad input_names {names[:5]}", where=str(path), fix=_RETRAIN)
+    return {n: _input_array(data[f"x_{i}"], f"x_{i}", path) for i, n in enumerate(names)}
+
+
+def _input_array(a: np.ndarray, key: str, path: Path) -> np.ndarray:
+    if a.dtype.kind == "f":
+        return np.asarray(a, dtype=np.float32)
+    if a.dtype.kind in "iub":
+        return np.asarray(a)
+    raise InputError(f"{RunDir.SAMPLES} array {key} has dtype {a.dtype}", where=str(path),
+                     fix=f"{RunDir.SAMPLES} inputs are float, integer or bool arrays; re-run training")
 
 
 class RunDir:
@@ -72,6 +99,7 @@ class RunDir:
     - ``model.onnx`` (``onnx_file``): the dense fp32 reference graph, no user code needed
       (``rundir.write_artifacts``) → export, report.
     - ``samples.npz`` (``samples_file``): x, y, logits: test samples and the torch model's outputs on them
+      (a model with several inputs: ``input_names`` and ``x_0``, ``x_1``, ... in their place)
       (``rundir.write_artifacts``) → export (validation), report (accuracy), ``viz`` (mean input image).
     - ``summary.json`` (``summary_file``): the versioned summary, checked against
       ``sparsekit/schemas/summary.schema.json``; the last file a run writes (``rundir.finish_run``,
@@ -210,15 +238,16 @@ class RunDir:
             return None
         try:
             with np.load(path, allow_pickle=False) as data:
-                x = np.asarray(data["x"], dtype=np.float32)
+                x = _sample_inputs(data, path)
                 logits = np.asarray(data["logits"], dtype=np.float32)
                 y = np.asarray(data["y"]).astype(np.int64) if "y" in data.files else None
-                if y is not None and y.size == 0 and len(x):  # written without labels
+                if y is not None and y.size == 0 and len(logits):  # written without labels
                     y = None
         except (OSError, ValueError, KeyError) as exc:
             raise InputError(f"cannot read samples: {exc}", where=str(path),
                              fix=f"{self.SAMPLES} needs arrays x (float32) and logits; re-run training") from exc
-        if len(x) != len(logits) or (y is not None and len(y) != len(x)):
+        n = len(logits)
+        if any(len(a) != n for a in (x.values() if isinstance(x, dict) else [x])) or (y is not None and len(y) != n):
             raise InputError(f"{self.SAMPLES} arrays x, y, logits have different lengths", where=str(path),
                              fix=_RETRAIN)
         return Samples(x, y, logits)

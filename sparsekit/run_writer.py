@@ -20,6 +20,8 @@ import sparsekit
 from sparsekit.config import TrainConfig
 from sparsekit.errors import InputError
 from sparsekit.fileio import atomic_path, atomic_write_json, atomic_write_text
+from sparsekit.model_inputs import ModelInputs, as_model_inputs, io_record
+from sparsekit.model_io import check_against_model
 from sparsekit.run_dir import RunDir, read_jsonl
 
 if TYPE_CHECKING:
@@ -167,7 +169,7 @@ def overall_sparsity(layers: list[dict[str, Any]]) -> float:
 
 
 @torch.no_grad()
-def write_artifacts(run_dir: Path, model: nn.Module, masks: dict[str, torch.Tensor], x: torch.Tensor,
+def write_artifacts(run_dir: Path, model: nn.Module, masks: dict[str, torch.Tensor], x: torch.Tensor | ModelInputs,
                     y: torch.Tensor | None, metadata: dict[str, Any], n_samples: int = N_SAMPLES) -> dict[str, Any]:
     """Final weights, masks, the dense ONNX reference and reference samples (what export needs)."""
     from safetensors.torch import save_file
@@ -176,23 +178,40 @@ def write_artifacts(run_dir: Path, model: nn.Module, masks: dict[str, torch.Tens
 
     run = RunDir(run_dir)
     model_cpu = model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    xs = as_model_inputs(x, model).take(0, n_samples)
+    logits = model_outputs(model, xs.to(device))
+    try:  # first: a model torch cannot export leaves no other file behind
+        info = export_dense_onnx(model.cpu(), xs, run.onnx_file, metadata=metadata)
+    finally:
+        model.to(device)
     state = {k: v.detach().cpu().contiguous() for k, v in model_cpu.state_dict().items()}
     with atomic_path(run.weights_file) as tmp:
         save_file(state, str(tmp))
     with atomic_path(run.masks_file) as tmp:
         save_file({k: v.detach().cpu().to(torch.uint8).contiguous() for k, v in masks.items()}, str(tmp))
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    xs = x[:n_samples].to(device)
-    logits = model(xs).detach().cpu()
+    labels = y[:n_samples].cpu().numpy().astype(np.int64) if y is not None else np.zeros(0, dtype=np.int64)
     with atomic_path(run.samples_file) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, x=xs.cpu().numpy().astype(np.float32),
-                     y=(y[:n_samples].cpu().numpy().astype(np.int64) if y is not None
-                        else np.zeros(0, dtype=np.int64)),
-                     logits=logits.numpy().astype(np.float32))
-    info = export_dense_onnx(model.cpu(), xs.cpu(), run.onnx_file, metadata=metadata)
-    model.to(device)
+            np.savez(fh, **sample_arrays(xs), y=labels, logits=logits.numpy().astype(np.float32))
     return info
+
+
+def model_outputs(model: nn.Module, inputs: ModelInputs) -> torch.Tensor:
+    """The model's output on ``inputs`` (one tensor of logits), on the CPU."""
+    out = inputs.call(model)
+    if not isinstance(out, torch.Tensor):
+        raise InputError(f"the model returns a {type(out).__name__}; sparsekit needs one tensor of outputs (logits)",
+                         where="save(model=...)", fix="wrap the model so that forward returns the logits tensor")
+    return out.detach().float().cpu()
+
+
+def sample_arrays(inputs: ModelInputs) -> dict[str, np.ndarray]:
+    """samples.npz's inputs: ``x`` for one input; ``input_names`` and ``x_0``, ``x_1``, ... for several."""
+    arrays = inputs.arrays()
+    if isinstance(arrays, np.ndarray):
+        return {"x": arrays}
+    return {"input_names": np.array(list(arrays)), **{f"x_{i}": a for i, a in enumerate(arrays.values())}}
 
 
 def build_summary(*, run_dir: Path, model: nn.Module, sparsifier: Any, method: str, config: dict[str, Any],
@@ -224,11 +243,14 @@ def build_summary(*, run_dir: Path, model: nn.Module, sparsifier: Any, method: s
 
 
 def onnx_metadata(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """metadata_props of the reference ONNX file: what made it and how sparse it is."""
+    """metadata_props of the reference ONNX file: what made it, how sparse it is, how to feed it."""
+    from sparsekit.model_io import to_metadata
+
     return {"sparsekit_version": sparsekit.__version__, "method": summary["method"],
             "target_sparsity": summary["target_sparsity"], "realized_sparsity": summary["realized_sparsity"],
             "layer_density": {ly["name"]: ly["density"] for ly in summary["layers"]},
-            "source_run": str(run_dir), "test_accuracy": summary.get("test_accuracy")}
+            "source_run": str(run_dir), "test_accuracy": summary.get("test_accuracy"),
+            **to_metadata(summary.get("io"))}
 
 
 def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifier: Any, data: Any,
@@ -236,6 +258,7 @@ def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifi
                width_info: dict[str, Any] | None, wall_seconds: float, device: torch.device,
                world_size: int = 1) -> dict[str, Any]:
     from sparsekit import flops as flops_mod
+    from sparsekit.model_io import from_dataset
     from sparsekit.tasks import task_of
 
     task = task_of(data)
@@ -245,6 +268,7 @@ def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifi
         **task.extra_metrics(test_loss),
         "model": config.model,
         "data": data.info(),
+        "io": from_dataset(data),
         "seed": config.seed,
         "epochs": config.epochs,
         "total_steps": total_steps,
@@ -270,31 +294,101 @@ def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifi
     return summary
 
 
-def save(model: nn.Module, sparsifier: Any, run_dir: str | Path, *, example_input: torch.Tensor,
+def save(model: nn.Module, sparsifier: Any, run_dir: str | Path, *, example_input: Any,
          labels: torch.Tensor | None = None, test_accuracy: float | None = None, test_loss: float | None = None,
-         config: dict[str, Any] | None = None, overwrite: bool = True) -> dict[str, Any]:
+         config: dict[str, Any] | None = None, overwrite: bool = True, dynamic_axes: dict[str, Any] | None = None,
+         input_layout: str | dict[str, str] | None = None, normalization: dict[str, Any] | None = None,
+         class_names: list[str] | None = None) -> dict[str, Any]:
     """Write a run directory from your own training loop, in the CLI's layout, so that
-    ``sparsekit export`` and ``sparsekit report`` accept it. ``example_input`` is a batch of real
-    inputs (up to 512 are kept as validation samples; pass test data with ``labels`` for accuracy)."""
+    ``sparsekit export``, ``sparsekit report`` and ``sparsekit viz`` accept it.
+
+    ``example_input`` is a batch of real inputs: a tensor, a tuple of tensors (``forward``'s positional
+    arguments) or a dict of tensors (keyword arguments); float, integer token ids or bool. Up to 512 samples
+    are kept for validation (pass test data with ``labels`` for accuracy). Axis 0 of every input is a dynamic
+    batch axis; ``dynamic_axes={"tokens": {1: "seq"}}`` makes more axes dynamic. ``input_layout``,
+    ``normalization`` ({mean, std[, scale]}) and ``class_names`` go into every artifact's metadata (the layout
+    is inferred from dtype and rank when not given). Metrics logged with ``sparsifier.log(...)`` become
+    metrics.jsonl (curves) and the summary's test metrics."""
     path = Path(run_dir)
     run = RunDir(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise InputError(f"run directory {path} already exists", where="save()", fix="pass overwrite=True")
-    path.mkdir(parents=True, exist_ok=True)
+    inputs = as_model_inputs(example_input, model, dynamic_axes)
+    io = io_record(inputs, layout=input_layout, normalization=normalization, class_names=class_names)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        n_outputs = model_outputs(model.eval(), inputs.take(0, 1).to(device)).shape[-1]
+    first = next(iter(inputs.tensors.values()))
+    check_against_model(io, n_classes=n_outputs, n_features=first.shape[-1] if len(inputs.tensors) == 1 else None,
+                        where="save(class_names=, normalization=)")
     cfg = {"method": sparsifier.method.name, "method_options": dict(sparsifier.method.options),
            "sparsity": sparsifier.target_sparsity, "distribution": sparsifier.distribution,
            "seed": sparsifier.seed, **(config or {})}
+    metrics = list(sparsifier.metrics_log)
+    test_accuracy = _last_logged(metrics, "test_accuracy") if test_accuracy is None else test_accuracy
+    test_loss = _last_logged(metrics, "test_loss") if test_loss is None else test_loss
+    shapes = {k: list(v.shape[1:]) for k, v in inputs.tensors.items()}
+    extra = {"model": type(model).__name__, "io": io,
+             "input_shape": next(iter(shapes.values())) if len(shapes) == 1 else shapes,
+             **_logged_extras(metrics)}
+    summary = build_summary(run_dir=path, model=model, sparsifier=sparsifier, method=sparsifier.method.name,
+                            config=cfg, test_loss=test_loss, test_accuracy=test_accuracy, train_seconds=0.0,
+                            extra=extra)
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:  # the reference ONNX first: a model torch cannot export leaves nothing behind
+        summary["onnx"] = write_artifacts(path, model, sparsifier.masks(), inputs, labels, onnx_metadata(summary, path))
+    except InputError:
+        if created and not any(path.iterdir()):
+            path.rmdir()
+        raise
     atomic_write_json(run.config_file, {**cfg, "sparsekit_version": sparsekit.__version__})
     if not run.updates_file.exists():
         write_updates(path, sparsifier.update_log)
-    summary = build_summary(run_dir=path, model=model, sparsifier=sparsifier, method=sparsifier.method.name,
-                            config=cfg, test_loss=test_loss, test_accuracy=test_accuracy, train_seconds=0.0,
-                            extra={"model": type(model).__name__, "input_shape": list(example_input.shape[1:])})
-    meta = onnx_metadata(summary, path)
-    summary["onnx"] = write_artifacts(path, model, sparsifier.masks(), example_input, labels, meta)
+    if metrics:
+        _write_jsonl(run.metrics_file, metrics)
+    else:
+        run.metrics_file.unlink(missing_ok=True)  # a stale log of an overwritten run would draw wrong curves
     validate_summary(summary)
     atomic_write_json(run.summary_file, summary)
     return summary
+
+
+def _last_logged(metrics: list[dict[str, Any]], key: str) -> float | None:
+    return next((m[key] for m in reversed(metrics) if m.get(key) is not None), None)
+
+
+def _logged_extras(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summary fields a CLI run derives from its metrics log: best test accuracy, epochs, train seconds."""
+    out: dict[str, Any] = {}
+    accs = [m["test_accuracy"] for m in metrics if m.get("test_accuracy") is not None]
+    if accs:
+        out["best_test_accuracy"] = max(accs)
+    for key, name in (("epoch", "epochs"), ("seconds", "train_seconds")):
+        last = _last_logged(metrics, key)
+        if last is not None:
+            out[name] = last
+    return out
+
+
+def metrics_record(sparsifier: Any, step: int | None, metrics: dict[str, Any]) -> dict[str, Any]:
+    """One metrics.jsonl line for ``Sparsifier.log``: the step (default: steps taken), the realised sparsity and the
+    given numbers (tensors of one element are read as numbers)."""
+    record: dict[str, Any] = {"step": sparsifier.step_count if step is None else step}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, np.generic):
+            value = value.item()
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise InputError(f"metric {key}={str(value)[:40]!r} is not a number", where="log()",
+                             fix="log numbers (floats, ints or one-element tensors), e.g. log(test_accuracy=0.93)")
+        record[key] = value
+    if isinstance(record["step"], bool) or not isinstance(record["step"], int) or record["step"] < 0:
+        raise InputError(f"step {record['step']!r} is not a step count", where="log(step=...)",
+                         fix="pass the number of optimizer steps taken, or leave it out")
+    record.setdefault("sparsity", sparsifier.realized_sparsity())
+    return record
 
 
 def validate_summary(summary: dict[str, Any]) -> None:

@@ -67,6 +67,7 @@ class Sparsifier:
         self.seed = int(settings.seed)  # the tie-break key stream; a loaded checkpoint continues its own
         self.step_count = 0  # optimizer iterations done (t of the last completed step)
         self.update_log: list[dict[str, Any]] = []  # drained by the trainer (connectivity snapshots)
+        self.metrics_log: list[dict[str, Any]] = []  # users' log() records, written by sparsekit.save
         self.on_update: list[Callable[[Sparsifier, int], None]] = []
         # Pending drop_and_grow results (new mask, old mask, dropped, grown) and the first layer's
         # per-input connection counts, both kept so that commit_masks touches only changed entries.
@@ -361,6 +362,17 @@ class Sparsifier:
         """1 - active / size over the prunable set, from the masks (a weight can be 0 and active)."""
         size = sum(ly.numel for ly in self.layers)
         return 0.0 if size == 0 else 1.0 - self._active_total / size
+
+    def log(self, step: int | None = None, **metrics: Any) -> dict[str, Any]:
+        """Record metrics of your own loop (e.g. ``epoch=, train_loss=, test_loss=, test_accuracy=, lr=``) for
+        ``sparsekit.save``: they become metrics.jsonl (``sparsekit viz`` draws the curves) and the summary's
+        test metrics, as in a CLI run. ``step`` defaults to the steps taken; the realised sparsity is added. The
+        records stay in memory (``metrics_log``) until ``save``; ``state_dict`` does not hold them."""
+        from sparsekit.run_writer import metrics_record
+
+        record = metrics_record(self, step, metrics)
+        self.metrics_log.append(record)
+        return record
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -99,7 +99,7 @@ def plot_connectivity(run: RunDir, out: Path, summary: dict[str, Any]) -> list[P
     samples = run.samples() if shape is not None else None
     if samples is not None:
         x = samples.x
-        if x.size:
+        if isinstance(x, np.ndarray) and x.size:
             mean_img = x.reshape(x.shape[0], -1, *shape).mean(axis=(0, 1)) if x[0].size % (shape[0] * shape[1]) == 0 \
                 else None
     chosen = [maps[i] for i in _pick(len(maps), N_PANELS)]
@@ -186,12 +186,14 @@ def plot_curves(run: RunDir, out: Path, summary: dict[str, Any]) -> Path | None:
     if not metrics:
         return None
     update_steps = [u["step"] for u in run.updates() if u.get("step", 0) > 0]
-    steps = [m["step"] for m in metrics]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
-    ax1.plot(steps, [m["train_loss"] for m in metrics], "o-", ms=3, label="train loss")
-    ax1.plot(steps, [m["test_loss"] for m in metrics], "s-", ms=3, label="test loss")
-    ax2.plot(steps, [100 * m["train_accuracy"] for m in metrics], "o-", ms=3, label="train acc")
-    ax2.plot(steps, [100 * m["test_accuracy"] for m in metrics], "s-", ms=3, label="test acc")
+    for ax, key, scale, style, label in ((ax1, "train_loss", 1, "o-", "train loss"),
+                                         (ax1, "test_loss", 1, "s-", "test loss"),
+                                         (ax2, "train_accuracy", 100, "o-", "train acc"),
+                                         (ax2, "test_accuracy", 100, "s-", "test acc")):
+        logged = [m for m in metrics if m.get(key) is not None]  # runs of sparsekit.save log what they have
+        if logged:
+            ax.plot([m["step"] for m in logged], [scale * m[key] for m in logged], style, ms=3, label=label)
     for ax in (ax1, ax2):
         for i, s in enumerate(update_steps):
             ax.axvline(s, color="red", alpha=0.25, lw=0.8, label="mask update" if i == 0 else None)

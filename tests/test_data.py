@@ -150,6 +150,7 @@ def test_npz_tabular_per_feature_or_global(tmp_path):
         "mean": [4.0, 40.0],
         "std": pytest.approx([5**0.5, 500**0.5]),
         "per_feature": True,
+        "scale": 1.0,
     }
     x_const = x.copy()
     x_const[:, 1] = 2.0  # a constant feature: per-feature std would be 0 → global stats

@@ -176,7 +176,8 @@ def load_dataset(
                  "x_test": arrays["x_test"], "y_test": arrays["y_test"]}
     else:  # one set: make_dataset holds out a seeded val_fraction
         split = {"x_train": arrays["x"], "y_train": arrays["y"]}
-    return make_dataset(name=kind, spec=spec, where=where, seed=seed, val_fraction=val_fraction, **split)
+    return make_dataset(name=kind, spec=spec, where=where, seed=seed, val_fraction=val_fraction,
+                        class_names=arrays.get("classes"), input_scale=arrays.get("input_scale", 1.0), **split)
 
 
 def _fix_hint() -> str:

@@ -34,6 +34,7 @@ class Dataset:
     task: str = "classification"
     normalization: dict[str, Any] = field(default_factory=dict)
     split: str = "given"
+    class_names: list[str] | None = None  # in index order, when the source names its classes
 
     def info(self) -> dict[str, Any]:
         """JSON-able description, saved in the run dir's config and summary."""
@@ -199,10 +200,17 @@ def make_dataset(
     y_test: Any = None,
     seed: int = 0,
     val_fraction: float = 0.2,
+    class_names: list[str] | None = None,
+    input_scale: float = 1.0,
 ) -> Dataset:
-    """Validate raw arrays, split if there is no test split, normalise, and wrap them as a Dataset."""
+    """Validate raw arrays, split if there is no test split, normalise, and wrap them as a Dataset.
+
+    ``input_scale`` is what the loader already multiplied the stored values by (uint8 adds 1/255); it is
+    recorded with the normalisation so that a deployer can start from the stored values."""
     check_val_fraction(val_fraction)
     given = x_test is not None
+    if np.asarray(x_train).dtype == np.uint8:
+        input_scale = input_scale / 255.0
     xs = {"x_train": x_train, "x_test": x_test} if given else {"x": x_train}
     ys = {"y_train": y_train, "y_test": y_test} if given else {"y": y_train}
     xa = {k: as_feature_array(v, where=where, what=k) for k, v in xs.items()}
@@ -248,7 +256,7 @@ def make_dataset(
         raise InputError(
             "only one class in the labels", where=where, fix="classification needs at least two classes"
         )
-    stats = normalization_stats(xtr, kind)
+    stats = {**normalization_stats(xtr, kind), "scale": float(input_scale)}
     xtr, xte = apply_normalization(xtr, stats), apply_normalization(xte, stats)
     return Dataset(
         name=name,
@@ -262,4 +270,5 @@ def make_dataset(
         kind=kind,
         normalization=stats,
         split=split,
+        class_names=None if class_names is None else [str(c) for c in class_names],
     )

@@ -296,13 +296,14 @@ def read_folder(path: str, *, image_size: int | None, channels: int | None) -> d
     return {"x": x, "y": y, "classes": classes, "channels": c}
 
 
-def read_digits() -> dict[str, np.ndarray]:
+def read_digits() -> dict[str, Any]:
     """scikit-learn's bundled 8×8 digits (1,797 real scans, no download), pixel values 0..16 → [0, 1]."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = (bunch.images.astype(np.float32) / np.float32(16.0))[:, None, :, :]
-    return {"x": x, "y": bunch.target.astype(np.int64)}
+    return {"x": x, "y": bunch.target.astype(np.int64), "classes": [str(c) for c in bunch.target_names],
+            "input_scale": 1.0 / 16.0}
 
 
 SYNTHETIC_DEFAULTS = {"n": 512, "test": 128, "features": 20, "classes": 4, "seed": 0}

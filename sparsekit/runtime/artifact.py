@@ -5,10 +5,11 @@ Each layer is one node ``SparseLinear(X, values, indices, rowptr[, bias]) -> Y``
 column indices, ``rowptr`` int64 (out + 1), all stored as initializers. Attributes: ``in_features``,
 ``out_features``, ``activation`` ("relu" or "none"; all three required), ``negative_slope`` (0.0 for relu, 1.0
 for none) and ``plan`` (JSON: batch size -> kernel spec). The loader checks everything (``checks``) and refuses
-what it cannot run exactly. A ``Flatten`` in front keeps the input signature of the dense model.
-``sparsekit.runtime.load`` (or ``sparsekit run``) runs the nodes with sparsekit's kernels; the file also carries
-the op as an ONNX function of standard ops (``portable``), so stock ONNX Runtime runs it too, at dense speed.
-docs/fast-format.md specifies the format.
+what it cannot run exactly, the io metadata a deployer reads (``sparsekit.input_layout``,
+``sparsekit.input_normalization``, ``sparsekit.class_names``) included. A ``Flatten`` in front keeps the input
+signature of the dense model. ``sparsekit.runtime.load`` (or ``sparsekit run``) runs the nodes with sparsekit's
+kernels; the file also carries the op as an ONNX function of standard ops (``portable``), so stock ONNX Runtime
+runs it too, at dense speed. docs/fast-format.md specifies the format.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def from_onnx(proto: onnx.ModelProto, *, threads: int = 1, where: str = "artifac
     if not layers:
         raise InputError("artifact has no SparseLinear layers", where=where)
     meta = {p.key: p.value for p in proto.metadata_props}
+    checks.io_metadata(meta, n_outputs=layers[-1].n_out, input_shape=shape, where=where)
     model = FastModel(layers, shape, threads=threads, input_name=in_name, output_name=graph.output[0].name,
                       metadata=meta, memory_limit=memory_bound(size))
     model.fit_plans()

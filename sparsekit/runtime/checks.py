@@ -256,3 +256,15 @@ def layer_arrays(node: onnx.NodeProto, inits: dict[str, np.ndarray],
     values, indices, rowptr, bias = arrays
     assert values is not None and indices is not None and rowptr is not None
     return values, indices, rowptr, bias
+
+
+def io_metadata(meta: dict[str, str], *, n_outputs: int, input_shape: tuple[int, ...], where: str) -> dict[str, Any]:
+    """The artifact's io entries (``sparsekit.input_layout``, ``sparsekit.input_normalization``,
+    ``sparsekit.class_names``; ``sparsekit.model_io``), each checked for type and range and against the model:
+    one class name per output, a per-feature normalisation over the last input axis. A bad one is an
+    ``InputError``."""
+    from sparsekit.model_io import check_against_model, from_metadata
+
+    io = from_metadata(meta, where)
+    check_against_model(io, n_classes=n_outputs, n_features=input_shape[-1], where=where)
+    return io
