@@ -28,6 +28,7 @@ from sparsekit.checkpoint import load_checkpoint, restore
 from sparsekit.checkpoint import save_checkpoint as write_checkpoint
 from sparsekit.config import TrainConfig
 from sparsekit.data.batches import BatchPlan, StepBatches, batch_stream, check_augment, epoch_order
+from sparsekit.data.lazy import LazySamples
 from sparsekit.errors import InputError, TrainingError
 from sparsekit.run_dir import RunDir
 from sparsekit.schedules import LRSchedule
@@ -519,7 +520,7 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
     if not ctx.enabled:
         return evaluate(model, x, y, batch_size, device, task)
     sl = dist.local_slice(len(x), ctx)
-    xs, ys = x[sl], y[sl]
+    xs, ys = (x.subset(sl) if isinstance(x, LazySamples) else x[sl]), y[sl]
     n = len(xs)
     loss, acc = evaluate(model, xs, ys, batch_size, device, task) if n else (0.0, 0.0)
     total_loss, correct = dist.all_reduce_sum([loss * n, acc * n], ctx)

@@ -69,6 +69,10 @@ class LazySamples:
         """float32 samples at positions ``idx`` (normalised, channel-first images)."""
         raise NotImplementedError
 
+    def subset(self, part: slice) -> LazySamples:
+        """The samples ``part`` as another lazy source (``x[part]`` would read them all)."""
+        raise NotImplementedError
+
 
 class ArraySamples(LazySamples):
     """Rows ``rows`` (all when None) of a raw array, usually a ``np.memmap``; ``prepare`` turns a block of raw
@@ -82,6 +86,10 @@ class ArraySamples(LazySamples):
     def convert(self, idx: np.ndarray) -> np.ndarray:
         picked = idx if self.rows is None else self.rows[idx]
         return self.prepare(self.raw[picked])
+
+    def subset(self, part: slice) -> ArraySamples:
+        rows = np.arange(len(self.raw)) if self.rows is None else self.rows
+        return ArraySamples(self.raw, rows[part], self.prepare, self.sample_shape)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (DataLoader workers under spawn) as the file and offset of a memmap, not its bytes."""
@@ -116,6 +124,9 @@ class ImageFiles(LazySamples):
         for i, j in enumerate(idx):
             block[i] = self.decode(self.files[int(j)])
         return self.prepare(block)
+
+    def subset(self, part: slice) -> ImageFiles:
+        return ImageFiles(self.files[part], self.decode, self.prepare, self.sample_shape)
 
 
 class RunningMoments:
