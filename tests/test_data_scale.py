@@ -298,10 +298,12 @@ def test_crop_flip_moves_pixels_as_specified():
     centre = torch.tensor([4, 4])
     assert torch.equal(crop_flip(x, centre, centre, torch.tensor([False, False])), x)
     assert torch.equal(crop_flip(x, centre, centre, torch.tensor([True, False]))[0], x[0].flip(-1))
-    out = crop_flip(x, torch.tensor([0, 8]), torch.tensor([2, 4]), torch.tensor([False, True]))
-    # image 0 shifted down 4 rows and right 2 columns, zeros enter; image 1 shifted up 4 rows, then flipped
+    out = crop_flip(x, torch.tensor([0, 8]), torch.tensor([2, 1]), torch.tensor([False, True]))
+    # image 0 shifted down 4 rows and right 2 columns, zeros enter; image 1 shifted up 4 rows and right 3
+    # columns (its first two columns are left), then flipped: the crop is flipped, not the padded image
     assert torch.equal(out[0, :, 4:, 2:], x[0, :, :2, :3]) and (out[0, :, :4] == 0).all()
-    assert torch.equal(out[1, :, :2].flip(-1), x[1, :, 4:]) and (out[1, :, 2:] == 0).all()
+    assert torch.equal(out[1, :, :2, :2], x[1, :, 4:, :2].flip(-1))
+    assert (out[1, :, 2:] == 0).all() and (out[1, :, :, 2:] == 0).all()
 
 
 def test_crop_flip_params_are_a_function_of_seed_and_step():
@@ -368,5 +370,6 @@ def test_worker_errors_come_back_as_one_line(tmp_path, monkeypatch):
     cfg = image_config(data=f"folder:{tmp_path / 'img'}", image_size=8, epochs=2, batch_size=4, workers=2)
     ds = load_dataset(cfg.data, seed=cfg.seed, image_size=8)  # loads: the broken image is not in the sample
     assert "9.png" in [f.name for f in ds.x_train.files]
-    with pytest.raises(InputError, match=r"cannot read image .*9\.png"):
+    with pytest.raises(InputError, match=r"cannot read image .*9\.png") as info:
         train(cfg, tmp_path / "run")
+    assert "Traceback" not in info.value.message and "worker" not in info.value.message  # the error, as itself
