@@ -60,8 +60,8 @@ def train(
                               "py:package.module:function / py:path/file.py:function (runs your code).", show_default="mlp"),
     model_kwargs: list[str] = typer.Option(None, "--model-kwargs", help="key=value for the model, one pair per "
                                            "use; lists as comma lists (hidden=512,256); width=0.5 scales widths.", show_default="none"),
-    data: str = typer.Option(None, "--data", help="Dataset: digits | synthetic | npz:PATH | csv:PATH | folder:PATH "
-                             "| text:PATH | stdlib-docs "
+    data: str = typer.Option(None, "--data", help="Dataset: digits | synthetic | npz:PATH | npy:DIR | csv:PATH "
+                             "| folder:PATH | cifar-bin:DIR | text:PATH | stdlib-docs "
                              "(see `sparsekit datasets`).", show_default="digits"),
     method: str = typer.Option(None, "--method", help="Sparse-training method (see `sparsekit methods`).", show_default="rigl"),
     sparsity: float = typer.Option(None, "--sparsity", help="Fraction of prunable weights removed.", show_default="0.9"),
@@ -95,6 +95,10 @@ def train(
     seq_len: int = typer.Option(None, "--seq-len", help="text data: window length in symbols (truncated BPTT; "
                                 "state reset per window).", show_default="128"),
     vocab: str = typer.Option(None, "--vocab", help="text data: byte (256 symbols) | char (the file's characters).", show_default="byte"),
+    augment: str = typer.Option(None, "--augment", help="Training-batch augmentation: none | crop-flip (images: "
+                                "4-pixel padded random crop + horizontal flip, seeded per step).", show_default="none"),
+    workers: int = typer.Option(None, "--workers", help="DataLoader processes building training batches (same "
+                                "batches, bit-identical results; helps lazy folders).", show_default="0"),
     steps: int = typer.Option(None, "--steps", help="Total optimizer steps (before --train-multiplier); "
                               "overrides --epochs.", show_default="whole epochs"),
     update_interval: int = typer.Option(None, "--update-interval", help="RigL/SET/SNFS: steps between mask updates (ΔT).", show_default="100"),
@@ -143,7 +147,7 @@ def train(
         "warmup_epochs": warmup_epochs, "clip_grad": clip_grad, "seed": seed, "device": device,
         "val_fraction": val_fraction, "image_size": image_size, "channels": channels,
         "seq_len": seq_len, "vocab": vocab, "steps": steps, "sparse_embeddings": sparse_embeddings,
-        "checkpoint_every": checkpoint_every, "dist_timeout": dist_timeout, "threads": threads, "nan_policy": nan_policy, "init_from": init_from,
+        "augment": augment, "workers": workers, "checkpoint_every": checkpoint_every, "dist_timeout": dist_timeout, "threads": threads, "nan_policy": nan_policy, "init_from": init_from,
     }
     if label_column is not None:
         cli["label_column"] = int(label_column) if label_column.lstrip("-").isdigit() else label_column

@@ -7,6 +7,7 @@ resolved result reproduces the run (``sparsekit train --config runs/x/config.jso
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -54,12 +55,15 @@ class TrainConfig:
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"
     warmup_epochs: float = 0.0
+    lr_milestones: list[float] | None = None  # step schedule: fractions of training (None: 0.3, 0.6, 0.9)
     clip_grad: float | None = None
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 0  # steps; 0 = at the end of every epoch only
     threads: int = 0  # CPU intra-op threads; 0 = auto (1 for small models, see training.choose_threads)
     nan_policy: str = "stop"
+    workers: int = 0  # DataLoader worker processes building training batches (0: in the training process)
+    augment: str | None = None  # none | crop-flip (images); None = none, keeps older configs equal
     eval_batch_size: int = 1024
     init_from: str | None = None
     dist_timeout: float = 300.0  # seconds a collective may wait under torchrun before the job fails
@@ -103,6 +107,7 @@ class TrainConfig:
             raise bad(f"gradient clipping norm must be > 0, got {self.clip_grad}", "--clip-grad", "e.g. 10")
         if number("erk_power_scale", self.erk_power_scale) < 0:
             raise bad("ERK power scale must be >= 0", "--erk-power-scale", "e.g. 1.0")
+        from sparsekit.data.batches import AUGMENTS
         from sparsekit.distributions import DISTRIBUTIONS
         from sparsekit.schedules import LR_SCHEDULES
 
@@ -116,6 +121,12 @@ class TrainConfig:
         if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 0:
             raise bad(f"threads must be a non-negative integer, got {self.threads!r}", "--threads",
                       "e.g. --threads 2, or 0 for automatic")
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
+            raise bad(f"workers must be a non-negative integer, got {self.workers!r}", "--workers",
+                      "e.g. --workers 4, or 0 to build batches in the training process")
+        if self.augment is not None and self.augment not in AUGMENTS:
+            raise bad(f"unknown augmentation {self.augment!r}", "--augment", close_matches(str(self.augment), AUGMENTS))
+        self._validate_milestones()
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise bad("checkpoint interval must be a non-negative integer", "--checkpoint-every", "e.g. 500")
         if number("dist_timeout", self.dist_timeout) <= 0:
@@ -131,6 +142,20 @@ class TrainConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise bad(f"seed must be a non-negative integer, got {self.seed!r}", "--seed", "e.g. --seed 0")
         return self
+
+    def _validate_milestones(self) -> None:
+        """``lr_milestones``: increasing fractions of training in (0, 1), for the step schedule only."""
+        ms = self.lr_milestones
+        if ms is None:
+            return
+        fix = "give increasing fractions of training, e.g. lr_milestones: [0.3, 0.6, 0.9]"
+        if (not isinstance(ms, list) or not ms
+                or not all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 < m < 1 for m in ms)
+                or any(b <= a for a, b in itertools.pairwise(ms))):
+            raise InputError(f"lr_milestones {ms!r} are not increasing fractions in (0, 1)", where="--config", fix=fix)
+        if self.lr_schedule != "step":
+            raise InputError(f"lr_milestones apply to the step LR schedule, not {self.lr_schedule}",
+                             where="--config", fix="add lr_schedule: step, or drop lr_milestones")
 
 
 _FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -31,7 +31,7 @@ SCHEMA_VERSION = "1.0"
 N_SAMPLES = 512
 N_SAMPLES_SEQUENCE = 8  # LM logits are (n, T, vocab): 8 windows of 512 x 256 floats are already 4 MB
 # Settings that may differ between an interrupted command and its --resume without changing the result.
-_RESUME_FREE = {"device", "checkpoint_every", "eval_batch_size"}
+_RESUME_FREE = {"device", "checkpoint_every", "eval_batch_size", "workers"}  # none changes the result
 
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:

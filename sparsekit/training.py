@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +27,11 @@ from sparsekit import run_writer as rd
 from sparsekit.checkpoint import load_checkpoint, restore
 from sparsekit.checkpoint import save_checkpoint as write_checkpoint
 from sparsekit.config import TrainConfig
+from sparsekit.data.batches import BatchPlan, StepBatches, batch_stream, check_augment, epoch_order
+from sparsekit.data.lazy import LazySamples
 from sparsekit.errors import InputError, TrainingError
 from sparsekit.run_dir import RunDir
 from sparsekit.schedules import LRSchedule
-from sparsekit.selection import stream_seed
 from sparsekit.settings import SparsitySettings
 from sparsekit.sparsifier import Sparsifier
 from sparsekit.tasks import CLASSIFICATION, TASKS, Task, task_of
@@ -84,12 +85,6 @@ def make_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.opt
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffle of epoch ``epoch``: a function of (seed, epoch) only, so resume needs no RNG state."""
-    gen = torch.Generator().manual_seed(stream_seed(seed, epoch, -1, "shuffle"))
-    return torch.randperm(n, generator=gen)
 
 
 @torch.no_grad()
@@ -205,8 +200,8 @@ class TrainingRun:
     #: running sums of the epoch and counters; saved in (and restored from) the checkpoint's metadata
     state: dict[str, Any] = field(default_factory=lambda: {
         "epoch_loss_sum": 0.0, "epoch_correct": 0, "epoch_seen": 0, "train_seconds": 0.0, "skipped_batches": 0})
-    order: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
-    order_epoch: int = -1
+    #: the stream of training batches, opened at the first step trained by this process
+    batches: Iterator[Any] | None = None
     seconds_before: float = 0.0
     t_loop: float = 0.0
 
@@ -306,6 +301,7 @@ def set_up_run(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: b
     data = load_dataset(config.data, seed=config.seed, val_fraction=config.val_fraction,
                         label_column=config.label_column, image_size=config.image_size, channels=config.channels,
                         seq_len=config.seq_len, vocab=config.vocab)
+    check_augment(config.augment, data)
     task = task_of(data)
     method = make_method(config.method, **config.method_options)
     model, width_info = rd.build_run_model(config, data, method)
@@ -314,8 +310,10 @@ def set_up_run(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: b
         torch.set_num_threads(choose_threads(config, model, tuple(data.input_shape), device, ctx))
     steps_per_epoch, total_epochs, total_steps = step_budget(config, len(data.x_train))
     optimizer = make_optimizer(config, list(model.parameters()))
+    milestones = {} if config.lr_milestones is None else {"milestones": tuple(config.lr_milestones)}
     schedule = LRSchedule(config.lr, total_steps, config.lr_schedule,
-                          warmup_steps=round(config.warmup_epochs * config.train_multiplier * steps_per_epoch))
+                          warmup_steps=round(config.warmup_epochs * config.train_multiplier * steps_per_epoch),
+                          **milestones)
     init_batches = _init_batches(data, config, device, method.init_batch_count())
     sp = Sparsifier(model, optimizer, method, SparsitySettings.from_config(config, total_steps),
                     init_batches=init_batches, loss_fn=task.loss)  # masks broadcast from rank 0
@@ -368,17 +366,18 @@ def _wrap_ddp(run: TrainingRun) -> None:
 
 
 def _batch(run: TrainingRun, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Step ``step``'s batch from its epoch's shuffle (this rank's share of it under torchrun), on the
-    device, and the size of the global batch."""
-    epoch, batch_idx = divmod(step - 1, run.steps_per_epoch)
-    if run.order_epoch != epoch:
-        run.order, run.order_epoch = epoch_order(len(run.data.x_train), run.config.seed, epoch), epoch
-    size = run.config.batch_size
-    idx = run.order[batch_idx * size:(batch_idx + 1) * size]
-    n_global = len(idx)
-    if run.ctx.enabled:
-        idx = idx[dist.local_slice(n_global, run.ctx)]
-    return run.data.x_train[idx].to(run.device), run.data.y_train[idx].to(run.device), n_global
+    """Step ``step``'s batch from its epoch's shuffle (this rank's share of it under torchrun), augmented,
+    on the device, and the size of the global batch (``sparsekit.data.batches``)."""
+    if run.batches is None:
+        plan = BatchPlan(n_train=len(run.data.x_train), batch_size=run.config.batch_size,
+                         steps_per_epoch=run.steps_per_epoch, seed=run.config.seed,
+                         augment=run.config.augment or "none", rank=run.ctx.rank, world_size=run.ctx.world_size)
+        run.batches = batch_stream(StepBatches(run.data.x_train, run.data.y_train, plan),
+                                   range(step, run.total_steps + 1), run.config.workers)
+    got, xb, yb, n_global = next(run.batches)
+    if got != step:  # the stream follows the loop's steps one by one
+        raise RuntimeError(f"batch stream out of step: got step {got}, training step {step}")
+    return xb.to(run.device), yb.to(run.device), n_global
 
 
 def _loss(run: TrainingRun, step: int, out: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -498,6 +497,8 @@ def finish_run(run: TrainingRun) -> dict[str, Any]:
     """After the last step: the final evaluation, the run directory's artifacts and summary (rank 0), the last
     checkpoint, and ``on_end`` on every rank. Returns the summary (on every rank)."""
     run.state["train_seconds"] = run.train_seconds()
+    if run.batches is not None:  # stop any DataLoader workers before the final evaluation and export
+        run.batches.close()
     data, ctx = run.data, run.ctx
     test_loss, test_acc = _evaluate(run.model, data.x_test, data.y_test, run.config.eval_batch_size, run.device,
                                     ctx, run.task)
@@ -519,7 +520,7 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
     if not ctx.enabled:
         return evaluate(model, x, y, batch_size, device, task)
     sl = dist.local_slice(len(x), ctx)
-    xs, ys = x[sl], y[sl]
+    xs, ys = (x.subset(sl) if isinstance(x, LazySamples) else x[sl]), y[sl]
     n = len(xs)
     loss, acc = evaluate(model, xs, ys, batch_size, device, task) if n else (0.0, 0.0)
     total_loss, correct = dist.all_reduce_sum([loss * n, acc * n], ctx)

@@ -2,9 +2,11 @@
 
 Spec grammar (``--data``): ``digits`` | ``synthetic[:n=…,test=…,features=…,classes=…,seed=…]`` |
 ``synthetic-image[:n=…,test=…,size=…,channels=…,classes=…,seed=…]`` | ``npz:PATH`` | ``csv:PATH`` |
-``folder:PATH`` | ``text:PATH`` | ``stdlib-docs``. File specs need their prefix: a bare path is refused
+``npy:DIR`` | ``folder:PATH`` | ``cifar-bin:DIR`` | ``text:PATH`` | ``stdlib-docs``. File specs need their
+prefix: a bare path is refused
 rather than guessed. ``text:`` and ``stdlib-docs`` are language-modelling corpora (``sparsekit.data.text``).
-Nothing is downloaded; no file is unpickled.
+Nothing is downloaded; no file is unpickled. Inputs too large for memory stay on disk (memory-mapped arrays,
+folder images decoded per batch): see ``sparsekit.data.lazy``.
 """
 
 from __future__ import annotations
@@ -50,8 +52,21 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo(
             "npz",
             "NumPy .npz with keys x,y (split for you) or x_train,y_train,x_test,y_test; "
-            "uint8 scaled to [0,1]; N×H×W or N×H×W×C images, N×F tables",
+            "uint8 scaled to [0,1]; N×H×W or N×H×W×C images, N×F tables; uncompressed (savez) inputs over "
+            "1 GiB as float32 are memory-mapped, compressed ones are read into memory",
             "npz:data/mnist.npz",
+        ),
+        DatasetInfo(
+            "npy",
+            "folder of NumPy .npy files x,y or x_train,y_train,x_test,y_test, memory-mapped (larger than "
+            "memory is fine; read per batch when over 1 GiB as float32); same rules as npz",
+            "npy:data/big",
+        ),
+        DatasetInfo(
+            "cifar-bin",
+            "CIFAR-10/100 binary version (data_batch_1..5.bin + test_batch.bin, or train.bin + test.bin "
+            "with fine labels); 3×32×32 images, given test split; no pickles",
+            "cifar-bin:cifar-10-batches-bin",
         ),
         DatasetInfo(
             "csv",
@@ -75,13 +90,14 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo(
             "folder",
             "class-per-subfolder images read with Pillow, resized to --image-size "
-            "(default 32), --channels 1 or 3 (default: 3 if any image is colour)",
+            "(default 32), --channels 1 or 3 (default: 3 if any image is colour); over 1 GiB decoded, images "
+            "are decoded per batch and normalised from 1,024 sampled images",
             "folder:./images",
         ),
     ]
 }
 
-_FILE_KINDS = ("npz", "csv", "folder", "text")
+_FILE_KINDS = ("npz", "npy", "csv", "folder", "cifar-bin", "text")
 _TEXT_KINDS = ("text", "stdlib-docs")
 
 
@@ -159,6 +175,18 @@ def load_dataset(
 
         def build() -> dict[str, Any]:
             return readers.read_npz(rest)
+    elif kind == "npy":
+        where = str(readers.user_path(rest)) if rest else where
+
+        def build() -> dict[str, Any]:
+            return readers.read_npy_dir(rest)
+    elif kind == "cifar-bin":
+        where = str(readers.user_path(rest)) if rest else where
+
+        def build() -> dict[str, Any]:
+            from sparsekit.data.cifar import read_cifar_bin
+
+            return read_cifar_bin(rest)
     elif kind == "csv":
         where = str(readers.user_path(rest)) if rest else where
 
@@ -171,6 +199,10 @@ def load_dataset(
             return readers.read_folder(rest, image_size=image_size, channels=channels)
 
     arrays = build()
+    if "files" in arrays:  # a folder too large to decode up front
+        from sparsekit.data.lazy import folder_dataset
+
+        return folder_dataset(arrays, name=kind, spec=spec, where=where, seed=seed, val_fraction=val_fraction)
     if "x_train" in arrays:  # a given test split
         split = {"x_train": arrays["x_train"], "y_train": arrays["y_train"],
                  "x_test": arrays["x_test"], "y_test": arrays["y_test"]}
@@ -184,7 +216,7 @@ def _fix_hint() -> str:
     return (
         "use a registry name ("
         + ", ".join(k for k in DATASETS if k not in _FILE_KINDS)
-        + ") or a prefixed file spec npz:PATH, csv:PATH, folder:PATH, text:PATH"
+        + ") or a prefixed file spec npz:PATH, npy:DIR, csv:PATH, folder:PATH, cifar-bin:DIR, text:PATH"
     )
 
 
@@ -204,5 +236,6 @@ def _unknown(spec: str) -> InputError:
     return InputError(
         f"unknown dataset {kind!r}",
         where=f"--data {spec}",
-        fix=close_matches(kind, list(DATASETS)) + "; file specs need a prefix (npz:, csv:, folder:, text:)",
+        fix=close_matches(kind, list(DATASETS)) + "; file specs need a prefix (npz:, npy:, csv:, folder:, cifar-bin:, "
+        "text:)",
     )

@@ -45,7 +45,8 @@ def existing_path(path: str, *, kind: str, directory: bool = False) -> Path:
         raise InputError(
             f"{p} is not a folder",
             where=f"--data {kind}:{path}",
-            fix="folder: expects a directory with one subfolder per class",
+            fix="folder: expects a directory with one subfolder per class" if kind == "folder"
+            else f"{kind}: expects a directory",
         )
     if not directory and p.is_dir():
         raise InputError(
@@ -111,7 +112,7 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
                     where=where,
                     fix="re-save the arrays under the expected key names",
                 )
-            return {k: archive[k] for k in wanted}
+            return {k: _npz_array(p, archive, k) for k in wanted}
     except InputError:
         raise
     except ValueError as exc:
@@ -133,6 +134,47 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
             where=where,
             fix="the file is truncated, corrupt or not an .npz; regenerate it with numpy.savez",
         ) from exc
+
+
+def _npz_array(path: Path, archive: Any, key: str) -> np.ndarray:
+    """Member ``key``: memory-mapped when it is an input too large for memory and stored uncompressed
+    (``numpy.savez``), else read (and CRC-checked) into memory."""
+    from sparsekit.data.lazy import fits_in_memory
+    from sparsekit.data.mmap import map_npz_member, npz_members
+
+    if key.startswith("x"):
+        info = npz_members(path)[key]
+        if info.stored and not fits_in_memory(info.shape[0] if info.shape else 1, int(np.prod(info.shape[1:]))):
+            return map_npz_member(path, key)
+    return archive[key]
+
+
+def read_npy_dir(path: str) -> dict[str, np.ndarray]:
+    """A folder of ``.npy`` files ``x, y`` or ``x_train, y_train, x_test, y_test``; inputs memory-mapped."""
+    from sparsekit.data.mmap import map_npy
+
+    root = existing_path(path, kind="npy", directory=True)
+    names = {f.stem for f in root.glob("*.npy")}
+    full, pair = ["x_train", "y_train", "x_test", "y_test"], ["x", "y"]
+    wanted = full if set(full) <= names else pair if set(pair) <= names else None
+    if wanted is None or (set(full) <= names and set(pair) & names):
+        raise InputError(
+            f"{root} has .npy files {sorted(names)}; expected x.npy,y.npy or x_train,y_train,x_test,y_test .npy",
+            where=str(root),
+            fix="save each array with numpy.save under one of those two sets of names",
+        )
+    out: dict[str, np.ndarray] = {}
+    for key in wanted:
+        f = root / f"{key}.npy"
+        try:
+            out[key] = map_npy(f) if key.startswith("x") else np.load(f, allow_pickle=False)
+        except InputError:
+            raise
+        except (ValueError, OSError, EOFError) as exc:
+            what = "object arrays, which are refused (they need pickle)" if "pickle" in str(exc) else "no valid .npy"
+            raise InputError(f"{f} holds {what} ({type(exc).__name__}: {exc})", where=str(f),
+                             fix="save numeric arrays with numpy.save (the file may be truncated or corrupt)") from exc
+    return out
 
 
 def _parse_float(cell: str) -> float | None:
@@ -221,11 +263,13 @@ def _label_index(label_column: int | str | None, header: list[str] | None, ncol:
 
 
 def read_folder(path: str, *, image_size: int | None, channels: int | None) -> dict[str, Any]:
-    """Class-per-subfolder images (sorted class names), resized to image_size × image_size, as uint8."""
-    from PIL import Image, UnidentifiedImageError
+    """Class-per-subfolder images (sorted class names), resized to image_size × image_size, as uint8 N×S×S×C.
+
+    A folder whose decoded images would not fit in ``lazy.IN_MEMORY_BYTES`` is not decoded here: the result
+    then has ``files`` instead of ``x``, and :func:`folder_dataset` decodes images when batches are drawn."""
+    from sparsekit.data.lazy import fits_in_memory
 
     root = existing_path(path, kind="folder", directory=True)
-    where = str(root)
     size = 32 if image_size is None else image_size
     if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 4096:
         raise InputError(
@@ -237,6 +281,23 @@ def read_folder(path: str, *, image_size: int | None, channels: int | None) -> d
         raise InputError(
             f"channels {channels!r} is invalid", where="--channels", fix="use 1 (grayscale) or 3 (RGB)"
         )
+    files, y, classes = list_image_files(root)
+    out: dict[str, Any] = {"y": y, "classes": classes, "size": size}
+    if not fits_in_memory(len(files), size * size * (channels or 3)):
+        return {**out, "files": files, "channels": channels}
+    # Resize as we read (memory stays ~ N × size² × 3 bytes); gray sources stay 1-channel until we
+    # know whether any image is colour.
+    resized = [decode_image(f, size) for f in files]
+    c = channels if channels is not None else (3 if any(is_colour(im) for im in resized) else 1)
+    x = np.empty((len(resized), size, size, c), dtype=np.uint8)
+    for i, small in enumerate(resized):
+        x[i] = to_channels(small, c)
+    return {**out, "x": x, "channels": c}
+
+
+def list_image_files(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
+    """The image files of each class subfolder (sorted), their labels, and the sorted class names."""
+    where = str(root)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(classes) < 2:
         raise InputError(
@@ -258,42 +319,51 @@ def read_folder(path: str, *, image_size: int | None, channels: int | None) -> d
                 fix=f"add images ({', '.join(IMAGE_SUFFIXES)}) or remove the folder",
             )
         files += [(f, label) for f in found]
-    # Resize as we read (memory stays ~ N × size² × 3 bytes); gray sources stay 1-channel until we
-    # know whether any image is colour.
-    resized: list[np.ndarray] = []
-    any_colour = False
-    for f, _ in files:
-        try:
-            with Image.open(f) as im:
-                im.load()
-                img = im.convert("L" if im.mode in GRAY_MODES else "RGB")
-                small = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR))
-        except (
-            UnidentifiedImageError,
-            OSError,
-            ValueError,
-            SyntaxError,
-            Image.DecompressionBombError,
-        ) as exc:
-            raise InputError(
-                f"cannot read image {f} ({type(exc).__name__}: {exc})",
-                where=str(f),
-                fix="remove or replace the corrupt/truncated image",
-            ) from exc
-        if small.ndim == 3 and not (
-            np.array_equal(small[..., 0], small[..., 1]) and np.array_equal(small[..., 1], small[..., 2])
-        ):
-            any_colour = True
-        resized.append(small)
-    c = channels if channels is not None else (3 if any_colour else 1)
-    x = np.empty((len(resized), size, size, c), dtype=np.uint8)
-    for i, small in enumerate(resized):
-        if c == 3:
-            x[i] = small if small.ndim == 3 else np.repeat(small[..., None], 3, axis=2)
-        else:
-            x[i, ..., 0] = small if small.ndim == 2 else np.asarray(Image.fromarray(small).convert("L"))
-    y = np.array([label for _, label in files], dtype=np.int64)
-    return {"x": x, "y": y, "classes": classes, "channels": c}
+    return [f for f, _ in files], np.array([label for _, label in files], dtype=np.int64), classes
+
+
+def decode_image(f: Path, size: int) -> np.ndarray:
+    """One image resized to size × size: uint8 H×W (gray sources) or H×W×3."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(f) as im:
+            im.load()
+            img = im.convert("L" if im.mode in GRAY_MODES else "RGB")
+            return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR))
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+    ) as exc:
+        raise InputError(
+            f"cannot read image {f} ({type(exc).__name__}: {exc})",
+            where=str(f),
+            fix="remove or replace the corrupt/truncated image",
+        ) from exc
+
+
+def is_colour(small: np.ndarray) -> bool:
+    """Whether a decoded image has differing colour channels (RGB files of gray pixels count as gray)."""
+    return small.ndim == 3 and not (
+        np.array_equal(small[..., 0], small[..., 1]) and np.array_equal(small[..., 1], small[..., 2])
+    )
+
+
+def to_channels(small: np.ndarray, c: int) -> np.ndarray:
+    """A decoded image as uint8 H×W×C with C = 1 or 3."""
+    from PIL import Image
+
+    if c == 3:
+        return small if small.ndim == 3 else np.repeat(small[..., None], 3, axis=2)
+    return (small if small.ndim == 2 else np.asarray(Image.fromarray(small).convert("L")))[..., None]
+
+
+def decode_to_channels(f: Path, *, size: int, channels: int) -> np.ndarray:
+    """:func:`decode_image` then :func:`to_channels`: one lazily read folder image."""
+    return to_channels(decode_image(f, size), channels)
 
 
 def read_digits() -> dict[str, Any]:
