@@ -5,7 +5,10 @@ runs it, see ``sparsekit.runtime.graph_model``).
 A layer is a ``MatMul(X, W)`` whose ``W`` is a 2-D initializer (``W`` is (in, out): torch exports
 ``nn.Linear`` on 3-D inputs this way), or a ``Gemm(X, B[, C])`` with a constant ``B`` (alpha = beta = 1,
 no transposed ``X``). A following ``Add`` of a constant (out,) vector becomes the node's bias and a following
-``Relu`` its activation, when nothing else reads the intermediate tensor. Layers denser than
+``Relu`` its activation, when nothing else reads the intermediate tensor. SparseLinear takes rows (2-D): an
+input of another rank, e.g. (batch, sequence, features), is reshaped to rows and back by standard nodes
+around it. The artifact carries the op's ONNX function (``sparsekit.runtime.portable``), so stock ONNX
+Runtime runs it too, at dense speed. Layers denser than
 ``MAX_DENSITY`` stay ordinary nodes: the sparse kernels would not beat ONNX Runtime's GEMM on them.
 """
 
@@ -18,7 +21,8 @@ import onnx
 from onnx import helper
 from sparsekit.exporters.graph import UnsupportedGraphError, _attr, initializer_arrays
 
-from sparsekit.runtime.checks import DOMAIN, OP
+from sparsekit.runtime import portable
+from sparsekit.runtime.checks import DOMAIN, OP, SLOPES
 from sparsekit.runtime.layers import CsrLayer
 
 MAX_DENSITY = 0.5
@@ -73,7 +77,8 @@ def pack_graph(dense: onnx.ModelProto, *, max_density: float = MAX_DENSITY) -> P
             readers.setdefault(i, []).append(node)
     outputs = {o.name for o in g.output}
     removed: set[int] = set()
-    replaced: dict[int, onnx.NodeProto] = {}
+    replaced: dict[int, list[onnx.NodeProto]] = {}
+    ranks = _ranks(dense)
     layers: dict[str, CsrLayer] = {}
     new_inits: list[onnx.TensorProto] = []
     kept: list[str] = []
@@ -106,13 +111,22 @@ def pack_graph(dense: onnx.ModelProto, *, max_density: float = MAX_DENSITY) -> P
         arrays = [v, i, rp] + ([layer.bias] if bias is not None else [])
         new_inits += [onnx.numpy_helper.from_array(np.ascontiguousarray(a), n) for a, n in zip(arrays, names,
                                                                                                 strict=True)]
-        replaced[id(node)] = helper.make_node(OP, [node.input[0], *names], [out], domain=DOMAIN, name=name,
-                                              in_features=layer.n_in, out_features=layer.n_out,
-                                              activation="relu" if layer.relu else "none", plan="{}")
+        act = "relu" if layer.relu else "none"
+        x = node.input[0]
+        two_d = ranks.get(x) == 2
+        sparse = helper.make_node(OP, [x if two_d else f"{name}.x2d", *names], [out if two_d else f"{name}.y2d"],
+                                  domain=DOMAIN, name=name, in_features=layer.n_in, out_features=layer.n_out,
+                                  activation=act, negative_slope=SLOPES[act], plan="{}")
+        if two_d:
+            replaced[id(node)] = [sparse]
+        else:
+            wrapped, consts = _rows_wrapper(sparse, x, out, layer.n_in, layer.n_out)
+            replaced[id(node)] = wrapped
+            new_inits += consts
     if not layers:
         raise UnsupportedGraphError("no linear layer of this graph has a sparse constant weight", where="model",
                                     fix="the fast format packs sparse Linear/Gemm/MatMul layers; export --format onnx")
-    nodes = [replaced.get(id(n), n) for n in g.node if id(n) not in removed]
+    nodes = [m for n in g.node if id(n) not in removed for m in replaced.get(id(n), [n])]
     used = {i for n in nodes for i in n.input}
     kept_inits = [t for t in g.initializer if t.name in used]
     all_inits = {t.name for t in g.initializer}
@@ -123,7 +137,37 @@ def pack_graph(dense: onnx.ModelProto, *, max_density: float = MAX_DENSITY) -> P
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="sparsekit")
     proto.ir_version = dense.ir_version
     proto.functions.extend(dense.functions)
+    opset = next((int(o.version) for o in dense.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= portable.MIN_OPSET:  # stock ONNX Runtime runs the artifact too (its body needs opset 16)
+        proto.functions.append(portable.function(opset))
     return Packed(proto, layers, kept)
+
+
+def _ranks(dense: onnx.ModelProto) -> dict[str, int]:
+    """Each tensor's rank where ONNX shape inference knows it."""
+    try:
+        g = onnx.shape_inference.infer_shapes(dense, strict_mode=False).graph
+    except Exception:  # unknown ranks only mean wrappers everywhere
+        return {}
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in [*g.input, *g.value_info, *g.output]
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+
+
+def _rows_wrapper(sparse: onnx.NodeProto, x: str, y: str, n_in: int, n_out: int
+                  ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """SparseLinear takes rows (2-D, as Gemm in its function body does): ``x`` (..., in) is viewed as (rows, in)
+    and the result (rows, out) as (..., out), with standard Shape/Slice/Reshape/Concat nodes around it."""
+    p = sparse.name
+    mk = helper.make_node
+    consts = [onnx.numpy_helper.from_array(np.asarray(a, np.int64), n) for a, n in (
+        ([-1, n_in], f"{p}.rows_shape"), ([0], f"{p}.zero"), ([-1], f"{p}.minus_one"), ([n_out], f"{p}.out_dim"))]
+    nodes = [mk("Shape", [x], [f"{p}.x_shape"]),
+             mk("Slice", [f"{p}.x_shape", f"{p}.zero", f"{p}.minus_one"], [f"{p}.lead"]),
+             mk("Reshape", [x, f"{p}.rows_shape"], [f"{p}.x2d"]),
+             sparse,
+             mk("Concat", [f"{p}.lead", f"{p}.out_dim"], [f"{p}.y_shape"], axis=0),
+             mk("Reshape", [f"{p}.y2d", f"{p}.y_shape"], [y])]
+    return nodes, consts
 
 
 def _random_inputs(dense: onnx.ModelProto, batch: int, seed: int) -> dict[str, np.ndarray]:

@@ -57,9 +57,11 @@ def test_linear_layers_inside_a_graph_become_sparse_nodes_and_the_graph_still_co
     rng = np.random.default_rng(0)
     dense, inits = _ffn(rng)
     packed = pack_graph(dense)
-    ops = [(n.op_type, n.domain) for n in packed.proto.graph.node]
+    wrapper = {"Shape", "Slice", "Reshape", "Concat"}  # (b, s, 12) viewed as rows around each sparse node
+    ops = [(n.op_type, n.domain) for n in packed.proto.graph.node if n.op_type not in wrapper]
     assert ops == [("LayerNormalization", ""), ("SparseLinear", "com.sparsekit"), ("SparseLinear", "com.sparsekit"),
                    ("Add", "")]  # bias Adds and the Relu folded; the residual Add stays
+    assert sum(n.op_type in wrapper for n in packed.proto.graph.node) == 2 * 5
     assert packed.layers["fc1"].relu and not packed.layers["fc2"].relu
     assert np.array_equal(packed.layers["fc1"].dense_weight(), inits["w1"].T)
     assert np.array_equal(packed.layers["fc2"].bias, inits["b2"])
@@ -69,7 +71,23 @@ def test_linear_layers_inside_a_graph_become_sparse_nodes_and_the_graph_still_co
         x = rng.standard_normal(shape).astype(np.float32)
         assert_fp32_close(model.run(x), _ort(dense, {"x": x})[0])
         assert_fp32_close(model.run({"x": x}, threads=2), _ort(dense, {"x": x})[0])
-    assert model.info()["segments"] == 2 and len(model.layers) == 2
+    assert model.info()["segments"] == 3 and len(model.layers) == 2
+    # stock ONNX Runtime runs the artifact itself (the op's function of standard ops), no sparsekit needed
+    x = rng.standard_normal((2, 9, 12)).astype(np.float32)
+    assert_fp32_close(_ort(model.to_onnx(), {"x": x})[0], _ort(dense, {"x": x})[0])
+
+
+def test_a_two_d_input_needs_no_reshapes_and_runs_in_stock_onnx_runtime():
+    rng = np.random.default_rng(10)
+    dense, _ = _ffn(rng)
+    two_d = onnx.ModelProto()
+    two_d.CopyFrom(dense)
+    two_d.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 12]))
+    two_d.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 12]))
+    packed = pack_graph(two_d)
+    assert not {"Reshape", "Shape"} & {n.op_type for n in packed.proto.graph.node}
+    x = rng.standard_normal((5, 12)).astype(np.float32)
+    assert_fp32_close(_ort(GraphModel(packed.proto, packed.layers).to_onnx(), {"x": x})[0], _ort(two_d, {"x": x})[0])
 
 
 def test_nothing_is_folded_into_a_layer_whose_output_something_else_reads():
@@ -143,8 +161,17 @@ def test_a_hostile_graph_artifact_is_refused_with_one_line(tmp_path):
         numpy_helper.from_array(np.full(8, 999, np.uint16), "fc1.indices"))
     refused(bad, "CSR arrays hold|column index out of range")
     bad.CopyFrom(good)
-    bad.graph.node[1].attribute.append(helper.make_attribute("surprise", 1))
+    next(n for n in bad.graph.node if n.domain == "com.sparsekit").attribute.append(
+        helper.make_attribute("surprise", 1))
     refused(bad, "unknown attribute 'surprise'")
+    bad.CopyFrom(good)
+    for a in next(n for n in bad.graph.node if n.domain == "com.sparsekit").attribute:
+        if a.name == "negative_slope":
+            a.f = 0.5  # stock ONNX Runtime would compute another activation than sparsekit
+    refused(bad, "negative_slope = 0.5 does not match activation")
+    bad.CopyFrom(good)
+    bad.functions[0].node[-1].op_type = "Relu"
+    refused(bad, "not the fast format's body")
     bad.CopyFrom(good)
     branch = helper.make_graph([helper.make_node("Identity", ["x"], ["z"])], "b", [],
                                [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
@@ -184,5 +211,8 @@ def test_zoo_models_export_to_fast_and_match_the_dense_model(cli, tmp_path, name
                  ["layers"])
     assert isinstance(model, GraphModel) and 1 <= len(model.layers) <= sparse
     x = np.load(run / "samples.npz")["x"]
-    assert_fp32_close(model.run(x), _ort(onnx.load(str(run / "model.onnx")), {
-        ort.InferenceSession(str(run / "model.onnx")).get_inputs()[0].name: x})[0])
+    feed = {ort.InferenceSession(str(run / "model.onnx")).get_inputs()[0].name: x}
+    want = _ort(onnx.load(str(run / "model.onnx")), feed)[0]
+    assert_fp32_close(model.run(x), want)
+    # and in stock ONNX Runtime (the file's SparseLinear function), as a user without sparsekit runs it
+    assert_fp32_close(_ort(onnx.load(str(run / "export" / "model.fast.onnx")), feed)[0], want)

@@ -93,6 +93,7 @@ def is_chain(graph: onnx.GraphProto) -> bool:
 def _sparse_layers(proto: onnx.ModelProto, where: str) -> dict[str, CsrLayer]:
     """The SparseLinear nodes of a whole-graph artifact as layers by node name, each checked as in a chain."""
     graph = proto.graph
+    has_function = portable.check(proto, where, graph=True)
     sparse = [n for n in graph.node if n.domain == DOMAIN]
     names = {name for n in sparse for name in n.input[1:]}
     inits = checks.initializers(onnx.helper.make_graph([], "sparse", [], [], initializer=[
@@ -102,7 +103,7 @@ def _sparse_layers(proto: onnx.ModelProto, where: str) -> dict[str, CsrLayer]:
         label = f"{where}: node {node.name!r}"
         if node.op_type != OP or len(node.output) != 1 or not node.input or not node.name or node.name in layers:
             raise InputError(f"unsupported or unnamed {DOMAIN} node {node.op_type}", where=label, fix=checks.FIX)
-        attrs = checks.node_attrs(node, label)
+        attrs = checks.node_attrs(node, label, portable=has_function)
         values, indices, rowptr, bias = checks.layer_arrays(node, inits, label)
         try:
             layers[node.name] = CsrLayer.from_csr(attrs["in_features"], attrs["out_features"], values, indices,

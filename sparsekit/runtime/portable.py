@@ -102,14 +102,16 @@ def _normalized(f: onnx.FunctionProto) -> onnx.FunctionProto:
     return out
 
 
-def check(proto: onnx.ModelProto, where: str) -> bool:
+def check(proto: onnx.ModelProto, where: str, *, graph: bool = False) -> bool:
     """Whether ``proto`` carries the SparseLinear function (artifacts of format version 1 do not). One it carries
     must be exactly ``function(opset)``: another body would make stock ONNX Runtime compute something else than
-    sparsekit's kernels, so it is refused, as is any other function."""
-    if not len(proto.functions):
+    sparsekit's kernels, so it is refused, as is any other function of an MLP chain artifact. A whole-graph
+    artifact (``graph``) may also hold the source model's functions of other domains (ONNX Runtime runs them)."""
+    ours = [f for f in proto.functions if f.domain == DOMAIN] if graph else list(proto.functions)
+    if not ours:
         return False
     label = f"{where}: functions"
-    found = [f"{f.domain}::{f.name}" for f in proto.functions]
+    found = [f"{f.domain}::{f.name}" for f in ours]
     if found != [f"{DOMAIN}::{OP}"]:
         raise InputError(f"holds the functions {', '.join(found)}; a fast artifact holds one, {DOMAIN}::{OP}",
                          where=label, fix=FIX)
@@ -117,7 +119,7 @@ def check(proto: onnx.ModelProto, where: str) -> bool:
     if opset is None or opset < MIN_OPSET:
         raise InputError(f"the model imports opset {opset}; its {OP} function needs {MIN_OPSET} or later",
                          where=label, fix=FIX)
-    if _normalized(proto.functions[0]) != _normalized(function(opset)):
+    if _normalized(ours[0]) != _normalized(function(opset)):
         raise InputError(f"the {OP} function is not the fast format's body (stock ONNX Runtime would compute "
                          "something else than sparsekit)", where=label, fix=FIX)
     return True
