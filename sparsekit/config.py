@@ -133,7 +133,7 @@ class TrainConfig:
             raise bad(f"seed must be a non-negative integer, got {self.seed!r}", "--seed", "e.g. --seed 0")
         from sparsekit.methods import get_method_class
 
-        get_method_class(self.method).start_mask(self.init_mask, pretrained=self.init_from is not None)
+        get_method_class(self.method).start_mask(self.init_mask, pretrained=bool(self.init_from))
         return self
 
 

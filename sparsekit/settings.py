@@ -63,4 +63,4 @@ class SparsitySettings:
                    seed=config.seed, dense_first_layer=config.dense_first_layer,
                    erk_power_scale=config.erk_power_scale, layer_density=config.layer_density or None,
                    sparse_init=config.sparse_init, include_embeddings=bool(config.sparse_embeddings),
-                   pretrained=config.init_from is not None, init_mask=config.init_mask)
+                   pretrained=bool(config.init_from), init_mask=config.init_mask)
