@@ -10,11 +10,13 @@ Three sources, told apart by what they are (never by guessing from a name):
 
 The weights must match the model exactly (the same names and shapes); they are copied in unchanged. What a
 method then does with them (a magnitude mask, SNIP's scores, a dense start) is the method's business
-(``Method.start_mask``).
+(``Method.start_mask``). Once a mask has removed some of them, BatchNorm's running statistics (the dense
+model's) no longer fit and are re-estimated (``recalibrate_batchnorm``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,3 +136,35 @@ def load_into(model: nn.Module, start: StartPoint, *, fix: str) -> None:
             raise InputError(f"the mask {name} in {start.path} does not fit the model's weights", where=_WHERE,
                              fix=f"re-run training to rewrite {start.path}")
     model.load_state_dict(start.weights)
+
+
+#: Mini-batches (at most; one epoch if shorter) that BatchNorm statistics are re-estimated on.
+RECALIBRATION_BATCHES = 10
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Re-estimate the running mean and variance of every BatchNorm layer as the plain average over
+    ``batches`` (forward passes in training mode, no gradients; weights are untouched). Returns how many
+    layers were recalibrated.
+
+    Why: masking loaded weights shrinks the activations BatchNorm normalises, and the dense model's
+    running variance then dwarfs them at evaluation. Measured on a ResNet-20 (width 0.5, digits at
+    32×32): 97.8% dense, 8% after magnitude masking to 90% with the old statistics, 51% with recalibrated
+    ones; one epoch of fine-tuning does not wash the old ones out (momentum 0.1 leaves 0.9^23 of them)."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # None: a cumulative average over the batches
+    model.train()
+    for x, _ in batches:
+        model(x)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
+    return len(norms)

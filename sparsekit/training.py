@@ -33,7 +33,7 @@ from sparsekit.schedules import LRSchedule
 from sparsekit.selection import stream_seed
 from sparsekit.settings import SparsitySettings
 from sparsekit.sparsifier import Sparsifier
-from sparsekit.start import load_into, load_start
+from sparsekit.start import RECALIBRATION_BATCHES, StartPoint, load_into, load_start, recalibrate_batchnorm
 from sparsekit.tasks import CLASSIFICATION, TASKS, Task, task_of
 
 
@@ -329,12 +329,26 @@ def set_up_run(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: b
     run = TrainingRun(config=config, run_dir=run_dir, ctx=ctx, callbacks=callbacks, device=device, data=data,
                       task=task, model=model, optimizer=optimizer, schedule=schedule, sparsifier=sp,
                       width_info=width_info, steps_per_epoch=steps_per_epoch, total_epochs=total_epochs,
-                      total_steps=total_steps, t_start=t_start,
-                      start={**sp.start_summary(), **({} if start is None else start.summary())})
+                      total_steps=total_steps, t_start=t_start, start=sp.start_summary())
+    if start is not None:
+        _settle_start(run, start)
     _open_run_dir(run, resume=resume, overwrite=overwrite)
     if ctx.enabled:
         _wrap_ddp(run)
     return run
+
+
+def _settle_start(run: TrainingRun, start: StartPoint) -> None:
+    """After the start mask was chosen from loaded weights: record where they came from and, if the mask
+    removed some of them, re-estimate BatchNorm statistics on the first mini-batches of epoch 0 (the same on
+    every rank). A resumed run restores its own statistics from the checkpoint afterwards."""
+    run.start.update(start.summary())
+    if all(bool(ly.mask.all()) for ly in run.sparsifier.layers):
+        return
+    n = min(run.steps_per_epoch, RECALIBRATION_BATCHES)
+    recalibrated = recalibrate_batchnorm(run.model, _init_batches(run.data, run.config, run.device, n) or [])
+    if recalibrated:
+        run.start["batchnorm_recalibrated"] = recalibrated
 
 
 def _open_run_dir(run: TrainingRun, *, resume: bool, overwrite: bool) -> None:

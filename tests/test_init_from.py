@@ -301,6 +301,43 @@ def test_resume_from_an_init_from_run_is_bit_identical(dense_run, tmp_path):
 
 # -- what it is for: fine-tuning keeps the dense model's accuracy ----------------------------------------------
 
+def test_recalibrate_batchnorm_averages_the_batches_and_touches_nothing_else():
+    from sparsekit.start import recalibrate_batchnorm
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    norm = model[1]
+    with torch.no_grad():
+        norm.running_mean.fill_(50.0)
+        norm.running_var.fill_(900.0)  # the dense model's statistics, far off for the masked weights
+    weight = model[0].weight.detach().clone()
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 3, generator=gen), torch.zeros(16)) for _ in range(2)]
+    model.eval()
+    assert recalibrate_batchnorm(model, batches) == 1
+    with torch.no_grad():
+        outs = [model[0](x) for x, _ in batches]
+    torch.testing.assert_close(norm.running_mean, sum(o.mean(0) for o in outs) / 2)
+    torch.testing.assert_close(norm.running_var, sum(o.var(0) for o in outs) / 2)  # unbiased, as BatchNorm keeps
+    assert norm.momentum == 0.1 and not model.training and torch.equal(model[0].weight, weight)
+    assert recalibrate_batchnorm(nn.Sequential(nn.Linear(3, 4)), batches) == 0
+
+
+def test_a_masked_start_recalibrates_batchnorm_and_a_dense_start_does_not(cli, tmp_path):
+    conv = ["--model", "resnet20", "--model-kwargs", "width=0.25", "--data",
+            "synthetic-image:n=64,size=32,channels=3,classes=4,seed=0", "--batch-size", "32", "--device", "cpu",
+            "-q", "--json"]
+    assert cli(["train", *conv, "--method", "dense", "--epochs", "1", "--out", str(tmp_path / "d")]).exit_code == 0
+    from sparsekit.models import build_model
+
+    n_norms = sum(isinstance(m, nn.BatchNorm2d) for m in build_model(
+        "resnet20", {"width": 0.25}, input_shape=(3, 32, 32), num_classes=4).modules())
+    for method, want in (("static", n_norms), ("pruning", None)):
+        res = cli(["train", *conv, "--method", method, "--steps", "1", "--init-from", str(tmp_path / "d"),
+                   "--out", str(tmp_path / method)])
+        assert res.exit_code == 0, res.stderr
+        assert res.json()["start"].get("batchnorm_recalibrated") == want, method
+
+
 def readme_flow_commands() -> list[list[str]]:
     """The console block of the README's "Starting from a trained model" section."""
     section = README.read_text().split("## Starting from a trained model", 1)[1]
