@@ -309,6 +309,7 @@ def test_recalibrate_batchnorm_averages_the_batches_and_touches_nothing_else():
     with torch.no_grad():
         norm.running_mean.fill_(50.0)
         norm.running_var.fill_(900.0)  # the dense model's statistics, far off for the masked weights
+        norm.num_batches_tracked.fill_(500)  # ... after 500 training steps
     weight = model[0].weight.detach().clone()
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(16, 3, generator=gen), torch.zeros(16)) for _ in range(2)]
