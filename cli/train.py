@@ -52,7 +52,8 @@ def parse_pairs(pairs: list[str], flag: str) -> dict[str, Any]:
         "  sparsekit train --model lenet300 --data npz:mnist.npz --method rigl --sparsity 0.98 "
         "--epochs 30 --out runs/lenet --json\n\n"
         "  sparsekit train --model mlp --model-kwargs hidden=512,256 --data csv:table.csv --method static\n\n"
-        "  sparsekit train --config preset:char-gru-quick --method rigl --out runs/char-gru"
+        "  sparsekit train --config preset:char-gru-quick --method rigl --out runs/char-gru\n\n"
+        "  sparsekit train --method rigl --init-from runs/dense-0.9-s0 --sparsity 0.9 --epochs 5 --lr 0.01"
     )
 )
 def train(
@@ -70,7 +71,7 @@ def train(
                                            help="With uniform: keep the first layer dense (paper).", show_default="dense-first-layer"),
     sparse_embeddings: bool = typer.Option(None, "--sparse-embeddings/--dense-embeddings",
                                            help="Also sparsify nn.Embedding tables (char models).", show_default="dense-embeddings"),
-    sparse_init: str = typer.Option(None, "--sparse-init", help="scaled (each unit's weights rescaled to its sparse fan-in) | dense (dense init, masked).", show_default="scaled"),
+    sparse_init: str = typer.Option(None, "--sparse-init", help="scaled (each unit's fresh weights rescaled to its sparse fan-in) | dense (dense init, masked); --init-from weights are never rescaled.", show_default="scaled"),
     erk_power_scale: float = typer.Option(None, "--erk-power-scale", help="Exponent on ERK/ER raw densities.", show_default="1.0"),
     layer_density: list[str] = typer.Option(None, "--layer-density", help="PATTERN=DENSITY fixed per-layer density "
                                             "(fnmatch on parameter names, e.g. 'net.1.weight=0.5'); repeatable.", show_default="none"),
@@ -115,7 +116,12 @@ def train(
     prune_end: float = typer.Option(None, "--prune-end", help="Pruning: end, fraction of training.", show_default="0.75"),
     prune_interval: int = typer.Option(None, "--prune-interval", help="Pruning: steps between pruning steps.", show_default="100"),
     method_option: list[str] = typer.Option(None, "--method-option", help="Any other method option as key=value; repeatable.", show_default="none"),
-    init_from: str = typer.Option(None, "--init-from", help="Start from another run's final weights and mask.", show_default="none"),
+    init_from: str = typer.Option(None, "--init-from", help="Start from trained weights: a sparsekit run directory, "
+                                  "a .safetensors file or a torch state dict file (torch.save(model.state_dict()); "
+                                  "read with weights_only=True); names and shapes must match --model. Never rescaled.",
+                                  show_default="none"),
+    init_mask: str = typer.Option(None, "--init-mask", help="Start mask of rigl/set/snfs/static: magnitude (largest "
+                                  "|w| per layer) | random.", show_default="magnitude with --init-from, else random"),
     threads: int = typer.Option(None, "--threads", help="CPU threads for training; 0 = auto (1 when a step is small, where more threads only add overhead).", show_default="0"),
     dist_timeout: float = typer.Option(None, "--dist-timeout", help="torchrun: seconds before a lost or hung rank fails the job.", show_default="300"),
     checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="Also checkpoint every N steps (0: each epoch).", show_default="0"),
@@ -134,7 +140,8 @@ def train(
                                                "terminal, else plain)."),
     quiet: bool = quiet_option("No progress or table (implies --progress none)."),
 ) -> None:
-    """Train a model sparse from scratch and write a run directory (config, metrics, checkpoint, summary)."""
+    """Train a model sparse (from scratch, or from trained weights with --init-from) and write a run directory
+    (config, metrics, checkpoint, summary)."""
     from sparsekit.config import build_config
     from sparsekit.models import parse_model_kwargs
 
@@ -148,6 +155,7 @@ def train(
         "val_fraction": val_fraction, "image_size": image_size, "channels": channels,
         "seq_len": seq_len, "vocab": vocab, "steps": steps, "sparse_embeddings": sparse_embeddings,
         "augment": augment, "workers": workers, "checkpoint_every": checkpoint_every, "dist_timeout": dist_timeout, "threads": threads, "nan_policy": nan_policy, "init_from": init_from,
+        "init_mask": init_mask,
     }
     if label_column is not None:
         cli["label_column"] = int(label_column) if label_column.lstrip("-").isdigit() else label_column

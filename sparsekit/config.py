@@ -65,7 +65,8 @@ class TrainConfig:
     workers: int = 0  # DataLoader worker processes building training batches (0: in the training process)
     augment: str | None = None  # none | crop-flip (images); None = none, keeps older configs equal
     eval_batch_size: int = 1024
-    init_from: str | None = None
+    init_from: str | None = None  # a run directory, .safetensors or torch state dict file (sparsekit.start)
+    init_mask: str | None = None  # magnitude | random; None: magnitude with init_from, else random
     dist_timeout: float = 300.0  # seconds a collective may wait under torchrun before the job fails
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,6 +142,9 @@ class TrainConfig:
             raise bad(f"unknown vocab {self.vocab!r}", "--vocab", close_matches(str(self.vocab), ("byte", "char")))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise bad(f"seed must be a non-negative integer, got {self.seed!r}", "--seed", "e.g. --seed 0")
+        from sparsekit.methods import get_method_class
+
+        get_method_class(self.method).start_mask(self.init_mask, pretrained=bool(self.init_from))
         return self
 
     def _validate_milestones(self) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sparsekit.distributions import LayerPlan
-from sparsekit.selection import stream_seed
+from sparsekit.selection import Magnitude, select_top, stream_seed
 
 # Module types whose weight matrices are prunable, and the parameter names inside them.
 _RNN_TYPES = (nn.RNN, nn.GRU, nn.LSTM)
@@ -134,6 +134,25 @@ def random_mask(shape: tuple[int, ...], active: int, *, seed: int, layer: int,
     mask = torch.zeros(numel, dtype=torch.bool)
     mask[idx] = True
     return mask.view(shape).to(device)
+
+
+def magnitude_mask(weight: torch.Tensor, active: int, *, seed: int, layer: int,
+                   first: torch.Tensor | None = None) -> torch.Tensor:
+    """A mask with exactly ``active`` entries on: those of largest |w|, ties broken by the (seed, step 0,
+    layer, element) key. Entries of ``first`` (the mask the weights were trained under, if known) rank
+    before all others, so a weight that is 0 but was active keeps its place over the masked-out zeros."""
+    flat = weight.detach().reshape(-1)
+    everything = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+    prior = everything if first is None else first.reshape(-1).to(device=flat.device, dtype=torch.bool)
+    n_prior = int(prior.sum())
+    mask = torch.zeros_like(everything)
+    if active <= n_prior:
+        mask[select_top(Magnitude(flat), prior, active, largest=True, seed=seed, step=0, layer=layer)] = True
+    else:  # all of the prior mask, then the largest of the rest
+        mask |= prior
+        mask[select_top(Magnitude(flat), ~prior, active - n_prior, largest=True, seed=seed, step=0,
+                        layer=layer)] = True
+    return mask.view(weight.shape)
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) -> list[torch.Tensor]:

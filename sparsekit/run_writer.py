@@ -1,5 +1,5 @@
 """Training's side of the run directory: prepare it, append the logs, write the final artifacts and
-the summary (also for ``sparsekit.save``), start from another run. The files, their names and their
+the summary (also for ``sparsekit.save``). The files, their names and their
 readers are ``sparsekit.run_dir.RunDir``'s (the contract between training and export, report, viz).
 """
 
@@ -101,33 +101,6 @@ def build_run_model(config: TrainConfig, data: Any, method: Method) -> tuple[nn.
     torch.manual_seed(config.seed)
     model = build_model(config.model, kwargs, input_shape=tuple(data.input_shape), num_classes=data.num_classes)
     return model, width_info
-
-
-def init_from_run(path: str, model: nn.Module, sp: Any) -> None:
-    """Start from another run's final weights and masks (any method); the mask is kept as the start."""
-    src = RunDir(path)
-    if not src.weights_file.is_file():
-        raise InputError(f"{src.path} has no {src.WEIGHTS}", where="--init-from",
-                         fix="give a finished sparsekit run directory")
-    sd = src.weights()
-    own = model.state_dict()
-    if set(sd) != set(own) or any(tuple(own[k].shape) != tuple(v.shape) for k, v in sd.items()):
-        raise InputError(f"the weights in {src.path} are from a different model", where="--init-from",
-                         fix="use the same --model and --model-kwargs as that run")
-    model.load_state_dict(sd)
-    if src.masks_file.is_file() and sp.layers:
-        mk = src.masks()
-        new = {}
-        for ly in sp.layers:
-            if ly.name in mk:
-                new[ly.name] = torch.from_numpy(mk[ly.name]).to(ly.param.device)
-        for ly in sp.layers:
-            if ly.name in new:
-                ly.mask = new[ly.name]
-        sp._refresh_float_masks()
-    sp.apply_masks()
-    sp.update_log.clear()
-    sp._record_update(0, fraction=None)
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -256,7 +229,7 @@ def onnx_metadata(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifier: Any, data: Any,
                test_loss: float, test_accuracy: float, train_seconds: float, total_steps: int,
                width_info: dict[str, Any] | None, wall_seconds: float, device: torch.device,
-               world_size: int = 1) -> dict[str, Any]:
+               world_size: int = 1, start: dict[str, Any] | None = None) -> dict[str, Any]:
     from sparsekit import flops as flops_mod
     from sparsekit.model_io import from_dataset
     from sparsekit.tasks import task_of
@@ -277,6 +250,7 @@ def finish_run(run_dir: Path, *, config: TrainConfig, model: nn.Module, sparsifi
         "wall_seconds": wall_seconds,
         # over the epoch ends and the final evaluation (a --steps run may end mid-epoch)
         "best_test_accuracy": max([*(m["test_accuracy"] for m in run.metrics()), test_accuracy]),
+        "start": start if start is not None else sparsifier.start_summary(),
     }
     if width_info is not None:
         extra["small_dense"] = width_info
@@ -330,7 +304,7 @@ def save(model: nn.Module, sparsifier: Any, run_dir: str | Path, *, example_inpu
     shapes = {k: list(v.shape[1:]) for k, v in inputs.tensors.items()}
     extra = {"model": type(model).__name__, "io": io,
              "input_shape": next(iter(shapes.values())) if len(shapes) == 1 else shapes,
-             **_logged_extras(metrics)}
+             "start": sparsifier.start_summary(), **_logged_extras(metrics)}
     summary = build_summary(run_dir=path, model=model, sparsifier=sparsifier, method=sparsifier.method.name,
                             config=cfg, test_loss=test_loss, test_accuracy=test_accuracy, train_seconds=0.0,
                             extra=extra)

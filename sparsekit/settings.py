@@ -25,6 +25,10 @@ class SparsitySettings:
     maps fnmatch patterns of parameter names to fixed densities; ``exclude`` patterns keep weights dense;
     ``include_embeddings`` makes ``nn.Embedding`` tables prunable; ``sparse_init`` is ``scaled`` (each
     output unit's weights rescaled to the dense init's variance) or ``dense`` (the dense init, masked).
+    ``pretrained`` says the model's weights were loaded (a dense or pretrained checkpoint): they are never
+    rescaled (``sparse_init`` applies to a fresh initialisation only) and ``init_mask`` (``magnitude`` |
+    ``random``; None: magnitude for loaded weights, random otherwise) picks the start mask of the
+    methods that take one (``Method.start_mask``).
     """
 
     total_steps: int
@@ -37,6 +41,8 @@ class SparsitySettings:
     exclude: tuple[str, ...] = ()
     sparse_init: str = "scaled"
     include_embeddings: bool = False
+    pretrained: bool = False
+    init_mask: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.total_steps, int) or self.total_steps < 1:
@@ -45,6 +51,9 @@ class SparsitySettings:
         if self.sparse_init not in SPARSE_INITS:
             raise InputError(f"unknown sparse init {self.sparse_init!r}", where="--sparse-init",
                              fix="choose 'scaled' (variance kept per unit) or 'dense' (the dense init, masked)")
+        if not isinstance(self.pretrained, bool):
+            raise InputError(f"pretrained={self.pretrained!r} must be True or False", where="sparsify()",
+                             fix="pass pretrained=True when the model's weights were loaded")
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
     @classmethod
@@ -53,4 +62,5 @@ class SparsitySettings:
         return cls(total_steps=total_steps, sparsity=config.sparsity, distribution=config.distribution,
                    seed=config.seed, dense_first_layer=config.dense_first_layer,
                    erk_power_scale=config.erk_power_scale, layer_density=config.layer_density or None,
-                   sparse_init=config.sparse_init, include_embeddings=bool(config.sparse_embeddings))
+                   sparse_init=config.sparse_init, include_embeddings=bool(config.sparse_embeddings),
+                   pretrained=bool(config.init_from), init_mask=config.init_mask)

@@ -47,7 +47,8 @@ class Sparsifier:
 
     ``settings`` (a ``SparsitySettings``) says how sparse, where and for how long (``sparsify`` builds it
     from keywords). ``init_batches`` and ``loss_fn`` go to the method's ``initial_masks`` (SNIP scores them)
-    and are not kept.
+    and are not kept, and so do ``source_masks``: the masks loaded weights were trained under (a sparse
+    run directory's), whose active connections rank first in a magnitude start mask.
     """
 
     def __init__(
@@ -59,8 +60,11 @@ class Sparsifier:
         *,
         init_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
         loss_fn: LossFn | None = None,
+        source_masks: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.settings = settings
+        #: the step-0 mask: magnitude | random, or the method's own (saliency, dense); None when dense
+        self.start_mask = method.start_mask(settings.init_mask, pretrained=settings.pretrained)
         self.model = unwrap_model(model)
         self.optimizer = optimizer
         self.method = method
@@ -82,7 +86,8 @@ class Sparsifier:
                 self.layers.append(SparseLayer(len(self.layers), plan.name, param, full, plan))
         self._remask_weights = optimizer is not None and type(optimizer) not in _ZERO_PRESERVING
         method.attach(self)
-        masks = method.initial_masks(self, InitInputs(self.model, init_batches, loss_fn))
+        masks = method.initial_masks(self, InitInputs(self.model, init_batches, loss_fn, self.start_mask,
+                                                      source_masks))
         if masks is None:
             masks = {ly.name: random_mask(ly.plan.shape, ly.plan.active, seed=self.seed, layer=ly.index,
                                           device=ly.param.device) for ly in self.layers}
@@ -91,7 +96,7 @@ class Sparsifier:
             ly.mask = masks[ly.name].to(device=ly.param.device, dtype=torch.bool)
         self._refresh_float_masks()
         self.apply_masks()
-        if settings.sparse_init == "scaled":
+        if settings.sparse_init == "scaled" and not settings.pretrained:  # loaded weights stay as they are
             self.rescale_initial_weights()
         self._record_update(0, fraction=None)
 
@@ -358,6 +363,13 @@ class Sparsifier:
                         "density": active / numel, "active": active, "numel": numel})
         return out
 
+    def start_summary(self) -> dict[str, Any]:
+        """How the run started, for ``summary.json``: fresh or loaded weights (the trainer adds the file it
+        loaded), the step-0 mask, and whether the initial weights were rescaled."""
+        fresh = not self.settings.pretrained
+        return {"from": None, "kind": "fresh" if fresh else "pretrained", "init_mask": self.start_mask,
+                "rescaled": fresh and bool(self.layers) and self.settings.sparse_init == "scaled"}
+
     def realized_sparsity(self) -> float:
         """1 - active / size over the prunable set, from the masks (a weight can be 0 and active)."""
         size = sum(ly.numel for ly in self.layers)
@@ -421,6 +433,8 @@ def sparsify(
     loss_fn: LossFn | None = None,
     sparse_init: str = "scaled",
     include_embeddings: bool = False,
+    pretrained: bool = False,
+    init_mask: str | None = None,
     **method_options: Any,
 ) -> Sparsifier:
     """Put ``model`` under a sparse-training ``method`` with a fixed parameter budget from step 0.
@@ -430,6 +444,13 @@ def sparsify(
     ``.pre_step()``/``.post_step()`` around it. ``layer_density`` maps fnmatch patterns of parameter
     names to fixed densities; ``exclude`` patterns keep weights dense; ``include_embeddings`` makes
     ``nn.Embedding`` tables prunable too (dense by default).
+
+    ``pretrained=True`` when the model's weights were loaded (sparse fine-tuning of a dense or pretrained
+    model): the kept weights are left exactly as loaded (``sparse_init`` rescales fresh weights only), and
+    rigl, set, snfs and static start from the magnitude mask (the largest |w| per layer, at the
+    distribution's counts). ``init_mask="random"`` or ``"magnitude"`` chooses that start mask explicitly
+    (default: magnitude when pretrained, random otherwise); snip scores the weights it is given and
+    pruning starts dense either way.
     """
     m = make_method(method, **method_options) if isinstance(method, str) else method
     if method_options and not isinstance(method, str):
@@ -438,5 +459,5 @@ def sparsify(
     settings = SparsitySettings(total_steps=total_steps, sparsity=sparsity, distribution=distribution, seed=seed,
                                 dense_first_layer=dense_first_layer, erk_power_scale=erk_power_scale,
                                 layer_density=layer_density, exclude=tuple(exclude), sparse_init=sparse_init,
-                                include_embeddings=include_embeddings)
+                                include_embeddings=include_embeddings, pretrained=pretrained, init_mask=init_mask)
     return Sparsifier(model, optimizer, m, settings, init_batches=init_batches, loss_fn=loss_fn)

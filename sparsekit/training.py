@@ -34,6 +34,7 @@ from sparsekit.run_dir import RunDir
 from sparsekit.schedules import LRSchedule
 from sparsekit.settings import SparsitySettings
 from sparsekit.sparsifier import Sparsifier
+from sparsekit.start import RECALIBRATION_BATCHES, StartPoint, load_into, load_start, recalibrate_batchnorm
 from sparsekit.tasks import CLASSIFICATION, TASKS, Task, task_of
 
 
@@ -191,6 +192,8 @@ class TrainingRun:
     schedule: LRSchedule
     sparsifier: Sparsifier
     width_info: dict[str, Any] | None
+    #: where the run started (``summary.json``'s ``start``): the file loaded, its kind, the step-0 mask
+    start: dict[str, Any]
     steps_per_epoch: int
     total_epochs: int
     total_steps: int
@@ -305,6 +308,9 @@ def set_up_run(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: b
     task = task_of(data)
     method = make_method(config.method, **config.method_options)
     model, width_info = rd.build_run_model(config, data, method)
+    start = load_start(config.init_from) if config.init_from else None
+    if start is not None:  # before the sparsifier: the start mask is chosen from these weights
+        load_into(model, start, fix=method.mismatched_start_fix())
     model.to(device)
     if device.type == "cpu":
         torch.set_num_threads(choose_threads(config, model, tuple(data.input_shape), device, ctx))
@@ -316,17 +322,31 @@ def set_up_run(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: b
                           **milestones)
     init_batches = _init_batches(data, config, device, method.init_batch_count())
     sp = Sparsifier(model, optimizer, method, SparsitySettings.from_config(config, total_steps),
-                    init_batches=init_batches, loss_fn=task.loss)  # masks broadcast from rank 0
-    if config.init_from:
-        rd.init_from_run(config.init_from, model, sp)
+                    init_batches=init_batches, loss_fn=task.loss,
+                    source_masks=None if start is None else start.masks)  # masks broadcast from rank 0
     run = TrainingRun(config=config, run_dir=run_dir, ctx=ctx, callbacks=callbacks, device=device, data=data,
                       task=task, model=model, optimizer=optimizer, schedule=schedule, sparsifier=sp,
                       width_info=width_info, steps_per_epoch=steps_per_epoch, total_epochs=total_epochs,
-                      total_steps=total_steps, t_start=t_start)
+                      total_steps=total_steps, t_start=t_start, start=sp.start_summary())
+    if start is not None:
+        _settle_start(run, start)
     _open_run_dir(run, resume=resume, overwrite=overwrite)
     if ctx.enabled:
         _wrap_ddp(run)
     return run
+
+
+def _settle_start(run: TrainingRun, start: StartPoint) -> None:
+    """After the start mask was chosen from loaded weights: record where they came from and, if the mask
+    removed some of them, re-estimate BatchNorm statistics on the first mini-batches of epoch 0 (the same on
+    every rank). A resumed run restores its own statistics from the checkpoint afterwards."""
+    run.start.update(start.summary())
+    if all(bool(ly.mask.all()) for ly in run.sparsifier.layers):
+        return
+    n = min(run.steps_per_epoch, RECALIBRATION_BATCHES)
+    recalibrated = recalibrate_batchnorm(run.model, _init_batches(run.data, run.config, run.device, n) or [])
+    if recalibrated:
+        run.start["batchnorm_recalibrated"] = recalibrated
 
 
 def _open_run_dir(run: TrainingRun, *, resume: bool, overwrite: bool) -> None:
@@ -506,7 +526,7 @@ def finish_run(run: TrainingRun) -> dict[str, Any]:
         run.run_dir, config=run.config, model=run.model, sparsifier=run.sparsifier, data=data,
         test_loss=test_loss, test_accuracy=test_acc, train_seconds=run.state["train_seconds"],
         total_steps=run.total_steps, width_info=run.width_info, wall_seconds=time.perf_counter() - run.t_start,
-        device=run.device, world_size=ctx.world_size), ctx)
+        device=run.device, world_size=ctx.world_size, start=run.start), ctx)
     save_checkpoint(run, run.sparsifier.step_count)
     summary = dist.broadcast_json(summary, ctx)
     run.hook("on_end", {"model": run.model, "sparsifier": run.sparsifier, "rank": ctx.rank,

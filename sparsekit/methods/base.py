@@ -48,14 +48,22 @@ class LayerUpdate(NamedTuple):
     k_grow: int
 
 
+#: The start masks a user may ask for (``--init-mask``, ``sparsify(init_mask=...)``).
+INIT_MASKS = ("magnitude", "random")
+
+
 @dataclass(frozen=True)
 class InitInputs:
     """What ``initial_masks`` may use besides the engine's layers: the (unwrapped) model, the mini-batches
-    given to ``sparsify(init_batches=...)`` and the loss (``loss_fn=...``); None when not given."""
+    given to ``sparsify(init_batches=...)`` and the loss (``loss_fn=...``), None when not given; the
+    start mask resolved by ``Method.start_mask`` (``magnitude`` or ``random`` for methods that take one);
+    and the masks loaded weights were trained under (a sparse run directory given to ``--init-from``)."""
 
     model: nn.Module
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None
     loss_fn: LossFn | None = None
+    start_mask: str | None = "random"
+    source_masks: dict[str, torch.Tensor] | None = None
 
 
 class Method:
@@ -79,6 +87,9 @@ class Method:
     needs_init_batches: ClassVar[bool] = False
     #: True for a dense method that still reads ``--sparsity`` (small-dense sizes its model by it).
     sized_by_sparsity: ClassVar[bool] = False
+    #: How the step-0 mask is chosen when the method chooses it itself, whatever the weights (SNIP:
+    #: "saliency", Pruning: "dense"); None: by ``--init-mask`` (see ``start_mask``).
+    own_start_mask: ClassVar[str | None] = None
 
     def __init__(self, **options: Any) -> None:
         """Check and store the options. Subclasses that keep state create it here (after ``super()``)."""
@@ -103,12 +114,42 @@ class Method:
         """How many training mini-batches ``initial_masks`` needs (the trainer passes that many)."""
         return 1 if self.needs_init_batches else 0
 
+    @classmethod
+    def start_mask(cls, init_mask: str | None, *, pretrained: bool) -> str | None:
+        """The step-0 mask this method starts from. Methods without ``own_start_mask`` take ``init_mask``:
+        ``magnitude`` (the largest |w| per layer) or ``random``; None picks magnitude when the weights
+        were loaded (``pretrained``) and random for a fresh initialisation. The others report their own
+        (None for dense methods) and refuse an explicit ``init_mask``."""
+        if init_mask is not None and init_mask not in INIT_MASKS:
+            raise InputError(f"unknown init mask {init_mask!r}", where="--init-mask",
+                             fix=close_matches(str(init_mask), INIT_MASKS))
+        own = cls.own_start_mask if cls.sparse else None
+        if cls.sparse and own is None:
+            return init_mask or ("magnitude" if pretrained else "random")
+        if init_mask is not None:
+            starts = f"starts from its own mask ({own})" if own else "trains a dense model"
+            raise InputError(f"method {cls.name!r} {starts}, so --init-mask does not apply", where="--init-mask",
+                             fix="drop --init-mask; it chooses the start of rigl, set, snfs and static")
+        return own
+
+    def mismatched_start_fix(self) -> str:
+        """The fix printed when ``--init-from`` weights do not fit the model this method trains."""
+        return "use the --model and --model-kwargs the weights were trained with"
+
     def attach(self, sp: Sparsifier) -> None:
         """Called once the engine knows the model, plans and total steps (before ``initial_masks``)."""
 
     def initial_masks(self, sp: Sparsifier, init: InitInputs) -> dict[str, torch.Tensor] | None:
-        """Masks at step 0 by layer name; None means random masks from the distribution (Static)."""
-        return None
+        """Masks at step 0 by layer name; None means random masks from the distribution. Default: with
+        ``init.start_mask == "magnitude"`` the largest |w| per layer at the planned counts (the loaded
+        weights' own mask, if known, ranking first), else None."""
+        if init.start_mask != "magnitude":
+            return None
+        from sparsekit.masks import magnitude_mask
+
+        first = init.source_masks or {}
+        return {ly.name: magnitude_mask(ly.param, ly.plan.active, seed=sp.seed, layer=ly.index,
+                                        first=first.get(ly.name)) for ly in sp.layers}
 
     # -- every step ---------------------------------------------------------------------------
     def before_optimizer_step(self, sp: Sparsifier, step: int) -> None:

@@ -101,6 +101,11 @@ class SmallDense(Method):
         self.width_info = info
         return {**base, "width": width}, info
 
+    def mismatched_start_fix(self) -> str:
+        width = "" if self.width_info is None else f" (width {self.width_info['width']:g})"
+        return (f"small-dense trains a narrower model{width} than the weights fit, so it cannot start from "
+                "them; fine-tune them sparse at their size instead (--method static or rigl with --init-from)")
+
     # Training cost: the default for a dense model, 3·f_D per step of the narrower model trained.
     def training_formula(self) -> str:
         return "3·f_small"

@@ -17,10 +17,11 @@ if TYPE_CHECKING:
 
 @register_method
 class Static(Method):
-    """A random mask from the distribution, fixed for the whole run."""
+    """A mask from the distribution, fixed for the whole run: random, or the largest |w| of loaded weights
+    (one-shot magnitude pruning, then fine-tuning)."""
 
     name = "static"
-    description = "Static: a random mask from the distribution, never changed"
+    description = "Static: a random mask from the distribution (largest |w| of loaded weights), never changed"
     family = "one-shot"
     reference = "Evci et al. 2020 (baseline)"
     paper_recipe: ClassVar[dict[str, Any]] = {"distribution": "erk", "optimizer": "sgd", "momentum": 0.9}
@@ -47,6 +48,7 @@ class SNIP(Method):
     paper_recipe: ClassVar[dict[str, Any]] = {"snip_batches": 1, "snip_scope": "layer", "distribution": "erk",
                                               "optimizer": "sgd", "momentum": 0.9}
     needs_init_batches = True
+    own_start_mask = "saliency"  # of the weights it is given: loaded ones are scored as they are
 
     def validate(self) -> None:
         n = self.options["snip_batches"]

@@ -40,6 +40,8 @@ class Pruning(Method):
     paper_recipe: ClassVar[dict[str, Any]] = {"prune_begin": 0.1, "prune_end": 0.75, "prune_interval": 100,
                                               "distribution": "erk", "optimizer": "sgd", "momentum": 0.9}
 
+    own_start_mask = "dense"  # also from loaded weights
+
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.begin_step = 0  # t_b and t_e in steps, set by attach once total steps are known
