@@ -14,6 +14,7 @@ Runtime runs it too, at dense speed. Layers denser than
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,8 @@ from onnx import helper
 from sparsekit.exporters.graph import UnsupportedGraphError, _attr, initializer_arrays
 
 from sparsekit.runtime import portable
-from sparsekit.runtime.checks import DOMAIN, OP, SLOPES
+from sparsekit.runtime.checks import CONV_OP, DOMAIN, OP, SLOPES
+from sparsekit.runtime.conv import ConvGeometry, SparseConv
 from sparsekit.runtime.layers import CsrLayer
 
 MAX_DENSITY = 0.5
@@ -31,8 +33,8 @@ MAX_DENSITY = 0.5
 @dataclass
 class Packed:
     proto: onnx.ModelProto           # the graph with SparseLinear nodes (their CSR initializers included)
-    layers: dict[str, CsrLayer]      # by node name
-    kept_dense: list[str]            # linear layers left to ONNX Runtime (too dense)
+    layers: dict[str, CsrLayer | SparseConv]  # by node name
+    kept_dense: list[str]            # linear and conv layers left to ONNX Runtime (too dense, or slower sparse)
 
 
 def _weight(node: onnx.NodeProto, inits: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -58,6 +60,32 @@ def _weight(node: onnx.NodeProto, inits: dict[str, np.ndarray]) -> tuple[np.ndar
     return None
 
 
+def _conv(node: onnx.NodeProto, inits: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None,
+                                                                         ConvGeometry] | None:
+    """(weight (C_out, C_in, kh, kw), bias or None, geometry) of a dense 2-D convolution with a constant weight
+    and one group (explicit pads; depthwise and grouped convolutions stay with ONNX Runtime), else None."""
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return None
+    x, w = node.input[:2]
+    weight = inits.get(w)
+    if x in inits or weight is None or weight.ndim != 4 or weight.dtype != np.float32:
+        return None
+    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    if _attr(node, "group", 1) != 1 or (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) != "NOTSET":
+        return None
+    bias = None
+    if len(node.input) > 2 and node.input[2]:
+        bias = inits.get(node.input[2])
+        if bias is None or bias.dtype != np.float32 or bias.size != weight.shape[0]:
+            return None
+        bias = bias.reshape(-1)
+    geometry = ConvGeometry(tuple(int(k) for k in weight.shape[2:]), tuple(_attr(node, "strides", [1, 1])),
+                            tuple(_attr(node, "pads", [0, 0, 0, 0])), tuple(_attr(node, "dilations", [1, 1])))
+    if len(geometry.strides) != 2 or len(geometry.pads) != 4 or len(geometry.dilations) != 2:
+        return None
+    return weight, bias, geometry
+
+
 def _follower(name: str, readers: dict[str, list[onnx.NodeProto]], outputs: set[str], op: str
               ) -> onnx.NodeProto | None:
     """The one node of type ``op`` that reads ``name``, when nothing else does (and it is no graph output)."""
@@ -67,8 +95,11 @@ def _follower(name: str, readers: dict[str, list[onnx.NodeProto]], outputs: set[
     return None
 
 
-def pack_graph(dense: onnx.ModelProto, *, max_density: float = MAX_DENSITY) -> Packed:
-    """``dense`` with its sparse linear layers as SparseLinear nodes (see the module docstring)."""
+def pack_graph(dense: onnx.ModelProto, *, max_density: float = MAX_DENSITY,
+               keep_conv: Callable[[SparseConv, str], bool] | None = None) -> Packed:
+    """``dense`` with its sparse linear layers as SparseLinear nodes and its sparse convolutions as SparseConv
+    nodes (see the module docstring). ``keep_conv(conv, input_name)``: whether a sparse convolution is packed
+    (the exporter measures it against ONNX Runtime's; default: every one)."""
     inits = initializer_arrays(dense)
     g = dense.graph
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -79,20 +110,20 @@ def pack_graph(dense: onnx.ModelProto, *, max_density: float = MAX_DENSITY) -> P
     removed: set[int] = set()
     replaced: dict[int, list[onnx.NodeProto]] = {}
     ranks = _ranks(dense)
-    layers: dict[str, CsrLayer] = {}
+    layers: dict[str, CsrLayer | SparseConv] = {}
     new_inits: list[onnx.TensorProto] = []
     kept: list[str] = []
     for k, node in enumerate(g.node):
-        found = _weight(node, inits)
-        if found is None:
+        linear, conv = _weight(node, inits), _conv(node, inits)
+        if linear is None and conv is None:
             continue
-        weight, bias = found
-        name = node.name or f"linear{k}"
+        weight, bias = linear if linear is not None else (conv[0].reshape(conv[0].shape[0], -1), conv[1])
+        name = node.name or f"{'linear' if linear is not None else 'conv'}{k}"
         if np.count_nonzero(weight) > max_density * weight.size:
             kept.append(name)
             continue
         out = node.output[0]
-        add = _follower(out, readers, outputs, "Add") if bias is None else None
+        add = _follower(out, readers, outputs, "Add") if bias is None and linear is not None else None
         if add is not None:
             other = add.input[1] if add.input[0] == out else add.input[0]
             b = inits.get(other)
@@ -100,19 +131,31 @@ def pack_graph(dense: onnx.ModelProto, *, max_density: float = MAX_DENSITY) -> P
                 bias, out = b.reshape(-1), add.output[0]
                 removed.add(id(add))
         relu = _follower(out, readers, outputs, "Relu")
+        layer = CsrLayer.from_dense(weight, bias, relu is not None, name=name)
+        if conv is not None:
+            sc = SparseConv(layer, conv[0].shape[1], conv[2], block=conv_block(layer))
+            if keep_conv is not None and not keep_conv(sc, node.input[0]):
+                kept.append(name)
+                continue
+            layers[name] = sc
+        else:
+            layers[name] = layer
         if relu is not None:
             out = relu.output[0]
             removed.add(id(relu))
-        layer = CsrLayer.from_dense(weight, bias, relu is not None, name=name)
-        layers[name] = layer
-        v, i, rp = layer.csr()
-        names = [f"{name}.values", f"{name}.indices", f"{name}.rowptr"] + ([f"{name}.bias"] if bias is not None
-                                                                          else [])
-        arrays = [v, i, rp] + ([layer.bias] if bias is not None else [])
+        names, arrays = _csr_initializers(name, layer)
         new_inits += [onnx.numpy_helper.from_array(np.ascontiguousarray(a), n) for a, n in zip(arrays, names,
                                                                                                 strict=True)]
         act = "relu" if layer.relu else "none"
         x = node.input[0]
+        if conv is not None:
+            geo = conv[2]
+            replaced[id(node)] = [helper.make_node(
+                CONV_OP, [x, *names], [out], domain=DOMAIN, name=name, in_features=layer.n_in,
+                out_features=layer.n_out, in_channels=int(conv[0].shape[1]), kernel_shape=list(geo.kernel),
+                strides=list(geo.strides), pads=list(geo.pads), dilations=list(geo.dilations), activation=act,
+                negative_slope=SLOPES[act], block=int(layers[name].block))]
+            continue
         two_d = ranks.get(x) == 2
         sparse = helper.make_node(OP, [x if two_d else f"{name}.x2d", *names], [out if two_d else f"{name}.y2d"],
                                   domain=DOMAIN, name=name, in_features=layer.n_in, out_features=layer.n_out,
@@ -124,8 +167,9 @@ def pack_graph(dense: onnx.ModelProto, *, max_density: float = MAX_DENSITY) -> P
             replaced[id(node)] = wrapped
             new_inits += consts
     if not layers:
-        raise UnsupportedGraphError("no linear layer of this graph has a sparse constant weight", where="model",
-                                    fix="the fast format packs sparse Linear/Gemm/MatMul layers; export --format onnx")
+        raise UnsupportedGraphError("no linear layer or convolution of this graph has a sparse constant weight",
+                                    where="model", fix="the fast format packs sparse Linear/Gemm/MatMul and Conv "
+                                    "layers; use --format onnx")
     nodes = [m for n in g.node if id(n) not in removed for m in replaced.get(id(n), [n])]
     used = {i for n in nodes for i in n.input}
     kept_inits = [t for t in g.initializer if t.name in used]
@@ -139,8 +183,83 @@ def pack_graph(dense: onnx.ModelProto, *, max_density: float = MAX_DENSITY) -> P
     proto.functions.extend(dense.functions)
     opset = next((int(o.version) for o in dense.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset >= portable.MIN_OPSET:  # stock ONNX Runtime runs the artifact too (its body needs opset 16)
-        proto.functions.append(portable.function(opset))
+        kinds = {n.op_type for n in nodes if n.domain == DOMAIN}
+        proto.functions.extend(portable.BODIES[op](opset) for op in (OP, CONV_OP) if op in kinds)
     return Packed(proto, layers, kept)
+
+
+def conv_block(layer: CsrLayer) -> int:
+    """The panel kernel's column block width for a convolution's (C_out, K) weight: the heuristic's for its
+    64-pixel panels (blocks of 128/256 columns keep a wide K's panel rows in cache)."""
+    from sparsekit.runtime.layers import parse_kernel
+    from sparsekit.runtime.model import default_kernel
+
+    name, block, _ = parse_kernel(default_kernel(layer, 64))
+    return block if name == "panel" else 0
+
+
+def _csr_initializers(name: str, layer: CsrLayer) -> tuple[list[str], list[np.ndarray]]:
+    v, i, rp = layer.csr()
+    names = [f"{name}.values", f"{name}.indices", f"{name}.rowptr"]
+    arrays = [v, i, rp]
+    if layer.bias is not None:
+        names.append(f"{name}.bias")
+        arrays.append(layer.bias)
+    return names, arrays
+
+
+def faster_than_dense(dense: onnx.ModelProto, threads: int, *, margin: float = 1.05, reps: int = 5):
+    """``keep_conv`` for ``pack_graph``: times each sparse convolution against ONNX Runtime's Conv on its dense
+    weight, at batch 1 on the input shape shape inference gives (one call each in turn, ``reps`` rounds,
+    medians of thread CPU time), and keeps it sparse where it is faster by ``margin``; a convolution whose
+    input shape is unknown stays dense (never slower than dense)."""
+    import time
+
+    from sparsekit.exporters.fast import _dense_reference
+
+    shapes = _shapes(dense)
+
+    def keep(conv: SparseConv, x_name: str) -> bool:
+        dims = shapes.get(x_name)
+        if not dims or len(dims) != 4 or any(not d for d in dims[1:]):
+            return False
+        x = np.random.default_rng(0).standard_normal((1, *dims[1:])).astype(np.float32)
+        g, layer = conv.geometry, conv.layer
+        w = layer.dense_weight().reshape(conv.out_channels, conv.in_channels, *g.kernel)
+        nodes = [helper.make_node("Conv", ["x", "w", "b"] if layer.bias is not None else ["x", "w"], ["c"],
+                                  strides=list(g.strides), pads=list(g.pads), dilations=list(g.dilations))]
+        nodes.append(helper.make_node("Relu" if layer.relu else "Identity", ["c"], ["y"]))
+        inits = [onnx.numpy_helper.from_array(w, "w")] + (
+            [onnx.numpy_helper.from_array(layer.bias, "b")] if layer.bias is not None else [])
+        graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                list(x.shape))],
+                                  [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 9
+        sess = _dense_reference(model, threads)
+        runs = {"dense": lambda: sess.run(None, {"x": x}), "sparse": lambda: conv.run(x, threads=threads)}
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for fn in runs.values():
+            fn()
+        for _ in range(reps):
+            for k, fn in runs.items():
+                t0 = time.thread_time() if threads == 1 else time.perf_counter()
+                fn()
+                times[k].append((time.thread_time() if threads == 1 else time.perf_counter()) - t0)
+        return float(np.median(times["sparse"])) * margin < float(np.median(times["dense"]))
+
+    return keep
+
+
+def _shapes(dense: onnx.ModelProto) -> dict[str, list[int]]:
+    """Each tensor's dims where shape inference knows them (0 for a symbolic dim)."""
+    try:
+        g = onnx.shape_inference.infer_shapes(dense, strict_mode=False).graph
+    except Exception:
+        return {}
+    return {v.name: [d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim]
+            for v in [*g.input, *g.value_info, *g.output]
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
 
 
 def _ranks(dense: onnx.ModelProto) -> dict[str, int]:
@@ -224,12 +343,12 @@ def write_graph_model(dense: onnx.ModelProto, out_path, *, tune: bool, batch_siz
     from sparsekit.runtime.tune import CALIBRATION_BATCHES, DEFAULT_BATCHES, tune_layers
     from sparsekit.runtime.tune import calibrate as calibrate_model
 
-    packed = pack_graph(dense)
+    packed = pack_graph(dense, keep_conv=faster_than_dense(dense, threads) if calibrate or tune else None)
     meta = {f"source.{p.key}": p.value for p in dense.metadata_props}
     meta.update(metadata or {})
     meta.update({"sparsekit_format": "fast", "sparsekit_version": __version__, "exporter": "sparsekit.exporters.fast",
                  "fast_graph": "1", "sparsity_per_layer": json.dumps(
-                     {n: round(1 - ly.density, 6) for n, ly in packed.layers.items()}),
+                     {n: round(1 - getattr(ly, "layer", ly).density, 6) for n, ly in packed.layers.items()}),
                  "dense_linear_layers": json.dumps(packed.kept_dense)})
     model = GraphModel(packed.proto, packed.layers, threads=threads, metadata=meta)
     if tune:
@@ -259,9 +378,11 @@ def write_graph_model(dense: onnx.ModelProto, out_path, *, tune: bool, batch_siz
     kernels = {str(b): model.kernels_for(b) for b in (1, 64, 256)}
     return {
         "format": "fast", "precision": "fp32", "path": str(out_path), "bytes": Path(out_path).stat().st_size,
-        "dense_weight_bytes": sum(ly.n_in * ly.n_out * 4 for ly in model.layers),
+        "dense_weight_bytes": sum(ly.n_in * ly.n_out * 4 for ly in [*model.layers, *(c.layer for c in model.convs)]),
         "layers": model.info()["layers"], "graph": True, "dense_linear_layers": packed.kept_dense,
         "tuned": bool(tune), "plan_source": source, "dense_check": check, "isa": kernel_isa(), "kernels": kernels,
-        "notes": [f"{len(model.layers)} sparse linear layers on sparsekit's kernels, the rest of the graph in ONNX "
-                  f"Runtime; kernels per layer by rows (batch x sequence): {json.dumps(kernels)} ({source})"],
+        "notes": [f"{len(model.layers)} sparse linear layers and {len(model.convs)} sparse convolutions on "
+                  f"sparsekit's kernels ({len(packed.kept_dense)} layers left dense: denser than "
+                  f"{MAX_DENSITY:.0%} or, convolutions, not faster sparse here), the rest of the graph in ONNX "
+                  f"Runtime; linear kernels by rows (batch x sequence): {json.dumps(kernels)} ({source})"],
     }

@@ -395,6 +395,83 @@ static PyObject *py_set_threading(PyObject *self, PyObject *args) {
                          SK_POOL ? "pthreads" : "openmp-or-none");
 }
 
+/* conv(values, indices, blockptr, bias|None, order|None, x, y, idx_bytes, K, C_out, nblocks, relu, threads, batch,
+ *      (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)): a sparse convolution (sk_conv.c) */
+static PyObject *py_conv(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer val, idx, bptr, x, y, bias = {0}, ordb = {0};
+    PyObject *bias_obj, *ord_obj;
+    int idx_bytes, relu, threads;
+    long long K, n_out, nb, B;
+    conv_t g;
+    if (!PyArg_ParseTuple(args, "y*y*y*OOy*w*iLLLiiL(LLLLLLLLLLLLL)", &val, &idx, &bptr, &bias_obj, &ord_obj, &x, &y,
+                          &idx_bytes, &K, &n_out, &nb, &relu, &threads, &B, &g.c, &g.h, &g.w, &g.kh, &g.kw, &g.sh,
+                          &g.sw, &g.ph, &g.pw, &g.dh, &g.dw, &g.ho, &g.wo))
+        return NULL;
+    int have_bias = 0, have_ord = 0;
+    PyObject *ret = NULL;
+    csr_t w;
+    void *raw = NULL;
+    if (bias_obj != Py_None) {
+        if (PyObject_GetBuffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS) < 0) goto done;
+        have_bias = 1;
+    }
+    if (ord_obj != Py_None) {
+        if (PyObject_GetBuffer(ord_obj, &ordb, PyBUF_C_CONTIGUOUS) < 0) goto done;
+        have_ord = 1;
+        if (check_len(&ordb, smul3(nb, n_out, 4), "row order")) goto done;
+    }
+    if (g.c < 1 || g.h < 1 || g.w < 1 || g.kh < 1 || g.kw < 1 || g.sh < 1 || g.sw < 1 || g.dh < 1 || g.dw < 1 ||
+        g.ph < 0 || g.pw < 0 || g.ho < 1 || g.wo < 1 || B < 0 || smul3(g.c, g.kh, g.kw) != K ||
+        smul(g.ho, g.wo) > SK_MAX_DIM || smul3(g.c, g.h, g.w) > SK_MAX_DIM || g.ph > SK_MAX_DIM || g.pw > SK_MAX_DIM) {
+        PyErr_SetString(PyExc_ValueError, "bad convolution geometry");
+        goto done;
+    }
+    if (!dims_ok(K, n_out)) goto done;
+    if (nb < 1 || nb > SK_MAX_DIM) { PyErr_SetString(PyExc_ValueError, "bad block count"); goto done; }
+    if (check_len(&bptr, smul(smul(nb, n_out) + 1, 8), "block pointers")) goto done;
+    if (make_csr(&w, &val, &idx, &bptr, Py_None, &bias, idx_bytes, K, nb * n_out, relu)) goto done;
+    w.n_out = n_out;
+    if (have_bias) {
+        if (check_len(&bias, smul(n_out, 4), "bias")) goto done;
+        w.bias = (const float *)bias.buf;
+    }
+    if (check_len(&x, smul(smul(B, smul3(g.c, g.h, g.w)), 4), "x") ||
+        check_len(&y, smul(smul3(B, n_out, smul(g.ho, g.wo)), 4), "y"))
+        goto done;
+    {
+        const int64_t P = (g.ho * g.wo + PANEL - 1) / PANEL, items = B * P;
+        int nt = clamp_threads(threads < 0 ? -threads : threads);
+        if (items < nt) nt = items > 0 ? (int)items : 1;
+        const int64_t per = ((K + n_out) * PANEL + 15) & ~(int64_t)15;
+        float *scratch = NULL;
+        raw = NULL;
+        if (smul(per, nt) > (int64_t)1 << 34 || !(raw = malloc((size_t)(per * nt) * 4 + 64))) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        scratch = (float *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
+        conv_job_t job = {pick_panel(), w, w.rowptr, have_ord ? (const int32_t *)ordb.buf : NULL, nb, g,
+                          (const float *)x.buf, (float *)y.buf, P, scratch, per};
+        Py_BEGIN_ALLOW_THREADS
+        if (nt <= 1) {
+            for (int64_t it = 0; it < items; it++) conv_item(&job, it, 0);
+        } else {
+            par_run(nt, items, conv_item, &job);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    free(raw);
+    if (have_bias) PyBuffer_Release(&bias);
+    if (have_ord) PyBuffer_Release(&ordb);
+    PyBuffer_Release(&val); PyBuffer_Release(&idx); PyBuffer_Release(&bptr); PyBuffer_Release(&x);
+    PyBuffer_Release(&y);
+    return ret;
+}
+
 static PyObject *py_window_width(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
@@ -440,6 +517,11 @@ static PyMethodDef methods[] = {
     {"to_panels", py_to_panels, METH_VARARGS, "to_panels(x, xp, batch, n, threads)"},
     {"from_panels", py_from_panels, METH_VARARGS, "from_panels(yp, y, batch, n, threads)"},
     {"isa", py_isa, METH_NOARGS, "active code path: avx512, avx2 or generic"},
+    {"conv", py_conv, METH_VARARGS,
+     "conv(values, indices, blockptr, bias|None, order|None, x, y, idx_bytes, K, C_out, nblocks, relu, threads, batch, "
+     "(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)): a sparse 2-D convolution, x (batch, c, h, w) -> y (batch, "
+     "C_out, ho, wo), the weight (C_out, K = c * kh * kw) in CsrLayer.blocked's layout; im2col panels of 64 output "
+     "pixels fed to the panel kernel"},
     {"window_width", py_window_width, METH_NOARGS,
      "the window width of the active code path's window kernel (the window form of the rows layout)"},
     {"available_isas", py_available_isas, METH_NOARGS, "code paths this CPU can run"},

@@ -22,7 +22,8 @@
  *          (where the sparse kernels' fixed costs dominate) are not slower than dense.
  *
  * Sources: sk_kernels_generic.c, sk_kernels_avx2.c, sk_kernels_avx512.c (the kernels: no threads, no
- * Python), sk_dispatch.c (the active code path, layout transposes), sk_pool.c (thread pool), sk_drive.c
+ * Python), sk_conv.c (convolutions as im2col panels for the panel kernel), sk_dispatch.c (the active code
+ * path, layout transposes), sk_pool.c (thread pool), sk_drive.c
  * (a layer's work cut into pool items), sk_chain.c (chains and their planner), sk_pychain.c and
  * sk_module.c (CPython glue).
  *
@@ -231,6 +232,16 @@ void to_panel_one(const float *x, float *dst, int64_t B, int64_t n, int64_t p);
 void to_panels_range(const float *x, float *xp, int64_t B, int64_t n, int64_t p0, int64_t p1);
 void from_panels_range(const float *yp, float *y, int64_t B, int64_t n, int64_t p0, int64_t p1);
 
+/* ------------------------------------------------------------------ convolutions (sk_conv.c) */
+
+/* a 2-D convolution's geometry: input (c, h, w), kernel kh x kw, strides, leading pads, dilations, output
+ * ho x wo (the caller computes it from the trailing pads) */
+typedef struct {
+    int64_t c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo;
+} conv_t;
+/* panels [p0, p1) of image x's im2col matrix (C * kh * kw rows, ho * wo pixels) into xp, [K][PANEL] each */
+void im2col_panels(const float *x, float *xp, const conv_t *g, int64_t p0, int64_t p1);
+
 /* ------------------------------------------------------------------ thread pool (sk_pool.c) */
 
 typedef void (*item_fn)(void *ctx, int64_t item, int tid);
@@ -276,6 +287,22 @@ void panel_whole(void *ctx, int64_t p, int tid);
 void panel_transpose_item(void *ctx, int64_t p, int tid);
 void panel_rows(panel_fn fn, const csr_t *w, const int64_t *bp, const int32_t *ord, int64_t nb,
                 const rowout_t *ro, int64_t o0, int64_t o1, const float *xp, float *yp);
+/* a sparse convolution (sk_conv.c): B images, P panels of 64 output pixels each; item = image * P + panel */
+typedef struct {
+    panel_fn fn;
+    csr_t w;             /* (C_out, K) over column blocks: rowptr = bp */
+    const int64_t *bp;   /* block pointers (nb * C_out + 1), by position */
+    const int32_t *ord;  /* row at each position, per block; NULL: natural order */
+    int64_t nb;
+    conv_t g;
+    const float *x;      /* (B, c, h, w) */
+    float *y;            /* (B, C_out, ho * wo) */
+    int64_t P;
+    float *scratch;      /* per thread: K * PANEL + C_out * PANEL floats, 64-byte aligned */
+    int64_t per_thread;
+} conv_job_t;
+void conv_item(void *ctx, int64_t item, int tid);
+
 /* nparts group-aligned row ranges balanced by nonzeros (+ 8 per row) over all blocks; -1: out of memory */
 int panel_bounds(const int64_t *bp, int64_t nb, int64_t n_out, int64_t nparts, int64_t *bounds);
 

@@ -26,7 +26,8 @@ from onnx import TensorProto, helper, numpy_helper
 from sparsekit.errors import InputError
 from sparsekit.fileio import atomic_path
 from sparsekit.runtime import checks, portable
-from sparsekit.runtime.checks import DOMAIN, OP, SLOPES
+from sparsekit.runtime.checks import CONV_OP, DOMAIN, OP, SLOPES
+from sparsekit.runtime.conv import ConvGeometry, SparseConv
 from sparsekit.runtime.graph_model import GraphModel
 from sparsekit.runtime.layers import CsrLayer
 from sparsekit.runtime.memory import memory_bound
@@ -90,7 +91,21 @@ def is_chain(graph: onnx.GraphProto) -> bool:
                for i, n in enumerate(graph.node))
 
 
-def _sparse_layers(proto: onnx.ModelProto, where: str) -> dict[str, CsrLayer]:
+def _sparse_conv(node: onnx.NodeProto, inits: dict[str, np.ndarray], label: str, portable_body: bool) -> SparseConv:
+    """A SparseConv node as a ``SparseConv``, its attributes and CSR checked as a SparseLinear's."""
+    attrs = checks.conv_attrs(node, label, portable=portable_body)
+    values, indices, rowptr, bias = checks.layer_arrays(node, inits, label)
+    try:
+        layer = CsrLayer.from_csr(attrs["in_features"], attrs["out_features"], values, indices, rowptr, bias,
+                                  attrs["activation"] == "relu", name=node.name)
+    except InputError as exc:
+        raise InputError(exc.what, where=label, fix=exc.fix or checks.FIX) from exc
+    geometry = ConvGeometry(tuple(attrs["kernel_shape"]), tuple(attrs["strides"]), tuple(attrs["pads"]),
+                            tuple(attrs["dilations"]))
+    return SparseConv(layer, attrs["in_channels"], geometry, block=attrs.get("block", 0))
+
+
+def _sparse_layers(proto: onnx.ModelProto, where: str) -> dict[str, CsrLayer | SparseConv]:
     """The SparseLinear nodes of a whole-graph artifact as layers by node name, each checked as in a chain."""
     graph = proto.graph
     has_function = portable.check(proto, where, graph=True)
@@ -98,11 +113,15 @@ def _sparse_layers(proto: onnx.ModelProto, where: str) -> dict[str, CsrLayer]:
     names = {name for n in sparse for name in n.input[1:]}
     inits = checks.initializers(onnx.helper.make_graph([], "sparse", [], [], initializer=[
         t for t in graph.initializer if t.name in names]), where)
-    layers: dict[str, CsrLayer] = {}
+    layers: dict[str, CsrLayer | SparseConv] = {}
     for node in sparse:
         label = f"{where}: node {node.name!r}"
-        if node.op_type != OP or len(node.output) != 1 or not node.input or not node.name or node.name in layers:
+        if node.op_type not in (OP, CONV_OP) or len(node.output) != 1 or not node.input or not node.name \
+                or node.name in layers:
             raise InputError(f"unsupported or unnamed {DOMAIN} node {node.op_type}", where=label, fix=checks.FIX)
+        if node.op_type == CONV_OP:
+            layers[node.name] = _sparse_conv(node, inits, label, has_function)
+            continue
         attrs = checks.node_attrs(node, label, portable=has_function)
         values, indices, rowptr, bias = checks.layer_arrays(node, inits, label)
         try:

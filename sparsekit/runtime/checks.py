@@ -22,6 +22,7 @@ from sparsekit.runtime.layers import MAX_DIM, parse_kernel
 
 DOMAIN = "com.sparsekit"
 OP = "SparseLinear"
+CONV_OP = "SparseConv"
 FIX = "load artifacts written by 'sparsekit export --format fast'"
 
 # initializer element types a fast artifact may hold, by role (the writer uses float32, uint16/int32, int64)
@@ -40,6 +41,13 @@ ATTRS = {"in_features": (AttributeProto.INT, True), "out_features": (AttributePr
          "activation": (AttributeProto.STRING, True), "plan": (AttributeProto.STRING, False),
          SLOPE: (AttributeProto.FLOAT, False)}
 ACTIVATIONS = tuple(SLOPES)
+# SparseConv attributes (its weight is (out_features, in_features) CSR, in_features = in_channels x kh x kw)
+CONV_ATTRS = {"in_features": (AttributeProto.INT, True), "out_features": (AttributeProto.INT, True),
+              "in_channels": (AttributeProto.INT, True), "kernel_shape": (AttributeProto.INTS, True),
+              "strides": (AttributeProto.INTS, True), "pads": (AttributeProto.INTS, True),
+              "dilations": (AttributeProto.INTS, True), "activation": (AttributeProto.STRING, True),
+              SLOPE: (AttributeProto.FLOAT, False), "block": (AttributeProto.INT, False)}
+CONV_MAX = 1 << 15  # kernel sizes, strides, dilations and pads
 
 
 def _type_name(t: int) -> str:
@@ -157,30 +165,61 @@ def check_flatten(node: onnx.NodeProto, where: str) -> None:
             raise InputError(f"Flatten attribute {a.name!r} must be axis=1 (INT)", where=label, fix=FIX)
 
 
-def node_attrs(node: onnx.NodeProto, where: str, *, portable: bool = False) -> dict[str, Any]:
-    """A SparseLinear node's attributes, each checked for its ONNX type; STRINGs decoded (UTF-8). ``portable``: the
-    artifact carries the SparseLinear function, which reads ``negative_slope``: then it is required."""
+def _parse_attrs(node: onnx.NodeProto, schema: dict[str, tuple[int, bool]], where: str) -> dict[str, Any]:
+    """A node's attributes by ``schema`` (name: ONNX type, required): each checked for its type, none unknown or
+    given twice; STRINGs decoded (UTF-8), INTS as lists."""
     out: dict[str, Any] = {}
     for a in node.attribute:
-        if a.name not in ATTRS:
-            raise InputError(f"unknown attribute {a.name!r} (SparseLinear has {', '.join(ATTRS)})", where=where,
+        if a.name not in schema:
+            raise InputError(f"unknown attribute {a.name!r} ({node.op_type} has {', '.join(schema)})", where=where,
                              fix=FIX)
         if a.name in out:
             raise InputError(f"attribute {a.name!r} is given twice", where=where, fix=FIX)
-        want = ATTRS[a.name][0]
+        want = schema[a.name][0]
         if a.type != want:
             raise InputError(f"attribute {a.name!r} is {AttributeProto.AttributeType.Name(a.type)}, expected "
                              f"{AttributeProto.AttributeType.Name(want)}", where=where, fix=FIX)
-        if want in (AttributeProto.INT, AttributeProto.FLOAT):
-            out[a.name] = int(a.i) if want == AttributeProto.INT else float(a.f)
+        if want in (AttributeProto.INT, AttributeProto.FLOAT, AttributeProto.INTS):
+            out[a.name] = (int(a.i) if want == AttributeProto.INT else float(a.f) if want == AttributeProto.FLOAT
+                           else [int(v) for v in a.ints])
             continue
         try:
             out[a.name] = a.s.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise InputError(f"attribute {a.name!r} is not UTF-8 text", where=where, fix=FIX) from exc
-    missing = [k for k, (_, required) in ATTRS.items() if required and k not in out]
+    missing = [k for k, (_, required) in schema.items() if required and k not in out]
     if missing:
         raise InputError(f"missing required attribute(s) {', '.join(missing)}", where=where, fix=FIX)
+    return out
+
+
+def conv_attrs(node: onnx.NodeProto, where: str, *, portable: bool = False) -> dict[str, Any]:
+    """A SparseConv node's attributes (``CONV_ATTRS``), each checked: 2-D kernel, strides and dilations from 1
+    and pads (top, left, bottom, right) from 0, all below 2^15; ``in_features`` = in_channels x kernel size."""
+    out = _parse_attrs(node, CONV_ATTRS, where)
+    for key, n, low in (("kernel_shape", 2, 1), ("strides", 2, 1), ("dilations", 2, 1), ("pads", 4, 0)):
+        if len(out[key]) != n or not all(low <= v < CONV_MAX for v in out[key]):
+            raise InputError(f"{key} = {out[key]}: need {n} integers in [{low}, {CONV_MAX})", where=where, fix=FIX)
+    for key in ("in_channels", "out_features"):
+        if not 1 <= out[key] <= MAX_DIM:
+            raise InputError(f"{key} = {out[key]} is outside [1, 2^31 - 1]", where=where, fix=FIX)
+    kh, kw = out["kernel_shape"]
+    if out["in_features"] != out["in_channels"] * kh * kw:
+        raise InputError(f"in_features = {out['in_features']} is not in_channels x kh x kw = "
+                         f"{out['in_channels'] * kh * kw}", where=where, fix=FIX)
+    if not 0 <= out.get("block", 0) <= MAX_DIM:
+        raise InputError(f"block = {out['block']} is outside [0, 2^31 - 1]", where=where, fix=FIX)
+    if out["activation"] not in ACTIVATIONS:
+        raise InputError(f"unknown activation {out['activation']!r} (use {' or '.join(ACTIVATIONS)})", where=where,
+                         fix=FIX)
+    check_slope(out, portable, where)
+    return out
+
+
+def node_attrs(node: onnx.NodeProto, where: str, *, portable: bool = False) -> dict[str, Any]:
+    """A SparseLinear node's attributes, each checked for its ONNX type; STRINGs decoded (UTF-8). ``portable``: the
+    artifact carries the SparseLinear function, which reads ``negative_slope``: then it is required."""
+    out = _parse_attrs(node, ATTRS, where)
     for key in ("in_features", "out_features"):
         if not 0 <= out[key] <= MAX_DIM:
             raise InputError(f"{key} = {out[key]} is outside [0, 2^31 - 1]", where=where, fix=FIX)

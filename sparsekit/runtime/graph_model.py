@@ -22,6 +22,7 @@ from onnx import helper
 
 from sparsekit.errors import InputError
 from sparsekit.runtime import checks, forksafe
+from sparsekit.runtime.conv import SparseConv
 from sparsekit.runtime.layers import CsrLayer, kernel_isa
 from sparsekit.runtime.model import FastModel
 
@@ -38,6 +39,15 @@ class SparseStep:
     y: str
     model: FastModel
     last_rows: int = 0  # rows of the last call (batch x sequence), for kernels_used
+
+
+@dataclass
+class ConvStep:
+    """One SparseConv node: input and output tensor names and the convolution."""
+
+    x: str
+    y: str
+    conv: SparseConv
 
 
 @dataclass
@@ -84,7 +94,8 @@ def _segment(model: onnx.ModelProto, nodes: list[onnx.NodeProto], needed_later: 
 
 def _stand_ins(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with each SparseLinear node replaced, for shape inference only, by a MatMul with a weight
-    that is a graph input of shape (in, out) (no data): the same output type and shape, inferred by ONNX."""
+    that is a graph input of shape (in, out) (no data), each SparseConv by a Conv likewise: the same output
+    type and shape, inferred by ONNX."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -93,6 +104,14 @@ def _stand_ins(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
         w = f"__sparsekit_weight_{k}"
+        if node.op_type == checks.CONV_OP:
+            ints = {a.name: list(a.ints) for a in node.attribute if a.type == onnx.AttributeProto.INTS}
+            g.input.append(helper.make_tensor_value_info(
+                w, onnx.TensorProto.FLOAT, [attrs.get("out_features", 0), attrs.get("in_channels", 0),
+                                            *ints.get("kernel_shape", [1, 1])]))
+            g.node[k].CopyFrom(helper.make_node("Conv", [node.input[0], w], list(node.output),
+                                                **{n: ints[n] for n in ("strides", "pads", "dilations") if n in ints}))
+            continue
         g.input.append(helper.make_tensor_value_info(
             w, onnx.TensorProto.FLOAT, [attrs.get("in_features", 0), attrs.get("out_features", 0)]))
         g.node[k].CopyFrom(helper.make_node("MatMul", [node.input[0], w], list(node.output)))
@@ -114,7 +133,7 @@ class GraphModel:
     """A fast artifact of a whole graph (see the module docstring). ``run(x)`` takes the graph's one input (or
     a dict of inputs by name) and returns its one output (or a list, in the graph's order)."""
 
-    def __init__(self, proto: onnx.ModelProto, layers: dict[str, CsrLayer], *, threads: int = 1,
+    def __init__(self, proto: onnx.ModelProto, layers: dict[str, CsrLayer | SparseConv], *, threads: int = 1,
                  metadata: dict[str, str] | None = None, memory_limit: int | None = None) -> None:
         self.threads = FastModel._check_threads(threads)
         self.proto = proto
@@ -126,7 +145,7 @@ class GraphModel:
         self.input_names = [i.name for i in g.input if i.name not in inits]
         self.output_names = [o.name for o in g.output]
         self.input_types = {i.name: i.type for i in g.input if i.name not in inits}
-        self._steps: list[SparseStep | DenseStep] = []
+        self._steps: list[SparseStep | ConvStep | DenseStep] = []
         self._lock = threading.Lock()
         types = _types(proto)
         later: list[set[str]] = []
@@ -145,6 +164,9 @@ class GraphModel:
                     self._steps.append(_segment(proto, run, after | {node.input[0]}, types, inits, len(self._steps)))
                     run = []
                 layer = layers[node.name]
+                if isinstance(layer, SparseConv):
+                    self._steps.append(ConvStep(node.input[0], node.output[0], layer))
+                    continue
                 model = FastModel([layer], (layer.n_in,), threads=threads, memory_limit=memory_limit)
                 model.fit_plans()
                 self.notes.update(model.notes)
@@ -161,6 +183,10 @@ class GraphModel:
         return [s.model.layers[0] for s in self._steps if isinstance(s, SparseStep)]
 
     @property
+    def convs(self) -> list[SparseConv]:
+        return [s.conv for s in self._steps if isinstance(s, ConvStep)]
+
+    @property
     def sparse_models(self) -> list[FastModel]:
         return [s.model for s in self._steps if isinstance(s, SparseStep)]
 
@@ -174,7 +200,7 @@ class GraphModel:
         """Tensor name -> index of the last step that reads it (graph outputs: never dropped)."""
         last: dict[str, int] = {}
         for k, step in enumerate(self._steps):
-            for name in ([step.x] if isinstance(step, SparseStep) else step.inputs):
+            for name in ([step.x] if isinstance(step, (SparseStep, ConvStep)) else step.inputs):
                 last[name] = k
         for name in self.output_names:
             last[name] = len(self._steps)
@@ -249,6 +275,13 @@ class GraphModel:
                 rows = np.ascontiguousarray(a, dtype=np.float32).reshape(-1, n_in)
                 step.last_rows = rows.shape[0]
                 env[step.y] = step.model.run(rows, threads=nt).reshape(*a.shape[:-1], -1)
+            elif isinstance(step, ConvStep):
+                a = env[step.x]
+                if a.ndim != 4 or a.shape[1] != step.conv.in_channels:
+                    raise InputError(f"tensor {step.x!r} has shape {list(a.shape)}, its sparse convolution takes "
+                                     f"(batch, {step.conv.in_channels}, h, w)", where="input",
+                                     fix="check the input's shape")
+                env[step.y] = step.conv.run(a, threads=nt)
             else:
                 sess = self._session(step, nt)
                 try:
@@ -287,6 +320,9 @@ class GraphModel:
             "isa": kernel_isa(),
             "threads": self.threads,
             "segments": sum(isinstance(s, DenseStep) for s in self._steps),
+            "convolutions": [{"name": c.layer.name, "shape": [c.out_channels, c.in_channels, *c.geometry.kernel],
+                              "nnz": c.layer.nnz, "sparsity": round(1.0 - c.layer.density, 6),
+                              "relu": c.layer.relu, "block": c.block} for c in self.convs],
             "layers": [
                 {"name": layer.name, "shape": [layer.n_out, layer.n_in], "nnz": layer.nnz,
                  "sparsity": round(1.0 - layer.density, 6), "relu": layer.relu,

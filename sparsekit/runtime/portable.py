@@ -15,12 +15,14 @@ import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from sparsekit.errors import InputError
-from sparsekit.runtime.checks import DOMAIN, FIX, OP, SLOPE
+from sparsekit.runtime.checks import CONV_OP, DOMAIN, FIX, OP, SLOPE
 
 # ScatterElements' reduction="add" (row ids from row pointers shared by empty rows) is opset 16
 MIN_OPSET = 16
 INPUTS = ["X", "values", "indices", "rowptr", "bias"]  # bias may be left out: Gemm's C is optional
 ATTRIBUTES = ["in_features", "out_features", "activation", "plan", SLOPE]
+CONV_ATTRIBUTES = ["in_features", "out_features", "in_channels", "kernel_shape", "strides", "pads", "dilations",
+                   "activation", SLOPE, "block"]
 
 
 def _ref(node: onnx.NodeProto, name: str, attr: str, kind: int) -> onnx.NodeProto:
@@ -87,6 +89,31 @@ def function(opset: int) -> onnx.FunctionProto:
                                 attributes=ATTRIBUTES)
 
 
+def conv_function(opset: int) -> onnx.FunctionProto:
+    """SparseConv's body: the (out_features, in_features) weight rebuilt as SparseLinear's, reshaped to
+    (out_features, in_channels, *kernel_shape), then ``LeakyRelu(Conv(X, W, bias), alpha=negative_slope)`` with
+    the node's strides, pads and dilations."""
+    function(opset)  # the same opset floor
+    mk = helper.make_node
+    conv = mk("Conv", ["X", "W4", "bias"], ["Z"])
+    for name, attr in (("kernel_shape", "kernel_shape"), ("strides", "strides"), ("pads", "pads"),
+                       ("dilations", "dilations")):
+        _ref(conv, name, attr, AttributeProto.INTS)
+    nodes = [_int64("zero", [0]), _int64("one", [1]), _int64("minus_one", [-1]), *_row_ids(), *_dense_weight(),
+             _ref(mk("Constant", [], ["c_in"]), "value_int", "in_channels", AttributeProto.INT),
+             mk("Unsqueeze", ["c_in", "zero"], ["c_in_1d"]),
+             _ref(mk("Constant", [], ["k_shape"]), "value_ints", "kernel_shape", AttributeProto.INTS),
+             mk("Concat", ["n_out_1d", "c_in_1d", "k_shape"], ["w4_shape"], axis=0),
+             mk("Reshape", ["W", "w4_shape"], ["W4"]),
+             conv,
+             _ref(mk("LeakyRelu", ["Z"], ["Y"]), "alpha", SLOPE, AttributeProto.FLOAT)]
+    return helper.make_function(DOMAIN, CONV_OP, INPUTS, ["Y"], nodes, [helper.make_opsetid("", opset)],
+                                attributes=CONV_ATTRIBUTES)
+
+
+BODIES = {OP: function, CONV_OP: conv_function}
+
+
 def _default_opset(proto: onnx.ModelProto) -> int | None:
     return next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
@@ -112,14 +139,17 @@ def check(proto: onnx.ModelProto, where: str, *, graph: bool = False) -> bool:
         return False
     label = f"{where}: functions"
     found = [f"{f.domain}::{f.name}" for f in ours]
-    if found != [f"{DOMAIN}::{OP}"]:
-        raise InputError(f"holds the functions {', '.join(found)}; a fast artifact holds one, {DOMAIN}::{OP}",
-                         where=label, fix=FIX)
+    allowed = [[f"{DOMAIN}::{OP}"]] + ([[f"{DOMAIN}::{CONV_OP}"], [f"{DOMAIN}::{OP}", f"{DOMAIN}::{CONV_OP}"]]
+                                        if graph else [])
+    if found not in allowed:
+        raise InputError(f"holds the functions {', '.join(found)}; a fast artifact holds one, {DOMAIN}::{OP}"
+                         + (f" (and {DOMAIN}::{CONV_OP})" if graph else ""), where=label, fix=FIX)
     opset = _default_opset(proto)
     if opset is None or opset < MIN_OPSET:
-        raise InputError(f"the model imports opset {opset}; its {OP} function needs {MIN_OPSET} or later",
+        raise InputError(f"the model imports opset {opset}; its {ours[0].name} function needs {MIN_OPSET} or later",
                          where=label, fix=FIX)
-    if _normalized(ours[0]) != _normalized(function(opset)):
-        raise InputError(f"the {OP} function is not the fast format's body (stock ONNX Runtime would compute "
-                         "something else than sparsekit)", where=label, fix=FIX)
+    for f in ours:
+        if _normalized(f) != _normalized(BODIES[f.name](opset)):
+            raise InputError(f"the {f.name} function is not the fast format's body (stock ONNX Runtime would "
+                             "compute something else than sparsekit)", where=label, fix=FIX)
     return True

@@ -1,0 +1,71 @@
+/* Convolution inputs as panels: the im2col matrix of a 2-D convolution (one row per input channel and kernel
+ * position, one column per output pixel), built 64 output pixels at a time straight in the panel layout the
+ * panel kernels read ([K][PANEL] per panel), so a sparse convolution is the panel kernel's SpMM (sparse weight
+ * (C_out, K) times the panel) with no separate transpose. Padding and pixels past the image are zeros. */
+#include "sk_runtime.h"
+
+/* one im2col row of a panel: lanes [0, lanes) are output pixels q0.. of one image, walked output row by output
+ * row; within an output row the input pixels are contiguous for stride 1 (a copy, zeros where the kernel hangs
+ * over the padding) and strided otherwise */
+static void im2col_row(const float *xc, float *dst, const conv_t *g, int64_t q0, int64_t lanes, int64_t dy,
+                       int64_t dx) {
+    int64_t l = 0;
+    while (l < lanes) {
+        const int64_t q = q0 + l, oy = q / g->wo, ox0 = q % g->wo;
+        const int64_t n = g->wo - ox0 < lanes - l ? g->wo - ox0 : lanes - l;
+        const int64_t iy = oy * g->sh - g->ph + dy;
+        float *d = dst + l;
+        if (iy < 0 || iy >= g->h) {
+            memset(d, 0, (size_t)n * 4);
+        } else {
+            const float *row = xc + iy * g->w;
+            /* output columns ox0 .. ox0 + n - 1 read input columns ix = ox * sw - pw + dx */
+            if (g->sw == 1) {  /* contiguous: zeros where ix < 0 or ix >= w, one copy between */
+                const int64_t ix0 = ox0 - g->pw + dx;
+                int64_t a = ix0 < 0 ? -ix0 : 0, e = g->w - ix0;
+                if (a > n) a = n;
+                if (e > n) e = n;
+                if (e < a) e = a;
+                memset(d, 0, (size_t)a * 4);
+                memcpy(d + a, row + ix0 + a, (size_t)(e - a) * 4);
+                memset(d + e, 0, (size_t)(n - e) * 4);
+            } else {
+                for (int64_t k = 0; k < n; k++) {
+                    const int64_t ix = (ox0 + k) * g->sw - g->pw + dx;
+                    d[k] = ix >= 0 && ix < g->w ? row[ix] : 0.f;
+                }
+            }
+        }
+        l += n;
+    }
+    if (lanes < PANEL) memset(dst + lanes, 0, (size_t)(PANEL - lanes) * 4);
+}
+
+/* panels [p0, p1) of image x (C, H, W) into xp + (p - p0) * K * PANEL, K = C * kh * kw */
+void im2col_panels(const float *x, float *xp, const conv_t *g, int64_t p0, int64_t p1) {
+    const int64_t npix = g->ho * g->wo, K = g->c * g->kh * g->kw;
+    for (int64_t p = p0; p < p1; p++) {
+        float *dst = xp + (p - p0) * K * PANEL;
+        const int64_t lanes = npix - p * PANEL < PANEL ? npix - p * PANEL : PANEL;
+        for (int64_t c = 0; c < g->c; c++)
+            for (int64_t i = 0; i < g->kh; i++)
+                for (int64_t j = 0; j < g->kw; j++, dst += PANEL)
+                    im2col_row(x + c * g->h * g->w, dst, g, p * PANEL, lanes, i * g->dh, j * g->dw);
+    }
+}
+
+/* One (image, panel) item of a sparse convolution: the panel's im2col columns into this thread's scratch, the
+ * panel kernel over every output channel (bias and ReLU fused), and the panel's pixels copied into the
+ * channel-major output y (B, C_out, ho * wo). */
+void conv_item(void *ctx, int64_t item, int tid) {
+    const conv_job_t *j = (const conv_job_t *)ctx;
+    const conv_t *g = &j->g;
+    const int64_t npix = g->ho * g->wo, K = g->c * g->kh * g->kw, b = item / j->P, p = item % j->P;
+    const int64_t lanes = npix - p * PANEL < PANEL ? npix - p * PANEL : PANEL;
+    float *xp = j->scratch + (int64_t)tid * j->per_thread, *yp = xp + K * PANEL;
+    im2col_panels(j->x + b * g->c * g->h * g->w, xp, g, p, p + 1);
+    const rowout_t ro = {NULL, 0, lanes, 0, 0};
+    panel_rows(j->fn, &j->w, j->bp, j->ord, j->nb, &ro, 0, j->w.n_out, xp, yp);
+    float *yb = j->y + b * j->w.n_out * npix + p * PANEL;
+    for (int64_t o = 0; o < j->w.n_out; o++) memcpy(yb + o * npix, yp + o * PANEL, (size_t)lanes * 4);
+}

@@ -1,0 +1,83 @@
+"""Sparse 2-D convolutions (``com.sparsekit::SparseConv``): the weight (C_out, C_in, kh, kw) as a sparse
+(C_out, K = C_in * kh * kw) matrix, run as the panel kernel's SpMM over im2col panels of 64 output pixels
+(``csrc/runtime/sk_conv.c``): each panel's columns are built straight in the panel layout, and the result's
+rows are the output channels, already channel-major (NCHW). Bias (batch norm folded in by the exporter) and
+ReLU are fused. Groups other than 1 (depthwise convolutions) stay with ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sparsekit.errors import InputError
+from sparsekit.runtime.layers import _K, CsrLayer, aligned_empty
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Kernel (kh, kw), strides, pads (top, left, bottom, right) and dilations of a convolution."""
+
+    kernel: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilations: tuple[int, int] = (1, 1)
+
+    def output(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
+        ho = (h + self.pads[0] + self.pads[2] - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + self.pads[1] + self.pads[3] - dw * (kw - 1) - 1) // sw + 1
+        return ho, wo
+
+
+class SparseConv:
+    """One sparse convolution: ``layer`` holds the (C_out, K) weight with bias and ReLU; ``block`` the panel
+    kernel's column block width (0: one block)."""
+
+    def __init__(self, layer: CsrLayer, in_channels: int, geometry: ConvGeometry, *, block: int = 0) -> None:
+        kh, kw = geometry.kernel
+        if layer.n_in != in_channels * kh * kw:
+            raise InputError(f"weight has {layer.n_in} columns, expected {in_channels}x{kh}x{kw}",
+                             where=layer.name or "conv")
+        self.layer, self.in_channels, self.geometry, self.block = layer, in_channels, geometry, block
+
+    @property
+    def out_channels(self) -> int:
+        return self.layer.n_out
+
+    def reference(self, x: np.ndarray) -> np.ndarray:
+        """float64 NCHW output by explicit im2col (tests)."""
+        g = self.geometry
+        (kh, kw), (sh, sw), (dh, dw) = g.kernel, g.strides, g.dilations
+        b, c, h, w = x.shape
+        ho, wo = g.output(h, w)
+        xp = np.zeros((b, c, h + g.pads[0] + g.pads[2], w + g.pads[1] + g.pads[3]))
+        xp[:, :, g.pads[0]:g.pads[0] + h, g.pads[1]:g.pads[1] + w] = x
+        cols = np.empty((b, c, kh, kw, ho, wo))
+        for i in range(kh):
+            for j in range(kw):
+                cols[:, :, i, j] = xp[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]
+        y = self.layer.reference(cols.reshape(b, c * kh * kw, ho * wo).transpose(0, 2, 1))
+        return y.transpose(0, 2, 1).reshape(b, -1, ho, wo)
+
+    def run(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
+        """x (batch, C_in, h, w) float32 -> (batch, C_out, ho, wo)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise InputError(f"convolution input has shape {list(x.shape)}, expected (batch, {self.in_channels}, "
+                             "h, w)", where=self.layer.name or "conv")
+        b, c, h, w = x.shape
+        g = self.geometry
+        ho, wo = g.output(h, w)
+        if ho < 1 or wo < 1:
+            raise InputError(f"input {h}x{w} is smaller than the kernel", where=self.layer.name or "conv")
+        y = aligned_empty(b * self.out_channels * ho * wo).reshape(b, self.out_channels, ho, wo)
+        if _K is None:
+            y[...] = self.reference(x)
+            return y
+        v, i, bptr, nb, order = self.layer.blocked(self.block)
+        _K.conv(v, i, bptr, self.layer.bias, order, x, y, self.layer.idx_bytes, self.layer.n_in, self.out_channels,
+                nb, int(self.layer.relu), int(threads), b,
+                (c, h, w, *g.kernel, *g.strides, g.pads[0], g.pads[1], *g.dilations, ho, wo))
+        return y

@@ -1,0 +1,82 @@
+"""Sparse 2-D convolutions (``sparsekit.runtime.conv``, ``csrc/runtime/sk_conv.c``): im2col panels fed to the panel
+kernel, against an explicit float64 im2col reference, on every code path; and the checks of the C entry point."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from runtime_helpers import K, close
+
+from sparsekit.runtime.conv import ConvGeometry, SparseConv
+from sparsekit.runtime.layers import CsrLayer
+
+pytestmark = pytest.mark.skipif(K is None, reason="no compiled kernels")
+
+
+def _conv(rng, cin, cout, k, density=0.3, *, bias=True, relu=True, block=0, **geo) -> SparseConv:
+    kh, kw = k
+    w = (rng.standard_normal((cout, cin * kh * kw)) * (rng.random((cout, cin * kh * kw)) < density)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32) if bias else None
+    return SparseConv(CsrLayer.from_dense(w, b, relu=relu), cin, ConvGeometry(k, **geo), block=block)
+
+
+GEOMETRIES = [  # (cin, cout, (kh, kw), h, w, geometry)
+    (3, 8, (3, 3), 9, 9, {"strides": (2, 2), "pads": (1, 1, 1, 1)}),           # a stem
+    (16, 24, (1, 1), 10, 7, {}),                                              # 1x1, 70 pixels: a ragged panel
+    (8, 8, (3, 3), 12, 11, {"pads": (0, 1, 1, 0)}),                           # asymmetric pads
+    (4, 6, (5, 5), 13, 13, {"dilations": (2, 2), "pads": (4, 4, 4, 4)}),      # dilation
+    (3, 5, (7, 7), 20, 17, {"strides": (2, 3), "pads": (3, 3, 3, 3)}),        # unequal strides
+    (6, 4, (2, 3), 5, 9, {}),                                                 # a non-square kernel
+]
+
+
+@pytest.mark.parametrize(("cin", "cout", "k", "h", "w", "geo"), GEOMETRIES)
+def test_sparse_convolution_matches_the_im2col_reference_on_every_path(isa, cin, cout, k, h, w, geo):
+    rng = np.random.default_rng(cin * h + w)
+    for batch, threads, bias, relu, block in ((1, 1, True, True, 0), (3, 2, False, False, 0), (2, 1, True, False, 16)):
+        conv = _conv(rng, cin, cout, k, bias=bias, relu=relu, block=block, **geo)
+        x = rng.standard_normal((batch, cin, h, w)).astype(np.float32)
+        y = conv.run(x, threads=threads)
+        assert y.shape == (batch, cout, *conv.geometry.output(h, w))
+        close(y, conv.reference(x))
+
+
+def test_the_reference_is_onnx_convolution():
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    conv = _conv(rng, 4, 6, (3, 3), strides=(2, 1), pads=(1, 0, 2, 1), dilations=(1, 2))
+    x = rng.standard_normal((2, 4, 11, 10)).astype(np.float32)
+    w = conv.layer.dense_weight().reshape(6, 4, 3, 3)
+    g = conv.geometry
+    node = helper.make_node("Conv", ["x", "w", "b"], ["c"], strides=list(g.strides), pads=list(g.pads),
+                            dilations=list(g.dilations))
+    graph = helper.make_graph([node, helper.make_node("Relu", ["c"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(conv.layer.bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    close(conv.reference(x), want)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"K": 35}, "bad convolution geometry"),                       # K != c * kh * kw
+    ({"geometry": (4, 11, 10, 3, 3, 0, 1, 1, 1, 1, 1, 5, 5)}, "bad convolution geometry"),   # stride 0
+    ({"geometry": (4, 11, 10, 3, 3, 1, 1, -1, 1, 1, 1, 5, 5)}, "bad convolution geometry"),  # negative pad
+    ({"batch": 3}, "x buffer too small"),                           # x holds 2 images
+    ({"y": np.zeros(10, np.float32)}, "y buffer too small"),
+])
+def test_the_c_entry_point_refuses_what_would_read_or_write_outside_its_buffers(change, message):
+    rng = np.random.default_rng(2)
+    conv = _conv(rng, 4, 6, (3, 3))
+    x = rng.standard_normal((2, 4, 11, 10)).astype(np.float32)
+    v, i, bptr, nb, order = conv.layer.blocked(0)
+    args = {"K": 36, "batch": 2, "geometry": (4, 11, 10, 3, 3, 1, 1, 0, 0, 1, 1, 9, 8),
+            "y": np.zeros((2, 6, 9, 8), np.float32)}
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        K.conv(v, i, bptr, conv.layer.bias, order, x, args["y"], conv.layer.idx_bytes, args["K"], 6, nb, 1, 1,
+               args["batch"], args["geometry"])
