@@ -121,7 +121,8 @@ def build_fast_model(dense: onnx.ModelProto, *, compact: bool = True, threads: i
 def write_model(dense: onnx.ModelProto, out_path: str | os.PathLike[str], *, tune: bool = False,
                 batch_size: int = 1, threads: int = 1, compact: bool = True, tune_budget_s: float = 0.3,
                 calibrate: bool = True, opset: int = 18,
-                metadata: dict[str, str] | None = None, inputs: np.ndarray | None = None) -> dict[str, Any]:
+                metadata: dict[str, str] | None = None, inputs: np.ndarray | None = None,
+                skip_slow: bool = False) -> dict[str, Any]:
     """Pack, calibrate or tune, check against ``dense`` under ONNX Runtime and write the artifact.
 
     Without ``tune``, a quick whole-model calibration (``sparsekit.runtime.tune.calibrate``, 0.2 s for
@@ -130,7 +131,8 @@ def write_model(dense: onnx.ModelProto, out_path: str | os.PathLike[str], *, tun
     not slower than the dense model where call overhead dominates (tiny layers). ``calibrate=False``
     leaves the heuristic alone. A graph that is not an MLP chain is packed whole
     (``sparsekit.exporters.fast_graph``): its sparse linear layers run on sparsekit's kernels, the rest in
-    ONNX Runtime; ``inputs`` (real samples) validate it, else random ones of each input's type.
+    ONNX Runtime; ``inputs`` (real samples) validate it, else random ones of each input's type; it is timed
+    against the dense graph, and ``skip_slow`` (``--format all``) refuses it where it is slower.
     Returns a report.
     """
     from sparsekit.exporters.graph import UnsupportedGraphError
@@ -157,7 +159,8 @@ def write_model(dense: onnx.ModelProto, out_path: str | os.PathLike[str], *, tun
         from sparsekit.exporters.fast_graph import write_graph_model
 
         return write_graph_model(dense, out_path, tune=tune, batch_size=batch_size, threads=threads,
-                                 calibrate=calibrate, tune_budget_s=tune_budget_s, metadata=metadata, inputs=inputs)
+                                 calibrate=calibrate, tune_budget_s=tune_budget_s, metadata=metadata, inputs=inputs,
+                                 skip_slow=skip_slow)
     if metadata:
         model.metadata.update(metadata)
     model.metadata.update({"sparsekit_format": "fast", "exporter": "sparsekit.exporters.fast",
@@ -276,7 +279,8 @@ def write_fast_format(ctx, out_path: Path, options) -> dict[str, Any]:
     try:
         samples = ctx.samples.x[:64] if ctx.samples is not None else None
         return write_model(ctx.model, out_path, tune=tune, batch_size=batch, threads=threads, opset=opset,
-                           calibrate=calibrate, metadata=meta, inputs=samples)
+                           calibrate=calibrate, metadata=meta, inputs=samples,
+                           skip_slow=bool(getattr(options, "skip_slow", False)))
     except UnsupportedGraphError as exc:
         raise UnsupportedGraphError(f"fast cannot pack this graph ({exc.what}); nothing was written",
                                     where=exc.where, fix="the fast format packs sparse linear layers "

@@ -325,14 +325,29 @@ def check_against_dense(model, dense: onnx.ModelProto, inputs: np.ndarray | None
     return {"max_abs_diff": worst, "bound": bound}
 
 
+def graph_speed(model, dense: onnx.ModelProto, inputs: np.ndarray | None) -> list[dict]:
+    """The whole artifact against the dense graph in ONNX Runtime, one thread, at batch 1 (a real sample when
+    given): the segments between sparse nodes cost a little per call, which a small model may not win back."""
+    from sparsekit.exporters.fast import _dense_reference
+    from sparsekit.exporters.speed import speedups_vs_dense
+
+    sess = _dense_reference(dense, 1)
+    name = sess.get_inputs()[0].name
+    x = inputs[:1] if inputs is not None else _random_inputs(dense, 1, 0)[name]
+    return speedups_vs_dense(lambda a: sess.run(None, {name: a}), {"fast": lambda a: model.run(a, threads=1)},
+                             {1: x})["fast"]
+
+
 def write_graph_model(dense: onnx.ModelProto, out_path, *, tune: bool, batch_size: int, threads: int,
                       calibrate: bool, tune_budget_s: float, metadata: dict[str, str] | None,
-                      inputs: np.ndarray | None) -> dict:
+                      inputs: np.ndarray | None, skip_slow: bool = False) -> dict:
     """``write_model`` for a whole graph: pack, plan each sparse layer (calibrated against ONNX Runtime's GEMM
     on its own, or ``--tune``), check against the dense graph, write. Plans are keyed by rows (batch x
     sequence for a Transformer)."""
     import json
     from pathlib import Path
+
+    from sparsekit.exporters.speed import MIN_SPEEDUP, describe_slow, slower_than_dense
 
     from sparsekit import __version__
     from sparsekit.errors import ValidationError
@@ -374,6 +389,13 @@ def write_graph_model(dense: onnx.ModelProto, out_path, *, tune: bool, batch_siz
                               f"(allowed {check['bound']:.3g})", where=str(out_path),
                               fix="please report this with the model attached")
     onnx.checker.check_model(model.to_onnx(), full_check=True)
+    speed = graph_speed(model, dense, inputs) if source != "heuristic" and len(model.input_names) == 1 else None
+    slow = slower_than_dense(speed or [])
+    if slow and skip_slow:
+        raise UnsupportedGraphError(f"slower than the dense model on this machine ({describe_slow(slow)}, below "
+                                    f"{MIN_SPEEDUP}x: the graph's segments between sparse layers cost more than "
+                                    "they save); nothing was written", where="fast",
+                                    fix="--format fast writes it anyway (flagged); use a sparser or larger model")
     save(model, out_path)
     kernels = {str(b): model.kernels_for(b) for b in (1, 64, 256)}
     return {
@@ -381,6 +403,7 @@ def write_graph_model(dense: onnx.ModelProto, out_path, *, tune: bool, batch_siz
         "dense_weight_bytes": sum(ly.n_in * ly.n_out * 4 for ly in [*model.layers, *(c.layer for c in model.convs)]),
         "layers": model.info()["layers"], "graph": True, "dense_linear_layers": packed.kept_dense,
         "tuned": bool(tune), "plan_source": source, "dense_check": check, "isa": kernel_isa(), "kernels": kernels,
+        "speed_vs_dense": speed,
         "notes": [f"{len(model.layers)} sparse linear layers and {len(model.convs)} sparse convolutions on "
                   f"sparsekit's kernels ({len(packed.kept_dense)} layers left dense: denser than "
                   f"{MAX_DENSITY:.0%} or, convolutions, not faster sparse here), the rest of the graph in ONNX "

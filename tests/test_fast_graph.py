@@ -270,3 +270,20 @@ def test_a_hostile_sparse_convolution_is_refused_with_one_line(tmp_path, attr, v
     path.write_bytes(proto.SerializeToString())
     with pytest.raises(InputError, match=message):
         rt.load(path)
+
+
+def test_a_graph_artifact_slower_than_dense_is_flagged_and_left_out_of_all(tmp_path, monkeypatch):
+    from sparsekit.exporters import fast_graph
+    from sparsekit.exporters.fast import write_model
+    from sparsekit.exporters.speed import speed_record
+
+    dense, _ = _ffn(np.random.default_rng(13))
+    # scripted timings (real ones depend on the CPU and its load): the segments cost more than they save
+    monkeypatch.setattr(fast_graph, "graph_speed", lambda *_a: [speed_record(1, 1, 0.6)])
+    with pytest.raises(UnsupportedGraphError, match=r"slower than the dense model on this machine \(0.60× at batch 1"):
+        write_model(dense, tmp_path / "all.fast.onnx", skip_slow=True)  # --format all
+    assert not (tmp_path / "all.fast.onnx").exists()
+    report = write_model(dense, tmp_path / "asked.fast.onnx")  # --format fast: written, its speed recorded
+    assert report["speed_vs_dense"] == [{"batch_size": 1, "threads": 1, "speedup": 0.6}]
+    monkeypatch.setattr(fast_graph, "graph_speed", lambda *_a: [speed_record(1, 1, 1.3)])
+    assert write_model(dense, tmp_path / "fast.fast.onnx", skip_slow=True)["speed_vs_dense"][0]["speedup"] == 1.3

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from sparsekit.errors import InputError, close_matches
-from sparsekit.models import nets, sequence
+from sparsekit.models import imagenet, nets, sequence
 from sparsekit.models.user import build_user_model, user_accepts_width
 
 __all__ = ["MODELS", "ModelInfo", "build_model", "list_models", "model_accepts_width", "parse_model_kwargs"]
@@ -63,6 +63,20 @@ def _build_mobilenet_v1(input_shape: tuple[int, ...], num_classes: int, *, width
     return nets.MobileNetV1(input_shape, num_classes, width=width)
 
 
+def _build_resnet18(input_shape: tuple[int, ...], num_classes: int, *, width: float, stem: str) -> nn.Module:
+    return imagenet.ResNet(input_shape, num_classes, block=imagenet.Basic, depths=(2, 2, 2, 2), width=width,
+                           stem=stem)
+
+
+def _build_resnet50(input_shape: tuple[int, ...], num_classes: int, *, width: float, stem: str) -> nn.Module:
+    return imagenet.ResNet(input_shape, num_classes, block=imagenet.Bottleneck, depths=(3, 4, 6, 3), width=width,
+                           stem=stem)
+
+
+def _build_mobilenet_v2(input_shape: tuple[int, ...], num_classes: int, *, width: float, stem: str) -> nn.Module:
+    return imagenet.MobileNetV2(input_shape, num_classes, width=width, stem=stem)
+
+
 MODELS: dict[str, ModelInfo] = {
     info.name: info
     for info in [
@@ -106,6 +120,30 @@ MODELS: dict[str, ModelInfo] = {
             "small MobileNet-V1 (0.5× channels, depthwise-separable, CIFAR strides); 32×32 images",
             {"width": 1.0},
             _build_mobilenet_v1,
+            input_kind="image",
+        ),
+        ModelInfo(
+            "resnet18",
+            "ResNet-18 (basic blocks 64/128/256/512, BatchNorm, projection shortcuts; 11.7 M params at 1000 "
+            "classes); stem=imagenet (7×7/2 + max-pool, 224×224) or stem=cifar (3×3/1, 32×32)",
+            {"width": 1.0, "stem": "imagenet"},
+            _build_resnet18,
+            input_kind="image",
+        ),
+        ModelInfo(
+            "resnet50",
+            "ResNet-50 (bottleneck blocks, the RigL paper's ImageNet model; 25.6 M params at 1000 classes); "
+            "stem=imagenet or cifar",
+            {"width": 1.0, "stem": "imagenet"},
+            _build_resnet50,
+            input_kind="image",
+        ),
+        ModelInfo(
+            "mobilenet-v2",
+            "MobileNetV2 1.0 (inverted residuals, depthwise 3×3 kept dense by the fast format; 3.5 M params at "
+            "1000 classes); stem=imagenet (224×224) or cifar (stride 1)",
+            {"width": 1.0, "stem": "imagenet"},
+            _build_mobilenet_v2,
             input_kind="image",
         ),
         ModelInfo(
@@ -276,6 +314,9 @@ def _check_registry_kwargs(info: ModelInfo, kwargs: dict[str, Any]) -> dict[str,
                 fix="use positive integer widths, e.g. hidden=512,256",
             )
         merged["hidden"] = list(hidden)
+    if "stem" in merged and merged["stem"] not in ("imagenet", "cifar"):
+        raise InputError(f"stem={merged['stem']!r} is invalid", where=where,
+                         fix="use stem=imagenet (7x7/2 stem, 224x224 images) or stem=cifar (3x3/1, 32x32)")
     return merged
 
 

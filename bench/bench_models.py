@@ -1,0 +1,202 @@
+"""Whole models on CPU: sparsekit's ``fast`` artifact (sparse convolutions and linear layers on its kernels, the rest
+in ONNX Runtime) next to the dense model in ONNX Runtime, side by side in one run.
+
+Each model gets random masks at ``--sparsity`` per layer (uniform; the stem convolution and depthwise convolutions
+stay dense, as in the reference measurements of the issue), BatchNorm folded by the ONNX export, and is packed with
+the exporter's default calibration (a convolution stays with ONNX Runtime unless it measured faster sparse). Rows:
+dense ORT and fast per call (medians of interleaved runs, 1 thread unless --threads), their ratio, the FLOP limit
+(dense MACs / sparse MACs over every layer) and, for reference, stock ONNX Runtime running the fast file itself.
+
+    python bench/bench_models.py [--quick] [--case resnet18] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_fast import machine
+
+CASES = {  # name: (builder kwargs for sparsekit.models.build_model or a callable, input shape, batches)
+    "resnet18": ("resnet18", {}, (3, 224, 224), (1, 16)),
+    "resnet18-cifar": ("resnet18", {"stem": "cifar"}, (3, 32, 32), (1, 16, 64)),
+    "mobilenet-v2": ("mobilenet-v2", {}, (3, 224, 224), (1, 16)),
+    "transformer": ("transformer", {}, (128, 512), (1, 16)),
+}
+QUICK = {"resnet18-cifar": ("resnet18", {"stem": "cifar", "width": 0.25}, (3, 32, 32), (1, 16)),
+         "transformer": ("transformer", {"layers": 1, "d": 128}, (32, 128), (1, 4))}
+
+
+class Encoder(nn.Module):
+    """The issue's Transformer: 4 post-norm encoder layers, d 512, 8 heads, FFN 2048, on float inputs."""
+
+    def __init__(self, layers: int = 4, d: int = 512) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, 8 if d >= 256 else 4, 4 * d, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(dim=1))
+
+
+def build(name: str, kwargs: dict, shape: tuple[int, ...]) -> nn.Module:
+    if name == "transformer":
+        return Encoder(**kwargs)
+    from sparsekit.models import build_model
+
+    return build_model(name, kwargs, input_shape=shape, num_classes=1000 if shape[-1] >= 224 else 10)
+
+
+def sparsify(model: nn.Module, sparsity: float, seed: int = 0) -> None:
+    """Random masks at ``sparsity`` per layer on every Linear (and MultiheadAttention's packed projection) and every
+    dense-group convolution but the first (the stem)."""
+    gen = torch.Generator().manual_seed(seed)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+    stem = convs[0] if convs else None
+    with torch.no_grad():
+        for m in model.modules():
+            weights = []
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and m is not stem and getattr(m, "groups", 1) == 1:
+                weights.append(m.weight)
+            if isinstance(m, nn.MultiheadAttention):
+                weights.append(m.in_proj_weight)
+            for w in weights:
+                keep = torch.rand(w.shape, generator=gen) >= sparsity
+                w.mul_(keep)
+
+
+def macs(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """(dense, sparse) multiply-adds of the weight layers for one input batch, from forward hooks."""
+    totals = [0.0, 0.0]
+
+    def hook(m: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        w = m.weight
+        per_out = w[0].numel()
+        positions = out.numel() / w.shape[0]
+        totals[0] += positions * w.numel() if not isinstance(m, nn.Conv2d) or m.groups == 1 else out.numel() * per_out
+        nnz = float((w != 0).sum())
+        totals[1] += positions * nnz
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return totals[0], totals[1]
+
+
+def timed(fns: dict, reps: int, budget_s: float) -> dict[str, float]:
+    """Median seconds per call, interleaved; thread CPU time (1 thread) is robust to other processes."""
+    clock = time.thread_time
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    start = time.perf_counter()
+    for r in range(reps):
+        for k, fn in fns.items():
+            t0 = clock()
+            fn()
+            samples[k].append(clock() - t0)
+        if r >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return {k: float(np.median(v)) for k, v in samples.items()}
+
+
+def bench_case(label: str, spec: tuple, sparsity: float, threads: int, reps: int, budget_s: float) -> list[dict]:
+    from sparsekit.exporters.fast import write_model
+
+    from sparsekit.onnx_export import export_dense_onnx
+    from sparsekit.runtime import load
+
+    name, kwargs, shape, batches = spec
+    model = build(name, kwargs, shape).eval()
+    sparsify(model, sparsity)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        dense_path, fast_path = Path(tmp) / "dense.onnx", Path(tmp) / "model.fast.onnx"
+        x_example = torch.randn(2, *shape)
+        export_dense_onnx(model, x_example, dense_path)
+        dense = onnx.load(str(dense_path))
+        t0 = time.perf_counter()
+        write_model(dense, fast_path, threads=threads, inputs=x_example.numpy())
+        export_s = time.perf_counter() - t0
+        fast = load(fast_path, threads=threads)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(str(dense_path), so, providers=["CPUExecutionProvider"])
+        stock = ort.InferenceSession(str(fast_path), so, providers=["CPUExecutionProvider"])
+        in_name = sess.get_inputs()[0].name
+        for b in batches:
+            x = np.random.default_rng(b).standard_normal((b, *shape)).astype(np.float32)
+            ref = sess.run(None, {in_name: x})[0]
+            got = fast.run(x)
+            err = float(np.max(np.abs(got - ref)))
+            med = timed({"dense ORT": lambda x=x: sess.run(None, {in_name: x}), "fast": lambda x=x: fast.run(x),
+                         "fast file in stock ORT": lambda x=x: stock.run(None, {in_name: x})}, reps, budget_s)
+            d_macs, s_macs = macs(model, torch.from_numpy(x))
+            rows.append({"case": label, "batch": b, "threads": threads, "sparsity": sparsity,
+                         "dense_ms": round(med["dense ORT"] * 1e3, 3), "fast_ms": round(med["fast"] * 1e3, 3),
+                         "speedup": round(med["dense ORT"] / med["fast"], 2),
+                         "stock_ort_on_fast_file": round(med["dense ORT"] / med["fast file in stock ORT"], 2),
+                         "flop_limit": round(d_macs / max(s_macs, 1.0), 2), "max_abs_diff": err,
+                         "sparse_linear": len(fast.layers), "sparse_conv": len(getattr(fast, "convs", [])),
+                         "export_s": round(export_s, 1)})
+            print(f"# {label} batch {b}: dense {rows[-1]['dense_ms']} ms, fast {rows[-1]['fast_ms']} ms "
+                  f"({rows[-1]['speedup']}x, FLOP limit {rows[-1]['flop_limit']}x)", file=sys.stderr, flush=True)
+    return rows
+
+
+def markdown(info: dict, rows: list[dict]) -> str:
+    head = (f"Machine: {info['cpu']} ({info.get('cpu_id', '')}), {info['cores']} cores, load average "
+            f"{info.get('load_average_1_5_15')}; ONNX Runtime {info['onnxruntime']}, sparsekit kernels "
+            f"{info['sparsekit_isa']}. Medians of interleaved runs (thread CPU time).")
+    lines = [head, "", "| model | batch | threads | dense ORT | fast | speedup | FLOP limit | sparse convs / linears "
+             "| stock ORT on the fast file |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['batch']} | {r['threads']} | {r['dense_ms']} ms | {r['fast_ms']} ms | "
+                     f"**{r['speedup']}×** | {r['flop_limit']}× | {r['sparse_conv']} / {r['sparse_linear']} | "
+                     f"{r['stock_ort_on_fast_file']}× |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small models (CI smoke run, < 1 min)")
+    p.add_argument("--case", action="append", help="only these cases (names: " + ", ".join(CASES) + ")")
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--json", type=Path, help="write rows and machine info here")
+    args = p.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    torch.set_num_threads(max(1, args.threads))
+    cases = QUICK if args.quick else CASES
+    if args.case:
+        cases = {k: v for k, v in cases.items() if k in args.case}
+    info = machine()
+    rows = []
+    for label, spec in cases.items():
+        rows += bench_case(label, spec, args.sparsity, args.threads, args.reps, 2.0 if args.quick else 20.0)
+    info["load_average_end"] = machine()["load_average_1_5_15"]
+    print(markdown(info, rows))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
