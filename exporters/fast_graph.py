@@ -211,13 +211,34 @@ def _csr_initializers(name: str, layer: CsrLayer) -> tuple[list[str], list[np.nd
 def faster_than_dense(dense: onnx.ModelProto, threads: int, *, margin: float = 1.05, reps: int = 5):
     """``keep_conv`` for ``pack_graph``: times each sparse convolution against ONNX Runtime's Conv on its dense
     weight, at batch 1 on the input shape shape inference gives (one call each in turn, ``reps`` rounds,
-    medians of thread CPU time), and keeps it sparse where it is faster by ``margin``; a convolution whose
-    input shape is unknown stays dense (never slower than dense)."""
+    medians of thread CPU time), plus two hand-offs between ONNX Runtime and sparsekit, and keeps it sparse
+    where it is faster by ``margin``: a small convolution (MobileNetV2's 1x1 layers: 0.78x of dense with all
+    of them sparse) stays in ONNX Runtime. A convolution whose input shape is unknown stays dense."""
     import time
 
     from sparsekit.exporters.fast import _dense_reference
 
     shapes = _shapes(dense)
+    boundary: dict[tuple[int, ...], float] = {}
+
+    def handoff_s(shape: tuple[int, ...]) -> float:
+        """What taking a layer out of ONNX Runtime's graph costs per call: the sparse node splits a segment in
+        two, and the tensors cross between ONNX Runtime and sparsekit (timed: an Identity session on it)."""
+        if shape not in boundary:
+            node = helper.make_node("Identity", ["x"], ["y"])
+            graph = helper.make_graph([node], "hop", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                    list(shape))],
+                                      [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+            m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+            m.ir_version = 9
+            sess = _dense_reference(m, threads)
+            z = np.zeros(shape, np.float32)
+            sess.run(None, {"x": z})
+            t0 = time.perf_counter()
+            for _ in range(20):
+                sess.run(None, {"x": z})
+            boundary[shape] = (time.perf_counter() - t0) / 20
+        return boundary[shape]
 
     def keep(conv: SparseConv, x_name: str) -> bool:
         dims = shapes.get(x_name)
@@ -246,7 +267,8 @@ def faster_than_dense(dense: onnx.ModelProto, threads: int, *, margin: float = 1
                 t0 = time.thread_time() if threads == 1 else time.perf_counter()
                 fn()
                 times[k].append((time.thread_time() if threads == 1 else time.perf_counter()) - t0)
-        return float(np.median(times["sparse"])) * margin < float(np.median(times["dense"]))
+        sparse_s = float(np.median(times["sparse"])) + 2 * handoff_s(x.shape)
+        return sparse_s * margin < float(np.median(times["dense"]))
 
     return keep
 
@@ -338,27 +360,19 @@ def graph_speed(model, dense: onnx.ModelProto, inputs: np.ndarray | None) -> lis
                              {1: x})["fast"]
 
 
-def write_graph_model(dense: onnx.ModelProto, out_path, *, tune: bool, batch_size: int, threads: int,
-                      calibrate: bool, tune_budget_s: float, metadata: dict[str, str] | None,
-                      inputs: np.ndarray | None, skip_slow: bool = False) -> dict:
-    """``write_model`` for a whole graph: pack, plan each sparse layer (calibrated against ONNX Runtime's GEMM
-    on its own, or ``--tune``), check against the dense graph, write. Plans are keyed by rows (batch x
-    sequence for a Transformer)."""
+def _planned(packed: Packed, dense: onnx.ModelProto, metadata: dict[str, str] | None, *, tune: bool,
+             calibrate: bool, threads: int, batch_size: int, tune_budget_s: float):
+    """The ``GraphModel`` of ``packed`` with its metadata and every sparse linear layer's plan (calibrated against
+    ONNX Runtime's GEMM on its own, ``--tune``d, or the heuristic); and the plan's source."""
     import json
-    from pathlib import Path
-
-    from sparsekit.exporters.speed import MIN_SPEEDUP, describe_slow, slower_than_dense
 
     from sparsekit import __version__
-    from sparsekit.errors import ValidationError
-    from sparsekit.runtime.artifact import save
     from sparsekit.runtime.graph_model import GraphModel
     from sparsekit.runtime.layers import kernel_isa
     from sparsekit.runtime.replan import record
     from sparsekit.runtime.tune import CALIBRATION_BATCHES, DEFAULT_BATCHES, tune_layers
     from sparsekit.runtime.tune import calibrate as calibrate_model
 
-    packed = pack_graph(dense, keep_conv=faster_than_dense(dense, threads) if calibrate or tune else None)
     meta = {f"source.{p.key}": p.value for p in dense.metadata_props}
     meta.update(metadata or {})
     meta.update({"sparsekit_format": "fast", "sparsekit_version": __version__, "exporter": "sparsekit.exporters.fast",
@@ -383,13 +397,50 @@ def write_graph_model(dense: onnx.ModelProto, out_path, *, tune: bool, batch_siz
                            else ""})
     if source != "heuristic":
         record(model)
+    return model, source
+
+
+def write_graph_model(dense: onnx.ModelProto, out_path, *, tune: bool, batch_size: int, threads: int,
+                      calibrate: bool, tune_budget_s: float, metadata: dict[str, str] | None,
+                      inputs: np.ndarray | None, skip_slow: bool = False) -> dict:
+    """``write_model`` for a whole graph: pack, plan (``_planned``), time the whole artifact against the dense
+    graph, check it against the dense graph, write. Sparse convolutions are each kept only where measured faster;
+    when the artifact with them still loses to the dense graph (hand-offs and broken fusions add up: MobileNetV2)
+    and the one without them does better, that one is written. Plans are keyed by rows (batch x sequence)."""
+    import json
+    from pathlib import Path
+
+    from sparsekit.exporters.speed import MIN_SPEEDUP, describe_slow, slower_than_dense
+
+    from sparsekit.errors import ValidationError
+    from sparsekit.runtime.artifact import save
+    from sparsekit.runtime.layers import kernel_isa
+
+    plan = {"tune": tune, "calibrate": calibrate, "threads": threads, "batch_size": batch_size,
+            "tune_budget_s": tune_budget_s}
+    packed = pack_graph(dense, keep_conv=faster_than_dense(dense, threads) if calibrate or tune else None)
+    model, source = _planned(packed, dense, metadata, **plan)
+    timed = source != "heuristic" and len(model.input_names) == 1
+    speed = graph_speed(model, dense, inputs) if timed else None
+    notes = []
+    if speed and model.convs and speed[0]["speedup"] < 1.0:
+        try:
+            alt = pack_graph(dense, keep_conv=lambda *_: False)
+        except UnsupportedGraphError:
+            alt = None
+        if alt is not None:
+            alt_model, _ = _planned(alt, dense, metadata, **plan)
+            alt_speed = graph_speed(alt_model, dense, inputs)
+            if alt_speed[0]["speedup"] > speed[0]["speedup"]:
+                notes.append(f"convolutions left to ONNX Runtime: with {len(model.convs)} sparse ones the artifact "
+                             f"measured {speed[0]['speedup']:.2f}x of dense, without {alt_speed[0]['speedup']:.2f}x")
+                packed, model, speed = alt, alt_model, alt_speed
     check = check_against_dense(model, dense, inputs)
     if not check["max_abs_diff"] <= check["bound"]:
         raise ValidationError(f"fast model differs from the dense model by {check['max_abs_diff']:.3g} "
                               f"(allowed {check['bound']:.3g})", where=str(out_path),
                               fix="please report this with the model attached")
     onnx.checker.check_model(model.to_onnx(), full_check=True)
-    speed = graph_speed(model, dense, inputs) if source != "heuristic" and len(model.input_names) == 1 else None
     slow = slower_than_dense(speed or [])
     if slow and skip_slow:
         raise UnsupportedGraphError(f"slower than the dense model on this machine ({describe_slow(slow)}, below "
@@ -407,5 +458,5 @@ def write_graph_model(dense: onnx.ModelProto, out_path, *, tune: bool, batch_siz
         "notes": [f"{len(model.layers)} sparse linear layers and {len(model.convs)} sparse convolutions on "
                   f"sparsekit's kernels ({len(packed.kept_dense)} layers left dense: denser than "
                   f"{MAX_DENSITY:.0%} or, convolutions, not faster sparse here), the rest of the graph in ONNX "
-                  f"Runtime; linear kernels by rows (batch x sequence): {json.dumps(kernels)} ({source})"],
+                  f"Runtime; linear kernels by rows (batch x sequence): {json.dumps(kernels)} ({source})", *notes],
     }

@@ -192,8 +192,9 @@ def test_a_hostile_graph_artifact_is_refused_with_one_line(tmp_path):
 def test_zoo_models_export_to_fast_and_match_the_dense_model(cli, tmp_path, monkeypatch, name):
     from sparsekit.exporters import fast_graph
 
-    # every sparse convolution packed (the export keeps one only where it measured faster: timing-dependent)
+    # every sparse convolution packed and the whole artifact "faster" (the export decides both by timing)
     monkeypatch.setattr(fast_graph, "faster_than_dense", lambda *_a, **_k: lambda *_b: True)
+    monkeypatch.setattr(fast_graph, "graph_speed", lambda *_a: [{"batch_size": 1, "threads": 1, "speedup": 1.5}])
     args = TINY[name]
     if name.startswith("char-"):
         corpus = tmp_path / "corpus.txt"
@@ -287,3 +288,28 @@ def test_a_graph_artifact_slower_than_dense_is_flagged_and_left_out_of_all(tmp_p
     assert report["speed_vs_dense"] == [{"batch_size": 1, "threads": 1, "speedup": 0.6}]
     monkeypatch.setattr(fast_graph, "graph_speed", lambda *_a: [speed_record(1, 1, 1.3)])
     assert write_model(dense, tmp_path / "fast.fast.onnx", skip_slow=True)["speed_vs_dense"][0]["speedup"] == 1.3
+
+
+def test_convolutions_go_back_to_onnx_runtime_when_the_whole_artifact_is_faster_without_them(tmp_path, monkeypatch):
+    from sparsekit.exporters import fast_graph
+    from sparsekit.exporters.fast import write_model
+    from sparsekit.exporters.speed import speed_record
+
+    rng = np.random.default_rng(14)
+    dense = _conv_net(rng)
+    dense.graph.node.append(helper.make_node("Flatten", ["y"], ["f"]))
+    dense.graph.node.append(helper.make_node("Gemm", ["f", "fc"], ["z"], name="fc", transB=1))
+    dense.graph.initializer.append(numpy_helper.from_array(
+        (rng.standard_normal((4, 120)) * (rng.random((4, 120)) < 0.3)).astype(np.float32), "fc"))
+    dense.graph.output[0].CopyFrom(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 4]))
+    monkeypatch.setattr(fast_graph, "faster_than_dense", lambda *_a, **_k: lambda *_b: True)
+    # scripted: each convolution measured faster alone, the artifact with them 0.7x of dense, without 0.9x
+    monkeypatch.setattr(fast_graph, "graph_speed",
+                        lambda model, *_a: [speed_record(1, 1, 0.7 if model.convs else 0.9)])
+    report = write_model(dense, tmp_path / "m.fast.onnx")
+    model = rt.load(tmp_path / "m.fast.onnx")
+    assert not model.convs and [ly.name for ly in model.layers] == ["fc"]
+    assert report["speed_vs_dense"] == [{"batch_size": 1, "threads": 1, "speedup": 0.9}]
+    assert "with 2 sparse ones the artifact measured 0.70x of dense, without 0.90x" in report["notes"][-1]
+    x = rng.standard_normal((2, 3, 10, 9)).astype(np.float32)
+    assert_fp32_close(model.run(x), _ort(dense, {"x": x})[0])
