@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from runtime_helpers import sparse_matrix
 from sparsekit.exporters.fast_graph import pack_graph
 from sparsekit.exporters.graph import UnsupportedGraphError
-from test_zoo_onnx import TINY
+from test_zoo_onnx import train_tiny
 from tolerances import assert_fp32_close
 
 import sparsekit.runtime as rt
@@ -195,15 +195,7 @@ def test_zoo_models_export_to_fast_and_match_the_dense_model(cli, tmp_path, monk
     # every sparse convolution packed and the whole artifact "faster" (the export decides both by timing)
     monkeypatch.setattr(fast_graph, "faster_than_dense", lambda *_a, **_k: lambda *_b: True)
     monkeypatch.setattr(fast_graph, "graph_speed", lambda *_a: [{"batch_size": 1, "threads": 1, "speedup": 1.5}])
-    args = TINY[name]
-    if name.startswith("char-"):
-        corpus = tmp_path / "corpus.txt"
-        corpus.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
-        args = ["--data", f"text:{corpus}", *args]
-    run = tmp_path / "run"
-    res = cli(["train", "--model", name, *args, "--method", "rigl", "--sparsity", "0.8", "--steps", "1",
-               "--batch-size", "8", "--device", "cpu", "--out", str(run), "-q"])
-    assert res.exit_code == 0, res.stderr
+    run = train_tiny(cli, tmp_path, name)
     res = cli(["export", str(run), "--format", "onnx,fast", "--json"])
     assert res.exit_code == 0, res.stderr
     fast = next(a for a in json.loads(res.stdout)["artifacts"] if a["format"] == "fast")

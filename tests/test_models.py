@@ -185,11 +185,26 @@ def test_registry_errors():
 def test_list_models_and_accepts_width():
     rows = list_models()
     assert [r["name"] for r in rows] == ["mlp", "lenet300", "lenet5", "resnet20", "wrn-22-2", "mobilenet-v1",
-                                         "char-gru", "char-lstm", "char-transformer"]
+                                         "resnet18", "resnet50", "mobilenet-v2", "char-gru", "char-lstm",
+                                         "char-transformer"]
     assert rows[0]["defaults"] == {"hidden": [512, 256], "width": 1.0}
     assert all(r["description"] and "\n" not in r["description"] for r in rows)
     assert all(model_accepts_width(name) for name in MODELS)
     assert_input_error("unknown model", model_accepts_width, "nope")
+
+
+def test_imagenet_models_have_their_papers_sizes_and_a_cifar_stem():
+    import torch
+
+    counts = {"resnet18": 11_689_512, "resnet50": 25_557_032, "mobilenet-v2": 3_504_872}  # torchvision's, 1000 classes
+    for name, want in counts.items():
+        model = build_model(name, {}, input_shape=(3, 224, 224), num_classes=1000)
+        assert sum(p.numel() for p in model.parameters()) == want
+    cifar = build_model("resnet18", {"stem": "cifar", "width": 0.25}, input_shape=(3, 32, 32), num_classes=10)
+    assert cifar.stem[0].kernel_size == (3, 3) and cifar.stem[0].stride == (1, 1)
+    assert cifar(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert_input_error("stem='vgg' is invalid", build_model, "resnet18", {"stem": "vgg"}, input_shape=(3, 32, 32),
+                       num_classes=10)
 
 
 # ---------------------------------------------------------------- py: models

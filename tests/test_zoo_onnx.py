@@ -49,9 +49,8 @@ def ort_outputs(path: Path, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(TINY))
-def test_zoo_model_exports_strictly_valid_onnx(cli, tmp_path, name):
+def train_tiny(cli, tmp_path: Path, name: str) -> Path:
+    """A one-step RigL 80% run of zoo model ``name`` at its tiny size (``TINY``); returns the run dir."""
     args = TINY[name]
     if name.startswith("char-"):
         corpus = tmp_path / "corpus.txt"
@@ -61,6 +60,13 @@ def test_zoo_model_exports_strictly_valid_onnx(cli, tmp_path, name):
     res = cli(["train", "--model", name, *args, "--method", "rigl", "--sparsity", "0.8", "--steps", "1",
                "--batch-size", "8", "--device", "cpu", "--out", str(run), "-q"])
     assert res.exit_code == 0, res.stderr
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_zoo_model_exports_strictly_valid_onnx(cli, tmp_path, name):
+    run = train_tiny(cli, tmp_path, name)
     # --warn-only: a one-step model's int8 form may miss the agreement rule; the files are what is tested
     res = cli(["export", str(run), "--format", "all", "--warn-only", "--json"])
     assert res.exit_code == 0, res.stderr

@@ -24,7 +24,7 @@ from sparsekit.errors import InputError
 from sparsekit.runtime import checks, forksafe
 from sparsekit.runtime.conv import SparseConv
 from sparsekit.runtime.layers import CsrLayer, kernel_isa
-from sparsekit.runtime.model import FastModel
+from sparsekit.runtime.model import FastModel, layer_info
 
 _NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT64: np.int64,
              onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_,
@@ -323,11 +323,6 @@ class GraphModel:
             "convolutions": [{"name": c.layer.name, "shape": [c.out_channels, c.in_channels, *c.geometry.kernel],
                               "nnz": c.layer.nnz, "sparsity": round(1.0 - c.layer.density, 6),
                               "relu": c.layer.relu, "block": c.block} for c in self.convs],
-            "layers": [
-                {"name": layer.name, "shape": [layer.n_out, layer.n_in], "nnz": layer.nnz,
-                 "sparsity": round(1.0 - layer.density, 6), "relu": layer.relu,
-                 "plan": {str(k): v for k, v in sorted(layer.plan.items())}}
-                for layer in self.layers
-            ],
+            "layers": [layer_info(layer) for layer in self.layers],
             "metadata": dict(self.metadata),
         }

@@ -512,11 +512,13 @@ class FastModel:
             "n_outputs": self.n_outputs,
             "isa": kernel_isa(),
             "threads": self.threads,
-            "layers": [
-                {"name": layer.name, "shape": [layer.n_out, layer.n_in], "nnz": layer.nnz,
-                 "sparsity": round(1.0 - layer.density, 6), "relu": layer.relu,
-                 "plan": {str(k): v for k, v in sorted(layer.plan.items())}}
-                for layer in self.layers
-            ],
+            "layers": [layer_info(layer) for layer in self.layers],
             "metadata": dict(self.metadata),
         }
+
+
+def layer_info(layer: CsrLayer) -> dict[str, Any]:
+    """A layer for ``info()``: name, shape (out, in), nonzeros, sparsity, ReLU, plan."""
+    return {"name": layer.name, "shape": [layer.n_out, layer.n_in], "nnz": layer.nnz,
+            "sparsity": round(1.0 - layer.density, 6), "relu": layer.relu,
+            "plan": {str(k): v for k, v in sorted(layer.plan.items())}}
