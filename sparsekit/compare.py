@@ -247,6 +247,16 @@ _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">"]
 
 
 def plot_accuracy_vs_flops(rows: list[dict[str, Any]], path: Path, *, title: str = "", bpc: bool = False) -> None:
+    """``compare.png``: ``accuracy_figure`` written to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_figure(rows, title=title, bpc=bpc)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def accuracy_figure(rows: list[dict[str, Any]], *, title: str = "", bpc: bool = False) -> Any:
     """Test accuracy (%) against training FLOPs relative to dense: colour = method, marker = sparsity.
     With ``bpc`` (language modelling) the y axis is test bits per character instead (lower is better)."""
     import matplotlib
@@ -303,9 +313,7 @@ def plot_accuracy_vs_flops(rows: list[dict[str, Any]], path: Path, *, title: str
     ax.set_title(textwrap.fill(title, 90), fontsize=10)
     fig.tight_layout()
     _place_labels(ax, drawn, _spread_coinciding(ax, drawn))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    return fig
 
 
 def label_offsets(points: list[tuple[float, float]], *, width: float = 70.0, height: float = 10.0,

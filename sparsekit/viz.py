@@ -5,8 +5,12 @@ From a run directory (no model code needed):
 - ``connectivity.png`` / ``connectivity.gif``: every input feature's outgoing connection count in the
   first sparse layer at several mask updates (``updates.jsonl`` ``input_fanout``), as H×W heat maps
   for image inputs (the RigL blog's MNIST figure: border pixels lose their connections, the centre
-  gains them), beside the average input image from ``samples.npz``;
-- ``density.png``: planned vs realised density per layer (``summary.json`` layers);
+  gains them), beside the average input image from ``samples.npz``; for other inputs (a conv's
+  channels, a Transformer's embedding) a table, one row per update and one column per feature;
+- ``layers.png`` (``layers-2.png``, ...): each sparse layer's view of where its connections are in the
+  final masks (``masks.safetensors``), picked per layer type by ``sparsekit.viz_views``;
+- ``density.png``: planned vs realised density per layer (``summary.json`` layers), and each layer's
+  density over the mask updates (``updates.jsonl`` ``active``) when it changed;
 - ``curves.png``: train/test loss and accuracy per epoch (``metrics.jsonl``) with mask updates marked;
 - ``compare_loss.png`` (``--compare RUN_A RUN_B ...``): loss curves of several runs overlaid.
 """
@@ -296,7 +300,7 @@ def plot_density(run: RunDir, out: Path, summary: dict[str, Any]) -> Path:
     real = [ly.get("density", 1.0) for ly in layers]
     series = density_over_updates(run.updates(), summary)
     width = max(5.0, 0.9 * len(names) + 2)
-    height = 3.2 + 0.065 * max((len(n) for n in names), default=0)  # the slanted layer names below the bars
+    height = 3.2 + 0.075 * max((len(n) for n in names), default=0)  # the layer names below the bars
     fig, axes = plt.subplots(1, 2 if series else 1, figsize=(width + (6.0 if series else 0.0), height), dpi=100,
                              layout="constrained", squeeze=False, width_ratios=[width, 6.0] if series else None)
     ax = axes[0, 0]
@@ -304,7 +308,8 @@ def plot_density(run: RunDir, out: Path, summary: dict[str, Any]) -> Path:
     ax.bar(x - 0.2, planned, 0.4, label="planned", color="#9ecae1", edgecolor="black", lw=0.5)
     ax.bar(x + 0.2, real, 0.4, label="realised", color="#08519c", edgecolor="black", lw=0.5)
     ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=30 if len(names) < 8 else 60, ha="right", fontsize=8)
+    upright = max((len(n) for n in names), default=0) > 14  # long names stand upright, clear of each other
+    ax.set_xticklabels(names, rotation=90 if upright else 30, ha="center" if upright else "right", fontsize=8)
     ax.set_ylabel("density (fraction of weights active)")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
