@@ -306,8 +306,8 @@ def accuracy_figure(rows: list[dict[str, Any]], *, title: str = "", bpc: bool = 
         ax.set_xscale("log")
     if clipped:
         ax.set_ylim(bottom=floor)
-    ax.margins(x=0.08)  # room for the labels of the outermost points
-    ax.set_xlabel("training FLOPs (× dense); points that coincide are drawn side by side")
+    ax.margins(x=0.08, y=0.08)  # room for the labels of the outermost points
+    ax.set_xlabel("training FLOPs (× dense); points that would hide each other are drawn side by side")
     ax.set_ylabel("test bits per character (lower is better)" if bpc else "test accuracy (%)")
     ax.grid(True, alpha=0.3)
     ax.set_title(textwrap.fill(title, 90), fontsize=10)
@@ -334,27 +334,47 @@ def label_offsets(points: list[tuple[float, float]], *, width: float = 70.0, hei
     return out
 
 
-def marker_offsets(points: list[tuple[float, float]], *, near: float = 6.0,
+def marker_offsets(points: list[tuple[float, float]], *, near: float = 9.0,
                    spacing: float = 11.0) -> list[tuple[float, float]]:
-    """Horizontal offsets (points) that keep coinciding markers visible: points closer than ``near`` in both
-    directions (display positions in points) form a group, spread side by side ``spacing`` apart about their
-    place, in the order given. Per point: (its marker's offset, the group's largest offset, where its label
-    starts); a point alone gets (0, 0)."""
-    groups: list[list[int]] = []
-    for i, (px, py) in enumerate(points):
-        for group in groups:
-            qx, qy = points[group[0]]
-            if abs(px - qx) < near and abs(py - qy) < near:
-                group.append(i)
-                break
-        else:
-            groups.append([i])
+    """Horizontal offsets (points) that keep markers from hiding each other. Points (display positions in
+    points) less than ``near`` apart in height share a row; within a row, markers less than ``spacing`` apart
+    form a cluster, laid side by side ``spacing`` apart about the cluster's mean, in their x order (ties: the
+    order given), merging clusters until none come closer. Per point: (its marker's offset, the offset of
+    its cluster's last marker, where its label starts); a point with room keeps (0, 0)."""
     out = [(0.0, 0.0)] * len(points)
-    for group in groups:
-        right = (len(group) - 1) / 2 * spacing
-        for k, i in enumerate(group):
-            out[i] = ((k - (len(group) - 1) / 2) * spacing, right)
+    for row in _rows(points, near):
+        clusters = [[i] for i in sorted(row, key=lambda i: (points[i][0], i))]
+        merged = True
+        while merged:
+            merged = False
+            for a in range(len(clusters) - 1):
+                left, right = _laid_out(clusters[a], points, spacing), _laid_out(clusters[a + 1], points, spacing)
+                if right[0] - left[-1] < spacing - 1e-9:
+                    clusters[a:a + 2] = [clusters[a] + clusters[a + 1]]
+                    merged = True
+                    break
+        for cluster in clusters:
+            xs = _laid_out(cluster, points, spacing)
+            for i, x in zip(cluster, xs, strict=True):
+                out[i] = (x - points[i][0], xs[-1] - points[i][0])
     return out
+
+
+def _rows(points: list[tuple[float, float]], near: float) -> list[list[int]]:
+    """Indices of points chained by heights less than ``near`` apart."""
+    rows: list[list[int]] = []
+    for i in sorted(range(len(points)), key=lambda j: points[j][1]):
+        if rows and points[i][1] - points[rows[-1][-1]][1] < near:
+            rows[-1].append(i)
+        else:
+            rows.append([i])
+    return rows
+
+
+def _laid_out(cluster: list[int], points: list[tuple[float, float]], spacing: float) -> list[float]:
+    """The cluster's markers side by side, ``spacing`` apart, centred on their mean x."""
+    centre = sum(points[i][0] for i in cluster) / len(cluster)
+    return [centre + (k - (len(cluster) - 1) / 2) * spacing for k in range(len(cluster))]
 
 
 def _artists(container: Any) -> list[Any]:

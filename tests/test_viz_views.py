@@ -256,9 +256,14 @@ def test_titles_and_labels_do_not_overlap(runs, tmp_path, monkeypatch, name):
 # ---------------------------------------------------------------- compare.png
 
 def test_coinciding_points_are_spread_and_lone_points_stay():
-    offs = marker_offsets([(100.0, 50.0), (100.0, 50.0), (101.0, 51.0), (300.0, 50.0)], spacing=11.0)
-    assert [o[0] for o in offs] == [-11.0, 0.0, 11.0, 0.0]
-    assert offs[3] == (0.0, 0.0) and {o[1] for o in offs[:3]} == {11.0}
+    offs = marker_offsets([(100.0, 50.0), (100.0, 50.0), (100.0, 50.5), (300.0, 50.0), (100.0, 80.0)],
+                          spacing=11.0)
+    assert [o[0] for o in offs] == [-11.0, 0.0, 11.0, 0.0, 0.0]  # in the order given; another height: alone
+    assert [o[1] for o in offs[:3]] == [11.0, 11.0, 11.0] and offs[3] == offs[4] == (0.0, 0.0)
+    # a neighbour the spread cluster would now hide joins it; x order is kept
+    xs = [p + o[0] for p, o in zip([100.0, 100.0, 115.0], marker_offsets([(100.0, 0.0), (100.0, 0.0),
+                                                                          (115.0, 0.0)]), strict=True)]
+    assert xs == sorted(xs) and min(b - a for a, b in itertools.pairwise(xs)) == pytest.approx(11.0)
 
 
 def test_compare_figure_draws_identical_results_at_different_places():
