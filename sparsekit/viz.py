@@ -127,7 +127,8 @@ def plot_connectivity(run: RunDir, out: Path, summary: dict[str, Any]) -> list[P
     layer = fans[0].get("first_layer", "first layer")
     title = _wrap(f"{summary.get('method', '')}: input connectivity of {layer}")
     if shape is None:
-        fig = _fanout_table(maps, vmax, title, int(input_shape[0]) if len(input_shape) == 3 else 0)
+        shapes = {ly.get("name"): ly.get("shape") or [] for ly in summary.get("layers", [])}
+        fig = _fanout_table(maps, vmax, title, channels=len(shapes.get(layer, [])) > 2)
     else:
         fig = _fanout_images(maps, vmax, title, _mean_image(run, shape))
     png = out / "connectivity.png"
@@ -163,7 +164,7 @@ def _fanout_images(maps: list[tuple[int, np.ndarray]], vmax: float, title: str, 
     return fig
 
 
-def _fanout_table(maps: list[tuple[int, np.ndarray]], vmax: float, title: str, channels: int) -> Any:
+def _fanout_table(maps: list[tuple[int, np.ndarray]], vmax: float, title: str, *, channels: bool) -> Any:
     """Input features that are no image (a conv's channels, a Transformer's embedding): rows = mask updates."""
     table = np.concatenate([m.reshape(1, -1) for _, m in maps])
     steps = [step for step, _ in maps]
@@ -173,7 +174,7 @@ def _fanout_table(maps: list[tuple[int, np.ndarray]], vmax: float, title: str, c
     rows = _pick(len(steps), 12)
     ax.set_yticks(rows, [str(steps[i]) for i in rows], fontsize=7)
     ax.set_ylabel("mask update (step)")
-    ax.set_xlabel("input channel" if channels == table.shape[1] else "input feature")
+    ax.set_xlabel("input channel" if channels else "input feature")
     ax.xaxis.set_major_locator(_plt().MaxNLocator(16, integer=True))
     fig.colorbar(im, ax=ax, label="outgoing connections")
     ax.set_title(title, fontsize=10)
@@ -215,18 +216,23 @@ def plot_layers(run: RunDir, out: Path, summary: dict[str, Any]) -> list[Path]:
         chw = (1, *side) if side else None
     views = layer_views(masks, summary, chw)
     paths = []
+    pages = math.ceil(len(views) / LAYERS_PER_PAGE)
     for page, start in enumerate(range(0, len(views), LAYERS_PER_PAGE), 1):
-        fig = layers_figure(views[start:start + LAYERS_PER_PAGE], summary.get("method", ""))
+        title = f"{summary.get('method', '')}: where each layer's connections are (final masks)"
+        last = min(start + LAYERS_PER_PAGE, len(views))
+        span = f"layer {last}" if last == start + 1 else f"layers {start + 1}-{last}"
+        title += f", {span} of {len(views)}" if pages > 1 else ""
+        fig = layers_figure(views[start:start + LAYERS_PER_PAGE], title)
         path = out / ("layers.png" if page == 1 else f"layers-{page}.png")
         _save(fig, path)
         paths.append(path)
     return paths
 
 
-def layers_figure(views: list[LayerView], method: str) -> Any:
+def layers_figure(views: list[LayerView], title: str) -> Any:
     """One row per layer (its name, kind and density as the row's title), one panel per view panel."""
     fig = _plt().figure(figsize=(13.0, 2.5 * len(views) + 0.5), dpi=100, layout="constrained")
-    fig.suptitle(f"{method}: where each layer's connections are (final masks)", fontsize=11)
+    fig.suptitle(_wrap(title, 110), fontsize=11)
     rows = fig.subfigures(len(views), 1, squeeze=False)[:, 0]
     for sub, view in zip(rows, views, strict=True):
         shape = "×".join(str(d) for d in view.shape)

@@ -224,6 +224,18 @@ def test_connectivity_of_a_transformer_is_a_table_over_updates_not_an_image(runs
     (table,) = _drawn_values(saved["connectivity.png"])
     np.testing.assert_array_equal(table, [u["input_fanout"] for u in updates])
     assert table.shape == (len(updates), 16) and len(updates) >= 3  # d_model 16 features, one row per update
+    assert saved["connectivity.png"].axes[0].get_xlabel() == "input feature"
+
+
+@pytest.mark.slow
+def test_connectivity_of_a_cnn_counts_per_input_channel_over_updates(runs, tmp_path, monkeypatch):
+    saved = _figures(monkeypatch)
+    names = {Path(f).name for f in viz.visualize(runs["resnet20"], tmp_path)["files"]}
+    assert "connectivity.gif" not in names
+    updates = [u for u in RunDir(runs["resnet20"]).updates() if "input_fanout" in u]
+    (table,) = _drawn_values(saved["connectivity.png"])
+    np.testing.assert_array_equal(table, [u["input_fanout"] for u in updates])
+    assert table.shape[1] == 3 and saved["connectivity.png"].axes[0].get_xlabel() == "input channel"
 
 
 def _text_boxes(fig: Any) -> list[tuple[str, Any]]:
