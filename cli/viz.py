@@ -18,8 +18,10 @@ def viz(
     json_out: bool = typer.Option(False, "--json", help="Print the written files as JSON.", show_default="off"),
     quiet: bool = quiet_option("Do not list the written files."),
 ) -> None:
-    """Write PNGs (and a GIF) of a run: first-layer input connectivity at each mask update beside the
-    mean input image, planned vs realised per-layer density, loss/accuracy curves with updates marked."""
+    """Write PNGs (and a GIF) of a run: first-layer input connectivity at each mask update (beside the
+    mean input image for image inputs), where each layer's connections are (layers.png: per output/input
+    channel and kernel position for convolutions, per q/k/v head for attention, per unit otherwise),
+    planned vs realised per-layer density, loss/accuracy curves with updates marked."""
     from sparsekit.errors import InputError
     from sparsekit.viz import compare_runs, visualize
 

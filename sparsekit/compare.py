@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import math
 import statistics
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,6 +247,16 @@ _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">"]
 
 
 def plot_accuracy_vs_flops(rows: list[dict[str, Any]], path: Path, *, title: str = "", bpc: bool = False) -> None:
+    """``compare.png``: ``accuracy_figure`` written to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_figure(rows, title=title, bpc=bpc)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def accuracy_figure(rows: list[dict[str, Any]], *, title: str = "", bpc: bool = False) -> Any:
     """Test accuracy (%) against training FLOPs relative to dense: colour = method, marker = sparsity.
     With ``bpc`` (language modelling) the y axis is test bits per character instead (lower is better)."""
     import matplotlib
@@ -262,7 +273,7 @@ def plot_accuracy_vs_flops(rows: list[dict[str, Any]], path: Path, *, title: str
     # Far outliers (a collapsed run) would squash the rest: draw them clipped at the bottom, labelled.
     floor = ys[len(ys) // 2] - 12.0 if ys else 0.0
     clipped = bool(ys) and ys[0] < floor
-    labels: list[tuple[str, float, float]] = []
+    drawn: list[tuple[Any, str, float, float]] = []  # (artists, label, x, y) of every point drawn
     for r in rows:
         if r["train_flops_vs_dense"] is None or (r.get("bpc_mean") if bpc else r["accuracy_mean"]) is None:
             continue
@@ -272,18 +283,17 @@ def plot_accuracy_vs_flops(rows: list[dict[str, Any]], path: Path, *, title: str
             x, y = r["train_flops_vs_dense"], 100 * r["accuracy_mean"]
             yerr = 100 * (r["accuracy_std"] or 0.0)
         if clipped and y < floor:
-            ax.plot([x], [floor + 0.4], marker="v", color=colors[r["method"]], ms=9, mec="black", mew=0.6)
-            ax.annotate(f"{r['method']} {r['sparsity']:g}: {y:.1f}% (off scale)", (x, floor + 0.4),
-                        textcoords="offset points", xytext=(6, 4), fontsize=7)
+            artist = ax.plot([x], [floor + 0.4], marker="v", color=colors[r["method"]], ms=9, mec="black", mew=0.6)
+            drawn.append((artist, f"{r['method']} {r['sparsity']:g}: {y:.1f}% (off scale)", x, floor + 0.4))
             continue
         if r["method"] == "dense":
             ax.axhline(y, color=colors["dense"], ls="--", lw=1, alpha=0.6)
             marker = "*"
         else:
             marker = _MARKERS[sparsities.index(r["sparsity"]) % len(_MARKERS)]
-        ax.errorbar([x], [y], yerr=[yerr], fmt=marker, color=colors[r["method"]], ms=9, capsize=4,
-                    mec="black", mew=0.6)
-        labels.append(("dense" if r["method"] == "dense" else f"{r['method']} {r['sparsity']:g}", x, y))
+        artist = ax.errorbar([x], [y], yerr=[yerr], fmt=marker, color=colors[r["method"]], ms=9, capsize=4,
+                             mec="black", mew=0.6)
+        drawn.append((artist, "dense" if r["method"] == "dense" else f"{r['method']} {r['sparsity']:g}", x, y))
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=colors[m], marker="*" if m == "dense" else "o", ls="", ms=8, label=m)
@@ -296,15 +306,14 @@ def plot_accuracy_vs_flops(rows: list[dict[str, Any]], path: Path, *, title: str
         ax.set_xscale("log")
     if clipped:
         ax.set_ylim(bottom=floor)
-    ax.set_xlabel("training FLOPs (× dense)")
+    ax.margins(x=0.08, y=0.08)  # room for the labels of the outermost points
+    ax.set_xlabel("training FLOPs (× dense); points that would hide each other are drawn side by side")
     ax.set_ylabel("test bits per character (lower is better)" if bpc else "test accuracy (%)")
     ax.grid(True, alpha=0.3)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 90), fontsize=10)
     fig.tight_layout()
-    _place_labels(ax, labels)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    _place_labels(ax, drawn, _spread_coinciding(ax, drawn))
+    return fig
 
 
 def label_offsets(points: list[tuple[float, float]], *, width: float = 70.0, height: float = 10.0,
@@ -325,17 +334,88 @@ def label_offsets(points: list[tuple[float, float]], *, width: float = 70.0, hei
     return out
 
 
-def _place_labels(ax: Any, labels: list[tuple[str, float, float]]) -> None:
-    """Annotate the points with their labels, nudged apart where they would overlap."""
-    if not labels:
+def marker_offsets(points: list[tuple[float, float]], *, near: float = 9.0,
+                   spacing: float = 11.0) -> list[tuple[float, float]]:
+    """Horizontal offsets (points) that keep markers from hiding each other. Points (display positions in
+    points) less than ``near`` apart in height share a row; within a row, markers less than ``spacing`` apart
+    form a cluster, laid side by side ``spacing`` apart about the cluster's mean, in their x order (ties: the
+    order given), merging clusters until none come closer. Per point: (its marker's offset, the offset of
+    its cluster's last marker, where its label starts); a point with room keeps (0, 0)."""
+    out = [(0.0, 0.0)] * len(points)
+    for row in _rows(points, near):
+        clusters = [[i] for i in sorted(row, key=lambda i: (points[i][0], i))]
+        merged = True
+        while merged:
+            merged = False
+            for a in range(len(clusters) - 1):
+                left, right = _laid_out(clusters[a], points, spacing), _laid_out(clusters[a + 1], points, spacing)
+                if right[0] - left[-1] < spacing - 1e-9:
+                    clusters[a:a + 2] = [clusters[a] + clusters[a + 1]]
+                    merged = True
+                    break
+        for cluster in clusters:
+            xs = _laid_out(cluster, points, spacing)
+            for i, x in zip(cluster, xs, strict=True):
+                out[i] = (x - points[i][0], xs[-1] - points[i][0])
+    return out
+
+
+def _rows(points: list[tuple[float, float]], near: float) -> list[list[int]]:
+    """Indices of points chained by heights less than ``near`` apart."""
+    rows: list[list[int]] = []
+    for i in sorted(range(len(points)), key=lambda j: points[j][1]):
+        if rows and points[i][1] - points[rows[-1][-1]][1] < near:
+            rows[-1].append(i)
+        else:
+            rows.append([i])
+    return rows
+
+
+def _laid_out(cluster: list[int], points: list[tuple[float, float]], spacing: float) -> list[float]:
+    """The cluster's markers side by side, ``spacing`` apart, centred on their mean x."""
+    centre = sum(points[i][0] for i in cluster) / len(cluster)
+    return [centre + (k - (len(cluster) - 1) / 2) * spacing for k in range(len(cluster))]
+
+
+def _artists(container: Any) -> list[Any]:
+    """The lines and collections of a plotted point (``plot``'s list or ``errorbar``'s container)."""
+    out = []
+    for item in container:
+        out.extend(_artists(item) if isinstance(item, (list, tuple)) else [item])
+    return out
+
+
+def _spread_coinciding(ax: Any, drawn: list[tuple[Any, str, float, float]]) -> list[Any]:
+    """Move coinciding markers apart (``marker_offsets``); returns, per point, the transform (data → display)
+    its label is placed with: right of its group's last marker."""
+    from matplotlib.transforms import offset_copy
+
+    to_points = 72.0 / ax.figure.dpi
+    disp = ax.transData.transform([(x, y) for _, _, x, y in drawn]) if drawn else []
+    offsets = marker_offsets([(float(dx) * to_points, float(dy) * to_points) for dx, dy in disp])
+    transforms = []
+    for (artist, _, _, _), (dx, right) in zip(drawn, offsets, strict=True):
+        if dx:
+            moved = offset_copy(ax.transData, fig=ax.figure, x=dx, y=0.0, units="points")
+            for part in _artists(artist):
+                part.set_transform(moved)
+        transforms.append(offset_copy(ax.transData, fig=ax.figure, x=right, y=0.0, units="points"))
+    return transforms
+
+
+def _place_labels(ax: Any, drawn: list[tuple[Any, str, float, float]], transforms: list[Any]) -> None:
+    """Annotate the points with their labels in their marker's colour, nudged apart where they would
+    overlap."""
+    if not drawn:
         return
     to_points = 72.0 / ax.figure.dpi
-    disp = ax.transData.transform([(x, y) for _, x, y in labels])
+    disp = [t.transform((x, y)) for t, (_, _, x, y) in zip(transforms, drawn, strict=True)]
     points = [(float(dx) * to_points, float(dy) * to_points) for dx, dy in disp]
-    for (text, x, y), off in zip(labels, label_offsets(points), strict=True):
+    for (artist, text, x, y), t, off in zip(drawn, transforms, label_offsets(points), strict=True):
         moved = abs(off[1] - 4.0) > 1e-6
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=off, fontsize=7, va="center",
-                    arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if moved else None)
+        colour = _artists(artist)[0].get_color()
+        ax.annotate(text, (x, y), xycoords=t, textcoords="offset points", xytext=off, fontsize=7, va="center",
+                    color=colour, arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if moved else None)
 
 
 def format_row(row: dict[str, Any]) -> dict[str, str]:

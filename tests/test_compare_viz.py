@@ -119,7 +119,7 @@ def test_viz_run_writes_connectivity_density_and_curves(sweep, tmp_path):
     run = out / "rigl-0.9-s0"
     result = visualize(run, tmp_path / "viz")
     names = {Path(f).name for f in result["files"]}
-    assert names == {"connectivity.png", "connectivity.gif", "density.png", "curves.png"}
+    assert names == {"connectivity.png", "connectivity.gif", "layers.png", "density.png", "curves.png"}
     updates = [json.loads(line) for line in (run / "updates.jsonl").read_text().splitlines()]
     gif = Image.open(tmp_path / "viz" / "connectivity.gif")
     assert gif.n_frames == len([u for u in updates if "input_fanout" in u]) > 2

@@ -68,7 +68,7 @@ def test_tour_commands_run(cli, tmp_path, monkeypatch):
     for name in ("onnx", "compact-onnx", "fast"):
         assert name in outputs["report"]
     # viz: the figures, real images (the GIF needs mask updates: none in 2 epochs at ΔT = 100)
-    for name in ("connectivity.png", "density.png", "curves.png"):
+    for name in ("connectivity.png", "layers.png", "density.png", "curves.png"):
         assert (run / "viz" / name).read_bytes()[:4] == b"\x89PNG", name
     # compare: one row per method at 90%, dense at 1x training FLOPs and the sparse ones below it
     rows = {r["method"]: r for r in json.loads((tmp_path / "runs/tour-compare/compare.json").read_text())["rows"]}

@@ -30,6 +30,7 @@ class ModelInfo:
     builder: Callable[..., nn.Module]
     accepts_width: bool = True
     input_kind: str = "any"  # "any", "image" or "sequence" (symbol windows from text data)
+    attention_heads: int = 0  # heads of its attention layers (0: none); viz splits projections per head
     notes: str = field(default="")
 
 
@@ -168,6 +169,7 @@ MODELS: dict[str, ModelInfo] = {
             {"width": 1.0},
             sequence.build_char_transformer,
             input_kind="sequence",
+            attention_heads=sequence.CHAR_TRANSFORMER_HEADS,
         ),
     ]
 }

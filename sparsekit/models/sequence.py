@@ -97,7 +97,10 @@ def build_char_lstm(input_shape: tuple[int, ...], num_classes: int, *, width: fl
                    readout=(scaled(256, width), scaled(128, width)))
 
 
+CHAR_TRANSFORMER_HEADS = 4
+
+
 def build_char_transformer(input_shape: tuple[int, ...], num_classes: int, *, width: float) -> nn.Module:
-    heads = 4
+    heads = CHAR_TRANSFORMER_HEADS
     d_model = heads * scaled(64, width)  # 256 at width 1; a multiple of the head count at every width
     return CharTransformer(num_classes, max_len=int(input_shape[0]), d_model=d_model, heads=heads, layers=4)
