@@ -305,3 +305,22 @@ def test_convolutions_go_back_to_onnx_runtime_when_the_whole_artifact_is_faster_
     assert "with 2 sparse ones the artifact measured 0.70x of dense, without 0.90x" in report["notes"][-1]
     x = rng.standard_normal((2, 3, 10, 9)).astype(np.float32)
     assert_fp32_close(model.run(x), _ort(dense, {"x": x})[0])
+
+
+def test_a_convolution_whose_scratch_would_not_fit_the_memory_bound_is_refused(tmp_path):
+    """A few bytes of file can declare a convolution of millions of input channels: its im2col panels would
+    take gigabytes per thread, so the loader refuses it before anything is allocated."""
+    from sparsekit.runtime.checks import DOMAIN
+
+    c_in = 1 << 20
+    inits = {"v": np.ones(1, np.float32), "i": np.zeros(1, np.int32), "p": np.asarray([0, 1], np.int64)}
+    node = helper.make_node("SparseConv", ["x", "v", "i", "p"], ["y"], domain=DOMAIN, name="huge",
+                            in_features=c_in * 9, out_features=1, in_channels=c_in, kernel_shape=[3, 3],
+                            strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1], activation="none")
+    proto = _model([node], inits, inputs=(("x", TensorProto.FLOAT, ["batch", c_in, 4, 4]),),
+                   outputs=(("y", TensorProto.FLOAT, ["batch", 1, 4, 4]),))
+    proto.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    path = tmp_path / "huge.fast.onnx"
+    path.write_bytes(proto.SerializeToString())
+    with pytest.raises(InputError, match=r"convolution 'huge' needs ~\d+ MiB, over this artifact's 256 MiB"):
+        rt.load(path)

@@ -12,7 +12,6 @@ every node that is not a SparseLinear.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +23,7 @@ from sparsekit.errors import InputError
 from sparsekit.runtime import checks, forksafe
 from sparsekit.runtime.conv import SparseConv
 from sparsekit.runtime.layers import CsrLayer, kernel_isa
+from sparsekit.runtime.memory import kernel_bytes
 from sparsekit.runtime.model import FastModel, layer_info
 
 _NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT64: np.int64,
@@ -145,37 +145,54 @@ class GraphModel:
         self.input_names = [i.name for i in g.input if i.name not in inits]
         self.output_names = [o.name for o in g.output]
         self.input_types = {i.name: i.type for i in g.input if i.name not in inits}
-        self._steps: list[SparseStep | ConvStep | DenseStep] = []
-        self._lock = threading.Lock()
+        self._steps = self._cut(proto, layers, memory_limit)
+        self._last_use = self._last_uses()
+
+    def _cut(self, proto: onnx.ModelProto, layers: dict[str, CsrLayer | SparseConv],
+             memory_limit: int | None) -> list[SparseStep | ConvStep | DenseStep]:
+        """The graph's nodes in file order as steps: each sparse node one step, the ordinary nodes between them
+        one ONNX Runtime segment each (its outputs: what later steps or the graph's outputs read)."""
+        g = proto.graph
+        inits = {t.name: t for t in g.initializer}
         types = _types(proto)
-        later: list[set[str]] = []
+        later: list[set[str]] = []  # per node: the tensors nodes after it (or the graph outputs) read
         need = set(self.output_names)
         for node in reversed(g.node):
             later.append(set(need))
             need |= {i for i in node.input if i}
         later.reverse()
+        steps: list[SparseStep | ConvStep | DenseStep] = []
         run: list[onnx.NodeProto] = []
         for node, after in zip(g.node, later, strict=True):
             if _graph_attrs(node):
                 raise InputError(f"node {node.name!r} ({node.op_type}) has a subgraph; fast artifacts hold none",
                                  where="artifact", fix="export the artifact with 'sparsekit export --format fast'")
-            if node.domain == checks.DOMAIN:
-                if run:
-                    self._steps.append(_segment(proto, run, after | {node.input[0]}, types, inits, len(self._steps)))
-                    run = []
-                layer = layers[node.name]
-                if isinstance(layer, SparseConv):
-                    self._steps.append(ConvStep(node.input[0], node.output[0], layer))
-                    continue
-                model = FastModel([layer], (layer.n_in,), threads=threads, memory_limit=memory_limit)
-                model.fit_plans()
-                self.notes.update(model.notes)
-                self._steps.append(SparseStep(node.input[0], node.output[0], model))
-            else:
+            if node.domain != checks.DOMAIN:
                 run.append(node)
+                continue
+            if run:
+                steps.append(_segment(proto, run, after | {node.input[0]}, types, inits, len(steps)))
+                run = []
+            steps.append(self._sparse_step(node, layers[node.name], memory_limit))
         if run:
-            self._steps.append(_segment(proto, run, set(self.output_names), types, inits, len(self._steps)))
-        self._last_use = self._last_uses()
+            steps.append(_segment(proto, run, set(self.output_names), types, inits, len(steps)))
+        return steps
+
+    def _sparse_step(self, node: onnx.NodeProto, layer: CsrLayer | SparseConv,
+                     memory_limit: int | None) -> SparseStep | ConvStep:
+        """A sparse node's step; its kernels held to ``memory_limit`` as a chain's are (``memory.kernel_bytes``:
+        a convolution's layout and its per-thread panels of im2col columns and outputs)."""
+        if isinstance(layer, SparseConv):
+            need = kernel_bytes(layer.layer, "panel", layer.block, self.threads)
+            if memory_limit is not None and need > memory_limit:
+                raise InputError(f"convolution {node.name!r} needs ~{need >> 20} MiB, over this artifact's "
+                                 f"{memory_limit >> 20} MiB memory bound", where="artifact",
+                                 fix="check the artifact's layer shapes; an honest artifact needs far less")
+            return ConvStep(node.input[0], node.output[0], layer)
+        model = FastModel([layer], (layer.n_in,), threads=self.threads, memory_limit=memory_limit)
+        model.fit_plans()
+        self.notes.update(model.notes)
+        return SparseStep(node.input[0], node.output[0], model)
 
     # ---------------------------------------------------------------- structure
     @property
