@@ -156,7 +156,7 @@ def write_model(dense: onnx.ModelProto, out_path: str | os.PathLike[str], *, tun
     try:
         model, stats = build_fast_model(dense, compact=compact, threads=threads)
     except UnsupportedGraphError:  # not an MLP chain: sparse layers inside the graph, the rest in ORT
-        from sparsekit.exporters.fast_graph import write_graph_model
+        from sparsekit.exporters.fast_graph_write import write_graph_model
 
         return write_graph_model(dense, out_path, tune=tune, batch_size=batch_size, threads=threads,
                                  calibrate=calibrate, tune_budget_s=tune_budget_s, metadata=metadata, inputs=inputs,

@@ -1,5 +1,6 @@
 """``fast`` artifacts of whole graphs: sparse linear layers anywhere in a graph run on sparsekit's kernels, the
-rest of the graph in ONNX Runtime (``exporters/fast_graph.py``, ``sparsekit/runtime/graph_model.py``)."""
+rest of the graph in ONNX Runtime (``exporters/fast_graph.py``, ``exporters/fast_graph_write.py``,
+``sparsekit/runtime/graph_model.py``)."""
 
 from __future__ import annotations
 
@@ -190,7 +191,7 @@ def test_a_hostile_graph_artifact_is_refused_with_one_line(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["char-transformer", "lenet5", "resnet20"])
 def test_zoo_models_export_to_fast_and_match_the_dense_model(cli, tmp_path, monkeypatch, name):
-    from sparsekit.exporters import fast_graph
+    from sparsekit.exporters import fast_graph_write as fast_graph
 
     # every sparse convolution packed and the whole artifact "faster" (the export decides both by timing)
     monkeypatch.setattr(fast_graph, "faster_than_dense", lambda *_a, **_k: lambda *_b: True)
@@ -266,7 +267,7 @@ def test_a_hostile_sparse_convolution_is_refused_with_one_line(tmp_path, attr, v
 
 
 def test_a_graph_artifact_slower_than_dense_is_flagged_and_left_out_of_all(tmp_path, monkeypatch):
-    from sparsekit.exporters import fast_graph
+    from sparsekit.exporters import fast_graph_write as fast_graph
     from sparsekit.exporters.fast import write_model
     from sparsekit.exporters.speed import speed_record
 
@@ -283,7 +284,7 @@ def test_a_graph_artifact_slower_than_dense_is_flagged_and_left_out_of_all(tmp_p
 
 
 def test_convolutions_go_back_to_onnx_runtime_when_the_whole_artifact_is_faster_without_them(tmp_path, monkeypatch):
-    from sparsekit.exporters import fast_graph
+    from sparsekit.exporters import fast_graph_write as fast_graph
     from sparsekit.exporters.fast import write_model
     from sparsekit.exporters.speed import speed_record
 

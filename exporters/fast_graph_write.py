@@ -1,0 +1,232 @@
+"""Writing a whole-graph ``fast`` artifact (``write_model`` for a graph that is not an MLP chain): pack it
+(``fast_graph.pack_graph``), keeping each sparse convolution only where it measures faster than ONNX Runtime's
+with the hand-offs (``faster_than_dense``); plan the sparse linear layers; time the whole artifact against the
+dense graph (``graph_speed``), without its sparse convolutions too when it loses; check it against the dense
+graph; write it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+from onnx import helper
+from sparsekit.exporters.fast_graph import MAX_DENSITY, Packed, _shapes, pack_graph
+from sparsekit.exporters.graph import UnsupportedGraphError
+
+from sparsekit.runtime.conv import SparseConv
+
+
+def faster_than_dense(dense: onnx.ModelProto, threads: int, *, margin: float = 1.05, reps: int = 5):
+    """``keep_conv`` for ``pack_graph``: times each sparse convolution against ONNX Runtime's Conv on its dense
+    weight, at batch 1 on the input shape shape inference gives (one call each in turn, ``reps`` rounds,
+    medians of thread CPU time), plus two hand-offs between ONNX Runtime and sparsekit, and keeps it sparse
+    where it is faster by ``margin``: a small convolution (MobileNetV2's 1x1 layers: 0.78x of dense with all
+    of them sparse) stays in ONNX Runtime. A convolution whose input shape is unknown stays dense."""
+    from sparsekit.exporters.fast import _dense_reference
+
+    shapes = _shapes(dense)
+    boundary: dict[tuple[int, ...], float] = {}
+
+    def handoff_s(shape: tuple[int, ...]) -> float:
+        """What taking a layer out of ONNX Runtime's graph costs per call: the sparse node splits a segment in
+        two, and the tensors cross between ONNX Runtime and sparsekit (timed: an Identity session on it)."""
+        if shape not in boundary:
+            node = helper.make_node("Identity", ["x"], ["y"])
+            graph = helper.make_graph([node], "hop", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                    list(shape))],
+                                      [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+            m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+            m.ir_version = 9
+            sess = _dense_reference(m, threads)
+            z = np.zeros(shape, np.float32)
+            sess.run(None, {"x": z})
+            t0 = time.perf_counter()
+            for _ in range(20):
+                sess.run(None, {"x": z})
+            boundary[shape] = (time.perf_counter() - t0) / 20
+        return boundary[shape]
+
+    def keep(conv: SparseConv, x_name: str) -> bool:
+        dims = shapes.get(x_name)
+        if not dims or len(dims) != 4 or any(not d for d in dims[1:]):
+            return False
+        x = np.random.default_rng(0).standard_normal((1, *dims[1:])).astype(np.float32)
+        g, layer = conv.geometry, conv.layer
+        w = layer.dense_weight().reshape(conv.out_channels, conv.in_channels, *g.kernel)
+        nodes = [helper.make_node("Conv", ["x", "w", "b"] if layer.bias is not None else ["x", "w"], ["c"],
+                                  strides=list(g.strides), pads=list(g.pads), dilations=list(g.dilations))]
+        nodes.append(helper.make_node("Relu" if layer.relu else "Identity", ["c"], ["y"]))
+        inits = [onnx.numpy_helper.from_array(w, "w")] + (
+            [onnx.numpy_helper.from_array(layer.bias, "b")] if layer.bias is not None else [])
+        graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                list(x.shape))],
+                                  [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 9
+        sess = _dense_reference(model, threads)
+        runs = {"dense": lambda: sess.run(None, {"x": x}), "sparse": lambda: conv.run(x, threads=threads)}
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for fn in runs.values():
+            fn()
+        for _ in range(reps):
+            for k, fn in runs.items():
+                t0 = time.thread_time() if threads == 1 else time.perf_counter()
+                fn()
+                times[k].append((time.thread_time() if threads == 1 else time.perf_counter()) - t0)
+        sparse_s = float(np.median(times["sparse"])) + 2 * handoff_s(x.shape)
+        return sparse_s * margin < float(np.median(times["dense"]))
+
+    return keep
+
+
+def _random_inputs(dense: onnx.ModelProto, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """Inputs of each graph input's type and shape (symbolic dims: ``batch`` first, 8 after): float ones
+    standard normal, integer ones 0 (a valid index for any embedding)."""
+    rng = np.random.default_rng(seed)
+    init_names = {t.name for t in dense.graph.initializer}
+    out = {}
+    for vi in dense.graph.input:
+        if vi.name in init_names:
+            continue
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (batch if k == 0 else 8)
+                for k, d in enumerate(tt.shape.dim)]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        out[vi.name] = (rng.standard_normal(dims).astype(dtype) if np.dtype(dtype).kind == "f"
+                        else np.zeros(dims, dtype))
+    return out
+
+
+def check_against_dense(model, dense: onnx.ModelProto, inputs: np.ndarray | None) -> dict[str, float]:
+    """max |fast - dense ORT| over the first output and its bound ``1e-5 * max(1, max |dense|)``, on ``inputs``
+    (the run's samples) or random inputs at batch 1 and 3."""
+    from sparsekit.exporters.fast import TOLERANCE, _dense_reference
+
+    sess = _dense_reference(dense, 1)
+    name = sess.get_inputs()[0].name
+    feeds = [{name: inputs}] if inputs is not None else [_random_inputs(dense, b, b) for b in (1, 3)]
+    worst, bound = 0.0, 0.0
+    for feed in feeds:
+        ref = sess.run(None, feed)[0]
+        got = model.run(feed if len(feed) > 1 else next(iter(feed.values())))
+        got = got[0] if isinstance(got, list) else got
+        worst = max(worst, float(np.max(np.abs(got - ref))) if ref.size else 0.0)
+        bound = max(bound, TOLERANCE * max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0))
+    return {"max_abs_diff": worst, "bound": bound}
+
+
+def graph_speed(model, dense: onnx.ModelProto, inputs: np.ndarray | None) -> list[dict]:
+    """The whole artifact against the dense graph in ONNX Runtime, one thread, at batch 1 (a real sample when
+    given): the segments between sparse nodes cost a little per call, which a small model may not win back."""
+    from sparsekit.exporters.fast import _dense_reference
+    from sparsekit.exporters.speed import speedups_vs_dense
+
+    sess = _dense_reference(dense, 1)
+    name = sess.get_inputs()[0].name
+    x = inputs[:1] if inputs is not None else _random_inputs(dense, 1, 0)[name]
+    return speedups_vs_dense(lambda a: sess.run(None, {name: a}), {"fast": lambda a: model.run(a, threads=1)},
+                             {1: x})["fast"]
+
+
+def _planned(packed: Packed, dense: onnx.ModelProto, metadata: dict[str, str] | None, *, tune: bool,
+             calibrate: bool, threads: int, batch_size: int, tune_budget_s: float):
+    """The ``GraphModel`` of ``packed`` with its metadata and every sparse linear layer's plan (calibrated against
+    ONNX Runtime's GEMM on its own, ``--tune``d, or the heuristic); and the plan's source."""
+    import json
+
+    from sparsekit import __version__
+    from sparsekit.runtime.graph_model import GraphModel
+    from sparsekit.runtime.layers import kernel_isa
+    from sparsekit.runtime.replan import record
+    from sparsekit.runtime.tune import CALIBRATION_BATCHES, DEFAULT_BATCHES, tune_layers
+    from sparsekit.runtime.tune import calibrate as calibrate_model
+
+    meta = {f"source.{p.key}": p.value for p in dense.metadata_props}
+    meta.update(metadata or {})
+    meta.update({"sparsekit_format": "fast", "sparsekit_version": __version__, "exporter": "sparsekit.exporters.fast",
+                 "fast_graph": "1", "sparsity_per_layer": json.dumps(
+                     {n: round(1 - getattr(ly, "layer", ly).density, 6) for n, ly in packed.layers.items()}),
+                 "dense_linear_layers": json.dumps(packed.kept_dense)})
+    model = GraphModel(packed.proto, packed.layers, threads=threads, metadata=meta)
+    if tune:
+        tune_layers(model.layers, batches=sorted({*DEFAULT_BATCHES, batch_size}), threads=threads,
+                    budget_s=tune_budget_s)
+        model.plan_changed()
+        source = "tuned"
+    elif calibrate:
+        for m in model.sparse_models:
+            calibrate_model(m, batches=sorted({*CALIBRATION_BATCHES, batch_size}), threads=threads,
+                            budget_s=0.4)
+        source = "calibrated"
+    else:
+        source = "heuristic"
+    model.metadata.update({"tuned": str(bool(tune)).lower(), "plan_source": source, "tune_threads": str(threads),
+                           "tune_batch_size": str(batch_size), "tuned_isa": kernel_isa() if source != "heuristic"
+                           else ""})
+    if source != "heuristic":
+        record(model)
+    return model, source
+
+
+def write_graph_model(dense: onnx.ModelProto, out_path, *, tune: bool, batch_size: int, threads: int,
+                      calibrate: bool, tune_budget_s: float, metadata: dict[str, str] | None,
+                      inputs: np.ndarray | None, skip_slow: bool = False) -> dict:
+    """``write_model`` for a whole graph: pack, plan (``_planned``), time the whole artifact against the dense
+    graph, check it against the dense graph, write. Sparse convolutions are each kept only where measured faster;
+    when the artifact with them still loses to the dense graph (hand-offs and broken fusions add up: MobileNetV2)
+    and the one without them does better, that one is written. Plans are keyed by rows (batch x sequence)."""
+    import json
+    from pathlib import Path
+
+    from sparsekit.exporters.speed import MIN_SPEEDUP, describe_slow, slower_than_dense
+
+    from sparsekit.errors import ValidationError
+    from sparsekit.runtime.artifact import save
+    from sparsekit.runtime.layers import kernel_isa
+
+    plan = {"tune": tune, "calibrate": calibrate, "threads": threads, "batch_size": batch_size,
+            "tune_budget_s": tune_budget_s}
+    packed = pack_graph(dense, keep_conv=faster_than_dense(dense, threads) if calibrate or tune else None)
+    model, source = _planned(packed, dense, metadata, **plan)
+    timed = source != "heuristic" and len(model.input_names) == 1
+    speed = graph_speed(model, dense, inputs) if timed else None
+    notes = []
+    if speed and model.convs and speed[0]["speedup"] < 1.0:
+        try:
+            alt = pack_graph(dense, keep_conv=lambda *_: False)
+        except UnsupportedGraphError:
+            alt = None
+        if alt is not None:
+            alt_model, _ = _planned(alt, dense, metadata, **plan)
+            alt_speed = graph_speed(alt_model, dense, inputs)
+            if alt_speed[0]["speedup"] > speed[0]["speedup"]:
+                notes.append(f"convolutions left to ONNX Runtime: with {len(model.convs)} sparse ones the artifact "
+                             f"measured {speed[0]['speedup']:.2f}x of dense, without {alt_speed[0]['speedup']:.2f}x")
+                packed, model, speed = alt, alt_model, alt_speed
+    check = check_against_dense(model, dense, inputs)
+    if not check["max_abs_diff"] <= check["bound"]:
+        raise ValidationError(f"fast model differs from the dense model by {check['max_abs_diff']:.3g} "
+                              f"(allowed {check['bound']:.3g})", where=str(out_path),
+                              fix="please report this with the model attached")
+    onnx.checker.check_model(model.to_onnx(), full_check=True)
+    slow = slower_than_dense(speed or [])
+    if slow and skip_slow:
+        raise UnsupportedGraphError(f"slower than the dense model on this machine ({describe_slow(slow)}, below "
+                                    f"{MIN_SPEEDUP}x: the graph's segments between sparse layers cost more than "
+                                    "they save); nothing was written", where="fast",
+                                    fix="--format fast writes it anyway (flagged); use a sparser or larger model")
+    save(model, out_path)
+    kernels = {str(b): model.kernels_for(b) for b in (1, 64, 256)}
+    return {
+        "format": "fast", "precision": "fp32", "path": str(out_path), "bytes": Path(out_path).stat().st_size,
+        "dense_weight_bytes": sum(ly.n_in * ly.n_out * 4 for ly in [*model.layers, *(c.layer for c in model.convs)]),
+        "layers": model.info()["layers"], "graph": True, "dense_linear_layers": packed.kept_dense,
+        "tuned": bool(tune), "plan_source": source, "dense_check": check, "isa": kernel_isa(), "kernels": kernels,
+        "speed_vs_dense": speed,
+        "notes": [f"{len(model.layers)} sparse linear layers and {len(model.convs)} sparse convolutions on "
+                  f"sparsekit's kernels ({len(packed.kept_dense)} layers left dense: denser than "
+                  f"{MAX_DENSITY:.0%} or, convolutions, not faster sparse here), the rest of the graph in ONNX "
+                  f"Runtime; linear kernels by rows (batch x sequence): {json.dumps(kernels)} ({source})", *notes],
+    }
