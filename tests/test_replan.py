@@ -181,3 +181,24 @@ def test_the_exporter_records_the_cpu_it_measured_on(tmp_path, monkeypatch, cach
     assert json.loads(meta["plan_cpu"])["model_name"] == ZEN4["model_name"]
     write_model(dense_mlp(np.random.default_rng(3), [64, 128, 10], 0.2), tmp_path / "h.fast.onnx", calibrate=False)
     assert "plan_cpu_key" not in rt.load(tmp_path / "h.fast.onnx").metadata
+
+
+def test_a_whole_graph_artifact_is_replanned_layer_by_layer(tmp_path, monkeypatch, cache):
+    from sparsekit.exporters.fast_graph import pack_graph
+    from test_fast_graph import _ffn
+
+    from sparsekit.runtime.graph_model import GraphModel
+
+    _on(monkeypatch, INTEL)
+    packed = pack_graph(_ffn(np.random.default_rng(3))[0])
+    model = GraphModel(packed.proto, packed.layers, metadata={"plan_source": "calibrated"})
+    for layer in model.layers:
+        layer.plan = {1: "rows", 64: "panel"}
+    replan.record(model)
+    path = rt.save(model, tmp_path / "g.fast.onnx")
+    _on(monkeypatch, ZEN4)
+    calls = []
+    monkeypatch.setattr(tune, "calibrate", lambda part, **kw: calls.append((len(part.layers), kw["batches"])))
+    loaded = rt.load(path)
+    assert calls == [(1, [1, 64]), (1, [1, 64])]  # each sparse layer on its own, at the recorded batch sizes
+    assert loaded.replanned["cached"] is False and loaded.metadata["plan_cpu_key"] == cpu.cpu_key(ZEN4)
