@@ -27,7 +27,7 @@ static void im2col_row(const float *xc, float *dst, const conv_t *g, int64_t q0,
                 if (e > n) e = n;
                 if (e < a) e = a;
                 memset(d, 0, (size_t)a * 4);
-                memcpy(d + a, row + ix0 + a, (size_t)(e - a) * 4);
+                if (e > a) memcpy(d + a, row + ix0 + a, (size_t)(e - a) * 4);  /* else row + ix0 may be out of range */
                 memset(d + e, 0, (size_t)(n - e) * 4);
             } else {
                 for (int64_t k = 0; k < n; k++) {
