@@ -205,3 +205,63 @@ def test_mutated_artifacts_are_refused_or_run_correctly(family, tmp_path):
 def test_unmutated_seeds_load_and_run(tmp_path):
     for blob in seeds():
         assert outcome(blob, tmp_path / "seed.fast.onnx") == "ran"
+
+
+# ---------------------------------------------------------------- sparse convolutions (whole-graph artifacts)
+
+CONV_ATTRS = ["in_features", "out_features", "in_channels", "kernel_shape", "strides", "pads", "dilations", "block"]
+
+
+def conv_seed() -> onnx.ModelProto:
+    """Two SparseConv nodes (3->8 3x3 pad 1 with bias and ReLU, 8->6 3x3 stride 2 with uneven pads)."""
+    from sparsekit.exporters.fast_graph import pack_graph
+    from test_fast_graph import _conv_net
+
+    from sparsekit.runtime.graph_model import GraphModel
+
+    packed = pack_graph(_conv_net(np.random.default_rng(21)))
+    return GraphModel(packed.proto, packed.layers).to_onnx()
+
+
+def conv_outcome(proto: onnx.ModelProto, path: Path, size: tuple[int, int]) -> str:
+    """'refused' or 'ran' with outputs equal to the float64 im2col reference of the convolutions loaded."""
+    path.write_bytes(proto.SerializeToString())
+    try:
+        model = rt.load(path, threads=2)
+        x = np.random.default_rng(1).standard_normal((2, 3, *size)).astype(np.float32)
+        y = model.run(x)
+    except InputError:
+        return "refused"
+    ref = x.astype(np.float64)
+    for conv in model.convs:
+        ref = conv.reference(ref)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-4 * max(1.0, float(np.abs(ref).max(initial=0.0))))
+    return "ran"
+
+
+def test_fuzzed_sparse_convolutions_are_refused_or_run_exactly(tmp_path):
+    rng = np.random.default_rng(7)
+    seed = conv_seed()
+    outcomes: Counter[str] = Counter()
+    for case in range(CASES_PER_FAMILY):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(seed)
+        node = proto.graph.node[case % 2]
+        attr = next(a for a in node.attribute if a.name == CONV_ATTRS[case % len(CONV_ATTRS)])
+        value = int(rng.choice(INTS[:12]))
+        if attr.type == AttributeProto.INTS:
+            ints = list(attr.ints)
+            ints[int(rng.integers(len(ints)))] = value
+            attr.CopyFrom(helper.make_attribute(attr.name, ints))
+        else:
+            attr.i = value
+        if case % 3 == 0:  # and a value of the CSR arrays
+            name = f"{node.name}.{rng.choice(['indices', 'rowptr'])}"
+            init = next(t for t in proto.graph.initializer if t.name == name)
+            arr = numpy_helper.to_array(init).copy()
+            arr.flat[int(rng.integers(arr.size))] = np.clip(int(rng.choice(INTS[:12])), np.iinfo(arr.dtype).min,
+                                                            np.iinfo(arr.dtype).max)
+            init.CopyFrom(numpy_helper.from_array(arr, init.name))
+        size = [(10, 9), (1, 1), (2, 7), (33, 5)][case % 4]
+        outcomes[conv_outcome(proto, tmp_path / "c.fast.onnx", size)] += 1
+    assert outcomes["refused"] > 0 and outcomes["ran"] > 0, outcomes
