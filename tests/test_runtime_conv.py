@@ -80,3 +80,15 @@ def test_the_c_entry_point_refuses_what_would_read_or_write_outside_its_buffers(
     with pytest.raises(ValueError, match=message):
         K.conv(v, i, bptr, conv.layer.bias, order, x, args["y"], conv.layer.idx_bytes, args["K"], 6, nb, 1, 1,
                args["batch"], args["geometry"])
+
+
+def test_concurrent_calls_of_one_convolution_do_not_share_scratch():
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    conv = _conv(rng, 16, 32, (3, 3), pads=(1, 1, 1, 1))
+    xs = [rng.standard_normal((2, 16, 20, 20)).astype(np.float32) for _ in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        ys = list(pool.map(lambda x: conv.run(x, threads=1), xs * 4))
+    for x, y in zip(xs * 4, ys, strict=True):
+        close(y, conv.reference(x))

@@ -399,16 +399,16 @@ static PyObject *py_set_threading(PyObject *self, PyObject *args) {
  *      (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)): a sparse convolution (sk_conv.c) */
 static PyObject *py_conv(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer val, idx, bptr, x, y, bias = {0}, ordb = {0};
-    PyObject *bias_obj, *ord_obj;
+    Py_buffer val, idx, bptr, x, y, bias = {0}, ordb = {0}, scr = {0};
+    PyObject *bias_obj, *ord_obj, *scr_obj = Py_None;
     int idx_bytes, relu, threads;
     long long K, n_out, nb, B;
     conv_t g;
-    if (!PyArg_ParseTuple(args, "y*y*y*OOy*w*iLLLiiL(LLLLLLLLLLLLL)", &val, &idx, &bptr, &bias_obj, &ord_obj, &x, &y,
-                          &idx_bytes, &K, &n_out, &nb, &relu, &threads, &B, &g.c, &g.h, &g.w, &g.kh, &g.kw, &g.sh,
-                          &g.sw, &g.ph, &g.pw, &g.dh, &g.dw, &g.ho, &g.wo))
+    if (!PyArg_ParseTuple(args, "y*y*y*OOy*w*iLLLiiL(LLLLLLLLLLLLL)|O", &val, &idx, &bptr, &bias_obj, &ord_obj, &x,
+                          &y, &idx_bytes, &K, &n_out, &nb, &relu, &threads, &B, &g.c, &g.h, &g.w, &g.kh, &g.kw, &g.sh,
+                          &g.sw, &g.ph, &g.pw, &g.dh, &g.dw, &g.ho, &g.wo, &scr_obj))
         return NULL;
-    int have_bias = 0, have_ord = 0;
+    int have_bias = 0, have_ord = 0, have_scr = 0;
     PyObject *ret = NULL;
     csr_t w;
     void *raw = NULL;
@@ -446,11 +446,18 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
         const int64_t per = ((K + n_out) * PANEL + 15) & ~(int64_t)15;
         float *scratch = NULL;
         raw = NULL;
-        if (smul(per, nt) > (int64_t)1 << 34 || !(raw = malloc((size_t)(per * nt) * 4 + 64))) {
-            PyErr_NoMemory();
-            goto done;
+        if (scr_obj != Py_None) {  /* the caller's reusable scratch (conv_scratch_floats(...) floats, any alignment) */
+            if (PyObject_GetBuffer(scr_obj, &scr, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+            have_scr = 1;
+            if (check_len(&scr, smul(smul(per, nt) + 16, 4), "scratch")) goto done;
+            scratch = (float *)(((uintptr_t)scr.buf + 63) & ~(uintptr_t)63);
+        } else {
+            if (smul(per, nt) > (int64_t)1 << 34 || !(raw = malloc((size_t)(per * nt) * 4 + 64))) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            scratch = (float *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
         }
-        scratch = (float *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
         conv_job_t job = {pick_panel(), w, w.rowptr, have_ord ? (const int32_t *)ordb.buf : NULL, nb, g,
                           (const float *)x.buf, (float *)y.buf, P, scratch, per};
         Py_BEGIN_ALLOW_THREADS
@@ -465,6 +472,7 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
     Py_INCREF(ret);
 done:
     free(raw);
+    if (have_scr) PyBuffer_Release(&scr);
     if (have_bias) PyBuffer_Release(&bias);
     if (have_ord) PyBuffer_Release(&ordb);
     PyBuffer_Release(&val); PyBuffer_Release(&idx); PyBuffer_Release(&bptr); PyBuffer_Release(&x);
@@ -521,7 +529,8 @@ static PyMethodDef methods[] = {
      "conv(values, indices, blockptr, bias|None, order|None, x, y, idx_bytes, K, C_out, nblocks, relu, threads, batch, "
      "(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)): a sparse 2-D convolution, x (batch, c, h, w) -> y (batch, "
      "C_out, ho, wo), the weight (C_out, K = c * kh * kw) in CsrLayer.blocked's layout; im2col panels of 64 output "
-     "pixels fed to the panel kernel"},
+     "pixels fed to the panel kernel; an optional last argument is a reusable float32 scratch of at least "
+     "(round16((K + C_out) * 64) * threads + 16) floats (else one is allocated per call)"},
     {"window_width", py_window_width, METH_NOARGS,
      "the window width of the active code path's window kernel (the window form of the rows layout)"},
     {"available_isas", py_available_isas, METH_NOARGS, "code paths this CPU can run"},
