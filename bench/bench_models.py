@@ -144,6 +144,7 @@ def bench_case(label: str, spec: tuple, sparsity: float, threads: int, reps: int
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as bench_fast.py (see RESULTS.md)
         sess = ort.InferenceSession(str(dense_path), so, providers=["CPUExecutionProvider"])
         stock = ort.InferenceSession(str(fast_path), so, providers=["CPUExecutionProvider"])
         in_name = sess.get_inputs()[0].name

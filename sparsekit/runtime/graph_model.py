@@ -249,6 +249,8 @@ class GraphModel:
             so = ort.SessionOptions()
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
+            # no idle spinning: a spinning ORT worker would take the core sparsekit's pool runs the next step on
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             try:
                 step.sessions[threads] = ort.InferenceSession(step.proto.SerializeToString(), so,
                                                               providers=["CPUExecutionProvider"])
