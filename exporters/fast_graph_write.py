@@ -18,35 +18,49 @@ from sparsekit.exporters.graph import UnsupportedGraphError
 from sparsekit.runtime.conv import SparseConv
 
 
-def faster_than_dense(dense: onnx.ModelProto, threads: int, *, margin: float = 1.05, reps: int = 5):
-    """``keep_conv`` for ``pack_graph``: times each sparse convolution against ONNX Runtime's Conv on its dense
-    weight, at batch 1 on the input shape shape inference gives (one call each in turn, ``reps`` rounds,
-    medians of thread CPU time), plus two hand-offs between ONNX Runtime and sparsekit, and keeps it sparse
-    where it is faster by ``margin``: a small convolution (MobileNetV2's 1x1 layers: 0.78x of dense with all
-    of them sparse) stays in ONNX Runtime. A convolution whose input shape is unknown stays dense."""
+def _session(nodes: list[onnx.NodeProto], shape: tuple[int, ...], inits: list[onnx.TensorProto], threads: int):
+    """An ONNX Runtime session of ``nodes`` from float input ``x`` of ``shape`` to ``y``."""
     from sparsekit.exporters.fast import _dense_reference
 
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return _dense_reference(model, threads)
+
+
+def _medians(runs: dict, reps: int, threads: int) -> dict[str, float]:
+    """Median seconds per call of each callable, one call each in turn after a warm-up call; thread CPU time on
+    one thread (steady on a shared machine), wall time on more."""
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for fn in runs.values():
+        fn()
+    for _ in range(reps):
+        for k, fn in runs.items():
+            t0 = clock()
+            fn()
+            times[k].append(clock() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def faster_than_dense(dense: onnx.ModelProto, threads: int, *, margin: float = 1.05, reps: int = 5):
+    """``keep_conv`` for ``pack_graph``: times each sparse convolution against ONNX Runtime's Conv on its dense
+    weight, at batch 1 on the input shape shape inference gives, plus two hand-offs between ONNX Runtime and
+    sparsekit, and keeps it sparse where it is faster by ``margin``: a small convolution (MobileNetV2's 1x1
+    layers: 0.78x of dense with all of them sparse) stays in ONNX Runtime. A convolution whose input shape is
+    unknown stays dense."""
     shapes = _shapes(dense)
-    boundary: dict[tuple[int, ...], float] = {}
+    handoffs: dict[tuple[int, ...], float] = {}
 
     def handoff_s(shape: tuple[int, ...]) -> float:
         """What taking a layer out of ONNX Runtime's graph costs per call: the sparse node splits a segment in
         two, and the tensors cross between ONNX Runtime and sparsekit (timed: an Identity session on it)."""
-        if shape not in boundary:
-            node = helper.make_node("Identity", ["x"], ["y"])
-            graph = helper.make_graph([node], "hop", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
-                                                                                    list(shape))],
-                                      [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
-            m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-            m.ir_version = 9
-            sess = _dense_reference(m, threads)
+        if shape not in handoffs:
+            sess = _session([helper.make_node("Identity", ["x"], ["y"])], shape, [], threads)
             z = np.zeros(shape, np.float32)
-            sess.run(None, {"x": z})
-            t0 = time.perf_counter()
-            for _ in range(20):
-                sess.run(None, {"x": z})
-            boundary[shape] = (time.perf_counter() - t0) / 20
-        return boundary[shape]
+            handoffs[shape] = _medians({"hop": lambda: sess.run(None, {"x": z})}, 20, threads)["hop"]
+        return handoffs[shape]
 
     def keep(conv: SparseConv, x_name: str) -> bool:
         dims = shapes.get(x_name)
@@ -55,28 +69,16 @@ def faster_than_dense(dense: onnx.ModelProto, threads: int, *, margin: float = 1
         x = np.random.default_rng(0).standard_normal((1, *dims[1:])).astype(np.float32)
         g, layer = conv.geometry, conv.layer
         w = layer.dense_weight().reshape(conv.out_channels, conv.in_channels, *g.kernel)
-        nodes = [helper.make_node("Conv", ["x", "w", "b"] if layer.bias is not None else ["x", "w"], ["c"],
-                                  strides=list(g.strides), pads=list(g.pads), dilations=list(g.dilations))]
-        nodes.append(helper.make_node("Relu" if layer.relu else "Identity", ["c"], ["y"]))
-        inits = [onnx.numpy_helper.from_array(w, "w")] + (
-            [onnx.numpy_helper.from_array(layer.bias, "b")] if layer.bias is not None else [])
-        graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
-                                                                                list(x.shape))],
-                                  [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = 9
-        sess = _dense_reference(model, threads)
-        runs = {"dense": lambda: sess.run(None, {"x": x}), "sparse": lambda: conv.run(x, threads=threads)}
-        times: dict[str, list[float]] = {k: [] for k in runs}
-        for fn in runs.values():
-            fn()
-        for _ in range(reps):
-            for k, fn in runs.items():
-                t0 = time.thread_time() if threads == 1 else time.perf_counter()
-                fn()
-                times[k].append((time.thread_time() if threads == 1 else time.perf_counter()) - t0)
-        sparse_s = float(np.median(times["sparse"])) + 2 * handoff_s(x.shape)
-        return sparse_s * margin < float(np.median(times["dense"]))
+        inits = [onnx.numpy_helper.from_array(w, "w")]
+        if layer.bias is not None:
+            inits.append(onnx.numpy_helper.from_array(layer.bias, "b"))
+        nodes = [helper.make_node("Conv", ["x", "w", "b"][:len(inits) + 1], ["c"], strides=list(g.strides),
+                                  pads=list(g.pads), dilations=list(g.dilations)),
+                 helper.make_node("Relu" if layer.relu else "Identity", ["c"], ["y"])]
+        sess = _session(nodes, x.shape, inits, threads)
+        med = _medians({"dense": lambda: sess.run(None, {"x": x}), "sparse": lambda: conv.run(x, threads=threads)},
+                       reps, threads)
+        return (med["sparse"] + 2 * handoff_s(x.shape)) * margin < med["dense"]
 
     return keep
 
