@@ -44,7 +44,7 @@ def _medians(runs: dict, reps: int, threads: int) -> dict[str, float]:
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def faster_than_dense(dense: onnx.ModelProto, threads: int, *, margin: float = 1.05, reps: int = 5):
+def faster_than_dense(dense: onnx.ModelProto, threads: int, *, margin: float = 1.05, reps: int = 11):
     """``keep_conv`` for ``pack_graph``: times each sparse convolution against ONNX Runtime's Conv on its dense
     weight, at batch 1 on the input shape shape inference gives, plus two hand-offs between ONNX Runtime and
     sparsekit, and keeps it sparse where it is faster by ``margin``: a small convolution (MobileNetV2's 1x1
