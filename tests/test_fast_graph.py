@@ -283,7 +283,7 @@ def test_a_graph_artifact_slower_than_dense_is_flagged_and_left_out_of_all(tmp_p
     assert write_model(dense, tmp_path / "fast.fast.onnx", skip_slow=True)["speed_vs_dense"][0]["speedup"] == 1.3
 
 
-def test_convolutions_go_back_to_onnx_runtime_when_the_whole_artifact_is_faster_without_them(tmp_path, monkeypatch):
+def test_the_fastest_whole_artifact_decides_which_convolutions_are_sparse(tmp_path, monkeypatch):
     from sparsekit.exporters import fast_graph_write as fast_graph
     from sparsekit.exporters.fast import write_model
     from sparsekit.exporters.speed import speed_record
@@ -303,9 +303,18 @@ def test_convolutions_go_back_to_onnx_runtime_when_the_whole_artifact_is_faster_
     model = rt.load(tmp_path / "m.fast.onnx")
     assert not model.convs and [ly.name for ly in model.layers] == ["fc"]
     assert report["speed_vs_dense"] == [{"batch_size": 1, "threads": 1, "speedup": 0.9}]
-    assert "with 2 sparse ones the artifact measured 0.70x of dense, without 0.90x" in report["notes"][-1]
+    assert report["notes"][-1] == ("convolutions: none sparse, the fastest whole artifact measured (2 of 2 sparse "
+                                   "(each measured faster): 0.70x of dense, none sparse: 0.90x of dense)")
     x = rng.standard_normal((2, 3, 10, 9)).astype(np.float32)
     assert_fp32_close(model.run(x), _ort(dense, {"x": x})[0])
+    # the other way round: conv1 measured slower alone, but the model runs fastest with both sparse
+    monkeypatch.setattr(fast_graph, "faster_than_dense", lambda *_a, **_k: lambda conv, _x: conv.layer.name == "conv2")
+    monkeypatch.setattr(fast_graph, "graph_speed",
+                        lambda model, *_a: [speed_record(1, 1, {0: 0.9, 1: 1.1, 2: 1.4}[len(model.convs)])])
+    report = write_model(dense, tmp_path / "m.fast.onnx")
+    assert sorted(c.layer.name for c in rt.load(tmp_path / "m.fast.onnx").convs) == ["conv1", "conv2"]
+    assert report["notes"][-1].startswith("convolutions: all 2 sparse, the fastest whole artifact measured (1 of 2")
+    assert report["speed_vs_dense"][0]["speedup"] == 1.4
 
 
 def test_a_convolution_whose_scratch_would_not_fit_the_memory_bound_is_refused(tmp_path):
