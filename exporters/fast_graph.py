@@ -36,6 +36,7 @@ class Packed:
     proto: onnx.ModelProto           # the graph with SparseLinear nodes (their CSR initializers included)
     layers: dict[str, CsrLayer | SparseConv]  # by node name
     kept_dense: list[str]            # linear and conv layers left to ONNX Runtime (too dense, or slower sparse)
+    sparse_convs: list[str]          # the convolutions sparse enough to pack (offered to ``keep_conv``)
 
 
 def _weight(node: onnx.NodeProto, inits: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -114,6 +115,7 @@ def pack_graph(dense: onnx.ModelProto, *, max_density: float = MAX_DENSITY,
     layers: dict[str, CsrLayer | SparseConv] = {}
     new_inits: list[onnx.TensorProto] = []
     kept: list[str] = []
+    offered: list[str] = []
     for k, node in enumerate(g.node):
         linear, conv = _weight(node, inits), _conv(node, inits)
         if linear is None and conv is None:
@@ -134,6 +136,7 @@ def pack_graph(dense: onnx.ModelProto, *, max_density: float = MAX_DENSITY,
         relu = _follower(out, readers, outputs, "Relu")
         layer = CsrLayer.from_dense(weight, bias, relu is not None, name=name)
         if conv is not None:
+            offered.append(name)
             sc = SparseConv(layer, conv[0].shape[1], conv[2], block=conv_block(layer))
             if keep_conv is not None and not keep_conv(sc, node.input[0]):
                 kept.append(name)
@@ -186,7 +189,7 @@ def pack_graph(dense: onnx.ModelProto, *, max_density: float = MAX_DENSITY,
     if opset >= portable.MIN_OPSET:  # stock ONNX Runtime runs the artifact too (its body needs opset 16)
         kinds = {n.op_type for n in nodes if n.domain == DOMAIN}
         proto.functions.extend(portable.BODIES[op](opset) for op in (OP, CONV_OP) if op in kinds)
-    return Packed(proto, layers, kept)
+    return Packed(proto, layers, kept, offered)
 
 
 def conv_block(layer: CsrLayer) -> int:

@@ -176,8 +176,7 @@ def _fastest_variant(dense: onnx.ModelProto, metadata, plan: dict, inputs, measu
     """(packed, model, speed, notes) of the fastest whole artifact among the convolutions measured one by one
     (``measured``), all of them sparse, and none sparse; the same artifact when the graph has no convolution to
     choose."""
-    convs = {n for n, ly in pack_graph(dense).layers.items() if isinstance(ly, SparseConv)} if _has_conv(dense) \
-        else set()
+    convs = set(measured[0].sparse_convs)
     chosen = {ly.layer.name for ly in measured[1].convs}
     if not convs:
         return (*measured, [])
@@ -195,10 +194,6 @@ def _fastest_variant(dense: onnx.ModelProto, metadata, plan: dict, inputs, measu
     notes = [f"convolutions: {best}, the fastest whole artifact measured ("
              + ", ".join(f"{k}: {v[2][0]['speedup']:.2f}x of dense" for k, v in tried.items()) + ")"]
     return (*tried[best], notes)
-
-
-def _has_conv(dense: onnx.ModelProto) -> bool:
-    return any(n.op_type == "Conv" for n in dense.graph.node)
 
 
 def write_graph_model(dense: onnx.ModelProto, out_path, *, tune: bool, batch_size: int, threads: int,

@@ -146,7 +146,7 @@ class GraphModel:
         self.output_names = [o.name for o in g.output]
         self.input_types = {i.name: i.type for i in g.input if i.name not in inits}
         self._steps = self._cut(proto, layers, memory_limit)
-        self._last_use = self._last_uses()
+        self._drops = self._drop_lists()
 
     def _cut(self, proto: onnx.ModelProto, layers: dict[str, CsrLayer | SparseConv],
              memory_limit: int | None) -> list[SparseStep | ConvStep | DenseStep]:
@@ -213,15 +213,19 @@ class GraphModel:
         dims = self.input_types[self.input_names[0]].tensor_type.shape.dim
         return tuple(int(d.dim_value) if d.HasField("dim_value") else 0 for d in dims[1:])
 
-    def _last_uses(self) -> dict[str, int]:
-        """Tensor name -> index of the last step that reads it (graph outputs: never dropped)."""
+    def _drop_lists(self) -> list[list[str]]:
+        """Per step, the tensors no later step reads (dropped after it; graph outputs never are)."""
         last: dict[str, int] = {}
         for k, step in enumerate(self._steps):
             for name in ([step.x] if isinstance(step, (SparseStep, ConvStep)) else step.inputs):
                 last[name] = k
         for name in self.output_names:
             last[name] = len(self._steps)
-        return last
+        drops: list[list[str]] = [[] for _ in self._steps]
+        for name, k in last.items():
+            if k < len(self._steps):
+                drops[k].append(name)
+        return drops
 
     def kernels_for(self, batch: int, rows_per_sample: int = 1) -> list[str]:
         """Each sparse layer's kernel for ``batch`` samples of ``rows_per_sample`` rows (a Transformer's
@@ -310,7 +314,7 @@ class GraphModel:
                     raise InputError(f"ONNX Runtime refused the input: {' '.join(str(exc).split())[:300]}",
                                      where="input", fix="pass inputs of the shape and type the model takes") from exc
                 env.update(zip(step.outputs, outs, strict=True))
-            for name in [n for n, last in self._last_use.items() if last == k]:
+            for name in self._drops[k]:
                 env.pop(name, None)
         outs = [env[n] for n in self.output_names]
         return outs[0] if len(outs) == 1 else outs
