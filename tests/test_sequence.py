@@ -298,8 +298,11 @@ def test_exported_sequence_models_validate_in_onnx_runtime(cli, corpus, tmp_path
     got = sess.run(None, {sess.get_inputs()[0].name: samples["x"]})[0]
     assert got.shape == samples["logits"].shape == (len(samples["x"]), 16, 256)
     assert np.max(np.abs(got - samples["logits"])) <= 1e-5 * max(1.0, float(np.max(np.abs(samples["logits"]))))
+    # compact-onnx removes the units that lost their connections (validated like every format), or says
+    # in one line that none can go
     res = cli(["export", str(run), "--format", "compact-onnx", "--out", str(tmp_path / "c")])
-    assert res.exit_code != 0 and "compact" in (res.stderr + res.stdout).lower()
+    said = res.stderr + res.stdout
+    assert (res.exit_code == 0 and "removed" in said) or (res.exit_code == 2 and "nothing was written" in said)
 
 
 def test_lm_task_loss_accuracy_and_eval_batch():
