@@ -117,7 +117,11 @@ def graph_compacted(ctx: ExportContext, options: ExportOptions) -> tuple[onnx.Mo
     """A graph that is not an MLP chain, channel by channel; refused when no channel can go."""
     from sparsekit.exporters.dense import reference_model
 
-    model, counts = compact_graph(reference_model(ctx, "compact-onnx", options))
+    try:
+        model, counts = compact_graph(reference_model(ctx, "compact-onnx", options))
+    except (ValueError, IndexError, KeyError, onnx.shape_inference.InferenceError) as exc:  # a graph it cannot read
+        raise UnsupportedGraphError(f"compact-onnx cannot read this graph's channels ({exc}); nothing was written",
+                                    where=str(ctx.source), fix="use --format onnx,sparse-onnx,compressed") from exc
     if not counts["channels"]:
         raise UnsupportedGraphError(
             "compact-onnx found no channel or unit that can be removed exactly (every one has live incoming "
