@@ -411,3 +411,11 @@ def drop_to_targets(gran: Granularity, mask: torch.Tensor, target: torch.Tensor,
     flat[select_top(drop, flat.clone(), k, largest=False, seed=seed, step=step, layer=layer).cpu()] = False
     return fill_groups(gran, flat.reshape(mask.shape), target, drop=drop, grow=grow, seed=seed, step=step,
                        layer=layer)
+
+
+def method_granularities(method: Any) -> list[str]:
+    """The granularity forms a method (class) takes, for ``sparsekit methods``."""
+    if not method.sparse:
+        return ["unstructured"]
+    forms = ["unstructured", "N:M", "RxC", "fanin"]
+    return [*forms, "fanin+ablate"] if method.family == "dynamic" else forms
