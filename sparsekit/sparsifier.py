@@ -113,17 +113,18 @@ class Sparsifier:
         if not self.method.sparse:
             return [LayerPlan(n, s, False, 1.0, int(torch.Size(s).numel())) for n, s in shapes.items()], candidates
         gran = self.granularity
+        for pattern, density in (settings.layer_density or {}).items():
+            if gran.kind == "nm" and density < 1.0 and abs(density * gran.m - gran.n) > 1e-9:
+                raise InputError(f"--layer-density {pattern}={density:g} disagrees with granularity {gran.spec}, "
+                                 f"which fixes every sparse layer's density at {gran.n}/{gran.m}",
+                                 where="--layer-density", fix=f"give {pattern}=1 (dense) or drop it")
         units = {n: gran.unit(s) for n, s in shapes.items()} if gran.structured else None
         plans = plan_layers(shapes, settings.sparsity, settings.distribution or "erk",
                             dense_first_layer=settings.dense_first_layer, erk_power_scale=settings.erk_power_scale,
                             overrides=settings.layer_density, score_shapes=gate_block_shapes(self.model), units=units)
-        for plan in plans:
+        for plan in plans:  # layers kept dense are not checked
             if plan.prunable:
                 gran.check(plan.name, plan.shape)
-            if plan.prunable and gran.kind == "nm" and plan.active * gran.m != plan.numel * gran.n:
-                raise InputError(f"layer {plan.name} is planned at density {plan.density:g}, but granularity "
-                                 f"{gran.spec} fixes it at {gran.n}/{gran.m}", where="--layer-density",
-                                 fix=f"give --layer-density {plan.name}=1 (dense) or drop its override")
         return plans, candidates
 
     def random_mask(self, layer: SparseLayer) -> torch.Tensor:
