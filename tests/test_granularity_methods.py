@@ -7,7 +7,9 @@ run's config and summary and refuses a resume with another one."""
 from __future__ import annotations
 
 import json
+from importlib import resources
 
+import jsonschema
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -254,6 +256,10 @@ def test_cli_implies_n_m_density_and_writes_the_granularity(cli, tmp_path):
     summary = json.loads(res.stdout)
     assert (summary["granularity"], summary["distribution"], summary["target_sparsity"]) == ("2:4", "uniform", 0.5)
     assert summary["config"]["granularity"] == "2:4"
+    schema = json.loads(resources.files("sparsekit").joinpath("schemas/summary.schema.json").read_text())
+    jsonschema.validate(summary, schema)
+    assert [ly["active_groups"] for ly in summary["layers"] if ly["prunable"]] == \
+        [ly["groups"] for ly in summary["layers"] if ly["prunable"]]  # every 2:4 group holds its two
     res = cli(["train", "--data", "synthetic", "--granularity", "2:4", "--sparsity", "0.9", "--epochs", "1",
                "--out", str(tmp_path / "bad"), "--quiet"])
     assert res.exit_code == 2
