@@ -57,6 +57,9 @@ def compare(
                                                "for CI) | none | auto (bar on a terminal, else plain)."),
     quiet: bool = quiet_option("Only the table: no progress, per-run lines or notes (implies --progress none)."),
     distribution: str = typer.Option(None, "--distribution", help="uniform | er | erk.", show_default="erk"),
+    granularity: str = typer.Option(None, "--granularity", help="Mask structure of the sparse runs: unstructured | "
+                                    "N:M (2:4) | RxC blocks (4x1) | fanin | fanin+ablate[=0.3].",
+                                    show_default="unstructured"),
     batch_size: int = typer.Option(None, "--batch-size", help="Mini-batch size.", show_default="64"),
     optimizer: str = typer.Option(None, "--optimizer", help="sgd | adam | adamw.", show_default="sgd"),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate.", show_default="0.1"),
@@ -93,7 +96,7 @@ def compare(
     train: dict[str, Any] = {k: local[k] for k in (
         "model", "data", "epochs", "distribution", "batch_size", "optimizer", "lr", "momentum", "nesterov",
         "weight_decay", "lr_schedule", "warmup_epochs", "train_multiplier", "dense_first_layer", "device",
-        "val_fraction", "steps", "seq_len", "vocab", "clip_grad")}
+        "val_fraction", "steps", "seq_len", "vocab", "clip_grad", "granularity")}
     if model_kwargs:
         train["model_kwargs"] = parse_model_kwargs(model_kwargs)
     options = {opt: local[flag] for flag, opt in METHOD_FLAGS.items() if flag in local and local[flag] is not None}

@@ -51,13 +51,15 @@ def methods(
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout.", show_default="off"),
 ) -> None:
     """List the sparse-training methods, or show one method's options and paper defaults."""
+    from sparsekit.granularity import FORMS, method_granularities
     from sparsekit.methods import METHODS, get_method_class
 
     args = [n for n in (name or []) if n != "show"]
     if args:
         cls = get_method_class(args[0])
         info = {"name": cls.name, "family": cls.family, "description": cls.description,
-                "reference": cls.reference, "options": dict(cls.defaults), "paper_recipe": dict(cls.paper_recipe)}
+                "reference": cls.reference, "options": dict(cls.defaults), "paper_recipe": dict(cls.paper_recipe),
+                "granularities": method_granularities(cls)}
         if json_out:
             print_json(info)
             return
@@ -67,11 +69,12 @@ def methods(
         console.print(t)
         if cls.paper_recipe:
             console.print("paper recipe: " + ", ".join(f"{k}={v}" for k, v in cls.paper_recipe.items()))
+        console.print("granularities (--granularity): " + ", ".join(info["granularities"]))
         if cls.reference:
             console.print(f"reference: {cls.reference}")
         return
-    items = [{"name": c.name, "family": c.family, "description": c.description, "options": dict(c.defaults)}
-             for c in METHODS.values()]
+    items = [{"name": c.name, "family": c.family, "description": c.description, "options": dict(c.defaults),
+              "granularities": method_granularities(c)} for c in METHODS.values()]
     if json_out:
         print_json(items)
         return
@@ -79,6 +82,7 @@ def methods(
              ", ".join(f"{k}={v}" for k, v in m["options"].items())] for m in items]
     console = stdout_console()
     console.print(_table("methods", ["name", "family", "description", "defaults"], rows))
+    console.print(f"mask granularity of the sparse methods (--granularity): {FORMS}; see docs/methods.md#granularity")
     from sparsekit.config import list_presets
 
     presets = [[p["name"], p["description"], p["usage"]] for p in list_presets()]

@@ -67,6 +67,10 @@ def train(
     method: str = typer.Option(None, "--method", help="Sparse-training method (see `sparsekit methods`).", show_default="rigl"),
     sparsity: float = typer.Option(None, "--sparsity", help="Fraction of prunable weights removed.", show_default="0.9"),
     distribution: str = typer.Option(None, "--distribution", help="Per-layer density: uniform | er | erk.", show_default="erk"),
+    granularity: str = typer.Option(None, "--granularity", help="Mask structure: unstructured | N:M along the "
+                                    "input dim (2:4, 1:4, 4:8; implies --sparsity 1-N/M, uniform) | RxC blocks "
+                                    "(4x1, 1x4, 16x1) | fanin (equal inputs per unit) | fanin+ablate[=0.3] (also "
+                                    "neuron ablation).", show_default="unstructured"),
     dense_first_layer: bool = typer.Option(None, "--dense-first-layer/--sparse-first-layer",
                                            help="With uniform: keep the first layer dense (paper).", show_default="dense-first-layer"),
     sparse_embeddings: bool = typer.Option(None, "--sparse-embeddings/--dense-embeddings",
@@ -148,6 +152,7 @@ def train(
     local = dict(locals())
     cli: dict[str, Any] = {
         "model": model, "data": data, "method": method, "sparsity": sparsity, "distribution": distribution,
+        "granularity": granularity,
         "dense_first_layer": dense_first_layer, "sparse_init": sparse_init, "erk_power_scale": erk_power_scale, "epochs": epochs,
         "train_multiplier": train_multiplier, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
         "momentum": momentum, "nesterov": nesterov, "weight_decay": weight_decay, "lr_schedule": lr_schedule,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sparsekit.config import TrainConfig
+from sparsekit.config import TrainConfig, imply_from_granularity
 from sparsekit.errors import InputError
 from sparsekit.fileio import atomic_path, atomic_write_json
 from sparsekit.run_dir import RunDir
@@ -118,6 +118,9 @@ def _planned(method: str, sparsity: float, seed: int, train: dict[str, Any], opt
     opts = {**cls.defaults, **{k: v for k, v in options.items() if k in cls.defaults}}
     data = {**TrainConfig().to_dict(), **{k: v for k, v in train.items() if v is not None},
             "method": method, "sparsity": sparsity, "seed": seed, "method_options": opts}
+    if not cls.sparse:  # the dense runs of a structured sweep
+        data["granularity"] = "unstructured"
+    imply_from_granularity(data, {k for k, v in train.items() if v is not None} | {"sparsity"})
     return PlannedRun(method, sparsity, seed, run_name(method, sparsity, seed), TrainConfig(**data).validate())
 
 

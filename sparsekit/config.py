@@ -44,6 +44,7 @@ class TrainConfig:
     layer_density: dict[str, float] = field(default_factory=dict)
     sparse_embeddings: bool | None = None  # None/False: nn.Embedding tables stay dense (None keeps old configs equal)
     sparse_init: str = "scaled"
+    granularity: str = "unstructured"  # mask structure: unstructured | N:M | RxC | fanin | fanin+ablate[=γ]
     epochs: int = 60
     steps: int | None = None  # total optimizer steps at 1x; overrides epochs (LM recipes count steps)
     train_multiplier: float = 1.0
@@ -145,7 +146,18 @@ class TrainConfig:
         from sparsekit.methods import get_method_class
 
         get_method_class(self.method).start_mask(self.init_mask, pretrained=bool(self.init_from))
+        self._validate_granularity()
         return self
+
+    def _validate_granularity(self) -> None:
+        """The canonical granularity spec, refused where the method, sparsity or distribution cannot keep it."""
+        from sparsekit.granularity import Granularity, check_method, implied_density
+        from sparsekit.methods import get_method_class
+
+        gran = Granularity.parse(self.granularity)
+        self.granularity = gran.spec
+        implied_density(gran, self.sparsity, self.distribution)
+        check_method(gran, get_method_class(self.method), self.method_options)
 
     def _validate_milestones(self) -> None:
         """``lr_milestones``: increasing fractions of training in (0, 1), for the step schedule only."""
@@ -236,6 +248,17 @@ def merge_config(base: dict[str, Any], overrides: dict[str, Any], *, source: str
     return out
 
 
+def imply_from_granularity(data: dict[str, Any], given: set[str]) -> None:
+    """N:M fixes the density: sparsity and distribution not given are set to 1 − N/M and uniform."""
+    from sparsekit.granularity import Granularity, implied_density
+
+    gran = Granularity.parse(data.get("granularity"))
+    if gran.kind == "nm":
+        sparsity, distribution = implied_density(gran, data["sparsity"] if "sparsity" in given else None,
+                                                 data["distribution"] if "distribution" in given else None)
+        data["sparsity"], data["distribution"] = sparsity, distribution
+
+
 def build_config(file_path: str | Path | None, cli: dict[str, Any], cli_method_options: dict[str, Any]) -> TrainConfig:
     """Defaults < config file < CLI flags. Method options from a file that the chosen method does not
     take are dropped (so a saved RigL config can be rerun with ``--method static``); options given on the
@@ -244,11 +267,14 @@ def build_config(file_path: str | Path | None, cli: dict[str, Any], cli_method_o
 
     data = TrainConfig().to_dict()
     file_opts: dict[str, Any] = {}
+    given = {k for k, v in cli.items() if v is not None}  # settings given explicitly (file or flags)
     if file_path is not None:
         file_data = read_config_file(file_path)
+        given |= set(file_data)
         file_opts = dict(file_data.pop("method_options", {}) or {})
         data = merge_config(data, file_data, source=f"--config {file_path}")
     data = merge_config(data, {k: v for k, v in cli.items() if v is not None}, source="command line")
+    imply_from_granularity(data, given)
     cls = get_method_class(str(data["method"]))
     opts = {k: v for k, v in file_opts.items() if k in cls.defaults}
     opts.update(cli_method_options)

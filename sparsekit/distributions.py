@@ -69,6 +69,15 @@ def largest_remainder(ideal: Sequence[float], total: int, caps: Sequence[int]) -
     return floors
 
 
+def _unit_counts(ideal: Sequence[float], numels: Sequence[int], units: Sequence[int]) -> list[int]:
+    """Counts that are whole multiples of each layer's unit: the ideal counts in units, rounded to a total of
+    round(sum of ideal units) by the largest remainder. Each layer is within one unit of its ideal."""
+    in_units = [v / u for v, u in zip(ideal, units, strict=True)]
+    caps = [n // u for n, u in zip(numels, units, strict=True)]
+    whole = largest_remainder(in_units, min(round(sum(in_units)), sum(caps)), caps)
+    return [w * u for w, u in zip(whole, units, strict=True)]
+
+
 def _match_overrides(names: Sequence[str], overrides: dict[str, float]) -> dict[str, float]:
     fixed: dict[str, float] = {}
     for pattern, density in overrides.items():
@@ -93,13 +102,16 @@ def plan_layers(
     erk_power_scale: float = 1.0,
     overrides: dict[str, float] | None = None,
     score_shapes: dict[str, tuple[int, ...]] | None = None,
+    units: dict[str, int] | None = None,
 ) -> list[LayerPlan]:
     """Plan densities and integer active counts for each candidate weight (in the given order).
 
     ``shapes`` maps the fully qualified parameter name of each candidate weight (Linear/Conv and
     friends) to its shape, in model order; the first entry is the "first layer". ``score_shapes`` gives
     the shape ER/ERK score a weight by, where it differs from its own (one gate block of a stacked
-    matrix); sizes and counts always use the real shape.
+    matrix); sizes and counts always use the real shape. ``units`` gives a layer's count unit (a structured
+    mask granularity: block size, rows for fan-in, groups for N:M; absent or 1: single entries): its count
+    is then a whole number of units, by the largest remainder in units (``_unit_counts``).
     """
     score_shapes = score_shapes or {}
     if distribution not in DISTRIBUTIONS:
@@ -147,9 +159,13 @@ def plan_layers(
         # The layer with the highest raw density becomes dense; re-solve the rest without it.
         dense.add(max(saturated, key=lambda n: raw[n]))
     prunable = [n for n in names if n not in dense]
-    total = round((1.0 - sparsity) * sum(math.prod(shapes[n]) for n in prunable))
-    counts = largest_remainder([density[n] * math.prod(shapes[n]) for n in prunable], total,
-                               [math.prod(shapes[n]) for n in prunable])
+    if units and any(units.get(n, 1) != 1 for n in prunable):
+        counts = _unit_counts([density[n] * math.prod(shapes[n]) for n in prunable],
+                              [math.prod(shapes[n]) for n in prunable], [units.get(n, 1) for n in prunable])
+    else:
+        total = round((1.0 - sparsity) * sum(math.prod(shapes[n]) for n in prunable))
+        counts = largest_remainder([density[n] * math.prod(shapes[n]) for n in prunable], total,
+                                   [math.prod(shapes[n]) for n in prunable])
     active = dict(zip(prunable, counts, strict=True))
     plans = []
     for n in names:

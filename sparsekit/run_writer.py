@@ -32,6 +32,8 @@ N_SAMPLES = 512
 N_SAMPLES_SEQUENCE = 8  # LM logits are (n, T, vocab): 8 windows of 512 x 256 floats are already 4 MB
 # Settings that may differ between an interrupted command and its --resume without changing the result.
 _RESUME_FREE = {"device", "checkpoint_every", "eval_batch_size", "workers"}  # none changes the result
+# Settings added after runs were saved without them: a saved config that lacks one had this value.
+_ADDED_LATER = {"granularity": "unstructured"}
 
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -58,7 +60,7 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwri
     if existing and resume and run.checkpoint_file.is_file():
         saved = run.config() if run.config_file.is_file() else {}
         mine = config.to_dict()
-        diff = sorted(k for k in mine if k not in _RESUME_FREE and saved.get(k) != mine[k])
+        diff = sorted(k for k in mine if k not in _RESUME_FREE and saved.get(k, _ADDED_LATER.get(k)) != mine[k])
         if diff:
             raise InputError(f"the checkpoint in {run_dir} was made with different settings "
                              f"({', '.join(diff)})", where="--resume",
@@ -197,6 +199,7 @@ def build_summary(*, run_dir: Path, model: nn.Module, sparsifier: Any, method: s
         "task": "classification",
         "method": method,
         "distribution": sparsifier.distribution if sparsifier.method.sparse else None,
+        "granularity": sparsifier.granularity.spec,
         "target_sparsity": sparsifier.target_sparsity if sparsifier.method.sparse else 0.0,
         "realized_sparsity": sparsifier.realized_sparsity(),
         "overall_sparsity": overall_sparsity(layers),

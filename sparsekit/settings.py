@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from sparsekit.config import SPARSE_INITS
 from sparsekit.errors import InputError
+from sparsekit.granularity import Granularity, implied_density
 
 if TYPE_CHECKING:
     from sparsekit.config import TrainConfig
@@ -28,12 +29,15 @@ class SparsitySettings:
     ``pretrained`` says the model's weights were loaded (a dense or pretrained checkpoint): they are never
     rescaled (``sparse_init`` applies to a fresh initialisation only) and ``init_mask`` (``magnitude`` |
     ``random``; None: magnitude for loaded weights, random otherwise) picks the start mask of the
-    methods that take one (``Method.start_mask``).
+    methods that take one (``Method.start_mask``). ``granularity`` is the mask's structure
+    (``sparsekit.granularity``: unstructured, N:M, RxC, fanin, fanin+ablate); N:M fixes every sparse layer's
+    density at N/M, so ``sparsity`` and ``distribution`` left as None are implied (1 − N/M, uniform) and
+    given ones that disagree are refused. Unstructured: None means 0.9 and erk.
     """
 
     total_steps: int
-    sparsity: float = 0.9
-    distribution: str = "erk"
+    sparsity: float | None = None  # None: resolved in __post_init__ (always a float after it)
+    distribution: str | None = None
     seed: int = 0
     dense_first_layer: bool = True
     erk_power_scale: float = 1.0
@@ -43,6 +47,7 @@ class SparsitySettings:
     include_embeddings: bool = False
     pretrained: bool = False
     init_mask: str | None = None
+    granularity: str = "unstructured"
 
     def __post_init__(self) -> None:
         if not isinstance(self.total_steps, int) or self.total_steps < 1:
@@ -55,6 +60,11 @@ class SparsitySettings:
             raise InputError(f"pretrained={self.pretrained!r} must be True or False", where="sparsify()",
                              fix="pass pretrained=True when the model's weights were loaded")
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        gran = Granularity.parse(self.granularity)
+        object.__setattr__(self, "granularity", gran.spec)
+        sparsity, distribution = implied_density(gran, self.sparsity, self.distribution)
+        object.__setattr__(self, "sparsity", sparsity)
+        object.__setattr__(self, "distribution", distribution)
 
     @classmethod
     def from_config(cls, config: TrainConfig, total_steps: int) -> SparsitySettings:
@@ -63,4 +73,5 @@ class SparsitySettings:
                    seed=config.seed, dense_first_layer=config.dense_first_layer,
                    erk_power_scale=config.erk_power_scale, layer_density=config.layer_density or None,
                    sparse_init=config.sparse_init, include_embeddings=bool(config.sparse_embeddings),
-                   pretrained=bool(config.init_from), init_mask=config.init_mask)
+                   pretrained=bool(config.init_from), init_mask=config.init_mask,
+                   granularity=config.granularity)

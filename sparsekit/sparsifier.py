@@ -23,6 +23,8 @@ from torch import nn
 
 from sparsekit.distributions import LayerPlan, plan_layers
 from sparsekit.errors import InputError
+from sparsekit.granularity import Granularity, ablate_rows, check_method, drop_to_targets, random_scores, structured_top
+from sparsekit.granularity import drop_and_grow as granular_drop_and_grow
 from sparsekit.masks import (
     SparseLayer,
     commit_mask,
@@ -63,6 +65,9 @@ class Sparsifier:
         source_masks: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.settings = settings
+        #: the masks' structure (unstructured, N:M, RxC blocks, fan-in); the unstructured path is the engine's own
+        self.granularity = Granularity.parse(settings.granularity)
+        check_method(self.granularity, method, method.options)
         #: the step-0 mask: magnitude | random, or the method's own (saliency, dense); None when dense
         self.start_mask = method.start_mask(settings.init_mask, pretrained=settings.pretrained)
         self.model = unwrap_model(model)
@@ -89,9 +94,9 @@ class Sparsifier:
         masks = method.initial_masks(self, InitInputs(self.model, init_batches, loss_fn, self.start_mask,
                                                       source_masks))
         if masks is None:
-            masks = {ly.name: random_mask(ly.plan.shape, ly.plan.active, seed=self.seed, layer=ly.index,
-                                          device=ly.param.device) for ly in self.layers}
+            masks = {ly.name: self.random_mask(ly) for ly in self.layers}
         masks = self._broadcast(masks)
+        self._check_pattern(masks, where="initial_masks")
         for ly in self.layers:
             ly.mask = masks[ly.name].to(device=ly.param.device, dtype=torch.bool)
         self._refresh_float_masks()
@@ -107,10 +112,38 @@ class Sparsifier:
         shapes = {n: tuple(p.shape) for n, p in candidates.items()}
         if not self.method.sparse:
             return [LayerPlan(n, s, False, 1.0, int(torch.Size(s).numel())) for n, s in shapes.items()], candidates
-        plans = plan_layers(shapes, settings.sparsity, settings.distribution,
+        gran = self.granularity
+        for pattern, density in (settings.layer_density or {}).items():
+            if gran.kind == "nm" and density < 1.0 and abs(density * gran.m - gran.n) > 1e-9:
+                raise InputError(f"--layer-density {pattern}={density:g} disagrees with granularity {gran.spec}, "
+                                 f"which fixes every sparse layer's density at {gran.n}/{gran.m}",
+                                 where="--layer-density", fix=f"give {pattern}=1 (dense) or drop it")
+        units = {n: gran.unit(s) for n, s in shapes.items()} if gran.structured else None
+        plans = plan_layers(shapes, settings.sparsity, settings.distribution or "erk",
                             dense_first_layer=settings.dense_first_layer, erk_power_scale=settings.erk_power_scale,
-                            overrides=settings.layer_density, score_shapes=gate_block_shapes(self.model))
+                            overrides=settings.layer_density, score_shapes=gate_block_shapes(self.model), units=units)
+        for plan in plans:  # layers kept dense are not checked
+            if plan.prunable:
+                gran.check(plan.name, plan.shape)
         return plans, candidates
+
+    def random_mask(self, layer: SparseLayer) -> torch.Tensor:
+        """The random step-0 mask of a layer at its planned count, in the granularity's pattern."""
+        plan, device = layer.plan, layer.param.device
+        if not self.granularity.structured:
+            return random_mask(plan.shape, plan.active, seed=self.seed, layer=layer.index, device=device)
+        scores = random_scores(plan.numel, seed=self.seed, layer=layer.index)
+        return structured_top(self.granularity, plan.shape, scores, plan.active, seed=self.seed, step=0,
+                              layer=layer.index).to(device)
+
+    def _check_pattern(self, masks: dict[str, torch.Tensor], *, where: str) -> None:
+        """Every mask keeps the granularity's pattern (a method or checkpoint that breaks it is refused)."""
+        if not self.granularity.structured:
+            return
+        for name, mask in masks.items():
+            if not self.granularity.conforms(mask, any_count=True):
+                raise InputError(f"mask {name} does not have the {self.granularity.spec} pattern", where=where,
+                                 fix="resume or start with the granularity the masks were made with")
 
     @property
     def total_steps(self) -> int:
@@ -190,7 +223,9 @@ class Sparsifier:
         then grow the ``k_grow`` highest-scoring connections among all inactive after the drop (a
         just-dropped connection may come back). Ties broken by (seed, step, layer, element) keys.
         ``Magnitude(t)`` scores rank by |t| without materialising it; a score may be None when its
-        count is 0."""
+        count is 0. A structured granularity selects by groups (``sparsekit.granularity.drop_and_grow``)."""
+        if self.granularity.structured:
+            return self._structured_drop_and_grow(layer, step, k_drop, k_grow, drop_scores, grow_scores)
         flat = layer.mask.reshape(-1)
         new = flat.clone()
         empty = torch.empty(0, dtype=torch.long, device=flat.device)
@@ -209,6 +244,19 @@ class Sparsifier:
         # commit_masks uses the indices instead of whole-tensor passes when handed this very tensor.
         self._changes[layer.name] = (out, layer.mask, dropped, grown)
         return out
+
+    def _structured_drop_and_grow(self, layer: SparseLayer, step: int, k_drop: int, k_grow: int,
+                                  drop_scores: Scores | None, grow_scores: Scores | None) -> torch.Tensor:
+        gran, keys = self.granularity, {"seed": self.seed, "step": step, "layer": layer.index}
+        mask = layer.mask
+        if gran.ablate is not None and k_drop == k_grow > 0:
+            assert drop_scores is not None and grow_scores is not None
+            mask, target = ablate_rows(gran, mask, k_drop, drop_scores, grow_scores, **keys)
+            new = drop_to_targets(gran, mask, target, k_drop, drop_scores, grow_scores, **keys)
+        else:
+            new = granular_drop_and_grow(gran, mask, k_drop=k_drop, k_grow=k_grow, drop=drop_scores,
+                                         grow=grow_scores, **keys)
+        return new.to(layer.mask.device)
 
     def commit_masks(self, new_masks: dict[str, torch.Tensor], step: int, *, fraction: float | None = None) -> None:
         """Install new masks: reset weights/optimizer state of new and dropped connections, log."""
@@ -358,9 +406,12 @@ class Sparsifier:
             ly = by_name.get(plan.name)
             active = ly.active if ly is not None else plan.active
             numel = int(torch.Size(plan.shape).numel())
-            out.append({"name": plan.name, "shape": list(plan.shape), "prunable": plan.prunable,
-                        "planned_density": plan.density, "planned_active": plan.active,
-                        "density": active / numel, "active": active, "numel": numel})
+            entry = {"name": plan.name, "shape": list(plan.shape), "prunable": plan.prunable,
+                     "planned_density": plan.density, "planned_active": plan.active,
+                     "density": active / numel, "active": active, "numel": numel}
+            if ly is not None and self.granularity.structured:
+                entry.update(self.granularity.summary(ly.mask))
+            out.append(entry)
         return out
 
     def start_summary(self) -> dict[str, Any]:
@@ -408,6 +459,7 @@ class Sparsifier:
                                  f"{tuple(ly.mask.shape)}", where="checkpoint",
                                  fix="resume with the same model")
             ly.mask = m.to(device=ly.param.device, dtype=torch.bool)
+        self._check_pattern(self.masks(), where="checkpoint")
         self.step_count = int(state["step_count"])
         self.seed = int(state.get("seed", self.seed))  # tie-break keys continue the saved stream
         self.method.load_state_dict(state.get("method", {}))
@@ -421,9 +473,9 @@ def sparsify(
     optimizer: torch.optim.Optimizer | None,
     method: str | Method = "rigl",
     *,
-    sparsity: float = 0.9,
+    sparsity: float | None = None,
     total_steps: int,
-    distribution: str = "erk",
+    distribution: str | None = None,
     seed: int = 0,
     dense_first_layer: bool = True,
     erk_power_scale: float = 1.0,
@@ -435,6 +487,7 @@ def sparsify(
     include_embeddings: bool = False,
     pretrained: bool = False,
     init_mask: str | None = None,
+    granularity: str = "unstructured",
     **method_options: Any,
 ) -> Sparsifier:
     """Put ``model`` under a sparse-training ``method`` with a fixed parameter budget from step 0.
@@ -451,6 +504,12 @@ def sparsify(
     distribution's counts). ``init_mask="random"`` or ``"magnitude"`` chooses that start mask explicitly
     (default: magnitude when pretrained, random otherwise); snip scores the weights it is given and
     pruning starts dense either way.
+
+    ``sparsity`` defaults to 0.9 and ``distribution`` to ``"erk"``. ``granularity`` structures the masks:
+    ``"unstructured"`` (default), ``"N:M"`` along the input dimension (e.g. ``"2:4"``; implies sparsity
+    1 − N/M and a uniform distribution), ``"RxC"`` blocks (e.g. ``"4x1"``), ``"fanin"`` (every output unit
+    keeps the same number of inputs) or ``"fanin+ablate[=γ]"`` (also neuron ablation); see
+    docs/methods.md#granularity.
     """
     m = make_method(method, **method_options) if isinstance(method, str) else method
     if method_options and not isinstance(method, str):
@@ -459,5 +518,6 @@ def sparsify(
     settings = SparsitySettings(total_steps=total_steps, sparsity=sparsity, distribution=distribution, seed=seed,
                                 dense_first_layer=dense_first_layer, erk_power_scale=erk_power_scale,
                                 layer_density=layer_density, exclude=tuple(exclude), sparse_init=sparse_init,
-                                include_embeddings=include_embeddings, pretrained=pretrained, init_mask=init_mask)
+                                include_embeddings=include_embeddings, pretrained=pretrained, init_mask=init_mask,
+                                granularity=granularity)
     return Sparsifier(model, optimizer, m, settings, init_batches=init_batches, loss_fn=loss_fn)

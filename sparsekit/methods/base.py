@@ -142,11 +142,18 @@ class Method:
     def initial_masks(self, sp: Sparsifier, init: InitInputs) -> dict[str, torch.Tensor] | None:
         """Masks at step 0 by layer name; None means random masks from the distribution. Default: with
         ``init.start_mask == "magnitude"`` the largest |w| per layer at the planned counts (the loaded
-        weights' own mask, if known, ranking first), else None."""
+        weights' own mask, if known, ranking first; under a structured granularity |w| per block or
+        group), else None."""
         if init.start_mask != "magnitude":
             return None
         from sparsekit.masks import magnitude_mask
 
+        if sp.granularity.structured:  # |w| summed per block, or the top |w| of every N:M group / row
+            from sparsekit.granularity import structured_top
+
+            return {ly.name: structured_top(sp.granularity, ly.plan.shape, Magnitude(ly.param.detach()),
+                                            ly.plan.active, seed=sp.seed, step=0, layer=ly.index).to(ly.param.device)
+                    for ly in sp.layers}
         first = init.source_masks or {}
         return {ly.name: magnitude_mask(ly.param, ly.plan.active, seed=sp.seed, layer=ly.index,
                                         first=first.get(ly.name)) for ly in sp.layers}

@@ -28,7 +28,9 @@ class Pruning(Method):
     """Drop the lowest-|w| active connections every ``prune_interval`` steps between ``prune_begin`` and
     ``prune_end`` (fractions of training) so each layer follows
     s_t = s_f + (0 − s_f)(1 − (t − t_b)/(t_e − t_b))³;
-    exactly at the planned count from ``t_e`` on. Pruned connections never come back."""
+    exactly at the planned count from ``t_e`` on. Pruned connections never come back. With a structured
+    granularity the counts are whole units: blocks go by summed |w|; under N:M every group keeps its top
+    n_t of M by |w| (n_t stepping from M down to N), under fan-in every row its top K_t."""
 
     name = "pruning"
     description = ("Pruning: gradual magnitude pruning from dense, cubic schedule per layer "
@@ -46,6 +48,7 @@ class Pruning(Method):
         super().__init__(**options)
         self.begin_step = 0  # t_b and t_e in steps, set by attach once total steps are known
         self.end_step = 1
+        self.units: dict[str, int] = {}  # a structured granularity's count unit per layer (set by attach)
 
     def validate(self) -> None:
         begin, end, interval = (self.options[k] for k in ("prune_begin", "prune_end", "prune_interval"))
@@ -65,6 +68,7 @@ class Pruning(Method):
     def attach(self, sp: Sparsifier) -> None:
         self.begin_step = round(float(self.options["prune_begin"]) * sp.total_steps)
         self.end_step = max(1, round(float(self.options["prune_end"]) * sp.total_steps))
+        self.units = {ly.name: sp.granularity.unit(ly.plan.shape) for ly in sp.layers}
 
     def initial_masks(self, sp: Sparsifier, init: InitInputs) -> dict[str, torch.Tensor]:
         return {ly.name: torch.ones(ly.plan.shape, dtype=torch.bool, device=ly.param.device)
@@ -86,25 +90,26 @@ class Pruning(Method):
             return final
         return cubic_sparsity(step, initial=0.0, final=final, begin=self.begin_step, end=self.end_step)
 
-    def target_active(self, numel: int, planned_active: int, step: int) -> int:
-        """Active count after the pruning step at ``step``: round((1 − s_t)·numel); exact plan from t_e."""
+    def target_active(self, numel: int, planned_active: int, step: int, unit: int = 1) -> int:
+        """Active count after the pruning step at ``step``: round((1 − s_t)·numel) in whole ``unit``s (a
+        structured granularity's: blocks, or n_t of every N:M group / row); exact plan from t_e."""
         if step >= self.end_step:
             return planned_active
-        return round((1.0 - self.sparsity_at(numel, planned_active, step)) * numel)
+        return round((1.0 - self.sparsity_at(numel, planned_active, step)) * numel / unit) * unit
 
     def planned_history(self, layers: list[SparseLayer]) -> list[dict[str, Any]]:
         """Active counts per layer after every pruning step (what ``updates.jsonl`` will record)."""
         history = [{"step": 0, "active": {ly.name: ly.numel for ly in layers}}]
         for t in self.update_steps():
             history.append({"step": t, "active": {ly.name: min(ly.numel, self.target_active(
-                ly.numel, ly.plan.active, t)) for ly in layers}})
+                ly.numel, ly.plan.active, t, self.units.get(ly.name, 1))) for ly in layers}})
         return history
 
     def update_counts(self, sp: Sparsifier, step: int) -> dict[str, LayerUpdate]:
         """Drop the lowest-|w| active connections (the default drop score) down to the target; grow none."""
         counts = {}
         for ly in sp.layers:
-            k = ly.active - self.target_active(ly.numel, ly.plan.active, step)
+            k = ly.active - self.target_active(ly.numel, ly.plan.active, step, self.units.get(ly.name, 1))
             if k > 0:
                 counts[ly.name] = LayerUpdate(k_drop=k, k_grow=0)
         return counts
