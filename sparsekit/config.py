@@ -249,7 +249,8 @@ def merge_config(base: dict[str, Any], overrides: dict[str, Any], *, source: str
 
 
 def imply_from_granularity(data: dict[str, Any], given: set[str]) -> None:
-    """N:M fixes the density: sparsity and distribution not given are set to 1 − N/M and uniform."""
+    """N:M fixes the density: sparsity and distribution not given are set to 1 − N/M and uniform, and the
+    first layer is N:M too unless ``dense_first_layer`` was given."""
     from sparsekit.granularity import Granularity, implied_density
 
     gran = Granularity.parse(data.get("granularity"))
@@ -257,6 +258,8 @@ def imply_from_granularity(data: dict[str, Any], given: set[str]) -> None:
         sparsity, distribution = implied_density(gran, data["sparsity"] if "sparsity" in given else None,
                                                  data["distribution"] if "distribution" in given else None)
         data["sparsity"], data["distribution"] = sparsity, distribution
+        if "dense_first_layer" not in given:
+            data["dense_first_layer"] = False
 
 
 def build_config(file_path: str | Path | None, cli: dict[str, Any], cli_method_options: dict[str, Any]) -> TrainConfig:

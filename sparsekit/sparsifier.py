@@ -477,7 +477,7 @@ def sparsify(
     total_steps: int,
     distribution: str | None = None,
     seed: int = 0,
-    dense_first_layer: bool = True,
+    dense_first_layer: bool | None = None,
     erk_power_scale: float = 1.0,
     layer_density: dict[str, float] | None = None,
     exclude: tuple[str, ...] | list[str] = (),
@@ -507,7 +507,8 @@ def sparsify(
 
     ``sparsity`` defaults to 0.9 and ``distribution`` to ``"erk"``. ``granularity`` structures the masks:
     ``"unstructured"`` (default), ``"N:M"`` along the input dimension (e.g. ``"2:4"``; implies sparsity
-    1 − N/M and a uniform distribution), ``"RxC"`` blocks (e.g. ``"4x1"``), ``"fanin"`` (every output unit
+    1 − N/M and a uniform distribution over every layer: ``dense_first_layer`` defaults to True only for the
+    other granularities), ``"RxC"`` blocks (e.g. ``"4x1"``), ``"fanin"`` (every output unit
     keeps the same number of inputs) or ``"fanin+ablate[=γ]"`` (also neuron ablation); see
     docs/methods.md#granularity.
     """
@@ -515,6 +516,8 @@ def sparsify(
     if method_options and not isinstance(method, str):
         raise InputError("method options were given together with a Method instance", where="sparsify()",
                          fix="pass options to the Method constructor or pass the method by name")
+    if dense_first_layer is None:
+        dense_first_layer = not Granularity.parse(granularity).kind == "nm"
     settings = SparsitySettings(total_steps=total_steps, sparsity=sparsity, distribution=distribution, seed=seed,
                                 dense_first_layer=dense_first_layer, erk_power_scale=erk_power_scale,
                                 layer_density=layer_density, exclude=tuple(exclude), sparse_init=sparse_init,

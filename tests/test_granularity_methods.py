@@ -260,6 +260,7 @@ def test_cli_implies_n_m_density_and_writes_the_granularity(cli, tmp_path):
     jsonschema.validate(summary, schema)
     assert [ly["active_groups"] for ly in summary["layers"] if ly["prunable"]] == \
         [ly["groups"] for ly in summary["layers"] if ly["prunable"]]  # every 2:4 group holds its two
+    assert [ly["prunable"] for ly in summary["layers"]] == [True, True, True]  # the first layer is 2:4 too
     res = cli(["train", "--data", "synthetic", "--granularity", "2:4", "--sparsity", "0.9", "--epochs", "1",
                "--out", str(tmp_path / "bad"), "--quiet"])
     assert res.exit_code == 2
