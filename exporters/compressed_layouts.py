@@ -255,5 +255,7 @@ def decode(layout: str, raw: bytes, st: Any, shape: tuple[int, ...], nnz: int) -
         raise LayoutError("its structure fields are not an object")
     try:
         return DECODERS[layout](raw, st, shape, nnz)
-    except (KeyError, TypeError, OverflowError) as exc:
+    except LayoutError:
+        raise
+    except (KeyError, TypeError, OverflowError, ValueError) as exc:
         raise LayoutError(f"bad structure fields {str(st)[:80]}: {exc!r}") from exc
