@@ -31,7 +31,8 @@ from sparsekit.run_dir import RunDir
 
 REPORT_SCHEMA_VERSION = 1
 WEIGHT_OPS = {"Gemm": 1, "MatMul": 1, "Conv": 1, "MatMulInteger": 1, "ConvInteger": 1}
-NOT_TIMED = {"compressed": "storage format: restores to the dense model"}
+NOT_TIMED = {"compressed": "storage format: restores to the dense model",
+             "semi-structured": "GPU format (2:4 sparse tensor cores): on CPU it runs as the dense reference graph"}
 
 
 # --------------------------------------------------------------------------- counting

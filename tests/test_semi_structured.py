@@ -227,3 +227,15 @@ def test_loading_refuses_a_cpu_device_and_a_model_of_other_shape(exported, fake_
     with pytest.raises(InputError, match="the file does not fit the model: Error"):
         ss.load_semi_structured(exported[1], other)
     assert not fake_cuda
+
+
+def test_the_cpu_runner_runs_the_files_weights(run_2to4, exported, tmp_path):
+    """Validation runs the file's own weights in the run's graph: a changed 2:4 weight changes the outputs."""
+    from sparsekit.exporters.semi_structured import semi_structured_runner
+
+    x = np.load(run_2to4 / "samples.npz")["x"][:8]
+    tensors, manifest = ss.read_semi_structured(exported[1])
+    same = semi_structured_runner(exported[1])(x)
+    tensors["fc2.weight"] = tensors["fc2.weight"] * np.float32(2)
+    changed = semi_structured_runner(write_file(tmp_path / FILE, tensors, manifest))(x)
+    assert np.max(np.abs(changed - same)) > 1e-3
