@@ -192,3 +192,22 @@ def describe(x: Any) -> dict[str, Any]:
     nm, block, fi = detect_nm(x), detect_block(x), fanin(x)
     return {"nm": nm.spec if nm else None, "block": block.spec if block else None,
             "fanin": None if fi is None else {"k": fi.k, "ablated": list(fi.ablated), "long_rows": fi.long_rows}}
+
+
+def label(x: Any, declared: str = "unstructured") -> str:
+    """What one layer's mask is, for titles: the declared granularity when the mask holds it (fan-in with
+    its K and ablated rows), ``"<spec> (not held)"`` when it does not (e.g. pruning before its schedule
+    ends), ``"unstructured"`` when none was declared."""
+    try:
+        g = parse_spec(declared)
+    except ValueError:
+        return str(declared)
+    if g == "unstructured":
+        return "unstructured"
+    spec = g.spec if isinstance(g, NM | Block) else str(declared)
+    if not conforms(x, declared):
+        return f"{spec} (not held)"
+    if isinstance(g, NM | Block):
+        return spec
+    f = fanin(x)
+    return f"fan-in K={f.k}" + (f", {len(f.ablated)} rows ablated" if f.ablated else "")
