@@ -8,7 +8,9 @@ Layout (a zip file; every member is stored, each blob compressed by us):
   the original fp32 bytes (an fp32 archive restores bit-exactly, and the reader proves it).
 - ``graph.onnx`` — the reference ONNX graph with the archived weights' data stripped.
 - ``t/<i>.idx`` — the active set of a sparse tensor: a bitmask (1 bit per entry) or 8-bit deltas between
-  active linear positions (0 = skip 255 further), whichever is smaller after compression.
+  active linear positions (0 = skip 255 further), or for an N:M, block or constant fan-in mask a structured
+  layout (``exporters.compressed_layouts``; the archive then says version 2), whichever stores index and
+  values in the fewest bytes (docs/compressed-format.md).
 - ``t/<i>.val`` — the active values (sparse) or all values (dense) in fp32, fp16 or int8 with
   per-output-channel fp32 scales in ``t/<i>.scl`` (symmetric, max |w| → 127); fp32/fp16 values are
   byte-shuffled (all first bytes, then all second bytes, …) so the exponent bytes compress.
