@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CUDA check, for a machine with an NVIDIA GPU (CI has none): installs this checkout without network into
 # /tmp/sk, then trains on CUDA and on the CPU side by side, every method on the LeNet-300-100 recipe,
-# torchrun with nccl, export + validation of a CUDA-trained run, and GPU-vs-CPU mask/weight agreement.
+# torchrun with nccl, export + validation of a CUDA-trained run, a 2:4 export loaded as torch semi-structured
+# sparse tensors (fp16 outputs vs the CPU reference), and GPU-vs-CPU mask/weight agreement.
 #
 #     bash bench/gpu_check.sh OUTDIR        # needs data/digits28.npz (python bench/make_digits28.py)
 #
@@ -47,6 +48,37 @@ $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m sparsekit train 
 echo "== export + report of the CUDA-trained default run"
 $SK export "$RUNS/default-cuda" --format all || echo "FAILED export"
 $SK report "$RUNS/default-cuda" --json > "$RUNS/report-cuda.json" || echo "FAILED report"
+
+echo "== 2:4 semi-structured export, loaded as torch semi-structured sparse tensors on CUDA"
+REPO="$REPO" RUNS="$RUNS" $PY - <<'EOF' || echo "FAILED semi-structured"
+import os, sys, torch
+from torch import nn
+sys.path.insert(0, os.path.join(os.environ["REPO"], "tests"))  # the tests' run-dir fabricator and 2:4 masks
+from export_fixtures import make_run_dir
+from structured_masks import nm_mask
+from sparsekit.exporters.pipeline import export
+from sparsekit.semi_structured import load_semi_structured
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64))
+model = net()
+masks = {n: torch.from_numpy(nm_mask(tuple(p.shape), 2, 4, seed=i))
+         for i, (n, p) in enumerate(model.named_parameters()) if n.endswith("weight")}
+run = make_run_dir(os.path.join(os.environ["RUNS"], "semi"), model, masks, torch.randn(64, 64))
+rep = export(run, "semi-structured", os.path.join(run, "export"))
+print("export:", rep["artifacts"][0]["status"], rep["artifacts"][0]["notes"])
+gpu = net()
+result = load_semi_structured(os.path.join(run, "export", "model.2to4.safetensors"), gpu)
+print("load:", result)
+assert all(v == "semi-structured" for v in result.values()), result
+x = torch.randn(256, 64)
+with torch.no_grad():
+    ref = model(x)
+    out = gpu(x.cuda().half()).float().cpu()
+err = float((out - ref).abs().max()) / float(ref.abs().max())
+print(f"semi-structured fp16 vs fp32 CPU reference: max rel err {err:.2e}")
+assert err < 2e-2, err
+EOF
 
 echo "== GPU vs CPU: one RigL update on the same batch"
 $PY - <<'EOF' || echo "FAILED gpu-vs-cpu"

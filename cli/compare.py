@@ -88,7 +88,7 @@ def compare(
     compare.csv, compare.json and compare.png (accuracy vs training FLOPs) into --out."""
     from sparsekit.cli.train import METHOD_FLAGS
 
-    from sparsekit.compare import CompareSpec, format_row, run_compare
+    from sparsekit.compare import CompareSpec, format_row, granularities_differ, run_compare
     from sparsekit.config import merge_config, read_config_file
     from sparsekit.models import parse_model_kwargs
 
@@ -141,6 +141,8 @@ def compare(
             ("accuracy", "next-char acc %" if lm else "test acc % (mean ± std)"),
             ("best", "best acc %"), ("realized", "realised sparsity"), ("train_flops", "train FLOPs ×dense"),
             ("inference_flops", "infer FLOPs ×dense"), ("params", "params (nonzero)"), ("seconds", "time s")]
+    if granularities_differ(result["rows"]):  # e.g. 2:4 runs next to the (unstructured) dense baseline
+        cols.insert(2, ("granularity", "granularity"))
     for _, title in cols:
         t.add_column(title, justify="left" if title == "method" else "right")
     for row in result["rows"]:

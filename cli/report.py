@@ -38,7 +38,8 @@ def _render(report: dict) -> None:
     run = report["run"]
     if run.get("method"):
         console.print(f"[bold]{report['path']}[/bold]: method {run['method']}, target sparsity "
-                      f"{run.get('target_sparsity')}, realised {run.get('realized_sparsity'):.4f}"
+                      f"{run.get('target_sparsity')}, realised {run.get('realized_sparsity'):.4f}, granularity "
+                      f"{run.get('granularity', 'unstructured')}"
                       if isinstance(run.get("realized_sparsity"), float) else f"[bold]{report['path']}[/bold]")
     t = Table(title="layers (recomputed from the dense ONNX)")
     for col in ("layer", "shape", "nonzeros", "density", "MACs dense", "MACs sparse"):
@@ -64,6 +65,13 @@ def _render(report: dict) -> None:
                   f"{q['top1_agreement']:.2%}" if "top1_agreement" in q else "-",
                   _si(art["macs_executed"]) if "macs_executed" in art else "-")
     console.print(a)
+    for art in report["artifacts"]:
+        g = art.get("structured_layouts") or {}
+        if g.get("structured_layouts"):
+            new, old = g["structured_bytes"], g["structured_unstructured_bytes"]
+            console.print(f"{art['artifact']}: {g['structured_layouts']} of {len(g['layouts'])} sparse tensors in "
+                          f"structured layouts, {new:,} bytes vs {old:,} unstructured "
+                          f"({old / max(new, 1):.2f}× smaller)")
     if report["latency"]:
         lt = Table(title="ONNX Runtime CPU latency (interleaved, same run)")
         for col in ("artifact", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "speedup"):

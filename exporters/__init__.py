@@ -14,7 +14,7 @@ import importlib
 from sparsekit.exporters.registry import FORMATS, ExportFormat, get_format, register_format
 
 # Import order is the order of ``--list`` and of ``--format all``.
-for _name in ("dense", "sparse_onnx", "compact", "compressed", "int8", "fast"):
+for _name in ("dense", "sparse_onnx", "compact", "compressed", "int8", "fast", "semi_structured"):
     try:
         importlib.import_module(f"sparsekit.exporters.{_name}")
     except ModuleNotFoundError as _exc:  # ``fast`` is optional until it lands

@@ -8,7 +8,9 @@ Layout (a zip file; every member is stored, each blob compressed by us):
   the original fp32 bytes (an fp32 archive restores bit-exactly, and the reader proves it).
 - ``graph.onnx`` — the reference ONNX graph with the archived weights' data stripped.
 - ``t/<i>.idx`` — the active set of a sparse tensor: a bitmask (1 bit per entry) or 8-bit deltas between
-  active linear positions (0 = skip 255 further), whichever is smaller after compression.
+  active linear positions (0 = skip 255 further), or for an N:M, block or constant fan-in mask a structured
+  layout (``exporters.compressed_layouts``; the archive then says version 2), whichever stores index and
+  values in the fewest bytes (docs/compressed-format.md).
 - ``t/<i>.val`` — the active values (sparse) or all values (dense) in fp32, fp16 or int8 with
   per-output-channel fp32 scales in ``t/<i>.scl`` (symmetric, max |w| → 127); fp32/fp16 values are
   byte-shuffled (all first bytes, then all second bytes, …) so the exponent bytes compress.
@@ -34,8 +36,10 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from sparsekit.exporters import compressed_layouts as layouts
 from sparsekit.exporters.active import active_mask, canonical_zeros, canonicalize_model
 from sparsekit.exporters.context import ExportContext, ExportOptions, io_of
+from sparsekit.exporters.delta8 import delta8_positions, encode_delta8
 from sparsekit.exporters.registry import register_format
 from sparsekit.exporters.validate import Runner, onnx_runner, register_runner
 
@@ -47,6 +51,8 @@ from sparsekit.run_dir import RunDir
 
 ARCHIVE_FORMAT = "sparsekit-archive"
 ARCHIVE_VERSION = 1
+STRUCTURED_VERSION = 2   # an archive with an N:M, block or fan-in layout (exporters.compressed_layouts)
+READ_VERSIONS = (ARCHIVE_VERSION, STRUCTURED_VERSION)
 PRECISIONS = ("fp32", "fp16", "int8")
 MAX_ELEMENTS = 1 << 31
 QUANTIZE_MIN_ELEMENTS = 256   # tensors smaller than this (biases) always stay fp32
@@ -109,23 +115,9 @@ def unshuffle_bytes(data: bytes, dtype: np.dtype, n: int) -> np.ndarray:
     return np.ascontiguousarray(raw.T).reshape(-1).view(dtype)
 
 
-def encode_delta8(positions: np.ndarray) -> bytes:
-    """Gaps between sorted linear positions (first from -1) as bytes; 0 means 'skip 255 more'."""
-    gaps = np.diff(positions.astype(np.int64), prepend=-1)
-    skips = (gaps - 1) // 255                      # zeros to emit before the final gap byte
-    last = gaps - 255 * skips
-    out = np.zeros(int(skips.sum() + len(gaps)), np.uint8)
-    ends = np.cumsum(skips + 1) - 1
-    out[ends] = last.astype(np.uint8)
-    return out.tobytes()
-
-
 def decode_delta8(data: bytes, nnz: int, size: int) -> np.ndarray:
-    b = np.frombuffer(data, np.uint8).astype(np.int64)
-    steps = np.where(b == 0, 255, b)
-    pos = np.cumsum(steps) - 1
-    out = pos[b != 0]
-    if len(out) != nnz or (nnz and (out[-1] >= size)) or (b.size and b[-1] == 0):
+    out = delta8_positions(data)
+    if len(out) != nnz or (nnz and (out[-1] >= size)) or (data and data[-1] == 0):
         raise _corrupt(f"index deltas give {len(out)} positions, expected {nnz} within {size}")
     return out
 
@@ -141,8 +133,57 @@ def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- writing
 
+def _value_raw(picked: np.ndarray, prec: str) -> bytes:
+    if prec == "fp32":
+        return shuffle_bytes(picked.astype("<f4"))
+    if prec == "fp16":
+        return shuffle_bytes(picked.astype("<f2"))
+    return picked.astype(np.int8).tobytes()
+
+
+def _unstructured_index(mask: np.ndarray) -> tuple[str, str, bytes, int]:
+    """The smaller (after compression) of a bitmask and 8-bit deltas: encoding, codec, blob, raw bytes."""
+    candidates = [("bitmask", np.packbits(mask.reshape(-1).astype(np.uint8)).tobytes()),
+                  ("delta8", encode_delta8(np.flatnonzero(mask.reshape(-1))))]
+    best = None
+    for enc, raw in candidates:
+        codec, blob = _compress(raw)
+        if best is None or len(blob) < len(best[2]):
+            best = (enc, codec, blob, len(raw))
+    return best
+
+
+def _sparse_entry(i: int, mask: np.ndarray, values: np.ndarray, prec: str, declared: str,
+                  blobs: dict[str, bytes]) -> tuple[dict[str, Any], np.ndarray]:
+    """The index fields of a sparse tensor in its smallest layout (stored bytes of index + values): the
+    unstructured bitmask/delta8 one, or a structured one (``compressed_layouts``) when the mask has the
+    structure; returns the fields and the positions whose values are stored, in order."""
+    pos = np.flatnonzero(mask.reshape(-1))
+    enc, codec, blob, raw_len = _unstructured_index(mask)
+    val_blob = _compress(_value_raw(values[pos], prec))[1]
+    plain = len(blob) + len(val_blob)
+    fields: dict[str, Any] = {"layout": "sparse", "nnz": len(pos),
+                              "index": {"encoding": enc, "blob": f"t/{i}.idx", "codec": codec, "bytes": raw_len}}
+    best, best_blob, order = plain, blob, pos
+    value_bytes: dict[str, int] = {}  # per layout: its candidates store values in the same order
+    for lay in layouts.candidates(mask, declared):
+        if lay.layout not in value_bytes:
+            same = len(lay.order) == len(pos) and np.array_equal(lay.order, pos)
+            value_bytes[lay.layout] = len(val_blob) if same else len(_compress(_value_raw(values[lay.order], prec))[1])
+        stored_vals = value_bytes[lay.layout]
+        lcodec, lblob = _compress(lay.index)
+        if len(lblob) + stored_vals < best:
+            best, best_blob, order = len(lblob) + stored_vals, lblob, lay.order
+            fields = {"layout": lay.layout, "nnz": len(pos), "structure": lay.structure,
+                      "index": {"encoding": lay.layout, "blob": f"t/{i}.idx", "codec": lcodec,
+                                "bytes": len(lay.index)}}
+    blobs[f"t/{i}.idx"] = best_blob
+    fields["stored_bytes"], fields["unstructured_bytes"] = best, plain
+    return fields, order
+
+
 def _tensor_entry(i: int, name: str, arr: np.ndarray, mask: np.ndarray | None, precision: str,
-                  blobs: dict[str, bytes]) -> dict[str, Any]:
+                  blobs: dict[str, bytes], declared: str = "unstructured") -> dict[str, Any]:
     digest = hashlib.sha256(np.ascontiguousarray(arr, np.float32).tobytes()).hexdigest()
     entry: dict[str, Any] = {"name": name, "shape": list(arr.shape), "dtype": "float32",
                              "sha256_fp32": digest}
@@ -155,31 +196,15 @@ def _tensor_entry(i: int, name: str, arr: np.ndarray, mask: np.ndarray | None, p
         codec, blob = _compress(scale.astype("<f4").tobytes())
         blobs[f"t/{i}.scl"] = blob
         entry["scales"] = {"blob": f"t/{i}.scl", "codec": codec, "axis": 0, "count": len(scale)}
-        qflat = q.reshape(-1)
+        flat = q.reshape(-1)
     if mask is not None:
-        pos = np.flatnonzero(mask.reshape(-1))
-        entry["layout"] = "sparse"
-        entry["nnz"] = len(pos)
-        candidates = [("bitmask", np.packbits(mask.reshape(-1).astype(np.uint8)).tobytes()),
-                      ("delta8", encode_delta8(pos))]
-        best = None
-        for enc, raw in candidates:
-            codec, blob = _compress(raw)
-            if best is None or len(blob) < len(best[2]):
-                best = (enc, codec, blob, len(raw))
-        enc, codec, blob, raw_len = best
-        blobs[f"t/{i}.idx"] = blob
-        entry["index"] = {"encoding": enc, "blob": f"t/{i}.idx", "codec": codec, "bytes": raw_len}
-        picked = qflat[pos] if prec == "int8" else flat[pos]
+        fields, order = _sparse_entry(i, mask, flat, prec, declared, blobs)
+        entry.update(fields)
+        picked = flat[order]
     else:
         entry["layout"] = "dense"
-        picked = qflat if prec == "int8" else flat
-    if prec == "fp32":
-        raw = shuffle_bytes(picked.astype("<f4"))
-    elif prec == "fp16":
-        raw = shuffle_bytes(picked.astype("<f2"))
-    else:
-        raw = picked.astype(np.int8).tobytes()
+        picked = flat
+    raw = _value_raw(picked, prec)
     codec, blob = _compress(raw)
     blobs[f"t/{i}.val"] = blob
     entry["values"] = {"dtype": {"fp32": "float32", "fp16": "float16", "int8": "int8"}[prec],
@@ -195,6 +220,7 @@ def build_archive(ctx: ExportContext, precision: str = "fp32") -> bytes:
     graph.CopyFrom(ctx.model)
     blobs: dict[str, bytes] = {}
     tensors = []
+    declared = str(ctx.summary.get("granularity", "unstructured"))
     for t in graph.graph.initializer:
         if t.data_type != onnx.TensorProto.FLOAT:
             continue
@@ -202,13 +228,15 @@ def build_archive(ctx: ExportContext, precision: str = "fp32") -> bytes:
         mask = active_mask(t.name, arr, ctx.masks) if arr.ndim >= 2 else None
         if mask is not None:
             arr = canonical_zeros(arr, mask)
-        tensors.append(_tensor_entry(len(tensors), t.name, arr, mask, precision, blobs))
+        tensors.append(_tensor_entry(len(tensors), t.name, arr, mask, precision, blobs, declared))
         dims = list(t.dims)
         t.Clear()
         t.name, t.data_type = tensors[-1]["name"], onnx.TensorProto.FLOAT
         t.dims.extend(dims)
     manifest = {
-        "format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION, "sparsekit_version": sparsekit.__version__,
+        "format": ARCHIVE_FORMAT, "sparsekit_version": sparsekit.__version__,
+        # structured layouts need a reader that knows them: only such archives say version 2
+        "version": STRUCTURED_VERSION if any(t["layout"] in layouts.LAYOUTS for t in tensors) else ARCHIVE_VERSION,
         "precision": precision, "graph": "graph.onnx", "source_run": ctx.source_run,
         "summary": ctx.summary, "io": io_of(ctx), "tensors": tensors,
     }
@@ -262,9 +290,9 @@ class Archive:
         if not isinstance(m, dict) or m.get("format") != ARCHIVE_FORMAT:
             raise InputError("not a sparsekit archive (manifest format field)", where=str(self.path),
                              fix="pass a file written by 'sparsekit export --format compressed'")
-        if m.get("version") != ARCHIVE_VERSION:
+        if m.get("version") not in READ_VERSIONS or isinstance(m.get("version"), bool):
             raise InputError(f"archive version {m.get('version')!r} is not supported (this sparsekit "
-                             f"reads version {ARCHIVE_VERSION})", where=str(self.path),
+                             f"reads versions {', '.join(map(str, READ_VERSIONS))})", where=str(self.path),
                              fix="upgrade sparsekit or re-export the run")
         self.precision = m.get("precision", "fp32")
         self.io = None if m.get("io") is None else check_io(m["io"], f"{self.path}: manifest io")
@@ -309,6 +337,8 @@ class Archive:
                 else:
                     raise _corrupt(f"unknown index encoding {idx['encoding']!r}")
                 n_vals = nnz
+            elif entry["layout"] in layouts.LAYOUTS:
+                pos, n_vals = self._structured_positions(entry, shape, size), int(entry["nnz"])
             elif entry["layout"] == "dense":
                 pos, n_vals = None, size
             else:
@@ -340,6 +370,26 @@ class Archive:
             if digest != entry.get("sha256_fp32"):
                 raise _corrupt(f"tensor {entry['name']!r} does not match its checksum", where=str(self.path))
         return dense, mask
+
+    def _structured_positions(self, entry: dict[str, Any], shape: tuple[int, ...], size: int) -> np.ndarray:
+        """The stored values' positions of an N:M, block or fan-in layout, checked."""
+        nnz = int(entry["nnz"])
+        if not 0 <= nnz <= size:
+            raise _corrupt(f"tensor {entry['name']!r} nnz {nnz} out of range")
+        idx = entry["index"]
+        raw = _decompress(idx["codec"], self._read(idx["blob"]), int(idx["bytes"]), idx["blob"])
+        try:
+            pos = layouts.decode(entry["layout"], raw, entry.get("structure"), shape, nnz)
+        except layouts.LayoutError as exc:
+            raise _corrupt(f"tensor {entry['name']!r} has a bad {entry['layout']} layout: {exc}",
+                           where=str(self.path)) from exc
+        seen = np.zeros(size, bool)
+        if len(pos) == nnz and (not nnz or (pos.min() >= 0 and pos.max() < size)):
+            seen[pos] = True
+        if int(seen.sum()) != nnz:
+            raise _corrupt(f"tensor {entry['name']!r} has a bad {entry['layout']} layout: positions "
+                           f"are not {nnz} distinct entries of the tensor", where=str(self.path))
+        return pos
 
     def tensors(self) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
         entries = self.manifest.get("tensors")
@@ -409,6 +459,26 @@ def load_state_dict(path: str | Path):
         arch.close()
 
 
+def layout_gain(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per sparse tensor its layout and stored bytes (index + values) against the unstructured layout's,
+    and the totals over the tensors stored in a structured layout."""
+    rows = [{"name": e["name"], "layout": e["layout"],
+             "spec": layouts.spec_of(e["layout"], e.get("structure") or {}),
+             "bytes": e["stored_bytes"], "unstructured_bytes": e["unstructured_bytes"]}
+            for e in entries if e.get("layout") != "dense" and "stored_bytes" in e]
+    structured = [r for r in rows if r["layout"] in layouts.LAYOUTS]
+    return {"layouts": rows, "structured_layouts": len(structured),
+            "structured_bytes": sum(r["bytes"] for r in structured),
+            "structured_unstructured_bytes": sum(r["unstructured_bytes"] for r in structured)}
+
+
+def gain_note(gain: dict[str, Any]) -> str:
+    specs = sorted({r["spec"] for r in gain["layouts"] if r["layout"] in layouts.LAYOUTS})
+    new, old = gain["structured_bytes"], gain["structured_unstructured_bytes"]
+    return (f"structured layouts ({', '.join(specs)}) for {gain['structured_layouts']} of {len(gain['layouts'])} "
+            f"sparse tensors: {new} bytes vs {old} unstructured ({old / max(new, 1):.2f}× smaller)")
+
+
 @register_runner("compressed")
 def archive_runner(path: str | Path, threads: int = 1) -> Runner:
     """Archives run as their restored ONNX model (they are a storage format, not a runtime)."""
@@ -428,18 +498,22 @@ def write_compressed(ctx: ExportContext, out_path: Path, options: ExportOptions)
     with atomic_path(out_path) as tmp:
         tmp.write_bytes(data)
     notes: dict[str, Any] = {"precision": precision, "notes": []}
+    arch = Archive(out_path)
+    try:
+        notes.update(layout_gain(arch.manifest["tensors"]))
+        restored = arch.tensors() if precision == "fp32" else {}
+    finally:
+        arch.close()
+    if notes["structured_layouts"]:
+        notes["notes"].append(gain_note(notes))
     if precision == "fp32":  # prove the round trip is bit-exact against the reference weights
-        arch = Archive(out_path)
-        try:
-            restored = arch.tensors()
-        finally:
-            arch.close()
         ref_model = onnx.ModelProto()
         ref_model.CopyFrom(ctx.model)
         canonicalize_model(ref_model, ctx.masks)
         ref = {t.name: numpy_helper.to_array(t) for t in ref_model.graph.initializer}
-        bad = [n for n, (a, _) in restored.items() if not np.array_equal(a.view(np.uint32),
-                                                                         ref[n].astype(np.float32).view(np.uint32))]
+        bad = [n for n, (a, m) in restored.items() if not np.array_equal(a.view(np.uint32),
+                                                                         ref[n].astype(np.float32).view(np.uint32))
+               or (m is not None and not np.array_equal(m, active_mask(n, ref[n], ctx.masks)))]
         if bad:
             raise ValidationError(f"fp32 archive does not restore bit-exactly ({bad[0]})",
                                   where=str(out_path), fix="report this as a bug with the run dir attached")

@@ -60,8 +60,8 @@ def parse_formats(spec: str | None, ctx: ExportContext) -> tuple[list[str], bool
     """Format names in registry order, and whether they came from 'all' (refusals are then skipped)."""
     if spec is None:
         spec = "onnx" if ctx.source_kind == "archive" else "all"
-    if spec.strip() == "all":
-        return list(FORMATS), True
+    if spec.strip() == "all":  # formats for some sources only (semi-structured: 2:4 runs) say which
+        return [n for n, f in FORMATS.items() if f.in_all is None or f.in_all(ctx)], True
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
         raise InputError("empty --format", where="--format", fix="e.g. --format onnx,compact-onnx or all")

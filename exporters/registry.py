@@ -15,14 +15,16 @@ class ExportFormat:
     description: str
     suffix: str
     write: Callable[..., Any]
+    in_all: Callable[[Any], bool] | None = None  # ``--format all`` includes it only when this says so (ctx)
 
 
 FORMATS: dict[str, ExportFormat] = {}
 
 
-def register_format(name: str, description: str, suffix: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register_format(name: str, description: str, suffix: str, *,
+                    in_all: Callable[[Any], bool] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        FORMATS[name] = ExportFormat(name, description, suffix, fn)
+        FORMATS[name] = ExportFormat(name, description, suffix, fn, in_all)
         return fn
 
     return deco

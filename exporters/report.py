@@ -31,7 +31,8 @@ from sparsekit.run_dir import RunDir
 
 REPORT_SCHEMA_VERSION = 1
 WEIGHT_OPS = {"Gemm": 1, "MatMul": 1, "Conv": 1, "MatMulInteger": 1, "ConvInteger": 1}
-NOT_TIMED = {"compressed": "storage format: restores to the dense model"}
+NOT_TIMED = {"compressed": "storage format: restores to the dense model",
+             "semi-structured": "GPU format (2:4 sparse tensor cores): on CPU it runs as the dense reference graph"}
 
 
 # --------------------------------------------------------------------------- counting
@@ -183,6 +184,18 @@ def _resolve(path: Path, tmp: Path, progress=None) -> dict[str, Any]:
     raise InputError(f"{path} does not exist", where="PATH", fix="pass a run dir, a .onnx file or a .skz archive")
 
 
+def archive_layouts(path: Path) -> dict[str, Any]:
+    """An archive's layout per sparse tensor and the bytes its structured layouts save, from its manifest."""
+    from sparsekit.exporters.compressed import Archive, layout_gain
+
+    arch = Archive(path)
+    try:
+        entries = arch.manifest.get("tensors")
+        return layout_gain([e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else [])
+    finally:
+        arch.close()
+
+
 # --------------------------------------------------------------------------- accuracy
 
 def _quality(runner, samples: Samples | None) -> dict[str, Any]:
@@ -244,6 +257,8 @@ def build_report(path: str | Path, *, batch_sizes: tuple[int, ...] = (1, 64, 256
                 runners[a["artifact"]] = (p, a["format"])
             if a["format"] == "sparse-onnx":
                 rec["note"] = "ONNX Runtime densifies sparse weights at load: dense speed expected"
+            if a["format"] == "compressed":
+                rec["structured_layouts"] = archive_layouts(p)
             artifacts.append(rec)
         records: list[dict[str, Any]] = []
         if latency and runners:
@@ -266,8 +281,9 @@ def build_report(path: str | Path, *, batch_sizes: tuple[int, ...] = (1, 64, 256
         "sparsekit_version": sparsekit.__version__,
         "path": str(path),
         "path_kind": src["kind"],
-        "run": {k: summary.get(k) for k in ("method", "distribution", "target_sparsity", "realized_sparsity",
-                                            "overall_sparsity", "test_accuracy", "run_dir")},
+        "run": {**{k: summary.get(k) for k in ("method", "distribution", "target_sparsity", "realized_sparsity",
+                                               "overall_sparsity", "test_accuracy", "run_dir")},
+                "granularity": summary.get("granularity", "unstructured")},
         "layers": layers,
         "totals": totals,
         "training_flops": training_flops(summary),

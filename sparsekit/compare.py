@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # training imports torch; the sweep imports it only when it t
 
 CSV_COLUMNS = ["method", "sparsity", "runs", "accuracy_mean", "accuracy_std", "best_accuracy_mean",
                "realized_sparsity", "train_flops_vs_dense", "inference_flops_vs_dense", "params_nonzero",
-               "train_seconds_mean", "bpc_mean", "bpc_std"]
+               "train_seconds_mean", "bpc_mean", "bpc_std", "granularity"]
 # Printed with every language-modelling comparison: the embedded corpus and the quick preset are tiny.
 LM_NOTE = ("language modelling at this scale (embedded stdlib-docs corpus, quick preset) is a smoke test of "
            "the pipeline and the methods, not a replication of the paper's WikiText-103 results")
@@ -170,7 +170,8 @@ def _run_record(run: PlannedRun, s: dict[str, Any]) -> dict[str, Any]:
     training = flops.get("training", {})
     return {
         "name": run.name, "method": run.method, "sparsity": run.sparsity, "seed": run.seed,
-        "task": s.get("task", "classification"), "test_bpc": s.get("test_bpc"),
+        "granularity": s.get("granularity", "unstructured"), "task": s.get("task", "classification"),
+        "test_bpc": s.get("test_bpc"),
         "test_accuracy": s.get("test_accuracy"), "best_test_accuracy": s.get("best_test_accuracy"),
         "realized_sparsity": s.get("realized_sparsity"),
         "train_flops_vs_dense": training.get("vs_dense"),
@@ -191,15 +192,15 @@ def _std(values: list[Any]) -> float | None:
 
 
 def aggregate(summaries: list[tuple[PlannedRun, dict[str, Any]]], spec: CompareSpec) -> dict[str, Any]:
-    """Rows per (method, sparsity), in the order methods and sparsities were given (dense first)."""
+    """Rows per (method, sparsity, granularity), in the order methods and sparsities were given (dense first)."""
     records = [_run_record(r, s) for r, s in summaries]
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
     for rec in records:
-        groups.setdefault((rec["method"], rec["sparsity"]), []).append(rec)
+        groups.setdefault((rec["method"], rec["sparsity"], rec["granularity"]), []).append(rec)
     rows = []
-    for (method, sparsity), recs in groups.items():
+    for (method, sparsity, granularity), recs in groups.items():
         rows.append({
-            "method": method, "sparsity": sparsity, "runs": len(recs),
+            "method": method, "sparsity": sparsity, "granularity": granularity, "runs": len(recs),
             "accuracy_mean": _mean([r["test_accuracy"] for r in recs]),
             "accuracy_std": _std([r["test_accuracy"] for r in recs]),
             "best_accuracy_mean": _mean([r["best_test_accuracy"] for r in recs]),
@@ -421,6 +422,11 @@ def _place_labels(ax: Any, drawn: list[tuple[Any, str, float, float]], transform
                     color=colour, arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if moved else None)
 
 
+def granularities_differ(rows: list[dict[str, Any]]) -> bool:
+    """Whether the table needs a granularity column (rows of more than one granularity)."""
+    return len({r.get("granularity", "unstructured") for r in rows}) > 1
+
+
 def format_row(row: dict[str, Any]) -> dict[str, str]:
     """Strings for the rich table."""
     def pct(v: float | None) -> str:
@@ -431,7 +437,7 @@ def format_row(row: dict[str, Any]) -> dict[str, str]:
         acc += f" ± {100 * row['accuracy_std']:.2f}"
     return {
         "method": row["method"], "sparsity": "—" if row["method"] == "dense" else f"{row['sparsity']:g}",
-        "accuracy": acc, "best": pct(row["best_accuracy_mean"]),
+        "granularity": row.get("granularity", "unstructured"), "accuracy": acc, "best": pct(row["best_accuracy_mean"]),
         "realized": "—" if row["realized_sparsity"] is None else f"{row['realized_sparsity']:.4f}",
         "train_flops": "—" if row["train_flops_vs_dense"] is None else f"{row['train_flops_vs_dense']:.3f}×",
         "inference_flops": "—" if row["inference_flops_vs_dense"] is None

@@ -218,7 +218,8 @@ def plot_layers(run: RunDir, out: Path, summary: dict[str, Any]) -> list[Path]:
     paths = []
     pages = math.ceil(len(views) / LAYERS_PER_PAGE)
     for page, start in enumerate(range(0, len(views), LAYERS_PER_PAGE), 1):
-        title = f"{summary.get('method', '')}: where each layer's connections are (final masks)"
+        granularity = summary.get("granularity", "unstructured")
+        title = f"{summary.get('method', '')} ({granularity}): where each layer's connections are (final masks)"
         last = min(start + LAYERS_PER_PAGE, len(views))
         span = f"layer {last}" if last == start + 1 else f"layers {start + 1}-{last}"
         title += f", {span} of {len(views)}" if pages > 1 else ""
@@ -236,7 +237,8 @@ def layers_figure(views: list[LayerView], title: str) -> Any:
     rows = fig.subfigures(len(views), 1, squeeze=False)[:, 0]
     for sub, view in zip(rows, views, strict=True):
         shape = "×".join(str(d) for d in view.shape)
-        sub.suptitle(_wrap(f"{view.name}  ·  {view.kind} [{shape}]  ·  density {view.density:.3f}", 110),
+        sub.suptitle(_wrap(f"{view.name}  ·  {view.kind} [{shape}]  ·  {view.granularity}  ·  "
+                           f"density {view.density:.3f}", 110),
                      fontsize=9, fontweight="bold")
         axes = sub.subplots(1, len(view.panels), squeeze=False)[0]
         for ax, panel in zip(axes, view.panels, strict=True):

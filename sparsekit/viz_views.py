@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from sparsekit import structure
+
 BLOCK_ROWS, BLOCK_COLS = 48, 64  # the block map's largest size (mask rows × columns averaged per block)
 HEAD_KEYS = ("heads", "n_heads", "num_heads", "nhead", "num_attention_heads")
 _QKV = re.compile(r"(in_proj|qkv|c_attn)", re.IGNORECASE)
@@ -51,6 +53,7 @@ class LayerView:
     shape: tuple[int, ...]
     density: float
     panels: list[Panel] = field(default_factory=list)
+    granularity: str = "unstructured"  # the run's granularity as this layer's mask holds it (structure.label)
 
 
 def block_density(mask: np.ndarray, rows: int = BLOCK_ROWS, cols: int = BLOCK_COLS) -> np.ndarray:
@@ -182,9 +185,11 @@ def layer_views(masks: dict[str, np.ndarray], summary: dict[str, Any],
     order = [n for n in listed if n in masks] + [n for n in masks if n not in listed]
     first = listed[0] if listed else (order[0] if order else None)
     heads = attention_heads(summary) if any(masks[n].ndim == 2 for n in order) else 0
+    declared = str(summary.get("granularity", "unstructured"))
     views = []
     for name in order:
         view = layer_view(name, masks[name], masks=masks, heads=heads, image=image, first=name == first)
         if view is not None:
+            view.granularity = structure.label(masks[name], declared)
             views.append(view)
     return views

@@ -119,7 +119,8 @@ def test_report_exports_what_is_missing(run, capsys, tmp_path, monkeypatch):
     code, rep = cli_json(capsys, "report", fresh, "--no-latency")
     assert code == 0 and (fresh / "export" / "model.compact.onnx").exists()
     exported = json.loads((fresh / "export" / "export_report.json").read_text())["artifacts"]
-    assert [a["format"] for a in exported] == list(FORMATS)  # 'all' formats, each written and validated
+    # 'all' formats, each written and validated (semi-structured: 2:4 runs only)
+    assert [a["format"] for a in exported] == [f for f in FORMATS if f != "semi-structured"]
     ok = [a["format"] for a in exported if a["status"] == "ok" and a["validation"]["passed"]]
     assert {"onnx", "sparse-onnx", "compact-onnx", "compressed", "fast"} <= set(ok)  # the fp32 forms
     for a in exported:  # int8 may miss the 99% agreement on 64 samples: then it is removed, not reported
