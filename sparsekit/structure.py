@@ -15,7 +15,6 @@ one training uses (docs/methods.md, "Granularity"):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +22,6 @@ import numpy as np
 
 NM_GROUP_SIZES = (2, 4, 8, 16, 32)  # the M that detection tries, smallest first
 BLOCK_CANDIDATES = ((16, 1), (8, 1), (4, 1), (2, 1), (1, 4), (1, 2), (2, 2), (4, 4))
-_NM_SPEC = re.compile(r"^(\d+):(\d+)$")
-_BLOCK_SPEC = re.compile(r"^(\d+)x(\d+)$")
-_FANIN_SPEC = re.compile(r"^fanin(\+ablate(=[0-9.]+)?)?$")
 
 
 @dataclass(frozen=True)
@@ -160,18 +156,21 @@ def fanin(x: Any) -> FanIn | None:
 # --------------------------------------------------------------------------- a declared granularity
 
 def parse_spec(spec: str) -> NM | Block | str:
-    """A granularity spec as this module sees it: ``NM``, ``Block``, or ``"unstructured"`` / ``"fanin"``
-    / ``"fanin+ablate"``; ValueError for anything else."""
-    s = str(spec).strip().lower()
-    if s == "unstructured":
-        return s
-    if (nm := _NM_SPEC.match(s)) and 0 < int(nm[1]) < int(nm[2]):
-        return NM(int(nm[1]), int(nm[2]))
-    if (bl := _BLOCK_SPEC.match(s)) and int(bl[1]) >= 1 and int(bl[2]) >= 1:
-        return Block(int(bl[1]), int(bl[2]))
-    if fi := _FANIN_SPEC.match(s):
-        return "fanin+ablate" if fi[1] else "fanin"
-    raise ValueError(f"unknown granularity {spec!r}")
+    """A granularity spec (parsed by ``sparsekit.granularity.Granularity``, the one parser) as this module
+    sees it: ``NM``, ``Block``, or ``"unstructured"`` / ``"fanin"`` / ``"fanin+ablate"``; ValueError for
+    anything else."""
+    from sparsekit.errors import InputError
+    from sparsekit.granularity import Granularity
+
+    try:
+        g = Granularity.parse(spec)
+    except InputError as exc:
+        raise ValueError(exc.message) from exc
+    if g.kind == "nm":
+        return NM(g.n, g.m)
+    if g.kind == "block":
+        return Block(g.rows, g.cols)
+    return g.kind if g.ablate is None else "fanin+ablate"
 
 
 def conforms(x: Any, spec: str) -> bool:
