@@ -184,7 +184,7 @@ PyObject *py_chain_new(PyObject *self, PyObject *args) {
             goto fail;
         PyObject *a = fields[0], *b = fields[1], *d = fields[2], *e = fields[3], *bias_obj = fields[4];
         if (CH_ON_PANELS(l->kind) != (i == 0 ? CH_ON_PANELS(l->kind) : c->panel)) {
-            PyErr_SetString(PyExc_ValueError, "a chain is all panel/block layers or none");
+            PyErr_SetString(PyExc_ValueError, "a chain is all panel layers or none (block layers run on panels too)");
             goto fail;
         }
         if (i == 0) {

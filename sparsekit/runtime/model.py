@@ -496,15 +496,15 @@ class FastModel:
                     x_rows, cur = cur, self._scratch(slot, layer.n_in * panels * PANEL)
                 slot ^= 1
                 yp = self._scratch(slot, panels * layer.n_out * PANEL)
-                row_blocks = name == "block"
+                blocks = {"row_blocks": True} if name == "block" else {}
                 if i + 1 == n or parsed[i + 1][0] not in ON_PANELS:
                     # the layout changes after this layer: the kernel writes row-major output itself
                     # (fused transpose) into an output _new_output aligns when large
                     y = _new_output(batch, layer.n_out)
-                    layer.run_panel(cur, yp, panels, block, nt, y_rows=y, x_rows=x_rows, row_blocks=row_blocks)
+                    layer.run_panel(cur, yp, panels, block, nt, y_rows=y, x_rows=x_rows, **blocks)
                     cur, panels = y, 0
                 else:
-                    layer.run_panel(cur, yp, panels, block, nt, x_rows=x_rows, row_blocks=row_blocks)
+                    layer.run_panel(cur, yp, panels, block, nt, x_rows=x_rows, **blocks)
                     cur = yp
             i += 1
         if panels:
