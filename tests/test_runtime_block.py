@@ -47,6 +47,14 @@ def test_detection_needs_the_height_to_divide_the_rows_and_some_nonzeros():
     assert rt.CsrLayer.from_dense(np.zeros((16, 8), np.float32), None, True).row_block() == 0
 
 
+def test_rows_that_share_only_a_prefix_of_their_block_rows_columns_are_not_blocks():
+    w = np.zeros((32, 20), np.float32)
+    w[0::2, :10] = 1.0  # even rows: columns 0-9; odd rows: 0-4, the same start but half the columns
+    w[1::2, :5] = 2.0
+    layer = rt.CsrLayer.from_dense(w, None, True)
+    assert layer.row_block() == 0  # as 2x1 blocks a third of the stored weights would be padding
+
+
 def test_a_block_with_a_few_zero_weights_inside_is_still_a_block_more_is_not():
     rng = np.random.default_rng(2)
     w = block_matrix(rng, 64, 200, 4, 0.3)
