@@ -248,3 +248,21 @@ def test_block_memory_is_counted_before_anything_is_built():
     assert kernel_bytes(layer, "block", 0) == want + panels
     assert (bv.size - 32) * 4 + (bi.size - 32) * 2 <= stored * 4 + (stored // 4) * 2  # the bound holds the layout
     assert kernel_bytes(layer, "block", 0) < kernel_bytes(layer, "panel", 0)  # one index per 4 weights
+
+
+def test_an_artifact_with_block_plans_round_trips_and_stays_portable(tmp_path):
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(9)
+    layers = [_layer(rng, 64, 48, 4, 0.3), _layer(rng, 32, 64, 8, 0.3, relu=False)]
+    for layer in layers:
+        layer.plan = {1: "rows", 64: "block", 256: "block:32"}
+    path = rt.save(rt.FastModel(layers, (48,)), tmp_path / "m.fast.onnx")
+    loaded = rt.load(path, replan=False)
+    assert [layer.plan for layer in loaded.layers] == [{1: "rows", 64: "block", 256: "block:32"}] * 2
+    assert loaded.chain_layers(loaded.parsed_plan(64))[0].kind == CHAIN_BLOCK
+    x = rng.standard_normal((70, 48)).astype(np.float32)
+    want = layers[1].reference(layers[0].reference(x))
+    close(loaded.run(x), want)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    close(sess.run(None, {sess.get_inputs()[0].name: x})[0], want)  # stock ONNX Runtime: the same CSR, no blocks
