@@ -39,8 +39,9 @@
  * 2^31 - 1, buffer lengths computed without overflow; chain_new also re-checks indices and row orders):
  * rowptr is non-decreasing from 0, indices < n_in, the index and value arrays have PAD_SLACK spare
  * elements after the last nonzero (the vector tails read, but never use, up to 31 of them), a panel row
- * order (CsrLayer.blocked) permutes rows only within GROUP_ROWS-row groups, and a sliced layout's perm
- * holds each output row once (-1 elsewhere; the slice pointers are re-checked by the glue).
+ * order (CsrLayer.blocked) permutes rows only within GROUP_ROWS-row groups, a sliced layout's perm
+ * holds each output row once (-1 elsewhere; the slice pointers are re-checked by the glue), and a row-block
+ * layout (rb > 1) has rb in {2, 4, 8, 16} dividing n_out, no row order, and rb values an entry (+ PAD_SLACK).
  */
 #ifndef SK_RUNTIME_H
 #define SK_RUNTIME_H
