@@ -208,7 +208,7 @@ def variant_deepsparse(layers, x, threads, tmp: Path):  # pragma: no cover - opt
 
 
 def time_interleaved(fns: dict, reps: int, budget_s: float, burst_s: float = 0.004,
-                     warm_s: float = 1e-4) -> dict[str, float]:
+                     warm_s: float = 1e-4, clock=time.perf_counter) -> dict[str, float]:
     """Median seconds per call. Variants take turns (interleaved, so load hits all alike); each turn is
     a short burst of calls (the mean of the burst is one sample), as a deployed model runs back to back
     with its weights warm in cache rather than right after another model evicted them. Each turn starts
@@ -216,7 +216,9 @@ def time_interleaved(fns: dict, reps: int, budget_s: float, burst_s: float = 0.0
     multi-threaded variant whose pool workers went to sleep during the other variants' turns spends
     that call waking them (tens of µs under a hypervisor) and doing their share itself, so their caches
     stay cold for the next calls (1024x1024 98% batch 1 on 2 threads: 4.2-4.35 µs per call in the
-    burst after one warm-up call vs 3.8-3.9 µs back to back)."""
+    burst after one warm-up call vs 3.8-3.9 µs back to back). ``clock`` times the bursts: wall time, or
+    with one thread ``time.thread_time`` (every variant then runs in the calling thread, and the time
+    other processes hold the core is left out)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     bursts: dict[str, int] = {}
     for k, fn in fns.items():
@@ -232,16 +234,17 @@ def time_interleaved(fns: dict, reps: int, budget_s: float, burst_s: float = 0.0
             fn()  # re-warm after the previous variant
             while time.perf_counter() - t0 < warm_s:
                 fn()
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(n):
                 fn()
-            times[k].append((time.perf_counter() - t0) / n)
+            times[k].append((clock() - t0) / n)
         if r >= 4 and time.perf_counter() - start > budget_s:
             break
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_case(name, sizes, sparsity, batch, threads, *, tune, reps, budget_s, seed=0, skip=(), blocks=None):
+def bench_case(name, sizes, sparsity, batch, threads, *, tune, reps, budget_s, seed=0, skip=(), blocks=None,
+               clock=time.perf_counter):
     """Rows for one case and batch size. ``threads`` (an int or a list): every variant at every thread
     count is timed in the same interleaved run, so the 1→N scaling compares like with like. ``blocks``
     (r, c): also the fast artifact of the same model with (r, c)-block masks (``sparsekit fast RxC``)."""
@@ -294,7 +297,7 @@ def bench_case(name, sizes, sparsity, batch, threads, *, tune, reps, budget_s, s
                                  f"({name})")
             if not diff <= 1e-4 * max(1.0, float(np.abs(want).max())):
                 notes[(k, t)] = f"max|Δ| {diff:.2g} vs dense"
-        med = time_interleaved(fns, reps, budget_s)
+        med = time_interleaved(fns, reps, budget_s, clock=clock)
     rows = []
     goal = target(name, sizes, sparsity, batch)
     for (k, t), m in med.items():
@@ -436,7 +439,8 @@ def render(infos: list[dict], rows: list[dict]) -> str:
         head.append(f"Machine: {info['cpu']}{cpu_id}, {info['cores']} cores, load average (1/5/15 min) "
                     f"{info.get('load_average_1_5_15')} at the start → {info.get('load_average_end')} at the "
                     f"end; ONNX Runtime {info['onnxruntime']}, sparsekit kernels {info['sparsekit_isa']}. "
-                    "Medians of interleaved runs; ratio = dense ORT time / variant time (same run).")
+                    f"Medians of interleaved runs ({info.get('clock', 'wall time')}); ratio = dense ORT time / "
+                    "variant time (same run).")
     out = "\n\n".join(dict.fromkeys(head)) + "\n\n" + markdown(rows)
     blocks = blocks_markdown(rows)
     if blocks:
@@ -463,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", metavar="RxC", help="also the same models with RxC-block masks (e.g. 4x1: 4 output "
                    "rows x 1 input); default cases the 4096x4096 layer at 90%% and 80%% and the MLP at 90%%, batch 16 "
                    "256, 1 thread")
+    p.add_argument("--cpu-clock", action="store_true", help="time with the calling thread's CPU time (one thread "
+                   "only: every variant runs in the calling thread; leaves out the time other processes hold the core)")
     args = p.parse_args(argv)
     blocks = None
     if args.blocks:
@@ -484,15 +490,19 @@ def main(argv: list[str] | None = None) -> int:
     batches = args.batch or ([1, 64] if args.quick else [16, 256] if blocks else [1, 64, 256] if args.small
                              else [1, 256])
     threads = args.threads or ([1] if args.quick or blocks else [1, 2])
+    if args.cpu_clock and threads != [1]:
+        p.error("--cpu-clock times one thread only: add --threads 1")
     reps = args.reps or (7 if args.quick else 41)
     budget = 0.5 if args.quick else 6.0
     tune = not args.no_tune and not args.quick
     rows: list[dict] = []
     info = machine()
+    info["clock"] = "thread CPU time" if args.cpu_clock else "wall time"
     for name, sizes, sparsity in cases:
         for b in batches:
             got = bench_case(name, sizes, sparsity, b, threads, tune=tune, reps=reps, budget_s=budget,
-                             skip=tuple(args.skip), blocks=blocks)
+                             skip=tuple(args.skip), blocks=blocks,
+                             clock=time.thread_time if args.cpu_clock else time.perf_counter)
             rows += got
             fast = [r for r in got if r["variant"].startswith("sparsekit") or r["variant"] == "dense ORT"]
             print(f"# {name} {sparsity:.0%} batch {b}: "
