@@ -174,6 +174,19 @@ def test_a_row_blocked_convolution_runs_the_block_kernel(isa):
             close(conv.run(x, threads=threads), conv.reference(x))
 
 
+@pytest.mark.parametrize(("hw", "batch"), [(4, 5), (7, 3), (3, 9), (8, 2)])
+def test_convolutions_with_fewer_than_64_output_pixels_share_panels_between_images(isa, hw, batch):
+    """4x4 outputs: 4 images a panel (5 images: a full panel and a partial one); 7x7: 1 image (49 pixels); 3x3:
+    7 images (9 samples: 7 + 2); 8x8: exactly one panel an image."""
+    rng = np.random.default_rng(hw * batch)
+    for w in (block_matrix(rng, 16, 5 * 9, 4, 0.3), rng.standard_normal((16, 45)) * (rng.random((16, 45)) < 0.2)):
+        layer = rt.CsrLayer.from_dense(w, rng.standard_normal(16).astype(np.float32), True)
+        conv = SparseConv(layer, 5, ConvGeometry((3, 3), (1, 1), (1, 1, 1, 1)))
+        x = rng.standard_normal((batch, 5, hw, hw)).astype(np.float32)
+        for threads in (1, 2):
+            close(conv.run(x, threads=threads), conv.reference(x))
+
+
 def _block_spec(layer: rt.CsrLayer, **change) -> rt.model.ChainLayer:
     bv, bi, bptr, nb = (a.copy() if isinstance(a, np.ndarray) else a for a in layer.row_blocked(0))
     fields = dict(kind=CHAIN_BLOCK, values=bv, indices=bi, pointers=bptr, order=None, bias=layer.bias,

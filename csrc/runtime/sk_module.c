@@ -456,7 +456,8 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
         check_len(&y, smul(smul3(B, n_out, smul(g.ho, g.wo)), 4), "y"))
         goto done;
     {
-        const int64_t P = (g.ho * g.wo + PANEL - 1) / PANEL, items = B * P;
+        const int64_t npix = g.ho * g.wo, P = (npix + PANEL - 1) / PANEL;
+        const int64_t G = npix < PANEL ? PANEL / npix : 1, items = G > 1 ? (B + G - 1) / G : B * P;
         int nt = clamp_threads(threads < 0 ? -threads : threads);
         if (items < nt) nt = items > 0 ? (int)items : 1;
         const int64_t per = ((K + n_out) * PANEL + 15) & ~(int64_t)15;
@@ -475,7 +476,7 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
             scratch = (float *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
         }
         conv_job_t job = {pick_panel_for(&w), w, w.rowptr, have_ord ? (const int32_t *)ordb.buf : NULL, nb, g,
-                          (const float *)x.buf, (float *)y.buf, P, scratch, per};
+                          (const float *)x.buf, (float *)y.buf, P, G, B, scratch, per};
         Py_BEGIN_ALLOW_THREADS
         if (nt <= 1) {
             for (int64_t it = 0; it < items; it++) conv_item(&job, it, 0);

@@ -307,7 +307,9 @@ void panel_whole(void *ctx, int64_t p, int tid);
 void panel_transpose_item(void *ctx, int64_t p, int tid);
 void panel_rows(panel_fn fn, const csr_t *w, const int64_t *bp, const int32_t *ord, int64_t nb,
                 const rowout_t *ro, int64_t o0, int64_t o1, const float *xp, float *yp);
-/* a sparse convolution (sk_conv.c): B images, P panels of 64 output pixels each; item = image * P + panel */
+/* a sparse convolution (sk_conv.c): B images, P panels of 64 output pixels each; item = image * P + panel.
+ * An image of fewer than 64 output pixels shares a panel: G = 64 / (ho * wo) images side by side in its lanes
+ * (P = 1, item = images G * item .. G * item + G - 1). */
 typedef struct {
     panel_fn fn;
     csr_t w;             /* (C_out, K) over column blocks: rowptr = bp */
@@ -317,7 +319,7 @@ typedef struct {
     conv_t g;
     const float *x;      /* (B, c, h, w) */
     float *y;            /* (B, C_out, ho * wo) */
-    int64_t P;
+    int64_t P, G, B;     /* panels per image, images per panel (1 unless an image has fewer than 64 pixels), images */
     float *scratch;      /* per thread: K * PANEL + C_out * PANEL floats, 64-byte aligned */
     int64_t per_thread;
 } conv_job_t;
