@@ -1,7 +1,8 @@
 """Sparse 2-D convolutions (``com.sparsekit::SparseConv``): the weight (C_out, C_in, kh, kw) as a sparse
 (C_out, K = C_in * kh * kw) matrix, run as the panel kernel's SpMM over im2col panels of 64 output pixels
-(``csrc/runtime/sk_conv.c``): each panel's columns are built straight in the panel layout, and the result's
-rows are the output channels, already channel-major (NCHW). Bias (batch norm folded in by the exporter) and
+(``csrc/runtime/sk_conv.c``): each panel's columns are built straight in the panel layout (images of fewer than
+64 output pixels side by side in one panel), and the result's rows are the output channels, already
+channel-major (NCHW). Bias (batch norm folded in by the exporter) and
 ReLU are fused. Groups other than 1 (depthwise convolutions) stay with ONNX Runtime. A weight made of R x 1
 blocks (R consecutive output channels sharing each input tap, ``CsrLayer.row_block``) runs the block kernel.
 """
