@@ -13,6 +13,7 @@ when importable. Outputs of every variant are checked against dense ORT (1e-5 re
     python bench/bench_fast.py --quick         # CI smoke run (< 30 s)
     python bench/bench_fast.py --json out.json --threads 1
     python bench/bench_fast.py --render t1.json t2.json   # one table (+ thread scaling) from saved runs
+    python bench/bench_fast.py --blocks 4x1 --no-tune    # 4x1-block models next to unstructured ones
 
 The markdown has a target column (the issue's 1-thread goals: batch 1 ≥4× at 90% / ≥15× at 98% for
 4096-wide layers, ≥2.5× for 1024×1024 at 90%; batch 256 ≥4× at 90%, ≥8× at 98%; small MLPs and
@@ -61,6 +62,11 @@ SMALL_CASES = [  # small MLPs, where per-call overhead decides: "never slower th
     ("MLP 784-300-100-10", [784, 300, 100, 10], 0.98),
 ]
 QUICK_CASES = [("1024x1024", [1024, 1024], 0.9), ("MLP 256-512-512-10", [256, 512, 512, 10], 0.9)]
+BLOCK_CASES = [  # --blocks: the same models with whole R x C blocks on, next to their unstructured artifact
+    ("4096x4096", [4096, 4096], 0.9),
+    ("4096x4096", [4096, 4096], 0.8),
+    ("MLP 1024-4096-4096-1024", [1024, 4096, 4096, 1024], 0.9),
+]
 
 
 def target(case: str, sizes: list[int], sparsity: float, batch: int) -> float:
@@ -77,14 +83,19 @@ def target(case: str, sizes: list[int], sparsity: float, batch: int) -> float:
     return 1.0
 
 
-def random_layers(sizes: list[int], sparsity: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def random_layers(sizes: list[int], sparsity: float, seed: int,
+                  blocks: tuple[int, int] = (1, 1)) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Random layers whose masks keep exactly (1 - sparsity) of their (r, c) blocks (r output rows x c inputs;
+    (1, 1): unstructured)."""
     rng = np.random.default_rng(seed)
+    r, c = blocks
     out = []
     for n_in, n_out in itertools.pairwise(sizes):
         size = n_in * n_out
-        keep = round(size * (1.0 - sparsity))
-        mask = np.zeros(size, dtype=bool)
-        mask[rng.choice(size, keep, replace=False)] = True  # exact sparsity, unstructured
+        nblk = (n_out // r) * (n_in // c)
+        on = np.zeros(nblk, dtype=bool)
+        on[rng.choice(nblk, round(nblk * (1.0 - sparsity)), replace=False)] = True  # exact sparsity
+        mask = np.repeat(np.repeat(on.reshape(n_out // r, n_in // c), r, axis=0), c, axis=1).reshape(-1)
         w = (rng.standard_normal(size) * np.sqrt(2.0 / (n_in * (1 - sparsity)))).astype(np.float32)
         out.append(((w * mask).reshape(n_out, n_in), (0.1 * rng.standard_normal(n_out)).astype(np.float32)))
     return out
@@ -197,7 +208,7 @@ def variant_deepsparse(layers, x, threads, tmp: Path):  # pragma: no cover - opt
 
 
 def time_interleaved(fns: dict, reps: int, budget_s: float, burst_s: float = 0.004,
-                     warm_s: float = 1e-4) -> dict[str, float]:
+                     warm_s: float = 1e-4, clock=time.perf_counter) -> dict[str, float]:
     """Median seconds per call. Variants take turns (interleaved, so load hits all alike); each turn is
     a short burst of calls (the mean of the burst is one sample), as a deployed model runs back to back
     with its weights warm in cache rather than right after another model evicted them. Each turn starts
@@ -205,7 +216,9 @@ def time_interleaved(fns: dict, reps: int, budget_s: float, burst_s: float = 0.0
     multi-threaded variant whose pool workers went to sleep during the other variants' turns spends
     that call waking them (tens of µs under a hypervisor) and doing their share itself, so their caches
     stay cold for the next calls (1024x1024 98% batch 1 on 2 threads: 4.2-4.35 µs per call in the
-    burst after one warm-up call vs 3.8-3.9 µs back to back)."""
+    burst after one warm-up call vs 3.8-3.9 µs back to back). ``clock`` times the bursts: wall time, or
+    with one thread ``time.thread_time`` (every variant then runs in the calling thread, and the time
+    other processes hold the core is left out)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     bursts: dict[str, int] = {}
     for k, fn in fns.items():
@@ -221,20 +234,24 @@ def time_interleaved(fns: dict, reps: int, budget_s: float, burst_s: float = 0.0
             fn()  # re-warm after the previous variant
             while time.perf_counter() - t0 < warm_s:
                 fn()
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(n):
                 fn()
-            times[k].append((time.perf_counter() - t0) / n)
+            times[k].append((clock() - t0) / n)
         if r >= 4 and time.perf_counter() - start > budget_s:
             break
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_case(name, sizes, sparsity, batch, threads, *, tune, reps, budget_s, seed=0, skip=()):
+def bench_case(name, sizes, sparsity, batch, threads, *, tune, reps, budget_s, seed=0, skip=(), blocks=None,
+               clock=time.perf_counter):
     """Rows for one case and batch size. ``threads`` (an int or a list): every variant at every thread
-    count is timed in the same interleaved run, so the 1→N scaling compares like with like."""
+    count is timed in the same interleaved run, so the 1→N scaling compares like with like. ``blocks``
+    (r, c): also the fast artifact of the same model with (r, c)-block masks (``sparsekit fast RxC``)."""
     counts = [threads] if isinstance(threads, int) else list(threads)
     layers = random_layers(sizes, sparsity, seed)
+    blayers = random_layers(sizes, sparsity, seed, blocks) if blocks else None
+    block_key = f"sparsekit fast {blocks[0]}x{blocks[1]}" if blocks else ""
     x = np.random.default_rng(seed + 1).standard_normal((batch, sizes[0])).astype(np.float32)
     fns = {}
     notes = {}
@@ -248,6 +265,10 @@ def bench_case(name, sizes, sparsity, batch, threads, *, tune, reps, budget_s, s
                 "torch CSR": lambda t=t: variant_torch_csr(layers, x, t),
                 "sparsekit fast": lambda t=t, tmp=tmp: variant_fast(layers, x, t, tune=False, tmp=tmp),
             }
+            if blocks:
+                btmp = Path(td) / f"b{t}"
+                btmp.mkdir()
+                builders[block_key] = lambda t=t, btmp=btmp: variant_fast(blayers, x, t, tune=False, tmp=btmp)
             if tune:
                 builders["sparsekit fast --tune"] = lambda t=t, tmp=tmp: variant_fast(layers, x, t, tune=True,
                                                                                       tmp=tmp)
@@ -265,15 +286,18 @@ def bench_case(name, sizes, sparsity, batch, threads, *, tune, reps, budget_s, s
                 except Exception as exc:  # a peer failing to build is reported, not fatal
                     notes[(k, t)] = f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         ref = np.asarray(fns[("dense ORT", counts[0])]())
+        bref = np.asarray(variant_dense_ort(blayers, x, counts[0])()) if blocks else None
         bound = 1e-5 * max(1.0, float(np.abs(ref).max()))
         for (k, t), fn in list(fns.items()):
-            diff = float(np.abs(np.asarray(fn(), dtype=np.float64) - ref).max())
+            want = bref if k == block_key else ref
+            bound = 1e-5 * max(1.0, float(np.abs(want).max()))
+            diff = float(np.abs(np.asarray(fn(), dtype=np.float64) - want).max())
             if k.startswith("sparsekit") and not diff <= bound:
                 raise SystemExit(f"{k} ({t} threads) output differs from dense ORT by {diff:.3g} > {bound:.3g} "
                                  f"({name})")
-            if not diff <= 1e-4 * max(1.0, float(np.abs(ref).max())):
+            if not diff <= 1e-4 * max(1.0, float(np.abs(want).max())):
                 notes[(k, t)] = f"max|Δ| {diff:.2g} vs dense"
-        med = time_interleaved(fns, reps, budget_s)
+        med = time_interleaved(fns, reps, budget_s, clock=clock)
     rows = []
     goal = target(name, sizes, sparsity, batch)
     for (k, t), m in med.items():
@@ -336,6 +360,33 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def blocks_markdown(rows: list[dict]) -> str:
+    """Per case, batch and thread count: the block-structured artifact against the unstructured one, and its
+    share of the FLOP limit (dense ORT time x density: the speedup if time fell with the weights kept)."""
+    keyed = {(r["case"], r["sparsity"], r["batch"], r["threads"], r["variant"]): r for r in rows}
+    names = [v for v in dict.fromkeys(r["variant"] for r in rows) if v.startswith("sparsekit fast ")
+             and v[len("sparsekit fast "):][:1].isdigit()]
+    if not names:
+        return ""
+    lines = ["| case | sparsity | batch | threads | dense ORT | sparsekit fast | "
+             + " | ".join(f"{v} | {v} vs unstructured | share of FLOP limit" for v in names) + " |",
+             "|" + "---|" * (6 + 3 * len(names))]
+    for case, sp, batch, t in dict.fromkeys((r["case"], r["sparsity"], r["batch"], r["threads"]) for r in rows):
+        dense, plain = keyed.get((case, sp, batch, t, "dense ORT")), keyed.get((case, sp, batch, t, "sparsekit fast"))
+        if not dense or not plain or not plain["median_us"]:
+            continue
+        cells = [fmt_time(dense["median_us"]), f"{fmt_time(plain['median_us'])} ({plain['speedup_vs_dense']:.2f}×)"]
+        for v in names:
+            b = keyed.get((case, sp, batch, t, v))
+            if not b or not b["median_us"]:
+                cells += ["n/a"] * 3
+                continue
+            cells += [f"{fmt_time(b['median_us'])} ({b['speedup_vs_dense']:.2f}×)",
+                      f"{plain['median_us'] / b['median_us']:.2f}×", f"{b['speedup_vs_dense'] * (1 - sp):.0%}"]
+        lines.append(f"| {case} | {sp:.0%} | {batch} | {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def scaling_markdown(rows: list[dict]) -> str:
     """Per case and batch: each variant's speedup from 1 to N threads (time at 1 / time at N)."""
     counts = sorted({r["threads"] for r in rows})
@@ -388,8 +439,12 @@ def render(infos: list[dict], rows: list[dict]) -> str:
         head.append(f"Machine: {info['cpu']}{cpu_id}, {info['cores']} cores, load average (1/5/15 min) "
                     f"{info.get('load_average_1_5_15')} at the start → {info.get('load_average_end')} at the "
                     f"end; ONNX Runtime {info['onnxruntime']}, sparsekit kernels {info['sparsekit_isa']}. "
-                    "Medians of interleaved runs; ratio = dense ORT time / variant time (same run).")
+                    f"Medians of interleaved runs ({info.get('clock', 'wall time')}); ratio = dense ORT time / "
+                    "variant time (same run).")
     out = "\n\n".join(dict.fromkeys(head)) + "\n\n" + markdown(rows)
+    blocks = blocks_markdown(rows)
+    if blocks:
+        out += "\n\nBlock-structured against unstructured (same sizes and sparsity, same run):\n\n" + blocks
     scaling = scaling_markdown(rows)
     if scaling:
         out += ("\n\nThread scaling (time at 1 thread / time at N threads; both timed in the same interleaved "
@@ -409,27 +464,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", action="append", default=[], help="variant to leave out (repeatable)")
     p.add_argument("--small", action="store_true", help="only the small MLPs (batch 1 64 256 by default)")
     p.add_argument("--render", type=Path, nargs="+", help="print the tables of saved --json runs and exit")
+    p.add_argument("--blocks", metavar="RxC", help="also the same models with RxC-block masks (e.g. 4x1: 4 output "
+                   "rows x 1 input); default cases the 4096x4096 layer at 90%% and 80%% and the MLP at 90%%, batch 16 "
+                   "256, 1 thread")
+    p.add_argument("--cpu-clock", action="store_true", help="time with the calling thread's CPU time (one thread "
+                   "only: every variant runs in the calling thread; leaves out the time other processes hold the core)")
     args = p.parse_args(argv)
+    blocks = None
+    if args.blocks:
+        try:
+            blocks = tuple(int(v) for v in args.blocks.lower().split("x"))
+            assert len(blocks) == 2 and min(blocks) >= 1
+        except (ValueError, AssertionError):
+            p.error(f"--blocks {args.blocks!r}: expected RxC with positive integers, e.g. 4x1")
     if args.render:
         import json
 
         saved = [json.loads(f.read_text()) for f in args.render]
         print(render([d["machine"] for d in saved], [r for d in saved for r in d["rows"]]))
         return 0
-    cases = QUICK_CASES if args.quick else SMALL_CASES if args.small else FULL_CASES + SMALL_CASES
+    cases = (QUICK_CASES if args.quick else BLOCK_CASES if blocks else SMALL_CASES if args.small
+             else FULL_CASES + SMALL_CASES)
     if args.case:
         cases = [c for c in cases if any(s in c[0] for s in args.case)]
-    batches = args.batch or ([1, 64] if args.quick else [1, 64, 256] if args.small else [1, 256])
-    threads = args.threads or ([1] if args.quick else [1, 2])
+    batches = args.batch or ([1, 64] if args.quick else [16, 256] if blocks else [1, 64, 256] if args.small
+                             else [1, 256])
+    threads = args.threads or ([1] if args.quick or blocks else [1, 2])
+    if args.cpu_clock and threads != [1]:
+        p.error("--cpu-clock times one thread only: add --threads 1")
     reps = args.reps or (7 if args.quick else 41)
     budget = 0.5 if args.quick else 6.0
     tune = not args.no_tune and not args.quick
     rows: list[dict] = []
     info = machine()
+    info["clock"] = "thread CPU time" if args.cpu_clock else "wall time"
     for name, sizes, sparsity in cases:
         for b in batches:
             got = bench_case(name, sizes, sparsity, b, threads, tune=tune, reps=reps, budget_s=budget,
-                             skip=tuple(args.skip))
+                             skip=tuple(args.skip), blocks=blocks,
+                             clock=time.thread_time if args.cpu_clock else time.perf_counter)
             rows += got
             fast = [r for r in got if r["variant"].startswith("sparsekit") or r["variant"] == "dense ORT"]
             print(f"# {name} {sparsity:.0%} batch {b}: "

@@ -7,7 +7,7 @@ the exporter's default calibration (a convolution stays with ONNX Runtime unless
 dense ORT and fast per call (medians of interleaved runs, 1 thread unless --threads), their ratio, the FLOP limit
 (dense MACs / sparse MACs over every layer) and, for reference, stock ONNX Runtime running the fast file itself.
 
-    python bench/bench_models.py [--quick | --zoo] [--case resnet18] [--threads 2] [--json out.json]
+    python bench/bench_models.py [--quick | --zoo] [--case resnet18] [--threads 2] [--blocks 4x1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -66,9 +66,20 @@ def build(name: str, kwargs: dict, shape: tuple[int, ...]) -> nn.Module:
     return build_model(name, kwargs, input_shape=shape, num_classes=1000 if shape[-1] >= 224 else 10)
 
 
-def sparsify(model: nn.Module, sparsity: float, seed: int = 0) -> None:
+def block_mask(shape: torch.Size, sparsity: float, blocks: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """A random mask of whole (r, c) blocks of the weight viewed as (out, prod(shape[1:])) (a convolution's columns
+    are (in, kh, kw) flattened: 4x1 = 4 output channels x 1 input tap); unstructured where r, c do not divide it."""
+    r, c = blocks
+    rows, cols = shape[0], int(np.prod(shape[1:]))
+    if rows % r or cols % c:
+        return torch.rand(shape, generator=gen) >= sparsity
+    keep = torch.rand((rows // r, cols // c), generator=gen) >= sparsity
+    return keep.repeat_interleave(r, 0).repeat_interleave(c, 1).reshape(shape)
+
+
+def sparsify(model: nn.Module, sparsity: float, seed: int = 0, blocks: tuple[int, int] = (1, 1)) -> None:
     """Random masks at ``sparsity`` per layer on every Linear (and MultiheadAttention's packed projection) and every
-    dense-group convolution but the first (the stem)."""
+    dense-group convolution but the first (the stem), of whole ``blocks`` (see ``block_mask``)."""
     gen = torch.Generator().manual_seed(seed)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
     stem = convs[0] if convs else None
@@ -80,8 +91,7 @@ def sparsify(model: nn.Module, sparsity: float, seed: int = 0) -> None:
             if isinstance(m, nn.MultiheadAttention):
                 weights.append(m.in_proj_weight)
             for w in weights:
-                keep = torch.rand(w.shape, generator=gen) >= sparsity
-                w.mul_(keep)
+                w.mul_(block_mask(w.shape, sparsity, blocks, gen))
 
 
 def macs(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
@@ -122,7 +132,8 @@ def timed(fns: dict, reps: int, budget_s: float, threads: int = 1) -> dict[str, 
     return {k: float(np.median(v)) for k, v in samples.items()}
 
 
-def bench_case(label: str, spec: tuple, sparsity: float, threads: int, reps: int, budget_s: float) -> list[dict]:
+def bench_case(label: str, spec: tuple, sparsity: float, threads: int, reps: int, budget_s: float,
+               blocks: tuple[int, int] = (1, 1)) -> list[dict]:
     from sparsekit.exporters.fast import write_model
 
     from sparsekit.onnx_export import export_dense_onnx
@@ -130,7 +141,9 @@ def bench_case(label: str, spec: tuple, sparsity: float, threads: int, reps: int
 
     name, kwargs, shape, batches = spec
     model = build(name, kwargs, shape).eval()
-    sparsify(model, sparsity)
+    sparsify(model, sparsity, blocks=blocks)
+    if blocks != (1, 1):
+        label = f"{label} {blocks[0]}x{blocks[1]} blocks"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         dense_path, fast_path = Path(tmp) / "dense.onnx", Path(tmp) / "model.fast.onnx"
@@ -191,7 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--json", type=Path, help="write rows and machine info here")
+    p.add_argument("--blocks", metavar="RxC", help="each case also with masks of whole RxC blocks (e.g. 4x1: 4 output "
+                   "channels x 1 input tap), right after its unstructured run")
     args = p.parse_args(argv)
+    shapes = [(1, 1)]
+    if args.blocks:
+        try:
+            r, c = (int(v) for v in args.blocks.lower().split("x"))
+            assert r >= 1 and c >= 1
+        except (ValueError, AssertionError):
+            p.error(f"--blocks {args.blocks!r}: expected RxC with positive integers, e.g. 4x1")
+        shapes.append((r, c))
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     torch.set_num_threads(max(1, args.threads))
     cases = QUICK if args.quick else ZOO if args.zoo else CASES
@@ -200,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     rows = []
     for label, spec in cases.items():
-        rows += bench_case(label, spec, args.sparsity, args.threads, args.reps, 2.0 if args.quick else 20.0)
+        for blocks in shapes:
+            rows += bench_case(label, spec, args.sparsity, args.threads, args.reps, 2.0 if args.quick else 20.0,
+                               blocks)
     info["load_average_end"] = machine()["load_average_1_5_15"]
     print(markdown(info, rows))
     if args.json:

@@ -199,7 +199,7 @@ def conv_block(layer: CsrLayer) -> int:
     from sparsekit.runtime.model import default_kernel
 
     name, block, _ = parse_kernel(default_kernel(layer, 64))
-    return block if name == "panel" else 0
+    return block if name in ("panel", "block") else 0
 
 
 def _csr_initializers(name: str, layer: CsrLayer) -> tuple[list[str], list[np.ndarray]]:

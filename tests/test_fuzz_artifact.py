@@ -27,7 +27,8 @@ CASES_PER_FAMILY = int(os.environ.get("SPARSEKIT_FUZZ_CASES", "60"))
 INTS = [-1, 0, 1, 2, 5, 11, 12, 13, 37, 65535, 65536, 2**31 - 1, 2**31, 2**32 + 12, 2**63 - 1]
 # values written into initializers: the widths of the seeds' layers and their neighbours, type limits, non-finite
 EDGES = [0, 1, -1, 4, 5, 11, 12, 20, 21, 36, 37, 2**16 - 1, 2**31 - 1, np.nan, np.inf, 1e30]
-KERNELS = ["rows", "panel", "panel:1", "panel:8", "panel:999", "gemv", "dense", "rows@1", "panel@2", "x", "rows@0"]
+KERNELS = ["rows", "panel", "panel:1", "panel:8", "panel:999", "gemv", "dense", "rows@1", "panel@2", "x", "rows@0",
+           "block", "block:8@1"]
 
 
 def seeds() -> list[bytes]:

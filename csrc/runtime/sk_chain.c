@@ -71,7 +71,6 @@ static void pchain_unit(void *ctx, int64_t u, int tid) {
     if (b0 >= j->B) return;
     const int64_t tb = j->B - b0 < nl ? j->B - b0 : nl;
     float *a = j->scratch + (int64_t)tid * j->per_thread, *b = a + c->pw * PANEL;
-    const panel_fn fn = pick_panel();
     to_panel_lanes(j->x, a, j->B, c->L[0].n_in, b0, nl);
     float *cur = a;
     for (int i = 0; i < c->n; i++) {
@@ -80,7 +79,7 @@ static void pchain_unit(void *ctx, int64_t u, int tid) {
         const int lastl = i + 1 == c->n;
         const rowout_t ro = {lastl ? j->y + b0 * l->n_out : NULL, l->n_out, tb,
                              lastl && j->B * l->n_out * 4 >= STREAM_MIN_BYTES, nl == PANEL ? 0 : (int)nl};
-        panel_rows(fn, &l->pw, l->bp, l->ord, l->nb, &ro, 0, l->n_out, cur, dst);
+        panel_rows(pick_panel_for(&l->pw), &l->pw, l->bp, l->ord, l->nb, &ro, 0, l->n_out, cur, dst);
         cur = dst;
     }
 }
@@ -188,7 +187,7 @@ static void prows_item(void *ctx, int64_t part, int tid) {
     (void)tid;
     const prows_job_t *j = (const prows_job_t *)ctx;
     const int64_t o0 = j->bounds[part], o1 = j->bounds[part + 1];
-    if (o1 > o0) panel_rows(pick_panel(), &j->l->pw, j->l->bp, j->l->ord, j->l->nb, &j->ro, o0, o1, j->xp, j->yp);
+    if (o1 > o0) panel_rows(pick_panel_for(&j->l->pw), &j->l->pw, j->l->bp, j->l->ord, j->l->nb, &j->ro, o0, o1, j->xp, j->yp);
 }
 
 /* floats of one thread's transposed input in prows_run (64-byte multiple) */
@@ -200,7 +199,7 @@ static void prows0_item(void *ctx, int64_t part, int tid) {
     if (o1 <= o0) return;
     float *xp = j->xp0 + (int64_t)tid * j->xs;
     to_panel_lanes(j->x, xp, j->B, j->r.l->n_in, 0, j->lanes);
-    panel_rows(pick_panel(), &j->r.l->pw, j->r.l->bp, j->r.l->ord, j->r.l->nb, &j->r.ro, o0, o1, xp, j->r.yp);
+    panel_rows(pick_panel_for(&j->r.l->pw), &j->r.l->pw, j->r.l->bp, j->r.l->ord, j->r.l->nb, &j->r.ro, o0, o1, xp, j->r.yp);
 }
 
 /* a panel chain's one unit of B samples with every layer's rows split between pl->nt threads: one pool
@@ -216,7 +215,7 @@ static int prows_run(const chain_t *c, const float *x, int64_t B, float *y, cons
     int64_t *bounds = (int64_t *)malloc((size_t)c->n * (nt + 1) * sizeof(int64_t));
     if (!bounds) return -1;
     for (int i = 0; i < c->n; i++)
-        if (panel_bounds(c->L[i].bp, c->L[i].nb, c->L[i].n_out, nt, bounds + (int64_t)i * (nt + 1))) {
+        if (panel_bounds(c->L[i].bp, c->L[i].nb, c->L[i].n_out, c->L[i].pw.rb, nt, bounds + (int64_t)i * (nt + 1))) {
             free(bounds);
             return -1;
         }

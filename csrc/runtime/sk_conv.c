@@ -38,7 +38,6 @@ static void im2col_row(const float *xc, float *dst, const conv_t *g, int64_t q0,
         }
         l += n;
     }
-    if (lanes < PANEL) memset(dst + lanes, 0, (size_t)(PANEL - lanes) * 4);
 }
 
 /* panels [p0, p1) of image x (C, H, W) into xp + (p - p0) * K * PANEL, K = C * kh * kw */
@@ -49,18 +48,48 @@ void im2col_panels(const float *x, float *xp, const conv_t *g, int64_t p0, int64
         const int64_t lanes = npix - p * PANEL < PANEL ? npix - p * PANEL : PANEL;
         for (int64_t c = 0; c < g->c; c++)
             for (int64_t i = 0; i < g->kh; i++)
-                for (int64_t j = 0; j < g->kw; j++, dst += PANEL)
+                for (int64_t j = 0; j < g->kw; j++, dst += PANEL) {
                     im2col_row(x + c * g->h * g->w, dst, g, p * PANEL, lanes, i * g->dh, j * g->dw);
+                    if (lanes < PANEL) memset(dst + lanes, 0, (size_t)(PANEL - lanes) * 4);
+                }
     }
+}
+
+/* the one panel of n images x[0 .. n-1] (C, H, W) of fewer than 64 output pixels each, side by side: image k
+ * in lanes [k * npix, (k + 1) * npix), zeros after the last */
+static void im2col_images(const float *x, float *xp, const conv_t *g, int64_t n) {
+    const int64_t npix = g->ho * g->wo, chw = g->c * g->h * g->w;
+    float *dst = xp;
+    for (int64_t c = 0; c < g->c; c++)
+        for (int64_t i = 0; i < g->kh; i++)
+            for (int64_t j = 0; j < g->kw; j++, dst += PANEL) {
+                for (int64_t k = 0; k < n; k++)
+                    im2col_row(x + k * chw + c * g->h * g->w, dst + k * npix, g, 0, npix, i * g->dh, j * g->dw);
+                if (n * npix < PANEL) memset(dst + n * npix, 0, (size_t)(PANEL - n * npix) * 4);
+            }
 }
 
 /* One (image, panel) item of a sparse convolution: the panel's im2col columns into this thread's scratch, the
  * panel kernel over every output channel (bias and ReLU fused), and the panel's pixels copied into the
- * channel-major output y (B, C_out, ho * wo). */
+ * channel-major output y (B, C_out, ho * wo). Images of fewer than 64 output pixels: one item is the panel
+ * of G images side by side (a 4x4 output fills a quarter of a panel alone). */
 void conv_item(void *ctx, int64_t item, int tid) {
     const conv_job_t *j = (const conv_job_t *)ctx;
     const conv_t *g = &j->g;
-    const int64_t npix = g->ho * g->wo, K = g->c * g->kh * g->kw, b = item / j->P, p = item % j->P;
+    const int64_t npix = g->ho * g->wo, K = g->c * g->kh * g->kw;
+    if (j->G > 1) { /* images G * item .. : one panel of them */
+        const int64_t b0 = item * j->G, n = j->B - b0 < j->G ? j->B - b0 : j->G;
+        float *xp = j->scratch + (int64_t)tid * j->per_thread, *yp = xp + K * PANEL;
+        im2col_images(j->x + b0 * g->c * g->h * g->w, xp, g, n);
+        const rowout_t ro = {NULL, 0, n * npix, 0, 0};
+        panel_rows(j->fn, &j->w, j->bp, j->ord, j->nb, &ro, 0, j->w.n_out, xp, yp);
+        for (int64_t k = 0; k < n; k++) {
+            float *yb = j->y + (b0 + k) * j->w.n_out * npix;
+            for (int64_t o = 0; o < j->w.n_out; o++) memcpy(yb + o * npix, yp + o * PANEL + k * npix, (size_t)npix * 4);
+        }
+        return;
+    }
+    const int64_t b = item / j->P, p = item % j->P;
     const int64_t lanes = npix - p * PANEL < PANEL ? npix - p * PANEL : PANEL;
     float *xp = j->scratch + (int64_t)tid * j->per_thread, *yp = xp + K * PANEL;
     im2col_panels(j->x + b * g->c * g->h * g->w, xp, g, p, p + 1);

@@ -46,6 +46,15 @@ panel_fn pick_panel(void) {
     return panel_generic;
 }
 
+panel_fn pick_panel_for(const csr_t *w) {
+    if (w->rb <= 1) return pick_panel();
+#if SK_X86
+    if (g_isa == ISA_AVX512) return block_avx512;
+    if (g_isa == ISA_AVX2) return block_avx2;
+#endif
+    return block_generic;
+}
+
 gemv_fn pick_gemv(void) {
 #if SK_X86
     if (g_isa == ISA_AVX512) return gemv_avx512;

@@ -41,13 +41,14 @@ static void flush_rows(const rowout_t *ro, const float *yp, int64_t g0, int64_t 
 }
 
 /* rows [o0, o1) of one panel (xp -> yp) over all column blocks; the last block's results also go to
- * row-major y when ro->y is set */
+ * row-major y when ro->y is set. A row-block layout (w->rb > 1: fn is the block kernel, ord NULL) takes
+ * o0 and o1 on block boundaries. */
 void panel_rows(panel_fn fn, const csr_t *w, const int64_t *bp, const int32_t *ord, int64_t nb,
                        const rowout_t *ro, int64_t o0, int64_t o1, const float *xp, float *yp) {
-    const int64_t n_out = w->n_out;
+    const int64_t n_out = w->n_out, npos = w->rb > 1 ? n_out / w->rb : n_out; /* pointers per column block */
     csr_t wc = *w;
     for (int64_t c = 0; c < nb; c++) {
-        wc.rowptr = bp + c * n_out;
+        wc.rowptr = bp + c * npos;
         const int first = c == 0, last = c == nb - 1;
         if (!last || !ord) {
             fn(&wc, ord ? ord + c * n_out : NULL, xp, yp, o0, o1, first, last, ro);
@@ -101,15 +102,16 @@ void panel_transpose_item(void *ctx, int64_t p, int tid) {
 }
 
 /* nparts group-aligned row ranges balanced by nonzeros (+ 8 per row) over all blocks */
-int panel_bounds(const int64_t *bp, int64_t nb, int64_t n_out, int64_t nparts, int64_t *bounds) {
-    const int64_t ng = (n_out + GROUP_ROWS - 1) / GROUP_ROWS;
+int panel_bounds(const int64_t *bp, int64_t nb, int64_t n_out, int rb, int64_t nparts, int64_t *bounds) {
+    const int64_t ng = (n_out + GROUP_ROWS - 1) / GROUP_ROWS, npos = rb > 1 ? n_out / rb : n_out;
+    const int64_t per = rb > 1 ? rb : 1; /* GROUP_ROWS is a multiple of every rb: r0, r1 fall on blocks */
     int64_t *cost = (int64_t *)malloc((size_t)(ng + 1) * sizeof(int64_t));
     if (!cost) return -1;
     cost[0] = 0;
     for (int64_t g = 0; g < ng; g++) {
         const int64_t r0 = g * GROUP_ROWS, r1 = r0 + GROUP_ROWS < n_out ? r0 + GROUP_ROWS : n_out;
         int64_t t = 8 * (r1 - r0);
-        for (int64_t c = 0; c < nb; c++) t += bp[c * n_out + r1] - bp[c * n_out + r0];
+        for (int64_t c = 0; c < nb; c++) t += (bp[c * npos + r1 / per] - bp[c * npos + r0 / per]) * per;
         cost[g + 1] = cost[g] + t;
     }
     bounds[0] = 0;

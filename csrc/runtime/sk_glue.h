@@ -17,7 +17,10 @@
  * exports, slice pointer re-checks or intermediate numpy arrays). Activations between layers live in the
  * chain's scratch; a caller that finds it in use (another thread inside chain_run: the flag is read and
  * set under the GIL) gets a private malloc'ed one, so two concurrent callers never share a buffer. */
-enum { CH_ROWS = 0, CH_GEMV = 1, CH_PANEL = 2, CH_WINDOW = 3 };
+enum { CH_ROWS = 0, CH_GEMV = 1, CH_PANEL = 2, CH_WINDOW = 3, CH_BLOCK = 4 };
+/* the layer kinds that run on panels (a chain is all of these or none); CH_BLOCK is CH_PANEL's layout with
+ * R x 1 row blocks (pw.rb = R), run by the block kernel */
+#define CH_ON_PANELS(kind) ((kind) == CH_PANEL || (kind) == CH_BLOCK)
 typedef struct {
     int kind, cap;
     sliced_t s;          /* CH_ROWS (gather form), CH_WINDOW (window form) */
@@ -25,11 +28,12 @@ typedef struct {
     const float *bias;   /* CH_GEMV */
     int64_t n_in, n_out;
     int relu;
-    int64_t work;        /* rows: stored slots (nonzeros + padding); panel: nonzeros */
-    csr_t pw;            /* CH_PANEL: values, indices, bias, shape (rowptr: bp) */
-    const int64_t *bp;   /* CH_PANEL: block pointers (nb * n_out + 1), by position */
-    const int32_t *ord;  /* CH_PANEL: row at each position, per block; NULL: natural order */
-    int64_t nb;          /* CH_PANEL: column blocks */
+    int64_t work;        /* rows: stored slots (nonzeros + padding); panel, block: weights stored */
+    csr_t pw;            /* CH_PANEL, CH_BLOCK: values, indices, bias, shape, rows per block (rowptr: bp) */
+    const int64_t *bp;   /* CH_PANEL: block pointers (nb * n_out + 1), by position; CH_BLOCK: (nb * n_out / rb + 1),
+                          * by block row */
+    const int32_t *ord;  /* CH_PANEL: row at each position, per block; NULL: natural order (always for CH_BLOCK) */
+    int64_t nb;          /* CH_PANEL, CH_BLOCK: column blocks */
 } ch_layer_t;
 
 typedef struct {
@@ -38,7 +42,7 @@ typedef struct {
     Py_buffer *bufs;     /* held for the chain's lifetime */
     int nbufs;
     int64_t max_mid;     /* widest intermediate activation (floats per sample) */
-    int panel;           /* every layer is CH_PANEL: run data-parallel (see pchain_run) */
+    int panel;           /* every layer is CH_PANEL or CH_BLOCK: run data-parallel (see pchain_run) */
     int64_t pw;          /* panel chains: widest activation incl. the input (floats per sample) */
     float *scratch;      /* 64-byte aligned, scratch_n floats */
     void *scratch_raw;

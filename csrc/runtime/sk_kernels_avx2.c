@@ -148,6 +148,66 @@ SK_AVX2 void panel_avx2(const csr_t *w, const int32_t *ord, const float *xp, flo
     }
 }
 
+/* The block kernel's pass over one block row for rows j0 .. j0+RT-1 of the block (RT = 4, or 2 when R = 2),
+ * lanes l0 .. l0+15 (two registers): 2 RT accumulators, each entry's 16 inputs loaded once for RT rows. */
+__attribute__((always_inline)) SK_AVX2 static inline void block_avx2_pass(
+    const csr_t *w, const float *xp, const float *out, float *dst, int64_t s, int64_t e, int64_t j0, int64_t r0,
+    int64_t l0, int first, int last, const int RT) {
+    const int64_t R = w->rb;
+    const float *val = w->val + j0;
+    __m256 a[4][2];
+    for (int t = 0; t < RT; t++)
+        for (int q = 0; q < 2; q++)
+            a[t][q] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + t * PANEL + l0 + 8 * q);
+    for (int64_t k = s; k < e; k++) {
+        const float *p = xp + idx_at(w, k) * PANEL + l0;
+        const __m256 x0 = _mm256_loadu_ps(p), x1 = _mm256_loadu_ps(p + 8);
+        for (int t = 0; t < RT; t++) {
+            const __m256 v = _mm256_broadcast_ss(val + k * R + t);
+            a[t][0] = _mm256_fmadd_ps(v, x0, a[t][0]);
+            a[t][1] = _mm256_fmadd_ps(v, x1, a[t][1]);
+        }
+    }
+    for (int t = 0; t < RT; t++) {
+        const __m256 bb = _mm256_set1_ps((last && w->bias) ? w->bias[r0 + t] : 0.f);
+        for (int q = 0; q < 2; q++) {
+            __m256 y = last ? _mm256_add_ps(a[t][q], bb) : a[t][q];
+            if (last && w->relu) y = _mm256_max_ps(y, _mm256_setzero_ps());
+            _mm256_storeu_ps(dst + t * PANEL + l0 + 8 * q, y);
+        }
+    }
+}
+
+__attribute__((always_inline)) SK_AVX2 static inline void block_avx2_rows(
+    const csr_t *w, const float *xp, float *yp, int64_t k0, int64_t k1, int first, int last, const rowout_t *ro,
+    const int RT) {
+    float tile[TILE_ROWS * PANEL] __attribute__((aligned(64)));
+    const int64_t R = w->rb;
+    const int fuse = last && ro && ro->y;
+    int64_t tbase = k0;
+    for (int64_t br = k0 / R; br < k1 / R; br++) {
+        const int64_t s = w->rowptr[br], e = w->rowptr[br + 1];
+        if (!first && !last && s == e) continue;
+        for (int64_t j0 = 0; j0 < R; j0 += RT) {
+            const int64_t r0 = br * R + j0;
+            float *out = yp + r0 * PANEL, *dst = fuse ? tile + (r0 - tbase) * PANEL : out;
+            for (int64_t l0 = 0; l0 < PANEL; l0 += 16) block_avx2_pass(w, xp, out, dst, s, e, j0, r0, l0, first, last, RT);
+            if (fuse && (r0 + RT - tbase == TILE_ROWS || r0 + RT == k1)) {
+                tile_flush(ro, tile, tbase, r0 + RT - tbase);
+                tbase = r0 + RT;
+            }
+        }
+    }
+}
+
+/* the block kernel (R x 1 row blocks, see sk_runtime.h), AVX2: 16 lanes of 4 rows (2 when R = 2) per pass */
+SK_AVX2 void block_avx2(const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0, int64_t k1,
+                        int first, int last, const rowout_t *ro) {
+    (void)ord;
+    if (w->rb == 2) block_avx2_rows(w, xp, yp, k0, k1, first, last, ro, 2);
+    else block_avx2_rows(w, xp, yp, k0, k1, first, last, ro, 4);
+}
+
 /* 8x8 float transpose: dst[c][r] = src[r][c] (row strides ss, ds in floats). */
 SK_AVX2 void tr8x8_avx2(const float *src, int64_t ss, float *dst, int64_t ds) {
     __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + ss), r2 = _mm256_loadu_ps(src + 2 * ss),

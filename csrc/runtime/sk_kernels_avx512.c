@@ -278,6 +278,107 @@ SK_AVX512 void panel_avx512(const csr_t *w, const int32_t *ord, const float *xp,
     }
 }
 
+/* The block kernel's pass over one block row for rows j0 .. j0+RT-1 of the block (RT = 4, or 2 when R = 2)
+ * on nr registers of lanes: each entry's input row (nr vectors) is loaded once and multiplied into RT rows'
+ * accumulators (its RT values broadcast). With fewer than 16 accumulators a second set takes every other
+ * entry, so enough FMA chains are in flight. Results: bias and ReLU when `last`, stored into dst rows
+ * (PANEL apart). */
+__attribute__((always_inline)) SK_AVX512 static inline void block_avx512_pass(
+    const csr_t *w, const float *xp, const float *out, float *dst, int64_t s, int64_t e, int64_t j0, int64_t r0,
+    int first, int last, const int RT, const int nr) {
+    const int64_t R = w->rb;
+    const float *val = w->val + j0;
+    __m512 a[4][4], c[4][4];
+    for (int t = 0; t < RT; t++)
+        for (int q = 0; q < nr; q++) {
+            a[t][q] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(out + t * PANEL + 16 * q);
+            c[t][q] = _mm512_setzero_ps();
+        }
+    int64_t k = s;
+    if (RT * nr < 16) {
+        for (; k + 2 <= e; k += 2) {
+            const float *p = xp + idx_at(w, k) * PANEL, *pn = xp + idx_at(w, k + 1) * PANEL;
+            __m512 x[4], xn[4];
+            for (int q = 0; q < nr; q++) {
+                x[q] = _mm512_loadu_ps(p + 16 * q);
+                xn[q] = _mm512_loadu_ps(pn + 16 * q);
+            }
+            for (int t = 0; t < RT; t++) {
+                const __m512 v = _mm512_set1_ps(val[k * R + t]), u = _mm512_set1_ps(val[(k + 1) * R + t]);
+                for (int q = 0; q < nr; q++) {
+                    a[t][q] = _mm512_fmadd_ps(v, x[q], a[t][q]);
+                    c[t][q] = _mm512_fmadd_ps(u, xn[q], c[t][q]);
+                }
+            }
+        }
+    }
+    for (; k < e; k++) {
+        const float *p = xp + idx_at(w, k) * PANEL;
+        __m512 x[4];
+        for (int q = 0; q < nr; q++) x[q] = _mm512_loadu_ps(p + 16 * q);
+        for (int t = 0; t < RT; t++) {
+            const __m512 v = _mm512_set1_ps(val[k * R + t]);
+            for (int q = 0; q < nr; q++) a[t][q] = _mm512_fmadd_ps(v, x[q], a[t][q]);
+        }
+    }
+    for (int t = 0; t < RT; t++) {
+        const __m512 bb = _mm512_set1_ps((last && w->bias) ? w->bias[r0 + t] : 0.f);
+        for (int q = 0; q < nr; q++) {
+            __m512 y = RT * nr < 16 ? _mm512_add_ps(a[t][q], c[t][q]) : a[t][q];
+            if (last) y = _mm512_add_ps(y, bb);
+            if (last && w->relu) y = _mm512_max_ps(y, _mm512_setzero_ps());
+            _mm512_storeu_ps(dst + t * PANEL + 16 * q, y);
+        }
+    }
+}
+
+/* rows k0..k1-1 (whole blocks) on nr registers of lanes (4: a full panel; 2, 1: half, quarter) */
+__attribute__((always_inline)) SK_AVX512 static inline void block_avx512_rows(
+    const csr_t *w, const float *xp, float *yp, int64_t k0, int64_t k1, int first, int last, const rowout_t *ro,
+    const int RT, const int nr) {
+    float tile[TILE_ROWS * PANEL] __attribute__((aligned(64)));
+    const int64_t R = w->rb;
+    const int fuse = last && ro && ro->y;
+    int64_t tbase = k0;
+    for (int64_t br = k0 / R; br < k1 / R; br++) {
+        const int64_t s = w->rowptr[br], e = w->rowptr[br + 1];
+        if (!first && !last && s == e) continue;
+        for (int64_t j0 = 0; j0 < R; j0 += RT) {
+            const int64_t r0 = br * R + j0;
+            float *out = yp + r0 * PANEL;
+            block_avx512_pass(w, xp, out, fuse ? tile + (r0 - tbase) * PANEL : out, s, e, j0, r0, first, last, RT,
+                              nr);
+            if (fuse && (r0 + RT - tbase == TILE_ROWS || r0 + RT == k1)) {
+                tile_flush(ro, tile, tbase, r0 + RT - tbase);
+                tbase = r0 + RT;
+            }
+        }
+    }
+}
+
+SK_AVX512 static void block_avx512_r4(const csr_t *w, const float *xp, float *yp, int64_t k0, int64_t k1, int first,
+                                      int last, const rowout_t *ro, int nr) {
+    if (nr == 4) block_avx512_rows(w, xp, yp, k0, k1, first, last, ro, 4, 4);
+    else if (nr == 2) block_avx512_rows(w, xp, yp, k0, k1, first, last, ro, 4, 2);
+    else block_avx512_rows(w, xp, yp, k0, k1, first, last, ro, 4, 1);
+}
+
+SK_AVX512 static void block_avx512_r2(const csr_t *w, const float *xp, float *yp, int64_t k0, int64_t k1, int first,
+                                      int last, const rowout_t *ro, int nr) {
+    if (nr == 4) block_avx512_rows(w, xp, yp, k0, k1, first, last, ro, 2, 4);
+    else if (nr == 2) block_avx512_rows(w, xp, yp, k0, k1, first, last, ro, 2, 2);
+    else block_avx512_rows(w, xp, yp, k0, k1, first, last, ro, 2, 1);
+}
+
+/* the block kernel (R x 1 row blocks, see sk_runtime.h): full, half or quarter panels as panel_avx512 */
+SK_AVX512 void block_avx512(const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0, int64_t k1,
+                            int first, int last, const rowout_t *ro) {
+    (void)ord;
+    const int nr = ro && ro->lanes == PANEL / 2 ? 2 : ro && ro->lanes == PANEL / 4 ? 1 : 4;
+    if (w->rb == 2) block_avx512_r2(w, xp, yp, k0, k1, first, last, ro, nr);
+    else block_avx512_r4(w, xp, yp, k0, k1, first, last, ro, nr);
+}
+
 /* gemv: small layers at small batch run dense, from the transposed weight wt (n_in, n_out): for each
  * input i, y[o..o+127] += x[i] * wt[i][o..o+127] in 8 registers. No horizontal sums, no per-row
  * branches, no call into ONNX Runtime: for layers of a few 10^4 weights this beats the sparse kernel. */

@@ -87,6 +87,43 @@ void panel_generic(const csr_t *w, const int32_t *ord, const float *xp, float *y
     }
 }
 
+/* The block kernel, row by row: row r of block row r / R takes value j = r % R of each of the block row's
+ * entries (the reference of the vector paths, which do 4 rows per pass over the entries). */
+void block_generic(const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0, int64_t k1,
+                   int first, int last, const rowout_t *ro) {
+    (void)ord;
+    float tile[TILE_ROWS * PANEL] __attribute__((aligned(64)));
+    const int64_t R = w->rb;
+    const int fuse = last && ro && ro->y;
+    int64_t tbase = k0;
+    float acc[PANEL];
+    for (int64_t r = k0; r < k1; r++) {
+        const int64_t s = w->rowptr[r / R], e = w->rowptr[r / R + 1], j = r % R;
+        float *out = yp + r * PANEL;
+        if (!first && !last && s == e) continue;
+        for (int t = 0; t < PANEL; t++) acc[t] = first ? 0.f : out[t];
+        for (int64_t k = s; k < e; k++) {
+            const float v = w->val[k * R + j];
+            const float *p = xp + idx_at(w, k) * PANEL;
+            for (int t = 0; t < PANEL; t++) acc[t] += v * p[t];
+        }
+        if (!last) {
+            for (int t = 0; t < PANEL; t++) out[t] = acc[t];
+            continue;
+        }
+        const float bb = w->bias ? w->bias[r] : 0.f;
+        float *dst = fuse ? tile + (r - tbase) * PANEL : out;
+        for (int t = 0; t < PANEL; t++) {
+            const float y = acc[t] + bb;
+            dst[t] = (w->relu && y < 0.f) ? 0.f : y;
+        }
+        if (fuse && (r + 1 - tbase == TILE_ROWS || r + 1 == k1)) {
+            tile_flush(ro, tile, tbase, r + 1 - tbase);
+            tbase = r + 1;
+        }
+    }
+}
+
 void gemv_generic(const float *wt, const float *bias, const float *x, float *y, int64_t n_in,
                          int64_t n_out, int64_t b0, int64_t b1, int relu) {
     for (int64_t b = b0; b < b1; b++) {

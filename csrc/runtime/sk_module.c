@@ -44,6 +44,7 @@ static int make_csr(csr_t *w, Py_buffer *val, Py_buffer *idx, Py_buffer *rowptr,
     w->n_in = n_in;
     w->n_out = n_out;
     w->relu = relu != 0;
+    w->rb = 0;
     return 0;
 }
 
@@ -174,9 +175,9 @@ static PyObject *py_panel(PyObject *self, PyObject *args) {
     Py_buffer val, idx, bptr, x = {0}, y, bias = {0}, yr = {0}, ordb = {0}, xrb = {0};
     PyObject *bias_obj, *x_obj, *yr_obj = Py_None, *ord_obj = Py_None, *xr_obj = Py_None;
     int idx_bytes, relu, threads;
-    long long n_in, n_out, P, nb, batch = 0;
-    if (!PyArg_ParseTuple(args, "y*y*y*OOw*iLLLLii|OLOO", &val, &idx, &bptr, &bias_obj, &x_obj, &y, &idx_bytes,
-                          &n_in, &n_out, &P, &nb, &relu, &threads, &yr_obj, &batch, &ord_obj, &xr_obj))
+    long long n_in, n_out, P, nb, batch = 0, rb = 1;
+    if (!PyArg_ParseTuple(args, "y*y*y*OOw*iLLLLii|OLOOL", &val, &idx, &bptr, &bias_obj, &x_obj, &y, &idx_bytes,
+                          &n_in, &n_out, &P, &nb, &relu, &threads, &yr_obj, &batch, &ord_obj, &xr_obj, &rb))
         return NULL;
     int have_bias = 0, have_yr = 0, have_ord = 0, have_x = 0, have_xr = 0;
     PyObject *ret = NULL;
@@ -205,7 +206,12 @@ static PyObject *py_panel(PyObject *self, PyObject *args) {
     }
     if (!dims_ok(n_in, n_out)) goto done;
     if (nb < 1 || nb > SK_MAX_DIM || P < 0) { PyErr_SetString(PyExc_ValueError, "bad block/panel count"); goto done; }
-    if (check_len(&bptr, smul(smul(nb, n_out) + 1, 8), "block pointers")) goto done;
+    if ((rb != 1 && rb != 2 && rb != 4 && rb != 8 && rb != 16) || n_out % rb || (rb > 1 && ord_obj != Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "rows per block must be 1, 2, 4, 8 or 16 and divide n_out (no row order)");
+        goto done;
+    }
+    const int64_t npos = n_out / rb; /* block pointers per column block */
+    if (check_len(&bptr, smul(smul(nb, npos) + 1, 8), "block pointers")) goto done;
     if (ord_obj != Py_None) {
         if (PyObject_GetBuffer(ord_obj, &ordb, PyBUF_C_CONTIGUOUS) < 0) goto done;
         have_ord = 1;
@@ -214,9 +220,12 @@ static PyObject *py_panel(PyObject *self, PyObject *args) {
             goto done;
         }
     }
-    /* validate the total through make_csr on a view that treats all blocks as one long CSR */
-    if (make_csr(&w, &val, &idx, &bptr, Py_None, &bias, idx_bytes, n_in, nb * n_out, relu)) goto done;
+    /* validate the total through make_csr on a view that treats all blocks as one long CSR (a row-block
+     * layout's entries hold rb values each) */
+    if (make_csr(&w, &val, &idx, &bptr, Py_None, &bias, idx_bytes, n_in, nb * npos, relu)) goto done;
+    if (check_len(&val, smul(smul(w.rowptr[nb * npos], rb) + PAD_SLACK, 4), "values")) goto done;
     w.n_out = n_out;
+    w.rb = rb > 1 ? (int)rb : 0;
     if (have_bias) {
         if (check_len(&bias, smul(n_out, 4), "bias")) goto done;
         w.bias = (const float *)bias.buf;
@@ -225,16 +234,16 @@ static PyObject *py_panel(PyObject *self, PyObject *args) {
     {
         const int64_t *bp = w.rowptr;
         int nt = clamp_threads(threads < 0 ? -threads : threads);
-        const int64_t work = bp[nb * w.n_out] * P * PANEL;
+        const int64_t work = bp[nb * npos] * rb * P * PANEL;
         if (threads > 0 && work < sk_settings.panel_par_min) nt = 1;
         int64_t nparts = nt;
         int64_t bounds_local[POOL_MAX + 1];
-        panel_job_t job = {pick_panel(), w, bp, have_ord ? (const int32_t *)ordb.buf : NULL, nb, P, 1, bounds_local,
+        panel_job_t job = {pick_panel_for(&w), w, bp, have_ord ? (const int32_t *)ordb.buf : NULL, nb, P, 1, bounds_local,
                            (const float *)x.buf, (float *)y.buf, have_yr ? (float *)yr.buf : NULL, batch,
                            have_xr ? (const float *)xrb.buf : NULL};
         const int split_panels = nt > 1 && P >= nt && (sk_settings.panel_split == 2 || (sk_settings.panel_split == 0 && P % nt == 0));
         if (threads > 0 && !split_panels && work < (sk_settings.panel_par_min << ROW_SPLIT_SHIFT)) nt = 1;
-        if (nt > 1 && !split_panels && panel_bounds(bp, nb, w.n_out, nparts, bounds_local)) {
+        if (nt > 1 && !split_panels && panel_bounds(bp, nb, w.n_out, (int)rb, nparts, bounds_local)) {
             PyErr_NoMemory();
             goto done;
         }
@@ -402,11 +411,11 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
     Py_buffer val, idx, bptr, x, y, bias = {0}, ordb = {0}, scr = {0};
     PyObject *bias_obj, *ord_obj, *scr_obj = Py_None;
     int idx_bytes, relu, threads;
-    long long K, n_out, nb, B;
+    long long K, n_out, nb, B, rb = 1;
     conv_t g;
-    if (!PyArg_ParseTuple(args, "y*y*y*OOy*w*iLLLiiL(LLLLLLLLLLLLL)|O", &val, &idx, &bptr, &bias_obj, &ord_obj, &x,
+    if (!PyArg_ParseTuple(args, "y*y*y*OOy*w*iLLLiiL(LLLLLLLLLLLLL)|OL", &val, &idx, &bptr, &bias_obj, &ord_obj, &x,
                           &y, &idx_bytes, &K, &n_out, &nb, &relu, &threads, &B, &g.c, &g.h, &g.w, &g.kh, &g.kw, &g.sh,
-                          &g.sw, &g.ph, &g.pw, &g.dh, &g.dw, &g.ho, &g.wo, &scr_obj))
+                          &g.sw, &g.ph, &g.pw, &g.dh, &g.dw, &g.ho, &g.wo, &scr_obj, &rb))
         return NULL;
     int have_bias = 0, have_ord = 0, have_scr = 0;
     PyObject *ret = NULL;
@@ -429,9 +438,16 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
     }
     if (!dims_ok(K, n_out)) goto done;
     if (nb < 1 || nb > SK_MAX_DIM) { PyErr_SetString(PyExc_ValueError, "bad block count"); goto done; }
-    if (check_len(&bptr, smul(smul(nb, n_out) + 1, 8), "block pointers")) goto done;
-    if (make_csr(&w, &val, &idx, &bptr, Py_None, &bias, idx_bytes, K, nb * n_out, relu)) goto done;
+    if ((rb != 1 && rb != 2 && rb != 4 && rb != 8 && rb != 16) || n_out % rb || (rb > 1 && have_ord)) {
+        PyErr_SetString(PyExc_ValueError, "rows per block must be 1, 2, 4, 8 or 16 and divide C_out (no row order)");
+        goto done;
+    }
+    if (check_len(&bptr, smul(smul(nb, n_out / rb) + 1, 8), "block pointers")) goto done;
+    /* a row-block layout's pointers count block rows, and each entry holds rb values */
+    if (make_csr(&w, &val, &idx, &bptr, Py_None, &bias, idx_bytes, K, nb * (n_out / rb), relu)) goto done;
+    if (check_len(&val, smul(smul(w.rowptr[nb * (n_out / rb)], rb) + PAD_SLACK, 4), "values")) goto done;
     w.n_out = n_out;
+    w.rb = rb > 1 ? (int)rb : 0;
     if (have_bias) {
         if (check_len(&bias, smul(n_out, 4), "bias")) goto done;
         w.bias = (const float *)bias.buf;
@@ -440,7 +456,8 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
         check_len(&y, smul(smul3(B, n_out, smul(g.ho, g.wo)), 4), "y"))
         goto done;
     {
-        const int64_t P = (g.ho * g.wo + PANEL - 1) / PANEL, items = B * P;
+        const int64_t npix = g.ho * g.wo, P = (npix + PANEL - 1) / PANEL;
+        const int64_t G = npix < PANEL ? PANEL / npix : 1, items = G > 1 ? (B + G - 1) / G : B * P;
         int nt = clamp_threads(threads < 0 ? -threads : threads);
         if (items < nt) nt = items > 0 ? (int)items : 1;
         const int64_t per = ((K + n_out) * PANEL + 15) & ~(int64_t)15;
@@ -458,8 +475,8 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
             }
             scratch = (float *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
         }
-        conv_job_t job = {pick_panel(), w, w.rowptr, have_ord ? (const int32_t *)ordb.buf : NULL, nb, g,
-                          (const float *)x.buf, (float *)y.buf, P, scratch, per};
+        conv_job_t job = {pick_panel_for(&w), w, w.rowptr, have_ord ? (const int32_t *)ordb.buf : NULL, nb, g,
+                          (const float *)x.buf, (float *)y.buf, P, G, B, scratch, per};
         Py_BEGIN_ALLOW_THREADS
         if (nt <= 1) {
             for (int64_t it = 0; it < items; it++) conv_item(&job, it, 0);
@@ -495,10 +512,11 @@ static PyMethodDef methods[] = {
      "in-window indices, rows in natural order; the caller guarantees windows within x (no re-check per call)"},
     {"panel", py_panel, METH_VARARGS,
      "panel(values, indices, blockptr, bias|None, xp, yp, idx_bytes, n_in, n_out, npanels, nblocks, relu, threads"
-     "[, y_rows|None, batch, order|None, x_rows|None]): with x_rows (batch, n_in) row-major the kernel transposes it "
+     "[, y_rows|None, batch, order|None, x_rows|None, rows_per_block]): with x_rows (batch, n_in) row-major the kernel transposes it "
      "into xp (scratch) panel by panel; with y_rows (batch, n_out) row-major, the last column block writes there "
      "(yp then holds only partial sums); order (int32, nblocks * n_out): the row at each position of each block, "
-     "a permutation within 64-row groups"},
+     "a permutation within 64-row groups; rows_per_block (default 1; 2, 4, 8 or 16): the weight in "
+     "CsrLayer.row_blocked's layout (pointers per block row, rows_per_block values an entry), run by the block kernel"},
     {"gemv", py_gemv, METH_VARARGS,
      "gemv(weight_t, bias|None, x, y, n_in, n_out, batch, relu, threads): dense layer, weight (n_in, n_out)"},
     {"chain_new", py_chain_new, METH_VARARGS,
@@ -529,8 +547,9 @@ static PyMethodDef methods[] = {
      "conv(values, indices, blockptr, bias|None, order|None, x, y, idx_bytes, K, C_out, nblocks, relu, threads, batch, "
      "(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)): a sparse 2-D convolution, x (batch, c, h, w) -> y (batch, "
      "C_out, ho, wo), the weight (C_out, K = c * kh * kw) in CsrLayer.blocked's layout; im2col panels of 64 output "
-     "pixels fed to the panel kernel; an optional last argument is a reusable float32 scratch of at least "
-     "(round16((K + C_out) * 64) * threads + 16) floats (else one is allocated per call)"},
+     "pixels fed to the panel kernel; an optional argument is a reusable float32 scratch of at least "
+     "(round16((K + C_out) * 64) * threads + 16) floats (None: one is allocated per call), then the rows per block "
+     "(default 1; 2, 4, 8 or 16: the weight in CsrLayer.row_blocked's layout, run by the block kernel)"},
     {"window_width", py_window_width, METH_NOARGS,
      "the window width of the active code path's window kernel (the window form of the rows layout)"},
     {"available_isas", py_available_isas, METH_NOARGS, "code paths this CPU can run"},

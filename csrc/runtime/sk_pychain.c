@@ -40,8 +40,8 @@ static int ch_get(chain_t *c, PyObject *o, int64_t need, const char *what, const
 }
 
 /* chain_new's layers are objects with named fields (sparsekit.runtime.model.ChainLayer): kind, values,
- * indices, pointers, order, bias, idx_bytes, n_in, n_out, relu, threads (the thread cap), blocks, and for
- * the window kind windows and window (the width) */
+ * indices, pointers, order, bias, idx_bytes, n_in, n_out, relu, threads (the thread cap), blocks, for
+ * the window kind windows and window (the width), for the block kind rows_per_block */
 #define CH_FIELDS 6
 
 /* layer i's field `name` as an int in *out (a missing optional field leaves *out): 0, or -1 with a
@@ -183,12 +183,12 @@ PyObject *py_chain_new(PyObject *self, PyObject *args) {
             (l->kind == CH_WINDOW && (field_obj(spec, i, "windows", &fields[5]) || field_ll(spec, i, "window", 0, &wide))))
             goto fail;
         PyObject *a = fields[0], *b = fields[1], *d = fields[2], *e = fields[3], *bias_obj = fields[4];
-        if ((l->kind == CH_PANEL) != (i == 0 ? l->kind == CH_PANEL : c->panel)) {
-            PyErr_SetString(PyExc_ValueError, "a chain is all panel layers or none");
+        if (CH_ON_PANELS(l->kind) != (i == 0 ? CH_ON_PANELS(l->kind) : c->panel)) {
+            PyErr_SetString(PyExc_ValueError, "a chain is all panel layers or none (block layers run on panels too)");
             goto fail;
         }
         if (i == 0) {
-            c->panel = l->kind == CH_PANEL;
+            c->panel = CH_ON_PANELS(l->kind);
             c->pw = n_in;
         }
         if (n_out > c->pw) c->pw = n_out;
@@ -209,18 +209,30 @@ PyObject *py_chain_new(PyObject *self, PyObject *args) {
                 if (ch_get(c, bias_obj, smul(n_out, 4), "bias", &p)) goto fail;
                 l->bias = (const float *)p;
             }
-        } else if (l->kind == CH_PANEL) {
+        } else if (CH_ON_PANELS(l->kind)) {
             csr_t *w = &l->pw;
             if (idx_bytes != 2 && idx_bytes != 4) { PyErr_SetString(PyExc_ValueError, "idx_bytes must be 2 or 4"); goto fail; }
             if (nb < 1) { PyErr_SetString(PyExc_ValueError, "bad block count"); goto fail; }
-            if (nb > SK_MAX_DIM || ch_get(c, d, smul(smul(nb, n_out) + 1, 8), "block pointers", &p)) {
+            w->rb = 1;
+            if (l->kind == CH_BLOCK) {
+                long long rb = 0;
+                if (field_ll(spec, i, "rows_per_block", 0, &rb)) goto fail;
+                if ((rb != 2 && rb != 4 && rb != 8 && rb != 16) || n_out % rb != 0 || e != Py_None) {
+                    PyErr_SetString(PyExc_ValueError,
+                                    "block layer: rows_per_block must be 2, 4, 8 or 16 and divide n_out, order None");
+                    goto fail;
+                }
+                w->rb = (int)rb;
+            }
+            const int64_t npos = n_out / w->rb; /* block pointers per column block */
+            if (nb > SK_MAX_DIM || ch_get(c, d, smul(smul(nb, npos) + 1, 8), "block pointers", &p)) {
                 if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad block count");
                 goto fail;
             }
             l->bp = (const int64_t *)p;
-            const int64_t nnz = l->bp[nb * n_out];
+            const int64_t nnz = l->bp[nb * npos];
             if (l->bp[0] != 0 || nnz < 0) { PyErr_SetString(PyExc_ValueError, "bad block pointers"); goto fail; }
-            for (int64_t r = 0; r < nb * n_out; r++)
+            for (int64_t r = 0; r < nb * npos; r++)
                 if (l->bp[r + 1] < l->bp[r]) { PyErr_SetString(PyExc_ValueError, "bad block pointers"); goto fail; }
             l->ord = NULL;
             if (e != Py_None) {
@@ -229,7 +241,7 @@ PyObject *py_chain_new(PyObject *self, PyObject *args) {
                 for (int64_t r = 0; r < nb * n_out; r++)
                     if (l->ord[r] < 0 || l->ord[r] >= n_out) { PyErr_SetString(PyExc_ValueError, "bad row order"); goto fail; }
             }
-            if (ch_get(c, a, smul(nnz + PAD_SLACK, 4), "values", &p)) goto fail;
+            if (ch_get(c, a, smul(smul(nnz, w->rb) + PAD_SLACK, 4), "values", &p)) goto fail;
             w->val = (const float *)p;
             if (ch_get(c, b, smul(nnz + PAD_SLACK, idx_bytes), "indices", &p)) goto fail;
             w->idx = p;
@@ -246,9 +258,10 @@ PyObject *py_chain_new(PyObject *self, PyObject *args) {
             w->n_out = n_out;
             w->relu = l->relu;
             l->nb = nb;
-            l->work = nnz;
+            l->work = nnz * w->rb;
+            if (w->rb == 1) w->rb = 0;
         } else {
-            PyErr_SetString(PyExc_ValueError, "chain layer kind must be 0 (rows), 1 (gemv), 2 (panel) or 3 (window)");
+            PyErr_SetString(PyExc_ValueError, "chain layer kind must be 0 (rows), 1 (gemv), 2 (panel), 3 (window) or 4 (block)");
             goto fail;
         }
     }

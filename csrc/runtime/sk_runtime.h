@@ -17,6 +17,11 @@
  *          sliced layout again, but every slot of a slice draws its 16 inputs from one window of
  *          WINDOW (32 with AVX-512, 16 with AVX2) consecutive inputs, held in registers and indexed
  *          by a permute (one instruction) instead of a 16-lane gather. Rows stay in natural order.
+ *   block  the panel kernel for layers made of R x 1 blocks (R consecutive output rows that share every
+ *          input column, R = 2, 4, 8 or 16, detected from the nonzeros by CsrLayer.row_block): each column of
+ *          a block row is one index and R values, and each 64-wide input panel row it names is loaded once
+ *          for R rows (R x 64 accumulators in registers, 4 rows at a time), so loads and index reads per
+ *          FMA drop R-fold. Runs wherever panel runs (chains, convolutions); a csr_t with rb > 1 selects it.
  *   gemv   small layers at small batch, run dense from the transposed weight (n_in, n_out): x[i] is
  *          broadcast into 128-wide rows of W^T. No per-row branches or horizontal sums, so tiny layers
  *          (where the sparse kernels' fixed costs dominate) are not slower than dense.
@@ -34,8 +39,9 @@
  * 2^31 - 1, buffer lengths computed without overflow; chain_new also re-checks indices and row orders):
  * rowptr is non-decreasing from 0, indices < n_in, the index and value arrays have PAD_SLACK spare
  * elements after the last nonzero (the vector tails read, but never use, up to 31 of them), a panel row
- * order (CsrLayer.blocked) permutes rows only within GROUP_ROWS-row groups, and a sliced layout's perm
- * holds each output row once (-1 elsewhere; the slice pointers are re-checked by the glue).
+ * order (CsrLayer.blocked) permutes rows only within GROUP_ROWS-row groups, a sliced layout's perm
+ * holds each output row once (-1 elsewhere; the slice pointers are re-checked by the glue), and a row-block
+ * layout (rb > 1) has rb in {2, 4, 8, 16} dividing n_out, no row order, and rb values an entry (+ PAD_SLACK).
  */
 #ifndef SK_RUNTIME_H
 #define SK_RUNTIME_H
@@ -129,6 +135,10 @@ typedef struct {
     const float *bias; /* may be NULL */
     int64_t n_in, n_out;
     int relu;
+    /* rows per block: 0 or 1, plain CSR; R > 1, the row-block layout of the block kernel (CsrLayer.row_blocked):
+     * rowptr indexes block rows (R consecutive output rows sharing their columns), entry k holds one column
+     * idx[k] and R values val[k*R .. k*R + R-1], one per row of the block. R is 2, 4, 8 or 16. */
+    int rb;
 } csr_t;
 
 static inline int64_t idx_at(const csr_t *w, int64_t k) {
@@ -191,6 +201,10 @@ void rows_generic(const sliced_t *w, const float *x, float *y, int64_t B, int64_
 void window_generic(const sliced_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1);
 void panel_generic(const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0, int64_t k1,
                    int first, int last, const rowout_t *ro);
+/* block kernel (a panel_fn for csr_t layouts with rb > 1): rows k0..k1-1 are whole blocks (multiples of
+ * w->rb), ord is unused (natural order) */
+void block_generic(const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0, int64_t k1,
+                   int first, int last, const rowout_t *ro);
 void gemv_generic(const float *wt, const float *bias, const float *x, float *y, int64_t n_in, int64_t n_out,
                   int64_t b0, int64_t b1, int relu);
 #if SK_X86
@@ -198,11 +212,15 @@ SK_AVX2 void rows_avx2(const sliced_t *w, const float *x, float *y, int64_t B, i
 SK_AVX2 void window_avx2(const sliced_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1);
 SK_AVX2 void panel_avx2(const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0, int64_t k1,
                         int first, int last, const rowout_t *ro);
+SK_AVX2 void block_avx2(const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0, int64_t k1,
+                        int first, int last, const rowout_t *ro);
 /* 8x8 float transpose: dst[c][r] = src[r][c] (row strides ss, ds in floats) */
 SK_AVX2 void tr8x8_avx2(const float *src, int64_t ss, float *dst, int64_t ds);
 SK_AVX512 void rows_avx512(const sliced_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1);
 SK_AVX512 void window_avx512(const sliced_t *w, const float *x, float *y, int64_t B, int64_t s0, int64_t s1);
 SK_AVX512 void panel_avx512(const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0,
+                            int64_t k1, int first, int last, const rowout_t *ro);
+SK_AVX512 void block_avx512(const csr_t *w, const int32_t *ord, const float *xp, float *yp, int64_t k0,
                             int64_t k1, int first, int last, const rowout_t *ro);
 SK_AVX512 void gemv_avx512(const float *wt, const float *bias, const float *x, float *y, int64_t n_in,
                            int64_t n_out, int64_t b0, int64_t b1, int relu);
@@ -219,6 +237,8 @@ rows_fn pick_sliced(const sliced_t *w);
 /* the window width the active code path's window kernel takes */
 int64_t window_width(void);
 panel_fn pick_panel(void);
+/* the kernel for layout w: the block kernel when w->rb > 1, else the panel kernel */
+panel_fn pick_panel_for(const csr_t *w);
 gemv_fn pick_gemv(void);
 /* a finished tile of a panel kernel into row-major y (ro->y + obase), with the active code path */
 void tile_flush(const rowout_t *ro, const float *tile, int64_t obase, int64_t nrows);
@@ -287,7 +307,9 @@ void panel_whole(void *ctx, int64_t p, int tid);
 void panel_transpose_item(void *ctx, int64_t p, int tid);
 void panel_rows(panel_fn fn, const csr_t *w, const int64_t *bp, const int32_t *ord, int64_t nb,
                 const rowout_t *ro, int64_t o0, int64_t o1, const float *xp, float *yp);
-/* a sparse convolution (sk_conv.c): B images, P panels of 64 output pixels each; item = image * P + panel */
+/* a sparse convolution (sk_conv.c): B images, P panels of 64 output pixels each; item = image * P + panel.
+ * An image of fewer than 64 output pixels shares a panel: G = 64 / (ho * wo) images side by side in its lanes
+ * (P = 1, item = images G * item .. G * item + G - 1). */
 typedef struct {
     panel_fn fn;
     csr_t w;             /* (C_out, K) over column blocks: rowptr = bp */
@@ -297,14 +319,15 @@ typedef struct {
     conv_t g;
     const float *x;      /* (B, c, h, w) */
     float *y;            /* (B, C_out, ho * wo) */
-    int64_t P;
+    int64_t P, G, B;     /* panels per image, images per panel (1 unless an image has fewer than 64 pixels), images */
     float *scratch;      /* per thread: K * PANEL + C_out * PANEL floats, 64-byte aligned */
     int64_t per_thread;
 } conv_job_t;
 void conv_item(void *ctx, int64_t item, int tid);
 
-/* nparts group-aligned row ranges balanced by nonzeros (+ 8 per row) over all blocks; -1: out of memory */
-int panel_bounds(const int64_t *bp, int64_t nb, int64_t n_out, int64_t nparts, int64_t *bounds);
+/* nparts group-aligned row ranges balanced by nonzeros (+ 8 per row) over all blocks; rb: rows per block
+ * pointer (1, or a row-block layout's R: bp then holds nb * n_out / rb + 1 pointers); -1: out of memory */
+int panel_bounds(const int64_t *bp, int64_t nb, int64_t n_out, int rb, int64_t nparts, int64_t *bounds);
 
 typedef struct {
     const float *src;

@@ -1,8 +1,10 @@
 """Sparse 2-D convolutions (``com.sparsekit::SparseConv``): the weight (C_out, C_in, kh, kw) as a sparse
 (C_out, K = C_in * kh * kw) matrix, run as the panel kernel's SpMM over im2col panels of 64 output pixels
-(``csrc/runtime/sk_conv.c``): each panel's columns are built straight in the panel layout, and the result's
-rows are the output channels, already channel-major (NCHW). Bias (batch norm folded in by the exporter) and
-ReLU are fused. Groups other than 1 (depthwise convolutions) stay with ONNX Runtime.
+(``csrc/runtime/sk_conv.c``): each panel's columns are built straight in the panel layout (images of fewer than
+64 output pixels side by side in one panel), and the result's rows are the output channels, already
+channel-major (NCHW). Bias (batch norm folded in by the exporter) and
+ReLU are fused. Groups other than 1 (depthwise convolutions) stay with ONNX Runtime. A weight made of R x 1
+blocks (R consecutive output channels sharing each input tap, ``CsrLayer.row_block``) runs the block kernel.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class ConvGeometry:
 
 class SparseConv:
     """One sparse convolution: ``layer`` holds the (C_out, K) weight with bias and ReLU; ``block`` the panel
-    kernel's column block width (0: one block)."""
+    kernel's column block width (0: one block). ``kernel``: ``block`` or ``panel``, the block kernel where the
+    weight has row blocks (``kernel``, read-only after construction, says which runs)."""
 
     def __init__(self, layer: CsrLayer, in_channels: int, geometry: ConvGeometry, *, block: int = 0) -> None:
         kh, kw = geometry.kernel
@@ -42,6 +45,7 @@ class SparseConv:
             raise InputError(f"weight has {layer.n_in} columns, expected {in_channels}x{kh}x{kw}",
                              where=layer.name or "conv")
         self.layer, self.in_channels, self.geometry, self.block = layer, in_channels, geometry, block
+        self.kernel = "block" if layer.has_block() else "panel"
         # per-thread im2col and output panels, kept between calls (a fresh one each call page-faulted: 128->128
         # channels at 8x8 ran 100-160 us, dense ORT 110-140 us); a concurrent call allocates its own
         self._scratch: np.ndarray | None = None
@@ -81,18 +85,22 @@ class SparseConv:
         if _K is None:
             y[...] = self.reference(x)
             return y
-        v, i, bptr, nb, order = self.layer.blocked(self.block)
+        rb = self.layer.row_block() if self.kernel == "block" else 1
+        if rb > 1:
+            (v, i, bptr, nb), order = self.layer.row_blocked(self.block), None
+        else:
+            v, i, bptr, nb, order = self.layer.blocked(self.block)
         args = (v, i, bptr, self.layer.bias, order, x, y, self.layer.idx_bytes, self.layer.n_in, self.out_channels,
                 nb, int(self.layer.relu), int(threads), b,
                 (c, h, w, *g.kernel, *g.strides, g.pads[0], g.pads[1], *g.dilations, ho, wo))
         if not self._busy.acquire(blocking=False):
-            _K.conv(*args)  # another thread is in this convolution: its own scratch
+            _K.conv(*args, None, rb)  # another thread is in this convolution: its own scratch
             return y
         try:
             need = (-(-(self.layer.n_in + self.out_channels) * PANEL // 16) * 16) * max(1, int(threads)) + 16
             if self._scratch is None or self._scratch.size < need:
                 self._scratch = np.empty(need, np.float32)
-            _K.conv(*args, self._scratch)
+            _K.conv(*args, self._scratch, rb)
         finally:
             self._busy.release()
         return y

@@ -183,7 +183,7 @@ class GraphModel:
         """A sparse node's step; its kernels held to ``memory_limit`` as a chain's are (``memory.kernel_bytes``:
         a convolution's layout and its per-thread panels of im2col columns and outputs)."""
         if isinstance(layer, SparseConv):
-            need = kernel_bytes(layer.layer, "panel", layer.block, self.threads)
+            need = kernel_bytes(layer.layer, layer.kernel, layer.block, self.threads)
             if memory_limit is not None and need > memory_limit:
                 raise InputError(f"convolution {node.name!r} needs ~{need >> 20} MiB, over this artifact's "
                                  f"{memory_limit >> 20} MiB memory bound", where="artifact",
@@ -345,7 +345,7 @@ class GraphModel:
             "segments": sum(isinstance(s, DenseStep) for s in self._steps),
             "convolutions": [{"name": c.layer.name, "shape": [c.out_channels, c.in_channels, *c.geometry.kernel],
                               "nnz": c.layer.nnz, "sparsity": round(1.0 - c.layer.density, 6),
-                              "relu": c.layer.relu, "block": c.block} for c in self.convs],
+                              "relu": c.layer.relu, "block": c.block, "kernel": c.kernel} for c in self.convs],
             "layers": [layer_info(layer) for layer in self.layers],
             "metadata": dict(self.metadata),
         }

@@ -10,6 +10,9 @@ indices, int64 row pointers). Kernels (see ``csrc/runtime/sk_runtime.h``):
 - ``window``: the rows kernel's layout without gathers (``sparsekit.runtime.window``): each 16-row
   slot reads one window of 32 (AVX-512) or 16 (AVX2) consecutive inputs held in registers; faster than
   ``rows`` where gathers are microcoded (AMD Zen 4/5). Layers narrower than a window run ``rows``;
+- ``block`` (optionally ``block:<block>``): the panel kernel for layers made of R x 1 row blocks
+  (``sparsekit.runtime.blocks``: R consecutive rows sharing their columns, detected from the nonzeros),
+  each input panel row loaded once for R rows; column blocks as ``panel``'s;
 - ``gemv``: the layer densified (transposed weight) and run by sparsekit's own dense kernel at small
   batch: for small layers (a few 10^4 weights) it beats both the sparse kernel (per-row overhead)
   and ONNX Runtime (per-node call overhead);
@@ -26,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from sparsekit.errors import InputError
+from sparsekit.runtime import blocks as _blocks
 from sparsekit.runtime import window as _window
 
 try:  # the compiled kernels; a pure-numpy path keeps the package usable (slowly) without them
@@ -40,7 +44,7 @@ PAD_SLACK = int(_K.PAD_SLACK) if _K is not None else 32
 GROUP_ROWS = int(_K.GROUP_ROWS) if _K is not None else 64
 SLICE = int(getattr(_K, "SLICE", 16)) if _K is not None else 16
 SORT_WINDOW = 256  # sliced layout: rows are sorted by length within windows of this many rows
-KERNELS = ("rows", "window", "panel", "gemv", "dense")
+KERNELS = ("rows", "window", "panel", "block", "gemv", "dense")
 # largest layer width or input size: the kernels index columns and rows with int32
 MAX_DIM = 2**31 - 1
 MAX_THREAD_CAP = 1024  # a plan's ``@N``: the kernels clamp threads to their pool size anyway
@@ -102,8 +106,8 @@ def parse_kernel(spec: str) -> tuple[str, int, int]:
         cap = int(cap_s) if at else 0
     except ValueError as exc:
         raise InputError(f"bad kernel block width or thread cap in {spec!r}", where="plan") from exc
-    if block < 0 or (block and name != "panel"):
-        raise InputError(f"bad kernel spec {spec!r}", where="plan", fix="only panel takes a block width")
+    if block < 0 or (block and name not in ("panel", "block")):
+        raise InputError(f"bad kernel spec {spec!r}", where="plan", fix="only panel and block take a block width")
     if at and not 1 <= cap <= MAX_THREAD_CAP:
         raise InputError(f"bad thread cap in {spec!r}", where="plan", fix=f"use @N with 1 <= N <= {MAX_THREAD_CAP}")
     if block > MAX_DIM:
@@ -162,6 +166,8 @@ class CsrLayer:
     _sliced: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None] | None = field(
         default=None, repr=False)
     _windowed: dict[int, tuple[np.ndarray, ...]] = field(default_factory=dict, repr=False)
+    _row_block: int | None = field(default=None, repr=False)
+    _row_blocked: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = field(default_factory=dict, repr=False)
     _dense: np.ndarray | None = field(default=None, repr=False)
     _dense_t: np.ndarray | None = field(default=None, repr=False)
     # the models running this layer (FastModel registers itself): told when ``plan`` is replaced
@@ -334,6 +340,27 @@ class CsrLayer:
             self._sliced = (sv, si, slice_ptr, perm, bias)
         return self._sliced
 
+    def row_block(self) -> int:
+        """R of the layer's R x 1 row blocks (``sparsekit.runtime.blocks.row_block``, from the nonzeros), 0: none."""
+        if self._row_block is None:
+            self._row_block = _blocks.row_block(self.indices, self.rowptr)
+        return self._row_block
+
+    def has_block(self) -> bool:
+        """Whether the ``block`` kernel can run this layer (else ``block`` runs ``panel``)."""
+        return self.row_block() > 1
+
+    def row_blocked(self, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """(values, indices, block pointers, number of column blocks): the ``block`` kernel's layout with column
+        blocks of width ``block`` (0 or >= n_in: one block; ``sparsekit.runtime.blocks.build``). The layer must
+        ``has_block``."""
+        key = block if 0 < block < self.n_in else 0
+        if key not in self._row_blocked:
+            v, i, rp = self.csr()
+            self._row_blocked[key] = _blocks.build(v, i, rp, self.n_in, self.row_block(), key, PAD_SLACK,
+                                                   aligned_zeros)
+        return self._row_blocked[key]
+
     def has_window(self, width: int | None = None) -> bool:
         """Whether the ``window`` kernel can run this layer (at ``width``, default the active path's)."""
         return _window.fits(self.n_in, window_width() if width is None else width)
@@ -376,8 +403,10 @@ class CsrLayer:
         _K.gemv(self.dense_t(), self.bias, x, y, self.n_in, self.n_out, x.shape[0], int(self.relu), int(threads))
 
     def run_panel(self, xp: np.ndarray, yp: np.ndarray, npanels: int, block: int, threads: int,
-                  y_rows: np.ndarray | None = None, x_rows: np.ndarray | None = None) -> None:
-        """Panels (P, n_in, PANEL) -> (P, n_out, PANEL); with ``y_rows`` (batch, n_out) C-contiguous the
+                  y_rows: np.ndarray | None = None, x_rows: np.ndarray | None = None, *,
+                  row_blocks: bool = False) -> None:
+        """Panels (P, n_in, PANEL) -> (P, n_out, PANEL); ``row_blocks``: the ``block`` kernel (the ``panel``
+        kernel on a layer without row blocks). With ``y_rows`` (batch, n_out) C-contiguous the
         results go there row-major instead (the output transpose fused into the kernel; ``yp`` is
         then scratch for partial sums). With ``x_rows`` (batch, n_in) C-contiguous the input is
         row-major: the kernel transposes it into ``xp`` (aligned scratch) one panel at a time, right
@@ -392,8 +421,13 @@ class CsrLayer:
                 return
             yp.reshape(npanels, self.n_out, PANEL)[...] = y.reshape(npanels, PANEL, self.n_out).transpose(0, 2, 1)
             return
-        v, i, bptr, nb, order = self.blocked(block)
         batch = y_rows.shape[0] if y_rows is not None else x_rows.shape[0] if x_rows is not None else 0
+        if row_blocks and self.has_block():
+            v, i, bptr, nb = self.row_blocked(block)
+            _K.panel(v, i, bptr, self.bias, xp, yp, self.idx_bytes, self.n_in, self.n_out, npanels, nb,
+                     int(self.relu), int(threads), y_rows, int(batch), None, x_rows, self.row_block())
+            return
+        v, i, bptr, nb, order = self.blocked(block)
         _K.panel(v, i, bptr, self.bias, xp, yp, self.idx_bytes, self.n_in, self.n_out, npanels, nb,
                  int(self.relu), int(threads), y_rows, int(batch), order, x_rows)
 

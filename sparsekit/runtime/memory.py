@@ -11,7 +11,7 @@ kernel that fits instead (see ``FastModel.kernels_for``).
 
 from __future__ import annotations
 
-from sparsekit.runtime import window
+from sparsekit.runtime import blocks, window
 from sparsekit.runtime.layers import PANEL, SLICE, SORT_WINDOW, CsrLayer, window_width
 
 MIN_BOUND = 256 << 20  # bytes
@@ -31,7 +31,8 @@ def memory_bound(file_bytes: int) -> int:
     """max(256 MiB, 16 x the artifact's bytes). The sparse kernels' layouts are reorderings of the CSR the file holds
     (``rows`` pads each 16-row slice to its longest row, at worst 16x the nonzeros; ``window`` pads each slice's
     slots per input window likewise, every slot holding at least one nonzero; ``panel`` adds a pointer per row
-    and column block), so 16x the file admits every sparse layout of an honest artifact, while 256 MiB lets a small
+    and column block; ``block`` stores the nonzeros and at most 2% padding zeros, and a pointer per block row and
+    column block), so 16x the file admits every sparse layout of an honest artifact, while 256 MiB lets a small
     model densify a layer (a 4096x4096 dense layer peaks at about 500 MiB: refused for files under 32 MiB) or run
     64-sample panels of wide inputs."""
     return max(MIN_BOUND, FILE_FACTOR * int(file_bytes))
@@ -52,9 +53,9 @@ def sliced_slots(layer: CsrLayer) -> int:
 
 
 def kernel_bytes(layer: CsrLayer, name: str, block: int, threads: int = 1) -> int:
-    """Peak bytes ``name`` (with column block width ``block`` for panel) needs for ``layer`` beyond its CSR and the
-    activations of the batch itself: its weight layout (built once and kept) with the temporaries of building it,
-    plus fixed per-call scratch (a panel kernel's 64-sample input and output panels on each thread)."""
+    """Peak bytes ``name`` (with column block width ``block`` for panel and block) needs for ``layer`` beyond its CSR
+    and the activations of the batch itself: its weight layout (built once and kept) with the temporaries of building
+    it, plus fixed per-call scratch (a panel kernel's 64-sample input and output panels on each thread)."""
     n_in, n_out, nnz = layer.n_in, layer.n_out, layer.nnz
     entry = 4 + layer.idx_bytes  # a stored nonzero: value and column index
     if name == "dense":
@@ -69,4 +70,9 @@ def kernel_bytes(layer: CsrLayer, name: str, block: int, threads: int = 1) -> in
         return window.slot_count(i, rp, n_in, window_width()) * (5 * SLICE + 4) + build
     nb = -(-n_in // block) if 0 < block < n_in else 1
     panels = 2 * PANEL * 4 * (n_in + n_out) * max(1, threads)
+    if name == "block" and layer.has_block():  # an entry per column of a block row: R values and one index
+        r = layer.row_block()
+        stored = int(nnz * (1 + blocks.MAX_FILL)) + r  # weights the layout stores, at most (row_block's bound)
+        return stored * 4 + (stored // r) * layer.idx_bytes + (8 + BUILD_BYTES_PER_ENTRY) * nb * (n_out // r) \
+            + build + panels
     return nnz * entry + (4 + BUILD_BYTES_PER_ENTRY) * nb * n_out + build + panels

@@ -38,17 +38,18 @@ from sparsekit.runtime.memory import kernel_bytes
 
 _F32 = np.dtype(np.float32)
 
-CHAIN_ROWS, CHAIN_GEMV, CHAIN_PANEL, CHAIN_WINDOW = 0, 1, 2, 3  # ChainLayer.kind
+CHAIN_ROWS, CHAIN_GEMV, CHAIN_PANEL, CHAIN_WINDOW, CHAIN_BLOCK = 0, 1, 2, 3, 4  # ChainLayer.kind
+ON_PANELS = ("panel", "block")  # the kernels whose activations are 64-sample panels
 
 
 @dataclass(frozen=True)
 class ChainLayer:
     """One layer of a C chain as ``_kernels.chain_new`` reads it, field by field (and validates every one)."""
 
-    kind: int                       # CHAIN_ROWS, CHAIN_GEMV, CHAIN_PANEL or CHAIN_WINDOW
-    values: np.ndarray              # float32 values (gemv: the weight transposed, (n_in, n_out))
+    kind: int                       # CHAIN_ROWS, CHAIN_GEMV, CHAIN_PANEL, CHAIN_WINDOW or CHAIN_BLOCK
+    values: np.ndarray              # float32 values (gemv: the weight transposed, (n_in, n_out); block: R an entry)
     indices: np.ndarray | None      # column indices (idx_bytes each; window: in-window); gemv: None
-    pointers: np.ndarray | None     # int64 rows/window: slice pointers; panel: block pointers; gemv: None
+    pointers: np.ndarray | None     # int64 rows/window: slice pointers; panel/block: block pointers; gemv: None
     order: np.ndarray | None        # int32 rows/window: row at each slot; panel: row order or None; gemv: None
     bias: np.ndarray | None         # float32 (n_out,) (rows/window: padded to whole slices) or None
     idx_bytes: int                  # 2 or 4 (window: 1)
@@ -59,6 +60,7 @@ class ChainLayer:
     blocks: int = 1                 # panel: column blocks
     windows: np.ndarray | None = None  # window: int32 first input of each slot's window
     window: int = 0                 # window: the window width
+    rows_per_block: int = 1         # block: R, the rows of a row block
 # outputs from this many floats are allocated 64-byte aligned (see _new_output)
 ALIGNED_OUTPUT_FLOATS = 1 << 16
 
@@ -120,6 +122,10 @@ def default_kernel(layer: CsrLayer, batch: int) -> str:
         return small_batch_sparse(layer) if d <= ROWS_MAX_DENSITY else "dense"
     if d > PANEL_MAX_DENSITY:
         return "dense"
+    if layer.has_block():
+        # R x 1 row blocks: each input row is loaded once for R rows, which also makes column blocks unnecessary
+        # (4096x4096 4x1 blocks at 80% and 90%, batch 16 and 256: block:256 5-15% slower than block)
+        return "block"
     if layer.n_in > 512 and d >= 0.05:  # column blocks whose input slab stays in L1/L2 (measured at 90%)
         return "panel:128" if layer.n_in <= 2048 else "panel:256"
     return "panel"  # sparser: too few nonzeros per row and block to pay for the blocks' overhead
@@ -323,15 +329,16 @@ class FastModel:
 
     def _make_chain(self, parsed: list[tuple[str, int, int]]) -> Any:
         """A C chain (``_kernels.chain_new``) when every layer runs a small-batch kernel (rows, window or gemv),
-        or every layer runs ``panel``: the whole model is then one Python->C call per ``run``, its
+        or every layer runs ``panel`` or ``block``: the whole model is then one Python->C call per ``run``, its
         arguments validated here once. A panel chain runs data-parallel: each thread takes whole panels
         (or half panels) of the batch through every layer, with no hand-off between layers."""
         if _K is None or not hasattr(_K, "chain_new") or self.layers[0].n_in == 0:
             return None
         names = {name for name, _, _ in parsed}
-        if not (names <= {"rows", "window", "gemv"} or names == {"panel"}):
+        on_panels = names <= set(ON_PANELS)
+        if not (names <= {"rows", "window", "gemv"} or on_panels):
             return None
-        if names == {"panel"} and any(layer.n_out == 0 for layer in self.layers):
+        if on_panels and any(layer.n_out == 0 for layer in self.layers):
             return None
         return _K.chain_new(self.chain_layers(parsed), self.input_shape)
 
@@ -340,7 +347,11 @@ class FastModel:
         specs: list[ChainLayer] = []
         for layer, (name, block, cap) in zip(self.layers, parsed, strict=True):
             shape = {"n_in": layer.n_in, "n_out": layer.n_out, "relu": int(layer.relu), "threads": cap}
-            if name == "panel":
+            if name == "block" and layer.has_block():
+                v, i, bptr, nb = layer.row_blocked(block)
+                specs.append(ChainLayer(CHAIN_BLOCK, v, i, bptr, None, layer.bias, layer.idx_bytes, **shape,
+                                        blocks=int(nb), rows_per_block=layer.row_block()))
+            elif name in ON_PANELS:  # block on a layer without row blocks: panel
                 v, i, bptr, nb, order = layer.blocked(block)
                 specs.append(ChainLayer(CHAIN_PANEL, v, i, bptr, order, layer.bias, layer.idx_bytes, **shape,
                                         blocks=int(nb)))
@@ -477,7 +488,7 @@ class FastModel:
                 y = np.empty((batch, layer.n_out), dtype=np.float32)
                 {"rows": layer.run_rows, "window": layer.run_window, "gemv": layer.run_gemv}[name](cur, y, nt)
                 cur = y
-            else:  # panel: activations ping-pong between two cached scratch buffers
+            else:  # panel, block: activations ping-pong between two cached scratch buffers
                 x_rows = None
                 if not panels:  # row-major input: the kernel transposes it panel by panel into scratch
                     slot = 0
@@ -485,14 +496,15 @@ class FastModel:
                     x_rows, cur = cur, self._scratch(slot, layer.n_in * panels * PANEL)
                 slot ^= 1
                 yp = self._scratch(slot, panels * layer.n_out * PANEL)
-                if i + 1 == n or parsed[i + 1][0] != "panel":
+                blocks = {"row_blocks": True} if name == "block" else {}
+                if i + 1 == n or parsed[i + 1][0] not in ON_PANELS:
                     # the layout changes after this layer: the kernel writes row-major output itself
                     # (fused transpose) into an output _new_output aligns when large
                     y = _new_output(batch, layer.n_out)
-                    layer.run_panel(cur, yp, panels, block, nt, y_rows=y, x_rows=x_rows)
+                    layer.run_panel(cur, yp, panels, block, nt, y_rows=y, x_rows=x_rows, **blocks)
                     cur, panels = y, 0
                 else:
-                    layer.run_panel(cur, yp, panels, block, nt, x_rows=x_rows)
+                    layer.run_panel(cur, yp, panels, block, nt, x_rows=x_rows, **blocks)
                     cur = yp
             i += 1
         if panels:

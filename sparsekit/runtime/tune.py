@@ -20,6 +20,7 @@ import numpy as np
 from sparsekit.runtime.layers import _K, PANEL, CsrLayer, aligned_empty, to_panels
 from sparsekit.runtime.model import (
     GEMV_MAX_WEIGHTS,
+    ON_PANELS,
     ROWS_MAX_BATCH,
     FastModel,
     _dense_session,
@@ -87,6 +88,11 @@ def call_clock(threads: int):
     return time.thread_time if int(threads) == 1 else time.perf_counter
 
 
+def on_panels(spec: str) -> bool:
+    """Whether a kernel spec runs on 64-sample panels (``panel`` or ``block``, any block width or cap)."""
+    return spec.partition(":")[0].partition("@")[0] in ON_PANELS
+
+
 def candidates(layer: CsrLayer, batch: int, threads: int = 1) -> list[str]:
     """Kernel specs worth timing; with ``threads`` > 1 also each sparse kernel capped at one thread
     (``@1``), so a layer too small to gain from a second thread keeps one (recorded in the plan)."""
@@ -100,8 +106,9 @@ def candidates(layer: CsrLayer, batch: int, threads: int = 1) -> list[str]:
         if layer.n_in * layer.n_out <= GEMV_MAX_WEIGHTS:
             out.append("gemv")
     if batch >= 8:
-        out.append("panel")
-        out += [f"panel:{b}" for b in (128, 256, 512) if b < layer.n_in]
+        for kernel in ("panel", "block") if layer.has_block() else ("panel",):
+            out.append(kernel)
+            out += [f"{kernel}:{b}" for b in (128, 256, 512) if b < layer.n_in]
     if threads > 1:
         out += [f"{s}@1" for s in out if s != "dense"]
     return out
@@ -127,8 +134,12 @@ def _runner(layer: CsrLayer, spec: str, x: np.ndarray, threads: int):
     xp, npanels = to_panels(x, layer.n_in, threads)
     yp = aligned_empty(npanels * layer.n_out * PANEL)
     block = int(arg) if arg else 0
-    layer.blocked(block)  # build the blocked copy outside the timing
-    return lambda: layer.run_panel(xp, yp, npanels, block, threads)
+    row_blocks = name == "block" and layer.has_block()
+    if row_blocks:  # build the layout outside the timing
+        layer.row_blocked(block)
+    else:
+        layer.blocked(block)
+    return lambda: layer.run_panel(xp, yp, npanels, block, threads, row_blocks=row_blocks)
 
 
 @_timed_with_awake_workers
@@ -262,7 +273,7 @@ def check_panel_chain(model: FastModel, *, batches: Iterable[int], threads: int,
     bool, "median_s": {...}}}``."""
     return _keep_faster_plans(model, batches=batches, threads=threads, budget_s=budget_s, seed=seed,
                               name="chain", min_batch=2,
-                              alternative=lambda plan, _b: [s if s.startswith("panel") else "panel" for s in plan])
+                              alternative=lambda plan, _b: [s if on_panels(s) else "panel" for s in plan])
 
 
 @_timed_with_awake_workers
@@ -285,11 +296,16 @@ def chain_candidates(model: FastModel, batch: int, threads: int = 1) -> dict[str
     """Whole-model plans worth comparing at ``batch``: the heuristic, all dense (one ONNX Runtime
     session: the dense model itself), below 8 the heuristic with small layers swapped between the sparse and
     the dense small-batch kernel and with the other sparse one (``rows`` for ``window``, and back), from 8 with
-    its panel layers on plain ``panel``, every layer on ``panel`` (from 2), and with
+    its panel/block layers without column blocks and with its ``block`` layers on ``panel`` (what the row blocks
+    gain), every layer on ``panel`` (``block`` where it has row blocks; from 2), and with
     ``threads`` > 1 the heuristic on one thread (``@1``: a model too small to gain from a second
     thread is never slower than on one)."""
     heur = [default_kernel(layer, batch) for layer in model.layers]
     cands = {"heuristic": heur, "dense": ["dense"] * len(model.layers)}
+    if batch >= ROWS_MAX_BATCH and any(spec.startswith("block") for spec in heur):
+        # the row-block layers on the panel kernel: what the block kernel gains, measured on this CPU
+        cands["unblocked"] = [spec.replace("block", "panel", 1) if spec.startswith("block") else spec
+                              for spec in heur]
     if batch < ROWS_MAX_BATCH:
         alt = []
         for layer, spec in zip(model.layers, heur, strict=True):
@@ -302,13 +318,14 @@ def chain_candidates(model: FastModel, batch: int, threads: int = 1) -> dict[str
         cands["other sparse"] = [{"rows": "window", "window": "rows"}.get(spec, spec) if layer.has_window()
                                  else spec for layer, spec in zip(model.layers, heur, strict=True)]
     else:
-        cands["panel"] = ["panel" if spec.startswith("panel") else spec for spec in heur]
+        cands["panel"] = [spec.partition(":")[0] if on_panels(spec) else spec for spec in heur]
     if batch > 1:
         # every layer on the batch kernel: the model runs as one data-parallel C chain, which can beat
         # a plan that is faster layer by layer (a dense 256x10 output layer on ORT: 55 -> 39 us at 64;
         # at 16, 49 us on ORT vs 16.5 us); below a panel it runs a half or quarter panel (AVX-512),
         # whose cost does not grow with the batch as the rows kernel's does
-        cands["panel chain"] = [spec if spec.startswith("panel") else "panel" for spec in heur]
+        cands["panel chain"] = [spec if on_panels(spec) else "block" if layer.has_block() else "panel"
+                                for layer, spec in zip(model.layers, heur, strict=True)]
     if threads > 1:
         cands["one thread"] = [f"{spec}@1" for spec in heur]
     out: dict[str, list[str]] = {}
