@@ -8,7 +8,8 @@ prints test accuracy, mean ± std over the seeds, with the gap to the reference 
 
 - ``4x1`` blocks at 90%: within 1 point of unstructured RigL at 90%;
 - ``2:4`` (50%): within 0.5 point of dense;
-- ``fanin`` (constant fan-in) at 90%: within 0.5 point of unstructured RigL at 90%.
+- ``fanin`` (constant fan-in) at 90%: within 0.5 point of unstructured RigL at 90% (and ``fanin+ablate``,
+  SRigL's neuron ablation, held to the same).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ CASES = [
     ("dense + rigl 90%", "dense,rigl", "0.9", "unstructured", "erk", None, None),
     ("rigl 90% 4x1", "rigl", "0.9", "4x1", "erk", "rigl 90%", 1.0),
     ("rigl 90% fanin", "rigl", "0.9", "fanin", "erk", "rigl 90%", 0.5),
+    ("rigl 90% fanin+abl", "rigl", "0.9", "fanin+ablate", "erk", "rigl 90%", 0.5),
     ("rigl 2:4", "rigl", "0.5", "2:4", "uniform", "dense", 0.5),
 ]
 
