@@ -486,6 +486,8 @@ static PyObject *py_window_width(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong((long long)window_width());
 }
 
+PyObject *sk_py_rnn(PyObject *self, PyObject *args); /* sk_rnn.c */
+
 static PyMethodDef methods[] = {
     {"rows", py_rows, METH_VARARGS,
      "rows(values, indices, slice_ptr, perm, bias|None, x, y, idx_bytes, n_in, n_out, batch, relu, threads): the rows "
@@ -531,6 +533,9 @@ static PyMethodDef methods[] = {
      "C_out, ho, wo), the weight (C_out, K = c * kh * kw) in CsrLayer.blocked's layout; im2col panels of 64 output "
      "pixels fed to the panel kernel; an optional last argument is a reusable float32 scratch of at least "
      "(round16((K + C_out) * 64) * threads + 16) floats (else one is allocated per call)"},
+    {"rnn", sk_py_rnn, METH_VARARGS,
+     "rnn(cell, values, indices, slice_ptr, perm, bias|None, windows|None, wide, idx_bytes, hidden, xw, h, c|None, y, "
+     "hr, T, N, threads): a sparse GRU (cell 0) or LSTM (1) layer's time loop (sk_rnn.c)"},
     {"window_width", py_window_width, METH_NOARGS,
      "the window width of the active code path's window kernel (the window form of the rows layout)"},
     {"available_isas", py_available_isas, METH_NOARGS, "code paths this CPU can run"},

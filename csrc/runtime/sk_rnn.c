@@ -1,0 +1,178 @@
+/* Sparse recurrent cells (com.sparsekit::SparseGRU / SparseLSTM): the time loop of one layer. The input
+ * projection W x (+ its bias) for every time step is done before, by the ordinary layer kernels (panel at many
+ * rows, rows/window at few); here, per time step, the recurrent product R h (+ R's bias) runs on the rows or
+ * window kernel (the sliced layout of R, gates x H rows of H columns) and the gates' elementwise math follows in
+ * plain C, so that batch-1 generation pays one Python call per sequence, not per step and op.
+ *
+ * Gate order and equations are ONNX's: GRU rows z, r, h with linear_before_reset = 1 (torch's GRU)
+ *   z = s(xz + hz), r = s(xr + hr), n = tanh(xn + r * hn), h' = (1 - z) n + z h
+ * LSTM rows i, o, f, c (no peepholes)
+ *   i = s(xi + hi), o = s(xo + ho), f = s(xf + hf), g = tanh(xc + hc), c' = f c + i g, h' = o tanh(c')
+ * where x* are the rows of the input projection and h* those of R h + Rb. */
+#include "sk_glue.h"
+
+#include <math.h>
+
+enum { CELL_GRU = 0, CELL_LSTM = 1 };
+
+static inline float sigmoidf(float v) { return 1.f / (1.f + expf(-v)); }
+
+/* one step's gates for N samples: xw (N, G*H) and hr (N, G*H) -> h (N, H) [, c (N, H)] in place */
+static void gru_gates(const float *xw, const float *hr, float *h, int64_t N, int64_t H) {
+    for (int64_t b = 0; b < N; b++) {
+        const float *x = xw + b * 3 * H, *r = hr + b * 3 * H;
+        float *hb = h + b * H;
+        for (int64_t k = 0; k < H; k++) {
+            const float z = sigmoidf(x[k] + r[k]);
+            const float rr = sigmoidf(x[H + k] + r[H + k]);
+            const float n = tanhf(x[2 * H + k] + rr * r[2 * H + k]);
+            hb[k] = (1.f - z) * n + z * hb[k];
+        }
+    }
+}
+
+static void lstm_gates(const float *xw, const float *hr, float *h, float *c, int64_t N, int64_t H) {
+    for (int64_t b = 0; b < N; b++) {
+        const float *x = xw + b * 4 * H, *r = hr + b * 4 * H;
+        float *hb = h + b * H, *cb = c + b * H;
+        for (int64_t k = 0; k < H; k++) {
+            const float i = sigmoidf(x[k] + r[k]);
+            const float o = sigmoidf(x[H + k] + r[H + k]);
+            const float f = sigmoidf(x[2 * H + k] + r[2 * H + k]);
+            const float g = tanhf(x[3 * H + k] + r[3 * H + k]);
+            cb[k] = f * cb[k] + i * g;
+            hb[k] = o * tanhf(cb[k]);
+        }
+    }
+}
+
+typedef struct {
+    int cell;
+    const sliced_t *w;  /* R: G*H rows, H columns */
+    rows_fn fn;
+    int nt;
+    const float *xw;    /* (T, N, G*H) */
+    float *h, *c, *y, *hr;
+    int64_t T, N, H;
+} rnn_job_t;
+
+static void rnn_loop(const rnn_job_t *j) {
+    const int64_t G = j->cell == CELL_GRU ? 3 : 4, step = j->N * G * j->H;
+    for (int64_t t = 0; t < j->T; t++) {
+        if (j->w->nsl > 0) {
+            if (j->nt <= 1) {
+                j->fn(j->w, j->h, j->hr, j->N, 0, j->w->nsl);
+            } else {
+                rows_job_t job = {j->fn, j->w, j->h, j->hr, j->N, (int64_t)j->nt * CHUNKS_PER_THREAD};
+                par_run(j->nt, job.nch, rows_item, &job);
+            }
+        }
+        if (j->cell == CELL_GRU) gru_gates(j->xw + t * step, j->hr, j->h, j->N, j->H);
+        else lstm_gates(j->xw + t * step, j->hr, j->h, j->c, j->N, j->H);
+        memcpy(j->y + t * j->N * j->H, j->h, (size_t)(j->N * j->H) * 4);
+    }
+}
+
+/* R's sliced layout (as the rows method takes it) checked into w: sizes against G*H rows of H columns */
+static int rnn_sliced(sliced_t *w, Py_buffer *val, Py_buffer *idx, Py_buffer *sp, Py_buffer *perm, Py_buffer *bias,
+                      int have_bias, Py_buffer *wins, int have_wins, int64_t wide, int idx_bytes, int64_t n_in,
+                      int64_t n_out) {
+    if (have_wins ? idx_bytes != 1 || wide < 1 || wide > 256 || wide > n_in : idx_bytes != 2 && idx_bytes != 4) {
+        PyErr_SetString(PyExc_ValueError, "idx_bytes must be 2 or 4 (gather form) or 1 with a window width in "
+                                          "[1, min(256, hidden)] (window form)");
+        return -1;
+    }
+    w->nsl = (n_out + SLICE - 1) / SLICE;
+    if (check_len(sp, smul(w->nsl + 1, 8), "slice pointers") || check_len(perm, smul(w->nsl * SLICE, 4), "row order"))
+        return -1;
+    w->slice_ptr = (const int64_t *)sp->buf;
+    if (w->slice_ptr[0] != 0) { PyErr_SetString(PyExc_ValueError, "bad slice pointers"); return -1; }
+    for (int64_t s = 0; s < w->nsl; s++)
+        if (w->slice_ptr[s + 1] < w->slice_ptr[s] || (w->slice_ptr[s + 1] - w->slice_ptr[s]) % SLICE) {
+            PyErr_SetString(PyExc_ValueError, "bad slice pointers");
+            return -1;
+        }
+    const int64_t slots = w->slice_ptr[w->nsl];
+    if (check_len(val, smul(slots, 4), "values") || check_len(idx, smul(slots, idx_bytes), "indices") ||
+        (have_bias && check_len(bias, smul(w->nsl * SLICE, 4), "bias")) ||
+        (have_wins && check_len(wins, smul(slots / SLICE, 4), "windows")))
+        return -1;
+    const int32_t *pm = (const int32_t *)perm->buf;
+    for (int64_t k = 0; k < w->nsl * SLICE; k++)
+        if (pm[k] < -1 || pm[k] >= n_out) { PyErr_SetString(PyExc_ValueError, "bad row order"); return -1; }
+    if (have_wins) {
+        const int32_t *wn = (const int32_t *)wins->buf;
+        for (int64_t k = 0; k < slots / SLICE; k++)
+            if (wn[k] < 0 || wn[k] > n_in - wide) { PyErr_SetString(PyExc_ValueError, "bad windows"); return -1; }
+        w->win = wn;
+        w->wide = wide;
+    }
+    w->val = (const float *)val->buf;
+    w->idx = idx->buf;
+    w->idx16 = idx_bytes == 2;
+    w->perm = pm;
+    w->bias = have_bias ? (const float *)bias->buf : NULL;
+    w->n_in = n_in;
+    w->n_out = n_out;
+    w->relu = 0;
+    return 0;
+}
+
+/* rnn(cell, values, indices, slice_ptr, perm, bias|None, windows|None, wide, idx_bytes, hidden, xw, h, c|None, y,
+ *     hr, T, N, threads): see the file comment; h (and c) hold the initial state and are updated in place. */
+PyObject *sk_py_rnn(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer val, idx, sp, perm, xw, h, y, hr, bias = {0}, wins = {0}, c = {0};
+    PyObject *bias_obj, *wins_obj, *c_obj;
+    int cell, idx_bytes, threads;
+    long long wide, H, T, N;
+    if (!PyArg_ParseTuple(args, "iy*y*y*y*OOLiLy*w*Ow*w*LLi", &cell, &val, &idx, &sp, &perm, &bias_obj, &wins_obj,
+                          &wide, &idx_bytes, &H, &xw, &h, &c_obj, &y, &hr, &T, &N, &threads))
+        return NULL;
+    int have_bias = 0, have_wins = 0, have_c = 0;
+    PyObject *ret = NULL;
+    sliced_t w = {0};
+    if (bias_obj != Py_None) {
+        if (PyObject_GetBuffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS) < 0) goto done;
+        have_bias = 1;
+    }
+    if (wins_obj != Py_None) {
+        if (PyObject_GetBuffer(wins_obj, &wins, PyBUF_C_CONTIGUOUS) < 0) goto done;
+        have_wins = 1;
+    }
+    if (c_obj != Py_None) {
+        if (PyObject_GetBuffer(c_obj, &c, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+        have_c = 1;
+    }
+    if (cell != CELL_GRU && cell != CELL_LSTM) { PyErr_SetString(PyExc_ValueError, "cell must be 0 (GRU) or 1 (LSTM)"); goto done; }
+    if (have_c != (cell == CELL_LSTM)) { PyErr_SetString(PyExc_ValueError, "an LSTM takes a cell state c, a GRU none"); goto done; }
+    const int64_t G = cell == CELL_GRU ? 3 : 4;
+    if (H < 1 || H > SK_MAX_DIM / 4 || T < 0 || N < 0) {
+        PyErr_SetString(PyExc_ValueError, "hidden size must be in [1, 2^29), T and N non-negative");
+        goto done;
+    }
+    if (rnn_sliced(&w, &val, &idx, &sp, &perm, &bias, have_bias, &wins, have_wins, wide, idx_bytes, H, G * H))
+        goto done;
+    if (check_len(&xw, smul(smul3(T, N, G), smul(H, 4)), "xw") || check_len(&h, smul3(N, H, 4), "h") ||
+        (have_c && check_len(&c, smul3(N, H, 4), "c")) || check_len(&y, smul(smul3(T, N, H), 4), "y") ||
+        check_len(&hr, smul(smul3(N, G, H), 4), "hr"))
+        goto done;
+    {
+        int nt = clamp_threads(threads < 0 ? -threads : threads);
+        if (threads > 0) nt = rows_threads(nt, w.slice_ptr[w.nsl] * (N > 0 ? N : 1));
+        const rnn_job_t job = {cell, &w, pick_sliced(&w), nt, (const float *)xw.buf, (float *)h.buf,
+                               have_c ? (float *)c.buf : NULL, (float *)y.buf, (float *)hr.buf, T, N, H};
+        Py_BEGIN_ALLOW_THREADS
+        rnn_loop(&job);
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    if (have_bias) PyBuffer_Release(&bias);
+    if (have_wins) PyBuffer_Release(&wins);
+    if (have_c) PyBuffer_Release(&c);
+    PyBuffer_Release(&val); PyBuffer_Release(&idx); PyBuffer_Release(&sp); PyBuffer_Release(&perm);
+    PyBuffer_Release(&xw); PyBuffer_Release(&h); PyBuffer_Release(&y); PyBuffer_Release(&hr);
+    return ret;
+}
