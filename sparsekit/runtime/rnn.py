@@ -27,8 +27,7 @@ class SparseRnn:
     """One sparse GRU/LSTM layer: ``w`` (G*H, input_size) with the projection's bias, ``r`` (G*H, H) with the
     recurrent bias (GRU; None for an LSTM, whose biases are all in ``w``)."""
 
-    def __init__(self, op: str, w: CsrLayer, r: CsrLayer, *, name: str = "", threads: int = 1,
-                 memory_limit: int | None = None) -> None:
+    def __init__(self, op: str, w: CsrLayer, r: CsrLayer, *, name: str = "") -> None:
         where = name or op
         if op not in GATES:
             raise InputError(f"unknown recurrent op {op!r}", where=where, fix=f"use {GRU} or {LSTM}")
@@ -40,8 +39,13 @@ class SparseRnn:
         if w.relu or r.relu or (op == LSTM and r.bias is not None):
             raise InputError("recurrent weights take no activation (and an LSTM's biases are all in W)", where=where)
         self.op, self.w, self.r, self.name, self.hidden, self.gates = op, w, r, name, hidden, g
-        self.projection = FastModel([w], (w.n_in,), threads=threads, memory_limit=memory_limit)
+        self.projection: FastModel | None = None
+
+    def prepare(self, threads: int = 1, memory_limit: int | None = None) -> FastModel:
+        """The input projection's one-layer model (its kernels held to ``memory_limit`` as a chain's are)."""
+        self.projection = FastModel([self.w], (self.w.n_in,), threads=threads, memory_limit=memory_limit)
         self.projection.fit_plans()
+        return self.projection
 
     @property
     def input_size(self) -> int:
@@ -67,7 +71,8 @@ class SparseRnn:
         t, n, hid = x.shape[0], x.shape[1], self.hidden
         h = self._state(h0, n, "initial_h")
         c = self._state(c0, n, "initial_c") if self.op == LSTM else None
-        xw = (self.projection.run(x.reshape(t * n, -1), threads=threads) if t * n
+        projection = self.projection or self.prepare(threads)
+        xw = (projection.run(x.reshape(t * n, -1), threads=threads) if t * n
               else np.zeros((0, self.gates * hid), np.float32))
         y = aligned_empty(t * n * hid).reshape(t, 1, n, hid)
         if _K is None:
@@ -134,3 +139,19 @@ def step_reference(op: str, xw: np.ndarray, r: np.ndarray, rb: np.ndarray | None
             h = go * np.tanh(c)
         ys[t] = h
     return ys, h, c
+
+
+class RnnStep:
+    """One SparseGRU/SparseLSTM node of a whole-graph artifact: reads ``X`` and the initial states by name from
+    the tensors computed so far and writes every output of the node (``Y``, ``Y_h``[, ``Y_c``])."""
+
+    def __init__(self, x: str, states: list[str], outputs: list[str], rnn: SparseRnn) -> None:
+        self.x, self.states, self.outputs, self.rnn = x, states, outputs, rnn
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.x, *(s for s in self.states if s)]
+
+    def run(self, env: dict[str, np.ndarray], threads: int) -> None:
+        states = [env[s] if s else None for s in self.states]
+        env.update(zip(self.outputs, self.rnn.run(env[self.x], *states, threads=threads), strict=True))
