@@ -53,7 +53,15 @@ class CharRNN(_CharModel):
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, _ = self.rnn(self.embed(self.ids(x)))
+        return self._readout_logits(self.rnn(self.embed(self.ids(x)))[0])
+
+    def step(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """One generation step with the state in and out: x (N, 1) symbol codes, h (and, for an LSTM, c) of shape
+        (layers, N, hidden) -> (logits (N, 1, vocab), h'[, c']). The fast exporter writes it as a step model."""
+        y, state = self.rnn(self.embed(self.ids(x)), h if c is None else (h, c))
+        return (self._readout_logits(y), *(state if isinstance(state, tuple) else (state,)))
+
+    def _readout_logits(self, h: torch.Tensor) -> torch.Tensor:
         for lin in self._readout:
             h = self.act(lin(h))
         return self.head(h)

@@ -48,6 +48,12 @@ class SparseRnn:
         return self.projection
 
     @property
+    def density(self) -> float:
+        """Nonzeros of W and R over their sizes."""
+        size = self.w.n_in * self.w.n_out + self.r.n_in * self.r.n_out
+        return (self.w.nnz + self.r.nnz) / size if size else 0.0
+
+    @property
     def input_size(self) -> int:
         return self.w.n_in
 
