@@ -59,7 +59,9 @@ class CharRNN(_CharModel):
         """One generation step with the state in and out: x (N, 1) symbol codes, h (and, for an LSTM, c) of shape
         (layers, N, hidden) -> (logits (N, 1, vocab), h'[, c']). The fast exporter writes it as a step model."""
         y, state = self.rnn(self.embed(self.ids(x)), h if c is None else (h, c))
-        return (self._readout_logits(y), *(state if isinstance(state, tuple) else (state,)))
+        # the readout on rows (N, hidden), not (N, 1, hidden): its layers then chain with no reshapes between
+        logits = self._readout_logits(y[:, -1]).unsqueeze(1)
+        return (logits, *(state if isinstance(state, tuple) else (state,)))
 
     def _readout_logits(self, h: torch.Tensor) -> torch.Tensor:
         for lin in self._readout:

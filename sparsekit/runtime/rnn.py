@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from sparsekit.errors import InputError
-from sparsekit.runtime.layers import _K, CsrLayer, aligned_empty
+from sparsekit.runtime.layers import _K, CsrLayer, aligned_empty, window_width
 from sparsekit.runtime.model import FastModel
 
 GRU, LSTM = "SparseGRU", "SparseLSTM"
@@ -40,6 +40,7 @@ class SparseRnn:
             raise InputError("recurrent weights take no activation (and an LSTM's biases are all in W)", where=where)
         self.op, self.w, self.r, self.name, self.hidden, self.gates = op, w, r, name, hidden, g
         self.projection: FastModel | None = None
+        self._layouts: dict[int, tuple[Any, ...]] = {}  # R's layout per window width
 
     def prepare(self, threads: int = 1, memory_limit: int | None = None) -> FastModel:
         """The input projection's one-layer model (its kernels held to ``memory_limit`` as a chain's are)."""
@@ -84,19 +85,19 @@ class SparseRnn:
         if _K is None:
             self._loop_numpy(xw.reshape(t, n, -1), h, c, y)
         else:
-            sv, si, sp, perm, bias, wins, wide, idx_bytes = self._r_layout()
+            width = window_width()  # the active code path's (set_isa may change it)
+            if width not in self._layouts:
+                self._layouts[width] = self._r_layout(width)
+            sv, si, sp, perm, bias, wins, wide, idx_bytes = self._layouts[width]
             hr = aligned_empty(max(1, n * self.gates * hid))
             _K.rnn(CELLS[self.op], sv, si, sp, perm, bias, wins, wide, idx_bytes, hid, np.ascontiguousarray(xw),
                    h, c, y, hr, t, n, int(threads))
         outs = (y, h.reshape(1, n, hid))
         return outs + ((c.reshape(1, n, hid),) if c is not None else ())
 
-    def _r_layout(self) -> tuple[Any, ...]:
-        """R's sliced layout for the C loop: the window form where the active path has one that fits, else the
-        gather form (rows)."""
-        from sparsekit.runtime.layers import window_width
-
-        width = window_width()
+    def _r_layout(self, width: int) -> tuple[Any, ...]:
+        """R's sliced layout for the C loop: the window form where the active path has one (``width``) that fits,
+        else the gather form (rows)."""
         if width and self.r.has_window(width):
             wv, wi, sp, order, bias, wins = self.r.windowed(width)
             return wv, wi, sp, order, bias, wins, width, 1
@@ -118,7 +119,7 @@ class SparseRnn:
         n = x.shape[1]
         h = np.zeros((n, self.hidden)) if h0 is None else np.asarray(h0, np.float64)[0]
         c = None if self.op == GRU else np.zeros((n, self.hidden)) if c0 is None else np.asarray(c0, np.float64)[0]
-        xw = self.w.reference(x.reshape(-1, self.input_size)).reshape(x.shape[0], n, -1)
+        xw = self.w.reference(x.reshape(-1, self.input_size)).reshape(x.shape[0], n, self.gates * self.hidden)
         rb = None if self.r.bias is None else self.r.bias.astype(np.float64)
         ys, h, c = step_reference(self.op, xw, self.r.dense_weight().astype(np.float64), rb, h, c)
         return (ys[:, None], h[None]) + ((c[None],) if c is not None else ())
