@@ -58,10 +58,11 @@ class CharRNN(_CharModel):
     def step(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """One generation step with the state in and out: x (N, 1) symbol codes, h (and, for an LSTM, c) of shape
         (layers, N, hidden) -> (logits (N, 1, vocab), h'[, c']). The fast exporter writes it as a step model."""
-        y, state = self.rnn(self.embed(self.ids(x)), h if c is None else (h, c))
-        # the readout on rows (N, hidden), not (N, 1, hidden): its layers then chain with no reshapes between
-        logits = self._readout_logits(y[:, -1]).unsqueeze(1)
-        return (logits, *(state if isinstance(state, tuple) else (state,)))
+        _, state = self.rnn(self.embed(self.ids(x)), h if c is None else (h, c))
+        state = state if isinstance(state, tuple) else (state,)
+        # the readout on the last layer's new state (N, hidden), the step's output: rows, so its layers chain with
+        # no reshapes between (and no transpose of the GRU's (T, 1, N, hidden) output)
+        return (self._readout_logits(state[0][-1]).unsqueeze(1), *state)
 
     def _readout_logits(self, h: torch.Tensor) -> torch.Tensor:
         for lin in self._readout:
