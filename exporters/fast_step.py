@@ -37,8 +37,10 @@ class StepModule(nn.Module):
 
 
 def torch_model_of(ctx) -> nn.Module | None:
-    """The run's torch model with its final weights (None for an archive, or a model without ``step``)."""
-    if getattr(ctx, "source_kind", "") != "run":
+    """The run's torch model with its final weights; None for an archive, a graph without a GRU/LSTM node, or a
+    model without ``step``."""
+    if getattr(ctx, "source_kind", "") != "run" or not any(
+            n.op_type in ("GRU", "LSTM") for n in ctx.model.graph.node):
         return None
     from sparsekit.models import build_model
     from sparsekit.run_dir import RunDir

@@ -124,12 +124,16 @@ def test_the_run_s_torch_model_is_rebuilt_for_the_step_export(tmp_path):
 
     m = sparse_char_model("char-gru")
     save_file(m.state_dict(), str(tmp_path / "weights.safetensors"))
-    ctx = SimpleNamespace(source_kind="run", source=tmp_path, summary={
+    dense = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("GRU", ["x", "w", "r"], ["y"])],
+                                                          "g", [], []))
+    ctx = SimpleNamespace(source_kind="run", source=tmp_path, model=dense, summary={
         "config": {"model": "char-gru", "model_kwargs": {"width": 0.125}},
         "data": {"input_shape": [SEQ], "num_classes": VOCAB}})
     rebuilt = torch_model_of(ctx)
     assert rebuilt is not None and torch.equal(rebuilt.rnn.weight_hh_l0, m.rnn.weight_hh_l0)
     assert torch_model_of(SimpleNamespace(source_kind="archive")) is None
+    assert torch_model_of(SimpleNamespace(**{**vars(ctx), "model": onnx.helper.make_model(
+        onnx.helper.make_graph([], "mlp", [], []))})) is None  # no recurrent node: the torch model is not rebuilt
 
 
 def test_it_runs_where_only_onnxruntime_and_numpy_are_installed(char, tmp_path):
