@@ -67,6 +67,9 @@ def test_recurrent_node_is_packed_and_equals_torch(char):
     # torch's Slice/Concat gate reordering of R was folded: neither it nor the dense R is left in the file
     assert "rnn.weight_hh_l0" not in {t.name for t in packed.proto.graph.initializer}
     model = GraphModel(packed.proto, packed.layers)
+    (info,) = model.info()["recurrent"]
+    assert info["op"] == OPS[name] and info["hidden_size"] == m.rnn.hidden_size
+    assert info["nnz"] == int((m.rnn.weight_ih_l0 != 0).sum() + (m.rnn.weight_hh_l0 != 0).sum())
     for batch in (1, 3):
         assert_fp32_close(model.run(codes(batch, batch)), torch_logits(m, codes(batch, batch)))
     proto = model.to_onnx()

@@ -358,5 +358,9 @@ class GraphModel:
                               "nnz": c.layer.nnz, "sparsity": round(1.0 - c.layer.density, 6),
                               "relu": c.layer.relu, "block": c.block} for c in self.convs],
             "layers": [layer_info(layer) for layer in self.layers],
+            "recurrent": [{"name": s.rnn.name, "op": s.rnn.op, "hidden_size": s.rnn.hidden,
+                           "input_size": s.rnn.input_size, "nnz": s.rnn.w.nnz + s.rnn.r.nnz,
+                           "sparsity": round(1.0 - s.rnn.density, 6)}
+                          for s in self._steps if isinstance(s, RnnStep)],
             "metadata": dict(self.metadata),
         }
