@@ -194,8 +194,14 @@ def char_inputs(batch: int, shape: tuple[int, ...]) -> np.ndarray:
 
 def bench_step(label: str, spec: tuple, threads: int, reps: int, budget_s: float) -> list[dict]:
     """One generation step at batch 1, state in and out: the dense step model (ONNX Runtime) against its fast
-    artifact as ``sparsekit export --format fast`` writes them (``write_step_models``, which keeps the recurrent
-    layer dense if sparse measured slower)."""
+    artifact as ``sparsekit export --format fast`` writes it (``write_step_models``, which keeps the recurrent
+    layer dense if sparse measured slower), and with the recurrent layer sparse whatever it measured."""
+    return [row for measure in (True, False)
+            for row in bench_one_step(label if measure else f"{label} (GRU forced sparse)", spec, threads, reps,
+                                      budget_s, measure)]
+
+
+def bench_one_step(label: str, spec: tuple, threads: int, reps: int, budget_s: float, measure: bool) -> list[dict]:
     from sparsekit.exporters.fast_step import write_step_models
 
     from sparsekit.runtime import load
@@ -205,7 +211,7 @@ def bench_step(label: str, spec: tuple, threads: int, reps: int, budget_s: float
     sparsify(model, CHAR_SPARSITY)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        record = write_step_models(model, Path(tmp) / "model.fast.onnx", opset=18, metadata={}, measure=True)
+        record = write_step_models(model, Path(tmp) / "model.fast.onnx", opset=18, metadata={}, measure=measure)
         export_s = time.perf_counter() - t0
         fast = load(record["step_fast"], threads=threads)
         so = ort.SessionOptions()
