@@ -24,9 +24,11 @@ def sparse_rnn(op: str, hidden: int, n_in: int, seed: int = 0, *, bias: bool = T
 
 
 @pytest.mark.parametrize("op", [GRU, LSTM])
-@pytest.mark.parametrize(("hidden", "t", "n"), [(64, 5, 1), (64, 3, 4), (8, 4, 2), (40, 0, 1), (37, 2, 3)])
+@pytest.mark.parametrize(("hidden", "t", "n"), [(64, 5, 1), (64, 3, 4), (8, 4, 2), (40, 0, 1), (37, 2, 3),
+                                               (64, 3, 16), (37, 2, 40), (24, 2, 70)])
 def test_time_loop_matches_the_onnx_equations(isa, op, hidden, t, n):
-    """hidden 64: R's window form on the SIMD paths; 8 and 37: narrower than a window or ragged (gather form)."""
+    """hidden 64: R's window form on the SIMD paths; 8 and 37: narrower than a window or ragged (gather form);
+    from batch 16 the panel form: a quarter, half and a full and a partial panel (AVX-512 lanes)."""
     m = sparse_rnn(op, hidden, 12, seed=hidden + t)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((t, n, 12)).astype(np.float32)
@@ -107,3 +109,23 @@ def test_the_c_loop_refuses_buffers_that_do_not_fit():
                         (4, np.full_like(perm, 99), "bad row order"), (8, 3, "idx_bytes must be")):
         with pytest.raises(ValueError, match=msg):
             K.rnn(*[bad if j == k else a for j, a in enumerate(args)])
+
+
+@pytest.mark.skipif(K is None, reason="compiled kernels")
+def test_the_panel_loop_refuses_layouts_that_do_not_fit():
+    m = sparse_rnn(LSTM, 16, 4)
+    v, i, bp, _, order = m.r.blocked(0)
+    h, c, xw, y = (np.zeros(n, np.float32) for n in (32, 32, 2 * 2 * 64, 2 * 2 * 16))
+    args = [1, v, i, bp, order, m.r.bias, m.r.idx_bytes, 16, xw, h, c, y, 2, 2]
+    K.rnn_panel(*args)  # fits
+    bad_bp = bp.copy()
+    bad_bp[3] = bad_bp[2] - 1
+    big_bp = bp.copy()
+    big_bp[-1] += 10**6
+    for k, bad, msg in ((3, bad_bp, "bad block pointers"), (3, big_bp, "values buffer too small"),
+                        (4, np.full_like(order, 64), "bad row order"), (9, h[:-1], "h buffer too small"),
+                        (10, c[:-1], "c buffer too small"), (11, y[:-1], "y buffer too small"),
+                        (8, xw[:-1], "xw buffer too small"), (10, None, "takes a cell state"),
+                        (6, 1, "idx_bytes must be 2 or 4")):
+        with pytest.raises(ValueError, match=msg):
+            K.rnn_panel(*[bad if j == k else a for j, a in enumerate(args)])

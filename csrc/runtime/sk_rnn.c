@@ -78,25 +78,52 @@ SK_GATES static void lstm_gates(const float *xw, const float *hr, float *h, floa
 
 typedef struct {
     int cell;
-    const sliced_t *w;  /* R: G*H rows, H columns */
+    const sliced_t *w;  /* R: G*H rows, H columns, sliced (rows/window kernels); NULL: the panel form below */
     rows_fn fn;
     int nt;
+    const csr_t *pw;    /* R for the panel kernel (one column block: rowptr = block pointers) */
+    const int32_t *ord; /* the panel layout's row order */
+    float *xp, *yp;     /* one panel of h (H x PANEL) and of R h (G*H x PANEL) */
     const float *xw;    /* (T, N, G*H) */
     float *h, *c, *y, *hr;
     int64_t T, N, H;
 } rnn_job_t;
 
+/* hr (N, G*H) = R h + Rb with the panel kernel, 64 samples (AVX-512: 16 or 32 when that is all) per panel: at
+ * batch 16 the rows kernels stream all of R once per sample, the panel kernel once per panel */
+static void panel_product(const rnn_job_t *j) {
+    const int64_t H = j->H, GH = j->pw->n_out;
+    for (int64_t p0 = 0; p0 < j->N; p0 += PANEL) {
+        const int64_t tb = j->N - p0 < PANEL ? j->N - p0 : PANEL;
+        const int lanes = g_isa == ISA_AVX512 && tb <= PANEL / 2 ? (tb <= PANEL / 4 ? PANEL / 4 : PANEL / 2) : 0;
+        const int64_t width = lanes ? lanes : PANEL;
+        for (int64_t k = 0; k < H; k++) {
+            float *d = j->xp + k * PANEL;
+            for (int64_t l = 0; l < tb; l++) d[l] = j->h[(p0 + l) * H + k];
+            for (int64_t l = tb; l < width; l++) d[l] = 0.f;
+        }
+        const rowout_t ro = {NULL, 0, tb, 0, lanes};
+        panel_rows(pick_panel(), j->pw, j->pw->rowptr, j->ord, 1, &ro, 0, GH, j->xp, j->yp);
+        for (int64_t o = 0; o < GH; o++)
+            for (int64_t l = 0; l < tb; l++) j->hr[(p0 + l) * GH + o] = j->yp[o * PANEL + l];
+    }
+}
+
+static void rows_product(const rnn_job_t *j) {
+    if (j->w->nsl <= 0) return;
+    if (j->nt <= 1) {
+        j->fn(j->w, j->h, j->hr, j->N, 0, j->w->nsl);
+    } else {
+        rows_job_t job = {j->fn, j->w, j->h, j->hr, j->N, (int64_t)j->nt * CHUNKS_PER_THREAD};
+        par_run(j->nt, job.nch, rows_item, &job);
+    }
+}
+
 static void rnn_loop(const rnn_job_t *j) {
     const int64_t G = j->cell == CELL_GRU ? 3 : 4, step = j->N * G * j->H;
     for (int64_t t = 0; t < j->T; t++) {
-        if (j->w->nsl > 0) {
-            if (j->nt <= 1) {
-                j->fn(j->w, j->h, j->hr, j->N, 0, j->w->nsl);
-            } else {
-                rows_job_t job = {j->fn, j->w, j->h, j->hr, j->N, (int64_t)j->nt * CHUNKS_PER_THREAD};
-                par_run(j->nt, job.nch, rows_item, &job);
-            }
-        }
+        if (j->w) rows_product(j);
+        else panel_product(j);
         if (j->cell == CELL_GRU) gru_gates(j->xw + t * step, j->hr, j->h, j->N, j->H);
         else lstm_gates(j->xw + t * step, j->hr, j->h, j->c, j->N, j->H);
         memcpy(j->y + t * j->N * j->H, j->h, (size_t)(j->N * j->H) * 4);
@@ -190,8 +217,8 @@ PyObject *sk_py_rnn(PyObject *self, PyObject *args) {
     {
         int nt = clamp_threads(threads < 0 ? -threads : threads);
         if (threads > 0) nt = rows_threads(nt, w.slice_ptr[w.nsl] * (N > 0 ? N : 1));
-        const rnn_job_t job = {cell, &w, pick_sliced(&w), nt, (const float *)xw.buf, (float *)h.buf,
-                               have_c ? (float *)c.buf : NULL, (float *)y.buf, (float *)hr.buf, T, N, H};
+        const rnn_job_t job = {cell, &w, pick_sliced(&w), nt, NULL, NULL, NULL, NULL, (const float *)xw.buf,
+                               (float *)h.buf, have_c ? (float *)c.buf : NULL, (float *)y.buf, (float *)hr.buf, T, N, H};
         Py_BEGIN_ALLOW_THREADS
         rnn_loop(&job);
         Py_END_ALLOW_THREADS
@@ -204,5 +231,86 @@ done:
     if (have_c) PyBuffer_Release(&c);
     PyBuffer_Release(&val); PyBuffer_Release(&idx); PyBuffer_Release(&sp); PyBuffer_Release(&perm);
     PyBuffer_Release(&xw); PyBuffer_Release(&h); PyBuffer_Release(&y); PyBuffer_Release(&hr);
+    return ret;
+}
+
+/* the panel form of R checked into w: block pointers (one column block) from 0, non-decreasing, within the value
+ * and index buffers; row order within [0, G*H) */
+static int rnn_panel_csr(csr_t *w, Py_buffer *val, Py_buffer *idx, Py_buffer *bp, Py_buffer *ord, Py_buffer *bias,
+                         int have_bias, int idx_bytes, int64_t n_in, int64_t n_out) {
+    if (idx_bytes != 2 && idx_bytes != 4) { PyErr_SetString(PyExc_ValueError, "idx_bytes must be 2 or 4"); return -1; }
+    if (check_len(bp, smul(n_out + 1, 8), "block pointers") || check_len(ord, smul(n_out, 4), "row order") ||
+        (have_bias && check_len(bias, smul(n_out, 4), "bias")))
+        return -1;
+    const int64_t *p = (const int64_t *)bp->buf;
+    for (int64_t r = 0; r < n_out; r++)
+        if (p[r + 1] < p[r]) { PyErr_SetString(PyExc_ValueError, "bad block pointers"); return -1; }
+    if (p[0] != 0 || check_len(val, smul(p[n_out] + PAD_SLACK, 4), "values") ||
+        check_len(idx, smul(p[n_out] + PAD_SLACK, idx_bytes), "indices")) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad block pointers");
+        return -1;
+    }
+    const int32_t *o = (const int32_t *)ord->buf;
+    for (int64_t r = 0; r < n_out; r++)
+        if (o[r] < 0 || o[r] >= n_out) { PyErr_SetString(PyExc_ValueError, "bad row order"); return -1; }
+    *w = (csr_t){(const float *)val->buf, idx->buf, idx_bytes == 2, p, have_bias ? (const float *)bias->buf : NULL,
+                 n_in, n_out, 0};
+    return 0;
+}
+
+/* rnn_panel(cell, values, indices, blockptr, order, bias|None, idx_bytes, hidden, xw, h, c|None, y, T, N): rnn with
+ * R in the panel kernel's layout (CsrLayer.blocked(0)), for batches of several samples; one thread. */
+PyObject *sk_py_rnn_panel(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer val, idx, bp, ord, xw, h, y, bias = {0}, c = {0};
+    PyObject *bias_obj, *c_obj;
+    int cell, idx_bytes;
+    long long H, T, N;
+    if (!PyArg_ParseTuple(args, "iy*y*y*y*OiLy*w*Ow*LL", &cell, &val, &idx, &bp, &ord, &bias_obj, &idx_bytes, &H,
+                          &xw, &h, &c_obj, &y, &T, &N))
+        return NULL;
+    int have_bias = 0, have_c = 0;
+    PyObject *ret = NULL;
+    float *scratch = NULL;
+    csr_t w;
+    if (bias_obj != Py_None) {
+        if (PyObject_GetBuffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS) < 0) goto done;
+        have_bias = 1;
+    }
+    if (c_obj != Py_None) {
+        if (PyObject_GetBuffer(c_obj, &c, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+        have_c = 1;
+    }
+    if (cell != CELL_GRU && cell != CELL_LSTM) { PyErr_SetString(PyExc_ValueError, "cell must be 0 (GRU) or 1 (LSTM)"); goto done; }
+    if (have_c != (cell == CELL_LSTM)) { PyErr_SetString(PyExc_ValueError, "an LSTM takes a cell state c, a GRU none"); goto done; }
+    const int64_t G = cell == CELL_GRU ? 3 : 4;
+    if (H < 1 || H > SK_MAX_DIM / 4 || T < 0 || N < 0) {
+        PyErr_SetString(PyExc_ValueError, "hidden size must be in [1, 2^29), T and N non-negative");
+        goto done;
+    }
+    if (rnn_panel_csr(&w, &val, &idx, &bp, &ord, &bias, have_bias, idx_bytes, H, G * H)) goto done;
+    if (check_len(&xw, smul(smul3(T, N, G), smul(H, 4)), "xw") || check_len(&h, smul3(N, H, 4), "h") ||
+        (have_c && check_len(&c, smul3(N, H, 4), "c")) || check_len(&y, smul(smul3(T, N, H), 4), "y"))
+        goto done;
+    /* xp (H x PANEL), yp (G*H x PANEL), hr (N x G*H), from a 64-byte boundary (multiples of 64 bytes) */
+    const int64_t nxp = H * PANEL, nyp = G * H * PANEL, nhr = (N > 0 ? N : 1) * G * H;
+    scratch = (float *)malloc((size_t)(nxp + nyp + nhr + 16) * 4);
+    if (!scratch) { PyErr_NoMemory(); goto done; }
+    {
+        float *a = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+        const rnn_job_t job = {cell, NULL, NULL, 1, &w, (const int32_t *)ord.buf, a, a + nxp, (const float *)xw.buf,
+                               (float *)h.buf, have_c ? (float *)c.buf : NULL, (float *)y.buf, a + nxp + nyp, T, N, H};
+        Py_BEGIN_ALLOW_THREADS
+        rnn_loop(&job);
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    free(scratch);
+    if (have_bias) PyBuffer_Release(&bias);
+    if (have_c) PyBuffer_Release(&c);
+    PyBuffer_Release(&val); PyBuffer_Release(&idx); PyBuffer_Release(&bp); PyBuffer_Release(&ord);
+    PyBuffer_Release(&xw); PyBuffer_Release(&h); PyBuffer_Release(&y);
     return ret;
 }

@@ -21,6 +21,9 @@ from sparsekit.runtime.model import FastModel
 GRU, LSTM = "SparseGRU", "SparseLSTM"
 GATES = {GRU: 3, LSTM: 4}
 CELLS = {GRU: 0, LSTM: 1}  # the C loop's cell codes
+# from this batch on R h runs on the panel kernel (R read once per 16-64 samples), below on rows/window (once per
+# sample, no transposes)
+PANEL_MIN_BATCH = 16
 
 
 class SparseRnn:
@@ -84,6 +87,10 @@ class SparseRnn:
         y = aligned_empty(t * n * hid).reshape(t, 1, n, hid)
         if _K is None:
             self._loop_numpy(xw.reshape(t, n, -1), h, c, y)
+        elif n >= PANEL_MIN_BATCH:
+            v, i, bp, _, order = self.r.blocked(0)
+            _K.rnn_panel(CELLS[self.op], v, i, bp, order, self.r.bias, self.r.idx_bytes, hid,
+                         np.ascontiguousarray(xw), h, c, y, t, n)
         else:
             width = window_width()  # the active code path's (set_isa may change it)
             if width not in self._layouts:
