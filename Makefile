@@ -27,7 +27,7 @@ test: $(VENV)/.installed
 
 # The fast runtime's tests, one file per seam: kernels, thread pool, chains and plans, tuning, artifact/loader/CLI.
 RUNTIME_TESTS := tests/test_runtime_kernels.py tests/test_runtime_window.py tests/test_runtime_block.py tests/test_runtime_conv.py tests/test_runtime_threads.py tests/test_runtime_chains.py \
-	tests/test_runtime_tune.py tests/test_runtime_artifact.py
+	tests/test_runtime_tune.py tests/test_runtime_artifact.py tests/test_runtime_rnn.py
 
 # The runtime tests again on every other code path of the C kernels this CPU has (the run above used the
 # best one; see "Supported CPUs" in the README): SPARSEKIT_ISA sets the path a process starts on.
@@ -51,7 +51,8 @@ ASAN_DIR ?= build/asan
 RUNTIME_SRCS := $(sort $(wildcard csrc/runtime/*.c))
 ASAN_CFLAGS := -O1 -g -std=c99 -fno-strict-aliasing -fvisibility=hidden -fPIC -shared -fsanitize=address,undefined \
 	-fno-omit-frame-pointer -fno-sanitize-recover=undefined
-ASAN_TESTS ?= $(RUNTIME_TESTS) tests/test_runtime_hostile.py tests/test_fuzz_artifact.py tests/test_chain_boundary.py
+ASAN_TESTS ?= $(RUNTIME_TESTS) tests/test_runtime_hostile.py tests/test_fuzz_artifact.py tests/test_chain_boundary.py \
+	tests/test_fast_rnn.py
 CC ?= cc
 # detect_leaks=0: CPython keeps objects alive until exit by design
 ASAN_ENV := ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1

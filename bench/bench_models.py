@@ -7,7 +7,8 @@ the exporter's default calibration (a convolution stays with ONNX Runtime unless
 dense ORT and fast per call (medians of interleaved runs, 1 thread unless --threads), their ratio, the FLOP limit
 (dense MACs / sparse MACs over every layer) and, for reference, stock ONNX Runtime running the fast file itself.
 
-    python bench/bench_models.py [--quick | --zoo] [--case resnet18] [--threads 2] [--blocks 4x1] [--json out.json]
+    python bench/bench_models.py [--quick | --zoo | --char] [--case resnet18] [--threads 2] [--blocks 4x1]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ ZOO = {  # sparsekit's own small CNNs: at 90% they must not be slower than dense
     "mobilenet-v1": ("mobilenet-v1", {}, (3, 32, 32), (1, 64)),
     "lenet5": ("lenet5", {}, (1, 28, 28), (1, 64)),
 }
+CHAR = {  # the issue's char-gru row (width 1, 75% uniform): one generation step (the step model), and full sequences
+    "char-gru-step": ("char-gru", {}, (128,), (1,)),
+    "char-gru": ("char-gru", {}, (128,), (1, 16)),
+}
+CHAR_SPARSITY = 0.75
 QUICK = {"resnet18-cifar": ("resnet18", {"stem": "cifar", "width": 0.25}, (3, 32, 32), (1, 16)),
          "transformer": ("transformer", {"layers": 1, "d": 128}, (32, 128), (1, 4))}
 
@@ -63,7 +69,8 @@ def build(name: str, kwargs: dict, shape: tuple[int, ...]) -> nn.Module:
         return Encoder(**kwargs)
     from sparsekit.models import build_model
 
-    return build_model(name, kwargs, input_shape=shape, num_classes=1000 if shape[-1] >= 224 else 10)
+    classes = 256 if name.startswith("char-") else 1000 if shape[-1] >= 224 else 10
+    return build_model(name, kwargs, input_shape=shape, num_classes=classes)
 
 
 def block_mask(shape: torch.Size, sparsity: float, blocks: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
@@ -90,6 +97,8 @@ def sparsify(model: nn.Module, sparsity: float, seed: int = 0, blocks: tuple[int
                 weights.append(m.weight)
             if isinstance(m, nn.MultiheadAttention):
                 weights.append(m.in_proj_weight)
+            if isinstance(m, nn.RNNBase):  # GRU/LSTM input and recurrent matrices
+                weights += [p for n, p in m.named_parameters() if n.startswith("weight_")]
             for w in weights:
                 w.mul_(block_mask(w.shape, sparsity, blocks, gen))
 
@@ -151,7 +160,8 @@ def bench_case(label: str, spec: tuple, sparsity: float, threads: int, reps: int
         export_dense_onnx(model, x_example, dense_path)
         dense = onnx.load(str(dense_path))
         t0 = time.perf_counter()
-        write_model(dense, fast_path, threads=threads, inputs=x_example.numpy())
+        example = char_inputs(2, shape) if name.startswith("char-") else x_example.numpy()
+        write_model(dense, fast_path, threads=threads, inputs=example)
         export_s = time.perf_counter() - t0
         fast = load(fast_path, threads=threads)
         so = ort.SessionOptions()
@@ -162,24 +172,83 @@ def bench_case(label: str, spec: tuple, sparsity: float, threads: int, reps: int
         stock = ort.InferenceSession(str(fast_path), so, providers=["CPUExecutionProvider"])
         in_name = sess.get_inputs()[0].name
         for b in batches:
-            x = np.random.default_rng(b).standard_normal((b, *shape)).astype(np.float32)
+            x = (char_inputs(b, shape) if name.startswith("char-") else
+                 np.random.default_rng(b).standard_normal((b, *shape)).astype(np.float32))
             ref = sess.run(None, {in_name: x})[0]
             got = fast.run(x)
             err = float(np.max(np.abs(got - ref)))
             med = timed({"dense ORT": lambda x=x: sess.run(None, {in_name: x}), "fast": lambda x=x: fast.run(x),
                          "fast file in stock ORT": lambda x=x: stock.run(None, {in_name: x})}, reps, budget_s,
                         threads)
-            d_macs, s_macs = macs(model, torch.from_numpy(x))
+            d_macs, s_macs = macs(model, torch.from_numpy(x)) if not name.startswith("char-") else (
+                weight_limit(model), 1.0)
             rows.append({"case": label, "batch": b, "threads": threads, "sparsity": sparsity,
                          "dense_ms": round(med["dense ORT"] * 1e3, 3), "fast_ms": round(med["fast"] * 1e3, 3),
                          "speedup": round(med["dense ORT"] / med["fast"], 2),
                          "stock_ort_on_fast_file": round(med["dense ORT"] / med["fast file in stock ORT"], 2),
                          "flop_limit": round(d_macs / max(s_macs, 1.0), 2), "max_abs_diff": err,
                          "sparse_linear": len(fast.layers), "sparse_conv": len(getattr(fast, "convs", [])),
+                         "sparse_rnn": sum(type(s).__name__ == "RnnStep" for s in getattr(fast, "_steps", [])),
                          "export_s": round(export_s, 1)})
             print(f"# {label} batch {b}: dense {rows[-1]['dense_ms']} ms, fast {rows[-1]['fast_ms']} ms "
                   f"({rows[-1]['speedup']}x, FLOP limit {rows[-1]['flop_limit']}x)", file=sys.stderr, flush=True)
     return rows
+
+
+def weight_limit(model: nn.Module) -> float:
+    """Dense / nonzero entries of the weight matrices (Linear, Conv, GRU/LSTM): the MAC limit of a recurrent model,
+    whose every weight is used once per token."""
+    weights = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    return sum(p.numel() for p in weights) / max(1, sum(int((p != 0).sum()) for p in weights))
+
+
+def char_inputs(batch: int, shape: tuple[int, ...]) -> np.ndarray:
+    return np.random.default_rng(batch).integers(0, 256, (batch, *shape)).astype(np.float32)
+
+
+def bench_step(label: str, spec: tuple, threads: int, reps: int, budget_s: float) -> list[dict]:
+    """One generation step at batch 1, state in and out: the dense step model (ONNX Runtime) against its fast
+    artifact as ``sparsekit export --format fast`` writes it (``write_step_models``, which keeps the recurrent
+    layer dense if sparse measured slower), and with the recurrent layer sparse whatever it measured."""
+    return [row for measure in (True, False)
+            for row in bench_one_step(label if measure else f"{label} (GRU forced sparse)", spec, threads, reps,
+                                      budget_s, measure)]
+
+
+def bench_one_step(label: str, spec: tuple, threads: int, reps: int, budget_s: float, measure: bool) -> list[dict]:
+    from sparsekit.exporters.fast_step import write_step_models
+
+    from sparsekit.runtime import load
+
+    name, kwargs, shape, _ = spec
+    model = build(name, kwargs, shape).eval()
+    sparsify(model, CHAR_SPARSITY)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        record = write_step_models(model, Path(tmp) / "model.fast.onnx", opset=18, metadata={}, measure=measure)
+        export_s = time.perf_counter() - t0
+        fast = load(record["step_fast"], threads=threads)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(record["step_model"], so, providers=["CPUExecutionProvider"])
+        stock = ort.InferenceSession(record["step_fast"], so, providers=["CPUExecutionProvider"])
+        h = np.random.default_rng(0).standard_normal((1, 1, model.rnn.hidden_size)).astype(np.float32) * 0.5
+        feed = {"input": char_inputs(1, (1,)), "h": h}
+        err = max(float(np.max(np.abs(a - b))) for a, b in zip(fast.run(feed), sess.run(None, feed), strict=True))
+        med = timed({"dense ORT": lambda: sess.run(None, feed), "fast": lambda: fast.run(feed),
+                     "fast file in stock ORT": lambda: stock.run(None, feed)}, reps, budget_s, threads)
+    row = {"case": label, "batch": 1, "threads": threads, "sparsity": CHAR_SPARSITY,
+           "dense_ms": round(med["dense ORT"] * 1e3, 4), "fast_ms": round(med["fast"] * 1e3, 4),
+           "speedup": round(med["dense ORT"] / med["fast"], 2),
+           "stock_ort_on_fast_file": round(med["dense ORT"] / med["fast file in stock ORT"], 2),
+           "flop_limit": round(weight_limit(model), 2), "max_abs_diff": err, "sparse_linear": len(fast.layers),
+           "sparse_conv": 0, "sparse_rnn": sum(type(s).__name__ == "RnnStep" for s in fast._steps),
+           "export_s": round(export_s, 1), "note": record["note"]}
+    print(f"# {label}: dense {row['dense_ms']} ms, fast {row['fast_ms']} ms ({row['speedup']}x); {row['note']}",
+          file=sys.stderr, flush=True)
+    return [row]
 
 
 def markdown(info: dict, rows: list[dict]) -> str:
@@ -187,10 +256,11 @@ def markdown(info: dict, rows: list[dict]) -> str:
             f"{info.get('load_average_1_5_15')}; ONNX Runtime {info['onnxruntime']}, sparsekit kernels "
             f"{info['sparsekit_isa']}. Medians of interleaved runs (thread CPU time).")
     lines = [head, "", "| model | batch | threads | dense ORT | fast | speedup | FLOP limit | sparse convs / linears "
-             "| stock ORT on the fast file |", "|---|---|---|---|---|---|---|---|---|"]
+             "/ GRUs | stock ORT on the fast file |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['batch']} | {r['threads']} | {r['dense_ms']} ms | {r['fast_ms']} ms | "
-                     f"**{r['speedup']}×** | {r['flop_limit']}× | {r['sparse_conv']} / {r['sparse_linear']} | "
+                     f"**{r['speedup']}×** | {r['flop_limit']}× | {r['sparse_conv']} / {r['sparse_linear']} / "
+                     f"{r.get('sparse_rnn', 0)} | "
                      f"{r['stock_ort_on_fast_file']}× |")
     return "\n".join(lines)
 
@@ -200,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small models (CI smoke run, < 1 min)")
     p.add_argument("--case", action="append", help="only these cases (names: " + ", ".join([*CASES, *ZOO]) + ")")
     p.add_argument("--zoo", action="store_true", help="sparsekit's small CNNs instead (" + ", ".join(ZOO) + ")")
+    p.add_argument("--char", action="store_true", help="the char-gru cases instead (" + ", ".join(CHAR) + "; "
+                   f"{CHAR_SPARSITY:.0%} uniform, whatever --sparsity says)")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=9)
@@ -217,15 +289,19 @@ def main(argv: list[str] | None = None) -> int:
         shapes.append((r, c))
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     torch.set_num_threads(max(1, args.threads))
-    cases = QUICK if args.quick else ZOO if args.zoo else CASES
+    cases = QUICK if args.quick else ZOO if args.zoo else CHAR if args.char else CASES
     if args.case:
-        cases = {k: v for k, v in {**CASES, **ZOO}.items() if k in args.case}
+        cases = {k: v for k, v in {**CASES, **ZOO, **CHAR}.items() if k in args.case}
     info = machine()
     rows = []
     for label, spec in cases.items():
+        budget = 2.0 if args.quick else 20.0
+        if label == "char-gru-step":
+            rows += bench_step(label, spec, args.threads, max(args.reps, 41), budget)
+            continue
+        sparsity = CHAR_SPARSITY if label in CHAR else args.sparsity
         for blocks in shapes:
-            rows += bench_case(label, spec, args.sparsity, args.threads, args.reps, 2.0 if args.quick else 20.0,
-                               blocks)
+            rows += bench_case(label, spec, sparsity, args.threads, args.reps, budget, blocks)
     info["load_average_end"] = machine()["load_average_1_5_15"]
     print(markdown(info, rows))
     if args.json:

@@ -75,7 +75,9 @@ def export_cmd(
     top-1 agreement ≥ 99%, accuracy drop ≤ 0.5/1 point). A failure removes the file and exits 4. Speed
     formats (fast, compact-onnx, int8-onnx) that export measured below 0.95× of the dense model are
     flagged (status and slower_than_dense in the JSON); with 'all', such an int8-onnx is left out.
-    compact-onnx is timed only by 'sparsekit report' (gate: --min-speedup-each).
+    compact-onnx is timed only by 'sparsekit report' (gate: --min-speedup-each). fast on a recurrent run
+    (char-gru, char-lstm) also writes the one-step models model.step.onnx and model.step.fast.onnx (symbol
+    and state in, logits and state out) for generation, checked against torch stepping.
 
     Example: sparsekit export runs/demo --format all && sparsekit export runs/demo/export/model.skz
     --format onnx --out restored; sparsekit export runs/demo --format fast --tune --tune-batch-size 64

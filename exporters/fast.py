@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from sparsekit.exporters.graph import DenseLayer
 
 DESCRIPTION = ("sparse linear layers on sparsekit's CPU kernels (ONNX with com.sparsekit nodes; sparsekit run); "
-               "stock ONNX Runtime runs it too, at dense speed")
+               "stock ONNX Runtime runs it too, at dense speed; a model with a step method (char-gru, char-lstm) "
+               "also gets its one-step models *.step.onnx and *.step.fast.onnx (state in and out)")
 SUFFIX = ".fast.onnx"
 TOLERANCE = 1e-5
 VALIDATION_BATCHES = (1, 3, 64)
@@ -278,13 +279,27 @@ def write_fast_format(ctx, out_path: Path, options) -> dict[str, Any]:
         meta = {}
     try:
         samples = ctx.samples.x[:64] if ctx.samples is not None else None
-        return write_model(ctx.model, out_path, tune=tune, batch_size=batch, threads=threads, opset=opset,
-                           calibrate=calibrate, metadata=meta, inputs=samples,
-                           skip_slow=bool(getattr(options, "skip_slow", False)))
+        record = write_model(ctx.model, out_path, tune=tune, batch_size=batch, threads=threads, opset=opset,
+                             calibrate=calibrate, metadata=meta, inputs=samples,
+                             skip_slow=bool(getattr(options, "skip_slow", False)))
     except UnsupportedGraphError as exc:
         raise UnsupportedGraphError(f"fast cannot pack this graph ({exc.what}); nothing was written",
                                     where=exc.where, fix="the fast format packs sparse linear layers "
                                     "(Gemm/MatMul with a constant weight); use --format onnx,compressed") from exc
+    return _with_step_models(ctx, out_path, record, opset=opset, metadata=meta, measure=calibrate or tune)
+
+
+def _with_step_models(ctx, out_path: Path, record: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    """``record`` plus, for a run whose model has a ``step`` method (char-gru, char-lstm), its one-step models
+    (``sparsekit.exporters.fast_step``)."""
+    from sparsekit.exporters.fast_step import torch_model_of, write_step_models
+
+    model = torch_model_of(ctx)
+    if model is None:
+        return record
+    step = write_step_models(model, Path(out_path), **kw)
+    return {**record, "step_models": {k: v for k, v in step.items() if k != "note"},
+            "notes": [*record.get("notes", []), step["note"]]}
 
 
 def _register_runner() -> None:

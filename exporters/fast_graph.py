@@ -21,12 +21,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import helper
+from sparsekit.exporters.fast_rnn import pack_recurrent
 from sparsekit.exporters.graph import UnsupportedGraphError, _attr, initializer_arrays
 
 from sparsekit.runtime import portable
 from sparsekit.runtime.checks import CONV_OP, DOMAIN, OP, SLOPES
 from sparsekit.runtime.conv import ConvGeometry, SparseConv
 from sparsekit.runtime.layers import CsrLayer
+from sparsekit.runtime.rnn import SparseRnn
 
 MAX_DENSITY = 0.5
 
@@ -34,7 +36,7 @@ MAX_DENSITY = 0.5
 @dataclass
 class Packed:
     proto: onnx.ModelProto           # the graph with SparseLinear nodes (their CSR initializers included)
-    layers: dict[str, CsrLayer | SparseConv]  # by node name
+    layers: dict[str, CsrLayer | SparseConv | SparseRnn]  # by node name
     kept_dense: list[str]            # linear and conv layers left to ONNX Runtime (too dense, or slower sparse)
     sparse_convs: list[str]          # the convolutions sparse enough to pack (offered to ``keep_conv``)
 
@@ -98,10 +100,12 @@ def _follower(name: str, readers: dict[str, list[onnx.NodeProto]], outputs: set[
 
 
 def pack_graph(dense: onnx.ModelProto, *, max_density: float = MAX_DENSITY,
-               keep_conv: Callable[[SparseConv, str], bool] | None = None) -> Packed:
-    """``dense`` with its sparse linear layers as SparseLinear nodes and its sparse convolutions as SparseConv
-    nodes (see the module docstring). ``keep_conv(conv, input_name)``: whether a sparse convolution is packed
-    (the exporter measures it against ONNX Runtime's; default: every one)."""
+               keep_conv: Callable[[SparseConv, str], bool] | None = None, keep_rnn: bool = True) -> Packed:
+    """``dense`` with its sparse linear layers as SparseLinear nodes, its sparse convolutions as SparseConv
+    nodes and its sparse GRU/LSTM layers as SparseGRU/SparseLSTM nodes (``fast_rnn``; ``keep_rnn=False``: they
+    stay ordinary nodes). ``keep_conv(conv, input_name)``: whether a sparse convolution is packed (the exporter
+    measures it against ONNX Runtime's; default: every one)."""
+    dense, recurrent = pack_recurrent(dense, max_density=max_density, keep=keep_rnn)
     inits = initializer_arrays(dense)
     g = dense.graph
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -112,7 +116,7 @@ def pack_graph(dense: onnx.ModelProto, *, max_density: float = MAX_DENSITY,
     removed: set[int] = set()
     replaced: dict[int, list[onnx.NodeProto]] = {}
     ranks = _ranks(dense)
-    layers: dict[str, CsrLayer | SparseConv] = {}
+    layers: dict[str, CsrLayer | SparseConv | SparseRnn] = dict(recurrent)
     new_inits: list[onnx.TensorProto] = []
     kept: list[str] = []
     offered: list[str] = []

@@ -503,6 +503,9 @@ static PyObject *py_window_width(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong((long long)window_width());
 }
 
+PyObject *sk_py_rnn(PyObject *self, PyObject *args); /* sk_rnn.c */
+PyObject *sk_py_rnn_panel(PyObject *self, PyObject *args);
+
 static PyMethodDef methods[] = {
     {"rows", py_rows, METH_VARARGS,
      "rows(values, indices, slice_ptr, perm, bias|None, x, y, idx_bytes, n_in, n_out, batch, relu, threads): the rows "
@@ -550,6 +553,12 @@ static PyMethodDef methods[] = {
      "pixels fed to the panel kernel; an optional argument is a reusable float32 scratch of at least "
      "(round16((K + C_out) * 64) * threads + 16) floats (None: one is allocated per call), then the rows per block "
      "(default 1; 2, 4, 8 or 16: the weight in CsrLayer.row_blocked's layout, run by the block kernel)"},
+    {"rnn", sk_py_rnn, METH_VARARGS,
+     "rnn(cell, values, indices, slice_ptr, perm, bias|None, windows|None, wide, idx_bytes, hidden, xw, h, c|None, y, "
+     "hr, T, N, threads): a sparse GRU (cell 0) or LSTM (1) layer's time loop (sk_rnn.c)"},
+    {"rnn_panel", sk_py_rnn_panel, METH_VARARGS,
+     "rnn_panel(cell, values, indices, blockptr, order, bias|None, idx_bytes, hidden, xw, h, c|None, y, T, N): rnn "
+     "with R on the panel kernel (batches of several samples)"},
     {"window_width", py_window_width, METH_NOARGS,
      "the window width of the active code path's window kernel (the window form of the rows layout)"},
     {"available_isas", py_available_isas, METH_NOARGS, "code paths this CPU can run"},

@@ -53,7 +53,18 @@ class CharRNN(_CharModel):
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, _ = self.rnn(self.embed(self.ids(x)))
+        return self._readout_logits(self.rnn(self.embed(self.ids(x)))[0])
+
+    def step(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """One generation step with the state in and out: x (N, 1) symbol codes, h (and, for an LSTM, c) of shape
+        (layers, N, hidden) -> (logits (N, 1, vocab), h'[, c']). The fast exporter writes it as a step model."""
+        _, state = self.rnn(self.embed(self.ids(x)), h if c is None else (h, c))
+        state = state if isinstance(state, tuple) else (state,)
+        # the readout on the last layer's new state (N, hidden), the step's output: rows, so its layers chain with
+        # no reshapes between (and no transpose of the GRU's (T, 1, N, hidden) output)
+        return (self._readout_logits(state[0][-1]).unsqueeze(1), *state)
+
+    def _readout_logits(self, h: torch.Tensor) -> torch.Tensor:
         for lin in self._readout:
             h = self.act(lin(h))
         return self.head(h)

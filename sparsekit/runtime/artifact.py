@@ -25,13 +25,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sparsekit.errors import InputError
 from sparsekit.fileio import atomic_path
-from sparsekit.runtime import checks, portable
+from sparsekit.runtime import checks, portable, rnn_onnx
 from sparsekit.runtime.checks import CONV_OP, DOMAIN, OP, SLOPES
 from sparsekit.runtime.conv import ConvGeometry, SparseConv
 from sparsekit.runtime.graph_model import GraphModel
 from sparsekit.runtime.layers import CsrLayer
 from sparsekit.runtime.memory import memory_bound
 from sparsekit.runtime.model import FastModel
+from sparsekit.runtime.rnn import SparseRnn
 
 # 2: the SparseLinear function and negative_slope (version 1 files lack both and still load)
 FORMAT_VERSION = "2"
@@ -105,15 +106,20 @@ def _sparse_conv(node: onnx.NodeProto, inits: dict[str, np.ndarray], label: str,
     return SparseConv(layer, attrs["in_channels"], geometry, block=attrs.get("block", 0))
 
 
-def _sparse_layers(proto: onnx.ModelProto, where: str) -> dict[str, CsrLayer | SparseConv]:
+def _sparse_layers(proto: onnx.ModelProto, where: str) -> dict[str, CsrLayer | SparseConv | SparseRnn]:
     """The SparseLinear nodes of a whole-graph artifact as layers by node name, each checked as in a chain."""
     graph = proto.graph
     has_function = portable.check(proto, where, graph=True)
-    sparse = [n for n in graph.node if n.domain == DOMAIN]
+    sparse = [n for n in graph.node if n.domain == DOMAIN and n.op_type not in rnn_onnx.OPS]
     names = {name for n in sparse for name in n.input[1:]}
     inits = checks.initializers(onnx.helper.make_graph([], "sparse", [], [], initializer=[
         t for t in graph.initializer if t.name in names]), where)
-    layers: dict[str, CsrLayer | SparseConv] = {}
+    layers: dict[str, CsrLayer | SparseConv | SparseRnn] = {}
+    for node in (n for n in graph.node if n.domain == DOMAIN and n.op_type in rnn_onnx.OPS):
+        label = f"{where}: node {node.name!r}"
+        if not node.name or node.name in layers:
+            raise InputError(f"unnamed or repeated {DOMAIN} node name", where=label, fix=checks.FIX)
+        layers[node.name] = rnn_onnx.parse_node(node, graph, label)
     for node in sparse:
         label = f"{where}: node {node.name!r}"
         if node.op_type not in (OP, CONV_OP) or len(node.output) != 1 or not node.input or not node.name \

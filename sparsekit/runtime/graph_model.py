@@ -20,11 +20,12 @@ import onnx
 from onnx import helper
 
 from sparsekit.errors import InputError
-from sparsekit.runtime import checks, forksafe
+from sparsekit.runtime import checks, forksafe, rnn_onnx
 from sparsekit.runtime.conv import SparseConv
 from sparsekit.runtime.layers import CsrLayer, kernel_isa
 from sparsekit.runtime.memory import kernel_bytes
 from sparsekit.runtime.model import FastModel, layer_info
+from sparsekit.runtime.rnn import RnnStep, SparseRnn
 
 _NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT64: np.int64,
              onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_,
@@ -104,6 +105,11 @@ def _stand_ins(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
         w = f"__sparsekit_weight_{k}"
+        if node.op_type in rnn_onnx.OPS:
+            stand_in, infos = rnn_onnx.stand_in(node, k)
+            g.input.extend(infos)
+            g.node[k].CopyFrom(stand_in)
+            continue
         if node.op_type == checks.CONV_OP:
             ints = {a.name: list(a.ints) for a in node.attribute if a.type == onnx.AttributeProto.INTS}
             g.input.append(helper.make_tensor_value_info(
@@ -133,8 +139,8 @@ class GraphModel:
     """A fast artifact of a whole graph (see the module docstring). ``run(x)`` takes the graph's one input (or
     a dict of inputs by name) and returns its one output (or a list, in the graph's order)."""
 
-    def __init__(self, proto: onnx.ModelProto, layers: dict[str, CsrLayer | SparseConv], *, threads: int = 1,
-                 metadata: dict[str, str] | None = None, memory_limit: int | None = None) -> None:
+    def __init__(self, proto: onnx.ModelProto, layers: dict[str, CsrLayer | SparseConv | SparseRnn], *,
+                 threads: int = 1, metadata: dict[str, str] | None = None, memory_limit: int | None = None) -> None:
         self.threads = FastModel._check_threads(threads)
         self.proto = proto
         self.metadata = dict(metadata or {})
@@ -148,8 +154,8 @@ class GraphModel:
         self._steps = self._cut(proto, layers, memory_limit)
         self._drops = self._drop_lists()
 
-    def _cut(self, proto: onnx.ModelProto, layers: dict[str, CsrLayer | SparseConv],
-             memory_limit: int | None) -> list[SparseStep | ConvStep | DenseStep]:
+    def _cut(self, proto: onnx.ModelProto, layers: dict[str, CsrLayer | SparseConv | SparseRnn],
+             memory_limit: int | None) -> list[SparseStep | ConvStep | RnnStep | DenseStep]:
         """The graph's nodes in file order as steps: each sparse node one step, the ordinary nodes between them
         one ONNX Runtime segment each (its outputs: what later steps or the graph's outputs read)."""
         g = proto.graph
@@ -161,7 +167,7 @@ class GraphModel:
             later.append(set(need))
             need |= {i for i in node.input if i}
         later.reverse()
-        steps: list[SparseStep | ConvStep | DenseStep] = []
+        steps: list[SparseStep | ConvStep | RnnStep | DenseStep] = []
         run: list[onnx.NodeProto] = []
         for node, after in zip(g.node, later, strict=True):
             if _graph_attrs(node):
@@ -171,17 +177,20 @@ class GraphModel:
                 run.append(node)
                 continue
             if run:
-                steps.append(_segment(proto, run, after | {node.input[0]}, types, inits, len(steps)))
+                steps.append(_segment(proto, run, after | set(node.input), types, inits, len(steps)))
                 run = []
             steps.append(self._sparse_step(node, layers[node.name], memory_limit))
         if run:
             steps.append(_segment(proto, run, set(self.output_names), types, inits, len(steps)))
         return steps
 
-    def _sparse_step(self, node: onnx.NodeProto, layer: CsrLayer | SparseConv,
-                     memory_limit: int | None) -> SparseStep | ConvStep:
+    def _sparse_step(self, node: onnx.NodeProto, layer: CsrLayer | SparseConv | SparseRnn,
+                     memory_limit: int | None) -> SparseStep | ConvStep | RnnStep:
         """A sparse node's step; its kernels held to ``memory_limit`` as a chain's are (``memory.kernel_bytes``:
         a convolution's layout and its per-thread panels of im2col columns and outputs)."""
+        if isinstance(layer, SparseRnn):
+            layer.prepare(self.threads, memory_limit)
+            return RnnStep(node.input[0], list(node.input[9:]), list(node.output), layer)
         if isinstance(layer, SparseConv):
             need = kernel_bytes(layer.layer, layer.kernel, layer.block, self.threads)
             if memory_limit is not None and need > memory_limit:
@@ -305,6 +314,8 @@ class GraphModel:
                                      f"(batch, {step.conv.in_channels}, h, w)", where="input",
                                      fix="check the input's shape")
                 env[step.y] = step.conv.run(a, threads=nt)
+            elif isinstance(step, RnnStep):
+                step.run(env, nt)
             else:
                 sess = self._session(step, nt)
                 try:
@@ -347,5 +358,9 @@ class GraphModel:
                               "nnz": c.layer.nnz, "sparsity": round(1.0 - c.layer.density, 6),
                               "relu": c.layer.relu, "block": c.block, "kernel": c.kernel} for c in self.convs],
             "layers": [layer_info(layer) for layer in self.layers],
+            "recurrent": [{"name": s.rnn.name, "op": s.rnn.op, "hidden_size": s.rnn.hidden,
+                           "input_size": s.rnn.input_size, "nnz": s.rnn.w.nnz + s.rnn.r.nnz,
+                           "sparsity": round(1.0 - s.rnn.density, 6)}
+                          for s in self._steps if isinstance(s, RnnStep)],
             "metadata": dict(self.metadata),
         }

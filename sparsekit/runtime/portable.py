@@ -10,6 +10,9 @@ so both runtimes compute the same thing. docs/fast-format.md describes the body 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
@@ -114,6 +117,14 @@ def conv_function(opset: int) -> onnx.FunctionProto:
 BODIES = {OP: function, CONV_OP: conv_function}
 
 
+def graph_bodies() -> dict[str, Callable[[int], onnx.FunctionProto]]:
+    """Every op's body a whole-graph artifact may carry: SparseLinear's, SparseConv's and the recurrent ones
+    (``sparsekit.runtime.rnn_onnx``)."""
+    from sparsekit.runtime import rnn_onnx
+
+    return {**BODIES, **{op: partial(rnn_onnx.function, op) for op in rnn_onnx.OPS}}
+
+
 def _default_opset(proto: onnx.ModelProto) -> int | None:
     return next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
@@ -139,17 +150,18 @@ def check(proto: onnx.ModelProto, where: str, *, graph: bool = False) -> bool:
         return False
     label = f"{where}: functions"
     found = [f"{f.domain}::{f.name}" for f in ours]
-    allowed = [[f"{DOMAIN}::{OP}"]] + ([[f"{DOMAIN}::{CONV_OP}"], [f"{DOMAIN}::{OP}", f"{DOMAIN}::{CONV_OP}"]]
-                                        if graph else [])
-    if found not in allowed:
+    bodies = graph_bodies() if graph else BODIES
+    if (found != [f"{DOMAIN}::{OP}"] and not graph) or len(set(found)) != len(found) \
+            or any(f.name not in bodies for f in ours):
         raise InputError(f"holds the functions {', '.join(found)}; a fast artifact holds one, {DOMAIN}::{OP}"
-                         + (f" (and {DOMAIN}::{CONV_OP})" if graph else ""), where=label, fix=FIX)
+                         + (f" (and at most one of each of {', '.join(sorted(set(bodies) - {OP}))})" if graph
+                            else ""), where=label, fix=FIX)
     opset = _default_opset(proto)
     if opset is None or opset < MIN_OPSET:
         raise InputError(f"the model imports opset {opset}; its {ours[0].name} function needs {MIN_OPSET} or later",
                          where=label, fix=FIX)
     for f in ours:
-        if _normalized(f) != _normalized(BODIES[f.name](opset)):
+        if _normalized(f) != _normalized(bodies[f.name](opset)):
             raise InputError(f"the {f.name} function is not the fast format's body (stock ONNX Runtime would "
                              "compute something else than sparsekit)", where=label, fix=FIX)
     return True
