@@ -83,19 +83,31 @@ def target(case: str, sizes: list[int], sparsity: float, batch: int) -> float:
     return 1.0
 
 
+def fanin_mask(n_out: int, n_in: int, sparsity: float, rng: np.random.Generator) -> np.ndarray:
+    """Constant fan-in: every row keeps the same round((1 - sparsity) · n_in) random inputs."""
+    k = round(n_in * (1.0 - sparsity))
+    cols = np.argsort(rng.random((n_out, n_in)), axis=1)[:, :k]
+    mask = np.zeros((n_out, n_in), dtype=bool)
+    np.put_along_axis(mask, cols, True, axis=1)
+    return mask.reshape(-1)
+
+
 def random_layers(sizes: list[int], sparsity: float, seed: int,
-                  blocks: tuple[int, int] = (1, 1)) -> list[tuple[np.ndarray, np.ndarray]]:
+                  blocks: tuple[int, int] | str = (1, 1)) -> list[tuple[np.ndarray, np.ndarray]]:
     """Random layers whose masks keep exactly (1 - sparsity) of their (r, c) blocks (r output rows x c inputs;
-    (1, 1): unstructured)."""
+    (1, 1): unstructured), or of every row's inputs (``"fanin"``)."""
     rng = np.random.default_rng(seed)
-    r, c = blocks
     out = []
     for n_in, n_out in itertools.pairwise(sizes):
         size = n_in * n_out
-        nblk = (n_out // r) * (n_in // c)
-        on = np.zeros(nblk, dtype=bool)
-        on[rng.choice(nblk, round(nblk * (1.0 - sparsity)), replace=False)] = True  # exact sparsity
-        mask = np.repeat(np.repeat(on.reshape(n_out // r, n_in // c), r, axis=0), c, axis=1).reshape(-1)
+        if blocks == "fanin":
+            mask = fanin_mask(n_out, n_in, sparsity, rng)
+        else:
+            r, c = blocks
+            nblk = (n_out // r) * (n_in // c)
+            on = np.zeros(nblk, dtype=bool)
+            on[rng.choice(nblk, round(nblk * (1.0 - sparsity)), replace=False)] = True  # exact sparsity
+            mask = np.repeat(np.repeat(on.reshape(n_out // r, n_in // c), r, axis=0), c, axis=1).reshape(-1)
         w = (rng.standard_normal(size) * np.sqrt(2.0 / (n_in * (1 - sparsity)))).astype(np.float32)
         out.append(((w * mask).reshape(n_out, n_in), (0.1 * rng.standard_normal(n_out)).astype(np.float32)))
     return out
@@ -251,7 +263,7 @@ def bench_case(name, sizes, sparsity, batch, threads, *, tune, reps, budget_s, s
     counts = [threads] if isinstance(threads, int) else list(threads)
     layers = random_layers(sizes, sparsity, seed)
     blayers = random_layers(sizes, sparsity, seed, blocks) if blocks else None
-    block_key = f"sparsekit fast {blocks[0]}x{blocks[1]}" if blocks else ""
+    block_key = f"sparsekit fast {'fanin' if blocks == 'fanin' else f'{blocks[0]}x{blocks[1]}'}" if blocks else ""
     x = np.random.default_rng(seed + 1).standard_normal((batch, sizes[0])).astype(np.float32)
     fns = {}
     notes = {}
@@ -365,7 +377,7 @@ def blocks_markdown(rows: list[dict]) -> str:
     share of the FLOP limit (dense ORT time x density: the speedup if time fell with the weights kept)."""
     keyed = {(r["case"], r["sparsity"], r["batch"], r["threads"], r["variant"]): r for r in rows}
     names = [v for v in dict.fromkeys(r["variant"] for r in rows) if v.startswith("sparsekit fast ")
-             and v[len("sparsekit fast "):][:1].isdigit()]
+             and (v[len("sparsekit fast "):][:1].isdigit() or v.endswith(" fanin"))]
     if not names:
         return ""
     lines = ["| case | sparsity | batch | threads | dense ORT | sparsekit fast | "
@@ -465,13 +477,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help="only the small MLPs (batch 1 64 256 by default)")
     p.add_argument("--render", type=Path, nargs="+", help="print the tables of saved --json runs and exit")
     p.add_argument("--blocks", metavar="RxC", help="also the same models with RxC-block masks (e.g. 4x1: 4 output "
-                   "rows x 1 input); default cases the 4096x4096 layer at 90%% and 80%% and the MLP at 90%%, batch 16 "
+                   "rows x 1 input) or constant fan-in masks (fanin); default cases the 4096x4096 layer at 90%% and "
+                   "80%% and the MLP at 90%%, batch 16 "
                    "256, 1 thread")
     p.add_argument("--cpu-clock", action="store_true", help="time with the calling thread's CPU time (one thread "
                    "only: every variant runs in the calling thread; leaves out the time other processes hold the core)")
     args = p.parse_args(argv)
     blocks = None
-    if args.blocks:
+    if args.blocks and args.blocks.lower() == "fanin":
+        blocks = "fanin"
+    elif args.blocks:
         try:
             blocks = tuple(int(v) for v in args.blocks.lower().split("x"))
             assert len(blocks) == 2 and min(blocks) >= 1

@@ -77,7 +77,8 @@ def export_cmd(
     flagged (status and slower_than_dense in the JSON); with 'all', such an int8-onnx is left out.
     compact-onnx is timed only by 'sparsekit report' (gate: --min-speedup-each). fast on a recurrent run
     (char-gru, char-lstm) also writes the one-step models model.step.onnx and model.step.fast.onnx (symbol
-    and state in, logits and state out) for generation, checked against torch stepping.
+    and state in, logits and state out) for generation, checked against torch stepping; the sparse step
+    only where it measured faster than the dense one.
 
     Example: sparsekit export runs/demo --format all && sparsekit export runs/demo/export/model.skz
     --format onnx --out restored; sparsekit export runs/demo --format fast --tune --tune-batch-size 64

@@ -155,6 +155,11 @@ def write_step_models(torch_model: nn.Module, fast_path: Path, *, opset: int, me
         alt_speedup = step_speed(alt, dense, torch_model)
         if alt_speedup > speedup:
             model, speedup, recurrent = alt, alt_speedup, "dense (ONNX Runtime: sparse was slower)"
+    if speedup is not None and speedup < 1.0:  # never ship a step slower than the dense one
+        return {"step_model": str(dense_path), "step_fast": None, "step_dense_check": dense_check,
+                "step_speedup_batch1": speedup,
+                "note": f"step models: {dense_path.name} (one generation step, state in and out); no sparse step "
+                        f"model: it measured {speedup:.2f}x of dense ONNX Runtime at batch 1 on this machine"}
     check = check_steps(torch_model, lambda f: model.run(f), str(step_path))
     onnx.checker.check_model(model.to_onnx(), full_check=True)
     save(model, step_path)

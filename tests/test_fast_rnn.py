@@ -101,6 +101,17 @@ def test_the_whole_artifact_keeps_the_recurrent_layer_dense_when_sparse_measures
     assert speed[0]["speedup"] == 1.3 and "recurrent layers: dense" in notes[0]
 
 
+def test_a_sparse_step_slower_than_the_dense_one_is_not_written(char, tmp_path, monkeypatch):
+    from sparsekit.exporters import fast_step
+
+    speeds = iter([0.7, 0.8])  # sparse recurrent layers, then dense ones: both slower than the dense step
+    monkeypatch.setattr(fast_step, "step_speed", lambda *a: next(speeds))
+    record = write_step_models(char[1], tmp_path / "model.fast.onnx", opset=18, metadata={}, measure=True)
+    assert record["step_fast"] is None and record["step_speedup_batch1"] == 0.8
+    assert (tmp_path / "model.step.onnx").is_file() and not (tmp_path / "model.step.fast.onnx").exists()
+    assert "no sparse step model: it measured 0.80x of dense" in record["note"]
+
+
 def test_step_models_equal_torch_stepping_and_the_full_sequence(char, tmp_path):
     name, m, _ = char
     record = write_step_models(m, tmp_path / "model.fast.onnx", opset=18, metadata={}, measure=False)
