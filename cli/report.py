@@ -86,6 +86,10 @@ def _render(report: dict) -> None:
             lt.add_row(r["artifact"], str(r["batch_size"]), str(r["threads"]), f"{r['p50_ms']:.3f}",
                        f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", cell)
         console.print(lt)
+        for g in report.get("structured_speed") or []:
+            console.print(f"fast vs the same model unstructured (same nonzero count, random positions): "
+                          f"{g['speedup_vs_unstructured']:.2f}× at batch {g['batch_size']}, {g['threads']} thread(s) "
+                          f"({g['fast_p50_ms']:.3f} vs {g['unstructured_p50_ms']:.3f} ms)")
         for art in report["artifacts"]:
             if art.get("slower_than_dense"):
                 console.print(f"[yellow]⚠ {art['artifact']} is slower than the dense model: "

@@ -261,6 +261,16 @@ def build_report(path: str | Path, *, batch_sizes: tuple[int, ...] = (1, 64, 256
                 rec["structured_layouts"] = archive_layouts(p)
             artifacts.append(rec)
         records: list[dict[str, Any]] = []
+        structured_speed: list[dict[str, Any]] = []
+        summary = src["summary"] or {}
+        fast_label = next((a["artifact"] for a in src["artifacts"] if a["format"] == "fast"), None)
+        twin = latency and fast_label in runners and summary.get("granularity", "unstructured") != "unstructured"
+        if twin:  # what the structure buys: the same model unstructured, timed in the same run
+            from sparsekit.exporters.twin import TWIN, write_twin
+
+            if progress:
+                progress("packing the unstructured twin")
+            runners[TWIN] = (write_twin(dense_model, Path(tmpdir) / "twin.fast.onnx"), "fast")
         if latency and runners:
             if progress:
                 progress("measuring latency")
@@ -273,8 +283,11 @@ def build_report(path: str | Path, *, batch_sizes: tuple[int, ...] = (1, 64, 256
                 lambda name, t: load_runner(runners[name][0], runners[name][1], threads=t), list(runners),
                 input_shape=shape, batch_sizes=batch_sizes, threads=threads, runs=runs, warmup=warmup,
                 dense=dense_label, samples=None if samples is None else samples.x)
+            if twin:
+                from sparsekit.exporters.twin import split_twin
+
+                records, structured_speed = split_twin(records, fast_label)
             flag_slow_artifacts(artifacts, records)
-    summary = src["summary"] or {}
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "kind": "sparsekit-report",
@@ -290,6 +303,7 @@ def build_report(path: str | Path, *, batch_sizes: tuple[int, ...] = (1, 64, 256
         "dense_onnx_bytes": dense_bytes,
         "artifacts": artifacts,
         "latency": records,
+        "structured_speed": structured_speed,
         "latency_settings": {"measured": bool(latency), "batch_sizes": list(batch_sizes),
                              "threads": list(threads), "runs": runs,
                              "warmup": warmup, "interleaved": True, "allow_spinning": False,

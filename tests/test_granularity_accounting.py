@@ -116,3 +116,48 @@ def test_report_of_an_unstructured_run_says_so(tmp_path, cli):
     (art,) = [a for a in rep["artifacts"] if a["format"] == "compressed"]
     assert rep["run"]["granularity"] == "unstructured" and art["structured_layouts"]["structured_layouts"] == 0
     assert np.all([r["layout"] == "sparse" for r in art["structured_layouts"]["layouts"]])
+
+
+def test_unstructured_twin_keeps_every_sparse_tensors_values_at_other_positions(blocks_run):
+    import onnx
+    from onnx import numpy_helper
+    from sparsekit.exporters.twin import unstructured_twin
+
+    dense = onnx.load(str(blocks_run / "model.onnx"))
+    twin = unstructured_twin(dense)
+    moved = 0
+    for a, b in zip(dense.graph.initializer, twin.graph.initializer, strict=True):
+        x, y = numpy_helper.to_array(a), numpy_helper.to_array(b)
+        assert a.name == b.name and x.shape == y.shape
+        assert np.array_equal(np.sort(x[x != 0]), np.sort(y[y != 0]))  # same values, same count
+        moved += int(np.any((x != 0) != (y != 0)))
+    assert moved == 3  # the three block-sparse weights; biases stay as they are
+
+
+def test_split_twin_gives_the_ratio_per_batch_and_drops_the_twins_records():
+    from sparsekit.exporters.twin import TWIN, split_twin
+
+    recs = [{"artifact": a, "batch_size": b, "threads": 1, "p50_ms": ms}
+            for a, b, ms in [("onnx", 16, 9.0), ("fast", 16, 2.0), (TWIN, 16, 5.0), ("fast", 1, 1.0), (TWIN, 1, 1.5)]]
+    kept, gains = split_twin(recs, "fast")
+    assert [r["artifact"] for r in kept] == ["onnx", "fast", "fast"]
+    assert [(g["batch_size"], g["speedup_vs_unstructured"]) for g in gains] == [(16, 2.5), (1, 1.5)]
+
+
+def test_report_times_a_structured_runs_fast_artifact_against_its_unstructured_twin(blocks_run, cli):
+    from sparsekit.exporters.twin import TWIN
+
+    res = cli(["export", str(blocks_run), "--format", "fast", "-q"])
+    assert res.exit_code == 0, res.stderr
+    res = cli(["report", str(blocks_run), "--batch-sizes", "16", "--runs", "3", "--warmup", "1", "--json"])
+    assert res.exit_code == 0, res.stderr
+    rep = res.json()
+    (gain,) = rep["structured_speed"]
+    fast = next(r for r in rep["latency"] if r["artifact"] == "fast")
+    assert (gain["batch_size"], gain["threads"], gain["fast_p50_ms"]) == (16, 1, fast["p50_ms"])
+    assert gain["speedup_vs_unstructured"] == pytest.approx(gain["unstructured_p50_ms"] / gain["fast_p50_ms"])
+    assert TWIN not in {r["artifact"] for r in rep["latency"]} | {a["artifact"] for a in rep["artifacts"]}
+    res = cli(["report", str(blocks_run), "--batch-sizes", "16", "--runs", "2", "--warmup", "0"])
+    assert res.exit_code == 0, res.stderr
+    assert "fast vs the same model unstructured (same nonzero count, random positions): " in \
+        " ".join(res.stdout.split())
