@@ -23,8 +23,9 @@ from torch import nn
 
 from sparsekit.distributions import LayerPlan, plan_layers
 from sparsekit.errors import InputError
-from sparsekit.granularity import Granularity, ablate_rows, check_method, drop_to_targets, random_scores, structured_top
-from sparsekit.granularity import drop_and_grow as granular_drop_and_grow
+from sparsekit.granular_select import ablate_rows, drop_to_targets, random_scores, structured_top
+from sparsekit.granular_select import drop_and_grow as granular_drop_and_grow
+from sparsekit.granularity import Granularity, check_method
 from sparsekit.masks import (
     SparseLayer,
     commit_mask,
@@ -223,7 +224,7 @@ class Sparsifier:
         then grow the ``k_grow`` highest-scoring connections among all inactive after the drop (a
         just-dropped connection may come back). Ties broken by (seed, step, layer, element) keys.
         ``Magnitude(t)`` scores rank by |t| without materialising it; a score may be None when its
-        count is 0. A structured granularity selects by groups (``sparsekit.granularity.drop_and_grow``)."""
+        count is 0. A structured granularity selects by groups (``sparsekit.granular_select.drop_and_grow``)."""
         if self.granularity.structured:
             return self._structured_drop_and_grow(layer, step, k_drop, k_grow, drop_scores, grow_scores)
         flat = layer.mask.reshape(-1)

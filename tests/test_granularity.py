@@ -14,7 +14,8 @@ from torch import nn
 import sparsekit
 from sparsekit.distributions import plan_layers
 from sparsekit.errors import InputError
-from sparsekit.granularity import Granularity, drop_and_grow, random_scores, structured_top, top_per_group
+from sparsekit.granular_select import drop_and_grow, random_scores, structured_top, top_per_group
+from sparsekit.granularity import Granularity
 from sparsekit.selection import Magnitude, element_keys
 
 

@@ -149,7 +149,7 @@ class Method:
         from sparsekit.masks import magnitude_mask
 
         if sp.granularity.structured:  # |w| summed per block, or the top |w| of every N:M group / row
-            from sparsekit.granularity import structured_top
+            from sparsekit.granular_select import structured_top
 
             return {ly.name: structured_top(sp.granularity, ly.plan.shape, Magnitude(ly.param.detach()),
                                             ly.plan.active, seed=sp.seed, step=0, layer=ly.index).to(ly.param.device)

@@ -96,7 +96,7 @@ class SNIP(Method):
     def initial_masks(self, sp: Sparsifier, init: InitInputs) -> dict[str, torch.Tensor]:
         scores = self.saliency(sp.layers, init)
         if sp.granularity.structured:  # saliency summed per block, or the top of every N:M group / row
-            from sparsekit.granularity import structured_top
+            from sparsekit.granular_select import structured_top
 
             return {ly.name: structured_top(sp.granularity, ly.plan.shape, scores[ly.name], ly.plan.active,
                                             seed=sp.seed, step=0, layer=ly.index).to(ly.param.device)
