@@ -174,16 +174,19 @@ def parse_spec(spec: str) -> NM | Block | str:
 
 
 def conforms(x: Any, spec: str) -> bool:
-    """Whether the mask has the declared granularity (``unstructured``: always)."""
-    g = parse_spec(spec)
-    if isinstance(g, NM):
-        return is_nm(x, g.n, g.m)
-    if isinstance(g, Block):
-        return is_block(x, g.r, g.c)
-    if g == "unstructured":
-        return True
-    f = fanin(x)
-    return f is not None and (f.constant or g == "fanin+ablate")
+    """Whether the mask has the declared granularity (``unstructured``: always): the training side's own
+    check (``Granularity.conforms``) on this module's inputs."""
+    import torch
+
+    from sparsekit.errors import InputError
+    from sparsekit.granularity import Granularity
+
+    try:
+        g = Granularity.parse(spec)
+    except InputError as exc:
+        raise ValueError(exc.message) from exc
+    mask = torch.from_numpy(np.ascontiguousarray(as_mask(x)))
+    return mask.dim() >= 2 and g.conforms(mask) if g.structured else True
 
 
 def describe(x: Any) -> dict[str, Any]:
