@@ -98,3 +98,76 @@ void conv_item(void *ctx, int64_t item, int tid) {
     float *yb = j->y + b * j->w.n_out * npix + p * PANEL;
     for (int64_t o = 0; o < j->w.n_out; o++) memcpy(yb + o * npix, yp + o * PANEL, (size_t)lanes * 4);
 }
+
+/* ------------------------------------------------------------------ shifted rows (stride 1, dilation 1) */
+
+int64_t dconv_plane_floats(const conv_t *g, int64_t B) {
+    const int64_t hp = g->ho + g->kh - 1, wp = g->wo + g->kw - 1;
+    const int64_t n = smul(smul3(g->c, B, hp), wp), all = n > INT32_MAX ? INT64_MAX : n + g->kw + PANEL + 15;
+    return all > INT32_MAX ? -1 : all & ~(int64_t)15;
+}
+
+void dconv_offsets(const csr_t *w, int64_t n, const conv_t *g, int64_t B, int32_t *off) {
+    const int64_t hp = g->ho + g->kh - 1, wp = g->wo + g->kw - 1, taps = g->kh * g->kw;
+    for (int64_t e = 0; e < n; e++) {
+        const int64_t col = idx_at(w, e), ch = col / taps, i = col % taps / g->kw, j = col % g->kw;
+        off[e] = (int32_t)((ch * B * hp + i) * wp + j);
+    }
+}
+
+/* plane (ch, b): row r holds input row r - ph, column q input column q - pw, zeros elsewhere */
+void dconv_fill(void *ctx, int64_t item, int tid) {
+    (void)tid;
+    const dconv_job_t *j = (const dconv_job_t *)ctx;
+    const conv_t *g = &j->g;
+    const int64_t area = j->hp * j->wp;
+    if (item == j->B * g->c) {  /* the slack after the last plane */
+        memset(j->plane + item * area, 0, (size_t)(dconv_plane_floats(g, j->B) - item * area) * 4);
+        return;
+    }
+    const int64_t ch = item / j->B, b = item % j->B;
+    const float *src = j->x + (b * g->c + ch) * g->h * g->w;
+    float *dst = j->plane + item * area;
+    const int64_t n = g->w < j->wp - g->pw ? g->w : j->wp - g->pw; /* input columns that land in the plane */
+    for (int64_t r = 0; r < j->hp; r++, dst += j->wp) {
+        const int64_t iy = r - g->ph;
+        if (iy < 0 || iy >= g->h || n <= 0) {
+            memset(dst, 0, (size_t)j->wp * 4);
+            continue;
+        }
+        memset(dst, 0, (size_t)g->pw * 4);
+        memcpy(dst + g->pw, src + iy * g->w, (size_t)n * 4);
+        memset(dst + g->pw + n, 0, (size_t)(j->wp - g->pw - n) * 4);
+    }
+}
+
+/* runs of valid output pixels among grid pixels q0 .. q0 + 63: lane, destination pixel (b * C_out * npix +
+ * oy * wo + ox) and length of each; returns their count (at most PANEL) */
+static int dconv_runs(const dconv_job_t *j, int64_t q0, int64_t lane[PANEL], int64_t dst[PANEL], int64_t len[PANEL]) {
+    const conv_t *g = &j->g;
+    const int64_t npix = g->ho * g->wo;
+    int m = 0;
+    for (int64_t q = q0; q < q0 + PANEL;) {
+        const int64_t r = q / j->wp, ox = q % j->wp, b = r / j->hp, oy = r % j->hp;
+        const int64_t n = j->wp - ox < q0 + PANEL - q ? j->wp - ox : q0 + PANEL - q;
+        if (b < j->B && oy < g->ho && ox < g->wo) {
+            lane[m] = q - q0;
+            dst[m] = b * j->w.n_out * npix + oy * g->wo + ox;
+            len[m++] = g->wo - ox < n ? g->wo - ox : n;
+        }
+        q += n;
+    }
+    return m;
+}
+
+void dconv_item(void *ctx, int64_t p, int tid) {
+    const dconv_job_t *j = (const dconv_job_t *)ctx;
+    const int64_t npix = j->g.ho * j->g.wo;
+    float *yp = j->scratch + (int64_t)tid * j->per_thread;
+    const rowout_t ro = {NULL, 0, PANEL, 0, 0};
+    panel_rows(j->fn, &j->w, j->bp, j->ord, j->nb, &ro, 0, j->w.n_out, j->plane + p * PANEL, yp);
+    int64_t lane[PANEL], dst[PANEL], len[PANEL];
+    const int m = dconv_runs(j, p * PANEL, lane, dst, len);
+    for (int64_t o = 0; o < j->w.n_out; o++)
+        for (int s = 0; s < m; s++) memcpy(j->y + dst[s] + o * npix, yp + o * PANEL + lane[s], (size_t)len[s] * 4);
+}

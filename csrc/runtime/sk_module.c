@@ -45,6 +45,7 @@ static int make_csr(csr_t *w, Py_buffer *val, Py_buffer *idx, Py_buffer *rowptr,
     w->n_out = n_out;
     w->relu = relu != 0;
     w->rb = 0;
+    w->direct = 0;
     return 0;
 }
 
@@ -404,18 +405,67 @@ static PyObject *py_set_threading(PyObject *self, PyObject *args) {
                          SK_POOL ? "pthreads" : "openmp-or-none");
 }
 
+/* the shifted-rows convolution (dconv_job_t): w's column indices as plane offsets, the padded planes and the
+ * per-thread output panels in the caller's scratch (scr: conv_scratch_floats(...) floats) or a fresh buffer */
+static int conv_direct(const csr_t *w, int64_t nb, const int32_t *ord, const conv_t *g, int64_t B, int threads,
+                       const float *x, float *y, Py_buffer *scr) {
+    if (g->sh != 1 || g->sw != 1 || g->dh != 1 || g->dw != 1) {
+        PyErr_SetString(PyExc_ValueError, "shifted rows need strides and dilations 1");
+        return -1;
+    }
+    const int64_t plane = dconv_plane_floats(g, B), hp = g->ho + g->kh - 1, wp = g->wo + g->kw - 1;
+    if (plane < 0) { PyErr_SetString(PyExc_ValueError, "input too large for shifted rows (int32 offsets)"); return -1; }
+    if (B == 0) return 0;
+    const int64_t P = ((B * hp - g->kh + 1) * wp + PANEL - 1) / PANEL, per = (w->n_out * PANEL + 15) & ~(int64_t)15;
+    const int t = clamp_threads(threads < 0 ? -threads : threads), nt = P < t ? (int)P : t;
+    const int64_t nent = w->rowptr[nb * (w->rb > 1 ? w->n_out / w->rb : w->n_out)];
+    const int64_t need = plane + per * nt + 16;
+    void *raw = NULL;
+    float *base;
+    if (scr) {
+        if (check_len(scr, smul(need, 4), "scratch")) return -1;
+        base = (float *)(((uintptr_t)scr->buf + 63) & ~(uintptr_t)63);
+    } else if (!(raw = malloc((size_t)need * 4 + 64))) {
+        PyErr_NoMemory();
+        return -1;
+    } else {
+        base = (float *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
+    }
+    int32_t *off = (int32_t *)calloc((size_t)(nent + PAD_SLACK), 4);
+    if (!off) { free(raw); PyErr_NoMemory(); return -1; }
+    dconv_offsets(w, nent, g, B, off);
+    dconv_job_t job = {pick_panel_for(w), *w, w->rowptr, ord, nb, *g, x, y, base, B, hp, wp, P, base + plane, per};
+    job.w.idx = off;
+    job.w.idx16 = 0;
+    job.w.direct = 1;
+    Py_BEGIN_ALLOW_THREADS
+    if (nt <= 1) {
+        for (int64_t i = 0; i <= B * g->c; i++) dconv_fill(&job, i, 0);
+        for (int64_t p = 0; p < P; p++) dconv_item(&job, p, 0);
+    } else {
+        par_run(nt, B * g->c + 1, dconv_fill, &job);
+        par_run(nt, P, dconv_item, &job);
+    }
+    Py_END_ALLOW_THREADS
+    free(off);
+    free(raw);
+    return 0;
+}
+
 /* conv(values, indices, blockptr, bias|None, order|None, x, y, idx_bytes, K, C_out, nblocks, relu, threads, batch,
- *      (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)): a sparse convolution (sk_conv.c) */
+ *      (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)[, scratch|None, rows per block, direct]): a sparse
+ *      convolution (sk_conv.c); direct: the shifted-rows form (strides and dilations 1) */
 static PyObject *py_conv(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer val, idx, bptr, x, y, bias = {0}, ordb = {0}, scr = {0};
     PyObject *bias_obj, *ord_obj, *scr_obj = Py_None;
     int idx_bytes, relu, threads;
     long long K, n_out, nb, B, rb = 1;
+    int direct = 0;
     conv_t g;
-    if (!PyArg_ParseTuple(args, "y*y*y*OOy*w*iLLLiiL(LLLLLLLLLLLLL)|OL", &val, &idx, &bptr, &bias_obj, &ord_obj, &x,
+    if (!PyArg_ParseTuple(args, "y*y*y*OOy*w*iLLLiiL(LLLLLLLLLLLLL)|OLp", &val, &idx, &bptr, &bias_obj, &ord_obj, &x,
                           &y, &idx_bytes, &K, &n_out, &nb, &relu, &threads, &B, &g.c, &g.h, &g.w, &g.kh, &g.kw, &g.sh,
-                          &g.sw, &g.ph, &g.pw, &g.dh, &g.dw, &g.ho, &g.wo, &scr_obj, &rb))
+                          &g.sw, &g.ph, &g.pw, &g.dh, &g.dw, &g.ho, &g.wo, &scr_obj, &rb, &direct))
         return NULL;
     int have_bias = 0, have_ord = 0, have_scr = 0;
     PyObject *ret = NULL;
@@ -455,7 +505,15 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
     if (check_len(&x, smul(smul(B, smul3(g.c, g.h, g.w)), 4), "x") ||
         check_len(&y, smul(smul3(B, n_out, smul(g.ho, g.wo)), 4), "y"))
         goto done;
-    {
+    if (scr_obj != Py_None) {  /* the caller's reusable scratch (conv_scratch_floats(...) floats, any alignment) */
+        if (PyObject_GetBuffer(scr_obj, &scr, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+        have_scr = 1;
+    }
+    if (direct) {
+        if (conv_direct(&w, nb, have_ord ? (const int32_t *)ordb.buf : NULL, &g, B, threads, (const float *)x.buf,
+                        (float *)y.buf, have_scr ? &scr : NULL))
+            goto done;
+    } else {
         const int64_t npix = g.ho * g.wo, P = (npix + PANEL - 1) / PANEL;
         const int64_t G = npix < PANEL ? PANEL / npix : 1, items = G > 1 ? (B + G - 1) / G : B * P;
         int nt = clamp_threads(threads < 0 ? -threads : threads);
@@ -463,9 +521,7 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
         const int64_t per = ((K + n_out) * PANEL + 15) & ~(int64_t)15;
         float *scratch = NULL;
         raw = NULL;
-        if (scr_obj != Py_None) {  /* the caller's reusable scratch (conv_scratch_floats(...) floats, any alignment) */
-            if (PyObject_GetBuffer(scr_obj, &scr, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
-            have_scr = 1;
+        if (have_scr) {
             if (check_len(&scr, smul(smul(per, nt) + 16, 4), "scratch")) goto done;
             scratch = (float *)(((uintptr_t)scr.buf + 63) & ~(uintptr_t)63);
         } else {
@@ -548,11 +604,14 @@ static PyMethodDef methods[] = {
     {"isa", py_isa, METH_NOARGS, "active code path: avx512, avx2 or generic"},
     {"conv", py_conv, METH_VARARGS,
      "conv(values, indices, blockptr, bias|None, order|None, x, y, idx_bytes, K, C_out, nblocks, relu, threads, batch, "
-     "(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)): a sparse 2-D convolution, x (batch, c, h, w) -> y (batch, "
+     "(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)[, scratch, rows per block, direct]): a sparse 2-D convolution, "
+     "x (batch, c, h, w) -> y (batch, "
      "C_out, ho, wo), the weight (C_out, K = c * kh * kw) in CsrLayer.blocked's layout; im2col panels of 64 output "
      "pixels fed to the panel kernel; an optional argument is a reusable float32 scratch of at least "
      "(round16((K + C_out) * 64) * threads + 16) floats (None: one is allocated per call), then the rows per block "
-     "(default 1; 2, 4, 8 or 16: the weight in CsrLayer.row_blocked's layout, run by the block kernel)"},
+     "(default 1; 2, 4, 8 or 16: the weight in CsrLayer.row_blocked's layout, run by the block kernel), then direct "
+     "(True: no im2col, shifted rows over zero-padded planes, strides and dilations 1; the scratch then holds "
+     "(c * batch * (ho + kh - 1) * (wo + kw - 1) + kw + 64) // 16 * 16 + round16(C_out * 64) * threads + 16 floats)"},
     {"rnn", sk_py_rnn, METH_VARARGS,
      "rnn(cell, values, indices, slice_ptr, perm, bias|None, windows|None, wide, idx_bytes, hidden, xw, h, c|None, y, "
      "hr, T, N, threads): a sparse GRU (cell 0) or LSTM (1) layer's time loop (sk_rnn.c)"},
