@@ -74,15 +74,23 @@ def test_shifted_rows_and_im2col_give_the_same_outputs():
     close(direct.run(x), im2col.run(x).astype(np.float64))
 
 
-@pytest.mark.parametrize(("geometry", "batch", "hw", "direct"), [
-    (ConvGeometry((3, 3), pads=(1, 1, 1, 1)), 16, 32, True),    # 32 of every 34 grid columns are outputs
-    (ConvGeometry((3, 3), pads=(1, 1, 1, 1)), 16, 4, False),    # 16 of 36: im2col packs 4 images a panel
-    (ConvGeometry((3, 3), (2, 2), (1, 1, 1, 1)), 16, 32, False),  # strided: im2col only
-    (ConvGeometry((3, 3), pads=(1, 1, 1, 1), dilations=(2, 2)), 16, 32, False),
+SAME = ConvGeometry((3, 3), pads=(1, 1, 1, 1))
+
+
+@pytest.mark.parametrize(("geometry", "batch", "hw", "rb", "direct"), [
+    (SAME, 16, 32, 1, True),     # 32 of every 34 grid columns are outputs
+    (SAME, 16, 8, 1, False),     # 0.64 of the grid: im2col for the panel kernel
+    (SAME, 16, 8, 4, True),      # but shifted rows for the block kernel
+    (SAME, 1, 4, 4, True),       # 16 of 64 lanes
+    (SAME, 1, 2, 4, False),      # 4 of 64
+    (ConvGeometry((3, 3), (2, 2), (1, 1, 1, 1)), 16, 32, 4, False),  # strided: im2col only
+    (ConvGeometry((3, 3), pads=(1, 1, 1, 1), dilations=(2, 2)), 16, 32, 4, False),
 ])
-def test_shifted_rows_are_chosen_where_few_grid_pixels_are_wasted(geometry, batch, hw, direct):
-    layer = CsrLayer.from_dense(np.ones((4, 3 * 9), np.float32), None, relu=False)
+def test_shifted_rows_are_chosen_where_few_grid_pixels_are_wasted(geometry, batch, hw, rb, direct):
+    layer = CsrLayer.from_dense(np.repeat(np.eye(4, 3 * 9, dtype=np.float32), rb, axis=0), None, relu=False)
+    assert layer.row_block() == (rb if rb > 1 else 0)
     assert SparseConv(layer, 3, geometry).uses_direct(batch, hw, hw) is direct
+    assert not SparseConv(layer, 3, geometry, direct=False).uses_direct(batch, hw, hw)
 
 
 def test_forcing_shifted_rows_on_a_strided_convolution_is_refused():

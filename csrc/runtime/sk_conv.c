@@ -107,11 +107,18 @@ int64_t dconv_plane_floats(const conv_t *g, int64_t B) {
     return all > INT32_MAX ? -1 : all & ~(int64_t)15;
 }
 
-void dconv_offsets(const csr_t *w, int64_t n, const conv_t *g, int64_t B, int32_t *off) {
-    const int64_t hp = g->ho + g->kh - 1, wp = g->wo + g->kw - 1, taps = g->kh * g->kw;
-    for (int64_t e = 0; e < n; e++) {
-        const int64_t col = idx_at(w, e), ch = col / taps, i = col % taps / g->kw, j = col % g->kw;
-        off[e] = (int32_t)((ch * B * hp + i) * wp + j);
+void dconv_offsets(const csr_t *w, int64_t n, const conv_t *g, int64_t B, int32_t *tab, int32_t *off) {
+    const int64_t hp = g->ho + g->kh - 1, wp = g->wo + g->kw - 1;
+    int32_t *t = tab;
+    for (int64_t ch = 0; ch < g->c; ch++)
+        for (int64_t i = 0; i < g->kh; i++)
+            for (int64_t j = 0; j < g->kw; j++) *t++ = (int32_t)((ch * B * hp + i) * wp + j);
+    if (w->idx16) {
+        const uint16_t *ix = (const uint16_t *)w->idx;
+        for (int64_t e = 0; e < n; e++) off[e] = tab[ix[e]];
+    } else {
+        const int32_t *ix = (const int32_t *)w->idx;
+        for (int64_t e = 0; e < n; e++) off[e] = tab[ix[e]];
     }
 }
 

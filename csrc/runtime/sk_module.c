@@ -431,9 +431,10 @@ static int conv_direct(const csr_t *w, int64_t nb, const int32_t *ord, const con
     } else {
         base = (float *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
     }
-    int32_t *off = (int32_t *)calloc((size_t)(nent + PAD_SLACK), 4);
+    /* the offsets, then (K of them) the offset of each column */
+    int32_t *off = (int32_t *)calloc((size_t)(nent + PAD_SLACK + w->n_in), 4);
     if (!off) { free(raw); PyErr_NoMemory(); return -1; }
-    dconv_offsets(w, nent, g, B, off);
+    dconv_offsets(w, nent, g, B, off + nent + PAD_SLACK, off);
     dconv_job_t job = {pick_panel_for(w), *w, w->rowptr, ord, nb, *g, x, y, base, B, hp, wp, P, base + plane, per};
     job.w.idx = off;
     job.w.idx16 = 0;

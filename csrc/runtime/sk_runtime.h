@@ -355,8 +355,8 @@ typedef struct {
 /* floats of the padded planes, slack included (the last panel reads up to kw + 63 floats past them); -1: the
  * offsets would not fit int32 */
 int64_t dconv_plane_floats(const conv_t *g, int64_t B);
-/* entry e's column idx[e] = (ch * kh + i) * kw + j as its plane offset, for the n entries of w */
-void dconv_offsets(const csr_t *w, int64_t n, const conv_t *g, int64_t B, int32_t *off);
+/* entry e's column idx[e] = (ch * kh + i) * kw + j as its plane offset, for the n entries of w (tab: K scratch) */
+void dconv_offsets(const csr_t *w, int64_t n, const conv_t *g, int64_t B, int32_t *tab, int32_t *off);
 void dconv_fill(void *ctx, int64_t item, int tid);  /* item = ch * B + b: one plane; item B * c: the slack */
 void dconv_item(void *ctx, int64_t p, int tid);     /* panel p: the kernel, valid pixels into y */
 

@@ -10,7 +10,7 @@ Stride-1, dilation-1 convolutions skip im2col ("shifted rows"): the batch is cop
 (C_in, batch, ho + kh - 1, wo + kw - 1), and the output is computed on the grid of padded-width pixels, where
 weight column (c, i, j) of 64 consecutive grid pixels is 64 contiguous floats of the planes at a fixed offset:
 the panel kernel reads the planes in place (its indices become those offsets) and the pad-column pixels it
-also computes are dropped. Chosen when those wasted pixels are few (``DIRECT_MIN_USE``).
+also computes are dropped. Chosen where those wasted pixels are few (``DIRECT_MIN_USE``).
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import numpy as np
 from sparsekit.errors import InputError
 from sparsekit.runtime.layers import _K, PANEL, CsrLayer, aligned_empty
 
-# shifted rows when at least this share of the computed grid pixels are output pixels (4x4 outputs with a 3x3
-# kernel use 16 of 36, where im2col packs images side by side without waste)
-DIRECT_MIN_USE = 0.7
+# shifted rows when at least this share of the computed grid pixels are output pixels, per kernel (a 3x3
+# kernel on 32x32 outputs: 32 of every 34 columns; on 8x8 at batch 16: 0.64; on 4x4 at batch 1: 16 of 64): the
+# panel kernel's im2col costs less than that waste below 0.7, the block kernel's (R rows a load) from 0.25 on
+DIRECT_MIN_USE = {"panel": 0.7, "block": 0.2}
 _INT32_MAX = 2**31 - 1
 
 
@@ -89,7 +90,7 @@ class SparseConv:
             return True
         (kh, kw) = g.kernel
         grid = -(-(batch * (ho + kh - 1) - kh + 1) * (wo + kw - 1) // PANEL) * PANEL
-        return batch * ho * wo >= DIRECT_MIN_USE * grid
+        return batch * ho * wo >= DIRECT_MIN_USE[self.kernel] * grid
 
     def reference(self, x: np.ndarray) -> np.ndarray:
         """float64 NCHW output by explicit im2col (tests)."""
