@@ -39,7 +39,7 @@ CASES = [  # (cin, cout, (kh, kw), (top, left, bottom, right) pads, h, w)
     (4, 16, (7, 7), (3, 3, 3, 3), 10, 17),
     (6, 4, (2, 3), (0, 1, 1, 0), 8, 5),       # non-square kernel, asymmetric pads
     (9, 8, (3, 5), (3, 0, 2, 1), 7, 12),      # pads up to 3, larger than needed for "same"
-    (17, 24, (3, 3), (1, 1, 1, 1), 33, 31),   # several panels per grid row; 17 channels
+    (17, 24, (3, 3), (1, 1, 1, 1), 33, 31),   # several panels a grid row, 17 channels; 6 images a chunk (16: 6+6+4)
 ]
 
 

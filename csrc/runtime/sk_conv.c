@@ -101,6 +101,16 @@ void conv_item(void *ctx, int64_t item, int tid) {
 
 /* ------------------------------------------------------------------ shifted rows (stride 1, dilation 1) */
 
+int64_t dconv_chunk(const conv_t *g, int64_t B) {
+    const int64_t per = smul(smul3(g->c, g->ho + g->kh - 1, g->wo + g->kw - 1), 4), n = DCONV_CHUNK_BYTES / per;
+    return n < 1 ? 1 : n < B ? n : B;
+}
+
+int64_t dconv_scratch_floats(const conv_t *g, int64_t B, int64_t n_out, int nt) {
+    const int64_t plane = dconv_plane_floats(g, dconv_chunk(g, B));
+    return plane < 0 ? -1 : plane + ((n_out * PANEL + 15) & ~(int64_t)15) * nt + 16;
+}
+
 int64_t dconv_plane_floats(const conv_t *g, int64_t B) {
     const int64_t hp = g->ho + g->kh - 1, wp = g->wo + g->kw - 1;
     const int64_t n = smul(smul3(g->c, B, hp), wp), all = n > INT32_MAX ? INT64_MAX : n + g->kw + PANEL + 15;
@@ -128,13 +138,17 @@ void dconv_fill(void *ctx, int64_t item, int tid) {
     const dconv_job_t *j = (const dconv_job_t *)ctx;
     const conv_t *g = &j->g;
     const int64_t area = j->hp * j->wp;
+    float *dst = j->plane + item * area;
     if (item == j->B * g->c) {  /* the slack after the last plane */
-        memset(j->plane + item * area, 0, (size_t)(dconv_plane_floats(g, j->B) - item * area) * 4);
+        memset(dst, 0, (size_t)(dconv_plane_floats(g, j->B) - item * area) * 4);
         return;
     }
     const int64_t ch = item / j->B, b = item % j->B;
-    const float *src = j->x + (b * g->c + ch) * g->h * g->w;
-    float *dst = j->plane + item * area;
+    if (b >= j->nbc) {  /* an image past the batch in the last chunk: zeros (read only by dropped pixels) */
+        memset(dst, 0, (size_t)area * 4);
+        return;
+    }
+    const float *src = j->x + ((j->b0 + b) * g->c + ch) * g->h * g->w;
     const int64_t n = g->w < j->wp - g->pw ? g->w : j->wp - g->pw; /* input columns that land in the plane */
     for (int64_t r = 0; r < j->hp; r++, dst += j->wp) {
         const int64_t iy = r - g->ph;
@@ -157,9 +171,9 @@ static int dconv_runs(const dconv_job_t *j, int64_t q0, int64_t lane[PANEL], int
     for (int64_t q = q0; q < q0 + PANEL;) {
         const int64_t r = q / j->wp, ox = q % j->wp, b = r / j->hp, oy = r % j->hp;
         const int64_t n = j->wp - ox < q0 + PANEL - q ? j->wp - ox : q0 + PANEL - q;
-        if (b < j->B && oy < g->ho && ox < g->wo) {
+        if (b < j->nbc && oy < g->ho && ox < g->wo) {
             lane[m] = q - q0;
-            dst[m] = b * j->w.n_out * npix + oy * g->wo + ox;
+            dst[m] = (j->b0 + b) * j->w.n_out * npix + oy * g->wo + ox;
             len[m++] = g->wo - ox < n ? g->wo - ox : n;
         }
         q += n;

@@ -413,13 +413,11 @@ static int conv_direct(const csr_t *w, int64_t nb, const int32_t *ord, const con
         PyErr_SetString(PyExc_ValueError, "shifted rows need strides and dilations 1");
         return -1;
     }
-    const int64_t plane = dconv_plane_floats(g, B), hp = g->ho + g->kh - 1, wp = g->wo + g->kw - 1;
+    const int nt = clamp_threads(threads < 0 ? -threads : threads);
+    const int64_t Bc = dconv_chunk(g, B), plane = dconv_plane_floats(g, Bc), need = dconv_scratch_floats(g, B, w->n_out, nt);
     if (plane < 0) { PyErr_SetString(PyExc_ValueError, "input too large for shifted rows (int32 offsets)"); return -1; }
     if (B == 0) return 0;
-    const int64_t P = ((B * hp - g->kh + 1) * wp + PANEL - 1) / PANEL, per = (w->n_out * PANEL + 15) & ~(int64_t)15;
-    const int t = clamp_threads(threads < 0 ? -threads : threads), nt = P < t ? (int)P : t;
     const int64_t nent = w->rowptr[nb * (w->rb > 1 ? w->n_out / w->rb : w->n_out)];
-    const int64_t need = plane + per * nt + 16;
     void *raw = NULL;
     float *base;
     if (scr) {
@@ -434,23 +432,47 @@ static int conv_direct(const csr_t *w, int64_t nb, const int32_t *ord, const con
     /* the offsets, then (K of them) the offset of each column */
     int32_t *off = (int32_t *)calloc((size_t)(nent + PAD_SLACK + w->n_in), 4);
     if (!off) { free(raw); PyErr_NoMemory(); return -1; }
-    dconv_offsets(w, nent, g, B, off + nent + PAD_SLACK, off);
-    dconv_job_t job = {pick_panel_for(w), *w, w->rowptr, ord, nb, *g, x, y, base, B, hp, wp, P, base + plane, per};
+    const int64_t hp = g->ho + g->kh - 1, wp = g->wo + g->kw - 1;
+    dconv_offsets(w, nent, g, Bc, off + nent + PAD_SLACK, off);
+    dconv_job_t job = {pick_panel_for(w), *w, w->rowptr, ord, nb, *g, x, y, base, Bc, hp, wp, 0, 0, 0,
+                       base + plane, (w->n_out * PANEL + 15) & ~(int64_t)15};
     job.w.idx = off;
     job.w.idx16 = 0;
     job.w.direct = 1;
     Py_BEGIN_ALLOW_THREADS
-    if (nt <= 1) {
-        for (int64_t i = 0; i <= B * g->c; i++) dconv_fill(&job, i, 0);
-        for (int64_t p = 0; p < P; p++) dconv_item(&job, p, 0);
-    } else {
-        par_run(nt, B * g->c + 1, dconv_fill, &job);
-        par_run(nt, P, dconv_item, &job);
+    for (int64_t b0 = 0; b0 < B; b0 += Bc) {  /* a chunk: its planes, then its panels */
+        job.b0 = b0;
+        job.nbc = B - b0 < Bc ? B - b0 : Bc;
+        job.P = ((job.nbc * hp - g->kh + 1) * wp + PANEL - 1) / PANEL;
+        if (nt <= 1) {
+            for (int64_t i = 0; i <= Bc * g->c; i++) dconv_fill(&job, i, 0);
+            for (int64_t p = 0; p < job.P; p++) dconv_item(&job, p, 0);
+        } else {
+            par_run(nt, Bc * g->c + 1, dconv_fill, &job);
+            par_run(job.P < nt ? (int)job.P : nt, job.P, dconv_item, &job);
+        }
     }
     Py_END_ALLOW_THREADS
     free(off);
     free(raw);
     return 0;
+}
+
+/* conv_direct_scratch(batch, C_out, threads, (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)): floats of the
+ * scratch conv(..., direct=True) takes; -1: the planes' offsets would not fit int32 */
+static PyObject *py_conv_direct_scratch(PyObject *self, PyObject *args) {
+    (void)self;
+    long long B, n_out;
+    int threads;
+    conv_t g;
+    if (!PyArg_ParseTuple(args, "LLi(LLLLLLLLLLLLL)", &B, &n_out, &threads, &g.c, &g.h, &g.w, &g.kh, &g.kw, &g.sh,
+                          &g.sw, &g.ph, &g.pw, &g.dh, &g.dw, &g.ho, &g.wo))
+        return NULL;
+    if (B < 1 || n_out < 1 || g.c < 1 || g.kh < 1 || g.kw < 1 || g.ho < 1 || g.wo < 1) {
+        PyErr_SetString(PyExc_ValueError, "bad convolution geometry");
+        return NULL;
+    }
+    return PyLong_FromLongLong(dconv_scratch_floats(&g, B, n_out, clamp_threads(threads < 0 ? -threads : threads)));
 }
 
 /* conv(values, indices, blockptr, bias|None, order|None, x, y, idx_bytes, K, C_out, nblocks, relu, threads, batch,
@@ -612,7 +634,10 @@ static PyMethodDef methods[] = {
      "(round16((K + C_out) * 64) * threads + 16) floats (None: one is allocated per call), then the rows per block "
      "(default 1; 2, 4, 8 or 16: the weight in CsrLayer.row_blocked's layout, run by the block kernel), then direct "
      "(True: no im2col, shifted rows over zero-padded planes, strides and dilations 1; the scratch then holds "
-     "(c * batch * (ho + kh - 1) * (wo + kw - 1) + kw + 64) // 16 * 16 + round16(C_out * 64) * threads + 16 floats)"},
+     "conv_direct_scratch(...) floats)"},
+    {"conv_direct_scratch", py_conv_direct_scratch, METH_VARARGS,
+     "conv_direct_scratch(batch, C_out, threads, (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)): floats of the "
+     "scratch conv(..., direct=True) takes (-1: too large for shifted rows)"},
     {"rnn", sk_py_rnn, METH_VARARGS,
      "rnn(cell, values, indices, slice_ptr, perm, bias|None, windows|None, wide, idx_bytes, hidden, xw, h, c|None, y, "
      "hr, T, N, threads): a sparse GRU (cell 0) or LSTM (1) layer's time loop (sk_rnn.c)"},

@@ -347,12 +347,19 @@ typedef struct {
     conv_t g;
     const float *x;      /* (B, c, h, w) */
     float *y;            /* (B, C_out, ho * wo) */
-    float *plane;        /* dconv_plane_floats floats */
-    int64_t B, hp, wp, P;  /* P panels of 64 grid pixels */
+    float *plane;        /* dconv_plane_floats(g, B) floats */
+    int64_t B, hp, wp;   /* B: images a chunk (the planes' batch) */
+    int64_t b0, nbc, P;  /* this chunk: images b0 .. b0 + nbc - 1 (nbc <= B), P panels of 64 grid pixels */
     float *scratch;      /* per thread: C_out * PANEL floats, 64-byte aligned */
     int64_t per_thread;
 } dconv_job_t;
-/* floats of the padded planes, slack included (the last panel reads up to kw + 63 floats past them); -1: the
+/* the batch runs in chunks of images whose planes fit DCONV_CHUNK_BYTES (one image at least): a panel's
+ * columns then sit within them, and the planes are filled just before they are read */
+#define DCONV_CHUNK_BYTES (1 << 19)
+int64_t dconv_chunk(const conv_t *g, int64_t B);
+/* the caller's scratch for B images on nt threads (the planes of one chunk, an output panel per thread) */
+int64_t dconv_scratch_floats(const conv_t *g, int64_t B, int64_t n_out, int nt);
+/* floats of the padded planes of B images, slack included (the last panel reads up to kw + 63 floats past them); -1: the
  * offsets would not fit int32 */
 int64_t dconv_plane_floats(const conv_t *g, int64_t B);
 /* entry e's column idx[e] = (ch * kh + i) * kw + j as its plane offset, for the n entries of w (tab: K scratch) */

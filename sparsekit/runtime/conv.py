@@ -27,7 +27,6 @@ from sparsekit.runtime.layers import _K, PANEL, CsrLayer, aligned_empty
 # kernel on 32x32 outputs: 32 of every 34 columns; on 8x8 at batch 16: 0.64; on 4x4 at batch 1: 16 of 64): the
 # panel kernel's im2col costs less than that waste below 0.7, the block kernel's (R rows a load) from 0.25 on
 DIRECT_MIN_USE = {"panel": 0.7, "block": 0.2}
-_INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -73,10 +72,12 @@ class SparseConv:
     def out_channels(self) -> int:
         return self.layer.n_out
 
-    def _plane_floats(self, batch: int, ho: int, wo: int) -> int:
-        """The padded planes of shifted rows, slack included (as dconv_plane_floats in sk_conv.c)."""
-        (kh, kw) = self.geometry.kernel
-        return (self.in_channels * batch * (ho + kh - 1) * (wo + kw - 1) + kw + PANEL + 15) // 16 * 16
+    def _direct_scratch(self, batch: int, h: int, w: int, threads: int) -> int:
+        """Floats of the scratch of shifted rows (-1: too large for them)."""
+        g = self.geometry
+        ho, wo = g.output(h, w)
+        return _K.conv_direct_scratch(batch, self.out_channels, threads, (self.in_channels, h, w, *g.kernel,
+                                      *g.strides, g.pads[0], g.pads[1], *g.dilations, ho, wo))
 
     def uses_direct(self, batch: int, h: int, w: int) -> bool:
         """Whether a (batch, C_in, h, w) input runs as shifted rows rather than im2col."""
@@ -84,7 +85,7 @@ class SparseConv:
         if self.direct is False or g.strides != (1, 1) or g.dilations != (1, 1) or batch < 1:
             return False
         ho, wo = g.output(h, w)
-        if self._plane_floats(batch, ho, wo) > _INT32_MAX:
+        if _K is None or self._direct_scratch(batch, h, w, 1) < 0:
             return False
         if self.direct:
             return True
@@ -135,9 +136,10 @@ class SparseConv:
             _K.conv(*args, None, rb, direct)  # another thread is in this convolution: its own scratch
             return y
         try:
-            # per thread: the output panel (and the im2col panel); shifted rows: the padded planes once
-            per = -(-(self.out_channels + (0 if direct else self.layer.n_in)) * PANEL // 16) * 16
-            need = per * max(1, int(threads)) + 16 + (self._plane_floats(b, ho, wo) if direct else 0)
+            if direct:
+                need = self._direct_scratch(b, h, w, int(threads))
+            else:
+                need = (-(-(self.layer.n_in + self.out_channels) * PANEL // 16) * 16) * max(1, int(threads)) + 16
             if self._scratch is None or self._scratch.size < need:
                 self._scratch = np.empty(need, np.float32)
             _K.conv(*args, self._scratch, rb, direct)
