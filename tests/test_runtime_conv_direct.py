@@ -111,3 +111,14 @@ def test_the_c_entry_point_refuses_shifted_rows_it_cannot_run(geometry, scratch,
     with pytest.raises(ValueError, match=message):
         K.conv(v, i, bptr, conv.layer.bias, order, x, np.zeros((2, 6, 9, 8), np.float32), conv.layer.idx_bytes, 36, 6,
                nb, 1, 1, 2, geometry, scratch, 1, True)
+
+
+def test_planes_whose_offsets_would_not_fit_int32_fall_back_to_im2col():
+    """40000 channels of 300x300 (one image a chunk): 3.6e9 plane floats; nothing that size is allocated."""
+    layer = CsrLayer.from_dense(np.eye(4, 40000, dtype=np.float32), None, relu=False)
+    geometry = (40000, 300, 300, 1, 1, 1, 1, 0, 0, 1, 1, 300, 300)
+    assert K.conv_direct_scratch(1, 4, 1, geometry) == -1
+    assert K.conv_direct_scratch(1, 4, 1, (400, *geometry[1:])) > 400 * 300 * 300
+    for direct in (None, True):
+        assert not SparseConv(layer, 40000, ConvGeometry((1, 1)), direct=direct).uses_direct(1, 300, 300)
+    assert SparseConv(layer, 40000, ConvGeometry((1, 1))).uses_direct(1, 10, 10)
