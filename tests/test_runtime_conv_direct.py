@@ -122,3 +122,17 @@ def test_planes_whose_offsets_would_not_fit_int32_fall_back_to_im2col():
     for direct in (None, True):
         assert not SparseConv(layer, 40000, ConvGeometry((1, 1)), direct=direct).uses_direct(1, 300, 300)
     assert SparseConv(layer, 40000, ConvGeometry((1, 1))).uses_direct(1, 10, 10)
+
+
+def test_shifted_rows_on_a_scratch_of_their_own(isa):
+    """No caller's scratch: a buffer of the planes' size, which end it (under ASan, a read past their slack is
+    caught here)."""
+    rng = np.random.default_rng(7)
+    conv = _conv(rng, 3, 8, (3, 5), (1, 2, 1, 2), 4)
+    x = rng.standard_normal((5, 3, 7, 9)).astype(np.float32)
+    v, i, bptr, nb = conv.layer.row_blocked(0)
+    y = np.zeros((5, 8, 7, 9), np.float32)
+    g = conv.geometry
+    K.conv(v, i, bptr, conv.layer.bias, None, x, y, conv.layer.idx_bytes, 45, 8, nb, int(conv.layer.relu), 2, 5,
+           (3, 7, 9, *g.kernel, *g.strides, g.pads[0], g.pads[1], *g.dilations, 7, 9), None, 4, True)
+    close(y, conv.reference(x))

@@ -434,8 +434,10 @@ static int conv_direct(const csr_t *w, int64_t nb, const int32_t *ord, const con
     if (!off) { free(raw); PyErr_NoMemory(); return -1; }
     const int64_t hp = g->ho + g->kh - 1, wp = g->wo + g->kw - 1;
     dconv_offsets(w, nent, g, Bc, off + nent + PAD_SLACK, off);
-    dconv_job_t job = {pick_panel_for(w), *w, w->rowptr, ord, nb, *g, x, y, base, Bc, hp, wp, 0, 0, 0,
-                       base + plane, (w->n_out * PANEL + 15) & ~(int64_t)15};
+    /* the output panels first, the planes last: a read past the planes' slack leaves the buffer */
+    const int64_t per = (w->n_out * PANEL + 15) & ~(int64_t)15;
+    dconv_job_t job = {pick_panel_for(w), *w, w->rowptr, ord, nb, *g, x, y, base + per * nt, Bc, hp, wp, 0, 0, 0,
+                       base, per};
     job.w.idx = off;
     job.w.idx16 = 0;
     job.w.direct = 1;
