@@ -1,7 +1,8 @@
 /* Convolution inputs as panels: the im2col matrix of a 2-D convolution (one row per input channel and kernel
  * position, one column per output pixel), built 64 output pixels at a time straight in the panel layout the
  * panel kernels read ([K][PANEL] per panel), so a sparse convolution is the panel kernel's SpMM (sparse weight
- * (C_out, K) times the panel) with no separate transpose. Padding and pixels past the image are zeros. */
+ * (C_out, K) times the panel) with no separate transpose. Padding and pixels past the image are zeros.
+ * Stride-1, dilation-1 convolutions skip im2col: "shifted rows" at the end of this file (dconv_job_t). */
 #include "sk_runtime.h"
 
 /* one im2col row of a panel: lanes [0, lanes) are output pixels q0.. of one image, walked output row by output

@@ -27,8 +27,8 @@
  *          (where the sparse kernels' fixed costs dominate) are not slower than dense.
  *
  * Sources: sk_kernels_generic.c, sk_kernels_avx2.c, sk_kernels_avx512.c (the kernels: no threads, no
- * Python), sk_conv.c (convolutions as im2col panels for the panel kernel), sk_dispatch.c (the active code
- * path, layout transposes), sk_pool.c (thread pool), sk_drive.c
+ * Python), sk_conv.c (convolutions as im2col panels, or shifted rows of padded planes, for the panel and block
+ * kernels), sk_dispatch.c (the active code path, layout transposes), sk_pool.c (thread pool), sk_drive.c
  * (a layer's work cut into pool items), sk_chain.c (chains and their planner), sk_pychain.c and
  * sk_module.c (CPython glue).
  *

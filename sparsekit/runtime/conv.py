@@ -48,7 +48,9 @@ class ConvGeometry:
 class SparseConv:
     """One sparse convolution: ``layer`` holds the (C_out, K) weight with bias and ReLU; ``block`` the panel
     kernel's column block width (0: one block). ``kernel``: ``block`` or ``panel``, the block kernel where the
-    weight has row blocks (``kernel``, read-only after construction, says which runs)."""
+    weight has row blocks (``kernel``, read-only after construction, says which runs). ``direct``: shifted rows
+    instead of im2col (None: where ``uses_direct`` finds them worth it; True: wherever strides and dilations
+    are 1; False: never)."""
 
     def __init__(self, layer: CsrLayer, in_channels: int, geometry: ConvGeometry, *, block: int = 0,
                  direct: bool | None = None) -> None:
