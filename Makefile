@@ -26,7 +26,7 @@ test: $(VENV)/.installed
 	@$(MAKE) --no-print-directory test-asan
 
 # The fast runtime's tests, one file per seam: kernels, thread pool, chains and plans, tuning, artifact/loader/CLI.
-RUNTIME_TESTS := tests/test_runtime_kernels.py tests/test_runtime_window.py tests/test_runtime_block.py tests/test_runtime_conv.py tests/test_runtime_threads.py tests/test_runtime_chains.py \
+RUNTIME_TESTS := tests/test_runtime_kernels.py tests/test_runtime_window.py tests/test_runtime_block.py tests/test_runtime_conv.py tests/test_runtime_conv_direct.py tests/test_runtime_threads.py tests/test_runtime_chains.py \
 	tests/test_runtime_tune.py tests/test_runtime_artifact.py tests/test_runtime_rnn.py
 
 # The runtime tests again on every other code path of the C kernels this CPU has (the run above used the

@@ -107,6 +107,7 @@ SK_AVX2 void panel_avx2(const csr_t *w, const int32_t *ord, const float *xp, flo
                                int first, int last, const rowout_t *ro) {
     float tile[TILE_ROWS * PANEL] __attribute__((aligned(64)));
     const int fuse = last && ro && ro->y && !ord;
+    const int sh = col_shift(w);
     int64_t tbase = k0;
     for (int64_t r = k0; r < k1; r++) {
         const int64_t o = ord ? (int64_t)ord[r] : r;
@@ -123,7 +124,7 @@ SK_AVX2 void panel_avx2(const csr_t *w, const int32_t *ord, const float *xp, flo
         }
         for (int64_t k = s; k < e; k++) {
             const __m256 v = _mm256_broadcast_ss(w->val + k);
-            const float *p = xp + idx_at(w, k) * PANEL;
+            const float *p = xp + (idx_at(w, k) << sh);
             a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(p), a0);
             a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(p + 8), a1);
             a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(p + 16), a2);
@@ -155,12 +156,13 @@ __attribute__((always_inline)) SK_AVX2 static inline void block_avx2_pass(
     int64_t l0, int first, int last, const int RT) {
     const int64_t R = w->rb;
     const float *val = w->val + j0;
+    const int sh = col_shift(w);
     __m256 a[4][2];
     for (int t = 0; t < RT; t++)
         for (int q = 0; q < 2; q++)
             a[t][q] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + t * PANEL + l0 + 8 * q);
     for (int64_t k = s; k < e; k++) {
-        const float *p = xp + idx_at(w, k) * PANEL + l0;
+        const float *p = xp + (idx_at(w, k) << sh) + l0;
         const __m256 x0 = _mm256_loadu_ps(p), x1 = _mm256_loadu_ps(p + 8);
         for (int t = 0; t < RT; t++) {
             const __m256 v = _mm256_broadcast_ss(val + k * R + t);

@@ -159,6 +159,7 @@ __attribute__((always_inline)) SK_AVX512 static inline void panel_avx512_part(
     int last, const rowout_t *ro, const int nr) {
     float tile[TILE_ROWS * PANEL] __attribute__((aligned(64)));
     const int fuse = last && ro && ro->y && !ord;
+    const int sh = col_shift(w);
     int64_t tbase = k0;
     for (int64_t r = k0; r < k1; r++) {
         const int64_t o = ord ? (int64_t)ord[r] : r;
@@ -174,8 +175,8 @@ __attribute__((always_inline)) SK_AVX512 static inline void panel_avx512_part(
         for (; k + 2 <= e; k += 2) {
             const __m512 v = _mm512_set1_ps(w->val[k]);
             const __m512 u = _mm512_set1_ps(w->val[k + 1]);
-            const float *p = xp + idx_at(w, k) * PANEL;
-            const float *pq = xp + idx_at(w, k + 1) * PANEL;
+            const float *p = xp + (idx_at(w, k) << sh);
+            const float *pq = xp + (idx_at(w, k + 1) << sh);
             for (int q = 0; q < nr; q++) {
                 a[q] = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 16 * q), a[q]);
                 c[q] = _mm512_fmadd_ps(u, _mm512_loadu_ps(pq + 16 * q), c[q]);
@@ -183,7 +184,7 @@ __attribute__((always_inline)) SK_AVX512 static inline void panel_avx512_part(
         }
         if (k < e) {
             const __m512 v = _mm512_set1_ps(w->val[k]);
-            const float *p = xp + idx_at(w, k) * PANEL;
+            const float *p = xp + (idx_at(w, k) << sh);
             for (int q = 0; q < nr; q++) a[q] = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 16 * q), a[q]);
         }
         const __m512 bb = _mm512_set1_ps((last && w->bias) ? w->bias[o] : 0.f);
@@ -222,6 +223,7 @@ SK_AVX512 void panel_avx512(const csr_t *w, const int32_t *ord, const float *xp,
     }
     float tile[TILE_ROWS * PANEL] __attribute__((aligned(64)));
     const int fuse = last && ro && ro->y && !ord;
+    const int sh = col_shift(w);
     int64_t tbase = k0;
     for (int64_t r = k0; r < k1; r++) {
         const int64_t o = ord ? (int64_t)ord[r] : r;
@@ -239,8 +241,8 @@ SK_AVX512 void panel_avx512(const csr_t *w, const int32_t *ord, const float *xp,
         for (; k + 2 <= e; k += 2) {
             const __m512 v = _mm512_set1_ps(w->val[k]);
             const __m512 u = _mm512_set1_ps(w->val[k + 1]);
-            const float *p = xp + idx_at(w, k) * PANEL;
-            const float *q = xp + idx_at(w, k + 1) * PANEL;
+            const float *p = xp + (idx_at(w, k) << sh);
+            const float *q = xp + (idx_at(w, k + 1) << sh);
             a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p), a0);
             a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 16), a1);
             a2 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 32), a2);
@@ -252,7 +254,7 @@ SK_AVX512 void panel_avx512(const csr_t *w, const int32_t *ord, const float *xp,
         }
         if (k < e) {
             const __m512 v = _mm512_set1_ps(w->val[k]);
-            const float *p = xp + idx_at(w, k) * PANEL;
+            const float *p = xp + (idx_at(w, k) << sh);
             a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p), a0);
             a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 16), a1);
             a2 = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 32), a2);
@@ -288,6 +290,7 @@ __attribute__((always_inline)) SK_AVX512 static inline void block_avx512_pass(
     int first, int last, const int RT, const int nr) {
     const int64_t R = w->rb;
     const float *val = w->val + j0;
+    const int sh = col_shift(w);
     __m512 a[4][4], c[4][4];
     for (int t = 0; t < RT; t++)
         for (int q = 0; q < nr; q++) {
@@ -297,7 +300,7 @@ __attribute__((always_inline)) SK_AVX512 static inline void block_avx512_pass(
     int64_t k = s;
     if (RT * nr < 16) {
         for (; k + 2 <= e; k += 2) {
-            const float *p = xp + idx_at(w, k) * PANEL, *pn = xp + idx_at(w, k + 1) * PANEL;
+            const float *p = xp + (idx_at(w, k) << sh), *pn = xp + (idx_at(w, k + 1) << sh);
             __m512 x[4], xn[4];
             for (int q = 0; q < nr; q++) {
                 x[q] = _mm512_loadu_ps(p + 16 * q);
@@ -313,7 +316,7 @@ __attribute__((always_inline)) SK_AVX512 static inline void block_avx512_pass(
         }
     }
     for (; k < e; k++) {
-        const float *p = xp + idx_at(w, k) * PANEL;
+        const float *p = xp + (idx_at(w, k) << sh);
         __m512 x[4];
         for (int q = 0; q < nr; q++) x[q] = _mm512_loadu_ps(p + 16 * q);
         for (int t = 0; t < RT; t++) {

@@ -57,6 +57,7 @@ void panel_generic(const csr_t *w, const int32_t *ord, const float *xp, float *y
                           int first, int last, const rowout_t *ro) {
     float tile[TILE_ROWS * PANEL] __attribute__((aligned(64)));
     const int fuse = last && ro && ro->y && !ord;
+    const int sh = col_shift(w);
     int64_t tbase = k0;
     float acc[PANEL];
     for (int64_t r = k0; r < k1; r++) {
@@ -67,7 +68,7 @@ void panel_generic(const csr_t *w, const int32_t *ord, const float *xp, float *y
         for (int t = 0; t < PANEL; t++) acc[t] = first ? 0.f : out[t];
         for (int64_t k = s; k < e; k++) {
             const float v = w->val[k];
-            const float *p = xp + idx_at(w, k) * PANEL;
+            const float *p = xp + (idx_at(w, k) << sh);
             for (int t = 0; t < PANEL; t++) acc[t] += v * p[t];
         }
         if (!last) {
@@ -95,6 +96,7 @@ void block_generic(const csr_t *w, const int32_t *ord, const float *xp, float *y
     float tile[TILE_ROWS * PANEL] __attribute__((aligned(64)));
     const int64_t R = w->rb;
     const int fuse = last && ro && ro->y;
+    const int sh = col_shift(w);
     int64_t tbase = k0;
     float acc[PANEL];
     for (int64_t r = k0; r < k1; r++) {
@@ -104,7 +106,7 @@ void block_generic(const csr_t *w, const int32_t *ord, const float *xp, float *y
         for (int t = 0; t < PANEL; t++) acc[t] = first ? 0.f : out[t];
         for (int64_t k = s; k < e; k++) {
             const float v = w->val[k * R + j];
-            const float *p = xp + idx_at(w, k) * PANEL;
+            const float *p = xp + (idx_at(w, k) << sh);
             for (int t = 0; t < PANEL; t++) acc[t] += v * p[t];
         }
         if (!last) {

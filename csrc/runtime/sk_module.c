@@ -45,6 +45,7 @@ static int make_csr(csr_t *w, Py_buffer *val, Py_buffer *idx, Py_buffer *rowptr,
     w->n_out = n_out;
     w->relu = relu != 0;
     w->rb = 0;
+    w->direct = 0;
     return 0;
 }
 
@@ -404,18 +405,92 @@ static PyObject *py_set_threading(PyObject *self, PyObject *args) {
                          SK_POOL ? "pthreads" : "openmp-or-none");
 }
 
+/* the shifted-rows convolution (dconv_job_t): w's column indices as plane offsets, the padded planes and the
+ * per-thread output panels in the caller's scratch (scr: conv_scratch_floats(...) floats) or a fresh buffer */
+static int conv_direct(const csr_t *w, int64_t nb, const int32_t *ord, const conv_t *g, int64_t B, int threads,
+                       const float *x, float *y, Py_buffer *scr) {
+    if (g->sh != 1 || g->sw != 1 || g->dh != 1 || g->dw != 1) {
+        PyErr_SetString(PyExc_ValueError, "shifted rows need strides and dilations 1");
+        return -1;
+    }
+    const int nt = clamp_threads(threads < 0 ? -threads : threads);
+    const int64_t Bc = dconv_chunk(g, B), plane = dconv_plane_floats(g, Bc), need = dconv_scratch_floats(g, B, w->n_out, nt);
+    if (plane < 0) { PyErr_SetString(PyExc_ValueError, "input too large for shifted rows (int32 offsets)"); return -1; }
+    if (B == 0) return 0;
+    const int64_t nent = w->rowptr[nb * (w->rb > 1 ? w->n_out / w->rb : w->n_out)];
+    void *raw = NULL;
+    float *base;
+    if (scr) {
+        if (check_len(scr, smul(need, 4), "scratch")) return -1;
+        base = (float *)(((uintptr_t)scr->buf + 63) & ~(uintptr_t)63);
+    } else if (!(raw = malloc((size_t)need * 4 + 64))) {
+        PyErr_NoMemory();
+        return -1;
+    } else {
+        base = (float *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
+    }
+    /* the offsets, then (K of them) the offset of each column */
+    int32_t *off = (int32_t *)calloc((size_t)(nent + PAD_SLACK + w->n_in), 4);
+    if (!off) { free(raw); PyErr_NoMemory(); return -1; }
+    const int64_t hp = g->ho + g->kh - 1, wp = g->wo + g->kw - 1;
+    dconv_offsets(w, nent, g, Bc, off + nent + PAD_SLACK, off);
+    /* the output panels first, the planes last: a read past the planes' slack leaves the buffer */
+    const int64_t per = (w->n_out * PANEL + 15) & ~(int64_t)15;
+    dconv_job_t job = {pick_panel_for(w), *w, w->rowptr, ord, nb, *g, x, y, base + per * nt, Bc, hp, wp, 0, 0, 0,
+                       base, per};
+    job.w.idx = off;
+    job.w.idx16 = 0;
+    job.w.direct = 1;
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t b0 = 0; b0 < B; b0 += Bc) {  /* a chunk: its planes, then its panels */
+        job.b0 = b0;
+        job.nbc = B - b0 < Bc ? B - b0 : Bc;
+        job.P = ((job.nbc * hp - g->kh + 1) * wp + PANEL - 1) / PANEL;
+        if (nt <= 1) {
+            for (int64_t i = 0; i <= Bc * g->c; i++) dconv_fill(&job, i, 0);
+            for (int64_t p = 0; p < job.P; p++) dconv_item(&job, p, 0);
+        } else {
+            par_run(nt, Bc * g->c + 1, dconv_fill, &job);
+            par_run(job.P < nt ? (int)job.P : nt, job.P, dconv_item, &job);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    free(off);
+    free(raw);
+    return 0;
+}
+
+/* conv_direct_scratch(batch, C_out, threads, (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)): floats of the
+ * scratch conv(..., direct=True) takes; -1: the planes' offsets would not fit int32 */
+static PyObject *py_conv_direct_scratch(PyObject *self, PyObject *args) {
+    (void)self;
+    long long B, n_out;
+    int threads;
+    conv_t g;
+    if (!PyArg_ParseTuple(args, "LLi(LLLLLLLLLLLLL)", &B, &n_out, &threads, &g.c, &g.h, &g.w, &g.kh, &g.kw, &g.sh,
+                          &g.sw, &g.ph, &g.pw, &g.dh, &g.dw, &g.ho, &g.wo))
+        return NULL;
+    if (B < 1 || n_out < 1 || g.c < 1 || g.kh < 1 || g.kw < 1 || g.ho < 1 || g.wo < 1) {
+        PyErr_SetString(PyExc_ValueError, "bad convolution geometry");
+        return NULL;
+    }
+    return PyLong_FromLongLong(dconv_scratch_floats(&g, B, n_out, clamp_threads(threads < 0 ? -threads : threads)));
+}
+
 /* conv(values, indices, blockptr, bias|None, order|None, x, y, idx_bytes, K, C_out, nblocks, relu, threads, batch,
- *      (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)): a sparse convolution (sk_conv.c) */
+ *      (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)[, scratch|None, rows per block, direct]): a sparse
+ *      convolution (sk_conv.c); direct: the shifted-rows form (strides and dilations 1) */
 static PyObject *py_conv(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer val, idx, bptr, x, y, bias = {0}, ordb = {0}, scr = {0};
     PyObject *bias_obj, *ord_obj, *scr_obj = Py_None;
     int idx_bytes, relu, threads;
     long long K, n_out, nb, B, rb = 1;
+    int direct = 0;
     conv_t g;
-    if (!PyArg_ParseTuple(args, "y*y*y*OOy*w*iLLLiiL(LLLLLLLLLLLLL)|OL", &val, &idx, &bptr, &bias_obj, &ord_obj, &x,
+    if (!PyArg_ParseTuple(args, "y*y*y*OOy*w*iLLLiiL(LLLLLLLLLLLLL)|OLp", &val, &idx, &bptr, &bias_obj, &ord_obj, &x,
                           &y, &idx_bytes, &K, &n_out, &nb, &relu, &threads, &B, &g.c, &g.h, &g.w, &g.kh, &g.kw, &g.sh,
-                          &g.sw, &g.ph, &g.pw, &g.dh, &g.dw, &g.ho, &g.wo, &scr_obj, &rb))
+                          &g.sw, &g.ph, &g.pw, &g.dh, &g.dw, &g.ho, &g.wo, &scr_obj, &rb, &direct))
         return NULL;
     int have_bias = 0, have_ord = 0, have_scr = 0;
     PyObject *ret = NULL;
@@ -455,7 +530,15 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
     if (check_len(&x, smul(smul(B, smul3(g.c, g.h, g.w)), 4), "x") ||
         check_len(&y, smul(smul3(B, n_out, smul(g.ho, g.wo)), 4), "y"))
         goto done;
-    {
+    if (scr_obj != Py_None) {  /* the caller's reusable scratch (conv_scratch_floats(...) floats, any alignment) */
+        if (PyObject_GetBuffer(scr_obj, &scr, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
+        have_scr = 1;
+    }
+    if (direct) {
+        if (conv_direct(&w, nb, have_ord ? (const int32_t *)ordb.buf : NULL, &g, B, threads, (const float *)x.buf,
+                        (float *)y.buf, have_scr ? &scr : NULL))
+            goto done;
+    } else {
         const int64_t npix = g.ho * g.wo, P = (npix + PANEL - 1) / PANEL;
         const int64_t G = npix < PANEL ? PANEL / npix : 1, items = G > 1 ? (B + G - 1) / G : B * P;
         int nt = clamp_threads(threads < 0 ? -threads : threads);
@@ -463,9 +546,7 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
         const int64_t per = ((K + n_out) * PANEL + 15) & ~(int64_t)15;
         float *scratch = NULL;
         raw = NULL;
-        if (scr_obj != Py_None) {  /* the caller's reusable scratch (conv_scratch_floats(...) floats, any alignment) */
-            if (PyObject_GetBuffer(scr_obj, &scr, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
-            have_scr = 1;
+        if (have_scr) {
             if (check_len(&scr, smul(smul(per, nt) + 16, 4), "scratch")) goto done;
             scratch = (float *)(((uintptr_t)scr.buf + 63) & ~(uintptr_t)63);
         } else {
@@ -548,11 +629,17 @@ static PyMethodDef methods[] = {
     {"isa", py_isa, METH_NOARGS, "active code path: avx512, avx2 or generic"},
     {"conv", py_conv, METH_VARARGS,
      "conv(values, indices, blockptr, bias|None, order|None, x, y, idx_bytes, K, C_out, nblocks, relu, threads, batch, "
-     "(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)): a sparse 2-D convolution, x (batch, c, h, w) -> y (batch, "
+     "(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)[, scratch, rows per block, direct]): a sparse 2-D convolution, "
+     "x (batch, c, h, w) -> y (batch, "
      "C_out, ho, wo), the weight (C_out, K = c * kh * kw) in CsrLayer.blocked's layout; im2col panels of 64 output "
      "pixels fed to the panel kernel; an optional argument is a reusable float32 scratch of at least "
      "(round16((K + C_out) * 64) * threads + 16) floats (None: one is allocated per call), then the rows per block "
-     "(default 1; 2, 4, 8 or 16: the weight in CsrLayer.row_blocked's layout, run by the block kernel)"},
+     "(default 1; 2, 4, 8 or 16: the weight in CsrLayer.row_blocked's layout, run by the block kernel), then direct "
+     "(True: no im2col, shifted rows over zero-padded planes, strides and dilations 1; the scratch then holds "
+     "conv_direct_scratch(...) floats)"},
+    {"conv_direct_scratch", py_conv_direct_scratch, METH_VARARGS,
+     "conv_direct_scratch(batch, C_out, threads, (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)): floats of the "
+     "scratch conv(..., direct=True) takes (-1: too large for shifted rows)"},
     {"rnn", sk_py_rnn, METH_VARARGS,
      "rnn(cell, values, indices, slice_ptr, perm, bias|None, windows|None, wide, idx_bytes, hidden, xw, h, c|None, y, "
      "hr, T, N, threads): a sparse GRU (cell 0) or LSTM (1) layer's time loop (sk_rnn.c)"},

@@ -27,8 +27,8 @@
  *          (where the sparse kernels' fixed costs dominate) are not slower than dense.
  *
  * Sources: sk_kernels_generic.c, sk_kernels_avx2.c, sk_kernels_avx512.c (the kernels: no threads, no
- * Python), sk_conv.c (convolutions as im2col panels for the panel kernel), sk_dispatch.c (the active code
- * path, layout transposes), sk_pool.c (thread pool), sk_drive.c
+ * Python), sk_conv.c (convolutions as im2col panels, or shifted rows of padded planes, for the panel and block
+ * kernels), sk_dispatch.c (the active code path, layout transposes), sk_pool.c (thread pool), sk_drive.c
  * (a layer's work cut into pool items), sk_chain.c (chains and their planner), sk_pychain.c and
  * sk_module.c (CPython glue).
  *
@@ -139,11 +139,19 @@ typedef struct {
      * rowptr indexes block rows (R consecutive output rows sharing their columns), entry k holds one column
      * idx[k] and R values val[k*R .. k*R + R-1], one per row of the block. R is 2, 4, 8 or 16. */
     int rb;
+    /* 0: entry k reads the input row at xp + idx[k] * PANEL (a panel); 1: at xp + idx[k], idx[k] an offset into
+     * zero-padded image planes (the shifted-rows convolution of sk_conv.c, int32 indices) */
+    int direct;
 } csr_t;
 
 static inline int64_t idx_at(const csr_t *w, int64_t k) {
     return w->idx16 ? (int64_t)((const uint16_t *)w->idx)[k] : (int64_t)((const int32_t *)w->idx)[k];
 }
+
+/* the kernels read entry k's input row at xp + (idx_at(w, k) << col_shift(w)) */
+#define PANEL_LOG2 6
+static inline int col_shift(const csr_t *w) { return w->direct ? 0 : PANEL_LOG2; }
+_Static_assert(PANEL == 1 << PANEL_LOG2, "PANEL_LOG2");
 
 /* Sliced rows (SELL-16), the layout of the rows kernel (CsrLayer.sliced() builds it). Rows sorted by
  * nonzero count (descending) are cut into slices of SLICE rows; a slice stores its rows' nonzeros
@@ -324,6 +332,40 @@ typedef struct {
     int64_t per_thread;
 } conv_job_t;
 void conv_item(void *ctx, int64_t item, int tid);
+
+/* A stride-1, dilation-1 convolution without im2col ("shifted rows", sk_conv.c): the batch copied once into
+ * zero-padded planes (c, B, hp, wp), hp = ho + kh - 1, wp = wo + kw - 1, read as one grid of B * hp - kh + 1
+ * rows of wp pixels. Weight column (ch, i, j) reads the plane at offset (ch * B * hp + i) * wp + j from the
+ * grid pixel, so a panel of 64 consecutive grid pixels reads 64 contiguous floats per column (csr_t.direct,
+ * idx = those offsets). Grid pixels in the pad columns or rows are computed and dropped. */
+typedef struct {
+    panel_fn fn;
+    csr_t w;             /* direct: idx are plane offsets */
+    const int64_t *bp;   /* block pointers, by position */
+    const int32_t *ord;  /* row at each position, per block; NULL: natural order */
+    int64_t nb;
+    conv_t g;
+    const float *x;      /* (B, c, h, w) */
+    float *y;            /* (B, C_out, ho * wo) */
+    float *plane;        /* dconv_plane_floats(g, B) floats */
+    int64_t B, hp, wp;   /* B: images a chunk (the planes' batch) */
+    int64_t b0, nbc, P;  /* this chunk: images b0 .. b0 + nbc - 1 (nbc <= B), P panels of 64 grid pixels */
+    float *scratch;      /* per thread: C_out * PANEL floats, 64-byte aligned */
+    int64_t per_thread;
+} dconv_job_t;
+/* the batch runs in chunks of images whose planes fit DCONV_CHUNK_BYTES (one image at least): a panel's
+ * columns then sit within them, and the planes are filled just before they are read */
+#define DCONV_CHUNK_BYTES (1 << 19)
+int64_t dconv_chunk(const conv_t *g, int64_t B);
+/* the caller's scratch for B images on nt threads (the planes of one chunk, an output panel per thread) */
+int64_t dconv_scratch_floats(const conv_t *g, int64_t B, int64_t n_out, int nt);
+/* floats of the padded planes of B images, slack included (the last panel reads up to kw + 63 floats past them); -1: the
+ * offsets would not fit int32 */
+int64_t dconv_plane_floats(const conv_t *g, int64_t B);
+/* entry e's column idx[e] = (ch * kh + i) * kw + j as its plane offset, for the n entries of w (tab: K scratch) */
+void dconv_offsets(const csr_t *w, int64_t n, const conv_t *g, int64_t B, int32_t *tab, int32_t *off);
+void dconv_fill(void *ctx, int64_t item, int tid);  /* item = ch * B + b: one plane; item B * c: the slack */
+void dconv_item(void *ctx, int64_t p, int tid);     /* panel p: the kernel, valid pixels into y */
 
 /* nparts group-aligned row ranges balanced by nonzeros (+ 8 per row) over all blocks; rb: rows per block
  * pointer (1, or a row-block layout's R: bp then holds nb * n_out / rb + 1 pointers); -1: out of memory */

@@ -5,6 +5,12 @@
 channel-major (NCHW). Bias (batch norm folded in by the exporter) and
 ReLU are fused. Groups other than 1 (depthwise convolutions) stay with ONNX Runtime. A weight made of R x 1
 blocks (R consecutive output channels sharing each input tap, ``CsrLayer.row_block``) runs the block kernel.
+
+Stride-1, dilation-1 convolutions skip im2col ("shifted rows"): the batch is copied once into zero-padded planes
+(C_in, batch, ho + kh - 1, wo + kw - 1), and the output is computed on the grid of padded-width pixels, where
+weight column (c, i, j) of 64 consecutive grid pixels is 64 contiguous floats of the planes at a fixed offset:
+the panel kernel reads the planes in place (its indices become those offsets) and the pad-column pixels it
+also computes are dropped. Chosen where those wasted pixels are few (``DIRECT_MIN_USE``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,11 @@ import numpy as np
 
 from sparsekit.errors import InputError
 from sparsekit.runtime.layers import _K, PANEL, CsrLayer, aligned_empty
+
+# shifted rows when at least this share of the computed grid pixels are output pixels, per kernel (a 3x3
+# kernel on 32x32 outputs: 32 of every 34 columns; on 8x8 at batch 16: 0.64; on 4x4 at batch 1: 16 of 64): the
+# panel kernel's im2col costs less than that waste below 0.7, the block kernel's (R rows a load) from 0.25 on
+DIRECT_MIN_USE = {"panel": 0.7, "block": 0.2}
 
 
 @dataclass(frozen=True)
@@ -37,14 +48,22 @@ class ConvGeometry:
 class SparseConv:
     """One sparse convolution: ``layer`` holds the (C_out, K) weight with bias and ReLU; ``block`` the panel
     kernel's column block width (0: one block). ``kernel``: ``block`` or ``panel``, the block kernel where the
-    weight has row blocks (``kernel``, read-only after construction, says which runs)."""
+    weight has row blocks (``kernel``, read-only after construction, says which runs). ``direct``: shifted rows
+    instead of im2col (None: where ``uses_direct`` finds them worth it; True: wherever strides and dilations
+    are 1; False: never)."""
 
-    def __init__(self, layer: CsrLayer, in_channels: int, geometry: ConvGeometry, *, block: int = 0) -> None:
+    def __init__(self, layer: CsrLayer, in_channels: int, geometry: ConvGeometry, *, block: int = 0,
+                 direct: bool | None = None) -> None:
         kh, kw = geometry.kernel
         if layer.n_in != in_channels * kh * kw:
             raise InputError(f"weight has {layer.n_in} columns, expected {in_channels}x{kh}x{kw}",
                              where=layer.name or "conv")
+        if direct and (geometry.strides != (1, 1) or geometry.dilations != (1, 1)):
+            raise InputError("shifted rows need strides and dilations 1", where=layer.name or "conv",
+                             fix="leave direct unset (im2col)")
         self.layer, self.in_channels, self.geometry, self.block = layer, in_channels, geometry, block
+        # shifted rows: None chooses per input shape (uses_direct), True / False force it on or off
+        self.direct = direct
         self.kernel = "block" if layer.has_block() else "panel"
         # per-thread im2col and output panels, kept between calls (a fresh one each call page-faulted: 128->128
         # channels at 8x8 ran 100-160 us, dense ORT 110-140 us); a concurrent call allocates its own
@@ -54,6 +73,27 @@ class SparseConv:
     @property
     def out_channels(self) -> int:
         return self.layer.n_out
+
+    def _direct_scratch(self, batch: int, h: int, w: int, threads: int) -> int:
+        """Floats of the scratch of shifted rows (-1: too large for them)."""
+        g = self.geometry
+        ho, wo = g.output(h, w)
+        return _K.conv_direct_scratch(batch, self.out_channels, threads, (self.in_channels, h, w, *g.kernel,
+                                      *g.strides, g.pads[0], g.pads[1], *g.dilations, ho, wo))
+
+    def uses_direct(self, batch: int, h: int, w: int) -> bool:
+        """Whether a (batch, C_in, h, w) input runs as shifted rows rather than im2col."""
+        g = self.geometry
+        if self.direct is False or g.strides != (1, 1) or g.dilations != (1, 1) or batch < 1:
+            return False
+        ho, wo = g.output(h, w)
+        if _K is None or self._direct_scratch(batch, h, w, 1) < 0:
+            return False
+        if self.direct:
+            return True
+        (kh, kw) = g.kernel
+        grid = -(-(batch * (ho + kh - 1) - kh + 1) * (wo + kw - 1) // PANEL) * PANEL
+        return batch * ho * wo >= DIRECT_MIN_USE[self.kernel] * grid
 
     def reference(self, x: np.ndarray) -> np.ndarray:
         """float64 NCHW output by explicit im2col (tests)."""
@@ -93,14 +133,18 @@ class SparseConv:
         args = (v, i, bptr, self.layer.bias, order, x, y, self.layer.idx_bytes, self.layer.n_in, self.out_channels,
                 nb, int(self.layer.relu), int(threads), b,
                 (c, h, w, *g.kernel, *g.strides, g.pads[0], g.pads[1], *g.dilations, ho, wo))
+        direct = self.uses_direct(b, h, w)
         if not self._busy.acquire(blocking=False):
-            _K.conv(*args, None, rb)  # another thread is in this convolution: its own scratch
+            _K.conv(*args, None, rb, direct)  # another thread is in this convolution: its own scratch
             return y
         try:
-            need = (-(-(self.layer.n_in + self.out_channels) * PANEL // 16) * 16) * max(1, int(threads)) + 16
+            if direct:
+                need = self._direct_scratch(b, h, w, int(threads))
+            else:
+                need = (-(-(self.layer.n_in + self.out_channels) * PANEL // 16) * 16) * max(1, int(threads)) + 16
             if self._scratch is None or self._scratch.size < need:
                 self._scratch = np.empty(need, np.float32)
-            _K.conv(*args, self._scratch, rb)
+            _K.conv(*args, self._scratch, rb, direct)
         finally:
             self._busy.release()
         return y
