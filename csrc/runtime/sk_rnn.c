@@ -175,6 +175,30 @@ static int rnn_sliced(sliced_t *w, Py_buffer *val, Py_buffer *idx, Py_buffer *sp
     return 0;
 }
 
+/* An optional buffer argument: 0 and nothing held for None, 1 with the buffer held, -1 with an exception set. */
+static int optional_buffer(PyObject *obj, Py_buffer *buf, int flags) {
+    if (obj == Py_None) return 0;
+    return PyObject_GetBuffer(obj, buf, flags) < 0 ? -1 : 1;
+}
+
+/* The gates of a cell (3 for a GRU, 4 for an LSTM) after checking the cell, its state and the sizes; 0 with an
+ * exception set when one is wrong. */
+static int64_t cell_gates(int cell, int have_c, long long H, long long T, long long N) {
+    if (cell != CELL_GRU && cell != CELL_LSTM) {
+        PyErr_SetString(PyExc_ValueError, "cell must be 0 (GRU) or 1 (LSTM)");
+        return 0;
+    }
+    if (have_c != (cell == CELL_LSTM)) {
+        PyErr_SetString(PyExc_ValueError, "an LSTM takes a cell state c, a GRU none");
+        return 0;
+    }
+    if (H < 1 || H > SK_MAX_DIM / 4 || T < 0 || N < 0) {
+        PyErr_SetString(PyExc_ValueError, "hidden size must be in [1, 2^29), T and N non-negative");
+        return 0;
+    }
+    return cell == CELL_GRU ? 3 : 4;
+}
+
 /* rnn(cell, values, indices, slice_ptr, perm, bias|None, windows|None, wide, idx_bytes, hidden, xw, h, c|None, y,
  *     hr, T, N, threads): see the file comment; h (and c) hold the initial state and are updated in place. */
 PyObject *sk_py_rnn(PyObject *self, PyObject *args) {
@@ -189,25 +213,11 @@ PyObject *sk_py_rnn(PyObject *self, PyObject *args) {
     int have_bias = 0, have_wins = 0, have_c = 0;
     PyObject *ret = NULL;
     sliced_t w = {0};
-    if (bias_obj != Py_None) {
-        if (PyObject_GetBuffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS) < 0) goto done;
-        have_bias = 1;
-    }
-    if (wins_obj != Py_None) {
-        if (PyObject_GetBuffer(wins_obj, &wins, PyBUF_C_CONTIGUOUS) < 0) goto done;
-        have_wins = 1;
-    }
-    if (c_obj != Py_None) {
-        if (PyObject_GetBuffer(c_obj, &c, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
-        have_c = 1;
-    }
-    if (cell != CELL_GRU && cell != CELL_LSTM) { PyErr_SetString(PyExc_ValueError, "cell must be 0 (GRU) or 1 (LSTM)"); goto done; }
-    if (have_c != (cell == CELL_LSTM)) { PyErr_SetString(PyExc_ValueError, "an LSTM takes a cell state c, a GRU none"); goto done; }
-    const int64_t G = cell == CELL_GRU ? 3 : 4;
-    if (H < 1 || H > SK_MAX_DIM / 4 || T < 0 || N < 0) {
-        PyErr_SetString(PyExc_ValueError, "hidden size must be in [1, 2^29), T and N non-negative");
-        goto done;
-    }
+    if ((have_bias = optional_buffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS)) < 0) { have_bias = 0; goto done; }
+    if ((have_wins = optional_buffer(wins_obj, &wins, PyBUF_C_CONTIGUOUS)) < 0) { have_wins = 0; goto done; }
+    if ((have_c = optional_buffer(c_obj, &c, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE)) < 0) { have_c = 0; goto done; }
+    const int64_t G = cell_gates(cell, have_c, H, T, N);
+    if (!G) goto done;
     if (rnn_sliced(&w, &val, &idx, &sp, &perm, &bias, have_bias, &wins, have_wins, wide, idx_bytes, H, G * H))
         goto done;
     if (check_len(&xw, smul(smul3(T, N, G), smul(H, 4)), "xw") || check_len(&h, smul3(N, H, 4), "h") ||
@@ -273,21 +283,10 @@ PyObject *sk_py_rnn_panel(PyObject *self, PyObject *args) {
     PyObject *ret = NULL;
     float *scratch = NULL;
     csr_t w;
-    if (bias_obj != Py_None) {
-        if (PyObject_GetBuffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS) < 0) goto done;
-        have_bias = 1;
-    }
-    if (c_obj != Py_None) {
-        if (PyObject_GetBuffer(c_obj, &c, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
-        have_c = 1;
-    }
-    if (cell != CELL_GRU && cell != CELL_LSTM) { PyErr_SetString(PyExc_ValueError, "cell must be 0 (GRU) or 1 (LSTM)"); goto done; }
-    if (have_c != (cell == CELL_LSTM)) { PyErr_SetString(PyExc_ValueError, "an LSTM takes a cell state c, a GRU none"); goto done; }
-    const int64_t G = cell == CELL_GRU ? 3 : 4;
-    if (H < 1 || H > SK_MAX_DIM / 4 || T < 0 || N < 0) {
-        PyErr_SetString(PyExc_ValueError, "hidden size must be in [1, 2^29), T and N non-negative");
-        goto done;
-    }
+    if ((have_bias = optional_buffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS)) < 0) { have_bias = 0; goto done; }
+    if ((have_c = optional_buffer(c_obj, &c, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE)) < 0) { have_c = 0; goto done; }
+    const int64_t G = cell_gates(cell, have_c, H, T, N);
+    if (!G) goto done;
     if (rnn_panel_csr(&w, &val, &idx, &bp, &ord, &bias, have_bias, idx_bytes, H, G * H)) goto done;
     if (check_len(&xw, smul(smul3(T, N, G), smul(H, 4)), "xw") || check_len(&h, smul3(N, H, 4), "h") ||
         (have_c && check_len(&c, smul3(N, H, 4), "c")) || check_len(&y, smul(smul3(T, N, H), 4), "y"))
