@@ -4,12 +4,8 @@ where sparsekit is not installed; the loader's checks of that function and of ``
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +19,7 @@ from runtime_helpers import sparse_matrix
 from sparsekit.exporters.fast import write_model
 from sparsekit.exporters.graph import DenseLayer, build_mlp_chain
 from sparsekit.exporters.validate import check_onnx_file
+from stock_ort import stock_onnxruntime_output_matches
 from tolerances import assert_fp32_close
 
 import sparsekit.runtime as rt
@@ -126,37 +123,7 @@ def test_stock_onnxruntime_handles_every_csr_shape(shape):
 def test_it_runs_where_only_onnxruntime_and_numpy_are_installed(tmp_path):
     path, _ = exported(tmp_path, bias=True, last=None)
     x = np.random.default_rng(7).standard_normal((64, 1, 8, 8)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "expected.npy", rt.load(path, replan=False).run(x))
-    only = tmp_path / "site"  # a site-packages holding numpy and onnxruntime alone
-    only.mkdir()
-    for pkg in ("numpy", "onnxruntime"):
-        src = Path(importlib.util.find_spec(pkg).origin).parent  # type: ignore[arg-type, union-attr]
-        (only / pkg).symlink_to(src)
-        if (src.parent / f"{pkg}.libs").is_dir():  # the wheel's bundled shared libraries
-            (only / f"{pkg}.libs").symlink_to(src.parent / f"{pkg}.libs")
-    script = textwrap.dedent(f"""
-        import sys
-        sys.path[:] = [{str(only)!r}] + [p for p in sys.path if "site-packages" not in p]
-        for name in ("sparsekit", "onnx"):
-            try:
-                __import__(name)
-            except ImportError:
-                pass
-            else:
-                raise SystemExit(name + " is importable")
-        import numpy as np, onnxruntime as ort
-        sess = ort.InferenceSession({str(path)!r}, providers=["CPUExecutionProvider"])
-        got = sess.run(None, {{sess.get_inputs()[0].name: np.load({str(tmp_path / 'x.npy')!r})}})[0]
-        ref = np.load({str(tmp_path / 'expected.npy')!r})
-        diff, bound = float(np.abs(got - ref).max()), 1e-5 * max(1.0, float(np.abs(ref).max()))
-        print("ok" if diff <= bound else f"max |d| {{diff}} > {{bound}}")
-    """)
-    # -I: no PYTHON* variables, user site or current directory; -S: no site-packages (nor editable installs)
-    res = subprocess.run([sys.executable, "-I", "-S", "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                         timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "ok", res.stdout
+    stock_onnxruntime_output_matches(path, x, rt.load(path, replan=False).run(x), tmp_path)
 
 
 def test_sparsekit_export_writes_a_file_stock_onnxruntime_runs_like_the_trained_model(tmp_path, cli, monkeypatch):

@@ -4,11 +4,6 @@ functions, the one-step models equal torch stepping, and a hostile recurrent nod
 
 from __future__ import annotations
 
-import importlib.util
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,6 +15,7 @@ from sparsekit.exporters import fast_graph_write
 from sparsekit.exporters.fast_graph import pack_graph
 from sparsekit.exporters.fast_rnn import pack_recurrent
 from sparsekit.exporters.fast_step import torch_model_of, write_step_models
+from stock_ort import stock_onnxruntime_output_matches
 from tolerances import assert_fp32_close
 
 import sparsekit.runtime as rt
@@ -155,36 +151,7 @@ def test_it_runs_where_only_onnxruntime_and_numpy_are_installed(char, tmp_path):
     packed = pack_graph(dense)
     path = tmp_path / "model.fast.onnx"
     path.write_bytes(GraphModel(packed.proto, packed.layers).to_onnx().SerializeToString())
-    np.save(tmp_path / "x.npy", codes(3))
-    np.save(tmp_path / "expected.npy", torch_logits(m, codes(3)))
-    only = tmp_path / "site"  # a site-packages holding numpy and onnxruntime alone
-    only.mkdir()
-    for pkg in ("numpy", "onnxruntime"):
-        src = Path(importlib.util.find_spec(pkg).origin).parent  # type: ignore[arg-type, union-attr]
-        (only / pkg).symlink_to(src)
-        if (src.parent / f"{pkg}.libs").is_dir():
-            (only / f"{pkg}.libs").symlink_to(src.parent / f"{pkg}.libs")
-    script = textwrap.dedent(f"""
-        import sys
-        sys.path[:] = [{str(only)!r}] + [p for p in sys.path if "site-packages" not in p]
-        for name in ("sparsekit", "onnx", "torch"):
-            try:
-                __import__(name)
-            except ImportError:
-                pass
-            else:
-                raise SystemExit(name + " is importable")
-        import numpy as np, onnxruntime as ort
-        sess = ort.InferenceSession({str(path)!r}, providers=["CPUExecutionProvider"])
-        got = sess.run(None, {{"input": np.load({str(tmp_path / 'x.npy')!r})}})[0]
-        ref = np.load({str(tmp_path / 'expected.npy')!r})
-        diff, bound = float(np.abs(got - ref).max()), 1e-5 * max(1.0, float(np.abs(ref).max()))
-        print("ok" if diff <= bound else f"max |d| {{diff}} > {{bound}}")
-    """)
-    res = subprocess.run([sys.executable, "-I", "-S", "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                         timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "ok", res.stdout
+    stock_onnxruntime_output_matches(path, codes(3), torch_logits(m, codes(3)), tmp_path)
 
 
 # ---------------------------------------------------------------- hostile recurrent nodes
