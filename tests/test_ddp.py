@@ -68,6 +68,7 @@ WORKER = textwrap.dedent('''
             sd.update({"m/" + k: v.to(torch.uint8) for k, v in info["sparsifier"].masks().items()})
             save_file({k: v.contiguous() for k, v in sd.items()}, f"{out}/{method}.rank{info['rank']}.safetensors")
         train(config_for(method), f"{out}/{method}", callbacks=Callbacks(on_end=dump))
+    dist.barrier()  # no rank leaves while another's last collective is in flight (gloo aborts at exit)
     dist.destroy_process_group()
 ''')
 
