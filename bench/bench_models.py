@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--case", action="append", help="only these cases (names: " + ", ".join([*CASES, *ZOO]) + ")")
     p.add_argument("--zoo", action="store_true", help="sparsekit's small CNNs instead (" + ", ".join(ZOO) + ")")
     p.add_argument("--char", action="store_true", help="the char-gru cases instead (" + ", ".join(CHAR) + "; "
-                   f"{CHAR_SPARSITY:.0%} uniform, whatever --sparsity says)")
+                   f"{CHAR_SPARSITY * 100:.0f}%% uniform, whatever --sparsity says)")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=9)

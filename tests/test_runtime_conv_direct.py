@@ -1,6 +1,6 @@
-"""Stride-1 sparse convolutions without im2col ("shifted rows", ``csrc/runtime/sk_conv.c``): the panel and block
-kernels reading zero-padded image planes through per-column offsets, against the float64 im2col reference on every
-code path; the choice between shifted rows and im2col; and the C entry point's refusals."""
+"""Stride-1 sparse convolutions without im2col ("shifted planes", ``csrc/runtime/sk_conv.c``): the panel and block
+kernels reading zero-padded, column-shifted image planes through per-column offsets, against the float64 im2col
+reference on every code path; the choice between shifted planes and im2col; and the C entry point's refusals."""
 
 from __future__ import annotations
 
@@ -39,7 +39,10 @@ CASES = [  # (cin, cout, (kh, kw), (top, left, bottom, right) pads, h, w)
     (4, 16, (7, 7), (3, 3, 3, 3), 10, 17),
     (6, 4, (2, 3), (0, 1, 1, 0), 8, 5),       # non-square kernel, asymmetric pads
     (9, 8, (3, 5), (3, 0, 2, 1), 7, 12),      # pads up to 3, larger than needed for "same"
-    (17, 24, (3, 3), (1, 1, 1, 1), 33, 31),   # several panels a grid row, 17 channels; 6 images a chunk (16: 6+6+4)
+    (17, 24, (3, 3), (1, 1, 1, 1), 33, 31),   # several panels a grid row, 17 channels
+    (40, 8, (3, 3), (1, 1, 1, 1), 30, 32),    # rows of 32, one image a chunk: a plane is one shifted copy
+    (6, 8, (5, 5), (2, 2, 2, 2), 7, 16),      # the same with a 5x5 kernel
+    (24, 8, (3, 3), (1, 1, 1, 1), 12, 4),     # 4-wide rows: 4 images a chunk fill a 16-float row
 ]
 
 
@@ -78,11 +81,12 @@ SAME = ConvGeometry((3, 3), pads=(1, 1, 1, 1))
 
 
 @pytest.mark.parametrize(("geometry", "batch", "hw", "rb", "direct"), [
-    (SAME, 16, 32, 1, True),     # 32 of every 34 grid columns are outputs
-    (SAME, 16, 8, 1, False),     # 0.64 of the grid: im2col for the panel kernel
-    (SAME, 16, 8, 4, True),      # but shifted rows for the block kernel
-    (SAME, 1, 4, 4, True),       # 16 of 64 lanes
-    (SAME, 1, 2, 4, False),      # 4 of 64
+    (SAME, 16, 32, 1, True),     # rows of 32 floats: every grid pixel an output
+    (SAME, 16, 8, 1, True),      # 16 images of 8x8 side by side: rows of 128 floats
+    (SAME, 1, 8, 1, False),      # one 8x8 image: half of each 16-float row, im2col for the panel kernel
+    (SAME, 1, 8, 4, True),       # but shifted planes for the block kernel
+    (SAME, 1, 4, 4, False),      # 4 of 16: im2col's quarter panel
+    (SAME, 16, 4, 4, True),
     (ConvGeometry((3, 3), (2, 2), (1, 1, 1, 1)), 16, 32, 4, False),  # strided: im2col only
     (ConvGeometry((3, 3), pads=(1, 1, 1, 1), dilations=(2, 2)), 16, 32, 4, False),
 ])
@@ -117,11 +121,11 @@ def test_planes_whose_offsets_would_not_fit_int32_fall_back_to_im2col():
     """40000 channels of 300x300 (one image a chunk): 3.6e9 plane floats; nothing that size is allocated."""
     layer = CsrLayer.from_dense(np.eye(4, 40000, dtype=np.float32), None, relu=False)
     geometry = (40000, 300, 300, 1, 1, 1, 1, 0, 0, 1, 1, 300, 300)
-    assert K.conv_direct_scratch(1, 4, 1, geometry) == -1
-    assert K.conv_direct_scratch(1, 4, 1, (400, *geometry[1:])) > 400 * 300 * 300
+    assert K.conv_direct_scratch(1, 4, 1, geometry)[0] == -1
+    assert K.conv_direct_scratch(1, 4, 1, (400, *geometry[1:]))[0] > 400 * 300 * 300
     for direct in (None, True):
         assert not SparseConv(layer, 40000, ConvGeometry((1, 1)), direct=direct).uses_direct(1, 300, 300)
-    assert SparseConv(layer, 40000, ConvGeometry((1, 1))).uses_direct(1, 10, 10)
+    assert SparseConv(layer, 40000, ConvGeometry((1, 1))).uses_direct(1, 16, 16)
 
 
 def test_shifted_rows_on_a_scratch_of_their_own(isa):

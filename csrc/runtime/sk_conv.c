@@ -2,7 +2,7 @@
  * position, one column per output pixel), built 64 output pixels at a time straight in the panel layout the
  * panel kernels read ([K][PANEL] per panel), so a sparse convolution is the panel kernel's SpMM (sparse weight
  * (C_out, K) times the panel) with no separate transpose. Padding and pixels past the image are zeros.
- * Stride-1, dilation-1 convolutions skip im2col: "shifted rows" at the end of this file (dconv_job_t). */
+ * Stride-1, dilation-1 convolutions skip im2col: "shifted planes" at the end of this file (dconv_job_t). */
 #include "sk_runtime.h"
 
 /* one im2col row of a panel: lanes [0, lanes) are output pixels q0.. of one image, walked output row by output
@@ -82,7 +82,9 @@ void conv_item(void *ctx, int64_t item, int tid) {
         const int64_t b0 = item * j->G, n = j->B - b0 < j->G ? j->B - b0 : j->G;
         float *xp = j->scratch + (int64_t)tid * j->per_thread, *yp = xp + K * PANEL;
         im2col_images(j->x + b0 * g->c * g->h * g->w, xp, g, n);
-        const rowout_t ro = {NULL, 0, n * npix, 0, 0};
+        /* AVX-512 half and quarter panels: a 4x4 image alone computes its 16 lanes, not 64 */
+        const int lanes = n * npix <= PANEL / 4 ? PANEL / 4 : n * npix <= PANEL / 2 ? PANEL / 2 : 0;
+        const rowout_t ro = {NULL, 0, n * npix, 0, g_isa == ISA_AVX512 ? lanes : 0};
         panel_rows(j->fn, &j->w, j->bp, j->ord, j->nb, &ro, 0, j->w.n_out, xp, yp);
         for (int64_t k = 0; k < n; k++) {
             float *yb = j->y + (b0 + k) * j->w.n_out * npix;
@@ -100,11 +102,26 @@ void conv_item(void *ctx, int64_t item, int tid) {
     for (int64_t o = 0; o < j->w.n_out; o++) memcpy(yb + o * npix, yp + o * PANEL, (size_t)lanes * 4);
 }
 
-/* ------------------------------------------------------------------ shifted rows (stride 1, dilation 1) */
+/* ------------------------------------------------------------------ shifted planes (stride 1, dilation 1) */
 
+/* images a chunk: the batch cut into the fewest chunks whose planes fit DCONV_CHUNK_BYTES (one image at least), of
+ * equal size, rounded up to a count whose rows fill whole 16-float groups (16 / gcd(wo, 16): wo = 8, an even count) */
 int64_t dconv_chunk(const conv_t *g, int64_t B) {
-    const int64_t per = smul(smul3(g->c, g->ho + g->kh - 1, g->wo + g->kw - 1), 4), n = DCONV_CHUNK_BYTES / per;
-    return n < 1 ? 1 : n < B ? n : B;
+    const int64_t hp = g->ho + g->kh - 1, per = smul(smul3(g->kw, g->c, hp), smul(g->wo, 4));
+    int64_t n = DCONV_CHUNK_BYTES / per;
+    n = n < 1 ? 1 : n < B ? n : B < 1 ? 1 : B;
+    const int64_t chunks = (B + n - 1) / n;
+    int64_t bc = chunks > 0 ? (B + chunks - 1) / chunks : 1, m = 16;
+    while (m > 1 && (g->wo * (m / 2)) % 16 == 0) m /= 2;
+    if (bc > 1 && bc % m) bc += m - bc % m;
+    return bc < B ? bc : B < 1 ? 1 : B;
+}
+
+int64_t dconv_pitch(const conv_t *g, int64_t Bc) { return (smul(Bc, g->wo) + 15) & ~(int64_t)15; }
+
+int64_t dconv_plane_floats(const conv_t *g, int64_t Bc) {
+    const int64_t n = smul(smul3(g->kw, g->c, g->ho + g->kh - 1), dconv_pitch(g, Bc));
+    return n > INT32_MAX - PANEL ? -1 : n + PANEL;
 }
 
 int64_t dconv_scratch_floats(const conv_t *g, int64_t B, int64_t n_out, int nt) {
@@ -112,18 +129,18 @@ int64_t dconv_scratch_floats(const conv_t *g, int64_t B, int64_t n_out, int nt) 
     return plane < 0 ? -1 : plane + ((n_out * PANEL + 15) & ~(int64_t)15) * nt + 16;
 }
 
-int64_t dconv_plane_floats(const conv_t *g, int64_t B) {
-    const int64_t hp = g->ho + g->kh - 1, wp = g->wo + g->kw - 1;
-    const int64_t n = smul(smul3(g->c, B, hp), wp), all = n > INT32_MAX ? INT64_MAX : n + g->kw + PANEL + 15;
-    return all > INT32_MAX ? -1 : all & ~(int64_t)15;
+double dconv_use(const conv_t *g, int64_t B) {
+    const int64_t Bc = dconv_chunk(g, B), pitch = dconv_pitch(g, Bc), chunks = (B + Bc - 1) / Bc;
+    const int64_t grid = chunks * ((g->ho * pitch + PANEL - 1) / PANEL) * PANEL;
+    return (double)(B * g->ho * g->wo) / (double)grid;
 }
 
-void dconv_offsets(const csr_t *w, int64_t n, const conv_t *g, int64_t B, int32_t *tab, int32_t *off) {
-    const int64_t hp = g->ho + g->kh - 1, wp = g->wo + g->kw - 1;
+void dconv_offsets(const csr_t *w, int64_t n, const conv_t *g, int64_t Bc, int32_t *tab, int32_t *off) {
+    const int64_t hp = g->ho + g->kh - 1, pitch = dconv_pitch(g, Bc), plane = g->c * hp * pitch;
     int32_t *t = tab;
     for (int64_t ch = 0; ch < g->c; ch++)
         for (int64_t i = 0; i < g->kh; i++)
-            for (int64_t j = 0; j < g->kw; j++) *t++ = (int32_t)((ch * B * hp + i) * wp + j);
+            for (int64_t j = 0; j < g->kw; j++) *t++ = (int32_t)(j * plane + (ch * hp + i) * pitch);
     if (w->idx16) {
         const uint16_t *ix = (const uint16_t *)w->idx;
         for (int64_t e = 0; e < n; e++) off[e] = tab[ix[e]];
@@ -133,49 +150,115 @@ void dconv_offsets(const csr_t *w, int64_t n, const conv_t *g, int64_t B, int32_
     }
 }
 
-/* plane (ch, b): row r holds input row r - ph, column q input column q - pw, zeros elsewhere */
+/* one row of plane (j, ch): image b's wo floats at b * wo hold its input row iy read from column j - pw on
+ * (zeros past the edges, and for images past the batch); zeros after the last image up to the pitch. Plain
+ * loops, not memcpy / memset calls: the rows are short (wo floats) and there are kw * c * hp of them an image. */
+static void dconv_fill_row(const dconv_job_t *j, float *dst, int64_t ch, int64_t iy, int64_t dx) {
+    const conv_t *g = &j->g;
+    const int64_t wo = g->wo, a = dx < 0 ? -dx : 0;                 /* first column with an input pixel */
+    const int64_t e = g->w - dx < wo ? (g->w - dx > a ? g->w - dx : a) : wo; /* and past the last one */
+    const int64_t live = iy >= 0 && iy < g->h && e > a ? j->nbc : 0;  /* images with input on this row */
+    for (int64_t b = 0; b < live; b++, dst += wo) {
+        const float *src = j->x + ((j->b0 + b) * g->c + ch) * g->h * g->w + iy * g->w + dx;
+        for (int64_t k = 0; k < a; k++) dst[k] = 0.f;
+        for (int64_t k = a; k < e; k++) dst[k] = src[k];
+        for (int64_t k = e; k < wo; k++) dst[k] = 0.f;
+    }
+    for (int64_t k = 0; k < j->pitch - live * wo; k++) dst[k] = 0.f;
+}
+
+#if SK_X86
+/* dconv_fill_row with 16-lane masked loads and stores (no access outside [a, e) of a source row, none past the
+ * pitch): the fill is kw times the input, which plain loops (SSE2 without -march) wrote at a third of the
+ * panel kernel's time at 64 channels */
+SK_AVX512 static void dconv_fill_row_avx512(const dconv_job_t *j, float *dst, int64_t ch, int64_t iy, int64_t dx) {
+    const conv_t *g = &j->g;
+    const int64_t wo = g->wo, a = dx < 0 ? -dx : 0;
+    const int64_t e = g->w - dx < wo ? (g->w - dx > a ? g->w - dx : a) : wo;
+    const int64_t live = iy >= 0 && iy < g->h && e > a ? j->nbc : 0;
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t b = 0; b < live; b++, dst += wo) {
+        const float *src = j->x + ((j->b0 + b) * g->c + ch) * g->h * g->w + iy * g->w + dx;
+        for (int64_t k = 0; k < wo; k += 16) {
+            const __m512i at = _mm512_add_epi32(lane, _mm512_set1_epi32((int)k));
+            const __mmask16 in = _mm512_cmpge_epi32_mask(at, _mm512_set1_epi32((int)a)) &
+                                 _mm512_cmplt_epi32_mask(at, _mm512_set1_epi32((int)e));
+            const __mmask16 st = _mm512_cmplt_epi32_mask(at, _mm512_set1_epi32((int)wo));
+            const __m512 v = _mm512_maskz_loadu_ps(in, src + k);
+            if (st == 0xFFFF) _mm512_storeu_ps(dst + k, v);
+            else _mm512_mask_storeu_ps(dst + k, st, v);
+        }
+    }
+    const int64_t rest = j->pitch - live * wo;
+    for (int64_t k = 0; k < rest; k += 16)
+        _mm512_mask_storeu_ps(dst + k, rest - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (rest - k)) - 1u),
+                              _mm512_setzero_ps());
+}
+#endif
+
+/* plane (kernel column jj, channel ch) of one image whose rows are the pitch (w = wo = pitch): the channel as one
+ * copy, shifted by dx, then its edge columns and pad rows zeroed */
+static void dconv_fill_image(const dconv_job_t *j, float *dst, int64_t ch, int64_t dx) {
+    const conv_t *g = &j->g;
+    const int64_t w = g->w, hw = g->h * w, a = dx < 0 ? -dx : 0, n = hw - (dx < 0 ? -dx : dx);
+    const float *src = j->x + (j->b0 * g->c + ch) * hw;
+    memset(dst, 0, (size_t)(g->ph * w + a) * 4);
+    if (n > 0) memcpy(dst + g->ph * w + a, src + a + dx, (size_t)n * 4);
+    memset(dst + g->ph * w + a + (n > 0 ? n : 0), 0, (size_t)((j->hp - g->ph) * w - a - (n > 0 ? n : 0)) * 4);
+    for (int64_t r = 0; r < g->h; r++) {  /* the columns the shift brought in from the neighbouring rows */
+        float *row = dst + (g->ph + r) * w;
+        for (int64_t k = 0; k < a && k < w; k++) row[k] = 0.f;
+        for (int64_t k = w - dx; k < w; k++)
+            if (k >= 0) row[k] = 0.f;
+    }
+}
+
+/* plane (kernel column jj, channel ch) for item jj * c + ch: its hp rows; item kw * c: the slack after the last */
 void dconv_fill(void *ctx, int64_t item, int tid) {
     (void)tid;
     const dconv_job_t *j = (const dconv_job_t *)ctx;
     const conv_t *g = &j->g;
-    const int64_t area = j->hp * j->wp;
+    const int64_t area = j->hp * j->pitch;
     float *dst = j->plane + item * area;
-    if (item == j->B * g->c) {  /* the slack after the last plane */
-        memset(dst, 0, (size_t)(dconv_plane_floats(g, j->B) - item * area) * 4);
+    if (item == g->kw * g->c) {
+        memset(dst, 0, PANEL * 4);
         return;
     }
-    const int64_t ch = item / j->B, b = item % j->B;
-    if (b >= j->nbc) {  /* an image past the batch in the last chunk: zeros (read only by dropped pixels) */
-        memset(dst, 0, (size_t)area * 4);
+    const int64_t jj = item / g->c, ch = item % g->c;
+    if (j->B == 1 && j->nbc == 1 && g->w == g->wo && j->pitch == g->wo) {
+        dconv_fill_image(j, dst, ch, jj - g->pw);
         return;
     }
-    const float *src = j->x + ((j->b0 + b) * g->c + ch) * g->h * g->w;
-    const int64_t n = g->w < j->wp - g->pw ? g->w : j->wp - g->pw; /* input columns that land in the plane */
-    for (int64_t r = 0; r < j->hp; r++, dst += j->wp) {
-        const int64_t iy = r - g->ph;
-        if (iy < 0 || iy >= g->h || n <= 0) {
-            memset(dst, 0, (size_t)j->wp * 4);
-            continue;
-        }
-        memset(dst, 0, (size_t)g->pw * 4);
-        memcpy(dst + g->pw, src + iy * g->w, (size_t)n * 4);
-        memset(dst + g->pw + n, 0, (size_t)(j->wp - g->pw - n) * 4);
+#if SK_X86
+    if (g_isa == ISA_AVX512) {
+        for (int64_t r = 0; r < j->hp; r++) dconv_fill_row_avx512(j, dst + r * j->pitch, ch, r - g->ph, jj - g->pw);
+        return;
     }
+#endif
+    for (int64_t r = 0; r < j->hp; r++) dconv_fill_row(j, dst + r * j->pitch, ch, r - g->ph, jj - g->pw);
 }
 
-/* runs of valid output pixels among grid pixels q0 .. q0 + 63: lane, destination pixel (b * C_out * npix +
- * oy * wo + ox) and length of each; returns their count (at most PANEL) */
+/* runs of output pixels among grid pixels q0 .. q0 + 63: lane, destination pixel (b * C_out * npix + oy * wo + ox)
+ * and length of each; returns their count (at most PANEL) */
 static int dconv_runs(const dconv_job_t *j, int64_t q0, int64_t lane[PANEL], int64_t dst[PANEL], int64_t len[PANEL]) {
     const conv_t *g = &j->g;
-    const int64_t npix = g->ho * g->wo;
+    const int64_t npix = g->ho * g->wo, end = q0 + PANEL, used = j->nbc * g->wo;
     int m = 0;
-    for (int64_t q = q0; q < q0 + PANEL;) {
-        const int64_t r = q / j->wp, ox = q % j->wp, b = r / j->hp, oy = r % j->hp;
-        const int64_t n = j->wp - ox < q0 + PANEL - q ? j->wp - ox : q0 + PANEL - q;
-        if (b < j->nbc && oy < g->ho && ox < g->wo) {
+    for (int64_t q = q0; q < end;) {
+        const int64_t oy = q / j->pitch, rem = q % j->pitch;
+        if (oy >= g->ho) break;
+        if (rem >= used) {  /* images past the batch and the pitch's pad: to the next row */
+            q += j->pitch - rem;
+            continue;
+        }
+        const int64_t b = rem / g->wo, ox = rem % g->wo, n = g->wo - ox < end - q ? g->wo - ox : end - q;
+        const int64_t d = (j->b0 + b) * j->w.n_out * npix + oy * g->wo + ox;
+        if (m > 0 && lane[m - 1] + len[m - 1] == q - q0 && dst[m - 1] + len[m - 1] == d) {
+            len[m - 1] += n;  /* one image's next output row right after its last: one copy (pitch = wo) */
+        } else {
             lane[m] = q - q0;
-            dst[m] = (j->b0 + b) * j->w.n_out * npix + oy * g->wo + ox;
-            len[m++] = g->wo - ox < n ? g->wo - ox : n;
+            dst[m] = d;
+            len[m++] = n;
         }
         q += n;
     }

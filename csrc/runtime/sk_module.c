@@ -405,7 +405,7 @@ static PyObject *py_set_threading(PyObject *self, PyObject *args) {
                          SK_POOL ? "pthreads" : "openmp-or-none");
 }
 
-/* the shifted-rows convolution (dconv_job_t): w's column indices as plane offsets, the padded planes and the
+/* the shifted-planes convolution (dconv_job_t): w's column indices as plane offsets, the padded planes and the
  * per-thread output panels in the caller's scratch (scr: conv_scratch_floats(...) floats) or a fresh buffer */
 static int conv_direct(const csr_t *w, int64_t nb, const int32_t *ord, const conv_t *g, int64_t B, int threads,
                        const float *x, float *y, Py_buffer *scr) {
@@ -432,11 +432,11 @@ static int conv_direct(const csr_t *w, int64_t nb, const int32_t *ord, const con
     /* the offsets, then (K of them) the offset of each column */
     int32_t *off = (int32_t *)calloc((size_t)(nent + PAD_SLACK + w->n_in), 4);
     if (!off) { free(raw); PyErr_NoMemory(); return -1; }
-    const int64_t hp = g->ho + g->kh - 1, wp = g->wo + g->kw - 1;
+    const int64_t hp = g->ho + g->kh - 1, pitch = dconv_pitch(g, Bc);
     dconv_offsets(w, nent, g, Bc, off + nent + PAD_SLACK, off);
     /* the output panels first, the planes last: a read past the planes' slack leaves the buffer */
     const int64_t per = (w->n_out * PANEL + 15) & ~(int64_t)15;
-    dconv_job_t job = {pick_panel_for(w), *w, w->rowptr, ord, nb, *g, x, y, base + per * nt, Bc, hp, wp, 0, 0, 0,
+    dconv_job_t job = {pick_panel_for(w), *w, w->rowptr, ord, nb, *g, x, y, base + per * nt, Bc, hp, pitch, 0, 0, 0,
                        base, per};
     job.w.idx = off;
     job.w.idx16 = 0;
@@ -445,12 +445,12 @@ static int conv_direct(const csr_t *w, int64_t nb, const int32_t *ord, const con
     for (int64_t b0 = 0; b0 < B; b0 += Bc) {  /* a chunk: its planes, then its panels */
         job.b0 = b0;
         job.nbc = B - b0 < Bc ? B - b0 : Bc;
-        job.P = ((job.nbc * hp - g->kh + 1) * wp + PANEL - 1) / PANEL;
+        job.P = (g->ho * pitch + PANEL - 1) / PANEL;
         if (nt <= 1) {
-            for (int64_t i = 0; i <= Bc * g->c; i++) dconv_fill(&job, i, 0);
+            for (int64_t i = 0; i <= g->kw * g->c; i++) dconv_fill(&job, i, 0);
             for (int64_t p = 0; p < job.P; p++) dconv_item(&job, p, 0);
         } else {
-            par_run(nt, Bc * g->c + 1, dconv_fill, &job);
+            par_run(nt, g->kw * g->c + 1, dconv_fill, &job);
             par_run(job.P < nt ? (int)job.P : nt, job.P, dconv_item, &job);
         }
     }
@@ -460,8 +460,9 @@ static int conv_direct(const csr_t *w, int64_t nb, const int32_t *ord, const con
     return 0;
 }
 
-/* conv_direct_scratch(batch, C_out, threads, (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)): floats of the
- * scratch conv(..., direct=True) takes; -1: the planes' offsets would not fit int32 */
+/* conv_direct_scratch(batch, C_out, threads, (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)): (floats of the
+ * scratch conv(..., direct=True) takes, share of the computed grid pixels that are outputs); floats -1: the planes'
+ * offsets would not fit int32 */
 static PyObject *py_conv_direct_scratch(PyObject *self, PyObject *args) {
     (void)self;
     long long B, n_out;
@@ -474,7 +475,8 @@ static PyObject *py_conv_direct_scratch(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "bad convolution geometry");
         return NULL;
     }
-    return PyLong_FromLongLong(dconv_scratch_floats(&g, B, n_out, clamp_threads(threads < 0 ? -threads : threads)));
+    const int64_t floats = dconv_scratch_floats(&g, B, n_out, clamp_threads(threads < 0 ? -threads : threads));
+    return Py_BuildValue("(Ld)", (long long)floats, floats < 0 ? 0.0 : dconv_use(&g, B));
 }
 
 /* conv(values, indices, blockptr, bias|None, order|None, x, y, idx_bytes, K, C_out, nblocks, relu, threads, batch,
@@ -635,11 +637,12 @@ static PyMethodDef methods[] = {
      "pixels fed to the panel kernel; an optional argument is a reusable float32 scratch of at least "
      "(round16((K + C_out) * 64) * threads + 16) floats (None: one is allocated per call), then the rows per block "
      "(default 1; 2, 4, 8 or 16: the weight in CsrLayer.row_blocked's layout, run by the block kernel), then direct "
-     "(True: no im2col, shifted rows over zero-padded planes, strides and dilations 1; the scratch then holds "
-     "conv_direct_scratch(...) floats)"},
+     "(True: no im2col, shifted planes (zero-padded, one per kernel column), strides and dilations 1; the scratch "
+     "then holds conv_direct_scratch(...)[0] floats)"},
     {"conv_direct_scratch", py_conv_direct_scratch, METH_VARARGS,
-     "conv_direct_scratch(batch, C_out, threads, (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)): floats of the "
-     "scratch conv(..., direct=True) takes (-1: too large for shifted rows)"},
+     "conv_direct_scratch(batch, C_out, threads, (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)): (floats of the "
+     "scratch conv(..., direct=True) takes (-1: too large for shifted planes), share of the computed pixels that are "
+     "outputs)"},
     {"rnn", sk_py_rnn, METH_VARARGS,
      "rnn(cell, values, indices, slice_ptr, perm, bias|None, windows|None, wide, idx_bytes, hidden, xw, h, c|None, y, "
      "hr, T, N, threads): a sparse GRU (cell 0) or LSTM (1) layer's time loop (sk_rnn.c)"},

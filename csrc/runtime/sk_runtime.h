@@ -333,11 +333,13 @@ typedef struct {
 } conv_job_t;
 void conv_item(void *ctx, int64_t item, int tid);
 
-/* A stride-1, dilation-1 convolution without im2col ("shifted rows", sk_conv.c): the batch copied once into
- * zero-padded planes (c, B, hp, wp), hp = ho + kh - 1, wp = wo + kw - 1, read as one grid of B * hp - kh + 1
- * rows of wp pixels. Weight column (ch, i, j) reads the plane at offset (ch * B * hp + i) * wp + j from the
- * grid pixel, so a panel of 64 consecutive grid pixels reads 64 contiguous floats per column (csr_t.direct,
- * idx = those offsets). Grid pixels in the pad columns or rows are computed and dropped. */
+/* A stride-1, dilation-1 convolution without im2col ("shifted planes", sk_conv.c). A chunk of Bc images is copied
+ * once into kw planes, one per kernel column j, each (c, hp, pitch): hp = ho + kh - 1 rows, and a row holds the Bc
+ * images' rows side by side, wo floats each, read from input column ox + j - pw (zeros past the edges and in the
+ * pad rows), zero-padded to the pitch, a multiple of 16 floats. The output is computed on the grid of ho rows of
+ * pitch pixels, where weight column (ch, i, j) reads plane j at offset (ch * hp + i) * pitch from the grid pixel:
+ * a panel of 64 consecutive grid pixels reads 64 contiguous, 64-byte aligned floats per column (csr_t.direct,
+ * idx = those offsets), with no pad columns computed and dropped as in a single padded plane. */
 typedef struct {
     panel_fn fn;
     csr_t w;             /* direct: idx are plane offsets */
@@ -347,8 +349,8 @@ typedef struct {
     conv_t g;
     const float *x;      /* (B, c, h, w) */
     float *y;            /* (B, C_out, ho * wo) */
-    float *plane;        /* dconv_plane_floats(g, B) floats */
-    int64_t B, hp, wp;   /* B: images a chunk (the planes' batch) */
+    float *plane;        /* dconv_plane_floats(g, B) floats, 64-byte aligned */
+    int64_t B, hp, pitch; /* B: images a chunk (the planes' batch) */
     int64_t b0, nbc, P;  /* this chunk: images b0 .. b0 + nbc - 1 (nbc <= B), P panels of 64 grid pixels */
     float *scratch;      /* per thread: C_out * PANEL floats, 64-byte aligned */
     int64_t per_thread;
@@ -357,15 +359,19 @@ typedef struct {
  * columns then sit within them, and the planes are filled just before they are read */
 #define DCONV_CHUNK_BYTES (1 << 19)
 int64_t dconv_chunk(const conv_t *g, int64_t B);
+/* floats of a row of the planes of Bc images */
+int64_t dconv_pitch(const conv_t *g, int64_t Bc);
 /* the caller's scratch for B images on nt threads (the planes of one chunk, an output panel per thread) */
 int64_t dconv_scratch_floats(const conv_t *g, int64_t B, int64_t n_out, int nt);
-/* floats of the padded planes of B images, slack included (the last panel reads up to kw + 63 floats past them); -1: the
+/* floats of the planes of Bc images, slack included (the last panel reads up to 63 floats past them); -1: the
  * offsets would not fit int32 */
-int64_t dconv_plane_floats(const conv_t *g, int64_t B);
+int64_t dconv_plane_floats(const conv_t *g, int64_t Bc);
+/* the share of the grid's pixels over all chunks of B images that are output pixels */
+double dconv_use(const conv_t *g, int64_t B);
 /* entry e's column idx[e] = (ch * kh + i) * kw + j as its plane offset, for the n entries of w (tab: K scratch) */
-void dconv_offsets(const csr_t *w, int64_t n, const conv_t *g, int64_t B, int32_t *tab, int32_t *off);
-void dconv_fill(void *ctx, int64_t item, int tid);  /* item = ch * B + b: one plane; item B * c: the slack */
-void dconv_item(void *ctx, int64_t p, int tid);     /* panel p: the kernel, valid pixels into y */
+void dconv_offsets(const csr_t *w, int64_t n, const conv_t *g, int64_t Bc, int32_t *tab, int32_t *off);
+void dconv_fill(void *ctx, int64_t item, int tid);  /* item = j * c + ch: one plane; item kw * c: the slack */
+void dconv_item(void *ctx, int64_t p, int tid);     /* panel p: the kernel, output pixels into y */
 
 /* nparts group-aligned row ranges balanced by nonzeros (+ 8 per row) over all blocks; rb: rows per block
  * pointer (1, or a row-block layout's R: bp then holds nb * n_out / rb + 1 pointers); -1: out of memory */

@@ -6,11 +6,12 @@ channel-major (NCHW). Bias (batch norm folded in by the exporter) and
 ReLU are fused. Groups other than 1 (depthwise convolutions) stay with ONNX Runtime. A weight made of R x 1
 blocks (R consecutive output channels sharing each input tap, ``CsrLayer.row_block``) runs the block kernel.
 
-Stride-1, dilation-1 convolutions skip im2col ("shifted rows"): the batch is copied once into zero-padded planes
-(C_in, batch, ho + kh - 1, wo + kw - 1), and the output is computed on the grid of padded-width pixels, where
-weight column (c, i, j) of 64 consecutive grid pixels is 64 contiguous floats of the planes at a fixed offset:
-the panel kernel reads the planes in place (its indices become those offsets) and the pad-column pixels it
-also computes are dropped. Chosen where those wasted pixels are few (``DIRECT_MIN_USE``).
+Stride-1, dilation-1 convolutions skip im2col ("shifted planes"): a chunk of images is copied once into kw
+zero-padded planes, one per kernel column j, holding the input shifted by j columns, with the chunk's images side
+by side along each row and rows padded to a multiple of 16 floats. Weight column (c, i, j) of 64 consecutive
+output pixels is then 64 contiguous, 64-byte aligned floats of plane j at a fixed offset (row i of channel c): the
+panel kernel reads the planes in place (its indices become those offsets). Chosen where the rows' padding to 16
+floats wastes few pixels (``DIRECT_MIN_USE``).
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ import numpy as np
 from sparsekit.errors import InputError
 from sparsekit.runtime.layers import _K, PANEL, CsrLayer, aligned_empty
 
-# shifted rows when at least this share of the computed grid pixels are output pixels, per kernel (a 3x3
-# kernel on 32x32 outputs: 32 of every 34 columns; on 8x8 at batch 16: 0.64; on 4x4 at batch 1: 16 of 64): the
-# panel kernel's im2col costs less than that waste below 0.7, the block kernel's (R rows a load) from 0.25 on
-DIRECT_MIN_USE = {"panel": 0.7, "block": 0.2}
+# shifted planes when at least this share of the grid pixels they compute are output pixels, per kernel. Their rows
+# are padded to 16 floats: 32x32 and 16x16 outputs use all of them; 8x8 at batch 1 half (im2col of the whole image
+# costs the panel kernel about the same there); 4x4 at batch 1 a quarter (im2col's quarter panel computes 16 lanes)
+DIRECT_MIN_USE = {"panel": 0.6, "block": 0.4}
+# column blocks of shifted planes: a 64-pixel panel of 288 columns (32 channels of a 3x3 kernel) reads 72 KB of the
+# planes per block; one block for all of K read 147 KB (64 channels) to 1.2 MB (512) per panel, and 512 channels at
+# 4x4, batch 16, ran 1.25x faster in blocks of 288 than in one (72 and 144: more passes over the output rows)
+DIRECT_BLOCK_COLUMNS = 288
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ class ConvGeometry:
 class SparseConv:
     """One sparse convolution: ``layer`` holds the (C_out, K) weight with bias and ReLU; ``block`` the panel
     kernel's column block width (0: one block). ``kernel``: ``block`` or ``panel``, the block kernel where the
-    weight has row blocks (``kernel``, read-only after construction, says which runs). ``direct``: shifted rows
+    weight has row blocks (``kernel``, read-only after construction, says which runs). ``direct``: shifted planes
     instead of im2col (None: where ``uses_direct`` finds them worth it; True: wherever strides and dilations
     are 1; False: never)."""
 
@@ -74,26 +79,30 @@ class SparseConv:
     def out_channels(self) -> int:
         return self.layer.n_out
 
-    def _direct_scratch(self, batch: int, h: int, w: int, threads: int) -> int:
-        """Floats of the scratch of shifted rows (-1: too large for them)."""
+    def _direct_scratch(self, batch: int, h: int, w: int, threads: int) -> tuple[int, float]:
+        """(floats of the scratch of shifted planes, -1: too large for them; share of the pixels they compute
+        that are output pixels)."""
         g = self.geometry
         ho, wo = g.output(h, w)
         return _K.conv_direct_scratch(batch, self.out_channels, threads, (self.in_channels, h, w, *g.kernel,
                                       *g.strides, g.pads[0], g.pads[1], *g.dilations, ho, wo))
 
+    def direct_block(self) -> int:
+        """Column block width of shifted planes: whole input channels, about ``DIRECT_BLOCK_COLUMNS`` columns
+        (0: one block)."""
+        taps = self.geometry.kernel[0] * self.geometry.kernel[1]
+        block = max(1, DIRECT_BLOCK_COLUMNS // taps) * taps
+        return block if block < self.layer.n_in else 0
+
     def uses_direct(self, batch: int, h: int, w: int) -> bool:
-        """Whether a (batch, C_in, h, w) input runs as shifted rows rather than im2col."""
+        """Whether a (batch, C_in, h, w) input runs as shifted planes rather than im2col."""
         g = self.geometry
         if self.direct is False or g.strides != (1, 1) or g.dilations != (1, 1) or batch < 1:
             return False
-        ho, wo = g.output(h, w)
-        if _K is None or self._direct_scratch(batch, h, w, 1) < 0:
+        if _K is None:
             return False
-        if self.direct:
-            return True
-        (kh, kw) = g.kernel
-        grid = -(-(batch * (ho + kh - 1) - kh + 1) * (wo + kw - 1) // PANEL) * PANEL
-        return batch * ho * wo >= DIRECT_MIN_USE[self.kernel] * grid
+        floats, use = self._direct_scratch(batch, h, w, 1)
+        return floats >= 0 and (bool(self.direct) or use >= DIRECT_MIN_USE[self.kernel])
 
     def reference(self, x: np.ndarray) -> np.ndarray:
         """float64 NCHW output by explicit im2col (tests)."""
@@ -125,21 +134,22 @@ class SparseConv:
         if _K is None:
             y[...] = self.reference(x)
             return y
+        direct = self.uses_direct(b, h, w)
+        block = self.direct_block() if direct else self.block
         rb = self.layer.row_block() if self.kernel == "block" else 1
         if rb > 1:
-            (v, i, bptr, nb), order = self.layer.row_blocked(self.block), None
+            (v, i, bptr, nb), order = self.layer.row_blocked(block), None
         else:
-            v, i, bptr, nb, order = self.layer.blocked(self.block)
+            v, i, bptr, nb, order = self.layer.blocked(block)
         args = (v, i, bptr, self.layer.bias, order, x, y, self.layer.idx_bytes, self.layer.n_in, self.out_channels,
                 nb, int(self.layer.relu), int(threads), b,
                 (c, h, w, *g.kernel, *g.strides, g.pads[0], g.pads[1], *g.dilations, ho, wo))
-        direct = self.uses_direct(b, h, w)
         if not self._busy.acquire(blocking=False):
             _K.conv(*args, None, rb, direct)  # another thread is in this convolution: its own scratch
             return y
         try:
             if direct:
-                need = self._direct_scratch(b, h, w, int(threads))
+                need = self._direct_scratch(b, h, w, int(threads))[0]
             else:
                 need = (-(-(self.layer.n_in + self.out_channels) * PANEL // 16) * 16) * max(1, int(threads)) + 16
             if self._scratch is None or self._scratch.size < need:
