@@ -23,12 +23,12 @@ def _weight(rng: np.random.Generator, cout: int, k: int, rb: int) -> np.ndarray:
 
 
 def _conv(rng: np.random.Generator, cin: int, cout: int, kernel: tuple[int, int], pads: tuple[int, int, int, int],
-          rb: int, *, direct: bool | None = True, block: int = 0) -> SparseConv:
+          rb: int, *, direct: bool | None = True, block: int = 0, strides: tuple[int, int] = (1, 1)) -> SparseConv:
     kh, kw = kernel
     layer = CsrLayer.from_dense(_weight(rng, cout, cin * kh * kw, rb), rng.standard_normal(cout).astype(np.float32),
                                 relu=bool(rng.integers(2)))
     assert layer.row_block() == (rb if rb > 1 else 0)
-    return SparseConv(layer, cin, ConvGeometry(kernel, pads=pads), block=block, direct=direct)
+    return SparseConv(layer, cin, ConvGeometry(kernel, strides, pads), block=block, direct=direct)
 
 
 CASES = [  # (cin, cout, (kh, kw), (top, left, bottom, right) pads, h, w)
@@ -45,6 +45,15 @@ CASES = [  # (cin, cout, (kh, kw), (top, left, bottom, right) pads, h, w)
     (24, 8, (3, 3), (1, 1, 1, 1), 12, 4),     # 4-wide rows: 4 images a chunk fill a 16-float row
 ]
 
+STRIDED = [  # (cin, cout, (kh, kw), strides, pads, h, w): planes per kernel column and row phase
+    (8, 8, (3, 3), (2, 2), (1, 1, 1, 1), 32, 32),   # ResNet's downsampling 3x3: 6 planes of 16x16
+    (6, 8, (1, 1), (2, 2), (0, 0, 0, 0), 16, 16),   # and its 1x1 shortcut: one plane
+    (5, 8, (3, 3), (2, 2), (1, 1, 1, 1), 9, 11),    # odd sizes: the last row / column reads the padding
+    (4, 8, (5, 5), (3, 2), (2, 1, 2, 2), 17, 13),   # stride 3 down, 2 across; 3 row phases, asymmetric pads
+    (7, 4, (2, 3), (4, 1), (0, 1, 1, 1), 19, 10),   # stride above the kernel height: 2 phases, rows skipped
+    (3, 8, (7, 7), (2, 2), (3, 3, 3, 3), 30, 34),   # a 7x7 stem at stride 2
+]
+
 
 @pytest.mark.parametrize(("cin", "cout", "kernel", "pads", "h", "w"), CASES)
 @pytest.mark.parametrize("rb", [1, 4])
@@ -55,6 +64,18 @@ def test_shifted_rows_match_the_reference_on_every_path(isa, cin, cout, kernel, 
     for batch, threads in ((1, 1), (3, 2), (16, 1), (16, 2)):
         x = rng.standard_normal((batch, cin, h, w)).astype(np.float32)
         assert conv.uses_direct(batch, h, w)
+        y = conv.run(x, threads=threads)
+        assert y.shape == (batch, cout, *conv.geometry.output(h, w))
+        close(y, conv.reference(x))
+
+
+@pytest.mark.parametrize(("cin", "cout", "kernel", "strides", "pads", "h", "w"), STRIDED)
+@pytest.mark.parametrize("rb", [1, 4])
+def test_strided_shifted_planes_match_the_reference_on_every_path(isa, cin, cout, kernel, strides, pads, h, w, rb):
+    rng = np.random.default_rng(cin * h + w + rb + 1)
+    conv = _conv(rng, cin, cout, kernel, pads, rb, strides=strides)
+    for batch, threads in ((1, 1), (3, 2), (16, 1)):
+        x = rng.standard_normal((batch, cin, h, w)).astype(np.float32)
         y = conv.run(x, threads=threads)
         assert y.shape == (batch, cout, *conv.geometry.output(h, w))
         close(y, conv.reference(x))
@@ -87,8 +108,9 @@ SAME = ConvGeometry((3, 3), pads=(1, 1, 1, 1))
     (SAME, 1, 8, 4, True),       # but shifted planes for the block kernel
     (SAME, 1, 4, 4, False),      # 4 of 16: im2col's quarter panel
     (SAME, 16, 4, 4, True),
-    (ConvGeometry((3, 3), (2, 2), (1, 1, 1, 1)), 16, 32, 4, False),  # strided: im2col only
-    (ConvGeometry((3, 3), pads=(1, 1, 1, 1), dilations=(2, 2)), 16, 32, 4, False),
+    (ConvGeometry((3, 3), (2, 2), (1, 1, 1, 1)), 16, 32, 4, True),  # strided: 16x16 outputs
+    (ConvGeometry((3, 3), (2, 2), (1, 1, 1, 1)), 1, 8, 1, False),    # 4x4 outputs at batch 1
+    (ConvGeometry((3, 3), pads=(1, 1, 1, 1), dilations=(2, 2)), 16, 32, 4, False),  # dilated: im2col only
 ])
 def test_shifted_rows_are_chosen_where_few_grid_pixels_are_wasted(geometry, batch, hw, rb, direct):
     layer = CsrLayer.from_dense(np.repeat(np.eye(4, 3 * 9, dtype=np.float32), rb, axis=0), None, relu=False)
@@ -97,14 +119,14 @@ def test_shifted_rows_are_chosen_where_few_grid_pixels_are_wasted(geometry, batc
     assert not SparseConv(layer, 3, geometry, direct=False).uses_direct(batch, hw, hw)
 
 
-def test_forcing_shifted_rows_on_a_strided_convolution_is_refused():
+def test_forcing_shifted_planes_on_a_dilated_convolution_is_refused():
     layer = CsrLayer.from_dense(np.ones((4, 3 * 9), np.float32), None, relu=False)
-    with pytest.raises(InputError, match="shifted rows need strides and dilations 1"):
-        SparseConv(layer, 3, ConvGeometry((3, 3), (2, 2)), direct=True)
+    with pytest.raises(InputError, match="shifted planes need dilations 1"):
+        SparseConv(layer, 3, ConvGeometry((3, 3), dilations=(2, 2)), direct=True)
 
 
 @pytest.mark.parametrize(("geometry", "scratch", "message"), [
-    ((4, 11, 10, 3, 3, 2, 1, 0, 0, 1, 1, 5, 8), None, "shifted rows need strides and dilations 1"),
+    ((4, 11, 10, 3, 3, 1, 1, 0, 0, 2, 1, 7, 8), None, "shifted planes need dilations 1"),
     ((4, 11, 10, 3, 3, 1, 1, 0, 0, 1, 1, 9, 8), np.zeros(100, np.float32), "scratch buffer too small"),
 ])
 def test_the_c_entry_point_refuses_shifted_rows_it_cannot_run(geometry, scratch, message):

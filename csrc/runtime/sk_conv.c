@@ -2,7 +2,7 @@
  * position, one column per output pixel), built 64 output pixels at a time straight in the panel layout the
  * panel kernels read ([K][PANEL] per panel), so a sparse convolution is the panel kernel's SpMM (sparse weight
  * (C_out, K) times the panel) with no separate transpose. Padding and pixels past the image are zeros.
- * Stride-1, dilation-1 convolutions skip im2col: "shifted planes" at the end of this file (dconv_job_t). */
+ * Dilation-1 convolutions skip im2col: "shifted planes" at the end of this file (dconv_job_t). */
 #include "sk_runtime.h"
 
 /* one im2col row of a panel: lanes [0, lanes) are output pixels q0.. of one image, walked output row by output
@@ -57,8 +57,9 @@ void im2col_panels(const float *x, float *xp, const conv_t *g, int64_t p0, int64
 }
 
 /* the one panel of n images x[0 .. n-1] (C, H, W) of fewer than 64 output pixels each, side by side: image k
- * in lanes [k * npix, (k + 1) * npix), zeros after the last */
-static void im2col_images(const float *x, float *xp, const conv_t *g, int64_t n) {
+ * in lanes [k * npix, (k + 1) * npix), zeros after the last up to lane `read` (the lanes the kernel reads: 16 or
+ * 32 for a quarter or half panel, whose other lanes are never read, so not written) */
+static void im2col_images(const float *x, float *xp, const conv_t *g, int64_t n, int64_t read) {
     const int64_t npix = g->ho * g->wo, chw = g->c * g->h * g->w;
     float *dst = xp;
     for (int64_t c = 0; c < g->c; c++)
@@ -66,7 +67,7 @@ static void im2col_images(const float *x, float *xp, const conv_t *g, int64_t n)
             for (int64_t j = 0; j < g->kw; j++, dst += PANEL) {
                 for (int64_t k = 0; k < n; k++)
                     im2col_row(x + k * chw + c * g->h * g->w, dst + k * npix, g, 0, npix, i * g->dh, j * g->dw);
-                if (n * npix < PANEL) memset(dst + n * npix, 0, (size_t)(PANEL - n * npix) * 4);
+                if (n * npix < read) memset(dst + n * npix, 0, (size_t)(read - n * npix) * 4);
             }
 }
 
@@ -81,10 +82,11 @@ void conv_item(void *ctx, int64_t item, int tid) {
     if (j->G > 1) { /* images G * item .. : one panel of them */
         const int64_t b0 = item * j->G, n = j->B - b0 < j->G ? j->B - b0 : j->G;
         float *xp = j->scratch + (int64_t)tid * j->per_thread, *yp = xp + K * PANEL;
-        im2col_images(j->x + b0 * g->c * g->h * g->w, xp, g, n);
         /* AVX-512 half and quarter panels: a 4x4 image alone computes its 16 lanes, not 64 */
-        const int lanes = n * npix <= PANEL / 4 ? PANEL / 4 : n * npix <= PANEL / 2 ? PANEL / 2 : 0;
-        const rowout_t ro = {NULL, 0, n * npix, 0, g_isa == ISA_AVX512 ? lanes : 0};
+        int lanes = n * npix <= PANEL / 4 ? PANEL / 4 : n * npix <= PANEL / 2 ? PANEL / 2 : 0;
+        if (g_isa != ISA_AVX512) lanes = 0;
+        im2col_images(j->x + b0 * g->c * g->h * g->w, xp, g, n, lanes ? lanes : PANEL);
+        const rowout_t ro = {NULL, 0, n * npix, 0, lanes};
         panel_rows(j->fn, &j->w, j->bp, j->ord, j->nb, &ro, 0, j->w.n_out, xp, yp);
         for (int64_t k = 0; k < n; k++) {
             float *yb = j->y + (b0 + k) * j->w.n_out * npix;
@@ -102,12 +104,17 @@ void conv_item(void *ctx, int64_t item, int tid) {
     for (int64_t o = 0; o < j->w.n_out; o++) memcpy(yb + o * npix, yp + o * PANEL, (size_t)lanes * 4);
 }
 
-/* ------------------------------------------------------------------ shifted planes (stride 1, dilation 1) */
+/* ------------------------------------------------------------------ shifted planes (dilation 1) */
+
+/* row phases (kernel rows i with the same i mod sh share a plane) and rows of each plane */
+static int64_t dconv_phases(const conv_t *g) { return g->sh < g->kh ? g->sh : g->kh; }
+static int64_t dconv_rows(const conv_t *g) { return g->ho + (g->kh - 1) / g->sh; }
+int64_t dconv_planes(const conv_t *g) { return g->kw * dconv_phases(g); }
 
 /* images a chunk: the batch cut into the fewest chunks whose planes fit DCONV_CHUNK_BYTES (one image at least), of
  * equal size, rounded up to a count whose rows fill whole 16-float groups (16 / gcd(wo, 16): wo = 8, an even count) */
 int64_t dconv_chunk(const conv_t *g, int64_t B) {
-    const int64_t hp = g->ho + g->kh - 1, per = smul(smul3(g->kw, g->c, hp), smul(g->wo, 4));
+    const int64_t per = smul(smul3(dconv_planes(g), g->c, dconv_rows(g)), smul(g->wo, 4));
     int64_t n = DCONV_CHUNK_BYTES / per;
     n = n < 1 ? 1 : n < B ? n : B < 1 ? 1 : B;
     const int64_t chunks = (B + n - 1) / n;
@@ -120,7 +127,7 @@ int64_t dconv_chunk(const conv_t *g, int64_t B) {
 int64_t dconv_pitch(const conv_t *g, int64_t Bc) { return (smul(Bc, g->wo) + 15) & ~(int64_t)15; }
 
 int64_t dconv_plane_floats(const conv_t *g, int64_t Bc) {
-    const int64_t n = smul(smul3(g->kw, g->c, g->ho + g->kh - 1), dconv_pitch(g, Bc));
+    const int64_t n = smul(smul3(dconv_planes(g), g->c, dconv_rows(g)), dconv_pitch(g, Bc));
     return n > INT32_MAX - PANEL ? -1 : n + PANEL;
 }
 
@@ -136,11 +143,12 @@ double dconv_use(const conv_t *g, int64_t B) {
 }
 
 void dconv_offsets(const csr_t *w, int64_t n, const conv_t *g, int64_t Bc, int32_t *tab, int32_t *off) {
-    const int64_t hp = g->ho + g->kh - 1, pitch = dconv_pitch(g, Bc), plane = g->c * hp * pitch;
+    const int64_t hp = dconv_rows(g), pitch = dconv_pitch(g, Bc), plane = g->c * hp * pitch, np = dconv_phases(g);
     int32_t *t = tab;
     for (int64_t ch = 0; ch < g->c; ch++)
         for (int64_t i = 0; i < g->kh; i++)
-            for (int64_t j = 0; j < g->kw; j++) *t++ = (int32_t)(j * plane + (ch * hp + i) * pitch);
+            for (int64_t j = 0; j < g->kw; j++)
+                *t++ = (int32_t)((j * np + i % g->sh) * plane + (ch * hp + i / g->sh) * pitch);
     if (w->idx16) {
         const uint16_t *ix = (const uint16_t *)w->idx;
         for (int64_t e = 0; e < n; e++) off[e] = tab[ix[e]];
@@ -150,31 +158,43 @@ void dconv_offsets(const csr_t *w, int64_t n, const conv_t *g, int64_t Bc, int32
     }
 }
 
-/* one row of plane (j, ch): image b's wo floats at b * wo hold its input row iy read from column j - pw on
+/* output columns [a, e) of a plane row read input columns ox * sw + dx inside [0, w) */
+static void dconv_span(const conv_t *g, int64_t dx, int64_t *a, int64_t *e) {
+    const int64_t lo = dx < 0 ? (-dx + g->sw - 1) / g->sw : 0, hi = g->w - dx > 0 ? (g->w - dx + g->sw - 1) / g->sw : 0;
+    *a = lo < g->wo ? lo : g->wo;
+    *e = hi < *a ? *a : hi < g->wo ? hi : g->wo;
+}
+
+/* one row of a plane of channel ch: image b's wo floats at b * wo hold its input row iy at columns ox * sw + dx
  * (zeros past the edges, and for images past the batch); zeros after the last image up to the pitch. Plain
  * loops, not memcpy / memset calls: the rows are short (wo floats) and there are kw * c * hp of them an image. */
 static void dconv_fill_row(const dconv_job_t *j, float *dst, int64_t ch, int64_t iy, int64_t dx) {
     const conv_t *g = &j->g;
-    const int64_t wo = g->wo, a = dx < 0 ? -dx : 0;                 /* first column with an input pixel */
-    const int64_t e = g->w - dx < wo ? (g->w - dx > a ? g->w - dx : a) : wo; /* and past the last one */
+    const int64_t wo = g->wo, sw = g->sw;
+    int64_t a, e;
+    dconv_span(g, dx, &a, &e);
     const int64_t live = iy >= 0 && iy < g->h && e > a ? j->nbc : 0;  /* images with input on this row */
     for (int64_t b = 0; b < live; b++, dst += wo) {
         const float *src = j->x + ((j->b0 + b) * g->c + ch) * g->h * g->w + iy * g->w + dx;
         for (int64_t k = 0; k < a; k++) dst[k] = 0.f;
-        for (int64_t k = a; k < e; k++) dst[k] = src[k];
+        if (sw == 1)
+            for (int64_t k = a; k < e; k++) dst[k] = src[k];
+        else
+            for (int64_t k = a; k < e; k++) dst[k] = src[k * sw];
         for (int64_t k = e; k < wo; k++) dst[k] = 0.f;
     }
     for (int64_t k = 0; k < j->pitch - live * wo; k++) dst[k] = 0.f;
 }
 
 #if SK_X86
-/* dconv_fill_row with 16-lane masked loads and stores (no access outside [a, e) of a source row, none past the
- * pitch): the fill is kw times the input, which plain loops (SSE2 without -march) wrote at a third of the
- * panel kernel's time at 64 channels */
+/* dconv_fill_row for column stride 1 with 16-lane masked loads and stores (no access outside [a, e) of a source
+ * row, none past the pitch): the fill is kw times the input, which plain loops (SSE2 without -march) wrote at a
+ * third of the panel kernel's time at 64 channels */
 SK_AVX512 static void dconv_fill_row_avx512(const dconv_job_t *j, float *dst, int64_t ch, int64_t iy, int64_t dx) {
     const conv_t *g = &j->g;
-    const int64_t wo = g->wo, a = dx < 0 ? -dx : 0;
-    const int64_t e = g->w - dx < wo ? (g->w - dx > a ? g->w - dx : a) : wo;
+    const int64_t wo = g->wo;
+    int64_t a, e;
+    dconv_span(g, dx, &a, &e);
     const int64_t live = iy >= 0 && iy < g->h && e > a ? j->nbc : 0;
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int64_t b = 0; b < live; b++, dst += wo) {
@@ -213,29 +233,30 @@ static void dconv_fill_image(const dconv_job_t *j, float *dst, int64_t ch, int64
     }
 }
 
-/* plane (kernel column jj, channel ch) for item jj * c + ch: its hp rows; item kw * c: the slack after the last */
+/* plane pl = j * phases + phase of channel ch for item pl * c + ch: row r holds input row r * sh + phase - ph, read
+ * from column j - pw on with stride sw; item planes * c: the slack after the last */
 void dconv_fill(void *ctx, int64_t item, int tid) {
     (void)tid;
     const dconv_job_t *j = (const dconv_job_t *)ctx;
     const conv_t *g = &j->g;
-    const int64_t area = j->hp * j->pitch;
+    const int64_t area = j->hp * j->pitch, np = dconv_phases(g);
     float *dst = j->plane + item * area;
-    if (item == g->kw * g->c) {
+    if (item == dconv_planes(g) * g->c) {
         memset(dst, 0, PANEL * 4);
         return;
     }
-    const int64_t jj = item / g->c, ch = item % g->c;
-    if (j->B == 1 && j->nbc == 1 && g->w == g->wo && j->pitch == g->wo) {
-        dconv_fill_image(j, dst, ch, jj - g->pw);
+    const int64_t pl = item / g->c, ch = item % g->c, dx = pl / np - g->pw, iy0 = pl % np - g->ph;
+    if (j->B == 1 && j->nbc == 1 && g->w == g->wo && j->pitch == g->wo && g->sh == 1 && g->sw == 1) {
+        dconv_fill_image(j, dst, ch, dx);
         return;
     }
 #if SK_X86
-    if (g_isa == ISA_AVX512) {
-        for (int64_t r = 0; r < j->hp; r++) dconv_fill_row_avx512(j, dst + r * j->pitch, ch, r - g->ph, jj - g->pw);
+    if (g_isa == ISA_AVX512 && g->sw == 1) {
+        for (int64_t r = 0; r < j->hp; r++) dconv_fill_row_avx512(j, dst + r * j->pitch, ch, r * g->sh + iy0, dx);
         return;
     }
 #endif
-    for (int64_t r = 0; r < j->hp; r++) dconv_fill_row(j, dst + r * j->pitch, ch, r - g->ph, jj - g->pw);
+    for (int64_t r = 0; r < j->hp; r++) dconv_fill_row(j, dst + r * j->pitch, ch, r * g->sh + iy0, dx);
 }
 
 /* runs of output pixels among grid pixels q0 .. q0 + 63: lane, destination pixel (b * C_out * npix + oy * wo + ox)

@@ -172,6 +172,18 @@ __attribute__((always_inline)) SK_AVX512 static inline void panel_avx512_part(
             c[q] = _mm512_setzero_ps();
         }
         int64_t k = s;
+        if (nr == 1) { /* one register a row: four FMA chains (two leave the FMA latency exposed) */
+            __m512 a2 = _mm512_setzero_ps(), a3 = a2;
+            for (; k + 4 <= e; k += 4) {
+                a[0] = _mm512_fmadd_ps(_mm512_set1_ps(w->val[k]), _mm512_loadu_ps(xp + (idx_at(w, k) << sh)), a[0]);
+                c[0] = _mm512_fmadd_ps(_mm512_set1_ps(w->val[k + 1]), _mm512_loadu_ps(xp + (idx_at(w, k + 1) << sh)),
+                                       c[0]);
+                a2 = _mm512_fmadd_ps(_mm512_set1_ps(w->val[k + 2]), _mm512_loadu_ps(xp + (idx_at(w, k + 2) << sh)), a2);
+                a3 = _mm512_fmadd_ps(_mm512_set1_ps(w->val[k + 3]), _mm512_loadu_ps(xp + (idx_at(w, k + 3) << sh)), a3);
+            }
+            a[0] = _mm512_add_ps(a[0], a2);
+            c[0] = _mm512_add_ps(c[0], a3);
+        }
         for (; k + 2 <= e; k += 2) {
             const __m512 v = _mm512_set1_ps(w->val[k]);
             const __m512 u = _mm512_set1_ps(w->val[k + 1]);

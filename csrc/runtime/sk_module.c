@@ -409,13 +409,13 @@ static PyObject *py_set_threading(PyObject *self, PyObject *args) {
  * per-thread output panels in the caller's scratch (scr: conv_scratch_floats(...) floats) or a fresh buffer */
 static int conv_direct(const csr_t *w, int64_t nb, const int32_t *ord, const conv_t *g, int64_t B, int threads,
                        const float *x, float *y, Py_buffer *scr) {
-    if (g->sh != 1 || g->sw != 1 || g->dh != 1 || g->dw != 1) {
-        PyErr_SetString(PyExc_ValueError, "shifted rows need strides and dilations 1");
+    if (g->dh != 1 || g->dw != 1) {
+        PyErr_SetString(PyExc_ValueError, "shifted planes need dilations 1");
         return -1;
     }
     const int nt = clamp_threads(threads < 0 ? -threads : threads);
     const int64_t Bc = dconv_chunk(g, B), plane = dconv_plane_floats(g, Bc), need = dconv_scratch_floats(g, B, w->n_out, nt);
-    if (plane < 0) { PyErr_SetString(PyExc_ValueError, "input too large for shifted rows (int32 offsets)"); return -1; }
+    if (plane < 0) { PyErr_SetString(PyExc_ValueError, "input too large for shifted planes (int32 offsets)"); return -1; }
     if (B == 0) return 0;
     const int64_t nent = w->rowptr[nb * (w->rb > 1 ? w->n_out / w->rb : w->n_out)];
     void *raw = NULL;
@@ -432,7 +432,7 @@ static int conv_direct(const csr_t *w, int64_t nb, const int32_t *ord, const con
     /* the offsets, then (K of them) the offset of each column */
     int32_t *off = (int32_t *)calloc((size_t)(nent + PAD_SLACK + w->n_in), 4);
     if (!off) { free(raw); PyErr_NoMemory(); return -1; }
-    const int64_t hp = g->ho + g->kh - 1, pitch = dconv_pitch(g, Bc);
+    const int64_t hp = g->ho + (g->kh - 1) / g->sh, pitch = dconv_pitch(g, Bc);
     dconv_offsets(w, nent, g, Bc, off + nent + PAD_SLACK, off);
     /* the output panels first, the planes last: a read past the planes' slack leaves the buffer */
     const int64_t per = (w->n_out * PANEL + 15) & ~(int64_t)15;
@@ -447,10 +447,10 @@ static int conv_direct(const csr_t *w, int64_t nb, const int32_t *ord, const con
         job.nbc = B - b0 < Bc ? B - b0 : Bc;
         job.P = (g->ho * pitch + PANEL - 1) / PANEL;
         if (nt <= 1) {
-            for (int64_t i = 0; i <= g->kw * g->c; i++) dconv_fill(&job, i, 0);
+            for (int64_t i = 0; i <= dconv_planes(g) * g->c; i++) dconv_fill(&job, i, 0);
             for (int64_t p = 0; p < job.P; p++) dconv_item(&job, p, 0);
         } else {
-            par_run(nt, g->kw * g->c + 1, dconv_fill, &job);
+            par_run(nt, dconv_planes(g) * g->c + 1, dconv_fill, &job);
             par_run(job.P < nt ? (int)job.P : nt, job.P, dconv_item, &job);
         }
     }
@@ -481,7 +481,7 @@ static PyObject *py_conv_direct_scratch(PyObject *self, PyObject *args) {
 
 /* conv(values, indices, blockptr, bias|None, order|None, x, y, idx_bytes, K, C_out, nblocks, relu, threads, batch,
  *      (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)[, scratch|None, rows per block, direct]): a sparse
- *      convolution (sk_conv.c); direct: the shifted-rows form (strides and dilations 1) */
+ *      convolution (sk_conv.c); direct: the shifted-planes form (dilations 1) */
 static PyObject *py_conv(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer val, idx, bptr, x, y, bias = {0}, ordb = {0}, scr = {0};
@@ -637,7 +637,7 @@ static PyMethodDef methods[] = {
      "pixels fed to the panel kernel; an optional argument is a reusable float32 scratch of at least "
      "(round16((K + C_out) * 64) * threads + 16) floats (None: one is allocated per call), then the rows per block "
      "(default 1; 2, 4, 8 or 16: the weight in CsrLayer.row_blocked's layout, run by the block kernel), then direct "
-     "(True: no im2col, shifted planes (zero-padded, one per kernel column), strides and dilations 1; the scratch "
+     "(True: no im2col, shifted planes (zero-padded, one per kernel column and row phase), dilations 1; the scratch "
      "then holds conv_direct_scratch(...)[0] floats)"},
     {"conv_direct_scratch", py_conv_direct_scratch, METH_VARARGS,
      "conv_direct_scratch(batch, C_out, threads, (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)): (floats of the "

@@ -27,7 +27,7 @@
  *          (where the sparse kernels' fixed costs dominate) are not slower than dense.
  *
  * Sources: sk_kernels_generic.c, sk_kernels_avx2.c, sk_kernels_avx512.c (the kernels: no threads, no
- * Python), sk_conv.c (convolutions as im2col panels, or shifted rows of padded planes, for the panel and block
+ * Python), sk_conv.c (convolutions as im2col panels, or shifted copies of padded planes, for the panel and block
  * kernels), sk_dispatch.c (the active code path, layout transposes), sk_pool.c (thread pool), sk_drive.c
  * (a layer's work cut into pool items), sk_chain.c (chains and their planner), sk_pychain.c and
  * sk_module.c (CPython glue).
@@ -333,13 +333,15 @@ typedef struct {
 } conv_job_t;
 void conv_item(void *ctx, int64_t item, int tid);
 
-/* A stride-1, dilation-1 convolution without im2col ("shifted planes", sk_conv.c). A chunk of Bc images is copied
- * once into kw planes, one per kernel column j, each (c, hp, pitch): hp = ho + kh - 1 rows, and a row holds the Bc
- * images' rows side by side, wo floats each, read from input column ox + j - pw (zeros past the edges and in the
- * pad rows), zero-padded to the pitch, a multiple of 16 floats. The output is computed on the grid of ho rows of
- * pitch pixels, where weight column (ch, i, j) reads plane j at offset (ch * hp + i) * pitch from the grid pixel:
- * a panel of 64 consecutive grid pixels reads 64 contiguous, 64-byte aligned floats per column (csr_t.direct,
- * idx = those offsets), with no pad columns computed and dropped as in a single padded plane. */
+/* A dilation-1 convolution without im2col ("shifted planes", sk_conv.c). A chunk of Bc images is copied once into
+ * kw * phases planes, phases = min(sh, kh), one per kernel column j and row phase f, each (c, hp, pitch):
+ * hp = ho + (kh - 1) / sh rows, row r holding input row r * sh + f - ph, and a row holds the Bc images' rows side
+ * by side, wo floats each, read from input column ox * sw + j - pw (zeros past the edges), zero-padded to the
+ * pitch, a multiple of 16 floats. The output is computed on the grid of ho rows of pitch pixels, where weight
+ * column (ch, i, j) reads plane (j, i mod sh) at offset (ch * hp + i / sh) * pitch from the grid pixel: a panel of
+ * 64 consecutive grid pixels reads 64 contiguous, 64-byte aligned floats per column (csr_t.direct, idx = those
+ * offsets), and no pixel is computed twice or dropped but the rows' padding. Stride 2 costs 1.5x the input in
+ * planes (6 for a 3x3 kernel, each a quarter of the image), where im2col copies 2.25x. */
 typedef struct {
     panel_fn fn;
     csr_t w;             /* direct: idx are plane offsets */
@@ -359,6 +361,8 @@ typedef struct {
  * columns then sit within them, and the planes are filled just before they are read */
 #define DCONV_CHUNK_BYTES (1 << 19)
 int64_t dconv_chunk(const conv_t *g, int64_t B);
+/* planes a chunk: kw * min(sh, kh) */
+int64_t dconv_planes(const conv_t *g);
 /* floats of a row of the planes of Bc images */
 int64_t dconv_pitch(const conv_t *g, int64_t Bc);
 /* the caller's scratch for B images on nt threads (the planes of one chunk, an output panel per thread) */
@@ -370,7 +374,7 @@ int64_t dconv_plane_floats(const conv_t *g, int64_t Bc);
 double dconv_use(const conv_t *g, int64_t B);
 /* entry e's column idx[e] = (ch * kh + i) * kw + j as its plane offset, for the n entries of w (tab: K scratch) */
 void dconv_offsets(const csr_t *w, int64_t n, const conv_t *g, int64_t Bc, int32_t *tab, int32_t *off);
-void dconv_fill(void *ctx, int64_t item, int tid);  /* item = j * c + ch: one plane; item kw * c: the slack */
+void dconv_fill(void *ctx, int64_t item, int tid);  /* item = plane * c + ch; item planes * c: the slack */
 void dconv_item(void *ctx, int64_t p, int tid);     /* panel p: the kernel, output pixels into y */
 
 /* nparts group-aligned row ranges balanced by nonzeros (+ 8 per row) over all blocks; rb: rows per block

@@ -6,11 +6,12 @@ channel-major (NCHW). Bias (batch norm folded in by the exporter) and
 ReLU are fused. Groups other than 1 (depthwise convolutions) stay with ONNX Runtime. A weight made of R x 1
 blocks (R consecutive output channels sharing each input tap, ``CsrLayer.row_block``) runs the block kernel.
 
-Stride-1, dilation-1 convolutions skip im2col ("shifted planes"): a chunk of images is copied once into kw
-zero-padded planes, one per kernel column j, holding the input shifted by j columns, with the chunk's images side
-by side along each row and rows padded to a multiple of 16 floats. Weight column (c, i, j) of 64 consecutive
-output pixels is then 64 contiguous, 64-byte aligned floats of plane j at a fixed offset (row i of channel c): the
-panel kernel reads the planes in place (its indices become those offsets). Chosen where the rows' padding to 16
+Dilation-1 convolutions skip im2col ("shifted planes"): a chunk of images is copied once into zero-padded planes,
+one per kernel column j (and, for stride s, per row phase i mod s), holding the input shifted by j columns (every
+s-th column and row from there), with the chunk's images side by side along each row and rows padded to a multiple
+of 16 floats. Weight column (c, i, j) of 64 consecutive output pixels is then 64 contiguous, 64-byte aligned floats
+of one plane at a fixed offset (row i // s of channel c): the panel kernel reads the planes in place (its indices
+become those offsets). Chosen where the rows' padding to 16
 floats wastes few pixels (``DIRECT_MIN_USE``).
 """
 
@@ -54,8 +55,8 @@ class SparseConv:
     """One sparse convolution: ``layer`` holds the (C_out, K) weight with bias and ReLU; ``block`` the panel
     kernel's column block width (0: one block). ``kernel``: ``block`` or ``panel``, the block kernel where the
     weight has row blocks (``kernel``, read-only after construction, says which runs). ``direct``: shifted planes
-    instead of im2col (None: where ``uses_direct`` finds them worth it; True: wherever strides and dilations
-    are 1; False: never)."""
+    instead of im2col (None: where ``uses_direct`` finds them worth it; True: wherever dilations are 1; False:
+    never)."""
 
     def __init__(self, layer: CsrLayer, in_channels: int, geometry: ConvGeometry, *, block: int = 0,
                  direct: bool | None = None) -> None:
@@ -63,11 +64,11 @@ class SparseConv:
         if layer.n_in != in_channels * kh * kw:
             raise InputError(f"weight has {layer.n_in} columns, expected {in_channels}x{kh}x{kw}",
                              where=layer.name or "conv")
-        if direct and (geometry.strides != (1, 1) or geometry.dilations != (1, 1)):
-            raise InputError("shifted rows need strides and dilations 1", where=layer.name or "conv",
+        if direct and geometry.dilations != (1, 1):
+            raise InputError("shifted planes need dilations 1", where=layer.name or "conv",
                              fix="leave direct unset (im2col)")
         self.layer, self.in_channels, self.geometry, self.block = layer, in_channels, geometry, block
-        # shifted rows: None chooses per input shape (uses_direct), True / False force it on or off
+        # shifted planes: None chooses per input shape (uses_direct), True / False force them on or off
         self.direct = direct
         self.kernel = "block" if layer.has_block() else "panel"
         # per-thread im2col and output panels, kept between calls (a fresh one each call page-faulted: 128->128
@@ -97,7 +98,7 @@ class SparseConv:
     def uses_direct(self, batch: int, h: int, w: int) -> bool:
         """Whether a (batch, C_in, h, w) input runs as shifted planes rather than im2col."""
         g = self.geometry
-        if self.direct is False or g.strides != (1, 1) or g.dilations != (1, 1) or batch < 1:
+        if self.direct is False or g.dilations != (1, 1) or batch < 1:
             return False
         if _K is None:
             return False
