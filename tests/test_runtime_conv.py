@@ -17,7 +17,7 @@ def _conv(rng, cin, cout, k, density=0.3, *, bias=True, relu=True, block=0, **ge
     kh, kw = k
     w = (rng.standard_normal((cout, cin * kh * kw)) * (rng.random((cout, cin * kh * kw)) < density)).astype(np.float32)
     b = rng.standard_normal(cout).astype(np.float32) if bias else None
-    return SparseConv(CsrLayer.from_dense(w, b, relu=relu), cin, ConvGeometry(k, **geo), block=block)
+    return SparseConv(CsrLayer.from_dense(w, b, relu=relu), cin, ConvGeometry(k, **geo), block=block, direct=False)
 
 
 GEOMETRIES = [  # (cin, cout, (kh, kw), h, w, geometry)
@@ -27,13 +27,19 @@ GEOMETRIES = [  # (cin, cout, (kh, kw), h, w, geometry)
     (4, 6, (5, 5), 13, 13, {"dilations": (2, 2), "pads": (4, 4, 4, 4)}),      # dilation
     (3, 5, (7, 7), 20, 17, {"strides": (2, 3), "pads": (3, 3, 3, 3)}),        # unequal strides
     (6, 4, (2, 3), 5, 9, {}),                                                 # a non-square kernel
+    # images of at most 16 pixels, in and out: AVX-512 builds their columns by permutes (4 images a panel)
+    (32, 8, (3, 3), 4, 4, {"pads": (1, 1, 1, 1)}),                            # ResNet's last stage at batch 1
+    (5, 8, (3, 3), 3, 5, {"pads": (1, 0, 1, 2)}),                             # 15 pixels, asymmetric pads
+    (4, 8, (3, 3), 4, 4, {"strides": (2, 2), "pads": (1, 1, 1, 1)}),          # 2x2 outputs
+    (6, 8, (1, 1), 2, 8, {}),
 ]
 
 
 @pytest.mark.parametrize(("cin", "cout", "k", "h", "w", "geo"), GEOMETRIES)
 def test_sparse_convolution_matches_the_im2col_reference_on_every_path(isa, cin, cout, k, h, w, geo):
     rng = np.random.default_rng(cin * h + w)
-    for batch, threads, bias, relu, block in ((1, 1, True, True, 0), (3, 2, False, False, 0), (2, 1, True, False, 16)):
+    for batch, threads, bias, relu, block in ((1, 1, True, True, 0), (3, 2, False, False, 0), (2, 1, True, False, 16),
+                                              (5, 1, True, True, 0)):
         conv = _conv(rng, cin, cout, k, bias=bias, relu=relu, block=block, **geo)
         x = rng.standard_normal((batch, cin, h, w)).astype(np.float32)
         y = conv.run(x, threads=threads)

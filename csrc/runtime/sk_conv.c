@@ -71,6 +71,44 @@ static void im2col_images(const float *x, float *xp, const conv_t *g, int64_t n,
             }
 }
 
+#if SK_X86
+/* im2col_images for images of at most 16 input and 16 output pixels (a 4x4 map at batch 1): an image's channel is
+ * one register, and each kernel position's im2col row one masked permute of it (lane l: output pixel l's input
+ * pixel for that position, zero where it falls in the padding), where im2col_row spends a call a 4-float row */
+SK_AVX512 static void im2col_images_avx512(const float *x, float *xp, const conv_t *g, int64_t n, int64_t read) {
+    const int64_t npix = g->ho * g->wo, hw = g->h * g->w, chw = g->c * hw, taps = g->kh * g->kw;
+    __m512i idx[64];
+    __mmask16 in[64];
+    for (int64_t t = 0; t < taps; t++) {
+        int32_t at[16] = {0};
+        unsigned m = 0;
+        for (int64_t l = 0; l < npix; l++) {
+            const int64_t iy = (l / g->wo) * g->sh - g->ph + (t / g->kw) * g->dh;
+            const int64_t ix = (l % g->wo) * g->sw - g->pw + (t % g->kw) * g->dw;
+            if (iy >= 0 && iy < g->h && ix >= 0 && ix < g->w) {
+                at[l] = (int32_t)(iy * g->w + ix);
+                m |= 1u << l;
+            }
+        }
+        idx[t] = _mm512_loadu_si512((const void *)at);
+        in[t] = (__mmask16)m;
+    }
+    const __mmask16 img = (__mmask16)((1u << hw) - 1u), pix = (__mmask16)((1u << npix) - 1u);
+    float *dst = xp;
+    for (int64_t c = 0; c < g->c; c++, dst += taps * PANEL) {
+        for (int64_t t = 0; t < taps; t++)
+            for (int64_t k = n * npix; k < read; k += 16)
+                _mm512_mask_storeu_ps(dst + t * PANEL + k, read - k >= 16 ? (__mmask16)0xFFFF :
+                                      (__mmask16)((1u << (read - k)) - 1u), _mm512_setzero_ps());
+        for (int64_t k = 0; k < n; k++) {
+            const __m512 v = _mm512_maskz_loadu_ps(img, x + k * chw + c * hw);
+            for (int64_t t = 0; t < taps; t++)
+                _mm512_mask_storeu_ps(dst + t * PANEL + k * npix, pix, _mm512_maskz_permutexvar_ps(in[t], idx[t], v));
+        }
+    }
+}
+#endif
+
 /* One (image, panel) item of a sparse convolution: the panel's im2col columns into this thread's scratch, the
  * panel kernel over every output channel (bias and ReLU fused), and the panel's pixels copied into the
  * channel-major output y (B, C_out, ho * wo). Images of fewer than 64 output pixels: one item is the panel
@@ -85,7 +123,12 @@ void conv_item(void *ctx, int64_t item, int tid) {
         /* AVX-512 half and quarter panels: a 4x4 image alone computes its 16 lanes, not 64 */
         int lanes = n * npix <= PANEL / 4 ? PANEL / 4 : n * npix <= PANEL / 2 ? PANEL / 2 : 0;
         if (g_isa != ISA_AVX512) lanes = 0;
-        im2col_images(j->x + b0 * g->c * g->h * g->w, xp, g, n, lanes ? lanes : PANEL);
+#if SK_X86
+        if (g_isa == ISA_AVX512 && g->h * g->w <= 16 && npix <= 16 && g->kh * g->kw <= 64)
+            im2col_images_avx512(j->x + b0 * g->c * g->h * g->w, xp, g, n, lanes ? lanes : PANEL);
+        else
+#endif
+            im2col_images(j->x + b0 * g->c * g->h * g->w, xp, g, n, lanes ? lanes : PANEL);
         const rowout_t ro = {NULL, 0, n * npix, 0, lanes};
         panel_rows(j->fn, &j->w, j->bp, j->ord, j->nb, &ro, 0, j->w.n_out, xp, yp);
         for (int64_t k = 0; k < n; k++) {
