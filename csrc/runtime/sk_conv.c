@@ -329,6 +329,14 @@ static int dconv_runs(const dconv_job_t *j, int64_t q0, int64_t lane[PANEL], int
     return m;
 }
 
+#if SK_X86
+/* a whole panel of output pixels (one run of 64) into its rows of y: one call, not one memcpy a row */
+SK_AVX512 static void dconv_copy_panel_avx512(const float *yp, float *y, int64_t n_out, int64_t npix) {
+    for (int64_t o = 0; o < n_out; o++, yp += PANEL, y += npix)
+        for (int q = 0; q < PANEL; q += 16) _mm512_storeu_ps(y + q, _mm512_load_ps(yp + q));
+}
+#endif
+
 void dconv_item(void *ctx, int64_t p, int tid) {
     const dconv_job_t *j = (const dconv_job_t *)ctx;
     const int64_t npix = j->g.ho * j->g.wo;
@@ -337,6 +345,12 @@ void dconv_item(void *ctx, int64_t p, int tid) {
     panel_rows(j->fn, &j->w, j->bp, j->ord, j->nb, &ro, 0, j->w.n_out, j->plane + p * PANEL, yp);
     int64_t lane[PANEL], dst[PANEL], len[PANEL];
     const int m = dconv_runs(j, p * PANEL, lane, dst, len);
+#if SK_X86
+    if (g_isa == ISA_AVX512 && m == 1 && len[0] == PANEL) {
+        dconv_copy_panel_avx512(yp, j->y + dst[0], j->w.n_out, npix);
+        return;
+    }
+#endif
     for (int64_t o = 0; o < j->w.n_out; o++)
         for (int s = 0; s < m; s++) memcpy(j->y + dst[s] + o * npix, yp + o * PANEL + lane[s], (size_t)len[s] * 4);
 }
