@@ -43,6 +43,7 @@ CASES = [  # (cin, cout, (kh, kw), (top, left, bottom, right) pads, h, w)
     (40, 8, (3, 3), (1, 1, 1, 1), 30, 32),    # rows of 32, one image a chunk: a plane is one shifted copy
     (6, 8, (5, 5), (2, 2, 2, 2), 7, 16),      # the same with a 5x5 kernel
     (24, 8, (3, 3), (1, 1, 1, 1), 12, 4),     # 4-wide rows: 4 images a chunk fill a 16-float row
+    (64, 8, (3, 3), (1, 1, 1, 1), 40, 40),    # planes of 36 KB a row: bands of 10 rows (12 plane rows each)
 ]
 
 STRIDED = [  # (cin, cout, (kh, kw), strides, pads, h, w): planes per kernel column and row phase
@@ -52,6 +53,7 @@ STRIDED = [  # (cin, cout, (kh, kw), strides, pads, h, w): planes per kernel col
     (4, 8, (5, 5), (3, 2), (2, 1, 2, 2), 17, 13),   # stride 3 down, 2 across; 3 row phases, asymmetric pads
     (7, 4, (2, 3), (4, 1), (0, 1, 1, 1), 19, 10),   # stride above the kernel height: 2 phases, rows skipped
     (3, 8, (7, 7), (2, 2), (3, 3, 3, 3), 30, 34),   # a 7x7 stem at stride 2
+    (48, 8, (3, 3), (2, 2), (1, 1, 1, 1), 60, 60),  # bands of 10 output rows (11 plane rows a phase)
 ]
 
 
@@ -140,13 +142,15 @@ def test_the_c_entry_point_refuses_shifted_rows_it_cannot_run(geometry, scratch,
 
 
 def test_planes_whose_offsets_would_not_fit_int32_fall_back_to_im2col():
-    """40000 channels of 300x300 (one image a chunk): 3.6e9 plane floats; nothing that size is allocated."""
+    """40000 channels of rows 14000 wide: a band of the fewest rows (4) is 2.2e9 plane floats; nothing that size is
+    allocated. With 300-wide rows the planes come in bands of 4 rows (4 x 304 floats a channel), not whole images."""
     layer = CsrLayer.from_dense(np.eye(4, 40000, dtype=np.float32), None, relu=False)
-    geometry = (40000, 300, 300, 1, 1, 1, 1, 0, 0, 1, 1, 300, 300)
+    geometry = (40000, 8, 14000, 1, 1, 1, 1, 0, 0, 1, 1, 8, 14000)
     assert K.conv_direct_scratch(1, 4, 1, geometry)[0] == -1
-    assert K.conv_direct_scratch(1, 4, 1, (400, *geometry[1:]))[0] > 400 * 300 * 300
+    floats, use = K.conv_direct_scratch(1, 4, 1, (40000, 300, 300, *geometry[3:11], 300, 300))
+    assert floats == 40000 * 4 * 304 + 64 + 4 * 64 + 16 and use == pytest.approx(300 / 304, rel=0.02)
     for direct in (None, True):
-        assert not SparseConv(layer, 40000, ConvGeometry((1, 1)), direct=direct).uses_direct(1, 300, 300)
+        assert not SparseConv(layer, 40000, ConvGeometry((1, 1)), direct=direct).uses_direct(1, 8, 14000)
     assert SparseConv(layer, 40000, ConvGeometry((1, 1))).uses_direct(1, 16, 16)
 
 

@@ -151,13 +151,12 @@ void conv_item(void *ctx, int64_t item, int tid) {
 
 /* row phases (kernel rows i with the same i mod sh share a plane) and rows of each plane */
 static int64_t dconv_phases(const conv_t *g) { return g->sh < g->kh ? g->sh : g->kh; }
-static int64_t dconv_rows(const conv_t *g) { return g->ho + (g->kh - 1) / g->sh; }
 int64_t dconv_planes(const conv_t *g) { return g->kw * dconv_phases(g); }
 
 /* images a chunk: the batch cut into the fewest chunks whose planes fit DCONV_CHUNK_BYTES (one image at least), of
  * equal size, rounded up to a count whose rows fill whole 16-float groups (16 / gcd(wo, 16): wo = 8, an even count) */
 int64_t dconv_chunk(const conv_t *g, int64_t B) {
-    const int64_t per = smul(smul3(dconv_planes(g), g->c, dconv_rows(g)), smul(g->wo, 4));
+    const int64_t per = smul(smul3(dconv_planes(g), g->c, g->ho + (g->kh - 1) / g->sh), smul(g->wo, 4));
     int64_t n = DCONV_CHUNK_BYTES / per;
     n = n < 1 ? 1 : n < B ? n : B < 1 ? 1 : B;
     const int64_t chunks = (B + n - 1) / n;
@@ -169,8 +168,20 @@ int64_t dconv_chunk(const conv_t *g, int64_t B) {
 
 int64_t dconv_pitch(const conv_t *g, int64_t Bc) { return (smul(Bc, g->wo) + 15) & ~(int64_t)15; }
 
+int64_t dconv_band(const conv_t *g, int64_t Bc) {
+    const int64_t per = smul(smul3(dconv_planes(g), g->c, dconv_pitch(g, Bc)), 4), extra = (g->kh - 1) / g->sh;
+    int64_t r = DCONV_CHUNK_BYTES / per - extra;
+    if (r < DCONV_MIN_BAND) r = DCONV_MIN_BAND;
+    if (r >= g->ho) return g->ho;
+    const int64_t bands = (g->ho + r - 1) / r;
+    return (g->ho + bands - 1) / bands; /* bands of (nearly) equal height */
+}
+
+/* plane rows of a band of output rows */
+static int64_t dconv_band_rows(const conv_t *g, int64_t Bc) { return dconv_band(g, Bc) + (g->kh - 1) / g->sh; }
+
 int64_t dconv_plane_floats(const conv_t *g, int64_t Bc) {
-    const int64_t n = smul(smul3(dconv_planes(g), g->c, dconv_rows(g)), dconv_pitch(g, Bc));
+    const int64_t n = smul(smul3(dconv_planes(g), g->c, dconv_band_rows(g, Bc)), dconv_pitch(g, Bc));
     return n > INT32_MAX - PANEL ? -1 : n + PANEL;
 }
 
@@ -181,12 +192,13 @@ int64_t dconv_scratch_floats(const conv_t *g, int64_t B, int64_t n_out, int nt) 
 
 double dconv_use(const conv_t *g, int64_t B) {
     const int64_t Bc = dconv_chunk(g, B), pitch = dconv_pitch(g, Bc), chunks = (B + Bc - 1) / Bc;
-    const int64_t grid = chunks * ((g->ho * pitch + PANEL - 1) / PANEL) * PANEL;
+    const int64_t R = dconv_band(g, Bc), full = g->ho / R, last = g->ho % R;
+    const int64_t grid = chunks * (full * ((R * pitch + PANEL - 1) / PANEL) + (last ? (last * pitch + PANEL - 1) / PANEL : 0)) * PANEL;
     return (double)(B * g->ho * g->wo) / (double)grid;
 }
 
 void dconv_offsets(const csr_t *w, int64_t n, const conv_t *g, int64_t Bc, int32_t *tab, int32_t *off) {
-    const int64_t hp = dconv_rows(g), pitch = dconv_pitch(g, Bc), plane = g->c * hp * pitch, np = dconv_phases(g);
+    const int64_t hp = dconv_band_rows(g, Bc), pitch = dconv_pitch(g, Bc), plane = g->c * hp * pitch, np = dconv_phases(g);
     int32_t *t = tab;
     for (int64_t ch = 0; ch < g->c; ch++)
         for (int64_t i = 0; i < g->kh; i++)
@@ -289,17 +301,19 @@ void dconv_fill(void *ctx, int64_t item, int tid) {
         return;
     }
     const int64_t pl = item / g->c, ch = item % g->c, dx = pl / np - g->pw, iy0 = pl % np - g->ph;
-    if (j->B == 1 && j->nbc == 1 && g->w == g->wo && j->pitch == g->wo && g->sh == 1 && g->sw == 1) {
+    if (j->B == 1 && j->nbc == 1 && g->w == g->wo && j->pitch == g->wo && g->sh == 1 && g->sw == 1 &&
+        j->rows == g->ho) {
         dconv_fill_image(j, dst, ch, dx);
         return;
     }
 #if SK_X86
     if (g_isa == ISA_AVX512 && g->sw == 1) {
-        for (int64_t r = 0; r < j->hp; r++) dconv_fill_row_avx512(j, dst + r * j->pitch, ch, r * g->sh + iy0, dx);
+        for (int64_t r = 0; r < j->hp; r++)
+            dconv_fill_row_avx512(j, dst + r * j->pitch, ch, (j->r0 + r) * g->sh + iy0, dx);
         return;
     }
 #endif
-    for (int64_t r = 0; r < j->hp; r++) dconv_fill_row(j, dst + r * j->pitch, ch, r * g->sh + iy0, dx);
+    for (int64_t r = 0; r < j->hp; r++) dconv_fill_row(j, dst + r * j->pitch, ch, (j->r0 + r) * g->sh + iy0, dx);
 }
 
 /* runs of output pixels among grid pixels q0 .. q0 + 63: lane, destination pixel (b * C_out * npix + oy * wo + ox)
@@ -309,8 +323,8 @@ static int dconv_runs(const dconv_job_t *j, int64_t q0, int64_t lane[PANEL], int
     const int64_t npix = g->ho * g->wo, end = q0 + PANEL, used = j->nbc * g->wo;
     int m = 0;
     for (int64_t q = q0; q < end;) {
-        const int64_t oy = q / j->pitch, rem = q % j->pitch;
-        if (oy >= g->ho) break;
+        const int64_t oy = j->r0 + q / j->pitch, rem = q % j->pitch;
+        if (oy >= j->r0 + j->rows) break;
         if (rem >= used) {  /* images past the batch and the pitch's pad: to the next row */
             q += j->pitch - rem;
             continue;

@@ -432,28 +432,31 @@ static int conv_direct(const csr_t *w, int64_t nb, const int32_t *ord, const con
     /* the offsets, then (K of them) the offset of each column */
     int32_t *off = (int32_t *)calloc((size_t)(nent + PAD_SLACK + w->n_in), 4);
     if (!off) { free(raw); PyErr_NoMemory(); return -1; }
-    const int64_t hp = g->ho + (g->kh - 1) / g->sh, pitch = dconv_pitch(g, Bc);
+    const int64_t R = dconv_band(g, Bc), hp = R + (g->kh - 1) / g->sh, pitch = dconv_pitch(g, Bc);
     dconv_offsets(w, nent, g, Bc, off + nent + PAD_SLACK, off);
     /* the output panels first, the planes last: a read past the planes' slack leaves the buffer */
     const int64_t per = (w->n_out * PANEL + 15) & ~(int64_t)15;
     dconv_job_t job = {pick_panel_for(w), *w, w->rowptr, ord, nb, *g, x, y, base + per * nt, Bc, hp, pitch, 0, 0, 0,
-                       base, per};
+                       0, 0, base, per};
     job.w.idx = off;
     job.w.idx16 = 0;
     job.w.direct = 1;
     Py_BEGIN_ALLOW_THREADS
-    for (int64_t b0 = 0; b0 < B; b0 += Bc) {  /* a chunk: its planes, then its panels */
-        job.b0 = b0;
-        job.nbc = B - b0 < Bc ? B - b0 : Bc;
-        job.P = (g->ho * pitch + PANEL - 1) / PANEL;
-        if (nt <= 1) {
-            for (int64_t i = 0; i <= dconv_planes(g) * g->c; i++) dconv_fill(&job, i, 0);
-            for (int64_t p = 0; p < job.P; p++) dconv_item(&job, p, 0);
-        } else {
-            par_run(nt, dconv_planes(g) * g->c + 1, dconv_fill, &job);
-            par_run(job.P < nt ? (int)job.P : nt, job.P, dconv_item, &job);
+    for (int64_t b0 = 0; b0 < B; b0 += Bc)  /* a chunk of images, a band of rows: its planes, then its panels */
+        for (int64_t r0 = 0; r0 < g->ho; r0 += R) {
+            job.b0 = b0;
+            job.nbc = B - b0 < Bc ? B - b0 : Bc;
+            job.r0 = r0;
+            job.rows = g->ho - r0 < R ? g->ho - r0 : R;
+            job.P = (job.rows * pitch + PANEL - 1) / PANEL;
+            if (nt <= 1) {
+                for (int64_t i = 0; i <= dconv_planes(g) * g->c; i++) dconv_fill(&job, i, 0);
+                for (int64_t p = 0; p < job.P; p++) dconv_item(&job, p, 0);
+            } else {
+                par_run(nt, dconv_planes(g) * g->c + 1, dconv_fill, &job);
+                par_run(job.P < nt ? (int)job.P : nt, job.P, dconv_item, &job);
+            }
         }
-    }
     Py_END_ALLOW_THREADS
     free(off);
     free(raw);

@@ -335,9 +335,10 @@ void conv_item(void *ctx, int64_t item, int tid);
 
 /* A dilation-1 convolution without im2col ("shifted planes", sk_conv.c). A chunk of Bc images is copied once into
  * kw * phases planes, phases = min(sh, kh), one per kernel column j and row phase f, each (c, hp, pitch):
- * hp = ho + (kh - 1) / sh rows, row r holding input row r * sh + f - ph, and a row holds the Bc images' rows side
+ * hp = R + (kh - 1) / sh rows for a band of R output rows from r0 (dconv_band), row r holding input row
+ * (r0 + r) * sh + f - ph, and a row holds the Bc images' rows side
  * by side, wo floats each, read from input column ox * sw + j - pw (zeros past the edges), zero-padded to the
- * pitch, a multiple of 16 floats. The output is computed on the grid of ho rows of pitch pixels, where weight
+ * pitch, a multiple of 16 floats. The output is computed on the grid of R rows of pitch pixels, where weight
  * column (ch, i, j) reads plane (j, i mod sh) at offset (ch * hp + i / sh) * pitch from the grid pixel: a panel of
  * 64 consecutive grid pixels reads 64 contiguous, 64-byte aligned floats per column (csr_t.direct, idx = those
  * offsets), and no pixel is computed twice or dropped but the rows' padding. Stride 2 costs 1.5x the input in
@@ -354,6 +355,7 @@ typedef struct {
     float *plane;        /* dconv_plane_floats(g, B) floats, 64-byte aligned */
     int64_t B, hp, pitch; /* B: images a chunk (the planes' batch) */
     int64_t b0, nbc, P;  /* this chunk: images b0 .. b0 + nbc - 1 (nbc <= B), P panels of 64 grid pixels */
+    int64_t r0, rows;    /* this band: output rows r0 .. r0 + rows - 1 (plane row r: output row r0 + r) */
     float *scratch;      /* per thread: C_out * PANEL floats, 64-byte aligned */
     int64_t per_thread;
 } dconv_job_t;
@@ -365,6 +367,11 @@ int64_t dconv_chunk(const conv_t *g, int64_t B);
 int64_t dconv_planes(const conv_t *g);
 /* floats of a row of the planes of Bc images */
 int64_t dconv_pitch(const conv_t *g, int64_t Bc);
+/* output rows a band: the chunk's planes are filled and read a band of rows at a time, so that they fit
+ * DCONV_CHUNK_BYTES where one image's do not (64 channels at 56x56: 8-row bands of 10 plane rows, not 58); at least
+ * DCONV_MIN_BAND rows (each band copies (kh - 1) / sh rows more than it computes) */
+int64_t dconv_band(const conv_t *g, int64_t Bc);
+#define DCONV_MIN_BAND 4
 /* the caller's scratch for B images on nt threads (the planes of one chunk, an output panel per thread) */
 int64_t dconv_scratch_floats(const conv_t *g, int64_t B, int64_t n_out, int nt);
 /* floats of the planes of Bc images, slack included (the last panel reads up to 63 floats past them); -1: the
