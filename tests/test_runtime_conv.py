@@ -27,7 +27,11 @@ GEOMETRIES = [  # (cin, cout, (kh, kw), h, w, geometry)
     (4, 6, (5, 5), 13, 13, {"dilations": (2, 2), "pads": (4, 4, 4, 4)}),      # dilation
     (3, 5, (7, 7), 20, 17, {"strides": (2, 3), "pads": (3, 3, 3, 3)}),        # unequal strides
     (6, 4, (2, 3), 5, 9, {}),                                                 # a non-square kernel
-    # images of at most 16 pixels, in and out: AVX-512 builds their columns by permutes (4 images a panel)
+    # images of at most 64 pixels, in and out: AVX-512 builds their columns by permutes (4 images a panel at 4x4)
+    (16, 8, (3, 3), 8, 8, {"pads": (1, 1, 1, 1)}),                            # 64 in, 64 out: one panel
+    (12, 8, (3, 3), 7, 7, {"pads": (1, 1, 1, 1)}),                            # ResNet-18's 7x7 stage
+    (6, 8, (3, 3), 8, 8, {"strides": (2, 2), "pads": (1, 1, 1, 1)}),          # 64 in, 16 out
+    (5, 8, (5, 5), 6, 9, {"pads": (2, 1, 2, 3), "dilations": (1, 2)}),        # 54 in, dilated
     (32, 8, (3, 3), 4, 4, {"pads": (1, 1, 1, 1)}),                            # ResNet's last stage at batch 1
     (5, 8, (3, 3), 3, 5, {"pads": (1, 0, 1, 2)}),                             # 15 pixels, asymmetric pads
     (4, 8, (3, 3), 4, 4, {"strides": (2, 2), "pads": (1, 1, 1, 1)}),          # 2x2 outputs
@@ -86,6 +90,21 @@ def test_the_c_entry_point_refuses_what_would_read_or_write_outside_its_buffers(
     with pytest.raises(ValueError, match=message):
         K.conv(v, i, bptr, conv.layer.bias, order, x, args["y"], conv.layer.idx_bytes, args["K"], 6, nb, 1, 1,
                args["batch"], args["geometry"])
+
+
+@pytest.mark.parametrize("width", [None, 0, 8, 40])
+def test_column_blocks_need_the_width_that_covers_k(width):
+    """Column blocks are built one by one into the im2col panel: the entry point needs their width (36 columns
+    in 3 blocks: 12 to 17 cover them, 8 falls short, 40 overshoots)."""
+    rng = np.random.default_rng(3)
+    conv = _conv(rng, 4, 6, (3, 3))
+    x = rng.standard_normal((2, 4, 11, 10)).astype(np.float32)
+    v, i, bptr, nb, order = conv.layer.blocked(16)
+    assert nb == 3
+    extra = () if width is None else (None, 1, False, width)
+    with pytest.raises(ValueError, match="column blocks: nblocks blocks of the block width must cover K exactly"):
+        K.conv(v, i, bptr, conv.layer.bias, order, x, np.zeros((2, 6, 9, 8), np.float32), conv.layer.idx_bytes, 36,
+               6, nb, 1, 1, 2, (4, 11, 10, 3, 3, 1, 1, 0, 0, 1, 1, 9, 8), *extra)
 
 
 def test_concurrent_calls_of_one_convolution_do_not_share_scratch():

@@ -41,110 +41,139 @@ static void im2col_row(const float *xc, float *dst, const conv_t *g, int64_t q0,
     }
 }
 
-/* panels [p0, p1) of image x (C, H, W) into xp + (p - p0) * K * PANEL, K = C * kh * kw */
-void im2col_panels(const float *x, float *xp, const conv_t *g, int64_t p0, int64_t p1) {
-    const int64_t npix = g->ho * g->wo, K = g->c * g->kh * g->kw;
-    for (int64_t p = p0; p < p1; p++) {
-        float *dst = xp + (p - p0) * K * PANEL;
-        const int64_t lanes = npix - p * PANEL < PANEL ? npix - p * PANEL : PANEL;
-        for (int64_t c = 0; c < g->c; c++)
-            for (int64_t i = 0; i < g->kh; i++)
-                for (int64_t j = 0; j < g->kw; j++, dst += PANEL) {
-                    im2col_row(x + c * g->h * g->w, dst, g, p * PANEL, lanes, i * g->dh, j * g->dw);
-                    if (lanes < PANEL) memset(dst + lanes, 0, (size_t)(PANEL - lanes) * 4);
-                }
+/* rows [k0, k1) of the one panel of n images x[0 .. n-1] (C, H, W) of fewer than 64 output pixels each, side by
+ * side: image k in lanes [k * npix, (k + 1) * npix), zeros after the last up to lane `read` (the lanes the kernel
+ * reads: 16 or 32 for a quarter or half panel, whose other lanes are never read, so not written) */
+static void im2col_images(const float *x, float *xp, const conv_t *g, int64_t n, int64_t read, int64_t k0, int64_t k1) {
+    const int64_t npix = g->ho * g->wo, chw = g->c * g->h * g->w, taps = g->kh * g->kw;
+    for (int64_t r = k0; r < k1; r++) {
+        const int64_t c = r / taps, i = r % taps / g->kw, j = r % g->kw;
+        float *dst = xp + r * PANEL;
+        for (int64_t k = 0; k < n; k++)
+            im2col_row(x + k * chw + c * g->h * g->w, dst + k * npix, g, 0, npix, i * g->dh, j * g->dw);
+        if (n * npix < read) memset(dst + n * npix, 0, (size_t)(read - n * npix) * 4);
     }
-}
-
-/* the one panel of n images x[0 .. n-1] (C, H, W) of fewer than 64 output pixels each, side by side: image k
- * in lanes [k * npix, (k + 1) * npix), zeros after the last up to lane `read` (the lanes the kernel reads: 16 or
- * 32 for a quarter or half panel, whose other lanes are never read, so not written) */
-static void im2col_images(const float *x, float *xp, const conv_t *g, int64_t n, int64_t read) {
-    const int64_t npix = g->ho * g->wo, chw = g->c * g->h * g->w;
-    float *dst = xp;
-    for (int64_t c = 0; c < g->c; c++)
-        for (int64_t i = 0; i < g->kh; i++)
-            for (int64_t j = 0; j < g->kw; j++, dst += PANEL) {
-                for (int64_t k = 0; k < n; k++)
-                    im2col_row(x + k * chw + c * g->h * g->w, dst + k * npix, g, 0, npix, i * g->dh, j * g->dw);
-                if (n * npix < read) memset(dst + n * npix, 0, (size_t)(read - n * npix) * 4);
-            }
 }
 
 #if SK_X86
-/* im2col_images for images of at most 16 input and 16 output pixels (a 4x4 map at batch 1): an image's channel is
- * one register, and each kernel position's im2col row one masked permute of it (lane l: output pixel l's input
- * pixel for that position, zero where it falls in the padding), where im2col_row spends a call a 4-float row */
-SK_AVX512 static void im2col_images_avx512(const float *x, float *xp, const conv_t *g, int64_t n, int64_t read) {
+/* im2col_images for images of at most 64 input and 64 output pixels (ResNet's 8x8, 7x7 and 4x4 maps at batch 1):
+ * an image's channel is four registers, and each 16 lanes of a kernel position's im2col row are one or two masked
+ * two-register permutes of them (lane l: output pixel l's input pixel for that position, zero where it falls in
+ * the padding), where im2col_row spends a call and two memsets a 7-float row */
+SK_AVX512 static void im2col_images_avx512(const float *x, float *xp, const conv_t *g, int64_t n, int64_t read,
+                                           int64_t k0, int64_t k1) {
     const int64_t npix = g->ho * g->wo, hw = g->h * g->w, chw = g->c * hw, taps = g->kh * g->kw;
-    __m512i idx[64];
-    __mmask16 in[64];
-    for (int64_t t = 0; t < taps; t++) {
-        int32_t at[16] = {0};
-        unsigned m = 0;
-        for (int64_t l = 0; l < npix; l++) {
-            const int64_t iy = (l / g->wo) * g->sh - g->ph + (t / g->kw) * g->dh;
-            const int64_t ix = (l % g->wo) * g->sw - g->pw + (t % g->kw) * g->dw;
-            if (iy >= 0 && iy < g->h && ix >= 0 && ix < g->w) {
-                at[l] = (int32_t)(iy * g->w + ix);
-                m |= 1u << l;
+    const int64_t nv = (npix + 15) / 16;
+    __m512i idx[IM2COL_PERMUTE_TAPS][4];
+    __mmask16 in[IM2COL_PERMUTE_TAPS][4];
+    for (int64_t t = 0; t < taps; t++)
+        for (int64_t v = 0; v < nv; v++) {
+            int32_t at[16] = {0};
+            unsigned m = 0;
+            for (int64_t l = 16 * v; l < npix && l < 16 * v + 16; l++) {
+                const int64_t iy = (l / g->wo) * g->sh - g->ph + (t / g->kw) * g->dh;
+                const int64_t ix = (l % g->wo) * g->sw - g->pw + (t % g->kw) * g->dw;
+                if (iy >= 0 && iy < g->h && ix >= 0 && ix < g->w) {
+                    at[l - 16 * v] = (int32_t)(iy * g->w + ix);
+                    m |= 1u << (l - 16 * v);
+                }
             }
+            idx[t][v] = _mm512_loadu_si512((const void *)at);
+            in[t][v] = (__mmask16)m;
         }
-        idx[t] = _mm512_loadu_si512((const void *)at);
-        in[t] = (__mmask16)m;
-    }
-    const __mmask16 img = (__mmask16)((1u << hw) - 1u), pix = (__mmask16)((1u << npix) - 1u);
-    float *dst = xp;
-    for (int64_t c = 0; c < g->c; c++, dst += taps * PANEL) {
-        for (int64_t t = 0; t < taps; t++)
-            for (int64_t k = n * npix; k < read; k += 16)
-                _mm512_mask_storeu_ps(dst + t * PANEL + k, read - k >= 16 ? (__mmask16)0xFFFF :
-                                      (__mmask16)((1u << (read - k)) - 1u), _mm512_setzero_ps());
+    const __m512i hi = _mm512_set1_epi32(32);
+    for (int64_t r = k0; r < k1; r++) {
+        const int64_t c = r / taps, t = r % taps;
+        float *dst = xp + r * PANEL;
+        for (int64_t k = n * npix; k < read; k += 16)
+            _mm512_mask_storeu_ps(dst + k, read - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (read - k)) - 1u),
+                                  _mm512_setzero_ps());
         for (int64_t k = 0; k < n; k++) {
-            const __m512 v = _mm512_maskz_loadu_ps(img, x + k * chw + c * hw);
-            for (int64_t t = 0; t < taps; t++)
-                _mm512_mask_storeu_ps(dst + t * PANEL + k * npix, pix, _mm512_maskz_permutexvar_ps(in[t], idx[t], v));
+            const float *src = x + k * chw + c * hw;
+            __m512 q[4];
+            for (int u = 0; u < 4; u++) {
+                const int64_t left = hw - 16 * u;
+                q[u] = _mm512_maskz_loadu_ps(left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1u)
+                                             : (__mmask16)0, src + 16 * u);
+            }
+            for (int64_t v = 0; v < nv; v++) {
+                const int64_t left = npix - 16 * v;
+                const __mmask16 keep = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+                __m512 o = _mm512_permutex2var_ps(q[0], idx[t][v], q[1]);  /* pixels 0..31 */
+                if (hw > 32)  /* pixels 32..63 where the index says so */
+                    o = _mm512_mask_blend_ps(_mm512_cmpge_epi32_mask(idx[t][v], hi), o,
+                                             _mm512_permutex2var_ps(q[2], idx[t][v], q[3]));
+                _mm512_mask_storeu_ps(dst + k * npix + 16 * v, keep, _mm512_maskz_mov_ps(in[t][v], o));
+            }
         }
     }
 }
 #endif
+
+/* im2col rows [k0, k1) of item `item`'s panel (conv_item) into xp */
+static void conv_fill(const conv_job_t *j, int64_t item, float *xp, int64_t read, int64_t k0, int64_t k1) {
+    const conv_t *g = &j->g;
+    const int64_t npix = g->ho * g->wo, chw = g->c * g->h * g->w, taps = g->kh * g->kw;
+    if (j->G > 1 || j->P == 1) {  /* the images of one panel (one image of 64 pixels at most when G = 1) */
+        const int64_t b0 = item * j->G, n = j->B - b0 < j->G ? j->B - b0 : j->G;
+#if SK_X86
+        if (g_isa == ISA_AVX512 && g->h * g->w <= 64 && npix <= PANEL && taps <= IM2COL_PERMUTE_TAPS) {
+            im2col_images_avx512(j->x + b0 * chw, xp, g, n, read, k0, k1);
+            return;
+        }
+#endif
+        im2col_images(j->x + b0 * chw, xp, g, n, read, k0, k1);
+        return;
+    }
+    const int64_t b = item / j->P, p = item % j->P, q0 = p * PANEL;
+    const int64_t lanes = npix - q0 < PANEL ? npix - q0 : PANEL;
+    for (int64_t r = k0; r < k1; r++) {
+        float *dst = xp + r * PANEL;
+        im2col_row(j->x + b * chw + r / taps * g->h * g->w, dst, g, q0, lanes, r % taps / g->kw * g->dh,
+                   r % g->kw * g->dw);
+        if (lanes < PANEL) memset(dst + lanes, 0, (size_t)(PANEL - lanes) * 4);
+    }
+}
 
 /* One (image, panel) item of a sparse convolution: the panel's im2col columns into this thread's scratch, the
  * panel kernel over every output channel (bias and ReLU fused), and the panel's pixels copied into the
  * channel-major output y (B, C_out, ho * wo). Images of fewer than 64 output pixels: one item is the panel
- * of G images side by side (a 4x4 output fills a quarter of a panel alone). */
+ * of G images side by side (a 4x4 output fills a quarter of a panel alone). With column blocks (bw columns each)
+ * each block's columns are built right before the kernel reads them: the whole panel of a wide K (512 channels
+ * of a 3x3 kernel: 1.2 MB) would leave the core's L2 before its last block is read. */
 void conv_item(void *ctx, int64_t item, int tid) {
     const conv_job_t *j = (const conv_job_t *)ctx;
     const conv_t *g = &j->g;
-    const int64_t npix = g->ho * g->wo, K = g->c * g->kh * g->kw;
-    if (j->G > 1) { /* images G * item .. : one panel of them */
-        const int64_t b0 = item * j->G, n = j->B - b0 < j->G ? j->B - b0 : j->G;
-        float *xp = j->scratch + (int64_t)tid * j->per_thread, *yp = xp + K * PANEL;
-        /* AVX-512 half and quarter panels: a 4x4 image alone computes its 16 lanes, not 64 */
-        int lanes = n * npix <= PANEL / 4 ? PANEL / 4 : n * npix <= PANEL / 2 ? PANEL / 2 : 0;
-        if (g_isa != ISA_AVX512) lanes = 0;
-#if SK_X86
-        if (g_isa == ISA_AVX512 && g->h * g->w <= 16 && npix <= 16 && g->kh * g->kw <= 64)
-            im2col_images_avx512(j->x + b0 * g->c * g->h * g->w, xp, g, n, lanes ? lanes : PANEL);
-        else
-#endif
-            im2col_images(j->x + b0 * g->c * g->h * g->w, xp, g, n, lanes ? lanes : PANEL);
-        const rowout_t ro = {NULL, 0, n * npix, 0, lanes};
-        panel_rows(j->fn, &j->w, j->bp, j->ord, j->nb, &ro, 0, j->w.n_out, xp, yp);
+    const int64_t npix = g->ho * g->wo, K = g->c * g->kh * g->kw, n_out = j->w.n_out;
+    float *xp = j->scratch + (int64_t)tid * j->per_thread, *yp = xp + K * PANEL;
+    int64_t n = 1, lanes = npix - item % j->P * PANEL < PANEL ? npix - item % j->P * PANEL : PANEL, read = PANEL;
+    int quarter = 0;  /* AVX-512 half and quarter panels: a 4x4 image alone computes its 16 lanes, not 64 */
+    if (j->G > 1) {
+        n = j->B - item * j->G < j->G ? j->B - item * j->G : j->G;
+        lanes = n * npix;
+        quarter = lanes <= PANEL / 4 ? PANEL / 4 : lanes <= PANEL / 2 ? PANEL / 2 : 0;
+        if (g_isa != ISA_AVX512) quarter = 0;
+        read = quarter ? quarter : PANEL;
+    }
+    const rowout_t ro = {NULL, 0, lanes, 0, quarter};
+    const int64_t npos = j->w.rb > 1 ? n_out / j->w.rb : n_out, bw = j->nb > 1 ? j->bw : K;
+    csr_t wc = j->w;
+    for (int64_t c = 0; c < j->nb; c++) {
+        const int64_t k0 = c * bw, k1 = k0 + bw < K ? k0 + bw : K;
+        conv_fill(j, item, xp, read, k0, k1);
+        wc.rowptr = j->bp + c * npos;
+        j->fn(&wc, j->ord ? j->ord + c * n_out : NULL, xp, yp, 0, n_out, c == 0, c == j->nb - 1, &ro);
+    }
+    if (j->G > 1) {
         for (int64_t k = 0; k < n; k++) {
-            float *yb = j->y + (b0 + k) * j->w.n_out * npix;
-            for (int64_t o = 0; o < j->w.n_out; o++) memcpy(yb + o * npix, yp + o * PANEL + k * npix, (size_t)npix * 4);
+            float *yb = j->y + (item * j->G + k) * n_out * npix;
+            for (int64_t o = 0; o < n_out; o++) memcpy(yb + o * npix, yp + o * PANEL + k * npix, (size_t)npix * 4);
         }
         return;
     }
     const int64_t b = item / j->P, p = item % j->P;
-    const int64_t lanes = npix - p * PANEL < PANEL ? npix - p * PANEL : PANEL;
-    float *xp = j->scratch + (int64_t)tid * j->per_thread, *yp = xp + K * PANEL;
-    im2col_panels(j->x + b * g->c * g->h * g->w, xp, g, p, p + 1);
-    const rowout_t ro = {NULL, 0, lanes, 0, 0};
-    panel_rows(j->fn, &j->w, j->bp, j->ord, j->nb, &ro, 0, j->w.n_out, xp, yp);
-    float *yb = j->y + b * j->w.n_out * npix + p * PANEL;
-    for (int64_t o = 0; o < j->w.n_out; o++) memcpy(yb + o * npix, yp + o * PANEL, (size_t)lanes * 4);
+    float *yb = j->y + b * n_out * npix + p * PANEL;
+    for (int64_t o = 0; o < n_out; o++) memcpy(yb + o * npix, yp + o * PANEL, (size_t)lanes * 4);
 }
 
 /* ------------------------------------------------------------------ shifted planes (dilation 1) */

@@ -483,19 +483,19 @@ static PyObject *py_conv_direct_scratch(PyObject *self, PyObject *args) {
 }
 
 /* conv(values, indices, blockptr, bias|None, order|None, x, y, idx_bytes, K, C_out, nblocks, relu, threads, batch,
- *      (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)[, scratch|None, rows per block, direct]): a sparse
+ *      (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)[, scratch|None, rows per block, direct, block width]): a sparse
  *      convolution (sk_conv.c); direct: the shifted-planes form (dilations 1) */
 static PyObject *py_conv(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer val, idx, bptr, x, y, bias = {0}, ordb = {0}, scr = {0};
     PyObject *bias_obj, *ord_obj, *scr_obj = Py_None;
     int idx_bytes, relu, threads;
-    long long K, n_out, nb, B, rb = 1;
+    long long K, n_out, nb, B, rb = 1, bw = 0;
     int direct = 0;
     conv_t g;
-    if (!PyArg_ParseTuple(args, "y*y*y*OOy*w*iLLLiiL(LLLLLLLLLLLLL)|OLp", &val, &idx, &bptr, &bias_obj, &ord_obj, &x,
+    if (!PyArg_ParseTuple(args, "y*y*y*OOy*w*iLLLiiL(LLLLLLLLLLLLL)|OLpL", &val, &idx, &bptr, &bias_obj, &ord_obj, &x,
                           &y, &idx_bytes, &K, &n_out, &nb, &relu, &threads, &B, &g.c, &g.h, &g.w, &g.kh, &g.kw, &g.sh,
-                          &g.sw, &g.ph, &g.pw, &g.dh, &g.dw, &g.ho, &g.wo, &scr_obj, &rb, &direct))
+                          &g.sw, &g.ph, &g.pw, &g.dh, &g.dw, &g.ho, &g.wo, &scr_obj, &rb, &direct, &bw))
         return NULL;
     int have_bias = 0, have_ord = 0, have_scr = 0;
     PyObject *ret = NULL;
@@ -518,6 +518,10 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
     }
     if (!dims_ok(K, n_out)) goto done;
     if (nb < 1 || nb > SK_MAX_DIM) { PyErr_SetString(PyExc_ValueError, "bad block count"); goto done; }
+    if (nb > 1 && (bw < 1 || bw > K || (nb - 1) * bw >= K || nb * bw < K)) {
+        PyErr_SetString(PyExc_ValueError, "column blocks: nblocks blocks of the block width must cover K exactly");
+        goto done;
+    }
     if ((rb != 1 && rb != 2 && rb != 4 && rb != 8 && rb != 16) || n_out % rb || (rb > 1 && have_ord)) {
         PyErr_SetString(PyExc_ValueError, "rows per block must be 1, 2, 4, 8 or 16 and divide C_out (no row order)");
         goto done;
@@ -562,7 +566,7 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
             scratch = (float *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
         }
         conv_job_t job = {pick_panel_for(&w), w, w.rowptr, have_ord ? (const int32_t *)ordb.buf : NULL, nb, g,
-                          (const float *)x.buf, (float *)y.buf, P, G, B, scratch, per};
+                          (const float *)x.buf, (float *)y.buf, P, G, B, bw, scratch, per};
         Py_BEGIN_ALLOW_THREADS
         if (nt <= 1) {
             for (int64_t it = 0; it < items; it++) conv_item(&job, it, 0);
@@ -634,14 +638,16 @@ static PyMethodDef methods[] = {
     {"isa", py_isa, METH_NOARGS, "active code path: avx512, avx2 or generic"},
     {"conv", py_conv, METH_VARARGS,
      "conv(values, indices, blockptr, bias|None, order|None, x, y, idx_bytes, K, C_out, nblocks, relu, threads, batch, "
-     "(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)[, scratch, rows per block, direct]): a sparse 2-D convolution, "
+     "(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)[, scratch, rows per block, direct, block width]): a sparse 2-D "
+     "convolution, "
      "x (batch, c, h, w) -> y (batch, "
      "C_out, ho, wo), the weight (C_out, K = c * kh * kw) in CsrLayer.blocked's layout; im2col panels of 64 output "
      "pixels fed to the panel kernel; an optional argument is a reusable float32 scratch of at least "
      "(round16((K + C_out) * 64) * threads + 16) floats (None: one is allocated per call), then the rows per block "
      "(default 1; 2, 4, 8 or 16: the weight in CsrLayer.row_blocked's layout, run by the block kernel), then direct "
      "(True: no im2col, shifted planes (zero-padded, one per kernel column and row phase), dilations 1; the scratch "
-     "then holds conv_direct_scratch(...)[0] floats)"},
+     "then holds conv_direct_scratch(...)[0] floats), then the width of the layout's column blocks (needed when "
+     "nblocks > 1: block c holds columns [c * width, (c + 1) * width))"},
     {"conv_direct_scratch", py_conv_direct_scratch, METH_VARARGS,
      "conv_direct_scratch(batch, C_out, threads, (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)): (floats of the "
      "scratch conv(..., direct=True) takes (-1: too large for shifted planes), share of the computed pixels that are "

@@ -267,8 +267,6 @@ void from_panels_range(const float *yp, float *y, int64_t B, int64_t n, int64_t 
 typedef struct {
     int64_t c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo;
 } conv_t;
-/* panels [p0, p1) of image x's im2col matrix (C * kh * kw rows, ho * wo pixels) into xp, [K][PANEL] each */
-void im2col_panels(const float *x, float *xp, const conv_t *g, int64_t p0, int64_t p1);
 
 /* ------------------------------------------------------------------ thread pool (sk_pool.c) */
 
@@ -328,9 +326,12 @@ typedef struct {
     const float *x;      /* (B, c, h, w) */
     float *y;            /* (B, C_out, ho * wo) */
     int64_t P, G, B;     /* panels per image, images per panel (1 unless an image has fewer than 64 pixels), images */
+    int64_t bw;          /* columns a column block (nb > 1): block c holds columns [c * bw, (c + 1) * bw) */
     float *scratch;      /* per thread: K * PANEL + C_out * PANEL floats, 64-byte aligned */
     int64_t per_thread;
 } conv_job_t;
+/* kernel positions (kh * kw) up to which small images' im2col rows are built by permutes (AVX-512) */
+#define IM2COL_PERMUTE_TAPS 64
 void conv_item(void *ctx, int64_t item, int tid);
 
 /* A dilation-1 convolution without im2col ("shifted planes", sk_conv.c). A chunk of Bc images is copied once into

@@ -145,8 +145,9 @@ class SparseConv:
         args = (v, i, bptr, self.layer.bias, order, x, y, self.layer.idx_bytes, self.layer.n_in, self.out_channels,
                 nb, int(self.layer.relu), int(threads), b,
                 (c, h, w, *g.kernel, *g.strides, g.pads[0], g.pads[1], *g.dilations, ho, wo))
+        width = block if 0 < block < self.layer.n_in else 0  # CsrLayer.blocked's key
         if not self._busy.acquire(blocking=False):
-            _K.conv(*args, None, rb, direct)  # another thread is in this convolution: its own scratch
+            _K.conv(*args, None, rb, direct, width)  # another thread is in this convolution: its own scratch
             return y
         try:
             if direct:
@@ -155,7 +156,7 @@ class SparseConv:
                 need = (-(-(self.layer.n_in + self.out_channels) * PANEL // 16) * 16) * max(1, int(threads)) + 16
             if self._scratch is None or self._scratch.size < need:
                 self._scratch = np.empty(need, np.float32)
-            _K.conv(*args, self._scratch, rb, direct)
+            _K.conv(*args, self._scratch, rb, direct, width)
         finally:
             self._busy.release()
         return y
