@@ -137,6 +137,11 @@ class SparseConv:
             return y
         direct = self.uses_direct(b, h, w)
         block = self.direct_block() if direct else self.block
+        if not direct and b * ho * wo <= PANEL // 2:
+            # a quarter or half panel reads 64 or 128 bytes of each im2col row: all of K stays in cache in one
+            # block, and each column block would cost every output row another pass (512 channels of 4x4 at
+            # batch 1: 18 blocks of 256 columns, 9216 row passes of ~13 nonzeros each)
+            block = 0
         rb = self.layer.row_block() if self.kernel == "block" else 1
         if rb > 1:
             (v, i, bptr, nb), order = self.layer.row_blocked(block), None
