@@ -244,6 +244,56 @@ def test_sparse_convolutions_become_sparse_nodes_and_run_in_both_runtimes():
     assert list(kept.layers) == ["conv2"] and kept.kept_dense == ["conv1"]
 
 
+def _residual_net(rng, *, shortcut: str) -> onnx.ModelProto:
+    """A ResNet block, x (b, 8, 6, 6): conv1 -> Relu -> conv2 -> Add(shortcut) -> Relu. ``shortcut``: "identity"
+    (x), "conv" (a 1x1 convolution of x written after conv2, as torch exports a downsampling block),
+    "broadcast" (a per-channel (1, 8, 1, 1) tensor computed in the graph) or "reused" (conv2's output also read
+    by a second output)."""
+    def w(*shape):
+        return (rng.standard_normal(shape) * (rng.random(shape) < 0.3)).astype(np.float32)
+
+    inits = {"w1": w(8, 8, 3, 3), "w2": w(8, 8, 3, 3), "b2": rng.standard_normal(8).astype(np.float32),
+             "w3": w(8, 8, 1, 1), "axes": np.array([2, 3], np.int64)}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1])]
+    short, outputs = "x", [("y", TensorProto.FLOAT, ["batch", 8, 6, 6])]
+    if shortcut == "conv":
+        nodes.append(helper.make_node("Conv", ["x", "w3"], ["s"], name="conv3"))
+        short = "s"
+    elif shortcut == "broadcast":
+        nodes.append(helper.make_node("ReduceMean", ["x", "axes"], ["s"], keepdims=1))
+        short = "s"
+    elif shortcut == "reused":
+        outputs.append(("c2", TensorProto.FLOAT, ["batch", 8, 6, 6]))
+    nodes += [helper.make_node("Add", ["c2", short], ["a"]), helper.make_node("Relu", ["a"], ["y"])]
+    return _model(nodes, inits, inputs=(("x", TensorProto.FLOAT, ["batch", 8, 6, 6]),), outputs=outputs)
+
+
+@pytest.mark.parametrize(("shortcut", "fused", "segments"), [
+    ("identity", True, 0),    # conv1, then conv2 with the Add and Relu: no ONNX Runtime segment left
+    ("conv", True, 0),        # the shortcut convolution runs first, conv2 where the Add was
+    ("broadcast", True, 1),   # fused, falling back to numpy's broadcasting Add; ReduceMean stays a segment
+    ("reused", False, 1),     # conv2's output is a graph output too: the Add and Relu stay in ONNX Runtime
+])
+def test_an_add_and_relu_after_a_convolution_run_in_its_step(shortcut, fused, segments):
+    from sparsekit.runtime.graph_model import ConvStep, DenseStep
+
+    rng = np.random.default_rng(12)
+    dense = _residual_net(rng, shortcut=shortcut)
+    packed = pack_graph(dense)
+    model = GraphModel(packed.proto, packed.layers)
+    conv2 = next(s for s in model._steps if isinstance(s, ConvStep) and s.conv.layer.name == "conv2")
+    assert (conv2.residual is not None, conv2.residual_relu) == (fused, fused)
+    assert sum(isinstance(s, DenseStep) for s in model._steps) == segments
+    for batch in (1, 5):
+        x = rng.standard_normal((batch, 8, 6, 6)).astype(np.float32)
+        want, got = _ort(dense, {"x": x}), model.run(x)
+        for g, wnt in zip(got if isinstance(got, list) else [got], want, strict=True):
+            assert_fp32_close(g, wnt)
+        assert_fp32_close(_ort(model.to_onnx(), {"x": x})[0], want[0])  # the file is unchanged: stock ORT agrees
+
+
 @pytest.mark.parametrize(("attr", "value", "message"), [
     ("kernel_shape", [3], r"kernel_shape = \[3\]: need 2 integers"),
     ("strides", [0, 1], r"strides = \[0, 1\]: need 2 integers in \[1, 32768\)"),

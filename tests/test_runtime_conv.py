@@ -78,6 +78,7 @@ def test_the_reference_is_onnx_convolution():
     ({"geometry": (4, 11, 10, 3, 3, 1, 1, -1, 1, 1, 1, 5, 5)}, "bad convolution geometry"),  # negative pad
     ({"batch": 3}, "x buffer too small"),                           # x holds 2 images
     ({"y": np.zeros(10, np.float32)}, "y buffer too small"),
+    ({"residual": np.zeros(100, np.float32)}, "residual buffer too small"),
 ])
 def test_the_c_entry_point_refuses_what_would_read_or_write_outside_its_buffers(change, message):
     rng = np.random.default_rng(2)
@@ -85,11 +86,11 @@ def test_the_c_entry_point_refuses_what_would_read_or_write_outside_its_buffers(
     x = rng.standard_normal((2, 4, 11, 10)).astype(np.float32)
     v, i, bptr, nb, order = conv.layer.blocked(0)
     args = {"K": 36, "batch": 2, "geometry": (4, 11, 10, 3, 3, 1, 1, 0, 0, 1, 1, 9, 8),
-            "y": np.zeros((2, 6, 9, 8), np.float32)}
+            "y": np.zeros((2, 6, 9, 8), np.float32), "residual": None}
     args.update(change)
     with pytest.raises(ValueError, match=message):
         K.conv(v, i, bptr, conv.layer.bias, order, x, args["y"], conv.layer.idx_bytes, args["K"], 6, nb, 1, 1,
-               args["batch"], args["geometry"])
+               args["batch"], args["geometry"], None, 1, False, 0, args["residual"])
 
 
 @pytest.mark.parametrize("width", [None, 0, 8, 40])
@@ -117,3 +118,31 @@ def test_concurrent_calls_of_one_convolution_do_not_share_scratch():
         ys = list(pool.map(lambda x: conv.run(x, threads=1), xs * 4))
     for x, y in zip(xs * 4, ys, strict=True):
         close(y, conv.reference(x))
+
+
+@pytest.mark.parametrize(("h", "w", "batch", "direct"), [(12, 11, 2, False), (4, 4, 3, False), (8, 8, 1, False),
+                                                         (16, 16, 2, True), (32, 32, 1, True)])
+@pytest.mark.parametrize("relu", [True, False])
+def test_a_residual_is_added_before_the_relu_as_the_output_is_written(isa, h, w, batch, direct, relu):
+    """A ResNet block's Add and Relu after its second convolution: im2col panels (ragged, images side by side,
+    one 64-pixel image) and shifted planes (one panel a row copy, rows in runs)."""
+    rng = np.random.default_rng(h + batch)
+    conv = _conv(rng, 6, 8, (3, 3), relu=False, pads=(1, 1, 1, 1))
+    conv.direct = direct
+    x = rng.standard_normal((batch, 6, h, w)).astype(np.float32)
+    res = rng.standard_normal((batch, 8, h, w)).astype(np.float32)
+    want = conv.reference(x) + res
+    got = conv.run(x, threads=2 if batch > 1 else 1, residual=res, residual_relu=relu)
+    close(got, np.maximum(want, 0) if relu else want)
+    assert conv.uses_direct(batch, h, w) is direct
+
+
+def test_a_residual_of_another_shape_or_after_the_convolutions_own_relu_is_refused():
+    from sparsekit.errors import InputError
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((1, 6, 8, 8)).astype(np.float32)
+    with pytest.raises(InputError, match=r"residual has shape \[1, 8, 8\], the convolution's output \[1, 8, 8, 8\]"):
+        _conv(rng, 6, 8, (3, 3), relu=False, pads=(1, 1, 1, 1)).run(x, residual=np.zeros((1, 8, 8), np.float32))
+    with pytest.raises(InputError, match="a residual is added before the activation"):
+        _conv(rng, 6, 8, (3, 3), relu=True, pads=(1, 1, 1, 1)).run(x, residual=np.zeros((1, 8, 8, 8), np.float32))

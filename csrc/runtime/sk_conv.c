@@ -5,6 +5,19 @@
  * Dilation-1 convolutions skip im2col: "shifted planes" at the end of this file (dconv_job_t). */
 #include "sk_runtime.h"
 
+/* n finished output floats into y: copied, or with a residual (the same positions of res) added and then, with
+ * relu, clamped at 0 (the Add and Relu after a convolution, fused into the copy that writes y anyway) */
+static void conv_put(float *y, const float *src, int64_t n, const float *res, int relu) {
+    if (!res) {
+        memcpy(y, src, (size_t)n * 4);
+        return;
+    }
+    if (relu)
+        for (int64_t k = 0; k < n; k++) y[k] = src[k] + res[k] > 0.f ? src[k] + res[k] : 0.f;
+    else
+        for (int64_t k = 0; k < n; k++) y[k] = src[k] + res[k];
+}
+
 /* one im2col row of a panel: lanes [0, lanes) are output pixels q0.. of one image, walked output row by output
  * row; within an output row the input pixels are contiguous for stride 1 (a copy, zeros where the kernel hangs
  * over the padding) and strided otherwise */
@@ -166,14 +179,17 @@ void conv_item(void *ctx, int64_t item, int tid) {
     }
     if (j->G > 1) {
         for (int64_t k = 0; k < n; k++) {
-            float *yb = j->y + (item * j->G + k) * n_out * npix;
-            for (int64_t o = 0; o < n_out; o++) memcpy(yb + o * npix, yp + o * PANEL + k * npix, (size_t)npix * 4);
+            const int64_t at = (item * j->G + k) * n_out * npix;
+            for (int64_t o = 0; o < n_out; o++)
+                conv_put(j->y + at + o * npix, yp + o * PANEL + k * npix, npix, j->res ? j->res + at + o * npix : NULL,
+                         j->post_relu);
         }
         return;
     }
     const int64_t b = item / j->P, p = item % j->P;
-    float *yb = j->y + b * n_out * npix + p * PANEL;
-    for (int64_t o = 0; o < n_out; o++) memcpy(yb + o * npix, yp + o * PANEL, (size_t)lanes * 4);
+    const int64_t at = b * n_out * npix + p * PANEL;
+    for (int64_t o = 0; o < n_out; o++)
+        conv_put(j->y + at + o * npix, yp + o * PANEL, lanes, j->res ? j->res + at + o * npix : NULL, j->post_relu);
 }
 
 /* ------------------------------------------------------------------ shifted planes (dilation 1) */
@@ -389,11 +405,13 @@ void dconv_item(void *ctx, int64_t p, int tid) {
     int64_t lane[PANEL], dst[PANEL], len[PANEL];
     const int m = dconv_runs(j, p * PANEL, lane, dst, len);
 #if SK_X86
-    if (g_isa == ISA_AVX512 && m == 1 && len[0] == PANEL) {
+    if (g_isa == ISA_AVX512 && m == 1 && len[0] == PANEL && !j->res) {
         dconv_copy_panel_avx512(yp, j->y + dst[0], j->w.n_out, npix);
         return;
     }
 #endif
     for (int64_t o = 0; o < j->w.n_out; o++)
-        for (int s = 0; s < m; s++) memcpy(j->y + dst[s] + o * npix, yp + o * PANEL + lane[s], (size_t)len[s] * 4);
+        for (int s = 0; s < m; s++)
+            conv_put(j->y + dst[s] + o * npix, yp + o * PANEL + lane[s], len[s], j->res ? j->res + dst[s] + o * npix : NULL,
+                     j->post_relu);
 }

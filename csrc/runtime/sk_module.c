@@ -408,7 +408,7 @@ static PyObject *py_set_threading(PyObject *self, PyObject *args) {
 /* the shifted-planes convolution (dconv_job_t): w's column indices as plane offsets, the padded planes and the
  * per-thread output panels in the caller's scratch (scr: conv_scratch_floats(...) floats) or a fresh buffer */
 static int conv_direct(const csr_t *w, int64_t nb, const int32_t *ord, const conv_t *g, int64_t B, int threads,
-                       const float *x, float *y, Py_buffer *scr) {
+                       const float *x, float *y, Py_buffer *scr, const float *res, int post_relu) {
     if (g->dh != 1 || g->dw != 1) {
         PyErr_SetString(PyExc_ValueError, "shifted planes need dilations 1");
         return -1;
@@ -437,7 +437,7 @@ static int conv_direct(const csr_t *w, int64_t nb, const int32_t *ord, const con
     /* the output panels first, the planes last: a read past the planes' slack leaves the buffer */
     const int64_t per = (w->n_out * PANEL + 15) & ~(int64_t)15;
     dconv_job_t job = {pick_panel_for(w), *w, w->rowptr, ord, nb, *g, x, y, base + per * nt, Bc, hp, pitch, 0, 0, 0,
-                       0, 0, base, per};
+                       0, 0, res, post_relu, base, per};
     job.w.idx = off;
     job.w.idx16 = 0;
     job.w.direct = 1;
@@ -483,21 +483,22 @@ static PyObject *py_conv_direct_scratch(PyObject *self, PyObject *args) {
 }
 
 /* conv(values, indices, blockptr, bias|None, order|None, x, y, idx_bytes, K, C_out, nblocks, relu, threads, batch,
- *      (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)[, scratch|None, rows per block, direct, block width]): a sparse
+ *      (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)[, scratch|None, rows per block, direct, block width,
+ *      residual|None]): a sparse
  *      convolution (sk_conv.c); direct: the shifted-planes form (dilations 1) */
 static PyObject *py_conv(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer val, idx, bptr, x, y, bias = {0}, ordb = {0}, scr = {0};
-    PyObject *bias_obj, *ord_obj, *scr_obj = Py_None;
+    Py_buffer val, idx, bptr, x, y, bias = {0}, ordb = {0}, scr = {0}, resb = {0};
+    PyObject *bias_obj, *ord_obj, *scr_obj = Py_None, *res_obj = Py_None;
     int idx_bytes, relu, threads;
     long long K, n_out, nb, B, rb = 1, bw = 0;
     int direct = 0;
     conv_t g;
-    if (!PyArg_ParseTuple(args, "y*y*y*OOy*w*iLLLiiL(LLLLLLLLLLLLL)|OLpL", &val, &idx, &bptr, &bias_obj, &ord_obj, &x,
+    if (!PyArg_ParseTuple(args, "y*y*y*OOy*w*iLLLiiL(LLLLLLLLLLLLL)|OLpLO", &val, &idx, &bptr, &bias_obj, &ord_obj, &x,
                           &y, &idx_bytes, &K, &n_out, &nb, &relu, &threads, &B, &g.c, &g.h, &g.w, &g.kh, &g.kw, &g.sh,
-                          &g.sw, &g.ph, &g.pw, &g.dh, &g.dw, &g.ho, &g.wo, &scr_obj, &rb, &direct, &bw))
+                          &g.sw, &g.ph, &g.pw, &g.dh, &g.dw, &g.ho, &g.wo, &scr_obj, &rb, &direct, &bw, &res_obj))
         return NULL;
-    int have_bias = 0, have_ord = 0, have_scr = 0;
+    int have_bias = 0, have_ord = 0, have_scr = 0, have_res = 0;
     PyObject *ret = NULL;
     csr_t w;
     void *raw = NULL;
@@ -543,9 +544,17 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
         if (PyObject_GetBuffer(scr_obj, &scr, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto done;
         have_scr = 1;
     }
+    if (res_obj != Py_None) {  /* y = act(conv(x) + bias + residual): ReLU after the add, not in the kernel */
+        if (PyObject_GetBuffer(res_obj, &resb, PyBUF_C_CONTIGUOUS) < 0) goto done;
+        have_res = 1;
+        if (check_len(&resb, smul(smul3(B, n_out, smul(g.ho, g.wo)), 4), "residual")) goto done;
+    }
+    const float *res = have_res ? (const float *)resb.buf : NULL;
+    const int post_relu = have_res && w.relu;
+    if (have_res) w.relu = 0;
     if (direct) {
         if (conv_direct(&w, nb, have_ord ? (const int32_t *)ordb.buf : NULL, &g, B, threads, (const float *)x.buf,
-                        (float *)y.buf, have_scr ? &scr : NULL))
+                        (float *)y.buf, have_scr ? &scr : NULL, res, post_relu))
             goto done;
     } else {
         const int64_t npix = g.ho * g.wo, P = (npix + PANEL - 1) / PANEL;
@@ -566,7 +575,7 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
             scratch = (float *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
         }
         conv_job_t job = {pick_panel_for(&w), w, w.rowptr, have_ord ? (const int32_t *)ordb.buf : NULL, nb, g,
-                          (const float *)x.buf, (float *)y.buf, P, G, B, bw, scratch, per};
+                          (const float *)x.buf, (float *)y.buf, P, G, B, bw, res, post_relu, scratch, per};
         Py_BEGIN_ALLOW_THREADS
         if (nt <= 1) {
             for (int64_t it = 0; it < items; it++) conv_item(&job, it, 0);
@@ -580,6 +589,7 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
 done:
     free(raw);
     if (have_scr) PyBuffer_Release(&scr);
+    if (have_res) PyBuffer_Release(&resb);
     if (have_bias) PyBuffer_Release(&bias);
     if (have_ord) PyBuffer_Release(&ordb);
     PyBuffer_Release(&val); PyBuffer_Release(&idx); PyBuffer_Release(&bptr); PyBuffer_Release(&x);
@@ -638,7 +648,8 @@ static PyMethodDef methods[] = {
     {"isa", py_isa, METH_NOARGS, "active code path: avx512, avx2 or generic"},
     {"conv", py_conv, METH_VARARGS,
      "conv(values, indices, blockptr, bias|None, order|None, x, y, idx_bytes, K, C_out, nblocks, relu, threads, batch, "
-     "(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)[, scratch, rows per block, direct, block width]): a sparse 2-D "
+     "(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)[, scratch, rows per block, direct, block width, residual]): a "
+     "sparse 2-D "
      "convolution, "
      "x (batch, c, h, w) -> y (batch, "
      "C_out, ho, wo), the weight (C_out, K = c * kh * kw) in CsrLayer.blocked's layout; im2col panels of 64 output "
@@ -647,7 +658,8 @@ static PyMethodDef methods[] = {
      "(default 1; 2, 4, 8 or 16: the weight in CsrLayer.row_blocked's layout, run by the block kernel), then direct "
      "(True: no im2col, shifted planes (zero-padded, one per kernel column and row phase), dilations 1; the scratch "
      "then holds conv_direct_scratch(...)[0] floats), then the width of the layout's column blocks (needed when "
-     "nblocks > 1: block c holds columns [c * width, (c + 1) * width))"},
+     "nblocks > 1: block c holds columns [c * width, (c + 1) * width)), then a residual shaped like y (None: none): "
+     "y = act(conv(x) + bias + residual), relu applied after the add"},
     {"conv_direct_scratch", py_conv_direct_scratch, METH_VARARGS,
      "conv_direct_scratch(batch, C_out, threads, (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)): (floats of the "
      "scratch conv(..., direct=True) takes (-1: too large for shifted planes), share of the computed pixels that are "

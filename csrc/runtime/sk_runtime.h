@@ -327,6 +327,8 @@ typedef struct {
     float *y;            /* (B, C_out, ho * wo) */
     int64_t P, G, B;     /* panels per image, images per panel (1 unless an image has fewer than 64 pixels), images */
     int64_t bw;          /* columns a column block (nb > 1): block c holds columns [c * bw, (c + 1) * bw) */
+    const float *res;    /* NULL, or a residual like y added as y is written, then ReLU where post_relu */
+    int post_relu;
     float *scratch;      /* per thread: K * PANEL + C_out * PANEL floats, 64-byte aligned */
     int64_t per_thread;
 } conv_job_t;
@@ -357,6 +359,8 @@ typedef struct {
     int64_t B, hp, pitch; /* B: images a chunk (the planes' batch) */
     int64_t b0, nbc, P;  /* this chunk: images b0 .. b0 + nbc - 1 (nbc <= B), P panels of 64 grid pixels */
     int64_t r0, rows;    /* this band: output rows r0 .. r0 + rows - 1 (plane row r: output row r0 + r) */
+    const float *res;    /* NULL, or a residual like y added as y is written, then ReLU where post_relu */
+    int post_relu;
     float *scratch;      /* per thread: C_out * PANEL floats, 64-byte aligned */
     int64_t per_thread;
 } dconv_job_t;

@@ -120,20 +120,42 @@ class SparseConv:
         y = self.layer.reference(cols.reshape(b, c * kh * kw, ho * wo).transpose(0, 2, 1))
         return y.transpose(0, 2, 1).reshape(b, -1, ho, wo)
 
-    def run(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
-        """x (batch, C_in, h, w) float32 -> (batch, C_out, ho, wo)."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
+    def _output(self, x: np.ndarray) -> tuple[int, int]:
+        """(ho, wo) of a checked (batch, C_in, h, w) input."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise InputError(f"convolution input has shape {list(x.shape)}, expected (batch, {self.in_channels}, "
                              "h, w)", where=self.layer.name or "conv")
-        b, c, h, w = x.shape
-        g = self.geometry
-        ho, wo = g.output(h, w)
+        ho, wo = self.geometry.output(*x.shape[2:])
         if ho < 1 or wo < 1:
-            raise InputError(f"input {h}x{w} is smaller than the kernel", where=self.layer.name or "conv")
+            raise InputError(f"input {x.shape[2]}x{x.shape[3]} is smaller than the kernel",
+                             where=self.layer.name or "conv")
+        return ho, wo
+
+    def _residual(self, residual: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+        if residual is None:
+            return None
+        if self.layer.relu:
+            raise InputError("a residual is added before the activation, and this convolution's ReLU is its own",
+                             where=self.layer.name or "conv", fix="add the residual to the output instead")
+        residual = np.ascontiguousarray(residual, dtype=np.float32)
+        if residual.shape != shape:
+            raise InputError(f"residual has shape {list(residual.shape)}, the convolution's output {list(shape)}",
+                             where=self.layer.name or "conv", fix="pass a residual shaped like the output")
+        return residual
+
+    def run(self, x: np.ndarray, threads: int = 1, *, residual: np.ndarray | None = None,
+            residual_relu: bool = False) -> np.ndarray:
+        """x (batch, C_in, h, w) float32 -> (batch, C_out, ho, wo). ``residual`` (shaped like the output; a
+        convolution without its own ReLU): ``conv(x) + bias + residual``, then ReLU where ``residual_relu``,
+        computed as the output is written (a ResNet block's Add and Relu)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        (b, c, h, w), (ho, wo), g = x.shape, self._output(x), self.geometry
         y = aligned_empty(b * self.out_channels * ho * wo).reshape(b, self.out_channels, ho, wo)
+        residual = self._residual(residual, y.shape)
         if _K is None:
-            y[...] = self.reference(x)
+            y[...] = self.reference(x) if residual is None else self.reference(x) + residual
+            if residual is not None and residual_relu:
+                np.maximum(y, 0, out=y)
             return y
         direct = self.uses_direct(b, h, w)
         block = self.direct_block() if direct else self.block
@@ -147,21 +169,27 @@ class SparseConv:
             (v, i, bptr, nb), order = self.layer.row_blocked(block), None
         else:
             v, i, bptr, nb, order = self.layer.blocked(block)
+        relu = residual_relu if residual is not None else self.layer.relu
         args = (v, i, bptr, self.layer.bias, order, x, y, self.layer.idx_bytes, self.layer.n_in, self.out_channels,
-                nb, int(self.layer.relu), int(threads), b,
-                (c, h, w, *g.kernel, *g.strides, g.pads[0], g.pads[1], *g.dilations, ho, wo))
-        width = block if 0 < block < self.layer.n_in else 0  # CsrLayer.blocked's key
+                nb, int(relu), int(threads), b, (c, h, w, *g.kernel, *g.strides, g.pads[0], g.pads[1], *g.dilations,
+                                                  ho, wo))
+        self._call(args, rb, direct, block if 0 < block < self.layer.n_in else 0, residual, (b, h, w, threads))
+        return y
+
+    def _call(self, args: tuple, rb: int, direct: bool, width: int, residual: np.ndarray | None,
+              shape: tuple[int, int, int, int]) -> None:
+        """_K.conv on this convolution's kept scratch (a concurrent call: a scratch of its own)."""
         if not self._busy.acquire(blocking=False):
-            _K.conv(*args, None, rb, direct, width)  # another thread is in this convolution: its own scratch
-            return y
+            _K.conv(*args, None, rb, direct, width, residual)
+            return
         try:
+            b, h, w, threads = shape
             if direct:
                 need = self._direct_scratch(b, h, w, int(threads))[0]
             else:
                 need = (-(-(self.layer.n_in + self.out_channels) * PANEL // 16) * 16) * max(1, int(threads)) + 16
             if self._scratch is None or self._scratch.size < need:
                 self._scratch = np.empty(need, np.float32)
-            _K.conv(*args, self._scratch, rb, direct, width)
+            _K.conv(*args, self._scratch, rb, direct, width, residual)
         finally:
             self._busy.release()
-        return y

@@ -44,11 +44,34 @@ class SparseStep:
 
 @dataclass
 class ConvStep:
-    """One SparseConv node: input and output tensor names and the convolution."""
+    """One SparseConv node: input and output tensor names and the convolution; ``residual``: the other input of
+    an Add that alone reads the convolution's output, fused into the step (``y`` is then the Add's output, or
+    that of the Relu that alone reads it: ``residual_relu``)."""
 
     x: str
     y: str
     conv: SparseConv
+    residual: str | None = None
+    residual_relu: bool = False
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.x] if self.residual is None else [self.x, self.residual]
+
+    def run(self, env: dict[str, np.ndarray], threads: int) -> None:
+        a = env[self.x]
+        if a.ndim != 4 or a.shape[1] != self.conv.in_channels:
+            raise InputError(f"tensor {self.x!r} has shape {list(a.shape)}, its sparse convolution takes "
+                             f"(batch, {self.conv.in_channels}, h, w)", where="input", fix="check the input's shape")
+        if self.residual is None:
+            env[self.y] = self.conv.run(a, threads=threads)
+            return
+        r = env[self.residual]
+        if r.shape == (a.shape[0], self.conv.out_channels, *self.conv.geometry.output(*a.shape[2:])):
+            env[self.y] = self.conv.run(a, threads=threads, residual=r, residual_relu=self.residual_relu)
+            return
+        y = self.conv.run(a, threads=threads) + r  # a broadcasting Add: as the graph says, not fused
+        env[self.y] = np.maximum(y, 0, out=y) if self.residual_relu else y
 
 
 @dataclass
@@ -91,6 +114,39 @@ def _segment(model: onnx.ModelProto, nodes: list[onnx.NodeProto], needed_later: 
     sub.ir_version = model.ir_version
     sub.functions.extend(f for f in model.functions if f.domain != checks.DOMAIN)
     return DenseStep(sub, inputs, outputs)
+
+
+def _residual_adds(g: onnx.GraphProto, layers: dict[str, Any], fixed: set[str]
+                   ) -> dict[int, tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto | None]]:
+    """SparseConv nodes without their own activation whose output only an ``Add`` reads (a ResNet block's second
+    convolution and its shortcut), with the ``Relu`` that alone reads the Add's output, if one does: run as one
+    step that adds the Add's other input (a tensor computed in the graph; ``fixed``: graph outputs and
+    initializers, never fused) as the output is written, so that no ONNX Runtime segment runs between them.
+    Keyed by the convolution node's id: (the convolution, the Add, the Relu or None)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for i in node.input:
+            readers.setdefault(i, []).append(node)
+
+    def only(name: str, op: str) -> onnx.NodeProto | None:
+        r = readers.get(name, [])
+        ok = len(r) == 1 and r[0].op_type == op and r[0].domain in ("", "ai.onnx") and name not in fixed
+        return r[0] if ok else None
+
+    fused, claimed = {}, set()
+    for node in g.node:
+        conv = layers.get(node.name) if node.domain == checks.DOMAIN and node.op_type == checks.CONV_OP else None
+        if not isinstance(conv, SparseConv) or conv.layer.relu:
+            continue
+        add = only(node.output[0], "Add")
+        if add is None or len(add.input) != 2 or add.input[0] == add.input[1] or not all(add.input) or \
+                id(add) in claimed:  # both of an Add's inputs may be convolutions: the first one takes it
+            continue
+        other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+        if other not in fixed:
+            fused[id(node)] = (node, add, only(add.output[0], "Relu"))
+            claimed.add(id(add))
+    return fused
 
 
 def _stand_ins(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -169,17 +225,28 @@ class GraphModel:
         later.reverse()
         steps: list[SparseStep | ConvStep | RnnStep | DenseStep] = []
         run: list[onnx.NodeProto] = []
+        fused = _residual_adds(g, layers, set(self.output_names) | set(inits))
+        at_add = {id(add): conv for conv, add, _ in fused.values()}
+        skip = {id(n) for conv, _, relu in fused.values() for n in (conv, relu) if n is not None}
         for node, after in zip(g.node, later, strict=True):
             if _graph_attrs(node):
                 raise InputError(f"node {node.name!r} ({node.op_type}) has a subgraph; fast artifacts hold none",
                                  where="artifact", fix="export the artifact with 'sparsekit export --format fast'")
-            if node.domain != checks.DOMAIN:
+            if id(node) in skip:
+                continue
+            if node.domain != checks.DOMAIN and id(node) not in at_add:
                 run.append(node)
                 continue
+            sparse = at_add.get(id(node), node)  # a fused Add: its convolution runs here, where both inputs exist
             if run:
-                steps.append(_segment(proto, run, after | set(node.input), types, inits, len(steps)))
+                steps.append(_segment(proto, run, after | set(node.input) | set(sparse.input), types, inits,
+                                      len(steps)))
                 run = []
-            steps.append(self._sparse_step(node, layers[node.name], memory_limit))
+            steps.append(self._sparse_step(sparse, layers[sparse.name], memory_limit))
+            if sparse is not node:
+                _, add, relu = fused[id(sparse)]
+                steps[-1].residual = add.input[1] if add.input[0] == sparse.output[0] else add.input[0]
+                steps[-1].residual_relu, steps[-1].y = relu is not None, (relu or add).output[0]
         if run:
             steps.append(_segment(proto, run, set(self.output_names), types, inits, len(steps)))
         return steps
@@ -226,7 +293,7 @@ class GraphModel:
         """Per step, the tensors no later step reads (dropped after it; graph outputs never are)."""
         last: dict[str, int] = {}
         for k, step in enumerate(self._steps):
-            for name in ([step.x] if isinstance(step, (SparseStep, ConvStep)) else step.inputs):
+            for name in ([step.x] if isinstance(step, SparseStep) else step.inputs):
                 last[name] = k
         for name in self.output_names:
             last[name] = len(self._steps)
@@ -308,12 +375,7 @@ class GraphModel:
                 step.last_rows = rows.shape[0]
                 env[step.y] = step.model.run(rows, threads=nt).reshape(*a.shape[:-1], -1)
             elif isinstance(step, ConvStep):
-                a = env[step.x]
-                if a.ndim != 4 or a.shape[1] != step.conv.in_channels:
-                    raise InputError(f"tensor {step.x!r} has shape {list(a.shape)}, its sparse convolution takes "
-                                     f"(batch, {step.conv.in_channels}, h, w)", where="input",
-                                     fix="check the input's shape")
-                env[step.y] = step.conv.run(a, threads=nt)
+                step.run(env, nt)
             elif isinstance(step, RnnStep):
                 step.run(env, nt)
             else:
