@@ -270,18 +270,19 @@ def _residual_net(rng, *, shortcut: str) -> onnx.ModelProto:
     return _model(nodes, inits, inputs=(("x", TensorProto.FLOAT, ["batch", 8, 6, 6]),), outputs=outputs)
 
 
-@pytest.mark.parametrize(("shortcut", "fused", "segments"), [
-    ("identity", True, 0),    # conv1, then conv2 with the Add and Relu: no ONNX Runtime segment left
-    ("conv", True, 0),        # the shortcut convolution runs first, conv2 where the Add was
-    ("broadcast", True, 1),   # fused, falling back to numpy's broadcasting Add; ReduceMean stays a segment
-    ("reused", False, 1),     # conv2's output is a graph output too: the Add and Relu stay in ONNX Runtime
+@pytest.mark.parametrize(("shortcut", "dense_conv1", "fused", "segments"), [
+    ("identity", False, True, 0),   # conv1, then conv2 with the Add and Relu: no ONNX Runtime segment left
+    ("conv", False, True, 0),       # the shortcut convolution runs first, conv2 where the Add was
+    ("conv", True, True, 1),        # conv1 and its Relu in ONNX Runtime: their segment hands conv2's input on
+    ("broadcast", False, True, 1),  # fused, falling back to numpy's broadcasting Add; ReduceMean stays a segment
+    ("reused", False, False, 1),    # conv2's output is a graph output too: the Add and Relu stay in ONNX Runtime
 ])
-def test_an_add_and_relu_after_a_convolution_run_in_its_step(shortcut, fused, segments):
+def test_an_add_and_relu_after_a_convolution_run_in_its_step(shortcut, dense_conv1, fused, segments):
     from sparsekit.runtime.graph_model import ConvStep, DenseStep
 
     rng = np.random.default_rng(12)
     dense = _residual_net(rng, shortcut=shortcut)
-    packed = pack_graph(dense)
+    packed = pack_graph(dense, keep_conv=(lambda conv, _x: conv.layer.name != "conv1") if dense_conv1 else None)
     model = GraphModel(packed.proto, packed.layers)
     conv2 = next(s for s in model._steps if isinstance(s, ConvStep) and s.conv.layer.name == "conv2")
     assert (conv2.residual is not None, conv2.residual_relu) == (fused, fused)

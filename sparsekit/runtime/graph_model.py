@@ -12,6 +12,7 @@ every node that is not a SparseLinear.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,6 +150,25 @@ def _residual_adds(g: onnx.GraphProto, layers: dict[str, Any], fixed: set[str]
     return fused
 
 
+def _run_order(g: onnx.GraphProto, fused: dict[int, tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto | None]]
+               ) -> tuple[list[onnx.NodeProto], Callable[[onnx.NodeProto], set[str]]]:
+    """The nodes in the order they run: file order, but a fused convolution (``_residual_adds``) where its Add
+    was (both of the Add's inputs exist there: torch writes a downsampling block's shortcut convolution after
+    the second convolution), and its Add and Relu gone; and what each reads (a fused convolution: the residual
+    too), from which the tensors each ONNX Runtime segment must hand on are found."""
+    at_add = {id(add): conv for conv, add, _ in fused.values()}
+    gone = {id(n) for conv, _, relu in fused.values() for n in (conv, relu) if n is not None}
+    order = [at_add.get(id(n), n) for n in g.node if id(n) not in gone]
+
+    def reads(node: onnx.NodeProto) -> set[str]:
+        names = {i for i in node.input if i}
+        if id(node) in fused:
+            names |= {i for i in fused[id(node)][1].input if i and i != node.output[0]}
+        return names
+
+    return order, reads
+
+
 def _stand_ins(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with each SparseLinear node replaced, for shape inference only, by a MatMul with a weight
     that is a graph input of shape (in, out) (no data), each SparseConv by a Conv likewise: the same output
@@ -217,35 +237,30 @@ class GraphModel:
         g = proto.graph
         inits = {t.name: t for t in g.initializer}
         types = _types(proto)
+        fused = _residual_adds(g, layers, set(self.output_names) | set(inits))
+        order, reads = _run_order(g, fused)
         later: list[set[str]] = []  # per node: the tensors nodes after it (or the graph outputs) read
         need = set(self.output_names)
-        for node in reversed(g.node):
+        for node in reversed(order):
             later.append(set(need))
-            need |= {i for i in node.input if i}
+            need |= reads(node)
         later.reverse()
         steps: list[SparseStep | ConvStep | RnnStep | DenseStep] = []
         run: list[onnx.NodeProto] = []
-        fused = _residual_adds(g, layers, set(self.output_names) | set(inits))
-        at_add = {id(add): conv for conv, add, _ in fused.values()}
-        skip = {id(n) for conv, _, relu in fused.values() for n in (conv, relu) if n is not None}
-        for node, after in zip(g.node, later, strict=True):
+        for node, after in zip(order, later, strict=True):
             if _graph_attrs(node):
                 raise InputError(f"node {node.name!r} ({node.op_type}) has a subgraph; fast artifacts hold none",
                                  where="artifact", fix="export the artifact with 'sparsekit export --format fast'")
-            if id(node) in skip:
-                continue
-            if node.domain != checks.DOMAIN and id(node) not in at_add:
+            if node.domain != checks.DOMAIN:
                 run.append(node)
                 continue
-            sparse = at_add.get(id(node), node)  # a fused Add: its convolution runs here, where both inputs exist
             if run:
-                steps.append(_segment(proto, run, after | set(node.input) | set(sparse.input), types, inits,
-                                      len(steps)))
+                steps.append(_segment(proto, run, after | reads(node), types, inits, len(steps)))
                 run = []
-            steps.append(self._sparse_step(sparse, layers[sparse.name], memory_limit))
-            if sparse is not node:
-                _, add, relu = fused[id(sparse)]
-                steps[-1].residual = add.input[1] if add.input[0] == sparse.output[0] else add.input[0]
+            steps.append(self._sparse_step(node, layers[node.name], memory_limit))
+            if id(node) in fused:
+                _, add, relu = fused[id(node)]
+                steps[-1].residual = add.input[1] if add.input[0] == node.output[0] else add.input[0]
                 steps[-1].residual_relu, steps[-1].y = relu is not None, (relu or add).output[0]
         if run:
             steps.append(_segment(proto, run, set(self.output_names), types, inits, len(steps)))
