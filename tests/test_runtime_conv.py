@@ -146,3 +146,23 @@ def test_a_residual_of_another_shape_or_after_the_convolutions_own_relu_is_refus
         _conv(rng, 6, 8, (3, 3), relu=False, pads=(1, 1, 1, 1)).run(x, residual=np.zeros((1, 8, 8), np.float32))
     with pytest.raises(InputError, match="a residual is added before the activation"):
         _conv(rng, 6, 8, (3, 3), relu=True, pads=(1, 1, 1, 1)).run(x, residual=np.zeros((1, 8, 8, 8), np.float32))
+
+
+@pytest.mark.parametrize(("h", "w", "block", "rows_per_block"), [(4, 4, 0, 1), (7, 7, 16, 1), (8, 8, 0, 4)])
+def test_a_single_panel_splits_its_output_rows_between_threads(isa, h, w, block, rows_per_block):
+    """Fewer panels than threads (ResNet's last stage at batch 1): 160 output channels in parts of whole 64-row
+    groups, each thread building the panel's columns for itself; with a row order (column blocks) and R x 1
+    blocks."""
+    from test_runtime_block import block_matrix
+
+    rng = np.random.default_rng(h + block)
+    k = 6 * 9
+    wt = block_matrix(rng, 160, k, rows_per_block, 0.3) if rows_per_block > 1 else \
+        (rng.standard_normal((160, k)) * (rng.random((160, k)) < 0.3)).astype(np.float32)
+    conv = SparseConv(CsrLayer.from_dense(wt, rng.standard_normal(160).astype(np.float32), relu=True), 6,
+                      ConvGeometry((3, 3), pads=(1, 1, 1, 1)), block=block, direct=False)
+    assert conv.kernel == ("block" if rows_per_block > 1 else "panel")
+    x = rng.standard_normal((1, 6, h, w)).astype(np.float32)
+    want = conv.reference(x)
+    close(conv.run(x, threads=2), want)
+    close(conv.run(x, threads=1), want)

@@ -148,16 +148,22 @@ static void conv_fill(const conv_job_t *j, int64_t item, float *xp, int64_t read
     }
 }
 
-/* One (image, panel) item of a sparse convolution: the panel's im2col columns into this thread's scratch, the
+/* One (image, panel) item of a sparse convolution, or a part of its output rows (parts > 1: a single panel
+ * on several threads, e.g. 512 channels of 4x4 at batch 1, each building the panel's columns for itself): the
+ * panel's im2col columns into this thread's scratch, the
  * panel kernel over every output channel (bias and ReLU fused), and the panel's pixels copied into the
  * channel-major output y (B, C_out, ho * wo). Images of fewer than 64 output pixels: one item is the panel
  * of G images side by side (a 4x4 output fills a quarter of a panel alone). With column blocks (bw columns each)
  * each block's columns are built right before the kernel reads them: the whole panel of a wide K (512 channels
  * of a 3x3 kernel: 1.2 MB) would leave the core's L2 before its last block is read. */
-void conv_item(void *ctx, int64_t item, int tid) {
+void conv_item(void *ctx, int64_t work, int tid) {
     const conv_job_t *j = (const conv_job_t *)ctx;
     const conv_t *g = &j->g;
     const int64_t npix = g->ho * g->wo, K = g->c * g->kh * g->kw, n_out = j->w.n_out;
+    /* this part's output rows: whole GROUP_ROWS groups (a row order permutes rows within them) */
+    const int64_t item = work / j->parts, part = work % j->parts, groups = (n_out + GROUP_ROWS - 1) / GROUP_ROWS;
+    const int64_t o0 = part * groups / j->parts * GROUP_ROWS, e1 = (part + 1) * groups / j->parts * GROUP_ROWS;
+    const int64_t o1 = e1 < n_out ? e1 : n_out;
     float *xp = j->scratch + (int64_t)tid * j->per_thread, *yp = xp + K * PANEL;
     int64_t n = 1, lanes = npix - item % j->P * PANEL < PANEL ? npix - item % j->P * PANEL : PANEL, read = PANEL;
     int quarter = 0;  /* AVX-512 half and quarter panels: a 4x4 image alone computes its 16 lanes, not 64 */
@@ -175,12 +181,12 @@ void conv_item(void *ctx, int64_t item, int tid) {
         const int64_t k0 = c * bw, k1 = k0 + bw < K ? k0 + bw : K;
         conv_fill(j, item, xp, read, k0, k1);
         wc.rowptr = j->bp + c * npos;
-        j->fn(&wc, j->ord ? j->ord + c * n_out : NULL, xp, yp, 0, n_out, c == 0, c == j->nb - 1, &ro);
+        j->fn(&wc, j->ord ? j->ord + c * n_out : NULL, xp, yp, o0, o1, c == 0, c == j->nb - 1, &ro);
     }
     if (j->G > 1) {
         for (int64_t k = 0; k < n; k++) {
             const int64_t at = (item * j->G + k) * n_out * npix;
-            for (int64_t o = 0; o < n_out; o++)
+            for (int64_t o = o0; o < o1; o++)
                 conv_put(j->y + at + o * npix, yp + o * PANEL + k * npix, npix, j->res ? j->res + at + o * npix : NULL,
                          j->post_relu);
         }
@@ -188,7 +194,7 @@ void conv_item(void *ctx, int64_t item, int tid) {
     }
     const int64_t b = item / j->P, p = item % j->P;
     const int64_t at = b * n_out * npix + p * PANEL;
-    for (int64_t o = 0; o < n_out; o++)
+    for (int64_t o = o0; o < o1; o++)
         conv_put(j->y + at + o * npix, yp + o * PANEL, lanes, j->res ? j->res + at + o * npix : NULL, j->post_relu);
 }
 

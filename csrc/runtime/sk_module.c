@@ -560,7 +560,10 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
         const int64_t npix = g.ho * g.wo, P = (npix + PANEL - 1) / PANEL;
         const int64_t G = npix < PANEL ? PANEL / npix : 1, items = G > 1 ? (B + G - 1) / G : B * P;
         int nt = clamp_threads(threads < 0 ? -threads : threads);
-        if (items < nt) nt = items > 0 ? (int)items : 1;
+        /* fewer panels than threads (deep layers at batch 1): their output rows split between threads */
+        const int64_t groups = (n_out + GROUP_ROWS - 1) / GROUP_ROWS;
+        const int64_t parts = items > 0 && items < nt ? (nt / items < groups ? nt / items : groups) : 1;
+        if (items * parts < nt) nt = items > 0 ? (int)(items * parts) : 1;
         const int64_t per = ((K + n_out) * PANEL + 15) & ~(int64_t)15;
         float *scratch = NULL;
         raw = NULL;
@@ -575,12 +578,12 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
             scratch = (float *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
         }
         conv_job_t job = {pick_panel_for(&w), w, w.rowptr, have_ord ? (const int32_t *)ordb.buf : NULL, nb, g,
-                          (const float *)x.buf, (float *)y.buf, P, G, B, bw, res, post_relu, scratch, per};
+                          (const float *)x.buf, (float *)y.buf, P, G, B, bw, res, post_relu, parts, scratch, per};
         Py_BEGIN_ALLOW_THREADS
         if (nt <= 1) {
-            for (int64_t it = 0; it < items; it++) conv_item(&job, it, 0);
+            for (int64_t it = 0; it < items * parts; it++) conv_item(&job, it, 0);
         } else {
-            par_run(nt, items, conv_item, &job);
+            par_run(nt, items * parts, conv_item, &job);
         }
         Py_END_ALLOW_THREADS
     }

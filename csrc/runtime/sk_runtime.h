@@ -329,12 +329,13 @@ typedef struct {
     int64_t bw;          /* columns a column block (nb > 1): block c holds columns [c * bw, (c + 1) * bw) */
     const float *res;    /* NULL, or a residual like y added as y is written, then ReLU where post_relu */
     int post_relu;
+    int64_t parts;       /* work items an item: its output rows cut in this many parts of whole GROUP_ROWS groups */
     float *scratch;      /* per thread: K * PANEL + C_out * PANEL floats, 64-byte aligned */
     int64_t per_thread;
 } conv_job_t;
 /* kernel positions (kh * kw) up to which small images' im2col rows are built by permutes (AVX-512) */
 #define IM2COL_PERMUTE_TAPS 64
-void conv_item(void *ctx, int64_t item, int tid);
+void conv_item(void *ctx, int64_t work, int tid);  /* work = item * parts + part */
 
 /* A dilation-1 convolution without im2col ("shifted planes", sk_conv.c). A chunk of Bc images is copied once into
  * kw * phases planes, phases = min(sh, kh), one per kernel column j and row phase f, each (c, hp, pitch):
