@@ -44,6 +44,9 @@ CASES = [  # (cin, cout, (kh, kw), (top, left, bottom, right) pads, h, w)
     (6, 8, (5, 5), (2, 2, 2, 2), 7, 16),      # the same with a 5x5 kernel
     (24, 8, (3, 3), (1, 1, 1, 1), 12, 4),     # 4-wide rows: 4 images a chunk fill a 16-float row
     (64, 8, (3, 3), (1, 1, 1, 1), 40, 40),    # planes of 36 KB a row: bands of 10 rows (12 plane rows each)
+    (64, 8, (3, 3), (1, 1, 1, 1), 48, 48),    # bands of 12 rows, each plane one shifted copy of the band's rows
+    (40, 8, (5, 5), (2, 2, 2, 2), 64, 32),    # the same with 5 plane columns, bands of 16 rows
+    (40, 8, (3, 3), (0, 1, 2, 1), 61, 32),    # no top padding, two rows at the bottom: every band reads inside
 ]
 
 STRIDED = [  # (cin, cout, (kh, kw), strides, pads, h, w): planes per kernel column and row phase

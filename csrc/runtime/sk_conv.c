@@ -326,17 +326,25 @@ SK_AVX512 static void dconv_fill_row_avx512(const dconv_job_t *j, float *dst, in
 }
 #endif
 
-/* plane (kernel column jj, channel ch) of one image whose rows are the pitch (w = wo = pitch): the channel as one
- * copy, shifted by dx, then its edge columns and pad rows zeroed */
+/* plane (kernel column jj, channel ch) of one image whose rows are the pitch (w = wo = pitch, stride 1) for the band
+ * from output row r0: the input rows it holds as one copy, shifted by dx, then its edge columns and the rows past
+ * the image zeroed */
 static void dconv_fill_image(const dconv_job_t *j, float *dst, int64_t ch, int64_t dx) {
     const conv_t *g = &j->g;
-    const int64_t w = g->w, hw = g->h * w, a = dx < 0 ? -dx : 0, n = hw - (dx < 0 ? -dx : dx);
+    const int64_t w = g->w, hw = g->h * w, a = dx < 0 ? -dx : 0, top = g->ph - j->r0; /* plane row of input row 0 */
+    const int64_t ra = top > 0 ? top : 0, rb = top + g->h < j->hp ? top + g->h : j->hp;
     const float *src = j->x + (j->b0 * g->c + ch) * hw;
-    memset(dst, 0, (size_t)(g->ph * w + a) * 4);
-    if (n > 0) memcpy(dst + g->ph * w + a, src + a + dx, (size_t)n * 4);
-    memset(dst + g->ph * w + a + (n > 0 ? n : 0), 0, (size_t)((j->hp - g->ph) * w - a - (n > 0 ? n : 0)) * 4);
-    for (int64_t r = 0; r < g->h; r++) {  /* the columns the shift brought in from the neighbouring rows */
-        float *row = dst + (g->ph + r) * w;
+    if (rb <= ra) {
+        memset(dst, 0, (size_t)(j->hp * w) * 4);
+        return;
+    }
+    const int64_t s0 = (ra - top) * w + dx, n = (rb - ra) * w; /* dst[ra * w + t] = src[s0 + t] where in range */
+    const int64_t lo = s0 < 0 ? -s0 : 0, hi = s0 + n > hw ? hw - s0 : n, end = hi > lo ? hi : lo;
+    memset(dst, 0, (size_t)(ra * w + lo) * 4);
+    if (hi > lo) memcpy(dst + ra * w + lo, src + s0 + lo, (size_t)(hi - lo) * 4);
+    memset(dst + ra * w + end, 0, (size_t)((j->hp - ra) * w - end) * 4);
+    for (int64_t r = ra; r < rb; r++) {  /* the columns the shift brought in from the neighbouring rows */
+        float *row = dst + r * w;
         for (int64_t k = 0; k < a && k < w; k++) row[k] = 0.f;
         for (int64_t k = w - dx; k < w; k++)
             if (k >= 0) row[k] = 0.f;
@@ -356,8 +364,7 @@ void dconv_fill(void *ctx, int64_t item, int tid) {
         return;
     }
     const int64_t pl = item / g->c, ch = item % g->c, dx = pl / np - g->pw, iy0 = pl % np - g->ph;
-    if (j->B == 1 && j->nbc == 1 && g->w == g->wo && j->pitch == g->wo && g->sh == 1 && g->sw == 1 &&
-        j->rows == g->ho) {
+    if (j->B == 1 && j->nbc == 1 && g->w == g->wo && j->pitch == g->wo && g->sh == 1 && g->sw == 1) {
         dconv_fill_image(j, dst, ch, dx);
         return;
     }
