@@ -117,13 +117,15 @@ def _segment(model: onnx.ModelProto, nodes: list[onnx.NodeProto], needed_later: 
     return DenseStep(sub, inputs, outputs)
 
 
-def _residual_adds(g: onnx.GraphProto, layers: dict[str, Any], fixed: set[str]
-                   ) -> dict[int, tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto | None]]:
+Fused = dict[int, tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto | None, str]]
+
+
+def _residual_adds(g: onnx.GraphProto, layers: dict[str, Any], fixed: set[str]) -> Fused:
     """SparseConv nodes without their own activation whose output only an ``Add`` reads (a ResNet block's second
     convolution and its shortcut), with the ``Relu`` that alone reads the Add's output, if one does: run as one
     step that adds the Add's other input (a tensor computed in the graph; ``fixed``: graph outputs and
     initializers, never fused) as the output is written, so that no ONNX Runtime segment runs between them.
-    Keyed by the convolution node's id: (the convolution, the Add, the Relu or None)."""
+    Keyed by the convolution node's id: (the convolution, the Add, the Relu or None, the residual's name)."""
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in g.node:
         for i in node.input:
@@ -145,26 +147,23 @@ def _residual_adds(g: onnx.GraphProto, layers: dict[str, Any], fixed: set[str]
             continue
         other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
         if other not in fixed:
-            fused[id(node)] = (node, add, only(add.output[0], "Relu"))
+            fused[id(node)] = (node, add, only(add.output[0], "Relu"), other)
             claimed.add(id(add))
     return fused
 
 
-def _run_order(g: onnx.GraphProto, fused: dict[int, tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto | None]]
-               ) -> tuple[list[onnx.NodeProto], Callable[[onnx.NodeProto], set[str]]]:
+def _run_order(g: onnx.GraphProto, fused: Fused) -> tuple[list[onnx.NodeProto], Callable[[onnx.NodeProto], set[str]]]:
     """The nodes in the order they run: file order, but a fused convolution (``_residual_adds``) where its Add
     was (both of the Add's inputs exist there: torch writes a downsampling block's shortcut convolution after
     the second convolution), and its Add and Relu gone; and what each reads (a fused convolution: the residual
     too), from which the tensors each ONNX Runtime segment must hand on are found."""
-    at_add = {id(add): conv for conv, add, _ in fused.values()}
-    gone = {id(n) for conv, _, relu in fused.values() for n in (conv, relu) if n is not None}
+    at_add = {id(add): conv for conv, add, _, _ in fused.values()}
+    gone = {id(n) for conv, _, relu, _ in fused.values() for n in (conv, relu) if n is not None}
     order = [at_add.get(id(n), n) for n in g.node if id(n) not in gone]
 
     def reads(node: onnx.NodeProto) -> set[str]:
         names = {i for i in node.input if i}
-        if id(node) in fused:
-            names |= {i for i in fused[id(node)][1].input if i and i != node.output[0]}
-        return names
+        return names | {fused[id(node)][3]} if id(node) in fused else names
 
     return order, reads
 
@@ -259,8 +258,7 @@ class GraphModel:
                 run = []
             steps.append(self._sparse_step(node, layers[node.name], memory_limit))
             if id(node) in fused:
-                _, add, relu = fused[id(node)]
-                steps[-1].residual = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+                _, add, relu, steps[-1].residual = fused[id(node)]
                 steps[-1].residual_relu, steps[-1].y = relu is not None, (relu or add).output[0]
         if run:
             steps.append(_segment(proto, run, set(self.output_names), types, inits, len(steps)))
