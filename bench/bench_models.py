@@ -195,6 +195,14 @@ def bench_case(label: str, spec: tuple, sparsity: float, threads: int, reps: int
     return rows
 
 
+def force_sparse_convs() -> None:
+    """Export packs every sparse convolution and keeps them all, instead of timing each and the whole artifact."""
+    from sparsekit.exporters import fast_graph_write
+
+    fast_graph_write.faster_than_dense = lambda *_a, **_k: lambda *_b: True
+    fast_graph_write._fastest_variant = lambda _dense, _meta, _plan, _inputs, measured: (*measured, [])
+
+
 def weight_limit(model: nn.Module) -> float:
     """Dense / nonzero entries of the weight matrices (Linear, Conv, GRU/LSTM): the MAC limit of a recurrent model,
     whose every weight is used once per token."""
@@ -276,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--json", type=Path, help="write rows and machine info here")
+    p.add_argument("--all-sparse-convs", action="store_true", help="every convolution sparse, whatever export "
+                   "would choose by timing (what the sparse kernels give where export keeps some dense)")
     p.add_argument("--blocks", metavar="RxC", help="each case also with masks of whole RxC blocks (e.g. 4x1: 4 output "
                    "channels x 1 input tap), right after its unstructured run")
     args = p.parse_args(argv)
@@ -287,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, AssertionError):
             p.error(f"--blocks {args.blocks!r}: expected RxC with positive integers, e.g. 4x1")
         shapes.append((r, c))
+    if args.all_sparse_convs:
+        force_sparse_convs()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     torch.set_num_threads(max(1, args.threads))
     cases = QUICK if args.quick else ZOO if args.zoo else CHAR if args.char else CASES
