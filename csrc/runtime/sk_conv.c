@@ -5,17 +5,20 @@
  * Dilation-1 convolutions skip im2col: "shifted planes" at the end of this file (dconv_job_t). */
 #include "sk_runtime.h"
 
+#include <math.h>
+
 /* n finished output floats into y: copied, or with a residual (the same positions of res) added and then, with
- * relu, clamped at 0 (the Add and Relu after a convolution, fused into the copy that writes y anyway) */
-static void conv_put(float *y, const float *src, int64_t n, const float *res, int relu) {
-    if (!res) {
+ * relu, clamped at 0 (the Add and Relu after a convolution, fused into the copy that writes y anyway); then
+ * clamped at hi where it is finite (a ReLU6's Clip) */
+static void conv_put(float *y, const float *src, int64_t n, const float *res, int relu, float hi) {
+    if (!res)
         memcpy(y, src, (size_t)n * 4);
-        return;
-    }
-    if (relu)
+    else if (relu)
         for (int64_t k = 0; k < n; k++) y[k] = src[k] + res[k] > 0.f ? src[k] + res[k] : 0.f;
     else
         for (int64_t k = 0; k < n; k++) y[k] = src[k] + res[k];
+    if (hi < INFINITY)
+        for (int64_t k = 0; k < n; k++) y[k] = y[k] > hi ? hi : y[k];
 }
 
 /* one im2col row of a panel: lanes [0, lanes) are output pixels q0.. of one image, walked output row by output
@@ -188,14 +191,15 @@ void conv_item(void *ctx, int64_t work, int tid) {
             const int64_t at = (item * j->G + k) * n_out * npix;
             for (int64_t o = o0; o < o1; o++)
                 conv_put(j->y + at + o * npix, yp + o * PANEL + k * npix, npix, j->res ? j->res + at + o * npix : NULL,
-                         j->post_relu);
+                         j->post_relu, j->hi);
         }
         return;
     }
     const int64_t b = item / j->P, p = item % j->P;
     const int64_t at = b * n_out * npix + p * PANEL;
     for (int64_t o = o0; o < o1; o++)
-        conv_put(j->y + at + o * npix, yp + o * PANEL, lanes, j->res ? j->res + at + o * npix : NULL, j->post_relu);
+        conv_put(j->y + at + o * npix, yp + o * PANEL, lanes, j->res ? j->res + at + o * npix : NULL, j->post_relu,
+                 j->hi);
 }
 
 /* ------------------------------------------------------------------ shifted planes (dilation 1) */
@@ -422,7 +426,7 @@ void dconv_item(void *ctx, int64_t p, int tid) {
     int64_t lane[PANEL], dst[PANEL], len[PANEL];
     const int m = dconv_runs(j, p * PANEL, lane, dst, len);
 #if SK_X86
-    if (g_isa == ISA_AVX512 && m == 1 && len[0] == PANEL && !j->res) {
+    if (g_isa == ISA_AVX512 && m == 1 && len[0] == PANEL && !j->res && !(j->hi < INFINITY)) {
         dconv_copy_panel_avx512(yp, j->y + dst[0], j->w.n_out, npix);
         return;
     }
@@ -430,5 +434,5 @@ void dconv_item(void *ctx, int64_t p, int tid) {
     for (int64_t o = 0; o < j->w.n_out; o++)
         for (int s = 0; s < m; s++)
             conv_put(j->y + dst[s] + o * npix, yp + o * PANEL + lane[s], len[s], j->res ? j->res + dst[s] + o * npix : NULL,
-                     j->post_relu);
+                     j->post_relu, j->hi);
 }

@@ -3,6 +3,8 @@
  * threading settings, and the method table (the chain methods are in sk_pychain.c). */
 #include "sk_glue.h"
 
+#include <math.h>
+
 int dims_ok(int64_t n_in, int64_t n_out) {
     if (n_in < 0 || n_out < 0 || n_in > SK_MAX_DIM || n_out > SK_MAX_DIM) {
         PyErr_Format(PyExc_ValueError, "layer shape %lldx%lld outside [0, 2^31 - 1]", (long long)n_out,
@@ -168,6 +170,54 @@ static PyObject *py_gemv(PyObject *self, PyObject *args) {
 done:
     if (have_bias) PyBuffer_Release(&bias);
     PyBuffer_Release(&wt); PyBuffer_Release(&x); PyBuffer_Release(&y);
+    return ret;
+}
+
+/* depthwise(x, weight, bias|None, y, batch, (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo), lo, hi, threads):
+ * dense depthwise convolution, weight (c, kh, kw), output clamped to [lo, hi] */
+static PyObject *py_depthwise(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer x, wt, y, bias = {0};
+    PyObject *bias_obj;
+    long long B;
+    double lo, hi;
+    int threads, have_bias = 0;
+    conv_t g;
+    if (!PyArg_ParseTuple(args, "y*y*Ow*L(LLLLLLLLLLLLL)ddi", &x, &wt, &bias_obj, &y, &B, &g.c, &g.h, &g.w, &g.kh,
+                          &g.kw, &g.sh, &g.sw, &g.ph, &g.pw, &g.dh, &g.dw, &g.ho, &g.wo, &lo, &hi, &threads))
+        return NULL;
+    PyObject *ret = NULL;
+    if (bias_obj != Py_None) {
+        if (PyObject_GetBuffer(bias_obj, &bias, PyBUF_C_CONTIGUOUS) < 0) goto done;
+        have_bias = 1;
+    }
+    if (g.c < 1 || g.h < 1 || g.w < 1 || g.kh < 1 || g.kw < 1 || g.sh < 1 || g.sw < 1 || g.dh < 1 || g.dw < 1 ||
+        g.ph < 0 || g.pw < 0 || g.ho < 1 || g.wo < 1 || B < 0 || g.kh > 64 || g.kw > 64 || g.sh > 64 ||
+        g.sw > 64 || g.dh > 64 || g.dw > 64 || g.ph > 64 || g.pw > 64 || smul(g.ho, g.wo) > SK_MAX_DIM ||
+        smul3(g.c, g.h, g.w) > SK_MAX_DIM ||
+        smul3(g.sw, smul(g.ho, g.sh) + g.kh * g.dh, g.wo + g.kw * g.dw) > SK_MAX_DIM) {  /* a thread's scratch */
+        PyErr_SetString(PyExc_ValueError, "bad depthwise convolution geometry");
+        goto done;
+    }
+    if (check_len(&x, smul(smul(B, smul3(g.c, g.h, g.w)), 4), "x") ||
+        check_len(&wt, smul(smul3(g.c, g.kh, g.kw), 4), "weight") ||
+        check_len(&y, smul(smul3(B, g.c, smul(g.ho, g.wo)), 4), "y") ||
+        (have_bias && check_len(&bias, smul(g.c, 4), "bias")))
+        goto done;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = depthwise(&g, B, (const float *)x.buf, (const float *)wt.buf, have_bias ? (const float *)bias.buf : NULL,
+                   (float)lo, (float)hi, (float *)y.buf, threads < 0 ? -threads : threads);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    if (have_bias) PyBuffer_Release(&bias);
+    PyBuffer_Release(&x); PyBuffer_Release(&wt); PyBuffer_Release(&y);
     return ret;
 }
 
@@ -408,7 +458,7 @@ static PyObject *py_set_threading(PyObject *self, PyObject *args) {
 /* the shifted-planes convolution (dconv_job_t): w's column indices as plane offsets, the padded planes and the
  * per-thread output panels in the caller's scratch (scr: conv_scratch_floats(...) floats) or a fresh buffer */
 static int conv_direct(const csr_t *w, int64_t nb, const int32_t *ord, const conv_t *g, int64_t B, int threads,
-                       const float *x, float *y, Py_buffer *scr, const float *res, int post_relu) {
+                       const float *x, float *y, Py_buffer *scr, const float *res, int post_relu, float hi) {
     if (g->dh != 1 || g->dw != 1) {
         PyErr_SetString(PyExc_ValueError, "shifted planes need dilations 1");
         return -1;
@@ -437,7 +487,7 @@ static int conv_direct(const csr_t *w, int64_t nb, const int32_t *ord, const con
     /* the output panels first, the planes last: a read past the planes' slack leaves the buffer */
     const int64_t per = (w->n_out * PANEL + 15) & ~(int64_t)15;
     dconv_job_t job = {pick_panel_for(w), *w, w->rowptr, ord, nb, *g, x, y, base + per * nt, Bc, hp, pitch, 0, 0, 0,
-                       0, 0, res, post_relu, base, per};
+                       0, 0, res, post_relu, hi, base, per};
     job.w.idx = off;
     job.w.idx16 = 0;
     job.w.direct = 1;
@@ -484,8 +534,8 @@ static PyObject *py_conv_direct_scratch(PyObject *self, PyObject *args) {
 
 /* conv(values, indices, blockptr, bias|None, order|None, x, y, idx_bytes, K, C_out, nblocks, relu, threads, batch,
  *      (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)[, scratch|None, rows per block, direct, block width,
- *      residual|None]): a sparse
- *      convolution (sk_conv.c); direct: the shifted-planes form (dilations 1) */
+ *      residual|None, hi]): a sparse
+ *      convolution (sk_conv.c); direct: the shifted-planes form (dilations 1); hi: the output clamped at it */
 static PyObject *py_conv(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer val, idx, bptr, x, y, bias = {0}, ordb = {0}, scr = {0}, resb = {0};
@@ -493,10 +543,11 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
     int idx_bytes, relu, threads;
     long long K, n_out, nb, B, rb = 1, bw = 0;
     int direct = 0;
+    double hi = INFINITY;
     conv_t g;
-    if (!PyArg_ParseTuple(args, "y*y*y*OOy*w*iLLLiiL(LLLLLLLLLLLLL)|OLpLO", &val, &idx, &bptr, &bias_obj, &ord_obj, &x,
+    if (!PyArg_ParseTuple(args, "y*y*y*OOy*w*iLLLiiL(LLLLLLLLLLLLL)|OLpLOd", &val, &idx, &bptr, &bias_obj, &ord_obj, &x,
                           &y, &idx_bytes, &K, &n_out, &nb, &relu, &threads, &B, &g.c, &g.h, &g.w, &g.kh, &g.kw, &g.sh,
-                          &g.sw, &g.ph, &g.pw, &g.dh, &g.dw, &g.ho, &g.wo, &scr_obj, &rb, &direct, &bw, &res_obj))
+                          &g.sw, &g.ph, &g.pw, &g.dh, &g.dw, &g.ho, &g.wo, &scr_obj, &rb, &direct, &bw, &res_obj, &hi))
         return NULL;
     int have_bias = 0, have_ord = 0, have_scr = 0, have_res = 0;
     PyObject *ret = NULL;
@@ -554,7 +605,7 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
     if (have_res) w.relu = 0;
     if (direct) {
         if (conv_direct(&w, nb, have_ord ? (const int32_t *)ordb.buf : NULL, &g, B, threads, (const float *)x.buf,
-                        (float *)y.buf, have_scr ? &scr : NULL, res, post_relu))
+                        (float *)y.buf, have_scr ? &scr : NULL, res, post_relu, (float)hi))
             goto done;
     } else {
         const int64_t npix = g.ho * g.wo, P = (npix + PANEL - 1) / PANEL;
@@ -578,7 +629,7 @@ static PyObject *py_conv(PyObject *self, PyObject *args) {
             scratch = (float *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
         }
         conv_job_t job = {pick_panel_for(&w), w, w.rowptr, have_ord ? (const int32_t *)ordb.buf : NULL, nb, g,
-                          (const float *)x.buf, (float *)y.buf, P, G, B, bw, res, post_relu, parts, scratch, per};
+                          (const float *)x.buf, (float *)y.buf, P, G, B, bw, res, post_relu, (float)hi, parts, scratch, per};
         Py_BEGIN_ALLOW_THREADS
         if (nt <= 1) {
             for (int64_t it = 0; it < items * parts; it++) conv_item(&job, it, 0);
@@ -651,7 +702,7 @@ static PyMethodDef methods[] = {
     {"isa", py_isa, METH_NOARGS, "active code path: avx512, avx2 or generic"},
     {"conv", py_conv, METH_VARARGS,
      "conv(values, indices, blockptr, bias|None, order|None, x, y, idx_bytes, K, C_out, nblocks, relu, threads, batch, "
-     "(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)[, scratch, rows per block, direct, block width, residual]): a "
+     "(c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo)[, scratch, rows per block, direct, block width, residual, hi]): a "
      "sparse 2-D "
      "convolution, "
      "x (batch, c, h, w) -> y (batch, "
@@ -676,6 +727,9 @@ static PyMethodDef methods[] = {
     {"window_width", py_window_width, METH_NOARGS,
      "the window width of the active code path's window kernel (the window form of the rows layout)"},
     {"available_isas", py_available_isas, METH_NOARGS, "code paths this CPU can run"},
+    {"depthwise", py_depthwise, METH_VARARGS,
+     "depthwise(x, weight, bias|None, y, batch, (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo), lo, hi, threads): "
+     "dense depthwise convolution, output clamped to [lo, hi]"},
     {"set_isa", py_set_isa, METH_VARARGS,
      "set_isa(name): force a code path (tests): generic, avx2, avx512 or best (the CPU's best)"},
     {"max_threads", py_max_threads, METH_NOARGS, "processors the thread pool can use (1 without threads)"},

@@ -268,6 +268,13 @@ typedef struct {
     int64_t c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo;
 } conv_t;
 
+/* ------------------------------------------------------------------ depthwise convolutions (sk_depthwise.c) */
+
+/* y (B, c, ho, wo) = clamp(depthwise(x) + bias, lo, hi); weight (c, kh, kw); -1: out of memory */
+int depthwise(const conv_t *g, int64_t B, const float *x, const float *w, const float *bias, float lo, float hi,
+              float *y, int threads);
+int64_t depthwise_scratch_floats(const conv_t *g);
+
 /* ------------------------------------------------------------------ thread pool (sk_pool.c) */
 
 typedef void (*item_fn)(void *ctx, int64_t item, int tid);
@@ -329,6 +336,7 @@ typedef struct {
     int64_t bw;          /* columns a column block (nb > 1): block c holds columns [c * bw, (c + 1) * bw) */
     const float *res;    /* NULL, or a residual like y added as y is written, then ReLU where post_relu */
     int post_relu;
+    float hi;            /* y clamped at hi as it is written (a ReLU6's 6; INFINITY: none) */
     int64_t parts;       /* work items an item: its output rows cut in this many parts of whole GROUP_ROWS groups */
     float *scratch;      /* per thread: K * PANEL + C_out * PANEL floats, 64-byte aligned */
     int64_t per_thread;
@@ -362,6 +370,7 @@ typedef struct {
     int64_t r0, rows;    /* this band: output rows r0 .. r0 + rows - 1 (plane row r: output row r0 + r) */
     const float *res;    /* NULL, or a residual like y added as y is written, then ReLU where post_relu */
     int post_relu;
+    float hi;            /* y clamped at hi as it is written (a ReLU6's 6; INFINITY: none) */
     float *scratch;      /* per thread: C_out * PANEL floats, 64-byte aligned */
     int64_t per_thread;
 } dconv_job_t;

@@ -51,6 +51,23 @@ class ConvGeometry:
         return ho, wo
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One input shape's call of ``_K.conv``, worked out once (the Python around a 3x3 convolution of 16
+    channels at 32x32 took 10 us of its 25). ``size``/``out``: the output; the rest ``_K.conv``'s arguments."""
+
+    out: tuple[int, int, int, int]
+    size: int
+    layout: tuple = ()
+    sizes: tuple[int, int, int, int] = (0, 0, 0, 0)
+    threads: int = 1
+    geometry: tuple[int, ...] = ()
+    rb: int = 1
+    direct: bool = False
+    width: int = 0
+    scratch: int = 0
+
+
 class SparseConv:
     """One sparse convolution: ``layer`` holds the (C_out, K) weight with bias and ReLU; ``block`` the panel
     kernel's column block width (0: one block). ``kernel``: ``block`` or ``panel``, the block kernel where the
@@ -75,6 +92,7 @@ class SparseConv:
         # channels at 8x8 ran 100-160 us, dense ORT 110-140 us); a concurrent call allocates its own
         self._scratch: np.ndarray | None = None
         self._busy = threading.Lock()
+        self._calls: dict[tuple, _Call] = {}  # (input shape, threads, direct, block) -> its call
 
     @property
     def out_channels(self) -> int:
@@ -144,19 +162,46 @@ class SparseConv:
         return residual
 
     def run(self, x: np.ndarray, threads: int = 1, *, residual: np.ndarray | None = None,
-            residual_relu: bool = False) -> np.ndarray:
+            residual_relu: bool = False, clamp: tuple[float, float] | None = None) -> np.ndarray:
         """x (batch, C_in, h, w) float32 -> (batch, C_out, ho, wo). ``residual`` (shaped like the output; a
         convolution without its own ReLU): ``conv(x) + bias + residual``, then ReLU where ``residual_relu``,
-        computed as the output is written (a ResNet block's Add and Relu)."""
+        computed as the output is written (a ResNet block's Add and Relu). ``clamp`` (0, hi): the output clamped
+        to [0, hi] as it is written (the ReLU6 after a convolution without a residual)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        (b, c, h, w), (ho, wo), g = x.shape, self._output(x), self.geometry
-        y = aligned_empty(b * self.out_channels * ho * wo).reshape(b, self.out_channels, ho, wo)
-        residual = self._residual(residual, y.shape)
+        key = (x.shape, int(threads), self.direct, self.block)
+        call = self._calls.get(key)
+        if call is None:
+            call = self._prepare(x, int(threads))
+            if _K is not None:
+                self._calls[key] = call
+        y = aligned_empty(call.size).reshape(call.out)
+        residual = self._residual(residual, call.out)
+        hi = self._clamp(clamp, residual)
         if _K is None:
             y[...] = self.reference(x) if residual is None else self.reference(x) + residual
-            if residual is not None and residual_relu:
-                np.maximum(y, 0, out=y)
+            if (residual is not None and residual_relu) or clamp is not None:
+                np.clip(y, 0, hi, out=y)
             return y
+        relu = residual_relu if residual is not None else self.layer.relu or clamp is not None
+        args = (*call.layout, x, y, *call.sizes, int(relu), call.threads, call.out[0], call.geometry)
+        self._call(args, call, residual, hi)
+        return y
+
+    def _clamp(self, clamp: tuple[float, float] | None, residual: np.ndarray | None) -> float:
+        """The upper bound of a fused clamp (inf: none)."""
+        if clamp is None:
+            return np.inf
+        if residual is not None or clamp[0] != 0.0 or not clamp[1] > 0.0:
+            raise InputError(f"a fused clamp is [0, hi] with hi > 0 and no residual, not {list(clamp)}",
+                             where=self.layer.name or "conv", fix="apply the clamp to the output instead")
+        return float(clamp[1])
+
+    def _prepare(self, x: np.ndarray, threads: int) -> _Call:
+        """What ``run`` works out once per input shape: the output, the path, the weight's layout."""
+        (b, c, h, w), (ho, wo) = x.shape, self._output(x)
+        out, g = (b, self.out_channels, ho, wo), self.geometry
+        if _K is None:
+            return _Call(out, b * self.out_channels * ho * wo)
         direct = self.uses_direct(b, h, w)
         block = self.direct_block() if direct else self.block
         if not direct and b * ho * wo <= PANEL // 2:
@@ -169,27 +214,23 @@ class SparseConv:
             (v, i, bptr, nb), order = self.layer.row_blocked(block), None
         else:
             v, i, bptr, nb, order = self.layer.blocked(block)
-        relu = residual_relu if residual is not None else self.layer.relu
-        args = (v, i, bptr, self.layer.bias, order, x, y, self.layer.idx_bytes, self.layer.n_in, self.out_channels,
-                nb, int(relu), int(threads), b, (c, h, w, *g.kernel, *g.strides, g.pads[0], g.pads[1], *g.dilations,
-                                                  ho, wo))
-        self._call(args, rb, direct, block if 0 < block < self.layer.n_in else 0, residual, (b, h, w, threads))
-        return y
+        if direct:
+            scratch = self._direct_scratch(b, h, w, threads)[0]
+        else:
+            scratch = (-(-(self.layer.n_in + self.out_channels) * PANEL // 16) * 16) * max(1, threads) + 16
+        return _Call(out, b * self.out_channels * ho * wo, (v, i, bptr, self.layer.bias, order),
+                     (self.layer.idx_bytes, self.layer.n_in, self.out_channels, nb), threads,
+                     (c, h, w, *g.kernel, *g.strides, g.pads[0], g.pads[1], *g.dilations, ho, wo), rb, direct,
+                     block if 0 < block < self.layer.n_in else 0, scratch)
 
-    def _call(self, args: tuple, rb: int, direct: bool, width: int, residual: np.ndarray | None,
-              shape: tuple[int, int, int, int]) -> None:
+    def _call(self, args: tuple, call: _Call, residual: np.ndarray | None, hi: float) -> None:
         """_K.conv on this convolution's kept scratch (a concurrent call: a scratch of its own)."""
         if not self._busy.acquire(blocking=False):
-            _K.conv(*args, None, rb, direct, width, residual)
+            _K.conv(*args, None, call.rb, call.direct, call.width, residual, hi)
             return
         try:
-            b, h, w, threads = shape
-            if direct:
-                need = self._direct_scratch(b, h, w, int(threads))[0]
-            else:
-                need = (-(-(self.layer.n_in + self.out_channels) * PANEL // 16) * 16) * max(1, int(threads)) + 16
-            if self._scratch is None or self._scratch.size < need:
-                self._scratch = np.empty(need, np.float32)
-            _K.conv(*args, self._scratch, rb, direct, width, residual)
+            if self._scratch is None or self._scratch.size < call.scratch:
+                self._scratch = np.empty(call.scratch, np.float32)
+            _K.conv(*args, self._scratch, call.rb, call.direct, call.width, residual, hi)
         finally:
             self._busy.release()

@@ -1,5 +1,5 @@
 """Fast artifacts of whole graphs: sparse linear layers anywhere (attention and FFN projections, classifier
-heads), the rest of the graph in ONNX Runtime.
+heads), sparse convolutions, the rest of the graph in ONNX Runtime.
 
 A ``GraphModel`` runs a graph whose ``com.sparsekit::SparseLinear`` nodes sit between ordinary ONNX nodes.
 The ordinary nodes are cut, in the graph's (topological) order, into segments of consecutive nodes; each
@@ -7,7 +7,9 @@ segment is one ONNX Runtime session (a sub-model holding only its nodes and the 
 Each sparse node is a one-layer ``FastModel``: its input ``(..., in_features)`` is viewed as rows
 ``(rows, in_features)`` (batch x sequence for a Transformer), run by sparsekit's kernels with the node's
 plan for that many rows, and viewed back. sparsekit does not interpret ONNX operators: ONNX Runtime runs
-every node that is not a SparseLinear.
+every ordinary node, but for a few it fuses into the sparse steps beside them, so that no segment sits between
+two sparse steps for their sake: a residual ``Add`` and ``Relu`` after a SparseConv (``_residual_adds``), a ReLU6
+``Clip`` after one, and depthwise ``Conv`` layers with their activation (``_clamps``, ``depthwise.py``).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import onnx
 from onnx import helper
 
 from sparsekit.errors import InputError
-from sparsekit.runtime import checks, forksafe, rnn_onnx
+from sparsekit.runtime import checks, depthwise, forksafe, rnn_onnx
 from sparsekit.runtime.conv import SparseConv
+from sparsekit.runtime.depthwise import Depthwise
 from sparsekit.runtime.layers import CsrLayer, kernel_isa
 from sparsekit.runtime.memory import kernel_bytes
 from sparsekit.runtime.model import FastModel, layer_info
@@ -54,6 +57,7 @@ class ConvStep:
     conv: SparseConv
     residual: str | None = None
     residual_relu: bool = False
+    clamp: tuple[float, float] | None = None  # (0, hi): a ReLU6's Clip fused (``_clamps``)
 
     @property
     def inputs(self) -> list[str]:
@@ -65,14 +69,36 @@ class ConvStep:
             raise InputError(f"tensor {self.x!r} has shape {list(a.shape)}, its sparse convolution takes "
                              f"(batch, {self.conv.in_channels}, h, w)", where="input", fix="check the input's shape")
         if self.residual is None:
-            env[self.y] = self.conv.run(a, threads=threads)
+            env[self.y] = self.conv.run(a, threads=threads, clamp=self.clamp)
             return
         r = env[self.residual]
         if r.shape == (a.shape[0], self.conv.out_channels, *self.conv.geometry.output(*a.shape[2:])):
             env[self.y] = self.conv.run(a, threads=threads, residual=r, residual_relu=self.residual_relu)
             return
-        y = self.conv.run(a, threads=threads) + r  # a broadcasting Add: as the graph says, not fused
+        y = self.conv.run(a, threads=threads)
+        try:
+            y = y + r  # a broadcasting Add: as the graph says, not fused
+        except ValueError as exc:  # shapes ONNX's broadcasting rejects too
+            raise InputError(f"tensor {self.residual!r} of shape {list(r.shape)} cannot be added to the convolution's "
+                             f"output of shape {list(y.shape)}", where="input", fix="check the input's shape") from exc
         env[self.y] = np.maximum(y, 0, out=y) if self.residual_relu else y
+
+
+@dataclass
+class DepthwiseStep:
+    """A depthwise ``Conv`` node (and the Relu or Clip that alone reads it: ``y`` is then its output), run by
+    sparsekit's dense depthwise kernel instead of an ONNX Runtime segment between two sparse steps."""
+
+    x: str
+    y: str
+    conv: Depthwise
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.x]
+
+    def run(self, env: dict[str, np.ndarray], threads: int) -> None:
+        env[self.y] = self.conv.run(env[self.x], threads=threads)
 
 
 @dataclass
@@ -118,6 +144,25 @@ def _segment(model: onnx.ModelProto, nodes: list[onnx.NodeProto], needed_later: 
 
 
 Fused = dict[int, tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto | None, str]]
+# per node id (the node itself kept, so that the id stays its own): the node, the Relu or Clip fused into its step
+# (or None) and its bounds, and the depthwise convolution the node is (None: a SparseConv node)
+Clamped = dict[int, tuple[onnx.NodeProto, onnx.NodeProto | None, tuple[float, float] | None, Depthwise | None]]
+
+
+def _only_reader(g: onnx.GraphProto, fixed: set[str]) -> Callable[[str, tuple[str, ...]], onnx.NodeProto | None]:
+    """only(name, ops): the node that alone reads tensor ``name``, if its op is one of ``ops`` (standard domain)
+    and ``name`` is not in ``fixed`` (graph outputs, initializers)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for i in node.input:
+            readers.setdefault(i, []).append(node)
+
+    def only(name: str, ops: tuple[str, ...]) -> onnx.NodeProto | None:
+        r = readers.get(name, [])
+        ok = len(r) == 1 and r[0].op_type in ops and r[0].domain in ("", "ai.onnx") and name not in fixed
+        return r[0] if ok else None
+
+    return only
 
 
 def _residual_adds(g: onnx.GraphProto, layers: dict[str, Any], fixed: set[str]) -> Fused:
@@ -126,39 +171,72 @@ def _residual_adds(g: onnx.GraphProto, layers: dict[str, Any], fixed: set[str]) 
     step that adds the Add's other input (a tensor computed in the graph; ``fixed``: graph outputs and
     initializers, never fused) as the output is written, so that no ONNX Runtime segment runs between them.
     Keyed by the convolution node's id: (the convolution, the Add, the Relu or None, the residual's name)."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in g.node:
-        for i in node.input:
-            readers.setdefault(i, []).append(node)
-
-    def only(name: str, op: str) -> onnx.NodeProto | None:
-        r = readers.get(name, [])
-        ok = len(r) == 1 and r[0].op_type == op and r[0].domain in ("", "ai.onnx") and name not in fixed
-        return r[0] if ok else None
+    only = _only_reader(g, fixed)
 
     fused, claimed = {}, set()
     for node in g.node:
         conv = layers.get(node.name) if node.domain == checks.DOMAIN and node.op_type == checks.CONV_OP else None
         if not isinstance(conv, SparseConv) or conv.layer.relu:
             continue
-        add = only(node.output[0], "Add")
+        add = only(node.output[0], ("Add",))
         if add is None or len(add.input) != 2 or add.input[0] == add.input[1] or not all(add.input) or \
                 id(add) in claimed:  # both of an Add's inputs may be convolutions: the first one takes it
             continue
         other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
         if other not in fixed:
-            fused[id(node)] = (node, add, only(add.output[0], "Relu"), other)
+            fused[id(node)] = (node, add, only(add.output[0], ("Relu",)), other)
             claimed.add(id(add))
     return fused
 
 
-def _run_order(g: onnx.GraphProto, fused: Fused) -> tuple[list[onnx.NodeProto], Callable[[onnx.NodeProto], set[str]]]:
+def _clamps(g: onnx.GraphProto, layers: dict[str, Any], inits: dict[str, onnx.TensorProto], fixed: set[str],
+            fused: Fused) -> Clamped:
+    """Depthwise ``Conv`` nodes sparsekit runs itself (``depthwise.from_node``), each with the ``Relu`` or
+    constant ``Clip`` that alone reads it; and SparseConv nodes without an activation or a fused residual whose
+    output only a ``Clip`` to [0, hi] reads (a ReLU6), fused as the output is written.
+
+    A depthwise node is taken only next to a sparse step (its input made by one, or its output read by one):
+    between two ordinary nodes it would add two hand-offs to ONNX Runtime rather than remove them. And only on
+    the AVX-512 path: the AVX2 and generic kernels run 2-4x slower than ONNX Runtime's."""
+    only = _only_reader(g, fixed)
+    out: Clamped = {}
+    # tensors sparse steps make and read: fused Adds' and Relus' outputs and residuals count
+    sparse_made = {o for n in g.node if n.domain == checks.DOMAIN for o in n.output}
+    sparse_made |= {(relu or add).output[0] for _, add, relu, _ in fused.values()}
+    sparse_reads = {i for n in g.node if n.domain == checks.DOMAIN for i in n.input}
+    sparse_reads |= {residual for _, _, _, residual in fused.values()}
+    native = kernel_isa() == "avx512"
+    for node in g.node:
+        dw = depthwise.from_node(node, inits) if native else None
+        layer = layers.get(node.name) if node.domain == checks.DOMAIN and node.op_type == checks.CONV_OP else None
+        if dw is None and (not isinstance(layer, SparseConv) or layer.layer.relu or id(node) in fused):
+            continue
+        act = only(node.output[0], ("Relu", "Clip"))
+        bounds = depthwise.clamp_of(act, inits) if act is not None else None
+        if dw is not None:
+            y = (act if bounds is not None else node).output[0]
+            if node.input[0] not in sparse_made and y not in sparse_reads:
+                continue
+            if bounds is not None:
+                dw.lo, dw.hi = bounds
+            out[id(node)] = (node, act if bounds is not None else None, None, dw)
+            sparse_made.add(y)  # a depthwise layer after this one is next to a sparse step too
+        elif bounds is not None and bounds[0] == 0.0 and bounds[1] > 0.0:
+            out[id(node)] = (node, act, bounds, None)
+            sparse_made.add(act.output[0])
+    return out
+
+
+def _run_order(g: onnx.GraphProto, fused: Fused, clamped: Clamped
+               ) -> tuple[list[onnx.NodeProto], Callable[[onnx.NodeProto], set[str]]]:
     """The nodes in the order they run: file order, but a fused convolution (``_residual_adds``) where its Add
     was (both of the Add's inputs exist there: torch writes a downsampling block's shortcut convolution after
-    the second convolution), and its Add and Relu gone; and what each reads (a fused convolution: the residual
-    too), from which the tensors each ONNX Runtime segment must hand on are found."""
+    the second convolution), and its Add and Relu gone, as are the activations ``_clamps`` fused; and what each
+    reads (a fused convolution: the residual too), from which the tensors each ONNX Runtime segment must hand on
+    are found."""
     at_add = {id(add): conv for conv, add, _, _ in fused.values()}
     gone = {id(n) for conv, _, relu, _ in fused.values() for n in (conv, relu) if n is not None}
+    gone |= {id(act) for _, act, _, _ in clamped.values() if act is not None}
     order = [at_add.get(id(n), n) for n in g.node if id(n) not in gone]
 
     def reads(node: onnx.NodeProto) -> set[str]:
@@ -230,36 +308,43 @@ class GraphModel:
         self._drops = self._drop_lists()
 
     def _cut(self, proto: onnx.ModelProto, layers: dict[str, CsrLayer | SparseConv | SparseRnn],
-             memory_limit: int | None) -> list[SparseStep | ConvStep | RnnStep | DenseStep]:
+             memory_limit: int | None) -> list[SparseStep | ConvStep | RnnStep | DepthwiseStep | DenseStep]:
         """The graph's nodes in file order as steps: each sparse node one step, the ordinary nodes between them
         one ONNX Runtime segment each (its outputs: what later steps or the graph's outputs read)."""
         g = proto.graph
         inits = {t.name: t for t in g.initializer}
         types = _types(proto)
         fused = _residual_adds(g, layers, set(self.output_names) | set(inits))
-        order, reads = _run_order(g, fused)
+        clamped = _clamps(g, layers, inits, set(self.output_names) | set(inits), fused)
+        order, reads = _run_order(g, fused, clamped)
         later: list[set[str]] = []  # per node: the tensors nodes after it (or the graph outputs) read
         need = set(self.output_names)
         for node in reversed(order):
             later.append(set(need))
             need |= reads(node)
         later.reverse()
-        steps: list[SparseStep | ConvStep | RnnStep | DenseStep] = []
+        steps: list[SparseStep | ConvStep | RnnStep | DepthwiseStep | DenseStep] = []
         run: list[onnx.NodeProto] = []
         for node, after in zip(order, later, strict=True):
             if _graph_attrs(node):
                 raise InputError(f"node {node.name!r} ({node.op_type}) has a subgraph; fast artifacts hold none",
                                  where="artifact", fix="export the artifact with 'sparsekit export --format fast'")
-            if node.domain != checks.DOMAIN:
+            _, act, bounds, dw = clamped.get(id(node), (node, None, None, None))
+            if node.domain != checks.DOMAIN and dw is None:
                 run.append(node)
                 continue
             if run:
                 steps.append(_segment(proto, run, after | reads(node), types, inits, len(steps)))
                 run = []
-            steps.append(self._sparse_step(node, layers[node.name], memory_limit))
+            steps.append(DepthwiseStep(node.input[0], node.output[0], dw) if dw is not None else
+                         self._sparse_step(node, layers[node.name], memory_limit))
             if id(node) in fused:
                 _, add, relu, steps[-1].residual = fused[id(node)]
                 steps[-1].residual_relu, steps[-1].y = relu is not None, (relu or add).output[0]
+            if act is not None:
+                steps[-1].y = act.output[0]
+                if bounds is not None:
+                    steps[-1].clamp = bounds
         if run:
             steps.append(_segment(proto, run, set(self.output_names), types, inits, len(steps)))
         return steps
@@ -387,9 +472,7 @@ class GraphModel:
                 rows = np.ascontiguousarray(a, dtype=np.float32).reshape(-1, n_in)
                 step.last_rows = rows.shape[0]
                 env[step.y] = step.model.run(rows, threads=nt).reshape(*a.shape[:-1], -1)
-            elif isinstance(step, ConvStep):
-                step.run(env, nt)
-            elif isinstance(step, RnnStep):
+            elif isinstance(step, (ConvStep, RnnStep, DepthwiseStep)):
                 step.run(env, nt)
             else:
                 sess = self._session(step, nt)
@@ -429,6 +512,7 @@ class GraphModel:
             "isa": kernel_isa(),
             "threads": self.threads,
             "segments": sum(isinstance(s, DenseStep) for s in self._steps),
+            "depthwise": sum(isinstance(s, DepthwiseStep) for s in self._steps),
             "convolutions": [{"name": c.layer.name, "shape": [c.out_channels, c.in_channels, *c.geometry.kernel],
                               "nnz": c.layer.nnz, "sparsity": round(1.0 - c.layer.density, 6),
                               "relu": c.layer.relu, "block": c.block, "kernel": c.kernel} for c in self.convs],
