@@ -72,6 +72,12 @@ def aligned_empty(n: int, align: int = 64, dtype: Any = np.float32) -> np.ndarra
     past a line, 5.03 us aligned.
     """
     dt = np.dtype(dtype)
+    if _K is not None and align % dt.itemsize == 0:
+        # a step's output is made every call: 0.6 us this way, 2.7 us through .ctypes.data and a byte view
+        buf = np.empty(n + align // dt.itemsize, dtype=dt)
+        off = -_K.address(buf) % align
+        if off % dt.itemsize == 0:
+            return buf[off // dt.itemsize:off // dt.itemsize + n]
     buf = np.empty(n * dt.itemsize + align, dtype=np.uint8)
     off = -buf.ctypes.data % align
     return buf[off:off + n * dt.itemsize].view(dt)
