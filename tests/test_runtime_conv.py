@@ -148,6 +148,26 @@ def test_a_residual_of_another_shape_or_after_the_convolutions_own_relu_is_refus
         _conv(rng, 6, 8, (3, 3), relu=True, pads=(1, 1, 1, 1)).run(x, residual=np.zeros((1, 8, 8, 8), np.float32))
 
 
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_fused_clamp_caps_the_output_and_a_nan_in_the_residual_stays_nan(isa, direct):
+    """A ReLU6 after a convolution (clamp (0, 6)) on im2col and shifted planes; and the residual epilogue keeps a
+    NaN a NaN, with and without its ReLU, rather than clamping it to a bound."""
+    from sparsekit.errors import InputError
+
+    rng = np.random.default_rng(10)
+    conv = _conv(rng, 6, 8, (3, 3), relu=False, pads=(1, 1, 1, 1))
+    conv.direct = direct
+    x = rng.standard_normal((2, 6, 16, 16)).astype(np.float32) * 4
+    close(conv.run(x, clamp=(0.0, 6.0)), np.clip(conv.reference(x), 0.0, 6.0))
+    res = rng.standard_normal((2, 8, 16, 16)).astype(np.float32)
+    res[1, 3, 5, 7] = np.nan
+    for relu in (False, True):
+        got = conv.run(x, residual=res, residual_relu=relu)
+        assert np.isnan(got[1, 3, 5, 7]) and np.isnan(got).sum() == 1
+    with pytest.raises(InputError, match=r"a fused clamp is \[0, hi\]"):
+        conv.run(x, clamp=(-1.0, 6.0))
+
+
 @pytest.mark.parametrize(("h", "w", "block", "rows_per_block"), [(4, 4, 0, 1), (7, 7, 16, 1), (8, 8, 0, 4)])
 def test_a_single_panel_splits_its_output_rows_between_threads(isa, h, w, block, rows_per_block):
     """Fewer panels than threads (ResNet's last stage at batch 1): 160 output channels in parts of whole 64-row

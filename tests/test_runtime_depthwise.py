@@ -251,3 +251,18 @@ def test_fuzzed_depthwise_layers_are_refused_or_match_onnx_runtime(tmp_path):
             continue
         assert_fp32_close(got, want)
     assert outcomes["refused"] > 0 and outcomes["ran"] > 0, outcomes
+
+
+@pytest.mark.parametrize(("strides", "h"), [((1, 1), 9), ((2, 2), 9), ((3, 3), 10)])
+def test_a_nan_in_the_input_stays_nan_where_it_reaches(isa, strides, h):  # noqa: F811
+    """No clamp turns a NaN into a bound (max/min instructions return their second operand on a NaN)."""
+    rng = np.random.default_rng(9)
+    model = _dw_model(rng, 4, (3, 3), strides, (1, 1, 1, 1), (1, 1), h, h)
+    dw = depthwise.from_node(model.graph.node[0], {t.name: t for t in model.graph.initializer})
+    x = rng.standard_normal((1, 4, h, h)).astype(np.float32)
+    x[0, 1, 4, 4] = np.nan
+    for lo, hi in ((-np.inf, np.inf), (0.0, 6.0)):
+        dw.lo, dw.hi = lo, hi
+        got, want = dw.run(x), dw.reference(x)
+        assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(want).sum() > 0
+        assert_fp32_close(np.nan_to_num(got), np.nan_to_num(want))

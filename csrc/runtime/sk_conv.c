@@ -10,11 +10,31 @@
 /* n finished output floats into y: copied, or with a residual (the same positions of res) added and then, with
  * relu, clamped at 0 (the Add and Relu after a convolution, fused into the copy that writes y anyway); then
  * clamped at hi where it is finite (a ReLU6's Clip) */
+#if SK_X86
+/* conv_put's work with a residual or a clamp, 16 floats a step (the scalar loop took 7% of a ResNet-20 at batch 64) */
+SK_AVX512 static void conv_put_avx512(float *y, const float *src, int64_t n, const float *res, int relu, float hi) {
+    const __m512 lo = _mm512_set1_ps(relu ? 0.f : -INFINITY), top = _mm512_set1_ps(hi);
+    for (int64_t k = 0; k < n; k += 16) {
+        const __mmask16 m = n - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - k)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(m, src + k);
+        if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, res + k));
+        /* max_ps/min_ps return their second operand when either is NaN: a NaN stays NaN */
+        _mm512_mask_storeu_ps(y + k, m, _mm512_min_ps(top, _mm512_max_ps(lo, v)));
+    }
+}
+#endif
+
 static void conv_put(float *y, const float *src, int64_t n, const float *res, int relu, float hi) {
+#if SK_X86
+    if (g_isa == ISA_AVX512 && (res || hi < INFINITY)) {
+        conv_put_avx512(y, src, n, res, res && relu, hi);
+        return;
+    }
+#endif
     if (!res)
         memcpy(y, src, (size_t)n * 4);
-    else if (relu)
-        for (int64_t k = 0; k < n; k++) y[k] = src[k] + res[k] > 0.f ? src[k] + res[k] : 0.f;
+    else if (relu)  /* a NaN stays NaN, as on the AVX-512 path */
+        for (int64_t k = 0; k < n; k++) y[k] = src[k] + res[k] < 0.f ? 0.f : src[k] + res[k];
     else
         for (int64_t k = 0; k < n; k++) y[k] = src[k] + res[k];
     if (hi < INFINITY)

@@ -5,7 +5,7 @@
  * One item per (image, channel). The channel's plane is copied into a zero-padded scratch split into sw column
  * phases (phase q, column c holds padded column c * sw + q), so tap (i, j) of an output row reads wo
  * contiguous floats: phase (j * dw) % sw from column (j * dw) / sw. A row accumulates in a wo-float buffer
- * (bias, then every tap), is clamped to [lo, hi] (ReLU, ReLU6, or +-inf: none) and written. The loops are plain
+ * (bias, then every tap), is clamped to [lo, hi] (ReLU, ReLU6, or +-inf: none; a NaN stays NaN) and written. The loops are plain
  * C for the generic path, one __m512 (AVX-512) or two __m256 (AVX2) per 16 output columns otherwise. */
 #include "sk_runtime.h"
 
@@ -123,7 +123,8 @@ SK_AVX512 static void dw_plane_avx512(const dw_job_t *j, const float *ph, const 
             for (int u = 0; u < DW_CHUNKS; u++) a[u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(k.src[u] + off), a[u]);
         }
         for (int u = 0; u < DW_CHUNKS; u++)
-            _mm512_mask_storeu_ps(k.dst[u], (__mmask16)((1u << k.n[u]) - 1), _mm512_min_ps(_mm512_max_ps(a[u], lo), hi));
+            _mm512_mask_storeu_ps(k.dst[u], (__mmask16)((1u << k.n[u]) - 1),
+                                  _mm512_min_ps(hi, _mm512_max_ps(lo, a[u])));
     }
 }
 
@@ -145,8 +146,8 @@ SK_AVX2 static void dw_plane_avx2(const dw_job_t *j, const float *ph, const floa
         }
         for (int u = 0; u < DW_CHUNKS; u++) {
             float out[16];
-            _mm256_storeu_ps(out, _mm256_min_ps(_mm256_max_ps(a[2 * u], lo), hi));
-            _mm256_storeu_ps(out + 8, _mm256_min_ps(_mm256_max_ps(a[2 * u + 1], lo), hi));
+            _mm256_storeu_ps(out, _mm256_min_ps(hi, _mm256_max_ps(lo, a[2 * u])));
+            _mm256_storeu_ps(out + 8, _mm256_min_ps(hi, _mm256_max_ps(lo, a[2 * u + 1])));
             memcpy(k.dst[u], out, (size_t)k.n[u] * sizeof(float));
         }
     }
@@ -206,7 +207,7 @@ SK_AVX512 static void dw_flat_item_avx512(void *ctx, int64_t item, int tid) {
             }
             float *yc = j->y + (b * j->C + ch) * n + p0;
             for (int u = 0; u < 4; u++)
-                _mm512_mask_storeu_ps(yc + 16 * u, keep[u], _mm512_min_ps(_mm512_max_ps(a[u], lo), hi));
+                _mm512_mask_storeu_ps(yc + 16 * u, keep[u], _mm512_min_ps(hi, _mm512_max_ps(lo, a[u])));
         }
     }
 }
@@ -261,7 +262,7 @@ SK_AVX512 static void dw_s2_item_avx512(void *ctx, int64_t item, int tid) {
                 }
                 for (int u = 0; u < nc; u++)
                     _mm512_mask_storeu_ps(j->y + (b * j->C + ch + u) * out + r * g->wo + ox, keep,
-                                          _mm512_min_ps(_mm512_max_ps(a[u], lo), hi));
+                                          _mm512_min_ps(hi, _mm512_max_ps(lo, a[u])));
             }
         }
 }
