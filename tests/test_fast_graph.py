@@ -91,6 +91,36 @@ def test_a_two_d_input_needs_no_reshapes_and_runs_in_stock_onnx_runtime():
     assert_fp32_close(_ort(GraphModel(packed.proto, packed.layers).to_onnx(), {"x": x})[0], _ort(two_d, {"x": x})[0])
 
 
+def _two_d(model: onnx.ModelProto, outputs: int = 1) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 12]))
+    out.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 12]))
+    if outputs > 1:
+        out.graph.output[1].CopyFrom(helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["batch", 40]))
+    return out
+
+
+@pytest.mark.parametrize("reads_twice", [False, True])
+def test_consecutive_sparse_linear_layers_run_as_one_chain(reads_twice):
+    """fc1 -> Relu -> fc2 on 2-D rows: fc2 reads fc1's output and nothing else does, so the two run as one chain
+    (one call); with fc1's pre-bias sum also a graph output nothing is folded into fc1 and they stay apart."""
+    from sparsekit.runtime.graph_model import SparseStep
+
+    rng = np.random.default_rng(13)
+    dense = _two_d(_ffn(rng, reads_twice=reads_twice)[0], 2 if reads_twice else 1)
+    packed = pack_graph(dense)
+    model = GraphModel(packed.proto, packed.layers)
+    sparse = [s for s in model._steps if isinstance(s, SparseStep)]
+    assert [len(s.model.layers) for s in sparse] == ([1, 1] if reads_twice else [2])
+    assert [layer.name for layer in model.layers] == ["fc1", "fc2"] and len(model.kernels_for(4)) == 2
+    x = rng.standard_normal((6, 12)).astype(np.float32)
+    got, want = model.run(x), _ort(dense, {"x": x})
+    for g, w in zip(got if reads_twice else [got], want, strict=True):
+        assert_fp32_close(g, w)
+    assert [n.op_type for n in model.to_onnx().graph.node].count("SparseLinear") == 2  # the file is unchanged
+
+
 def test_nothing_is_folded_into_a_layer_whose_output_something_else_reads():
     rng = np.random.default_rng(1)
     dense, _ = _ffn(rng, reads_twice=True)

@@ -38,7 +38,8 @@ _NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT64: np.int6
 
 @dataclass
 class SparseStep:
-    """One SparseLinear node: its input and output tensor names and the one-layer model that runs it."""
+    """One SparseLinear node, or a chain of them each read only by the next (``GraphModel._chains``): the input
+    and output tensor names and the model that runs its layers."""
 
     x: str
     y: str
@@ -347,7 +348,29 @@ class GraphModel:
                     steps[-1].clamp = bounds
         if run:
             steps.append(_segment(proto, run, set(self.output_names), types, inits, len(steps)))
-        return steps
+        return self._chains(steps, g, memory_limit)
+
+    def _chains(self, steps: list, g: onnx.GraphProto, memory_limit: int | None) -> list:
+        """Consecutive SparseLinear steps, each output read only by the next (a classifier head's Linear ->
+        ReLU -> Linear ...), merged into one chain: one call of the chain runtime instead of one a layer (each
+        call cost 3-9 us of Python and hand-off at batch 1)."""
+        reads: dict[str, int] = {}
+        for node in g.node:
+            for i in node.input:
+                reads[i] = reads.get(i, 0) + 1
+        out: list = []
+        for step in steps:
+            prev = out[-1] if out else None
+            if isinstance(step, SparseStep) and isinstance(prev, SparseStep) and prev.y == step.x and \
+                    reads.get(step.x, 0) == 1 and step.x not in self.output_names:
+                chain = FastModel([*prev.model.layers, *step.model.layers], (prev.model.layers[0].n_in,),
+                                  threads=self.threads, memory_limit=memory_limit)
+                chain.fit_plans()
+                self.notes.update(chain.notes)
+                out[-1] = SparseStep(prev.x, step.y, chain)
+                continue
+            out.append(step)
+        return out
 
     def _sparse_step(self, node: onnx.NodeProto, layer: CsrLayer | SparseConv | SparseRnn,
                      memory_limit: int | None) -> SparseStep | ConvStep | RnnStep:
@@ -371,7 +394,7 @@ class GraphModel:
     # ---------------------------------------------------------------- structure
     @property
     def layers(self) -> list[CsrLayer]:
-        return [s.model.layers[0] for s in self._steps if isinstance(s, SparseStep)]
+        return [layer for s in self._steps if isinstance(s, SparseStep) for layer in s.model.layers]
 
     @property
     def convs(self) -> list[SparseConv]:
@@ -404,11 +427,11 @@ class GraphModel:
     def kernels_for(self, batch: int, rows_per_sample: int = 1) -> list[str]:
         """Each sparse layer's kernel for ``batch`` samples of ``rows_per_sample`` rows (a Transformer's
         sequence length)."""
-        return [m.kernels_for(batch * rows_per_sample)[0] for m in self.sparse_models]
+        return [k for m in self.sparse_models for k in m.kernels_for(batch * rows_per_sample)]
 
     def kernels_used(self) -> list[str]:
         """Each sparse layer's kernel in the last ``run`` (for its number of rows)."""
-        return [s.model.kernels_for(max(1, s.last_rows))[0] for s in self._steps if isinstance(s, SparseStep)]
+        return [k for s in self._steps if isinstance(s, SparseStep) for k in s.model.kernels_for(max(1, s.last_rows))]
 
     def plan_changed(self) -> None:
         for m in self.sparse_models:
