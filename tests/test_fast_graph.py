@@ -72,10 +72,29 @@ def test_linear_layers_inside_a_graph_become_sparse_nodes_and_the_graph_still_co
         x = rng.standard_normal(shape).astype(np.float32)
         assert_fp32_close(model.run(x), _ort(dense, {"x": x})[0])
         assert_fp32_close(model.run({"x": x}, threads=2), _ort(dense, {"x": x})[0])
-    assert model.info()["segments"] == 3 and len(model.layers) == 2
+    # LayerNorm, then fc1 and fc2 as one chain reading (b, s, 12) itself (the rows wrappers are not run), the Add
+    assert model.info()["segments"] == 2 and len(model.layers) == 2
+    assert [(type(st).__name__, getattr(st, "x", None)) for st in model._steps][:2] == [("DenseStep", None),
+                                                                                       ("SparseStep", "n")]
     # stock ONNX Runtime runs the artifact itself (the op's function of standard ops), no sparsekit needed
     x = rng.standard_normal((2, 9, 12)).astype(np.float32)
     assert_fp32_close(_ort(model.to_onnx(), {"x": x})[0], _ort(dense, {"x": x})[0])
+
+
+def test_a_rows_wrapper_whose_tensors_something_else_reads_is_run_as_written():
+    """fc1's wrapper computes a shape that is also a graph output: its nodes run in ONNX Runtime and fc1 reads its
+    (rows, in) view; fc2's wrapper is skipped as usual."""
+    rng = np.random.default_rng(14)
+    dense, _ = _ffn(rng)
+    packed = pack_graph(dense)
+    packed.proto.graph.output.append(helper.make_tensor_value_info("fc1.x_shape", TensorProto.INT64, [3]))
+    model = GraphModel(packed.proto, packed.layers)
+    xs = [getattr(st, "x", None) for st in model._steps]
+    assert "fc1.x2d" in xs and "fc2.x2d" not in xs
+    x = rng.standard_normal((2, 5, 12)).astype(np.float32)
+    y, shape = model.run(x)
+    assert_fp32_close(y, _ort(dense, {"x": x})[0])
+    assert list(shape) == [2, 5, 12]
 
 
 def test_a_two_d_input_needs_no_reshapes_and_runs_in_stock_onnx_runtime():

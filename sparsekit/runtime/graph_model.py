@@ -9,7 +9,8 @@ Each sparse node is a one-layer ``FastModel``: its input ``(..., in_features)`` 
 plan for that many rows, and viewed back. sparsekit does not interpret ONNX operators: ONNX Runtime runs
 every ordinary node, but for a few it fuses into the sparse steps beside them, so that no segment sits between
 two sparse steps for their sake: a residual ``Add`` and ``Relu`` after a SparseConv (``_residual_adds``), a ReLU6
-``Clip`` after one, and depthwise ``Conv`` layers with their activation (``_clamps``, ``depthwise.py``).
+``Clip`` after one, depthwise ``Conv`` layers with their activation (``_clamps``, ``depthwise.py``), and the
+Shape/Reshape nodes export writes around a SparseLinear to view its input as rows (``_rows_wrappers``).
 """
 
 from __future__ import annotations
@@ -190,6 +191,47 @@ def _residual_adds(g: onnx.GraphProto, layers: dict[str, Any], fixed: set[str]) 
     return fused
 
 
+# per SparseLinear node id: the node, the tensor its rows wrapper views as rows, the one it writes, the wrapper's nodes
+Wrapped = dict[int, tuple[onnx.NodeProto, str, str, list[onnx.NodeProto]]]
+
+
+def _rows_wrappers(g: onnx.GraphProto, fixed: set[str]) -> Wrapped:
+    """SparseLinear nodes inside the rows wrapper export writes around them (``exporters/fast_graph.py``:
+    Shape/Slice of X, Reshape to (rows, in), the node, Concat of the leading dims and [out], Reshape back), its
+    intermediate tensors read by nothing else: the step reads X (..., in) and writes (..., out) itself, as it
+    does for any leading dims, and the wrapper's five nodes are not run (in a Transformer they made an ONNX
+    Runtime segment of their own between consecutive projections)."""
+    made = {o: n for n in g.node for o in n.output}
+    reads: dict[str, int] = {}
+    for node in g.node:
+        for i in node.input:
+            reads[i] = reads.get(i, 0) + 1
+
+    def node_of(name: str, op: str, inputs: list[str]) -> onnx.NodeProto | None:
+        n = made.get(name)
+        ok = n is not None and n.op_type == op and n.domain in ("", "ai.onnx") and list(n.input) == inputs
+        return n if ok and reads.get(name, 0) == 1 and name not in fixed else None
+
+    out: Wrapped = {}
+    for node in g.node:
+        p = node.name
+        if node.domain != checks.DOMAIN or node.op_type != checks.OP or not p or \
+                list(node.input[:1]) != [f"{p}.x2d"] or list(node.output) != [f"{p}.y2d"]:
+            continue
+        into = made.get(f"{p}.x2d")
+        x = into.input[0] if into is not None and len(into.input) == 2 else ""
+        shape = node_of(f"{p}.x_shape", "Shape", [x])
+        parts = [node_of(f"{p}.x2d", "Reshape", [x, f"{p}.rows_shape"]), shape,
+                 node_of(f"{p}.lead", "Slice", [f"{p}.x_shape", f"{p}.zero", f"{p}.minus_one"]),
+                 node_of(f"{p}.y_shape", "Concat", [f"{p}.lead", f"{p}.out_dim"])]
+        back = [n for n in g.node if list(n.input) == [f"{p}.y2d", f"{p}.y_shape"] and n.op_type == "Reshape"]
+        if x and shape is not None and all(parts) and len(back) == 1 and reads.get(f"{p}.y2d", 0) == 1 and \
+                reads.get(f"{p}.y_shape", 0) == 1 and not {f"{p}.y2d", f"{p}.y_shape"} & fixed and \
+                [a.i for a in parts[3].attribute if a.name == "axis"] == [0] and not shape.attribute:
+            out[id(node)] = (node, x, back[0].output[0], [*parts, back[0]])
+    return out
+
+
 def _clamps(g: onnx.GraphProto, layers: dict[str, Any], inits: dict[str, onnx.TensorProto], fixed: set[str],
             fused: Fused) -> Clamped:
     """Depthwise ``Conv`` nodes sparsekit runs itself (``depthwise.from_node``), each with the ``Relu`` or
@@ -228,7 +270,7 @@ def _clamps(g: onnx.GraphProto, layers: dict[str, Any], inits: dict[str, onnx.Te
     return out
 
 
-def _run_order(g: onnx.GraphProto, fused: Fused, clamped: Clamped
+def _run_order(g: onnx.GraphProto, fused: Fused, clamped: Clamped, wrapped: Wrapped
                ) -> tuple[list[onnx.NodeProto], Callable[[onnx.NodeProto], set[str]]]:
     """The nodes in the order they run: file order, but a fused convolution (``_residual_adds``) where its Add
     was (both of the Add's inputs exist there: torch writes a downsampling block's shortcut convolution after
@@ -238,10 +280,13 @@ def _run_order(g: onnx.GraphProto, fused: Fused, clamped: Clamped
     at_add = {id(add): conv for conv, add, _, _ in fused.values()}
     gone = {id(n) for conv, _, relu, _ in fused.values() for n in (conv, relu) if n is not None}
     gone |= {id(act) for _, act, _, _ in clamped.values() if act is not None}
+    gone |= {id(n) for _, _, _, nodes in wrapped.values() for n in nodes}
     order = [at_add.get(id(n), n) for n in g.node if id(n) not in gone]
 
     def reads(node: onnx.NodeProto) -> set[str]:
         names = {i for i in node.input if i}
+        if id(node) in wrapped:
+            names = (names - {node.input[0]}) | {wrapped[id(node)][1]}
         return names | {fused[id(node)][3]} if id(node) in fused else names
 
     return order, reads
@@ -317,7 +362,8 @@ class GraphModel:
         types = _types(proto)
         fused = _residual_adds(g, layers, set(self.output_names) | set(inits))
         clamped = _clamps(g, layers, inits, set(self.output_names) | set(inits), fused)
-        order, reads = _run_order(g, fused, clamped)
+        wrapped = _rows_wrappers(g, set(self.output_names))
+        order, reads = _run_order(g, fused, clamped, wrapped)
         later: list[set[str]] = []  # per node: the tensors nodes after it (or the graph outputs) read
         need = set(self.output_names)
         for node in reversed(order):
@@ -346,18 +392,20 @@ class GraphModel:
                 steps[-1].y = act.output[0]
                 if bounds is not None:
                     steps[-1].clamp = bounds
+            if id(node) in wrapped:
+                _, steps[-1].x, steps[-1].y, _ = wrapped[id(node)]
         if run:
             steps.append(_segment(proto, run, set(self.output_names), types, inits, len(steps)))
-        return self._chains(steps, g, memory_limit)
+        return self._chains(steps, [name for node in order for name in reads(node)], memory_limit)
 
-    def _chains(self, steps: list, g: onnx.GraphProto, memory_limit: int | None) -> list:
+    def _chains(self, steps: list, read: list[str], memory_limit: int | None) -> list:
         """Consecutive SparseLinear steps, each output read only by the next (a classifier head's Linear ->
-        ReLU -> Linear ...), merged into one chain: one call of the chain runtime instead of one a layer (each
-        call cost 3-9 us of Python and hand-off at batch 1)."""
+        ReLU -> Linear ..., a Transformer's feed-forward pair), merged into one chain: one call of the chain
+        runtime instead of one a layer (each call cost 3-9 us of Python and hand-off at batch 1). ``read``: every
+        tensor each node that runs reads, once per reader."""
         reads: dict[str, int] = {}
-        for node in g.node:
-            for i in node.input:
-                reads[i] = reads.get(i, 0) + 1
+        for name in read:
+            reads[name] = reads.get(name, 0) + 1
         out: list = []
         for step in steps:
             prev = out[-1] if out else None
