@@ -32,6 +32,11 @@ from sparsekit.runtime.memory import kernel_bytes
 from sparsekit.runtime.model import FastModel, layer_info
 from sparsekit.runtime.rnn import RnnStep, SparseRnn
 
+# ONNX Runtime graph rewrites left out of segments: its fused SkipLayerNormalization ran a Transformer layer's
+# Add + LayerNorm + Transpose segment in 290 us, unfused 47 us (Zen 5, ORT 1.31; the whole dense model ran 10%
+# faster without it too: bench/RESULTS.md)
+SEGMENT_DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
+
 _NP_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT64: np.int64,
              onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_,
              onnx.TensorProto.DOUBLE: np.float64}
@@ -502,7 +507,8 @@ class GraphModel:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             try:
                 step.sessions[threads] = ort.InferenceSession(step.proto.SerializeToString(), so,
-                                                              providers=["CPUExecutionProvider"])
+                                                              providers=["CPUExecutionProvider"],
+                                                              disabled_optimizers=SEGMENT_DISABLED_OPTIMIZERS)
             except Exception as exc:  # ONNX Runtime refused a node of the artifact
                 raise InputError(f"ONNX Runtime cannot run part of this artifact: {str(exc).splitlines()[0][:300]}",
                                  where="artifact", fix="export the artifact with 'sparsekit export --format fast'"
