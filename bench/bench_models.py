@@ -161,7 +161,9 @@ def bench_case(label: str, spec: tuple, sparsity: float, threads: int, reps: int
         dense = onnx.load(str(dense_path))
         t0 = time.perf_counter()
         example = char_inputs(2, shape) if name.startswith("char-") else x_example.numpy()
-        write_model(dense, fast_path, threads=threads, inputs=example)
+        # planned, and its sparse convolutions chosen, for batch 1 and the case's largest batch
+        # (sparsekit export --format fast --tune-batch-size B)
+        write_model(dense, fast_path, threads=threads, inputs=example, batch_size=max(batches))
         export_s = time.perf_counter() - t0
         fast = load(fast_path, threads=threads)
         so = ort.SessionOptions()
