@@ -1,12 +1,15 @@
 /* Dense depthwise 2-D convolutions (groups = channels, one kh x kw filter per channel): the 3x3 layers of
  * MobileNets, run here so that no ONNX Runtime segment sits between a network's sparse pointwise convolutions
- * (each hand-off cost 10-20 us at batch 1, more than the layer itself).
+ * (each hand-off cost 10-20 us at batch 1, more than the layer itself). Three forms, the output clamped to
+ * [lo, hi] (ReLU, ReLU6, or +-inf: none; a NaN stays NaN) as it is written:
  *
- * One item per (image, channel). The channel's plane is copied into a zero-padded scratch split into sw column
- * phases (phase q, column c holds padded column c * sw + q), so tap (i, j) of an output row reads wo
- * contiguous floats: phase (j * dw) % sw from column (j * dw) / sw. A row accumulates in a wo-float buffer
- * (bias, then every tap), is clamped to [lo, hi] (ReLU, ReLU6, or +-inf: none; a NaN stays NaN) and written. The loops are plain
- * C for the generic path, one __m512 (AVX-512) or two __m256 (AVX2) per 16 output columns otherwise. */
+ * - AVX-512, stride 1 with the output the input's size (dw_flat_item_avx512): the input read in place, 16 output
+ *   pixels a vector, each tap's lanes outside the image masked off;
+ * - AVX-512, column stride 2 (dw_s2_item_avx512): 32-float spans of input rows, their even lanes kept;
+ * - otherwise (any stride and dilation; the AVX2 and generic paths): one item per (image, channel), the plane
+ *   copied into a zero-padded scratch split into sw column phases (phase q, column c holds padded column
+ *   c * sw + q), so tap (i, j) of an output row reads contiguous floats: phase (j * dw) % sw from column
+ *   (j * dw) / sw; 16 output columns at a time (plain C on the generic path, one __m512 or two __m256). */
 #include "sk_runtime.h"
 
 #include <stdlib.h>
