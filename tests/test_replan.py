@@ -183,7 +183,7 @@ def test_the_exporter_records_the_cpu_it_measured_on(tmp_path, monkeypatch, cach
     assert "plan_cpu_key" not in rt.load(tmp_path / "h.fast.onnx").metadata
 
 
-def test_a_whole_graph_artifact_is_replanned_layer_by_layer(tmp_path, monkeypatch, cache):
+def test_a_whole_graph_artifact_is_replanned_step_by_step(tmp_path, monkeypatch, cache):
     from sparsekit.exporters.fast_graph import pack_graph
     from test_fast_graph import _ffn
 
@@ -200,5 +200,7 @@ def test_a_whole_graph_artifact_is_replanned_layer_by_layer(tmp_path, monkeypatc
     calls = []
     monkeypatch.setattr(tune, "calibrate", lambda part, **kw: calls.append((len(part.layers), kw["batches"])))
     loaded = rt.load(path)
-    assert calls == [(1, [1, 64]), (1, [1, 64])]  # each sparse layer on its own, at the recorded batch sizes
+    # each sparse step on its own, at the recorded batch sizes: fc1 and fc2 run as one chain (fc2 alone reads
+    # fc1's output), so they are calibrated together
+    assert calls == [(2, [1, 64])]
     assert loaded.replanned["cached"] is False and loaded.metadata["plan_cpu_key"] == cpu.cpu_key(ZEN4)

@@ -25,6 +25,7 @@ import numpy as np
 from sparsekit.errors import InputError
 from sparsekit.runtime.layers import _K, PANEL, CsrLayer, aligned_empty
 
+CALLS_KEPT = 64  # input shapes whose call a convolution keeps
 # shifted planes when at least this share of the grid pixels they compute are output pixels, per kernel. Their rows
 # are padded to 16 floats: 32x32 and 16x16 outputs use all of them; 8x8 at batch 1 half (im2col of the whole image
 # costs the panel kernel about the same there); 4x4 at batch 1 a quarter (im2col's quarter panel computes 16 lanes)
@@ -173,6 +174,8 @@ class SparseConv:
         if call is None:
             call = self._prepare(x, int(threads))
             if _K is not None:
+                if len(self._calls) >= CALLS_KEPT:  # a caller feeding ever new shapes: start over
+                    self._calls.clear()
                 self._calls[key] = call
         y = aligned_empty(call.size).reshape(call.out)
         residual = self._residual(residual, call.out)

@@ -100,7 +100,7 @@ def replan(model: FastModel | GraphModel, digest: str, *, threads: int) -> dict[
     event = {"from": was, "to": describe(here), "cache": str(path), "cached": plans is not None}
     if plans is None:
         batches = sorted({b for layer in model.layers for b in layer.plan}) or None
-        for part in getattr(model, "sparse_models", [model]):  # a graph artifact: each sparse layer alone
+        for part in getattr(model, "sparse_models", [model]):  # a graph artifact: each sparse layer or chain
             calibrate(part, threads=threads, **({"batches": batches} if batches else {}))
         plans = [dict(layer.plan) for layer in model.layers]
         try:
