@@ -95,6 +95,13 @@ def test_a_rows_wrapper_whose_tensors_something_else_reads_is_run_as_written():
     y, shape = model.run(x)
     assert_fp32_close(y, _ort(dense, {"x": x})[0])
     assert list(shape) == [2, 5, 12]
+    # a wrapper whose constants are not the ones export writes is run as written too (here: refused by ORT)
+    out_dim = next(t for t in packed.proto.graph.initializer if t.name == "fc2.out_dim")
+    out_dim.CopyFrom(numpy_helper.from_array(np.array([13], np.int64), "fc2.out_dim"))
+    model = GraphModel(packed.proto, packed.layers)
+    assert "fc2.x2d" in [getattr(st, "x", None) for st in model._steps]
+    with pytest.raises(InputError, match="ONNX Runtime refused the input"):
+        model.run(x)
 
 
 def test_a_two_d_input_needs_no_reshapes_and_runs_in_stock_onnx_runtime():

@@ -7,9 +7,6 @@
 
 #include <math.h>
 
-/* n finished output floats into y: copied, or with a residual (the same positions of res) added and then, with
- * relu, clamped at 0 (the Add and Relu after a convolution, fused into the copy that writes y anyway); then
- * clamped at hi where it is finite (a ReLU6's Clip) */
 #if SK_X86
 /* conv_put's work with a residual or a clamp, 16 floats a step (the scalar loop took 7% of a ResNet-20 at batch 64) */
 SK_AVX512 static void conv_put_avx512(float *y, const float *src, int64_t n, const float *res, int relu, float hi) {
@@ -24,6 +21,9 @@ SK_AVX512 static void conv_put_avx512(float *y, const float *src, int64_t n, con
 }
 #endif
 
+/* n finished output floats into y: copied, or with a residual (the same positions of res) added and then, with
+ * relu, clamped at 0 (the Add and Relu after a convolution, fused into the copy that writes y anyway); then
+ * clamped at hi where it is finite (a ReLU6's Clip) */
 static void conv_put(float *y, const float *src, int64_t n, const float *res, int relu, float hi) {
 #if SK_X86
     if (g_isa == ISA_AVX512 && (res || hi < INFINITY)) {

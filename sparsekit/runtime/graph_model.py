@@ -200,7 +200,8 @@ def _residual_adds(g: onnx.GraphProto, layers: dict[str, Any], fixed: set[str]) 
 Wrapped = dict[int, tuple[onnx.NodeProto, str, str, list[onnx.NodeProto]]]
 
 
-def _rows_wrappers(g: onnx.GraphProto, fixed: set[str]) -> Wrapped:
+def _rows_wrappers(g: onnx.GraphProto, fixed: set[str], inits: dict[str, onnx.TensorProto],
+                   layers: dict[str, Any]) -> Wrapped:
     """SparseLinear nodes inside the rows wrapper export writes around them (``exporters/fast_graph.py``:
     Shape/Slice of X, Reshape to (rows, in), the node, Concat of the leading dims and [out], Reshape back), its
     intermediate tensors read by nothing else: the step reads X (..., in) and writes (..., out) itself, as it
@@ -217,11 +218,17 @@ def _rows_wrappers(g: onnx.GraphProto, fixed: set[str]) -> Wrapped:
         ok = n is not None and n.op_type == op and n.domain in ("", "ai.onnx") and list(n.input) == inputs
         return n if ok and reads.get(name, 0) == 1 and name not in fixed else None
 
+    def consts_ok(p: str, layer: CsrLayer) -> bool:  # the wrapper's shapes are the ones export writes
+        want = {"rows_shape": [-1, layer.n_in], "zero": [0], "minus_one": [-1], "out_dim": [layer.n_out]}
+        return all(f"{p}.{k}" in inits and onnx.numpy_helper.to_array(inits[f"{p}.{k}"]).tolist() == v
+                   for k, v in want.items())
+
     out: Wrapped = {}
     for node in g.node:
         p = node.name
         if node.domain != checks.DOMAIN or node.op_type != checks.OP or not p or \
-                list(node.input[:1]) != [f"{p}.x2d"] or list(node.output) != [f"{p}.y2d"]:
+                list(node.input[:1]) != [f"{p}.x2d"] or list(node.output) != [f"{p}.y2d"] or \
+                not isinstance(layers.get(p), CsrLayer) or not consts_ok(p, layers[p]):
             continue
         into = made.get(f"{p}.x2d")
         x = into.input[0] if into is not None and len(into.input) == 2 else ""
@@ -367,7 +374,7 @@ class GraphModel:
         types = _types(proto)
         fused = _residual_adds(g, layers, set(self.output_names) | set(inits))
         clamped = _clamps(g, layers, inits, set(self.output_names) | set(inits), fused)
-        wrapped = _rows_wrappers(g, set(self.output_names))
+        wrapped = _rows_wrappers(g, set(self.output_names), inits, layers)
         order, reads = _run_order(g, fused, clamped, wrapped)
         later: list[set[str]] = []  # per node: the tensors nodes after it (or the graph outputs) read
         need = set(self.output_names)
