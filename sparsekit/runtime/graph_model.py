@@ -15,6 +15,7 @@ Shape/Reshape nodes export writes around a SparseLinear to view its input as row
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,13 +157,19 @@ Fused = dict[int, tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto | None, s
 Clamped = dict[int, tuple[onnx.NodeProto, onnx.NodeProto | None, tuple[float, float] | None, Depthwise | None]]
 
 
-def _only_reader(g: onnx.GraphProto, fixed: set[str]) -> Callable[[str, tuple[str, ...]], onnx.NodeProto | None]:
-    """only(name, ops): the node that alone reads tensor ``name``, if its op is one of ``ops`` (standard domain)
-    and ``name`` is not in ``fixed`` (graph outputs, initializers)."""
+def _readers(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Per tensor name, the nodes that read it (once per input slot)."""
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in g.node:
         for i in node.input:
             readers.setdefault(i, []).append(node)
+    return readers
+
+
+def _only_reader(g: onnx.GraphProto, fixed: set[str]) -> Callable[[str, tuple[str, ...]], onnx.NodeProto | None]:
+    """only(name, ops): the node that alone reads tensor ``name``, if its op is one of ``ops`` (standard domain)
+    and ``name`` is not in ``fixed`` (graph outputs, initializers)."""
+    readers = _readers(g)
 
     def only(name: str, ops: tuple[str, ...]) -> onnx.NodeProto | None:
         r = readers.get(name, [])
@@ -208,15 +215,12 @@ def _rows_wrappers(g: onnx.GraphProto, fixed: set[str], inits: dict[str, onnx.Te
     does for any leading dims, and the wrapper's five nodes are not run (in a Transformer they made an ONNX
     Runtime segment of their own between consecutive projections)."""
     made = {o: n for n in g.node for o in n.output}
-    reads: dict[str, int] = {}
-    for node in g.node:
-        for i in node.input:
-            reads[i] = reads.get(i, 0) + 1
+    readers = _readers(g)
 
     def node_of(name: str, op: str, inputs: list[str]) -> onnx.NodeProto | None:
         n = made.get(name)
         ok = n is not None and n.op_type == op and n.domain in ("", "ai.onnx") and list(n.input) == inputs
-        return n if ok and reads.get(name, 0) == 1 and name not in fixed else None
+        return n if ok and len(readers.get(name, [])) == 1 and name not in fixed else None
 
     def consts_ok(p: str, layer: CsrLayer) -> bool:  # the wrapper's shapes are the ones export writes
         want = {"rows_shape": [-1, layer.n_in], "zero": [0], "minus_one": [-1], "out_dim": [layer.n_out]}
@@ -236,10 +240,11 @@ def _rows_wrappers(g: onnx.GraphProto, fixed: set[str], inits: dict[str, onnx.Te
         parts = [node_of(f"{p}.x2d", "Reshape", [x, f"{p}.rows_shape"]), shape,
                  node_of(f"{p}.lead", "Slice", [f"{p}.x_shape", f"{p}.zero", f"{p}.minus_one"]),
                  node_of(f"{p}.y_shape", "Concat", [f"{p}.lead", f"{p}.out_dim"])]
-        back = [n for n in g.node if list(n.input) == [f"{p}.y2d", f"{p}.y_shape"] and n.op_type == "Reshape"]
-        if x and shape is not None and all(parts) and len(back) == 1 and reads.get(f"{p}.y2d", 0) == 1 and \
-                reads.get(f"{p}.y_shape", 0) == 1 and not {f"{p}.y2d", f"{p}.y_shape"} & fixed and \
-                [a.i for a in parts[3].attribute if a.name == "axis"] == [0] and not shape.attribute:
+        back = readers.get(f"{p}.y2d", [])  # the Reshape back, alone reading the rows and the shape
+        if x and shape is not None and all(parts) and len(back) == 1 and back[0].op_type == "Reshape" and \
+                list(back[0].input) == [f"{p}.y2d", f"{p}.y_shape"] and len(readers[f"{p}.y_shape"]) == 1 and \
+                not {f"{p}.y2d", f"{p}.y_shape"} & fixed and not shape.attribute and \
+                [a.i for a in parts[3].attribute if a.name == "axis"] == [0]:
             out[id(node)] = (node, x, back[0].output[0], [*parts, back[0]])
     return out
 
@@ -415,9 +420,7 @@ class GraphModel:
         ReLU -> Linear ..., a Transformer's feed-forward pair), merged into one chain: one call of the chain
         runtime instead of one a layer (each call cost 3-9 us of Python and hand-off at batch 1). ``read``: every
         tensor each node that runs reads, once per reader."""
-        reads: dict[str, int] = {}
-        for name in read:
-            reads[name] = reads.get(name, 0) + 1
+        reads = Counter(read)
         out: list = []
         for step in steps:
             prev = out[-1] if out else None
